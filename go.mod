@@ -1,0 +1,3 @@
+module github.com/obdproject/obd
+
+go 1.26
