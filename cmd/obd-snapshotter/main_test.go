@@ -1,0 +1,181 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/proxy"
+	"github.com/containerd/errdefs"
+	digest "github.com/opencontainers/go-digest"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/snapshotter"
+	"github.com/obdproject/obd/internal/testenv"
+)
+
+func TestLoadConfig(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "obd.toml")
+	if err := os.WriteFile(path, []byte(`
+[snapshotter]
+root = "/srv/obd"
+log_level = "debug"
+typo = 1
+
+[cache]
+size = "10GiB"
+`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := loadConfig(path, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := snapshotterConfig{Root: "/srv/obd", Address: defaultAddress, LogLevel: "debug"}
+	if cfg.Snapshotter != want {
+		t.Errorf("config %+v, want %+v", cfg.Snapshotter, want)
+	}
+
+	missing := filepath.Join(dir, "missing.toml")
+	if cfg, err := loadConfig(missing, false); err != nil || cfg != defaultConfig() {
+		t.Errorf("missing default config: %+v, %v; want the defaults", cfg, err)
+	}
+	if _, err := loadConfig(missing, true); err == nil || !strings.Contains(err.Error(), missing) {
+		t.Errorf("missing explicit config: %v", err)
+	}
+	if err := os.WriteFile(path, []byte("[snapshotter\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := loadConfig(path, false); err == nil || !strings.Contains(err.Error(), path) {
+		t.Errorf("broken config: %v", err)
+	}
+}
+
+// TestDaemon runs the command as main does, with a config file and flag overrides, talks to it through
+// containerd's snapshots proxy and shuts it down.
+func TestDaemon(t *testing.T) {
+	testenv.Root(t) // overlayfs mounts
+	// A short directory: unix socket paths are limited to 108 bytes.
+	dir, err := os.MkdirTemp("", "obd-d-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		unmountUnder(t, dir)
+		os.RemoveAll(dir)
+	})
+	cfgPath := filepath.Join(dir, "obd.toml")
+	address := filepath.Join(dir, "run", "sn.sock")
+	cfg := fmt.Sprintf("[snapshotter]\nroot = %q\naddress = %q\n", filepath.Join(dir, "not-this-root"), address)
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// A stale socket from a crashed daemon.
+	if err := os.MkdirAll(filepath.Dir(address), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("unix", address)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close()
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	cmd := newRootCmd()
+	root := filepath.Join(dir, "root")
+	cmd.SetArgs([]string{"--config", cfgPath, "--root", root, "--log-level", "warn"})
+	done := make(chan error, 1)
+	go func() { done <- cmd.ExecuteContext(ctx) }()
+	waitSocket(t, address, done)
+
+	fi, err := os.Stat(address)
+	if err != nil || fi.Mode().Perm() != 0o660 {
+		t.Errorf("socket %v, %v: want mode 0660", fi, err)
+	}
+	if _, err := os.Stat(filepath.Join(root, "metadata.db")); err != nil {
+		t.Errorf("--root did not override the config: %v", err)
+	}
+
+	conn, err := grpc.NewClient("unix://"+address, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	sn := proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), snapshotter.Name)
+	if _, err := sn.Prepare(ctx, "a", ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := sn.Commit(ctx, "A", "a"); err != nil {
+		t.Fatal(err)
+	}
+	if ms, err := sn.Prepare(ctx, "b", "A"); err != nil || len(ms) != 1 || ms[0].Type != "overlay" {
+		t.Errorf("Prepare over a normal layer: %+v, %v", ms, err)
+	}
+
+	// An overlaybd image pulls, but cannot run in a build without the device stack.
+	_, err = sn.Prepare(ctx, "extract-L", "", snapshots.WithLabels(map[string]string{
+		snapshotter.LabelTargetRef:   "L",
+		image.AnnotationBlobDigest:   digest.FromString("L").String(),
+		image.AnnotationBlobSize:     "1",
+		snapshotter.LabelCRIImageRef: "registry.test/app:v1",
+	}))
+	if !errdefs.IsAlreadyExists(err) {
+		t.Errorf("Prepare of a remote layer through gRPC: %v, want AlreadyExists", err)
+	}
+	if _, err := sn.Prepare(ctx, "c", "L"); err == nil || !strings.Contains(err.Error(), errNoLazyMounts.Error()) ||
+		!strings.Contains(err.Error(), "registry.test/app:v1") {
+		t.Errorf("Prepare over an overlaybd image: %v", err)
+	}
+	if err := sn.Remove(ctx, "L"); err != nil {
+		t.Errorf("Remove of an overlaybd layer whose mount failed: %v", err)
+	}
+
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("daemon: %v", err)
+		}
+	case <-time.After(stopGrace + 5*time.Second):
+		t.Fatal("daemon did not stop")
+	}
+	if _, err := os.Stat(address); !os.IsNotExist(err) {
+		t.Errorf("socket left after shutdown: %v", err)
+	}
+}
+
+func TestListenRefusesLiveSocket(t *testing.T) {
+	dir, err := os.MkdirTemp("", "obd-l-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	address := filepath.Join(dir, "s.sock")
+	l, err := listen(address)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if _, err := listen(address); err == nil || !strings.Contains(err.Error(), "another process") {
+		t.Errorf("listen on a served socket: %v", err)
+	}
+	file := filepath.Join(dir, "file")
+	if err := os.WriteFile(file, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := listen(file); err == nil || !strings.Contains(err.Error(), "not a socket") {
+		t.Errorf("listen on a regular file: %v", err)
+	}
+}

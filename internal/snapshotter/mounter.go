@@ -1,0 +1,32 @@
+package snapshotter
+
+import (
+	"context"
+
+	digest "github.com/opencontainers/go-digest"
+)
+
+// Layer is one overlaybd layer of an image chain, bottom first.
+type Layer struct {
+	// Digest and Size name the layer's overlaybd blob. Digest is empty for a locally unpacked layer whose snapshot
+	// carries no blob labels (LocalPath is then the only source).
+	Digest digest.Digest
+	Size   int64
+	// ImageRef is where to fetch the blob lazily: the image reference (host/repo:tag) from the
+	// containerd.io/snapshot/image-ref or containerd.io/snapshot/cri.image-ref label of the pull.
+	ImageRef string
+	// LocalPath is set when the blob was downloaded and unpacked locally: the path of its overlaybd.commit file.
+	LocalPath string
+}
+
+// ImageMounter attaches the virtual disk of an overlaybd layer stack and mounts its filesystem. The snapshotter
+// calls it for every Prepare, View and Mounts of a snapshot whose parent chain is overlaybd, and at start-up for
+// every such active snapshot, so both methods must be idempotent and safe for concurrent use with distinct ids.
+// The snapshotter never calls them concurrently for the same id.
+type ImageMounter interface {
+	// Mount makes the virtual disk of layers available read-only (ext4) at target; idempotent for the same
+	// layers+target. id is stable per image chain (the snapshot id of the chain's topmost overlaybd layer).
+	Mount(ctx context.Context, id string, layers []Layer, target string) error
+	// Unmount undoes Mount; it succeeds when nothing is mounted at target.
+	Unmount(ctx context.Context, id string, target string) error
+}

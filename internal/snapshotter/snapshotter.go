@@ -1,0 +1,405 @@
+// Package snapshotter is obd's containerd snapshotter ("overlaybd"): containerd's overlayfs snapshotter for
+// normal images, plus lazily read overlaybd images whose layer stack is mounted as one read-only device
+// filesystem beneath each container's overlayfs upper directory.
+//
+// Pulls: a Prepare that unpacks an overlaybd layer with an image reference (labels containerd.io/snapshot.ref,
+// …/overlaybd/blob-digest, …/overlaybd/blob-size and …/image-ref or …/cri.image-ref) is committed at once as a
+// remote snapshot and answered with ErrAlreadyExists, so containerd skips downloading it. A layer that containerd
+// downloads and unpacks (fs/overlaybd.commit holds a ZFile or LSMT file) is an overlaybd layer read locally.
+//
+// Containers: Prepare, View and Mounts of a snapshot whose parent chain is overlaybd ask the ImageMounter to
+// mount the chain's layers at snapshots/<id>/block/mountpoint of the chain's topmost overlaybd snapshot <id> —
+// one mount per image, shared by its containers — and return an overlay mount with that mountpoint as the lowest
+// lowerdir. Normal layers above the overlaybd layers (an image built FROM an overlaybd image) are stacked above it
+// as further lowerdirs; overlaybd layers above normal layers are an error. Acceleration (trace) layers are
+// skipped. The mount stays until the snapshot that owns it is removed, which containerd allows only once no
+// snapshot depends on it; New's caller runs Reconcile at start-up to re-mount what running containers use.
+package snapshotter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"os"
+	"path/filepath"
+	"strconv"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/containerd/v2/plugins/snapshots/overlay"
+	"github.com/containerd/continuity/fs"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/moby/sys/mountinfo"
+
+	"github.com/obdproject/obd/internal/image"
+)
+
+// Name is the snapshotter's name in containerd (proxy_plugins.overlaybd), the same as upstream's.
+const Name = "overlaybd"
+
+// Snapshotter implements snapshots.Snapshotter; see the package documentation.
+type Snapshotter struct {
+	root    string
+	ms      *storage.MetaStore
+	inner   overlaySnapshotter // containerd's overlayfs snapshotter on the same metadata store and directories
+	mounter ImageMounter
+	locks   keyLocks // per image mount id: a mount never races its removal
+}
+
+var _ snapshots.Snapshotter = (*Snapshotter)(nil)
+
+type overlaySnapshotter interface {
+	snapshots.Snapshotter
+	snapshots.Cleaner
+}
+
+// New opens (or creates) the snapshotter state under root: metadata.db and snapshots/<id>/{fs,work,block}.
+// mounter mounts overlaybd images; Close releases the metadata store but leaves image mounts in place.
+func New(root string, mounter ImageMounter) (*Snapshotter, error) {
+	if mounter == nil {
+		return nil, errors.New("overlaybd snapshotter: no image mounter")
+	}
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return nil, fmt.Errorf("overlaybd snapshotter: %w", err)
+	}
+	ms, err := storage.NewMetaStore(filepath.Join(root, "metadata.db"))
+	if err != nil {
+		return nil, fmt.Errorf("overlaybd snapshotter: open metadata under %s: %w", root, err)
+	}
+	sn, err := overlay.NewSnapshotter(root, overlay.WithMetaStore(ms))
+	if err != nil {
+		ms.Close()
+		return nil, fmt.Errorf("overlaybd snapshotter: %w", err)
+	}
+	inner, ok := sn.(overlaySnapshotter)
+	if !ok {
+		sn.Close()
+		return nil, errors.New("overlaybd snapshotter: containerd's overlay snapshotter has no Cleanup")
+	}
+	return &Snapshotter{root: root, ms: ms, inner: inner, mounter: mounter}, nil
+}
+
+func (s *Snapshotter) upperPath(id string) string {
+	return filepath.Join(s.root, "snapshots", id, "fs")
+}
+
+// blockPath is the directory of an image chain's mount state; its presence marks the snapshot id as the owner
+// of an image mountpoint.
+func (s *Snapshotter) blockPath(id string) string {
+	return filepath.Join(s.root, "snapshots", id, "block")
+}
+
+func (s *Snapshotter) mountpoint(id string) string {
+	return filepath.Join(s.blockPath(id), "mountpoint")
+}
+
+// Stat returns the info of the snapshot named key.
+func (s *Snapshotter) Stat(ctx context.Context, key string) (snapshots.Info, error) {
+	return s.inner.Stat(ctx, key)
+}
+
+// Update updates the labels of the snapshot named info.Name.
+func (s *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpaths ...string) (snapshots.Info, error) {
+	return s.inner.Update(ctx, info, fieldpaths...)
+}
+
+// Usage returns the disk usage of a snapshot; a remote snapshot's is its (empty) directory.
+func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, error) {
+	return s.inner.Usage(ctx, key)
+}
+
+// Walk calls fn for the snapshots matching filters.
+func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters ...string) error {
+	return s.inner.Walk(ctx, fn, filters...)
+}
+
+// Commit commits the active snapshot key as name.
+func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
+	return s.inner.Commit(ctx, name, key, opts...)
+}
+
+// Cleanup removes the directories of removed snapshots.
+func (s *Snapshotter) Cleanup(ctx context.Context) error {
+	return s.inner.Cleanup(ctx)
+}
+
+// Close closes the metadata store. Image mounts stay: running containers use them.
+func (s *Snapshotter) Close() error { return s.inner.Close() }
+
+// Prepare creates an active snapshot key over parent. For a lazy pull of an overlaybd layer it commits the
+// target snapshot at once and returns an error wrapping errdefs.ErrAlreadyExists.
+func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	labels, err := optLabels(opts)
+	if err != nil {
+		return nil, err
+	}
+	if isRemoteLayer(labels) {
+		return nil, s.commitRemote(ctx, key, parent, labels, opts)
+	}
+	return s.create(ctx, snapshots.KindActive, key, parent, labels, opts)
+}
+
+// View creates a read-only snapshot key of parent.
+func (s *Snapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	labels, err := optLabels(opts)
+	if err != nil {
+		return nil, err
+	}
+	return s.create(ctx, snapshots.KindView, key, parent, labels, opts)
+}
+
+func optLabels(opts []snapshots.Opt) (map[string]string, error) {
+	var info snapshots.Info
+	for _, o := range opts {
+		if err := o(&info); err != nil {
+			return nil, err
+		}
+	}
+	return info.Labels, nil
+}
+
+func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, parent string, labels map[string]string, opts []snapshots.Opt) ([]mount.Mount, error) {
+	create := s.inner.Prepare
+	if kind == snapshots.KindView {
+		create = s.inner.View
+	}
+	if parent == "" || isLayerUnpack(labels) {
+		return create(ctx, key, parent, opts...)
+	}
+	plan, err := s.planChain(ctx, parent)
+	if err != nil {
+		return nil, fmt.Errorf("%s snapshot %q over %q: %w", kindVerb(kind), key, parent, err)
+	}
+	if plan == nil {
+		return create(ctx, key, parent, opts...)
+	}
+
+	unlock := s.locks.lock(plan.id)
+	defer unlock()
+	inner, err := create(ctx, key, parent, opts...)
+	if err != nil {
+		return nil, err
+	}
+	mp, err := s.attach(ctx, plan)
+	var ms []mount.Mount
+	if err == nil {
+		ms, err = plan.mounts(key, kind, inner, mp)
+	}
+	if err != nil {
+		if rerr := s.inner.Remove(ctx, key); rerr != nil {
+			log.G(ctx).WithError(rerr).WithField("key", key).Warn("cannot roll back snapshot after failed image mount")
+		}
+		return nil, fmt.Errorf("%s snapshot %q: %w", kindVerb(kind), key, err)
+	}
+	log.G(ctx).WithFields(log.Fields{"key": key, "image": plan.imageRef, "mount-id": plan.id}).Info("snapshot over overlaybd image")
+	return ms, nil
+}
+
+func kindVerb(k snapshots.Kind) string {
+	if k == snapshots.KindView {
+		return "view"
+	}
+	return "prepare"
+}
+
+// attach asks the mounter to mount plan's image at its mountpoint (idempotent) and returns the mountpoint. The
+// caller holds the plan's lock.
+func (s *Snapshotter) attach(ctx context.Context, plan *imagePlan) (string, error) {
+	// The owner may have been removed since the plan was made (Reconcile); never recreate its directory.
+	if err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		id, _, _, err := storage.GetInfo(ctx, plan.name)
+		if err == nil && id != plan.id {
+			err = fmt.Errorf("snapshot id changed from %s to %s: %w", plan.id, id, errdefs.ErrNotFound)
+		}
+		return err
+	}); err != nil {
+		return "", fmt.Errorf("image %s: layer snapshot %q: %w", plan.imageRef, plan.name, err)
+	}
+	mp := s.mountpoint(plan.id)
+	if err := os.MkdirAll(mp, 0o700); err != nil {
+		return "", fmt.Errorf("image %s: %w", plan.imageRef, err)
+	}
+	if err := s.mounter.Mount(ctx, plan.id, plan.layers, mp); err != nil {
+		return "", fmt.Errorf("mount image %s (layers up to snapshot %q) at %s: %w", plan.imageRef, plan.name, mp, err)
+	}
+	return mp, nil
+}
+
+// Mounts returns the mounts of the active or view snapshot key. Over an overlaybd chain it first mounts the image
+// again if needed (after a reboot or a crash of the device service).
+func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, error) {
+	info, err := s.inner.Stat(ctx, key)
+	if err != nil || info.Kind == snapshots.KindCommitted || info.Parent == "" || isLayerUnpack(info.Labels) {
+		return s.inner.Mounts(ctx, key)
+	}
+	plan, err := s.planChain(ctx, info.Parent)
+	if err != nil {
+		return nil, fmt.Errorf("mounts of snapshot %q: %w", key, err)
+	}
+	if plan == nil {
+		return s.inner.Mounts(ctx, key)
+	}
+	unlock := s.locks.lock(plan.id)
+	defer unlock()
+	inner, err := s.inner.Mounts(ctx, key)
+	if err != nil {
+		return nil, err
+	}
+	mp, err := s.attach(ctx, plan)
+	if err != nil {
+		return nil, fmt.Errorf("mounts of snapshot %q: %w", key, err)
+	}
+	return plan.mounts(key, info.Kind, inner, mp)
+}
+
+// Remove removes the snapshot key. Removing the snapshot that owns an image mountpoint (the topmost overlaybd
+// layer of a chain) unmounts the image first; containerd's metadata rules guarantee no snapshot uses it then.
+func (s *Snapshotter) Remove(ctx context.Context, key string) error {
+	var (
+		id   string
+		info snapshots.Info
+	)
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) (err error) {
+		id, info, _, err = storage.GetInfo(ctx, key)
+		return err
+	})
+	if err != nil || info.Kind != snapshots.KindCommitted {
+		return s.inner.Remove(ctx, key)
+	}
+	unlock := s.locks.lock(id)
+	defer unlock()
+	if _, err := os.Stat(s.blockPath(id)); err != nil {
+		return s.inner.Remove(ctx, key)
+	}
+	children := 0
+	if err := s.inner.Walk(ctx, func(context.Context, snapshots.Info) error {
+		children++
+		return nil
+	}, "parent=="+strconv.Quote(key)); err != nil {
+		return fmt.Errorf("remove snapshot %q: %w", key, err)
+	}
+	if children > 0 {
+		return s.inner.Remove(ctx, key) // fails with the overlay snapshotter's "has children" error
+	}
+	mp := s.mountpoint(id)
+	if err := s.mounter.Unmount(ctx, id, mp); err != nil {
+		return fmt.Errorf("remove snapshot %q: unmount image%s at %s: %w", key, imageSuffix(imageRef(info.Labels)), mp, err)
+	}
+	if mounted, err := mountinfo.Mounted(mp); err != nil || mounted {
+		return fmt.Errorf("remove snapshot %q: image mountpoint %s is still mounted after unmount (%v): %w", key, mp, err, errdefs.ErrFailedPrecondition)
+	}
+	log.G(ctx).WithFields(log.Fields{"key": key, "mount-id": id, "image": imageRef(info.Labels)}).Info("unmounted overlaybd image")
+	return s.inner.Remove(ctx, key)
+}
+
+// commitRemote creates the remote snapshot of a lazily pulled overlaybd layer: it commits key over parent as
+// labels' target at once and returns an error wrapping errdefs.ErrAlreadyExists, also when the target exists
+// (two pulls of one image race).
+func (s *Snapshotter) commitRemote(ctx context.Context, key, parent string, labels map[string]string, opts []snapshots.Opt) error {
+	target := labels[LabelTargetRef]
+	alreadyExists := fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
+	snapshotDir := filepath.Join(s.root, "snapshots")
+	var tmp, dir string
+	existed := false
+	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) (err error) {
+		if _, _, _, err := storage.GetInfo(ctx, target); err == nil {
+			existed = true
+			return nil
+		} else if !errdefs.IsNotFound(err) {
+			return err
+		}
+		// Like the overlay snapshotter, make the directory inside the write transaction: Remove and Cleanup
+		// delete unknown directories, also under a write transaction.
+		if tmp, err = os.MkdirTemp(snapshotDir, "new-"); err != nil {
+			return err
+		}
+		if err := os.Mkdir(filepath.Join(tmp, "fs"), 0o755); err != nil {
+			return err
+		}
+		sn, err := storage.CreateSnapshot(ctx, snapshots.KindActive, key, parent, opts...)
+		if err != nil {
+			return err
+		}
+		dir = filepath.Join(snapshotDir, sn.ID)
+		if err := os.Rename(tmp, dir); err != nil {
+			dir = ""
+			return err
+		}
+		tmp = ""
+		du, err := fs.DiskUsage(ctx, filepath.Join(dir, "fs"))
+		if err != nil {
+			return err
+		}
+		committed := maps.Clone(labels)
+		committed[LabelRemote] = LabelRemoteValue
+		_, err = storage.CommitActive(ctx, key, target, snapshots.Usage(du), snapshots.WithLabels(committed))
+		return err
+	})
+	if err != nil {
+		for _, d := range []string{tmp, dir} {
+			if d != "" {
+				if rerr := os.RemoveAll(d); rerr != nil {
+					log.G(ctx).WithError(rerr).WithField("path", d).Warn("cannot remove directory of failed remote snapshot")
+				}
+			}
+		}
+		if errdefs.IsAlreadyExists(err) {
+			return alreadyExists
+		}
+		return fmt.Errorf("commit remote snapshot %q (key %q, image %s): %w", target, key, imageRef(labels), err)
+	}
+	if !existed {
+		log.G(ctx).WithFields(log.Fields{"target": target, "key": key, "image": imageRef(labels),
+			"blob": labels[image.AnnotationBlobDigest]}).Info("committed remote overlaybd layer")
+	}
+	return alreadyExists
+}
+
+// Reconcile mounts again the images of all active and view snapshots over overlaybd chains, so that after a
+// reboot or a restart of the device service running containers get their lower filesystems back where possible.
+// It logs each image and returns the errors of those it could not mount.
+func (s *Snapshotter) Reconcile(ctx context.Context) error {
+	var users []snapshots.Info
+	if err := s.inner.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
+		if info.Kind != snapshots.KindCommitted && info.Parent != "" && !isLayerUnpack(info.Labels) {
+			users = append(users, info)
+		}
+		return nil
+	}); err != nil && !errdefs.IsNotFound(err) { // NotFound: no snapshot was ever made
+		return fmt.Errorf("reconcile image mounts: %w", err)
+	}
+	plans := map[string]*imagePlan{}
+	count := map[string]int{}
+	var errs []error
+	for _, u := range users {
+		plan, err := s.planChain(ctx, u.Parent)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("snapshot %q: %w", u.Name, err))
+			continue
+		}
+		if plan != nil {
+			plans[plan.id] = plan
+			count[plan.id]++
+		}
+	}
+	for id, plan := range plans {
+		if err := ctx.Err(); err != nil {
+			return errors.Join(append(errs, err)...)
+		}
+		unlock := s.locks.lock(id)
+		_, err := s.attach(ctx, plan)
+		unlock()
+		l := log.G(ctx).WithFields(log.Fields{"image": plan.imageRef, "mount-id": id, "mountpoint": s.mountpoint(id), "snapshots": count[id]})
+		if err != nil {
+			l.WithError(err).Warn("cannot mount overlaybd image again for its snapshots")
+			errs = append(errs, err)
+			continue
+		}
+		l.Info("overlaybd image mounted for its snapshots")
+	}
+	log.G(ctx).WithFields(log.Fields{"images": len(plans), "snapshots": len(users), "errors": len(errs)}).Info("reconciled overlaybd image mounts")
+	return errors.Join(errs...)
+}
