@@ -1,0 +1,277 @@
+package registry
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"sync/atomic"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"oras.land/oras-go/v2/registry"
+	"oras.land/oras-go/v2/registry/remote/auth"
+)
+
+// Blob reads byte ranges of one registry blob on demand. It is an io.ReaderAt and safe for concurrent use.
+type Blob struct {
+	c          *Client
+	host, repo string
+	dg         digest.Digest
+	size       int64
+	stats      counters
+}
+
+// BlobStats counts a Blob's traffic.
+type BlobStats struct {
+	Requests     int64 // HTTP attempts
+	BytesFetched int64 // body bytes received
+	Retries      int64 // attempts that were retried
+	Errors       int64 // failed attempts (retried or not)
+}
+
+// Blob returns lazy random access to the blob dg of host/repo. A negative size is looked up with HEAD (or a
+// one-byte range GET when HEAD gives no length).
+func (c *Client) Blob(ctx context.Context, host, repo string, dg digest.Digest, size int64) (*Blob, error) {
+	if err := dg.Validate(); err != nil {
+		return nil, fmt.Errorf("registry %s repo %s blob %q: %w", host, repo, dg, err)
+	}
+	b := &Blob{c: c, host: host, repo: repo, dg: dg, size: size}
+	if size < 0 {
+		s, err := c.blobSize(ctx, host, repo, dg, &b.stats)
+		if err != nil {
+			return nil, err
+		}
+		b.size = s
+	}
+	return b, nil
+}
+
+// Size returns the blob's size in bytes.
+func (b *Blob) Size() int64 { return b.size }
+
+// Digest returns the blob's digest.
+func (b *Blob) Digest() digest.Digest { return b.dg }
+
+// Stats returns the blob's traffic counters.
+func (b *Blob) Stats() BlobStats {
+	return BlobStats{
+		Requests:     b.stats.requests.Load(),
+		BytesFetched: b.stats.bytes.Load(),
+		Retries:      b.stats.retries.Load(),
+		Errors:       b.stats.errors.Load(),
+	}
+}
+
+// ReadAt reads len(p) bytes at off with one bounded range request (retried within the budget). It reads less
+// only at the end of the blob, and then returns io.EOF.
+func (b *Blob) ReadAt(p []byte, off int64) (int, error) {
+	return b.ReadAtContext(context.Background(), p, off)
+}
+
+// ReadAtContext is ReadAt that stops when ctx ends.
+func (b *Blob) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("registry %s repo %s blob %s: negative offset %d", b.host, b.repo, b.dg, off)
+	}
+	if off >= b.size {
+		if len(p) == 0 {
+			return 0, nil
+		}
+		return 0, io.EOF
+	}
+	n := int(min(int64(len(p)), b.size-off))
+	if n == 0 {
+		return 0, nil
+	}
+	if err := b.readRange(ctx, p[:n], off); err != nil {
+		return 0, err
+	}
+	if n < len(p) {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+// readRange fills p with the bytes at off, which lie inside the blob.
+func (b *Blob) readRange(ctx context.Context, p []byte, off int64) error {
+	last := off + int64(len(p)) - 1
+	rng := fmt.Sprintf("bytes=%d-%d", off, last)
+	r := &retrier{c: b.c, host: b.host, stats: &b.stats, op: func() string {
+		return fmt.Sprintf("registry %s repo %s blob %s bytes %d-%d", b.host, b.repo, b.dg, off, last)
+	}}
+	return r.do(ctx, func(ctx context.Context, timeout time.Duration) error {
+		resp, err := b.c.openBlob(ctx, timeout, http.MethodGet, b.host, b.repo, b.dg, rng)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		body := &countingReader{r: resp.Body, n: &b.stats.bytes}
+		switch resp.StatusCode {
+		case http.StatusPartialContent:
+			cr := resp.Header.Get("Content-Range")
+			first, end, total, err := parseContentRange(cr)
+			if err != nil {
+				return invalidf("asked for bytes %d-%d: %v", off, last, err)
+			}
+			if total >= 0 && total != b.size {
+				return fmt.Errorf("%w: the registry says the blob has %d bytes, expected %d", ErrDigestMismatch, total, b.size)
+			}
+			if first != off || end != last {
+				return invalidf("asked for bytes %d-%d, got Content-Range %q", off, last, cr)
+			}
+			if resp.ContentLength >= 0 && resp.ContentLength != int64(len(p)) {
+				return invalidf("asked for %d bytes, got Content-Length %d", len(p), resp.ContentLength)
+			}
+		case http.StatusOK:
+			// The server ignored the range: accept it only when it sends exactly the whole blob.
+			if resp.ContentLength >= 0 && resp.ContentLength != b.size {
+				return invalidf("asked for bytes %d-%d, got 200 with %d bytes for a blob of %d", off, last, resp.ContentLength, b.size)
+			}
+			if _, err := io.CopyN(io.Discard, body, off); err != nil {
+				return shortBody(err, "skipping to", off)
+			}
+		}
+		if m, err := io.ReadFull(body, p); err != nil {
+			return shortBody(err, "body", int64(m))
+		}
+		return nil
+	})
+}
+
+// shortBody describes a body that ended early; other read errors pass through.
+func shortBody(err error, what string, got int64) error {
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return invalidf("short body: connection closed after %d bytes (%s)", got, what)
+	}
+	return err
+}
+
+// countingReader adds the bytes read to a counter.
+type countingReader struct {
+	r io.Reader
+	n *atomic.Int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+// blobSize asks the registry for the size of a blob.
+func (c *Client) blobSize(ctx context.Context, host, repo string, dg digest.Digest, stats *counters) (int64, error) {
+	r := &retrier{c: c, host: host, stats: stats, op: func() string {
+		return fmt.Sprintf("registry %s repo %s blob %s size", host, repo, dg)
+	}}
+	var size int64
+	err := r.do(ctx, func(ctx context.Context, timeout time.Duration) error {
+		resp, err := c.openBlob(ctx, timeout, http.MethodHead, host, repo, dg, "")
+		if err != nil {
+			return err
+		}
+		drainClose(resp.Body)
+		if resp.StatusCode == http.StatusOK && resp.ContentLength >= 0 {
+			size = resp.ContentLength
+			return nil
+		}
+		resp, err = c.openBlob(ctx, timeout, http.MethodGet, host, repo, dg, "bytes=0-0")
+		if err != nil {
+			return err
+		}
+		defer drainClose(resp.Body)
+		if resp.StatusCode == http.StatusOK {
+			if resp.ContentLength < 0 {
+				return invalidf("no Content-Length or Content-Range: cannot tell the blob size")
+			}
+			size = resp.ContentLength
+			return nil
+		}
+		cr := resp.Header.Get("Content-Range")
+		_, _, total, err := parseContentRange(cr)
+		if err != nil || total < 0 {
+			return invalidf("cannot tell the blob size from Content-Range %q", cr)
+		}
+		size = total
+		return nil
+	})
+	return size, err
+}
+
+// openBlob sends one GET or HEAD for a blob, trying mirrors first, and returns an answer with status 200 or 206.
+// rng is a Range header value or "". The headers must arrive within timeout; then the body must make progress
+// at least every RequestTimeout.
+func (c *Client) openBlob(ctx context.Context, timeout time.Duration, method, host, repo string, dg digest.Digest, rng string) (*http.Response, error) {
+	for _, m := range c.liveMirrors(host) {
+		resp, err := c.openBlobAt(ctx, timeout, method, m, repo, dg, rng)
+		if err == nil || ctx.Err() != nil {
+			return resp, err
+		}
+		c.markMirrorDown(m, err)
+	}
+	return c.openBlobAt(ctx, timeout, method, host, repo, dg, rng)
+}
+
+// openBlobAt is openBlob for one endpoint. A GET first tries the blob's cached redirect target, without
+// credentials; when that fails it is forgotten and the registry is asked again.
+func (c *Client) openBlobAt(ctx context.Context, timeout time.Duration, method, host, repo string, dg digest.Digest, rng string) (*http.Response, error) {
+	key := host + "/" + repo + "@" + dg.String()
+	if method == http.MethodGet {
+		if loc := c.cachedLocation(key); loc != "" {
+			resp, err := c.send(ctx, timeout, c.plain, method, loc, rng)
+			if err == nil && (resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusPartialContent) {
+				return resp, nil
+			}
+			if err == nil {
+				err = newStatusError(resp)
+			}
+			c.setLocation(key, "")
+			c.log.Debug("cached blob location failed; asking the registry again", "blob", dg, "err", err)
+		}
+	}
+	u := c.baseURL(host) + "/v2/" + repo + "/blobs/" + dg.String()
+	ctx = auth.AppendRepositoryScope(ctx, registry.Reference{Registry: host, Repository: repo}, auth.ActionPull)
+	resp, err := c.send(ctx, timeout, c.reader, method, u, rng)
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusPartialContent {
+		return nil, newStatusError(resp)
+	}
+	if final := resp.Request.URL; method == http.MethodGet && final.Host != apiHost(host) {
+		c.setLocation(key, final.String())
+	}
+	return resp, nil
+}
+
+// doer sends requests: *http.Client or *auth.Client.
+type doer interface {
+	Do(*http.Request) (*http.Response, error)
+}
+
+// send performs one request under a watchdog: headers within timeout, then body progress every RequestTimeout.
+// The returned body stops the watchdog when closed.
+func (c *Client) send(ctx context.Context, timeout time.Duration, d doer, method, url, rng string) (*http.Response, error) {
+	wctx, w := newWatchdog(ctx, timeout)
+	req, err := http.NewRequestWithContext(wctx, method, url, nil)
+	if err != nil {
+		w.stop()
+		return nil, err
+	}
+	if rng != "" {
+		req.Header.Set("Range", rng)
+	}
+	if d == c.plain {
+		req.Header.Set("User-Agent", c.opts.UserAgent)
+	}
+	resp, err := d.Do(req)
+	if err != nil {
+		w.stop()
+		return nil, attemptErr(wctx, err)
+	}
+	w.timeout = c.opts.RequestTimeout
+	w.kick()
+	resp.Body = &watchedBody{body: resp.Body, w: w}
+	return resp, nil
+}
