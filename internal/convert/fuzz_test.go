@@ -1,0 +1,81 @@
+package convert
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"github.com/obdproject/obd/internal/testenv"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/obdproject/obd/internal/ext4"
+)
+
+// memDev is an in-memory ext4.Device.
+type memDev []byte
+
+func (m memDev) ReadAt(p []byte, off int64) (int, error)  { return copy(p, m[off:]), nil }
+func (m memDev) WriteAt(p []byte, off int64) (int, error) { return copy(m[off:], p), nil }
+func (m memDev) Size() int64                              { return int64(len(m)) }
+
+var (
+	fuzzOnce     sync.Once
+	fuzzTemplate memDev
+	fuzzErr      error
+)
+
+// FuzzApply feeds arbitrary bytes to Apply on a small filesystem: it may
+// fail, but must not panic, and must leave a filesystem e2fsck finds clean.
+func FuzzApply(f *testing.F) {
+	e2fsck := testenv.Tools(f, "e2fsck")[0]
+	testenv.Tools(f, "mke2fs")
+	f.Add(layer1(f))
+	f.Add(layer2(f))
+	f.Add(append(sparseEntry("s", 1<<20, []sparseChunk{{4096, []byte("x")}}), endTar...))
+	f.Add(buildTar(f, dirE("a/", 0o755), fileE("a/.wh..wh..opq", 0, ""), fileE("a/b", 0o644, "b"),
+		linkE(tar.TypeLink, "a/c", "a/b"), linkE(tar.TypeSymlink, "a/d", "../a"), fileE("a/d/e", 0o600, "e")))
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, layer []byte) {
+		// Entries claiming gigabytes (mostly holes) only cost time reading
+		// zeros; keep executions fast.
+		tr := tar.NewReader(bytes.NewReader(layer))
+		for {
+			hdr, err := tr.Next()
+			if err != nil {
+				break
+			}
+			if hdr.Size > 64<<20 {
+				t.Skip("entry larger than 64 MiB")
+			}
+		}
+		fuzzOnce.Do(func() {
+			fuzzTemplate = make(memDev, 32<<20)
+			fuzzErr = ext4.Mkfs(context.Background(), fuzzTemplate, mkfsOpts)
+		})
+		if fuzzErr != nil {
+			t.Fatal(fuzzErr)
+		}
+		dev := append(memDev(nil), fuzzTemplate...)
+		fsys, err := ext4.Open(dev, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_, applyErr := Apply(ctx, fsys, bytes.NewReader(layer), ApplyOptions{})
+		if err := fsys.Close(); err != nil {
+			t.Fatalf("close after apply (error %v): %v", applyErr, err)
+		}
+		img := filepath.Join(t.TempDir(), "fs.img")
+		if err := os.WriteFile(img, dev, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := exec.Command(e2fsck, "-fn", img).CombinedOutput(); err != nil {
+			t.Fatalf("e2fsck after apply (error %v): %v\n%s", applyErr, err, out)
+		}
+	})
+}

@@ -1,0 +1,375 @@
+package ext4
+
+/*
+#include "obd.h"
+*/
+import "C"
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"maps"
+	"slices"
+	"syscall"
+	"unsafe"
+)
+
+// maxFileSize is the largest file size with 32-bit logical block numbers.
+func (f *FS) maxFileSize() int64 { return (1<<32 - 1) * f.bs }
+
+// addEntry links ino into directory pino under name.
+func (f *FS) addEntry(pino uint32, d *dirCache, name string, ino, mode uint32) error {
+	cname := C.CString(name)
+	defer C.free(unsafe.Pointer(cname))
+	lblk := C.uint32_t(d.hint)
+	if code := C.obd_dir_add(f.fs, C.ext2_ino_t(pino), cname, C.int(len(name)),
+		C.ext2_ino_t(ino), ftypeOf[mode], &lblk); code != 0 {
+		return f.err(code)
+	}
+	if !d.slow {
+		d.hint = uint32(lblk)
+	}
+	d.ents[name] = dirent{ino: ino, lblk: uint32(lblk), mode: mode}
+	return nil
+}
+
+// delEntry removes name from directory pino (not the inode it names).
+func (f *FS) delEntry(pino uint32, d *dirCache, name string) error {
+	e := d.ents[name]
+	cname := C.CString(name)
+	defer C.free(unsafe.Pointer(cname))
+	if code := C.obd_dir_del(f.fs, C.ext2_ino_t(pino), cname, C.int(len(name)), C.uint32_t(e.lblk)); code != 0 {
+		return f.err(code)
+	}
+	delete(d.ents, name)
+	return nil
+}
+
+// drop releases one link to the non-directory inode ino, freeing it with
+// its blocks and xattrs when it was the last one.
+func (f *FS) drop(ino uint32) error {
+	var n C.uint32_t
+	if code := C.obd_nlink_add(f.fs, C.ext2_ino_t(ino), -1, &n); code != 0 {
+		return f.err(code)
+	}
+	if n == 0 {
+		return f.err(C.obd_release(f.fs, C.ext2_ino_t(ino)))
+	}
+	return nil
+}
+
+// purge releases everything below directory ino and then ino itself. The
+// directory blocks are freed whole, so child entries are not unlinked one
+// by one.
+func (f *FS) purge(ino uint32) error {
+	d, err := f.dir(ino)
+	if err != nil {
+		return err
+	}
+	// In name order, so that the same tree is always freed the same way.
+	for _, name := range slices.Sorted(maps.Keys(d.ents)) {
+		e := d.ents[name]
+		if e.mode == ModeDir {
+			err = f.purge(e.ino)
+		} else {
+			err = f.drop(e.ino)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	delete(f.dirs, ino)
+	return f.err(C.obd_release(f.fs, C.ext2_ino_t(ino)))
+}
+
+// remove unlinks name from directory pino and releases what it named.
+func (f *FS) remove(pino uint32, d *dirCache, name string) error {
+	e, ok := d.ents[name]
+	if !ok {
+		return errNotExist
+	}
+	if err := f.delEntry(pino, d, name); err != nil {
+		return err
+	}
+	if e.mode != ModeDir {
+		return f.drop(e.ino)
+	}
+	var n C.uint32_t
+	if code := C.obd_nlink_add(f.fs, C.ext2_ino_t(pino), -1, &n); code != 0 {
+		return f.err(code)
+	}
+	return f.purge(e.ino)
+}
+
+// Remove removes path; a directory is removed with everything below it.
+// Blocks and inodes are freed when their last link goes.
+func (f *FS) Remove(p string) error {
+	if err := f.lock(true); err != nil {
+		return err
+	}
+	defer f.mu.Unlock()
+	pino, d, name, err := f.parent(p)
+	if err == nil {
+		err = f.remove(pino, d, name)
+	}
+	return pathErr("remove", p, err)
+}
+
+// create prepares the creation of path: it resolves the parent and fails
+// with EEXIST if the name is taken.
+func (f *FS) create(p string) (uint32, *dirCache, string, error) {
+	pino, d, name, err := f.parent(p)
+	if err != nil {
+		return 0, nil, "", err
+	}
+	if _, ok := d.ents[name]; ok {
+		return 0, nil, "", errExist
+	}
+	return pino, d, name, nil
+}
+
+// link adds the new inode ino to its directory, freeing it on failure.
+func (f *FS) link(pino uint32, d *dirCache, name string, ino, mode uint32) error {
+	err := f.addEntry(pino, d, name, ino, mode)
+	if err == nil {
+		return nil
+	}
+	if mode == ModeDir {
+		var n C.uint32_t
+		C.obd_nlink_add(f.fs, C.ext2_ino_t(pino), -1, &n)
+		delete(f.dirs, ino)
+	}
+	C.obd_release(f.fs, C.ext2_ino_t(ino))
+	return err
+}
+
+// Mkdir creates directory path.
+func (f *FS) Mkdir(p string, m Meta) error {
+	if err := f.lock(true); err != nil {
+		return err
+	}
+	defer f.mu.Unlock()
+	return pathErr("mkdir", p, f.mkdir(p, m))
+}
+
+func (f *FS) mkdir(p string, m Meta) error {
+	pino, d, name, err := f.create(p)
+	if err != nil {
+		return err
+	}
+	cm := m.c()
+	var ino C.ext2_ino_t
+	if code := C.obd_mkdir(f.fs, C.ext2_ino_t(pino), &cm, &ino); code != 0 {
+		return f.err(code)
+	}
+	f.dirs[uint32(ino)] = &dirCache{ents: make(map[string]dirent), hint: 0}
+	return f.link(pino, d, name, uint32(ino), ModeDir)
+}
+
+// Symlink creates path as a symbolic link to target.
+func (f *FS) Symlink(p, target string, m Meta) error {
+	if err := f.lock(true); err != nil {
+		return err
+	}
+	defer f.mu.Unlock()
+	return pathErr("symlink", p, f.symlink(p, target, m))
+}
+
+func (f *FS) symlink(p, target string, m Meta) error {
+	if target == "" {
+		return syscall.ENOENT
+	}
+	if int64(len(target)) >= f.bs {
+		return syscall.ENAMETOOLONG
+	}
+	pino, d, name, err := f.create(p)
+	if err != nil {
+		return err
+	}
+	cm := m.c()
+	ct := C.CString(target)
+	defer C.free(unsafe.Pointer(ct))
+	var ino C.ext2_ino_t
+	if code := C.obd_symlink(f.fs, C.ext2_ino_t(pino), &cm, ct, C.size_t(len(target)), &ino); code != 0 {
+		return f.err(code)
+	}
+	return f.link(pino, d, name, uint32(ino), ModeSymlink)
+}
+
+// Mknod creates a device node, FIFO or socket; typ is ModeChar, ModeBlock,
+// ModeFIFO or ModeSocket.
+func (f *FS) Mknod(p string, typ, major, minor uint32, m Meta) error {
+	if err := f.lock(true); err != nil {
+		return err
+	}
+	defer f.mu.Unlock()
+	return pathErr("mknod", p, f.mknod(p, typ, major, minor, m))
+}
+
+func (f *FS) mknod(p string, typ, major, minor uint32, m Meta) error {
+	switch typ {
+	case ModeChar, ModeBlock:
+		if major >= 1<<12 || minor >= 1<<20 {
+			return syscall.EINVAL
+		}
+	case ModeFIFO, ModeSocket:
+	default:
+		return syscall.EINVAL
+	}
+	pino, d, name, err := f.create(p)
+	if err != nil {
+		return err
+	}
+	cm := m.c()
+	var ino C.ext2_ino_t
+	if code := C.obd_mknod(f.fs, C.ext2_ino_t(pino), C.uint32_t(typ), &cm,
+		C.uint32_t(major), C.uint32_t(minor), &ino); code != 0 {
+		return f.err(code)
+	}
+	return f.link(pino, d, name, uint32(ino), typ)
+}
+
+// Link creates path as a hard link to the existing non-directory inode at
+// existing (not following a final symlink, like link(2)).
+func (f *FS) Link(p, existing string) error {
+	if err := f.lock(true); err != nil {
+		return err
+	}
+	defer f.mu.Unlock()
+	return pathErr("link", p, f.hardlink(p, existing))
+}
+
+func (f *FS) hardlink(p, existing string) error {
+	ino, err := f.resolve(existing, false)
+	if err != nil {
+		return fmt.Errorf("link target %s: %w", cleanPath(existing), err)
+	}
+	st, err := f.stat(ino)
+	if err != nil {
+		return err
+	}
+	if st.IsDir() {
+		return syscall.EPERM
+	}
+	pino, d, name, err := f.create(p)
+	if err != nil {
+		return err
+	}
+	var n C.uint32_t
+	if code := C.obd_nlink_add(f.fs, C.ext2_ino_t(ino), 1, &n); code != 0 {
+		return f.err(code)
+	}
+	if err := f.addEntry(pino, d, name, ino, st.Mode&ModeTypeMask); err != nil {
+		C.obd_nlink_add(f.fs, C.ext2_ino_t(ino), -1, &n)
+		return err
+	}
+	return nil
+}
+
+// SetMeta sets mode (permission bits), owner and times of path, not
+// following a final symlink.
+func (f *FS) SetMeta(p string, m Meta) error {
+	if err := f.lock(true); err != nil {
+		return err
+	}
+	defer f.mu.Unlock()
+	ino, err := f.resolve(p, false)
+	if err == nil {
+		cm := m.c()
+		err = f.err(C.obd_set_meta(f.fs, C.ext2_ino_t(ino), &cm))
+	}
+	return pathErr("setmeta", p, err)
+}
+
+// CreateFile creates regular file path with size bytes read from r. Blocks
+// that are entirely zero are left as holes.
+func (f *FS) CreateFile(p string, m Meta, r io.Reader, size int64) error {
+	if err := f.lock(true); err != nil {
+		return err
+	}
+	defer f.mu.Unlock()
+	return pathErr("create", p, f.createFile(p, m, r, size))
+}
+
+func (f *FS) createFile(p string, m Meta, r io.Reader, size int64) error {
+	if size < 0 || size > f.maxFileSize() {
+		return syscall.EFBIG
+	}
+	pino, d, name, err := f.create(p)
+	if err != nil {
+		return err
+	}
+	cm := m.c()
+	var wf *C.obd_wfile
+	var ino C.ext2_ino_t
+	if code := C.obd_wfile_new(f.fs, C.ext2_ino_t(pino), &cm, &wf, &ino); code != 0 {
+		return f.err(code)
+	}
+	if err := f.writeData(wf, r, size); err != nil {
+		C.obd_wfile_abort(wf)
+		f.st.takeErr()
+		return err
+	}
+	if code := C.obd_wfile_finish(wf, C.uint64_t(size)); code != 0 {
+		return f.err(code)
+	}
+	return f.link(pino, d, name, uint32(ino), ModeRegular)
+}
+
+// writeData copies size bytes from r into the file being written,
+// allocating blocks only for the non-zero ones.
+func (f *FS) writeData(wf *C.obd_wfile, r io.Reader, size int64) error {
+	bs := f.bs
+	for off := int64(0); off < size; {
+		n := min(int64(len(f.buf)), size-off)
+		if _, err := io.ReadFull(r, f.buf[:n]); err != nil {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return fmt.Errorf("reading file data at offset %d: %w", off, err)
+		}
+		nb := (n + bs - 1) / bs
+		clear(f.buf[n : nb*bs])
+		for i := int64(0); i < nb; {
+			if bytes.Equal(f.buf[i*bs:(i+1)*bs], f.zero) {
+				i++
+				continue
+			}
+			j := i + 1
+			for j < nb && !bytes.Equal(f.buf[j*bs:(j+1)*bs], f.zero) {
+				j++
+			}
+			if err := f.writeRun(wf, off/bs+i, f.buf[i*bs:j*bs]); err != nil {
+				return err
+			}
+			i = j
+		}
+		off += n
+	}
+	return nil
+}
+
+// writeRun allocates blocks for logical block lblk onwards and writes data
+// (a whole number of blocks) there.
+func (f *FS) writeRun(wf *C.obd_wfile, lblk int64, data []byte) error {
+	const maxSegs = 16
+	var segs [3 * maxSegs]C.uint64_t
+	for len(data) > 0 {
+		var n C.int
+		count := int64(len(data)) / f.bs
+		if code := C.obd_wfile_alloc(wf, C.uint64_t(lblk), C.uint64_t(count), &segs[0], maxSegs, &n); code != 0 {
+			return f.err(code)
+		}
+		for i := 0; i < int(n); i++ {
+			pblk, blocks := int64(segs[3*i+1]), int64(segs[3*i+2])
+			k := blocks * f.bs
+			if err := f.st.writeAt(data[:k], pblk*f.bs); err != nil {
+				return err
+			}
+			data = data[k:]
+			lblk += blocks
+		}
+	}
+	return nil
+}
