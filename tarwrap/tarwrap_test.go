@@ -10,7 +10,7 @@ import (
 	"testing"
 )
 
-const fixture = "../../shared/testdata/upstream/hello-world-oci/blobs/sha256/022231c3f1af70e0cc42f0c3781eabf174cff608210585bf93fc83e16d33672d"
+const fixture = "../testdata/upstream/hello-world-oci/blobs/sha256/022231c3f1af70e0cc42f0c3781eabf174cff608210585bf93fc83e16d33672d"
 
 func readFixture(t testing.TB) []byte {
 	t.Helper()

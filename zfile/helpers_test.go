@@ -15,7 +15,7 @@ import (
 
 // Fixture locations, relative to the package directory: the repository's copy first, then the
 // shared one of the workspace.
-var fixtureDirs = []string{"../testdata/upstream", "../../shared/testdata/upstream"}
+var fixtureDirs = []string{"../testdata/upstream"}
 
 const (
 	helloBlob   = "hello-world-oci/blobs/sha256/022231c3f1af70e0cc42f0c3781eabf174cff608210585bf93fc83e16d33672d"

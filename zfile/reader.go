@@ -243,10 +243,32 @@ func (z *Reader) Size() int64 { return z.info.OriginalSize }
 // Info returns the file's parameters.
 func (z *Reader) Info() Info { return z.info }
 
+// Evicter is implemented by a cache under a Reader. When a block fails its check (CRC or decompression), the
+// Reader evicts the block's compressed bytes from the cache and reads them again, at most MaxReloads times,
+// before it reports the error: a corrupt cached range is refetched, never served.
+type Evicter interface {
+	Evict(off, n int64) error
+}
+
+// MaxReloads bounds how often ReadAt evicts and re-reads a bad block.
+const MaxReloads = 2
+
 // ReadAt reads len(p) uncompressed bytes at off, with io.ReaderAt semantics. The compressed bytes of
 // consecutive blocks are fetched with one underlying ReadAt per chunk of at most 1 MiB.
 func (z *Reader) ReadAt(p []byte, off int64) (int, error) {
-	return z.readAt(p, off, z.verify)
+	n, err := z.readAt(p, off, z.verify)
+	ev, ok := z.r.(Evicter)
+	for try := 0; ok && err != nil && try < MaxReloads; try++ {
+		var be *BlockError
+		if !errors.As(err, &be) || errors.Is(err, ErrFormat) {
+			break
+		}
+		if ev.Evict(be.Offset, z.offset(be.Block+1)-be.Offset) != nil {
+			break
+		}
+		n, err = z.readAt(p, off, z.verify)
+	}
+	return n, err
 }
 
 // Check verifies every block: its CRC (if the file has them) and that it decompresses to the
