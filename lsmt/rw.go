@@ -1,0 +1,602 @@
+package lsmt
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"sync"
+
+	"github.com/google/btree"
+)
+
+// MaxRWIndexEntries bounds the number of entries replayed from an RW index file.
+const MaxRWIndexEntries = 128_000_000
+
+// maxIOSize is the largest piece one write is recorded as (upstream MAX_IO_SIZE).
+const maxIOSize = 4 << 20
+
+// indexFlushSize is how many bytes of index entries are buffered before they are appended.
+const indexFlushSize = 4096
+
+// WriteAtFile is the storage of a writable layer's data or index file. *os.File satisfies it.
+type WriteAtFile interface {
+	io.ReaderAt
+	io.WriterAt
+	Stat() (fs.FileInfo, error)
+	Truncate(size int64) error
+}
+
+// HoleFile is implemented by data files of sparse layers that are not *os.File (on Linux an
+// *os.File is used through SEEK_DATA/SEEK_HOLE and fallocate).
+type HoleFile interface {
+	// SeekData returns the first offset >= off holding data, or io.EOF when there is none.
+	SeekData(off int64) (int64, error)
+	// SeekHole returns the first offset >= off in a hole (the file size counts as one).
+	SeekHole(off int64) (int64, error)
+	// PunchHole deallocates n bytes at off; they read back as zeros.
+	PunchHole(off, n int64) error
+}
+
+// CreateOptions configures a new writable layer.
+type CreateOptions struct {
+	UUID       string // "" writes the null UUID
+	ParentUUID string // "" writes the null UUID
+	Sparse     bool   // sparse data file (payload at 4096+LBA, no index file)
+}
+
+// ErrClosed is returned by operations on a closed or sealed RW layer.
+var ErrClosed = errors.New("lsmt: RW layer is closed")
+
+// RW is a writable layer: upstream's append layer (writable_data + writable_index, every write
+// appended to the data file and its entry to the index file) or sparse layer (payload at
+// 4096+LBA of the data file, index rebuilt from its extents). Its in-memory index is a B-tree
+// with upstream's split-on-overlap semantics. Index entries are appended to the index file in
+// 4 KiB batches and on Sync, Close and Seal (upstream appends each one at once): after a crash the
+// latest entries may be missing, leaving their data as unreferenced garbage in the data file,
+// never a dangling entry. It is safe for concurrent use.
+type RW struct {
+	mu      sync.RWMutex
+	data    WriteAtFile
+	index   WriteAtFile // nil when sparse
+	holes   HoleFile    // sparse only
+	header  Header      // data file header
+	vsize   uint64
+	tree    *btree.BTreeG[mapping]
+	dataEnd int64  // append position in the data file
+	idxEnd  int64  // append position in the index file
+	pending []byte // index entries not yet appended
+	closed  bool
+	scratch []mapping
+}
+
+// newTree returns an empty index tree. Entries are ordered by their end sector: they never
+// overlap, so this is also offset order, and "the first entry ending after x" (where a lookup or
+// an overlap search starts) is a single AscendGreaterOrEqual.
+func newTree() *btree.BTreeG[mapping] {
+	return btree.NewG(32, func(a, b mapping) bool { return a.end() < b.end() })
+}
+
+// endKey returns a pivot that sorts with the entries ending at end.
+func endKey(end uint64) mapping { return pack(end, 0, 0, false, 0) }
+
+// CreateRW initialises a new writable layer in data (and index, unless opts.Sparse) of virtual
+// size vsize bytes (0: inherited from the lower layers when stacked). Existing content is
+// discarded. The caller keeps ownership of the files.
+func CreateRW(data, index WriteAtFile, vsize int64, opts CreateOptions) (*RW, error) {
+	if vsize < 0 || vsize%SectorSize != 0 {
+		return nil, fmt.Errorf("lsmt: virtual size %d is not a non-negative multiple of %d", vsize, SectorSize)
+	}
+	w := &RW{data: data, vsize: uint64(vsize), tree: newTree(), dataEnd: HeaderSize}
+	flags := uint32(FlagHeader | FlagDataFile)
+	if opts.Sparse {
+		flags |= FlagSparseRW
+		h, err := holeFile(data)
+		if err != nil {
+			return nil, err
+		}
+		w.holes = h
+	} else if index == nil {
+		return nil, errors.New("lsmt: an append RW layer needs an index file")
+	}
+	w.header = newHeader(flags)
+	w.header.VirtualSize = uint64(vsize)
+	w.header.UUID, w.header.ParentUUID = opts.UUID, opts.ParentUUID
+	if err := writeSlot(data, w.header, 0, true); err != nil {
+		return nil, err
+	}
+	// Keep the UUIDs the way they were written.
+	w.header.UUID, _ = formatUUID(opts.UUID)
+	w.header.ParentUUID, _ = formatUUID(opts.ParentUUID)
+	if opts.Sparse {
+		if err := data.Truncate(int64(HeaderSize) + vsize); err != nil {
+			return nil, fmt.Errorf("lsmt: sizing sparse data file: %w", err)
+		}
+		return w, nil
+	}
+	ih := w.header
+	ih.Flags = FlagHeader
+	ih.IndexOffset = HeaderSize
+	if err := writeSlot(index, ih, 0, true); err != nil {
+		return nil, err
+	}
+	w.index, w.idxEnd = index, HeaderSize
+	return w, nil
+}
+
+// writeSlot writes a header slot at off, optionally truncating the file to it first.
+func writeSlot(f WriteAtFile, h Header, off int64, truncate bool) error {
+	b, err := h.MarshalBinary()
+	if err != nil {
+		return err
+	}
+	if truncate {
+		if err := f.Truncate(off); err != nil {
+			return fmt.Errorf("lsmt: truncating layer file: %w", err)
+		}
+	}
+	if _, err := f.WriteAt(b, off); err != nil {
+		return fmt.Errorf("lsmt: writing header: %w", err)
+	}
+	return nil
+}
+
+func fileSize(f WriteAtFile) (int64, error) {
+	fi, err := f.Stat()
+	if err != nil {
+		return 0, fmt.Errorf("lsmt: stat layer file: %w", err)
+	}
+	return fi.Size(), nil
+}
+
+// OpenRW opens an existing writable layer, replaying its index: entries are applied in order,
+// later ones win and partially overlapped ones are split; padding entries are skipped. For a
+// sparse layer (flag in the data header) index may be nil and the index is rebuilt from the
+// data file's extents (split at MaxSegmentLength sectors).
+func OpenRW(data, index WriteAtFile) (*RW, error) {
+	dsize, err := fileSize(data)
+	if err != nil {
+		return nil, err
+	}
+	hdr, err := readSlot(data, 0)
+	if err != nil {
+		return nil, err
+	}
+	if !hdr.IsHeader() || !hdr.IsDataFile() {
+		return nil, fmt.Errorf("lsmt: not an RW data file (flags %#x)", hdr.Flags)
+	}
+	w := &RW{data: data, header: hdr, vsize: hdr.VirtualSize, tree: newTree()}
+	if hdr.IsSparse() {
+		if w.holes, err = holeFile(data); err != nil {
+			return nil, err
+		}
+		if err := w.loadSparse(dsize); err != nil {
+			return nil, err
+		}
+		return w, nil
+	}
+	if index == nil {
+		return nil, errors.New("lsmt: an append RW layer needs its index file")
+	}
+	w.index = index
+	w.dataEnd = (dsize + SectorSize - 1) / SectorSize * SectorSize
+	if err := w.replay(dsize); err != nil {
+		return nil, err
+	}
+	return w, nil
+}
+
+// replay loads the append index file.
+func (w *RW) replay(dataSize int64) error {
+	isize, err := fileSize(w.index)
+	if err != nil {
+		return err
+	}
+	ih, err := readSlot(w.index, 0)
+	if err != nil {
+		return err
+	}
+	if !ih.IsHeader() || ih.IsDataFile() || ih.IsSealed() {
+		return fmt.Errorf("lsmt: not an RW index file (flags %#x)", ih.Flags)
+	}
+	if ih.IndexOffset != HeaderSize {
+		return fmt.Errorf("lsmt: RW index offset is %d, want %d", ih.IndexOffset, HeaderSize)
+	}
+	w.vsize = ih.VirtualSize
+	n := (isize - HeaderSize) / EntrySize // a torn last entry is ignored and overwritten
+	if n > MaxRWIndexEntries {
+		return fmt.Errorf("lsmt: RW index has %d entries, more than the limit %d", n, MaxRWIndexEntries)
+	}
+	w.idxEnd = HeaderSize + n*EntrySize
+	v := newValidator(HeaderSize/SectorSize, uint64(dataSize)/SectorSize)
+	buf := make([]byte, 64<<10)
+	for i := int64(0); i < n; {
+		chunk := buf[:min(int64(len(buf)), (n-i)*EntrySize)]
+		if err := readFull(w.index, chunk, HeaderSize+i*EntrySize); err != nil {
+			return fmt.Errorf("lsmt: reading RW index: %w", err)
+		}
+		for j := 0; j < len(chunk); j += EntrySize {
+			m := unpack(binary.LittleEndian.Uint64(chunk[j:]), binary.LittleEndian.Uint64(chunk[j+8:]))
+			if !m.invalid() {
+				m = m.withTag(0)
+				if err := v.checkRange(int(i), m); err != nil {
+					return err
+				}
+				w.insert(m)
+			}
+			i++
+		}
+	}
+	return nil
+}
+
+// loadSparse rebuilds the index of a sparse layer from the data file's extents.
+func (w *RW) loadSparse(dataSize int64) error {
+	pos := int64(HeaderSize)
+	for pos < dataSize {
+		begin, err := w.holes.SeekData(pos)
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("lsmt: sparse layer: seeking data: %w", err)
+		}
+		end, err := w.holes.SeekHole(begin)
+		if err != nil {
+			return fmt.Errorf("lsmt: sparse layer: seeking hole: %w", err)
+		}
+		if begin < HeaderSize || end <= begin {
+			return fmt.Errorf("lsmt: sparse layer: bad extent [%d, %d)", begin, end)
+		}
+		lba := uint64(begin-HeaderSize) / SectorSize
+		for total := uint64(end-begin) / SectorSize; total > 0; {
+			n := min(total, MaxSegmentLength)
+			w.insert(pack(lba, uint32(n), lba+HeaderSize/SectorSize, false, 0))
+			lba += n
+			total -= n
+		}
+		pos = end
+	}
+	return nil
+}
+
+// insert adds m to the in-memory index, trimming, splitting or removing what it overlaps.
+func (w *RW) insert(m mapping) {
+	if m.length() == 0 {
+		return
+	}
+	o, e := m.off(), m.end()
+	w.scratch = w.scratch[:0]
+	w.tree.AscendGreaterOrEqual(endKey(o+1), func(q mapping) bool {
+		if q.off() >= e {
+			return false
+		}
+		w.scratch = append(w.scratch, q)
+		return true
+	})
+	for _, q := range w.scratch {
+		w.tree.Delete(q)
+		if q.off() < o {
+			w.tree.ReplaceOrInsert(q.trim(q.off(), o))
+		}
+		if q.end() > e {
+			w.tree.ReplaceOrInsert(q.trim(e, q.end()))
+		}
+	}
+	w.tree.ReplaceOrInsert(m)
+}
+
+// checkIO validates the alignment and range of a write or discard.
+func (w *RW) checkIO(op string, off, n int64) error {
+	if off < 0 || n < 0 || off%SectorSize != 0 || n%SectorSize != 0 {
+		return fmt.Errorf("lsmt: %s at %d of %d bytes: offset and length must be multiples of %d", op, off, n, SectorSize)
+	}
+	if w.closed {
+		return ErrClosed
+	}
+	if w.vsize > 0 && uint64(off+n) > w.vsize {
+		return fmt.Errorf("lsmt: %s at %d of %d bytes goes beyond the virtual size %d", op, off, n, w.vsize)
+	}
+	if uint64(off+n)/SectorSize > maxOffset {
+		return fmt.Errorf("lsmt: %s at %d of %d bytes goes beyond the format's address space", op, off, n)
+	}
+	return nil
+}
+
+// WriteAt writes p at off (both multiples of 512). In an append layer the data is appended to the
+// data file, in pieces of at most 4 MiB, and one index entry per piece to the index file.
+func (w *RW) WriteAt(p []byte, off int64) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err := w.checkIO("write", off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	done := 0
+	for done < len(p) {
+		chunk := p[done:min(len(p), done+maxIOSize)]
+		lba := uint64(off+int64(done)) / SectorSize
+		if w.holes != nil {
+			if _, err := w.data.WriteAt(chunk, HeaderSize+off+int64(done)); err != nil {
+				return done, fmt.Errorf("lsmt: writing sparse data: %w", err)
+			}
+			w.insert(pack(lba, uint32(len(chunk)/SectorSize), lba+HeaderSize/SectorSize, false, 0))
+		} else {
+			if _, err := w.data.WriteAt(chunk, w.dataEnd); err != nil {
+				return done, fmt.Errorf("lsmt: appending data: %w", err)
+			}
+			m := pack(lba, uint32(len(chunk)/SectorSize), uint64(w.dataEnd)/SectorSize, false, 0)
+			w.dataEnd += int64(len(chunk))
+			w.insert(m)
+			if err := w.appendIndex(m); err != nil {
+				return done, err
+			}
+		}
+		done += len(chunk)
+	}
+	return done, nil
+}
+
+// Discard records n bytes at off (multiples of 512) as zeroed, masking lower layers. In a sparse
+// layer the range is also punched out of the data file.
+func (w *RW) Discard(off, n int64) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err := w.checkIO("discard", off, n); err != nil {
+		return err
+	}
+	for n > 0 {
+		step := min(n, MaxSegmentLength*SectorSize)
+		lba := uint64(off) / SectorSize
+		if w.holes != nil {
+			w.insert(pack(lba, uint32(step/SectorSize), lba+HeaderSize/SectorSize, true, 0))
+			if err := w.holes.PunchHole(HeaderSize+off, step); err != nil {
+				return fmt.Errorf("lsmt: punching hole: %w", err)
+			}
+		} else {
+			m := pack(lba, uint32(step/SectorSize), uint64(w.dataEnd)/SectorSize, true, 0)
+			w.insert(m)
+			if err := w.appendIndex(m); err != nil {
+				return err
+			}
+		}
+		off += step
+		n -= step
+	}
+	return nil
+}
+
+// appendIndex buffers an index entry for the index file.
+func (w *RW) appendIndex(m mapping) error {
+	w.pending = m.append(w.pending)
+	if len(w.pending) >= indexFlushSize {
+		return w.flushIndex()
+	}
+	return nil
+}
+
+func (w *RW) flushIndex() error {
+	if len(w.pending) == 0 || w.index == nil {
+		return nil
+	}
+	if _, err := w.index.WriteAt(w.pending, w.idxEnd); err != nil {
+		return fmt.Errorf("lsmt: appending index: %w", err)
+	}
+	w.idxEnd += int64(len(w.pending))
+	w.pending = w.pending[:0]
+	return nil
+}
+
+// limit returns the readable size: the virtual size, or the end of the last write when unset.
+func (w *RW) limit() uint64 {
+	if w.vsize > 0 {
+		return w.vsize
+	}
+	if m, ok := w.tree.Max(); ok {
+		return m.end() * SectorSize
+	}
+	return 0
+}
+
+// ReadAt reads the layer's own view: written data, zeros for discarded ranges and gaps.
+func (w *RW) ReadAt(p []byte, off int64) (int, error) {
+	w.mu.RLock()
+	defer w.mu.RUnlock()
+	q, eof := clampRead(p, off, w.limit())
+	if len(q) == 0 {
+		return 0, eof
+	}
+	fl := newFiller(q, off, []io.ReaderAt{w.data})
+	if err := w.fillTree(fl, 0, fl.end(), nil); err != nil {
+		return 0, err
+	}
+	if err := fl.flush(); err != nil {
+		return 0, err
+	}
+	return len(q), eof
+}
+
+// fillTree fills fl up to stop from the tree, reading mapped pieces as reader rd; gaps are filled
+// by gap (zeros when nil). The caller holds w.mu.
+func (w *RW) fillTree(fl *filler, rd int, stop uint64, gap func(stop uint64) error) error {
+	if gap == nil {
+		gap = func(stop uint64) error { fl.zeroTo(stop); return nil }
+	}
+	start := endKey(fl.pos/SectorSize + 1)
+	var err error
+	w.tree.AscendGreaterOrEqual(start, func(m mapping) bool {
+		s := m.off() * SectorSize
+		if s >= stop {
+			return false
+		}
+		if s > fl.pos {
+			if err = gap(s); err != nil {
+				return false
+			}
+		}
+		err = fl.mapped(rd, m, min(m.end()*SectorSize, stop))
+		return err == nil && fl.pos < stop
+	})
+	if err != nil {
+		return err
+	}
+	if fl.pos < stop {
+		return gap(stop)
+	}
+	return nil
+}
+
+// Index returns the current index, sorted by offset.
+func (w *RW) Index() []Segment {
+	return segments(w.dump())
+}
+
+// dump returns a copy of the in-memory index.
+func (w *RW) dump() []mapping {
+	w.mu.RLock()
+	defer w.mu.RUnlock()
+	out := make([]mapping, 0, w.tree.Len())
+	w.tree.Ascend(func(m mapping) bool {
+		out = append(out, m)
+		return true
+	})
+	return out
+}
+
+// Len returns the number of entries in the index.
+func (w *RW) Len() int {
+	w.mu.RLock()
+	defer w.mu.RUnlock()
+	return w.tree.Len()
+}
+
+// Header returns the data file's header.
+func (w *RW) Header() Header {
+	w.mu.RLock()
+	defer w.mu.RUnlock()
+	return w.header
+}
+
+// VirtualSize returns the virtual size in bytes (0 when not yet known).
+func (w *RW) VirtualSize() int64 {
+	w.mu.RLock()
+	defer w.mu.RUnlock()
+	return int64(w.vsize)
+}
+
+// SetVirtualSize changes the virtual size recorded in the layer's headers (and, for a sparse
+// layer, the data file's size), as upstream does when stacking a layer created with size 0.
+func (w *RW) SetVirtualSize(vsize int64) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.closed {
+		return ErrClosed
+	}
+	if vsize < 0 || vsize%SectorSize != 0 {
+		return fmt.Errorf("lsmt: virtual size %d is not a non-negative multiple of %d", vsize, SectorSize)
+	}
+	files := []WriteAtFile{w.data}
+	if w.index != nil {
+		files = append(files, w.index)
+	}
+	for _, f := range files {
+		h, err := readSlot(f, 0)
+		if err != nil {
+			return err
+		}
+		h.VirtualSize = uint64(vsize)
+		if err := writeSlot(f, h, 0, false); err != nil {
+			return err
+		}
+	}
+	w.vsize, w.header.VirtualSize = uint64(vsize), uint64(vsize)
+	if w.holes != nil {
+		return w.data.Truncate(HeaderSize + vsize)
+	}
+	return nil
+}
+
+// Sync appends buffered index entries and syncs both files when they support it.
+func (w *RW) Sync() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err := w.flushIndex(); err != nil {
+		return err
+	}
+	for _, f := range []WriteAtFile{w.data, w.index} {
+		if s, ok := f.(interface{ Sync() error }); ok {
+			if err := s.Sync(); err != nil {
+				return fmt.Errorf("lsmt: sync: %w", err)
+			}
+		}
+	}
+	return nil
+}
+
+// Close appends buffered index entries. It does not close the underlying files.
+func (w *RW) Close() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.closed {
+		return nil
+	}
+	w.closed = true
+	return w.flushIndex()
+}
+
+// Seal closes the layer and turns its data file into a read-only layer (upstream
+// `overlaybd-commit --seal`): the in-memory index is appended at the end of the data file
+// (padded to 512 bytes with invalid entries; index_size counts only the real ones), followed by
+// a sealed trailer carrying the header's UUIDs and virtual size. It returns the new size of the
+// data file, which Open then accepts. The index file is no longer needed.
+func (w *RW) Seal() (int64, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.closed {
+		return 0, ErrClosed
+	}
+	if err := w.flushIndex(); err != nil {
+		return 0, err
+	}
+	w.closed = true
+	pos := w.dataEnd
+	if w.holes != nil {
+		size, err := fileSize(w.data)
+		if err != nil {
+			return 0, err
+		}
+		pos = (size + SectorSize - 1) / SectorSize * SectorSize
+	}
+	n := w.tree.Len()
+	buf := make([]byte, 0, (n*EntrySize+SectorSize-1)/SectorSize*SectorSize)
+	w.tree.Ascend(func(m mapping) bool {
+		buf = m.append(buf)
+		return true
+	})
+	for len(buf)%SectorSize != 0 {
+		buf = invalidMapping.append(buf)
+	}
+	if _, err := w.data.WriteAt(buf, pos); err != nil {
+		return 0, fmt.Errorf("lsmt: sealing: writing index: %w", err)
+	}
+	hdr, err := readSlot(w.data, 0)
+	if err != nil {
+		return 0, err
+	}
+	t := newHeader(FlagDataFile | FlagSealed | hdr.Flags&FlagSparseRW)
+	t.IndexOffset, t.IndexSize = uint64(pos), uint64(n)
+	t.VirtualSize, t.UUID, t.ParentUUID = hdr.VirtualSize, validOrNull(hdr.UUID), validOrNull(hdr.ParentUUID)
+	tpos := pos + int64(len(buf))
+	if err := writeSlot(w.data, t, tpos, false); err != nil {
+		return 0, err
+	}
+	return tpos + HeaderSize, nil
+}
+
+// validOrNull returns u when it is a valid UUID and "" (the null UUID) otherwise.
+func validOrNull(u string) string {
+	if c, ok := CanonicalUUID(u); ok {
+		return c
+	}
+	return ""
+}

@@ -1,0 +1,248 @@
+package lsmt
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"math"
+)
+
+// MaxMergedEntries bounds the merged index of a stack.
+const MaxMergedEntries = 128 << 20
+
+// ErrReadOnly is returned by writes to a stack without a writable upper layer.
+var ErrReadOnly = errors.New("lsmt: stack has no writable layer")
+
+// Stack is the merged view of read-only layers (bottom to top) and an optional writable upper
+// layer, as upstream's open_files_ro + stack_files build it: the upper layer wins, then the lower
+// layers from the top down. It is safe for concurrent use.
+type Stack struct {
+	lowers  []*File // bottom → top
+	upper   *RW
+	idx     *segIndex     // merged lowers; tag = position from the top (0 = top lower)
+	readers []io.ReaderAt // by tag; the upper's data file last
+	vsize   uint64
+}
+
+// NewStack merges the indexes of lowers (bottom first, at most MaxLayers) and stacks upper (may be
+// nil) on top. The virtual size is the topmost non-zero one of the lowers; an upper layer created
+// with size 0 inherits it (written into its headers), otherwise the upper's size is used.
+func NewStack(lowers []*File, upper *RW) (*Stack, error) {
+	if len(lowers) > MaxLayers {
+		return nil, fmt.Errorf("lsmt: %d layers, at most %d can be stacked", len(lowers), MaxLayers)
+	}
+	if len(lowers) == 0 && upper == nil {
+		return nil, errors.New("lsmt: empty stack")
+	}
+	s := &Stack{lowers: lowers, upper: upper}
+	n := len(lowers)
+	layers := make([][]mapping, n) // top first
+	s.readers = make([]io.ReaderAt, n, n+1)
+	for i, f := range lowers {
+		layers[n-1-i] = f.idx.ents
+		s.readers[n-1-i] = f.r
+		if f.trailer.VirtualSize > 0 {
+			s.vsize = f.trailer.VirtualSize
+		}
+	}
+	merged, err := mergeLayers(layers)
+	if err != nil {
+		return nil, err
+	}
+	s.idx = newSegIndex(merged)
+	if upper != nil {
+		if upper.VirtualSize() == 0 && s.vsize > 0 {
+			if err := upper.SetVirtualSize(int64(s.vsize)); err != nil {
+				return nil, err
+			}
+		}
+		s.vsize = uint64(upper.VirtualSize())
+		s.readers = append(s.readers, upper.data)
+	}
+	return s, nil
+}
+
+// mergeLayers merges layer indexes given top first into one index whose tags are the layers'
+// positions. Overlaying is associative, so halves are merged recursively: each entry is copied
+// O(log layers) times by linear sweeps.
+func mergeLayers(layers [][]mapping) ([]mapping, error) {
+	var rec func(lo, hi int, final bool) ([]mapping, error)
+	rec = func(lo, hi int, final bool) ([]mapping, error) {
+		if hi-lo == 1 {
+			out := alloc(len(layers[lo]), final)
+			for _, m := range layers[lo] {
+				out = append(out, m.withTag(uint8(lo)))
+			}
+			return out, nil
+		}
+		mid := (lo + hi) / 2
+		top, err := rec(lo, mid, false)
+		if err != nil {
+			return nil, err
+		}
+		bottom, err := rec(mid, hi, false)
+		if err != nil {
+			return nil, err
+		}
+		n := 0
+		overlay(top, bottom, func(mapping) { n++ })
+		if n > MaxMergedEntries {
+			return nil, fmt.Errorf("lsmt: merged index would have %d entries, more than %d", n, MaxMergedEntries)
+		}
+		out := alloc(n, final)
+		overlay(top, bottom, func(m mapping) { out = append(out, m) })
+		return out, nil
+	}
+	if len(layers) == 0 {
+		return nil, nil
+	}
+	return rec(0, len(layers), true)
+}
+
+// alloc returns an empty slice with room for n entries; the final index gets lookup-friendly memory.
+func alloc(n int, final bool) []mapping {
+	if final {
+		return makeIndexSlice[mapping](n)[:0]
+	}
+	return make([]mapping, 0, n)
+}
+
+// overlay emits, in order, the entries of top and the pieces of bottom that fall into its gaps.
+func overlay(top, bottom []mapping, emit func(mapping)) {
+	j := 0
+	fill := func(g0, g1 uint64) {
+		for j < len(bottom) && bottom[j].end() <= g0 {
+			j++
+		}
+		for k := j; k < len(bottom) && bottom[k].off() < g1; k++ {
+			emit(bottom[k].trim(g0, g1))
+		}
+	}
+	prev := uint64(0)
+	for _, m := range top {
+		if m.off() > prev {
+			fill(prev, m.off())
+		}
+		emit(m)
+		prev = m.end()
+	}
+	fill(prev, ^uint64(0))
+}
+
+// VirtualSize returns the stack's virtual size in bytes.
+func (s *Stack) VirtualSize() int64 { return int64(s.vsize) }
+
+// Segments returns the number of entries of the merged lower index plus the upper layer's.
+func (s *Stack) Segments() int {
+	n := s.idx.len()
+	if s.upper != nil {
+		n += s.upper.Len()
+	}
+	return n
+}
+
+// MemBytes returns the memory used by the merged lower index, in bytes.
+func (s *Stack) MemBytes() int { return s.idx.memBytes() }
+
+// ReadAt reads the merged virtual disk. Each contiguous piece is one ReadAt on the owning layer's
+// file; holes and zeroed extents are filled with zeros without reading.
+func (s *Stack) ReadAt(p []byte, off int64) (int, error) {
+	q, eof := clampRead(p, off, s.vsize)
+	if len(q) == 0 {
+		return 0, eof
+	}
+	fl := newFiller(q, off, s.readers)
+	var err error
+	if s.upper == nil {
+		if err = fl.fromIndex(s.idx, fl.end()); err == nil {
+			err = fl.flush()
+		}
+	} else {
+		// Hold the upper's lock until its pieces are read: its index may change meanwhile.
+		s.upper.mu.RLock()
+		err = s.upper.fillTree(fl, len(s.readers)-1, fl.end(), func(stop uint64) error {
+			return fl.fromIndex(s.idx, stop)
+		})
+		if err == nil {
+			err = fl.flush()
+		}
+		s.upper.mu.RUnlock()
+	}
+	if err != nil {
+		return 0, err
+	}
+	return len(q), eof
+}
+
+// WriteAt writes to the upper layer.
+func (s *Stack) WriteAt(p []byte, off int64) (int, error) {
+	if err := s.checkWrite(off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	return s.upper.WriteAt(p, off)
+}
+
+// Discard discards a range in the upper layer, masking the lower layers.
+func (s *Stack) Discard(off, n int64) error {
+	if err := s.checkWrite(off, n); err != nil {
+		return err
+	}
+	return s.upper.Discard(off, n)
+}
+
+func (s *Stack) checkWrite(off, n int64) error {
+	if s.upper == nil {
+		return ErrReadOnly
+	}
+	if off < 0 || n < 0 || uint64(off+n) > s.vsize {
+		return fmt.Errorf("lsmt: write at %d of %d bytes goes beyond the virtual size %d", off, n, s.vsize)
+	}
+	return nil
+}
+
+// Header returns the header a commit of the whole stack inherits (upstream merge_files_ro): the
+// virtual size of the top layer's header and the parent UUID of the bottom layer.
+func (s *Stack) Header() Header {
+	if s.upper != nil {
+		h := s.upper.Header()
+		if len(s.lowers) > 0 {
+			h.ParentUUID = s.lowers[0].header.ParentUUID
+		}
+		return h
+	}
+	h := s.lowers[len(s.lowers)-1].header
+	h.ParentUUID = s.lowers[0].header.ParentUUID
+	return h
+}
+
+func (s *Stack) commitView() ([]mapping, []io.ReaderAt) {
+	if s.upper == nil {
+		return s.idx.ents, s.readers
+	}
+	up := s.upper.dump()
+	tag := uint8(len(s.readers) - 1)
+	for i := range up {
+		up[i] = up[i].withTag(tag)
+	}
+	var out []mapping
+	overlay(up, s.idx.ents, func(m mapping) { out = append(out, m) })
+	return out, s.readers
+}
+
+// Extents returns the stack's data extents in LBA order, neighbours joined: the parts of the virtual disk that
+// hold data (holes and zeroed extents, which read as zeros, are left out). Segment MOffset and Tag are zero.
+func (s *Stack) Extents() []Segment {
+	ms, _ := s.commitView()
+	var out []Segment
+	for _, m := range ms {
+		if m.zeroed() {
+			continue
+		}
+		if n := len(out); n > 0 && out[n-1].End() == m.off() && uint64(out[n-1].Length)+uint64(m.length()) <= math.MaxUint32 {
+			out[n-1].Length += m.length()
+			continue
+		}
+		out = append(out, Segment{Offset: m.off(), Length: m.length()})
+	}
+	return out
+}
