@@ -35,6 +35,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sys/unix"
 
+	"github.com/obdproject/obd/internal/pull"
 	"github.com/obdproject/obd/internal/snapshotter"
 	"github.com/obdproject/obd/internal/testenv"
 )
@@ -140,7 +141,7 @@ func TestContainerd(t *testing.T) {
 		ref := "obd.test/hello:amd64-converted"
 		res := &layoutResolver{dir: helloLayout}
 		img, err := c.Pull(ctx, ref, client.WithResolver(res), client.WithPullUnpack,
-			client.WithPullSnapshotter(snapshotter.Name), client.WithImageHandlerWrapper(withImageRefLabel(ref)))
+			client.WithPullSnapshotter(snapshotter.Name), client.WithImageHandlerWrapper(pull.LabelLayers(ref, false, nil)))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -492,30 +493,6 @@ func (r *layoutResolver) fetchedDigests() []digest.Digest {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return slices.Clone(r.fetched)
-}
-
-// withImageRefLabel adds the image-ref annotation to the layers of manifests, as upstream's rpull does, so that
-// containerd's unpacker passes it to the snapshotter as a label.
-func withImageRefLabel(ref string) func(images.Handler) images.Handler {
-	return func(h images.Handler) images.Handler {
-		return images.HandlerFunc(func(ctx context.Context, desc ocispec.Descriptor) ([]ocispec.Descriptor, error) {
-			children, err := h.Handle(ctx, desc)
-			if err != nil || !images.IsManifestType(desc.MediaType) {
-				return children, err
-			}
-			for i := range children {
-				if images.IsLayerType(children[i].MediaType) {
-					a := make(map[string]string, len(children[i].Annotations)+1)
-					for k, v := range children[i].Annotations {
-						a[k] = v
-					}
-					a[snapshotter.LabelImageRef] = ref
-					children[i].Annotations = a
-				}
-			}
-			return children, nil
-		})
-	}
 }
 
 func chainID(t *testing.T, ctx context.Context, img client.Image) string {

@@ -12,6 +12,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
@@ -67,7 +68,13 @@ Point containerd at it with:
 				return fmt.Errorf("log level %q: %w", sc.LogLevel, err)
 			}
 			log.G(cmd.Context()).WithFields(log.Fields{"root": sc.Root, "address": sc.Address}).Info("starting obd-snapshotter")
-			return run(cmd.Context(), sc, newImageMounter())
+			cfg.Snapshotter = sc
+			nd, err := newNode(cfg, slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slogLevel(sc.LogLevel)})))
+			if err != nil {
+				return err
+			}
+			defer nd.Close()
+			return run(cmd.Context(), sc, nd.mounter)
 		},
 	}
 	f := cmd.Flags()
@@ -76,4 +83,17 @@ Point containerd at it with:
 	f.StringVar(&address, "address", defaultAddress, "unix socket to serve on (overrides snapshotter.address)")
 	f.StringVar(&logLevel, "log-level", defaultLogLevel, "trace, debug, info, warn or error (overrides snapshotter.log_level)")
 	return cmd
+}
+
+// slogLevel maps a containerd log level name to slog's.
+func slogLevel(level string) slog.Level {
+	switch level {
+	case "trace", "debug":
+		return slog.LevelDebug
+	case "warn":
+		return slog.LevelWarn
+	case "error", "fatal", "panic":
+		return slog.LevelError
+	}
+	return slog.LevelInfo
 }

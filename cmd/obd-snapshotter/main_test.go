@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -47,7 +48,7 @@ size = "10GiB"
 	}
 
 	missing := filepath.Join(dir, "missing.toml")
-	if cfg, err := loadConfig(missing, false); err != nil || cfg != defaultConfig() {
+	if cfg, err := loadConfig(missing, false); err != nil || !reflect.DeepEqual(cfg, defaultConfig()) {
 		t.Errorf("missing default config: %+v, %v; want the defaults", cfg, err)
 	}
 	if _, err := loadConfig(missing, true); err == nil || !strings.Contains(err.Error(), missing) {
@@ -76,7 +77,8 @@ func TestDaemon(t *testing.T) {
 	})
 	cfgPath := filepath.Join(dir, "obd.toml")
 	address := filepath.Join(dir, "run", "sn.sock")
-	cfg := fmt.Sprintf("[snapshotter]\nroot = %q\naddress = %q\n", filepath.Join(dir, "not-this-root"), address)
+	cfg := fmt.Sprintf("[snapshotter]\nroot = %q\naddress = %q\n[cache]\ndir = %q\n[registry]\nretry_budget = \"1s\"\n",
+		filepath.Join(dir, "not-this-root"), address, filepath.Join(dir, "cache"))
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -124,7 +126,7 @@ func TestDaemon(t *testing.T) {
 		t.Errorf("Prepare over a normal layer: %+v, %v", ms, err)
 	}
 
-	// An overlaybd image pulls, but cannot run in a build without the device stack.
+	// An overlaybd image pulls; a container of it fails within the retry budget when its registry is unreachable.
 	_, err = sn.Prepare(ctx, "extract-L", "", snapshots.WithLabels(map[string]string{
 		snapshotter.LabelTargetRef:   "L",
 		image.AnnotationBlobDigest:   digest.FromString("L").String(),
@@ -134,8 +136,7 @@ func TestDaemon(t *testing.T) {
 	if !errdefs.IsAlreadyExists(err) {
 		t.Errorf("Prepare of a remote layer through gRPC: %v, want AlreadyExists", err)
 	}
-	if _, err := sn.Prepare(ctx, "c", "L"); err == nil || !strings.Contains(err.Error(), errNoLazyMounts.Error()) ||
-		!strings.Contains(err.Error(), "registry.test/app:v1") {
+	if _, err := sn.Prepare(ctx, "c", "L"); err == nil || !strings.Contains(err.Error(), "registry.test") {
 		t.Errorf("Prepare over an overlaybd image: %v", err)
 	}
 	if err := sn.Remove(ctx, "L"); err != nil {

@@ -207,3 +207,14 @@ func FuzzLoadDockerConfig(f *testing.F) {
 		}
 	})
 }
+
+func TestIsLocalhost(t *testing.T) {
+	for host, want := range map[string]bool{
+		"localhost": true, "localhost:5000": true, "127.0.0.1:5000": true, "127.9.9.9": true, "[::1]:5000": true,
+		"::1": true, "registry.local:5000": false, "10.0.0.1:5000": false, "localhost.example.com": false,
+	} {
+		if got := IsLocalhost(host); got != want {
+			t.Errorf("IsLocalhost(%q) = %v, want %v", host, got, want)
+		}
+	}
+}

@@ -63,10 +63,13 @@ func (e *Error) Error() string {
 
 // Unwrap returns the sentinel and the cause.
 func (e *Error) Unwrap() []error {
-	if e.Kind == nil {
-		return []error{e.Err}
+	var errs []error
+	for _, err := range []error{e.Kind, e.Err} {
+		if err != nil {
+			errs = append(errs, err)
+		}
 	}
-	return []error{e.Kind, e.Err}
+	return errs
 }
 
 // statusError is an HTTP answer we did not expect.

@@ -223,7 +223,9 @@ func (s *Snapshotter) attach(ctx context.Context, plan *imagePlan) (string, erro
 		return "", fmt.Errorf("image %s: %w", plan.imageRef, err)
 	}
 	if err := s.mounter.Mount(ctx, plan.id, plan.layers, mp); err != nil {
-		return "", fmt.Errorf("mount image %s (layers up to snapshot %q) at %s: %w", plan.imageRef, plan.name, mp, err)
+		// The cause is kept as text only: it crosses gRPC, whose error encoder cannot walk every error chain
+		// (a *net.DNSError unwraps to nil and makes it panic).
+		return "", fmt.Errorf("mount image %s (layers up to snapshot %q) at %s: %s", plan.imageRef, plan.name, mp, err)
 	}
 	return mp, nil
 }

@@ -19,15 +19,15 @@ type Kind byte
 
 // Entry kinds.
 const (
-	Regular   Kind = 'f'
-	Dir       Kind = 'd'
-	Symlink   Kind = 'l'
-	CharDev   Kind = 'c'
-	BlockDev  Kind = 'b'
-	FIFO      Kind = 'p'
-	Socket    Kind = 's'
-	whiteout       = ".wh."
-	opaque         = ".wh..wh..opq"
+	Regular  Kind = 'f'
+	Dir      Kind = 'd'
+	Symlink  Kind = 'l'
+	CharDev  Kind = 'c'
+	BlockDev Kind = 'b'
+	FIFO     Kind = 'p'
+	Socket   Kind = 's'
+	whiteout      = ".wh."
+	opaque        = ".wh..wh..opq"
 )
 
 // Inode is what a path points at; hardlinked paths share one Inode.
@@ -41,6 +41,9 @@ type Inode struct {
 	Digest       string // sha256 of regular file content
 	Major, Minor uint32
 	Xattrs       map[string]string
+	// Implicit marks a directory no tar entry named, made because an entry below it needed it: its mtime is
+	// the converter's choice, so it is not compared.
+	Implicit bool
 }
 
 // Tree is a file tree: clean absolute paths ("/" is the root) to inodes.
@@ -161,7 +164,7 @@ func (t Tree) ensureParents(p string) {
 		} else if ok {
 			t.remove(dir)
 		}
-		t[dir] = &Inode{Kind: Dir, Mode: 0o755}
+		t[dir] = &Inode{Kind: Dir, Mode: 0o755, Implicit: true}
 	}
 }
 
@@ -248,7 +251,7 @@ func Compare(want, got Tree, opts Options) []Difference {
 				add(p, "device", fmt.Sprintf("%d:%d", w.Major, w.Minor), fmt.Sprintf("%d:%d", g.Major, g.Minor))
 			}
 		}
-		if p != "/" && !w.Mtime.Equal(g.Mtime) {
+		if p != "/" && !w.Implicit && !w.Mtime.Equal(g.Mtime) {
 			add(p, "mtime", w.Mtime.UTC().Format(time.RFC3339Nano), g.Mtime.UTC().Format(time.RFC3339Nano))
 		}
 		for k, v := range w.Xattrs {

@@ -1,0 +1,192 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/spf13/cobra"
+
+	"github.com/obdproject/obd/lsmt"
+	"github.com/obdproject/obd/tarwrap"
+	"github.com/obdproject/obd/zfile"
+)
+
+type tarInfo struct {
+	Member string `json:"member"`
+	Offset int64  `json:"offset"`
+	Size   int64  `json:"size"`
+	PAX    bool   `json:"pax"`
+}
+
+type zfileInfo struct {
+	Algorithm       string `json:"algorithm"`
+	BlockSize       int    `json:"blockSize"`
+	Blocks          int64  `json:"blocks"`
+	OriginalSize    int64  `json:"originalSize"`
+	Verify          bool   `json:"blockCRC"`
+	HeaderOverwrite bool   `json:"headerOverwrite"`
+	CRCOK           bool   `json:"crcOK"`
+	CRCError        string `json:"crcError,omitempty"`
+}
+
+type lsmtInfo struct {
+	Kind         string `json:"kind"`
+	UUID         string `json:"uuid"`
+	ParentUUID   string `json:"parentUUID"`
+	VirtualSize  int64  `json:"virtualSize"`
+	IndexEntries int    `json:"indexEntries"`
+	ValidEntries int    `json:"validEntries"`
+	DataBytes    int64  `json:"dataBytes"`
+	UserTag      string `json:"userTag,omitempty"`
+}
+
+type blobInfo struct {
+	Path  string     `json:"path"`
+	Size  int64      `json:"size"`
+	Tar   *tarInfo   `json:"tar,omitempty"`
+	ZFile *zfileInfo `json:"zfile,omitempty"`
+	LSMT  *lsmtInfo  `json:"lsmt,omitempty"`
+	Error string     `json:"error,omitempty"`
+}
+
+func newInspectCmd() *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "inspect BLOB",
+		Short: "Show what an overlaybd blob or layer file is: tar wrapper, ZFile, LSMT layer",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			info, err := inspectBlob(args[0])
+			if asJSON {
+				if err != nil {
+					info.Error = err.Error()
+				}
+				enc := json.NewEncoder(cmd.OutOrStdout())
+				enc.SetIndent("", "  ")
+				if eerr := enc.Encode(info); eerr != nil {
+					return eerr
+				}
+			} else {
+				printBlobInfo(cmd.OutOrStdout(), info)
+			}
+			return err
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
+// inspectBlob describes each wrapper of a blob in turn; on error it returns what it learnt so far.
+func inspectBlob(path string) (blobInfo, error) {
+	info := blobInfo{Path: path}
+	f, err := os.Open(path)
+	if err != nil {
+		return info, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return info, err
+	}
+	info.Size = st.Size()
+	var r io.ReaderAt = f
+	size := st.Size()
+	m, err := tarwrap.Detect(f, size)
+	switch {
+	case err == nil:
+		info.Tar = &tarInfo{Member: m.Name, Offset: m.Offset, Size: m.Size, PAX: m.PAX}
+		r, size = io.NewSectionReader(f, m.Offset, m.Size), m.Size
+	case !errors.Is(err, tarwrap.ErrNotWrapped):
+		return info, fmt.Errorf("%s: %w", path, err)
+	}
+	isZ, err := zfile.IsZFile(r)
+	if err != nil {
+		return info, fmt.Errorf("%s: %w", path, err)
+	}
+	if isZ {
+		z, err := zfile.Open(r, size, false)
+		if err != nil {
+			return info, fmt.Errorf("%s: %w", path, err)
+		}
+		zi := z.Info()
+		info.ZFile = &zfileInfo{
+			Algorithm: zi.Algorithm.String(), BlockSize: zi.BlockSize, Blocks: zi.Blocks,
+			OriginalSize: zi.OriginalSize, Verify: zi.Verify, HeaderOverwrite: zi.HeaderOverwrite,
+		}
+		if err := z.Check(); err != nil {
+			info.ZFile.CRCError = err.Error()
+			return info, fmt.Errorf("%s: %w", path, err)
+		}
+		info.ZFile.CRCOK = zi.Verify
+		r, size = z, z.Size()
+	}
+	kind, err := lsmt.Kind(r, size)
+	if err != nil {
+		return info, fmt.Errorf("%s: %w", path, err)
+	}
+	l, err := lsmt.Open(r, size)
+	if err != nil {
+		return info, fmt.Errorf("%s: %s LSMT layer: %w", path, kind, err)
+	}
+	h := l.Header()
+	info.LSMT = &lsmtInfo{
+		Kind: kind, UUID: h.UUID, ParentUUID: h.ParentUUID, VirtualSize: l.VirtualSize(),
+		IndexEntries: l.RawIndexEntries(), ValidEntries: len(l.Index()), DataBytes: l.DataSectors() * lsmt.SectorSize,
+		UserTag: h.UserTag,
+	}
+	return info, nil
+}
+
+func printBlobInfo(w io.Writer, info blobInfo) {
+	fmt.Fprintf(w, "blob:        %s (%d bytes)\n", info.Path, info.Size)
+	if t := info.Tar; t != nil {
+		pax := ""
+		if t.PAX {
+			pax = ", pax header"
+		}
+		fmt.Fprintf(w, "tar wrapper: member %q at offset %d, %d bytes%s\n", t.Member, t.Offset, t.Size, pax)
+	} else {
+		fmt.Fprintf(w, "tar wrapper: none\n")
+	}
+	if z := info.ZFile; z != nil {
+		crc := "no block CRCs"
+		switch {
+		case z.CRCError != "":
+			crc = "CRC ERROR: " + z.CRCError
+		case z.CRCOK:
+			crc = "all block CRCs ok"
+		}
+		hdr := "trailer"
+		if z.HeaderOverwrite {
+			hdr = "header overwrite"
+		}
+		fmt.Fprintf(w, "zfile:       %s, %d-byte blocks, %d blocks, original size %d bytes (%s), %s\n",
+			z.Algorithm, z.BlockSize, z.Blocks, z.OriginalSize, hdr, crc)
+	} else {
+		fmt.Fprintf(w, "zfile:       none\n")
+	}
+	if l := info.LSMT; l != nil {
+		fmt.Fprintf(w, "lsmt:        %s layer, virtual size %s\n", l.Kind, humanBytes(l.VirtualSize))
+		fmt.Fprintf(w, "  uuid:      %s\n  parent:    %s\n", l.UUID, l.ParentUUID)
+		fmt.Fprintf(w, "  index:     %d valid of %d entries\n  data:      %d bytes\n", l.ValidEntries, l.IndexEntries, l.DataBytes)
+		if l.UserTag != "" {
+			fmt.Fprintf(w, "  tag:       %q\n", l.UserTag)
+		}
+	}
+}
+
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}

@@ -1,0 +1,272 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"github.com/spf13/cobra"
+
+	"github.com/obdproject/obd/lsmt"
+	"github.com/obdproject/obd/tarwrap"
+	"github.com/obdproject/obd/zfile"
+)
+
+func newLayerCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "layer",
+		Short: "Create, commit and compress single overlaybd layer files (upstream's overlaybd-create/commit/zfile)",
+	}
+	cmd.AddCommand(newLayerCreateCmd(), newLayerCommitCmd(), newLayerZfileCmd(), newLayerUnzfileCmd())
+	return cmd
+}
+
+type zfileFlags struct {
+	algorithm string
+	blockSize int
+	threads   int
+}
+
+func (z *zfileFlags) register(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&z.algorithm, "algorithm", "lz4", "compression: lz4 or zstd")
+	cmd.Flags().IntVar(&z.blockSize, "block-size", 4096, "ZFile block size in bytes: 4096, 8192, 16384, 32768 or 65536")
+	cmd.Flags().IntVar(&z.threads, "threads", 2, "compression workers (output is identical for any number)")
+}
+
+func (z *zfileFlags) options() (zfile.Options, error) {
+	var algo zfile.Algorithm
+	switch z.algorithm {
+	case "lz4":
+		algo = zfile.AlgoLZ4
+	case "zstd":
+		algo = zfile.AlgoZSTD
+	default:
+		return zfile.Options{}, fmt.Errorf("--algorithm %q: want lz4 or zstd", z.algorithm)
+	}
+	switch z.blockSize {
+	case 4096, 8192, 16384, 32768, 65536:
+	default:
+		return zfile.Options{}, fmt.Errorf("--block-size %d: want 4096, 8192, 16384, 32768 or 65536", z.blockSize)
+	}
+	return zfile.Options{Algorithm: algo, BlockSize: z.blockSize, Workers: z.threads}, nil
+}
+
+func newLayerCreateCmd() *cobra.Command {
+	var sparse bool
+	var uuid, parent string
+	cmd := &cobra.Command{
+		Use:   "create DATA INDEX VSIZE_GB",
+		Short: "Create an empty writable layer (files DATA and INDEX) with a virtual size in GiB",
+		Args:  cobra.ExactArgs(3),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var gb int64
+			if _, err := fmt.Sscan(args[2], &gb); err != nil || gb <= 0 || gb > 1<<14 {
+				return fmt.Errorf("virtual size %q: want a whole number of GiB between 1 and 16384", args[2])
+			}
+			data, err := os.OpenFile(args[0], os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+			if err != nil {
+				return err
+			}
+			defer data.Close()
+			index, err := os.OpenFile(args[1], os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+			if err != nil {
+				os.Remove(args[0])
+				return err
+			}
+			defer index.Close()
+			rw, err := lsmt.CreateRW(data, index, gb<<30, lsmt.CreateOptions{UUID: uuid, ParentUUID: parent, Sparse: sparse})
+			if err == nil {
+				err = rw.Close()
+			}
+			if err != nil {
+				os.Remove(args[0])
+				os.Remove(args[1])
+				return err
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVarP(&sparse, "sparse", "s", false, "sparse data file (payload at its LBA) instead of append-only")
+	cmd.Flags().StringVar(&uuid, "uuid", "", "layer UUID (default: random)")
+	cmd.Flags().StringVar(&parent, "parent-uuid", "", "parent layer UUID (default: none)")
+	return cmd
+}
+
+func newLayerCommitCmd() *cobra.Command {
+	var (
+		compress, wrap, seal bool
+		uuid, parent, tag    string
+		zf                   zfileFlags
+	)
+	cmd := &cobra.Command{
+		Use:   "commit DATA INDEX OUT",
+		Short: "Compact a writable layer into a read-only layer file (optionally compressed and tar-wrapped)",
+		Long: `Compact a writable layer into a read-only committed layer, byte-for-byte as upstream's overlaybd-commit does.
+-z compresses it into a ZFile, -t wraps the result in tar so it can be pushed as an image layer blob.
+--seal instead seals the writable layer in place (index appended to DATA) and writes nothing to OUT.`,
+		Args: cobra.ExactArgs(3),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			zopts, err := zf.options()
+			if err != nil {
+				return err
+			}
+			data, err := os.OpenFile(args[0], os.O_RDWR, 0)
+			if err != nil {
+				return err
+			}
+			defer data.Close()
+			index, err := os.OpenFile(args[1], os.O_RDWR, 0)
+			if err != nil {
+				return err
+			}
+			defer index.Close()
+			rw, err := lsmt.OpenRW(data, index)
+			if err != nil {
+				return fmt.Errorf("%s, %s: %w", args[0], args[1], err)
+			}
+			defer rw.Close()
+			if seal {
+				_, err := rw.Seal()
+				return err
+			}
+			commitOpts := lsmt.CommitOptions{UUID: uuid, ParentUUID: parent, UserTag: tag}
+			return writeLayerFile(args[2], compress, wrap, zopts, func(f *os.File) error {
+				_, err := lsmt.Commit(f, rw, commitOpts)
+				return err
+			})
+		},
+	}
+	cmd.Flags().BoolVarP(&compress, "compress", "z", false, "compress into a ZFile")
+	cmd.Flags().BoolVarP(&wrap, "tar", "t", false, "wrap in tar (an image layer blob)")
+	cmd.Flags().BoolVar(&seal, "seal", false, "seal the writable layer in place instead of committing")
+	cmd.Flags().StringVar(&uuid, "uuid", "", "UUID of the committed layer (default: null UUID, like upstream)")
+	cmd.Flags().StringVar(&parent, "parent-uuid", "", "parent UUID (default: the writable layer's parent)")
+	cmd.Flags().StringVarP(&tag, "message", "m", "", "commit message stored in the layer header (≤256 bytes)")
+	zf.register(cmd)
+	return cmd
+}
+
+func newLayerZfileCmd() *cobra.Command {
+	var wrap bool
+	var zf zfileFlags
+	cmd := &cobra.Command{
+		Use:   "zfile IN OUT",
+		Short: "Compress a layer file into a ZFile (upstream's overlaybd-zfile)",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			zopts, err := zf.options()
+			if err != nil {
+				return err
+			}
+			in, err := os.Open(args[0])
+			if err != nil {
+				return err
+			}
+			defer in.Close()
+			return writeLayerFile(args[1], true, wrap, zopts, func(f *os.File) error {
+				_, err := io.Copy(f, in)
+				return err
+			})
+		},
+	}
+	cmd.Flags().BoolVarP(&wrap, "tar", "t", false, "wrap in tar (an image layer blob)")
+	zf.register(cmd)
+	return cmd
+}
+
+func newLayerUnzfileCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "unzfile IN OUT",
+		Short: "Decompress a ZFile (tar-wrapped or not) back into the layer file",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			in, err := os.Open(args[0])
+			if err != nil {
+				return err
+			}
+			defer in.Close()
+			st, err := in.Stat()
+			if err != nil {
+				return err
+			}
+			sr, err := tarwrap.Open(in, st.Size())
+			if err != nil {
+				return fmt.Errorf("%s: %w", args[0], err)
+			}
+			z, err := zfile.Open(sr, sr.Size(), true)
+			if err != nil {
+				return fmt.Errorf("%s: %w", args[0], err)
+			}
+			return writeLayerFile(args[1], false, false, zfile.Options{}, func(f *os.File) error {
+				_, err := zfile.Decompress(f, z)
+				return err
+			})
+		},
+	}
+}
+
+// writeLayerFile runs produce (which writes a plain layer file) and stores its output at path, compressed into a
+// ZFile and/or tar-wrapped as asked. Intermediate files live beside path and are removed on every outcome.
+func writeLayerFile(path string, compress, wrap bool, zopts zfile.Options, produce func(*os.File) error) error {
+	stage := func(name string, next func(*os.File) error) (string, error) {
+		f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+"."+name+"*")
+		if err != nil {
+			return "", err
+		}
+		err = next(f)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			os.Remove(f.Name())
+			return "", err
+		}
+		return f.Name(), nil
+	}
+	cur, err := stage("out", produce)
+	if err != nil {
+		return err
+	}
+	defer func() { os.Remove(cur) }()
+	if compress {
+		prev := cur
+		cur, err = stage("zfile", func(f *os.File) error {
+			in, err := os.Open(prev)
+			if err != nil {
+				return err
+			}
+			defer in.Close()
+			_, err = zfile.CompressOverwrite(f, in, zopts)
+			return err
+		})
+		os.Remove(prev)
+		if err != nil {
+			return err
+		}
+	}
+	if wrap {
+		prev := cur
+		cur, err = stage("tar", func(f *os.File) error {
+			in, err := os.Open(prev)
+			if err != nil {
+				return err
+			}
+			defer in.Close()
+			st, err := in.Stat()
+			if err != nil {
+				return err
+			}
+			_, err = tarwrap.Write(f, in, st.Size(), tarwrap.DefaultMode)
+			return err
+		})
+		os.Remove(prev)
+		if err != nil {
+			return err
+		}
+	}
+	if err := os.Chmod(cur, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(cur, path)
+}

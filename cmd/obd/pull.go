@@ -1,0 +1,83 @@
+package main
+
+import (
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/spf13/cobra"
+
+	"github.com/obdproject/obd/internal/pull"
+	"github.com/obdproject/obd/internal/snapshotter"
+)
+
+// containerdFlags are the flags that say which containerd to talk to.
+type containerdFlags struct {
+	address, namespace string
+}
+
+func (f *containerdFlags) register(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&f.address, "address", "/run/containerd/containerd.sock", "containerd's gRPC socket")
+	cmd.Flags().StringVarP(&f.namespace, "namespace", "n", "default", "containerd namespace")
+}
+
+func (f *containerdFlags) connect() (*client.Client, error) {
+	c, err := client.New(f.address, client.WithTimeout(10*time.Second))
+	if err != nil {
+		return nil, fmt.Errorf("connect to containerd at %s: %w (is containerd running? set --address)", f.address, err)
+	}
+	return c, nil
+}
+
+func newPullCmd() *cobra.Command {
+	var (
+		cf              containerdFlags
+		rf              registryFlags
+		download        bool
+		snapshotterName string
+	)
+	cmd := &cobra.Command{
+		Use:   "pull REF",
+		Short: "Pull an image into containerd; overlaybd layers are not downloaded but read lazily when containers run",
+		Long: `Pull an image into containerd through the overlaybd snapshotter (upstream's 'ctr rpull'). Only the manifest and
+config of an overlaybd image are fetched; containers read its blocks from the registry on demand. Normal images are
+pulled and unpacked as usual. Run containers with 'ctr run --snapshotter overlaybd'.`,
+		Example: "  obd pull 127.0.0.1:5000/app:obd\n  ctr run --rm --snapshotter overlaybd 127.0.0.1:5000/app:obd app1",
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			creds, _, err := rf.credentials()
+			if err != nil {
+				return err
+			}
+			opts := pull.Options{Snapshotter: snapshotterName, PlainHTTP: rf.plainHTTP, Download: download, Credentials: creds}
+			c, err := cf.connect()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			ctx := namespaces.WithNamespace(cmd.Context(), cf.namespace)
+			start := time.Now()
+			res, err := pull.Pull(ctx, c, args[0], opts)
+			if err != nil {
+				return err
+			}
+			var fetched int64
+			digests := make([]string, 0, len(res.Fetched))
+			for d, n := range res.Fetched {
+				fetched += n
+				digests = append(digests, d)
+			}
+			sort.Strings(digests)
+			fmt.Fprintf(cmd.OutOrStdout(), "pulled %s in %s: %d layers, %d lazy (not downloaded); fetched %d blobs, %s\n",
+				res.Image.Name(), time.Since(start).Round(time.Millisecond), res.Layers, res.Lazy, len(digests), humanBytes(fetched))
+			return nil
+		},
+	}
+	cf.register(cmd)
+	cmd.Flags().BoolVar(&download, "download", false, "download overlaybd layers at pull time instead of lazily")
+	rf.register(cmd)
+	cmd.Flags().StringVar(&snapshotterName, "snapshotter", snapshotter.Name, "containerd snapshotter to unpack into")
+	return cmd
+}

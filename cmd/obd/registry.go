@@ -1,0 +1,102 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/obdproject/obd/internal/convert"
+	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/registry"
+)
+
+// registryFlags say how to reach registries.
+type registryFlags struct {
+	plainHTTP, insecure bool
+	creds               string
+}
+
+func (f *registryFlags) register(cmd *cobra.Command) {
+	cmd.Flags().BoolVar(&f.plainHTTP, "plain-http", false, "talk HTTP to the registry (always so for localhost)")
+	cmd.Flags().BoolVar(&f.insecure, "insecure", false, "do not verify the registry's TLS certificate")
+	cmd.Flags().StringVar(&f.creds, "creds", "", "registry credentials user:password (default: the docker config file)")
+}
+
+// credentials returns --creds, or the docker config file's credentials.
+func (f *registryFlags) credentials() (registry.CredentialFunc, string, error) {
+	if f.creds != "" {
+		user, pass, ok := strings.Cut(f.creds, ":")
+		if !ok || user == "" {
+			return nil, "", fmt.Errorf("--creds: want user:password")
+		}
+		return registry.StaticCredentials(user, pass), "--creds", nil
+	}
+	path := registry.DefaultDockerConfigPath()
+	c, err := registry.LoadDockerConfig(path)
+	return c, path, err
+}
+
+// client returns a registry client for host.
+func (f *registryFlags) client(host string) (*registry.Client, error) {
+	creds, source, err := f.credentials()
+	if err != nil {
+		return nil, err
+	}
+	return registry.New(registry.Options{
+		PlainHTTP:        f.plainHTTP || registry.IsLocalhost(host),
+		Insecure:         f.insecure,
+		Credentials:      creds,
+		CredentialSource: source,
+		UserAgent:        "obd",
+	})
+}
+
+// openSource opens a local or registry image.
+func openSource(ctx context.Context, ref image.Ref, platform image.Platform, rf *registryFlags) (image.Source, error) {
+	if ref.Transport != image.TransportRegistry {
+		return image.OpenLocalSource(ref, platform)
+	}
+	c, err := rf.client(ref.Host())
+	if err != nil {
+		return nil, err
+	}
+	return image.OpenRegistrySource(ctx, c, ref, platform)
+}
+
+// pushResult pushes a converted image: layer blobs (mounted from the source repository when it is on the same
+// registry), config, then the manifest under the tag — last, so a failure never leaves a partial image tagged.
+func pushResult(ctx context.Context, res *convert.Result, dst, src image.Ref, rf *registryFlags) error {
+	c, err := rf.client(dst.Host())
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	var mountFrom []string
+	if src.Transport == image.TransportRegistry && src.Host() == dst.Host() && src.Repository() != dst.Repository() {
+		mountFrom = []string{src.Repository()}
+	}
+	for _, b := range res.Blobs {
+		f, err := os.Open(b.Path)
+		if err != nil {
+			return err
+		}
+		err = c.PushBlob(ctx, dst.Host(), dst.Repository(), b.Desc, f, mountFrom...)
+		f.Close()
+		if err != nil {
+			return err
+		}
+	}
+	if err := c.PushBlob(ctx, dst.Host(), dst.Repository(), res.ConfigDesc, bytes.NewReader(res.Config)); err != nil {
+		return err
+	}
+	tag := dst.Tag
+	if dst.Digest != "" {
+		tag = ""
+	}
+	_, err = c.PushManifest(ctx, dst.Host(), dst.Repository(), tag, res.ManifestDesc.MediaType, res.Manifest)
+	return err
+}

@@ -1,0 +1,417 @@
+package convert
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	digest "github.com/opencontainers/go-digest"
+	"github.com/opencontainers/image-spec/identity"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/obdproject/obd/internal/ext4"
+	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/lsmt"
+	"github.com/obdproject/obd/tarwrap"
+	"github.com/obdproject/obd/zfile"
+)
+
+// DefaultVirtualSize is the virtual disk size of converted images (upstream's default, 64 GiB).
+const DefaultVirtualSize = 64 << 30
+
+// ImageOptions configure ConvertImage.
+type ImageOptions struct {
+	// VirtualSize of the image's disk in bytes (default DefaultVirtualSize). Ignored with a base layer.
+	VirtualSize int64
+	// BaseLayer is the path of a base layer holding a formatted filesystem (e.g. upstream's ext4_64): a ZFile or
+	// LSMT file, tar-wrapped or not. Empty formats a new filesystem in the first layer.
+	BaseLayer string
+	// ZFile sets the compression of layer blobs.
+	ZFile zfile.Options
+	// OCI writes OCI media types; otherwise Docker schema 2, like upstream's default.
+	OCI bool
+	// WorkDir holds scratch files (default os.TempDir()); they are removed by Result.Cleanup or on failure.
+	WorkDir string
+	// Progress, if set, is called as each layer moves through the stages.
+	Progress func(Progress)
+}
+
+// Progress reports one step of a conversion.
+type Progress struct {
+	Layer, Layers int    // 0-based layer index and layer count
+	Stage         string // "apply", "commit", "compress", "done"
+	Bytes         int64  // uncompressed tar bytes applied (apply), blob size (done)
+	Elapsed       time.Duration
+	Digest        digest.Digest // blob digest (done)
+}
+
+// Result is a converted image whose blobs sit in the work directory until Cleanup.
+type Result struct {
+	Manifest     []byte
+	ManifestDesc ocispec.Descriptor
+	Config       []byte
+	ConfigDesc   ocispec.Descriptor
+	// Blobs are the layer blobs in manifest order.
+	Blobs []Blob
+	// Timings sums the time spent per stage over all layers.
+	Timings map[string]time.Duration
+	dir     string
+}
+
+// Blob is a layer blob produced by a conversion.
+type Blob struct {
+	Desc ocispec.Descriptor
+	Path string
+}
+
+// Cleanup removes the work files.
+func (r *Result) Cleanup() error { return os.RemoveAll(r.dir) }
+
+// converter holds the state of one ConvertImage call.
+type converter struct {
+	opts    ImageOptions
+	src     image.Source
+	dir     string
+	lowers  []*lsmt.File
+	files   []*os.File
+	timings map[string]time.Duration
+}
+
+// ConvertImage converts src into an overlaybd image: every layer's tar is applied to an ext4 filesystem edited in
+// userspace, whose block writes land in a new LSMT layer over the layers converted before; each layer is then
+// committed, compressed into a ZFile and tar-wrapped. The same input and options always give the same digests.
+func ConvertImage(ctx context.Context, src image.Source, opts ImageOptions) (*Result, error) {
+	if opts.VirtualSize == 0 {
+		opts.VirtualSize = DefaultVirtualSize
+	}
+	if opts.VirtualSize%(1<<20) != 0 || opts.VirtualSize < 64<<20 {
+		return nil, fmt.Errorf("virtual size %d: want a multiple of 1 MiB, at least 64 MiB", opts.VirtualSize)
+	}
+	dir, err := os.MkdirTemp(opts.WorkDir, "obd-convert-")
+	if err != nil {
+		return nil, fmt.Errorf("work dir: %w", err)
+	}
+	c := &converter{opts: opts, src: src, dir: dir, timings: map[string]time.Duration{}}
+	res, err := c.run(ctx)
+	for _, f := range c.files {
+		f.Close()
+	}
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	return res, nil
+}
+
+func (c *converter) run(ctx context.Context) (*Result, error) {
+	m, _ := c.src.Manifest()
+	cfgBytes, err := c.src.Config(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	var cfg map[string]json.RawMessage
+	if err := json.Unmarshal(cfgBytes, &cfg); err != nil {
+		return nil, fmt.Errorf("config %s: %v", m.Config.Digest, err)
+	}
+	var rootfs ocispec.RootFS
+	if err := json.Unmarshal(cfg["rootfs"], &rootfs); err != nil {
+		return nil, fmt.Errorf("config %s: rootfs: %v", m.Config.Digest, err)
+	}
+	if len(rootfs.DiffIDs) != len(m.Layers) {
+		return nil, fmt.Errorf("config %s lists %d diff_ids but the manifest has %d layers", m.Config.Digest, len(rootfs.DiffIDs), len(m.Layers))
+	}
+	if len(m.Layers) == 0 {
+		return nil, errors.New("image has no layers")
+	}
+	res := &Result{dir: c.dir, Timings: c.timings}
+	parentUUID := ""
+	if c.opts.BaseLayer != "" {
+		base, err := c.addBaseLayer()
+		if err != nil {
+			return nil, err
+		}
+		res.Blobs = append(res.Blobs, base)
+		parentUUID = c.lowers[0].Header().UUID
+	}
+	for i := range m.Layers {
+		chain := identity.ChainID(rootfs.DiffIDs[:i+1])
+		uuid := chainUUID(chain)
+		b, err := c.convertLayer(ctx, i, len(m.Layers), rootfs.DiffIDs[i], uuid, parentUUID)
+		if err != nil {
+			return nil, fmt.Errorf("layer %d (%s): %w", i, m.Layers[i].Digest, err)
+		}
+		res.Blobs = append(res.Blobs, b)
+		parentUUID = uuid
+	}
+	return res, c.writeMetadata(res, cfg, m)
+}
+
+// chainUUID formats the first 32 hex digits of a chain ID as a UUID, as upstream's converter names layers.
+func chainUUID(chain digest.Digest) string {
+	h := chain.Encoded()
+	return h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:32]
+}
+
+func (c *converter) openFile(name string) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(c.dir, name), os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	c.files = append(c.files, f)
+	return f, nil
+}
+
+// addBaseLayer stacks the base layer at the bottom and returns its tar-wrapped blob.
+func (c *converter) addBaseLayer() (Blob, error) {
+	in, err := os.Open(c.opts.BaseLayer)
+	if err != nil {
+		return Blob{}, fmt.Errorf("base layer: %w", err)
+	}
+	c.files = append(c.files, in)
+	st, err := in.Stat()
+	if err != nil {
+		return Blob{}, fmt.Errorf("base layer: %w", err)
+	}
+	f, err := image.OpenLayerBlob(in, st.Size(), true)
+	if err != nil {
+		return Blob{}, fmt.Errorf("base layer %s: %w", c.opts.BaseLayer, err)
+	}
+	c.lowers = append(c.lowers, f)
+	if _, err := tarwrap.Detect(in, st.Size()); err == nil {
+		return c.storeBlob("base", in, st.Size(), false)
+	}
+	return c.storeBlob("base", in, st.Size(), true)
+}
+
+// storeBlob writes payload as a layer blob in the work dir, tar-wrapped if wrap is set, and describes it.
+func (c *converter) storeBlob(name string, payload io.ReaderAt, size int64, wrap bool) (Blob, error) {
+	out, err := c.openFile(name + ".blob")
+	if err != nil {
+		return Blob{}, err
+	}
+	h := sha256.New()
+	w, r := io.MultiWriter(out, h), io.NewSectionReader(payload, 0, size)
+	var n int64
+	if wrap {
+		n, err = tarwrap.Write(w, r, size, tarwrap.DefaultMode)
+	} else {
+		n, err = io.Copy(w, r)
+	}
+	if err != nil {
+		return Blob{}, fmt.Errorf("layer blob: %w", err)
+	}
+	return Blob{Desc: c.layerDesc(digest.NewDigest(digest.SHA256, h), n), Path: out.Name()}, nil
+}
+
+func (c *converter) layerDesc(d digest.Digest, size int64) ocispec.Descriptor {
+	mt := image.MediaTypeDockerLayer
+	if c.opts.OCI {
+		mt = ocispec.MediaTypeImageLayer
+	}
+	return ocispec.Descriptor{MediaType: mt, Digest: d, Size: size, Annotations: map[string]string{
+		image.AnnotationBlobDigest: d.String(),
+		image.AnnotationBlobSize:   strconv.FormatInt(size, 10),
+		image.AnnotationVersion:    image.FormatVersion,
+	}}
+}
+
+func (c *converter) stage(p Progress, start time.Time) {
+	c.timings[p.Stage] += time.Since(start)
+	if c.opts.Progress != nil {
+		p.Elapsed = time.Since(start)
+		c.opts.Progress(p)
+	}
+}
+
+// stackDevice presents a layer stack as the block device ext4 edits.
+type stackDevice struct{ *lsmt.Stack }
+
+func (d stackDevice) Size() int64 { return d.VirtualSize() }
+
+// WriteAt writes p at off. LSMT layers take whole sectors; libext2fs sometimes writes a few bytes (a superblock
+// field), which become a read-modify-write of the sectors around them.
+func (d stackDevice) WriteAt(p []byte, off int64) (int, error) {
+	const sector = lsmt.SectorSize
+	if off%sector == 0 && len(p)%sector == 0 {
+		return d.Stack.WriteAt(p, off)
+	}
+	start, end := off/sector*sector, (off+int64(len(p))+sector-1)/sector*sector
+	buf := make([]byte, end-start)
+	if _, err := d.Stack.ReadAt(buf, start); err != nil && err != io.EOF {
+		return 0, err
+	}
+	copy(buf[off-start:], p)
+	if _, err := d.Stack.WriteAt(buf, start); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+func (c *converter) convertLayer(ctx context.Context, i, n int, diffID digest.Digest, uuid, parentUUID string) (Blob, error) {
+	name := fmt.Sprintf("layer%03d", i)
+	data, err := c.openFile(name + ".data")
+	if err != nil {
+		return Blob{}, err
+	}
+	index, err := c.openFile(name + ".index")
+	if err != nil {
+		return Blob{}, err
+	}
+	vsize := int64(0)
+	if len(c.lowers) == 0 {
+		vsize = c.opts.VirtualSize
+	}
+	rw, err := lsmt.CreateRW(data, index, vsize, lsmt.CreateOptions{UUID: uuid, ParentUUID: parentUUID})
+	if err != nil {
+		return Blob{}, err
+	}
+	stack, err := lsmt.NewStack(c.lowers, rw)
+	if err != nil {
+		return Blob{}, err
+	}
+	dev := stackDevice{stack}
+
+	start := time.Now()
+	if len(c.lowers) == 0 {
+		// Everything mkfs writes is derived from the first layer, so equal inputs give equal filesystems.
+		fsUUID := chainUUID(digest.FromString("obd mkfs " + diffID.String()))
+		if err := ext4.Mkfs(ctx, dev, ext4.MkfsOptions{UUID: fsUUID, TempDir: c.dir}); err != nil {
+			return Blob{}, err
+		}
+	}
+	fsys, err := ext4.Open(dev, true)
+	if err != nil {
+		return Blob{}, err
+	}
+	applied, err := c.apply(ctx, fsys, i, diffID)
+	if cerr := fsys.Close(); err == nil && cerr != nil {
+		err = fmt.Errorf("flush filesystem: %w", cerr)
+	}
+	if err != nil {
+		return Blob{}, err
+	}
+	c.stage(Progress{Layer: i, Layers: n, Stage: "apply", Bytes: applied}, start)
+
+	start = time.Now()
+	commit, err := c.openFile(name + ".commit")
+	if err != nil {
+		return Blob{}, err
+	}
+	csize, err := lsmt.Commit(commit, rw, lsmt.CommitOptions{UUID: uuid, ParentUUID: parentUUID})
+	if err != nil {
+		return Blob{}, fmt.Errorf("commit: %w", err)
+	}
+	if err := rw.Close(); err != nil {
+		return Blob{}, err
+	}
+	data.Close()
+	index.Close()
+	os.Remove(data.Name())
+	os.Remove(index.Name())
+	layer, err := lsmt.Open(commit, csize)
+	if err != nil {
+		return Blob{}, fmt.Errorf("reopen committed layer: %w", err)
+	}
+	c.lowers = append(c.lowers, layer)
+	c.stage(Progress{Layer: i, Layers: n, Stage: "commit", Bytes: csize}, start)
+
+	start = time.Now()
+	zf, err := c.openFile(name + ".zfile")
+	if err != nil {
+		return Blob{}, err
+	}
+	zsize, err := zfile.CompressOverwrite(zf, io.NewSectionReader(commit, 0, csize), c.opts.ZFile)
+	if err != nil {
+		return Blob{}, fmt.Errorf("compress: %w", err)
+	}
+	c.stage(Progress{Layer: i, Layers: n, Stage: "compress", Bytes: zsize}, start)
+
+	start = time.Now()
+	blob, err := c.storeBlob(name, zf, zsize, true)
+	zf.Close()
+	os.Remove(zf.Name())
+	if err != nil {
+		return Blob{}, err
+	}
+	c.stage(Progress{Layer: i, Layers: n, Stage: "done", Bytes: blob.Desc.Size, Digest: blob.Desc.Digest}, start)
+	return blob, nil
+}
+
+// apply streams layer i into fsys and checks that the uncompressed bytes match the config's diff_id.
+func (c *converter) apply(ctx context.Context, fsys *ext4.FS, i int, diffID digest.Digest) (int64, error) {
+	rc, err := c.src.OpenLayer(ctx, i)
+	if err != nil {
+		return 0, err
+	}
+	defer rc.Close()
+	tarStream, _, err := image.Decompress(rc)
+	if err != nil {
+		return 0, err
+	}
+	defer tarStream.Close()
+	h := sha256.New()
+	counted := &countingWriter{w: h}
+	tee := io.TeeReader(tarStream, counted)
+	if _, err := Apply(ctx, fsys, tee, ApplyOptions{}); err != nil {
+		return counted.n, err
+	}
+	// Read to the end: trailing tar padding counts for the diff_id, and the blob's digest is checked at EOF.
+	if _, err := io.Copy(io.Discard, tee); err != nil {
+		return counted.n, err
+	}
+	if got := digest.NewDigest(digest.SHA256, h); got != diffID {
+		return counted.n, fmt.Errorf("uncompressed content has digest %s, but the config's diff_id is %s", got, diffID)
+	}
+	return counted.n, nil
+}
+
+type countingWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	c.n += int64(len(p))
+	return c.w.Write(p)
+}
+
+// writeMetadata builds the converted config (diff_ids = blob digests, as overlaybd layers are uncompressed tars)
+// and manifest.
+func (c *converter) writeMetadata(res *Result, cfg map[string]json.RawMessage, src ocispec.Manifest) error {
+	var rootfs ocispec.RootFS
+	json.Unmarshal(cfg["rootfs"], &rootfs)
+	rootfs.DiffIDs = nil
+	for _, b := range res.Blobs {
+		rootfs.DiffIDs = append(rootfs.DiffIDs, b.Desc.Digest)
+	}
+	rb, err := json.Marshal(rootfs)
+	if err != nil {
+		return err
+	}
+	cfg["rootfs"] = rb
+	if res.Config, err = json.Marshal(cfg); err != nil {
+		return err
+	}
+	cfgType, manType := image.MediaTypeDockerConfig, image.MediaTypeDockerManifest
+	if c.opts.OCI {
+		cfgType, manType = ocispec.MediaTypeImageConfig, ocispec.MediaTypeImageManifest
+	}
+	res.ConfigDesc = ocispec.Descriptor{MediaType: cfgType, Digest: digest.FromBytes(res.Config), Size: int64(len(res.Config))}
+	man := ocispec.Manifest{MediaType: manType, Config: res.ConfigDesc, Annotations: src.Annotations}
+	man.SchemaVersion = 2
+	for _, b := range res.Blobs {
+		man.Layers = append(man.Layers, b.Desc)
+	}
+	if res.Manifest, err = json.MarshalIndent(man, "", "  "); err != nil {
+		return err
+	}
+	res.ManifestDesc = ocispec.Descriptor{MediaType: manType, Digest: digest.FromBytes(res.Manifest), Size: int64(len(res.Manifest))}
+	return nil
+}

@@ -1,0 +1,109 @@
+package image
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"strconv"
+
+	digest "github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/obdproject/obd/lsmt"
+	"github.com/obdproject/obd/tarwrap"
+	"github.com/obdproject/obd/zfile"
+)
+
+// Layer annotations of overlaybd images (they propagate to snapshot labels under the same keys).
+const (
+	AnnotationBlobDigest        = "containerd.io/snapshot/overlaybd/blob-digest"
+	AnnotationBlobSize          = "containerd.io/snapshot/overlaybd/blob-size"
+	AnnotationVersion           = "containerd.io/snapshot/overlaybd/version"
+	AnnotationFsType            = "containerd.io/snapshot/overlaybd/blob-fs-type"
+	AnnotationAccelerationLayer = "containerd.io/snapshot/overlaybd/acceleration-layer"
+	// FormatVersion is the overlaybd version annotation obd writes.
+	FormatVersion = "0.1.0"
+)
+
+// BlockLayer is one overlaybd layer of a manifest.
+type BlockLayer struct {
+	Descriptor ocispec.Descriptor
+	BlobDigest digest.Digest
+	BlobSize   int64
+}
+
+// ErrNotOverlaybd means a manifest's layers are not overlaybd block layers.
+var ErrNotOverlaybd = errors.New("not an overlaybd image")
+
+// BlockLayers returns the overlaybd layers of m, bottom first, leaving out an acceleration (trace) layer.
+// It fails with ErrNotOverlaybd when a layer has no overlaybd annotations.
+func BlockLayers(m ocispec.Manifest) ([]BlockLayer, error) {
+	var out []BlockLayer
+	for i, l := range m.Layers {
+		if l.Annotations[AnnotationAccelerationLayer] == "yes" {
+			continue
+		}
+		ds, ok := l.Annotations[AnnotationBlobDigest]
+		if !ok {
+			return nil, fmt.Errorf("layer %d (%s): no %s annotation: %w", i, l.Digest, AnnotationBlobDigest, ErrNotOverlaybd)
+		}
+		dg, err := digest.Parse(ds)
+		if err != nil {
+			return nil, fmt.Errorf("layer %d (%s): annotation %s: %v", i, l.Digest, AnnotationBlobDigest, err)
+		}
+		size := l.Size
+		if ss, ok := l.Annotations[AnnotationBlobSize]; ok {
+			size, err = strconv.ParseInt(ss, 10, 64)
+			if err != nil || size < 0 {
+				return nil, fmt.Errorf("layer %d (%s): annotation %s=%q is not a size", i, l.Digest, AnnotationBlobSize, ss)
+			}
+		}
+		if dg != l.Digest || size != l.Size {
+			return nil, fmt.Errorf("layer %d: annotations name blob %s (%d bytes) but the descriptor is %s (%d bytes)", i, dg, size, l.Digest, l.Size)
+		}
+		out = append(out, BlockLayer{Descriptor: l, BlobDigest: dg, BlobSize: size})
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("manifest has no layers: %w", ErrNotOverlaybd)
+	}
+	if len(out) > lsmt.MaxLayers {
+		return nil, fmt.Errorf("image has %d layers; overlaybd stacks at most %d", len(out), lsmt.MaxLayers)
+	}
+	return out, nil
+}
+
+// OpenLayerBlob opens the LSMT layer inside an overlaybd blob: it unwraps the tar wrapper if present and the ZFile
+// if present. verify checks ZFile block CRCs on every read (use it for data that crossed a network or a cache).
+func OpenLayerBlob(r io.ReaderAt, size int64, verify bool) (*lsmt.File, error) {
+	sr, err := tarwrap.Open(r, size)
+	if err != nil {
+		return nil, err
+	}
+	var layer io.ReaderAt = sr
+	if ev, ok := r.(zfile.Evicter); ok {
+		_, base, _ := sr.Outer()
+		layer = evictSection{sr, ev, base}
+	}
+	lsize := sr.Size()
+	isZ, err := zfile.IsZFile(sr)
+	if err != nil {
+		return nil, err
+	}
+	if isZ {
+		z, err := zfile.Open(layer, sr.Size(), verify)
+		if err != nil {
+			return nil, err
+		}
+		layer, lsize = z, z.Size()
+	}
+	return lsmt.Open(layer, lsize)
+}
+
+// evictSection passes evictions of a cache under a tar-wrapped blob through to the cache, at the member's offset.
+type evictSection struct {
+	*io.SectionReader
+	ev   zfile.Evicter
+	base int64
+}
+
+func (s evictSection) Evict(off, n int64) error { return s.ev.Evict(s.base+off, n) }

@@ -1,0 +1,205 @@
+// Package mounter is the node side of an overlaybd image: it opens the image's layers (local files, or registry
+// blobs read lazily through the block cache), stacks them, serves the stack as a block device and mounts its
+// filesystem read-only for the snapshotter to put overlayfs on.
+package mounter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"sync"
+
+	"github.com/obdproject/obd/internal/cache"
+	"github.com/obdproject/obd/internal/device"
+	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/registry"
+	"github.com/obdproject/obd/internal/snapshotter"
+	"github.com/obdproject/obd/lsmt"
+)
+
+// Options configure a Mounter.
+type Options struct {
+	// Frontend turns a layer stack into a block device.
+	Frontend device.Frontend
+	// StateDir is where the frontend keeps per-device files; keep it stable across restarts.
+	StateDir string
+	// Cache holds fetched blob ranges; nil reads straight from the registry.
+	Cache *cache.Cache
+	// Registry returns the client to use for a registry host.
+	Registry func(host string) (*registry.Client, error)
+	// FSType is the filesystem on the image's disk (default ext4).
+	FSType string
+	Logger *slog.Logger
+}
+
+// Mounter implements snapshotter.ImageMounter.
+type Mounter struct {
+	opts   Options
+	mu     sync.Mutex
+	images map[string]*mounted // by image id
+}
+
+type mounted struct {
+	dev     *device.Device
+	targets map[string]bool
+	files   []io.Closer
+	blobs   []*registry.Blob
+}
+
+// New returns a Mounter.
+func New(opts Options) *Mounter {
+	if opts.FSType == "" {
+		opts.FSType = "ext4"
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	return &Mounter{opts: opts, images: map[string]*mounted{}}
+}
+
+var _ snapshotter.ImageMounter = (*Mounter)(nil)
+
+// Mount makes the virtual disk of layers available read-only at target. It is idempotent: a mounted image is
+// mounted again only if its mount went away, and an attached device is reused.
+func (m *Mounter) Mount(ctx context.Context, id string, layers []snapshotter.Layer, target string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	img := m.images[id]
+	if img == nil {
+		var err error
+		if img, err = m.attach(ctx, id, layers); err != nil {
+			return err
+		}
+		m.images[id] = img
+	}
+	if err := os.MkdirAll(target, 0o755); err != nil {
+		return err
+	}
+	if err := img.dev.Mount(ctx, target, m.opts.FSType, []string{"ro"}); err != nil {
+		return fmt.Errorf("image %s: mount %s (%s) at %s: %w", id, img.dev.Path, m.opts.FSType, target, err)
+	}
+	img.targets[target] = true
+	return nil
+}
+
+// attach opens the layers and attaches their stack as a device.
+func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.Layer) (*mounted, error) {
+	img := &mounted{targets: map[string]bool{}}
+	files := make([]*lsmt.File, len(layers))
+	for i, l := range layers {
+		f, err := m.openLayer(ctx, img, l)
+		if err != nil {
+			img.close()
+			return nil, fmt.Errorf("image %s: layer %d (%s): %w", id, i, l.Digest, err)
+		}
+		files[i] = f
+	}
+	stack, err := lsmt.NewStack(files, nil)
+	if err != nil {
+		img.close()
+		return nil, fmt.Errorf("image %s: %w", id, err)
+	}
+	img.dev, err = m.opts.Frontend.Attach(ctx, id, stackBackend{stack}, device.AttachOptions{ReadOnly: true, StateDir: m.opts.StateDir})
+	if err != nil {
+		img.close()
+		return nil, fmt.Errorf("image %s: attach device: %w", id, err)
+	}
+	m.opts.Logger.Info("attached overlaybd image", "image", id, "device", img.dev.Path, "layers", len(layers), "virtual_size", stack.VirtualSize())
+	return img, nil
+}
+
+// openLayer opens one layer: the local file when it was downloaded, else the registry blob through the cache.
+func (m *Mounter) openLayer(ctx context.Context, img *mounted, l snapshotter.Layer) (*lsmt.File, error) {
+	if l.LocalPath != "" {
+		f, err := os.Open(l.LocalPath)
+		if err != nil {
+			return nil, err
+		}
+		img.files = append(img.files, f)
+		st, err := f.Stat()
+		if err != nil {
+			return nil, err
+		}
+		return image.OpenLayerBlob(f, st.Size(), false)
+	}
+	if l.ImageRef == "" {
+		return nil, errors.New("neither a local file nor an image reference to fetch it from (pull with 'obd pull')")
+	}
+	ref, err := image.ParseRef(l.ImageRef)
+	if err != nil {
+		return nil, err
+	}
+	if ref.Transport != image.TransportRegistry {
+		return nil, fmt.Errorf("image reference %s is not a registry reference", l.ImageRef)
+	}
+	client, err := m.opts.Registry(ref.Host())
+	if err != nil {
+		return nil, err
+	}
+	blob, err := client.Blob(ctx, ref.Host(), ref.Repository(), l.Digest, l.Size)
+	if err != nil {
+		return nil, err
+	}
+	img.blobs = append(img.blobs, blob)
+	var r io.ReaderAt = blob
+	if m.opts.Cache != nil {
+		r = m.opts.Cache.Reader(l.Digest, blob.Size(), blob)
+	}
+	return image.OpenLayerBlob(r, blob.Size(), true)
+}
+
+// Unmount unmounts target and, when the image has no mount left, detaches its device.
+func (m *Mounter) Unmount(ctx context.Context, id string, target string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := device.Unmount(target); err != nil {
+		return fmt.Errorf("image %s: %w", id, err)
+	}
+	img := m.images[id]
+	if img == nil {
+		// Not attached by this process (e.g. before a restart): detach whatever the frontend still has.
+		return m.opts.Frontend.Detach(ctx, id)
+	}
+	delete(img.targets, target)
+	if len(img.targets) > 0 {
+		return nil
+	}
+	delete(m.images, id)
+	err := m.opts.Frontend.Detach(ctx, id)
+	img.close()
+	m.opts.Logger.Info("detached overlaybd image", "image", id)
+	return err
+}
+
+// Stats reports per image the bytes fetched from registries.
+func (m *Mounter) Stats() map[string]registry.BlobStats {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := map[string]registry.BlobStats{}
+	for id, img := range m.images {
+		var s registry.BlobStats
+		for _, b := range img.blobs {
+			bs := b.Stats()
+			s.Requests += bs.Requests
+			s.BytesFetched += bs.BytesFetched
+			s.Retries += bs.Retries
+			s.Errors += bs.Errors
+		}
+		out[id] = s
+	}
+	return out
+}
+
+func (img *mounted) close() {
+	for _, f := range img.files {
+		f.Close()
+	}
+}
+
+// stackBackend serves a layer stack to a device frontend.
+type stackBackend struct{ *lsmt.Stack }
+
+func (b stackBackend) Size() int64 { return b.VirtualSize() }

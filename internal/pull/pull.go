@@ -1,0 +1,160 @@
+// Package pull pulls images into containerd through the overlaybd snapshotter: overlaybd layers are committed as
+// remote snapshots without fetching their blobs (the blocks are read lazily when containers run), other images are
+// pulled and unpacked as usual.
+package pull
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"maps"
+	"sync"
+
+	"github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/containerd/v2/core/remotes"
+	"github.com/containerd/containerd/v2/core/remotes/docker"
+	dockerconfig "github.com/containerd/containerd/v2/core/remotes/docker/config"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/registry"
+	"github.com/obdproject/obd/internal/snapshotter"
+)
+
+// Options configure Pull.
+type Options struct {
+	// Snapshotter is the containerd snapshotter to unpack into (default snapshotter.Name).
+	Snapshotter string
+	// PlainHTTP talks HTTP to the registry (always so for localhost).
+	PlainHTTP bool
+	// Credentials for the registry; nil reads the docker config file.
+	Credentials registry.CredentialFunc
+	// Download fetches overlaybd blobs at pull time instead of lazily.
+	Download bool
+	// Resolver overrides the registry resolver (tests).
+	Resolver remotes.Resolver
+}
+
+// Result tells what a pull did.
+type Result struct {
+	Image client.Image
+	// Fetched lists the blobs fetched at pull time with their sizes (manifests, config, non-lazy layers).
+	Fetched map[string]int64
+	// Lazy counts the overlaybd layers committed without fetching.
+	Lazy int
+	// Layers counts all layers.
+	Layers int
+	mu     sync.Mutex
+}
+
+// Pull pulls ref (host[:port]/repo:tag) into containerd and unpacks it with the overlaybd snapshotter.
+func Pull(ctx context.Context, c *client.Client, ref string, opts Options) (*Result, error) {
+	r, err := image.ParseRef(ref)
+	if err != nil {
+		return nil, err
+	}
+	if r.Transport != image.TransportRegistry {
+		return nil, fmt.Errorf("%s: pull needs a registry reference (host[:port]/repo:tag)", ref)
+	}
+	if opts.Snapshotter == "" {
+		opts.Snapshotter = snapshotter.Name
+	}
+	resolver := opts.Resolver
+	if resolver == nil {
+		if resolver, err = newResolver(ctx, r.Host(), opts); err != nil {
+			return nil, err
+		}
+	}
+	res := &Result{Fetched: map[string]int64{}}
+	rec := &recorder{Resolver: resolver, res: res}
+	img, err := c.Pull(ctx, r.String(), client.WithResolver(rec), client.WithPullUnpack,
+		client.WithPullSnapshotter(opts.Snapshotter), client.WithImageHandlerWrapper(LabelLayers(r.String(), opts.Download, res)))
+	if err != nil {
+		return nil, fmt.Errorf("pull %s: %w", ref, err)
+	}
+	res.Image = img
+	return res, nil
+}
+
+func newResolver(ctx context.Context, host string, opts Options) (remotes.Resolver, error) {
+	creds := opts.Credentials
+	if creds == nil {
+		var err error
+		if creds, err = registry.LoadDockerConfig(registry.DefaultDockerConfigPath()); err != nil {
+			return nil, err
+		}
+	}
+	scheme := "https"
+	if opts.PlainHTTP || registry.IsLocalhost(host) {
+		scheme = "http"
+	}
+	hosts := dockerconfig.ConfigureHosts(ctx, dockerconfig.HostOptions{
+		DefaultScheme: scheme,
+		Credentials: func(h string) (string, string, error) {
+			return creds(ctx, h)
+		},
+	})
+	return docker.NewResolver(docker.ResolverOptions{Hosts: hosts}), nil
+}
+
+// LabelLayers adds to the layers of every manifest the annotations the snapshotter needs as labels (containerd's
+// unpacker passes `containerd.io/snapshot/` annotations on): the image reference to fetch blobs from lazily, and
+// with download set, the request to download overlaybd blobs instead. It counts layers into res when res is set.
+func LabelLayers(ref string, download bool, res *Result) func(images.Handler) images.Handler {
+	return func(h images.Handler) images.Handler {
+		return images.HandlerFunc(func(ctx context.Context, desc ocispec.Descriptor) ([]ocispec.Descriptor, error) {
+			children, err := h.Handle(ctx, desc)
+			if err != nil || !images.IsManifestType(desc.MediaType) {
+				return children, err
+			}
+			for i := range children {
+				if !images.IsLayerType(children[i].MediaType) {
+					continue
+				}
+				a := maps.Clone(children[i].Annotations)
+				if a == nil {
+					a = map[string]string{}
+				}
+				a[snapshotter.LabelImageRef] = ref
+				_, overlaybd := a[image.AnnotationBlobDigest]
+				if download && overlaybd {
+					a[snapshotter.LabelDownloadBlob] = "download"
+				}
+				children[i].Annotations = a
+				if res != nil {
+					res.count(overlaybd && !download)
+				}
+			}
+			return children, nil
+		})
+	}
+}
+
+func (r *Result) count(lazy bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.Layers++
+	if lazy {
+		r.Lazy++
+	}
+}
+
+// recorder notes every blob fetched from the registry during the pull.
+type recorder struct {
+	remotes.Resolver
+	res *Result
+}
+
+func (r *recorder) Fetcher(ctx context.Context, ref string) (remotes.Fetcher, error) {
+	f, err := r.Resolver.Fetcher(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	return remotes.FetcherFunc(func(ctx context.Context, desc ocispec.Descriptor) (io.ReadCloser, error) {
+		r.res.mu.Lock()
+		r.res.Fetched[desc.Digest.String()] = desc.Size
+		r.res.mu.Unlock()
+		return f.Fetch(ctx, desc)
+	}), nil
+}

@@ -1,0 +1,137 @@
+package verify
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"path"
+
+	"github.com/obdproject/obd/internal/ext4"
+	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/lsmt"
+)
+
+// FromExt4 reads the whole file tree of an ext4 filesystem.
+func FromExt4(fsys *ext4.FS) (Tree, error) {
+	t := Tree{}
+	byIno := map[uint32]*Inode{}
+	var walk func(p string) error
+	walk = func(p string) error {
+		st, err := fsys.Lstat(p)
+		if err != nil {
+			return fmt.Errorf("%s: %w", p, err)
+		}
+		if ino, ok := byIno[st.Ino]; ok && st.Mode&ext4.ModeTypeMask != ext4.ModeDir {
+			t[p] = ino
+			return nil
+		}
+		ino := &Inode{Mode: st.Mode & 0o7777, UID: st.UID, GID: st.GID, Mtime: st.Mtime}
+		byIno[st.Ino] = ino
+		t[p] = ino
+		names, err := fsys.ListXattrs(p)
+		if err != nil {
+			return fmt.Errorf("%s: list xattrs: %w", p, err)
+		}
+		for _, n := range names {
+			v, err := fsys.GetXattr(p, n)
+			if err != nil {
+				return fmt.Errorf("%s: xattr %s: %w", p, n, err)
+			}
+			if ino.Xattrs == nil {
+				ino.Xattrs = map[string]string{}
+			}
+			ino.Xattrs[n] = string(v)
+		}
+		switch st.Mode & ext4.ModeTypeMask {
+		case ext4.ModeRegular:
+			ino.Kind, ino.Size = Regular, st.Size
+			f, err := fsys.OpenFile(p)
+			if err != nil {
+				return fmt.Errorf("%s: %w", p, err)
+			}
+			h := sha256.New()
+			_, err = io.Copy(h, io.NewSectionReader(f, 0, f.Size()))
+			f.Close()
+			if err != nil {
+				return fmt.Errorf("%s: read: %w", p, err)
+			}
+			ino.Digest = hex.EncodeToString(h.Sum(nil))
+		case ext4.ModeSymlink:
+			ino.Kind, ino.Size = Symlink, st.Size
+			if ino.Link, err = fsys.Readlink(p); err != nil {
+				return fmt.Errorf("%s: %w", p, err)
+			}
+		case ext4.ModeChar:
+			ino.Kind, ino.Major, ino.Minor = CharDev, st.Major, st.Minor
+		case ext4.ModeBlock:
+			ino.Kind, ino.Major, ino.Minor = BlockDev, st.Major, st.Minor
+		case ext4.ModeFIFO:
+			ino.Kind = FIFO
+		case ext4.ModeSocket:
+			ino.Kind = Socket
+		case ext4.ModeDir:
+			ino.Kind = Dir
+			ents, err := fsys.ReadDir(p)
+			if err != nil {
+				return fmt.Errorf("%s: %w", p, err)
+			}
+			for _, e := range ents {
+				if e.Name == "." || e.Name == ".." {
+					continue
+				}
+				if err := walk(path.Join(p, e.Name)); err != nil {
+					return err
+				}
+			}
+		default:
+			return fmt.Errorf("%s: unknown file type %#o", p, st.Mode)
+		}
+		return nil
+	}
+	return t, walk("/")
+}
+
+// stackDevice presents a read-only layer stack to the ext4 reader.
+type stackDevice struct{ *lsmt.Stack }
+
+func (d stackDevice) Size() int64 { return d.VirtualSize() }
+
+// FromStack reads the file tree of the ext4 filesystem on an overlaybd layer stack.
+func FromStack(s *lsmt.Stack) (Tree, error) {
+	fsys, err := ext4.Open(stackDevice{s}, false)
+	if err != nil {
+		return nil, fmt.Errorf("open ext4 on the image's disk: %w", err)
+	}
+	defer fsys.Close()
+	return FromExt4(fsys)
+}
+
+// FromSource applies the layers of a source image, in order, into a tree.
+func FromSource(ctx context.Context, src image.Source) (Tree, error) {
+	m, _ := src.Manifest()
+	t := NewTree()
+	for i, l := range m.Layers {
+		if err := func() error {
+			rc, err := src.OpenLayer(ctx, i)
+			if err != nil {
+				return err
+			}
+			defer rc.Close()
+			tr, _, err := image.Decompress(rc)
+			if err != nil {
+				return err
+			}
+			defer tr.Close()
+			if err := t.ApplyTar(tr); err != nil {
+				return err
+			}
+			_, err = io.Copy(io.Discard, tr) // reach EOF so the blob's digest is checked
+			return err
+		}(); err != nil {
+			return nil, fmt.Errorf("layer %d (%s): %w", i, l.Digest, err)
+		}
+	}
+	return t, nil
+}
