@@ -1,0 +1,406 @@
+// Package sandbox runs a private node — a registry, containerd and obd-snapshotter, each on its own local port or
+// socket under one temporary directory — for the demo, the end-to-end tests and the benchmarks, so that nothing
+// global on the machine is touched. Close stops everything and removes every mount and device it made.
+package sandbox
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/obdproject/obd/internal/device"
+)
+
+// Options configure Start.
+type Options struct {
+	// Snapshotter is the obd-snapshotter binary.
+	Snapshotter string
+	// CacheSizeGB bounds the snapshotter's block cache (default 4).
+	CacheSizeGB int
+	// Logf receives progress lines (optional).
+	Logf func(format string, args ...any)
+}
+
+// Sandbox is a running private node.
+type Sandbox struct {
+	// Dir holds every file of the sandbox.
+	Dir string
+	// Registry is the host:port of the registry, through a proxy that counts the bytes of every blob it serves.
+	Registry string
+	// Containerd is containerd's gRPC socket.
+	Containerd string
+	// Namespace is the containerd namespace to use.
+	Namespace string
+	// SnapshotterSocket is obd-snapshotter's socket.
+	SnapshotterSocket string
+
+	opts     Options
+	procs    map[string]*proc
+	proxy    *http.Server
+	counter  *counter
+	stopOnce sync.Once
+}
+
+type proc struct {
+	cmd    *exec.Cmd
+	exited chan error
+	log    *os.File
+}
+
+// Required lists the programs a sandbox needs.
+var Required = []string{"docker-registry", "containerd", "containerd-shim-runc-v2", "runc", "ctr"}
+
+// Start starts the registry, containerd and obd-snapshotter and waits until each serves.
+func Start(ctx context.Context, opts Options) (*Sandbox, error) {
+	if opts.CacheSizeGB == 0 {
+		opts.CacheSizeGB = 4
+	}
+	if opts.Logf == nil {
+		opts.Logf = func(string, ...any) {}
+	}
+	// Unix socket paths are limited to 108 bytes: keep the directory short.
+	dir, err := os.MkdirTemp("/tmp", "obd-sb-")
+	if err != nil {
+		return nil, err
+	}
+	s := &Sandbox{Dir: dir, Namespace: "obd", opts: opts, procs: map[string]*proc{}, counter: &counter{bytes: map[string]int64{}}}
+	if err := s.start(ctx); err != nil {
+		s.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *Sandbox) start(ctx context.Context) error {
+	regAddr, err := freeAddr()
+	if err != nil {
+		return err
+	}
+	regCfg := filepath.Join(s.Dir, "registry.yml")
+	if err := os.WriteFile(regCfg, []byte(fmt.Sprintf(`version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: %s
+  delete:
+    enabled: true
+http:
+  addr: %s
+`, filepath.Join(s.Dir, "registry"), regAddr)), 0o600); err != nil {
+		return err
+	}
+	if err := s.run(ctx, "registry", "docker-registry", "serve", regCfg); err != nil {
+		return err
+	}
+	if err := waitHTTP(ctx, "http://"+regAddr+"/v2/", s.procs["registry"]); err != nil {
+		return fmt.Errorf("registry: %w", err)
+	}
+	if err := s.startProxy(regAddr); err != nil {
+		return err
+	}
+	s.opts.Logf("registry serving on %s (counting proxy in front)", s.Registry)
+
+	s.SnapshotterSocket = filepath.Join(s.Dir, "sn.sock")
+	if err := s.StartSnapshotter(ctx); err != nil {
+		return err
+	}
+
+	s.Containerd = filepath.Join(s.Dir, "c.sock")
+	cfg := fmt.Sprintf(`version = 2
+root = %q
+state = %q
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs", "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing"]
+[grpc]
+  address = %q
+[ttrpc]
+  address = %q
+[proxy_plugins.overlaybd]
+  type = "snapshot"
+  address = %q
+`, filepath.Join(s.Dir, "containerd", "root"), filepath.Join(s.Dir, "containerd", "state"), s.Containerd, s.Containerd+".ttrpc", s.SnapshotterSocket)
+	cfgPath := filepath.Join(s.Dir, "containerd.toml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		return err
+	}
+	if err := s.run(ctx, "containerd", "containerd", "--config", cfgPath); err != nil {
+		return err
+	}
+	if err := waitSocket(ctx, s.Containerd, s.procs["containerd"]); err != nil {
+		return fmt.Errorf("containerd: %w", err)
+	}
+	s.opts.Logf("containerd serving on %s, snapshotter overlaybd on %s", s.Containerd, s.SnapshotterSocket)
+	return nil
+}
+
+// StartSnapshotter (re)starts obd-snapshotter with the sandbox's configuration.
+func (s *Sandbox) StartSnapshotter(ctx context.Context) error {
+	cfg := fmt.Sprintf("[snapshotter]\nroot = %q\naddress = %q\n[cache]\ndir = %q\nsize_gb = %d\n[registry]\nretry_budget = \"20s\"\n",
+		filepath.Join(s.Dir, "snapshotter"), s.SnapshotterSocket, filepath.Join(s.Dir, "cache"), s.opts.CacheSizeGB)
+	cfgPath := filepath.Join(s.Dir, "obd.toml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		return err
+	}
+	if err := s.run(ctx, "snapshotter", s.opts.Snapshotter, "--config", cfgPath); err != nil {
+		return err
+	}
+	return waitSocket(ctx, s.SnapshotterSocket, s.procs["snapshotter"])
+}
+
+// KillSnapshotter kills obd-snapshotter with SIGKILL, as a crash would.
+func (s *Sandbox) KillSnapshotter() error {
+	p := s.procs["snapshotter"]
+	if p == nil {
+		return errors.New("snapshotter is not running")
+	}
+	delete(s.procs, "snapshotter")
+	p.cmd.Process.Kill()
+	<-p.exited
+	p.log.Close()
+	return nil
+}
+
+// Ctr returns a ctr command talking to the sandbox's containerd.
+func (s *Sandbox) Ctr(ctx context.Context, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, "ctr", append([]string{"--address", s.Containerd, "--namespace", s.Namespace}, args...)...)
+	cmd.Env = pathEnv()
+	return cmd
+}
+
+// Log returns the log of one of the sandbox's processes ("registry", "containerd", "snapshotter").
+func (s *Sandbox) Log(name string) string {
+	b, _ := os.ReadFile(filepath.Join(s.Dir, name+".log"))
+	return string(b)
+}
+
+// BlobBytes returns, per blob digest, the bytes the registry served since the last ResetCounters.
+func (s *Sandbox) BlobBytes() map[string]int64 { return s.counter.snapshot() }
+
+// ResetCounters zeroes the byte counters.
+func (s *Sandbox) ResetCounters() { s.counter.reset() }
+
+// Close stops every process, removes mounts and devices under the sandbox directory, and deletes it.
+func (s *Sandbox) Close() error {
+	var errs []error
+	s.stopOnce.Do(func() {
+		for _, name := range []string{"containerd", "snapshotter", "registry"} {
+			if p := s.procs[name]; p != nil {
+				errs = append(errs, stop(p))
+			}
+		}
+		if s.proxy != nil {
+			s.proxy.Close()
+		}
+		errs = append(errs, s.cleanMounts())
+		if errors.Join(errs...) == nil {
+			errs = append(errs, os.RemoveAll(s.Dir))
+		}
+	})
+	return errors.Join(errs...)
+}
+
+// cleanMounts unmounts everything under the sandbox directory (deepest first) and detaches its loop devices.
+func (s *Sandbox) cleanMounts() error {
+	var errs []error
+	stateDir := filepath.Join(s.Dir, "snapshotter", "devices")
+	if _, err := device.NewFuseLoop(nil).Reconcile(context.Background(), stateDir); err != nil {
+		errs = append(errs, err)
+	}
+	mounts, err := mountsUnder(s.Dir)
+	if err != nil {
+		return err
+	}
+	for _, m := range mounts {
+		if err := device.Unmount(m); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// mountsUnder lists mount points under dir, deepest first.
+func mountsUnder(dir string) ([]string, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var out []string
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) > 4 && strings.HasPrefix(fields[4], dir+"/") {
+			out = append(out, fields[4])
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return len(out[i]) > len(out[j]) })
+	return out, sc.Err()
+}
+
+func (s *Sandbox) run(ctx context.Context, name, bin string, args ...string) error {
+	logf, err := os.Create(filepath.Join(s.Dir, name+".log"))
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Env = pathEnv()
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		return fmt.Errorf("start %s: %w", name, err)
+	}
+	p := &proc{cmd: cmd, exited: make(chan error, 1), log: logf}
+	go func() { p.exited <- cmd.Wait() }()
+	s.procs[name] = p
+	return nil
+}
+
+func stop(p *proc) error {
+	defer p.log.Close()
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.exited:
+		return nil
+	case <-time.After(15 * time.Second):
+		p.cmd.Process.Kill()
+		<-p.exited
+		return fmt.Errorf("%s ignored SIGTERM for 15s and was killed", filepath.Base(p.cmd.Path))
+	}
+}
+
+// pathEnv is the environment with the sbin directories on PATH (containerd looks up runc and its shim there).
+func pathEnv() []string {
+	env := os.Environ()
+	for i, kv := range env {
+		if strings.HasPrefix(kv, "PATH=") {
+			env[i] = kv + ":/usr/local/sbin:/usr/sbin:/sbin"
+			return env
+		}
+	}
+	return append(env, "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+}
+
+func freeAddr() (string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer l.Close()
+	return l.Addr().String(), nil
+}
+
+func waitSocket(ctx context.Context, path string, p *proc) error {
+	return waitFor(ctx, p, func() bool {
+		c, err := net.Dial("unix", path)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+}
+
+func waitHTTP(ctx context.Context, u string, p *proc) error {
+	return waitFor(ctx, p, func() bool {
+		resp, err := http.Get(u)
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err == nil
+	})
+}
+
+func waitFor(ctx context.Context, p *proc, ready func() bool) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for !ready() {
+		select {
+		case err := <-p.exited:
+			p.exited <- err
+			return fmt.Errorf("exited: %v (log: %s)", err, p.log.Name())
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("not ready after 30s (log: %s)", p.log.Name())
+		}
+	}
+	return nil
+}
+
+// startProxy puts a reverse proxy that counts blob bytes in front of the registry.
+func (s *Sandbox) startProxy(regAddr string) error {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	target := &url.URL{Scheme: "http", Host: regAddr}
+	rp := httputil.NewSingleHostReverseProxy(target)
+	rp.ModifyResponse = func(resp *http.Response) error {
+		if i := strings.Index(resp.Request.URL.Path, "/blobs/sha256:"); i >= 0 && resp.Request.Method == http.MethodGet {
+			resp.Body = &countingBody{ReadCloser: resp.Body, c: s.counter, key: resp.Request.URL.Path[i+len("/blobs/"):]}
+		}
+		return nil
+	}
+	s.proxy = &http.Server{Handler: rp, ReadHeaderTimeout: 10 * time.Second}
+	go s.proxy.Serve(l)
+	s.Registry = l.Addr().String()
+	return nil
+}
+
+type counter struct {
+	mu    sync.Mutex
+	bytes map[string]int64
+}
+
+func (c *counter) add(key string, n int64) {
+	c.mu.Lock()
+	c.bytes[key] += n
+	c.mu.Unlock()
+}
+
+func (c *counter) snapshot() map[string]int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make(map[string]int64, len(c.bytes))
+	for k, v := range c.bytes {
+		out[k] = v
+	}
+	return out
+}
+
+func (c *counter) reset() {
+	c.mu.Lock()
+	c.bytes = map[string]int64{}
+	c.mu.Unlock()
+}
+
+type countingBody struct {
+	io.ReadCloser
+	c   *counter
+	key string
+}
+
+func (b *countingBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	b.c.add(b.key, int64(n))
+	return n, err
+}

@@ -1,0 +1,320 @@
+// Package e2e runs obd end to end against real components: Debian's docker-registry, containerd and runc, with
+// the obd and obd-snapshotter binaries built from this tree. Containers start from lazily pulled overlaybd images.
+package e2e
+
+import (
+	"archive/tar"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	digest "github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/registry"
+	"github.com/obdproject/obd/internal/sandbox"
+	"github.com/obdproject/obd/internal/testenv"
+)
+
+// bins are the binaries built for the tests.
+var bins struct{ obd, snapshotter string }
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "obd-e2e-bin-")
+	if err != nil {
+		panic(err)
+	}
+	bins.obd, bins.snapshotter = filepath.Join(dir, "obd"), filepath.Join(dir, "obd-snapshotter")
+	for _, b := range []struct{ out, pkg string }{{bins.obd, "../../cmd/obd"}, {bins.snapshotter, "../../cmd/obd-snapshotter"}} {
+		if out, err := exec.Command("go", "build", "-o", b.out, b.pkg).CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "build %s: %v\n%s", b.pkg, err, out)
+			os.Exit(1)
+		}
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func startSandbox(t *testing.T) *sandbox.Sandbox {
+	t.Helper()
+	testenv.Root(t)
+	testenv.Tools(t, append([]string{"mke2fs", "busybox"}, sandbox.Required...)...)
+	sb, err := sandbox.Start(context.Background(), sandbox.Options{Snapshotter: bins.snapshotter, Logf: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("obd-snapshotter log:\n%s", sb.Log("snapshotter"))
+		}
+		if err := sb.Close(); err != nil {
+			t.Errorf("sandbox cleanup: %v", err)
+		}
+	})
+	return sb
+}
+
+// run runs a command and returns its combined output, failing the test on error.
+func run(t *testing.T, cmd *exec.Cmd) string {
+	t.Helper()
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s: %v\n%s", strings.Join(cmd.Args, " "), err, out)
+	}
+	return string(out)
+}
+
+func obd(t *testing.T, sb *sandbox.Sandbox, args ...string) string {
+	t.Helper()
+	if args[0] == "pull" {
+		args = append(args, "--address", sb.Containerd, "--namespace", sb.Namespace)
+	}
+	return run(t, exec.Command(bins.obd, args...))
+}
+
+const appOutput = "motd from layer 1\ndata from layer 2\nscript from layer 3\n"
+
+func TestLazyPullAndRun(t *testing.T) {
+	sb := startSandbox(t)
+	ctx := context.Background()
+	src := filepath.Join(t.TempDir(), "src")
+	appImage(t, src)
+	plain := sb.Registry + "/app:v1"
+	lazy := sb.Registry + "/app:obd"
+	pushLayout(t, src, "v1", plain)
+
+	start := time.Now()
+	out := obd(t, sb, "convert", "--vsize", "8", plain, lazy)
+	t.Logf("convert: %s(%s)", out, time.Since(start).Round(time.Millisecond))
+
+	ref, _ := image.ParseRef(lazy)
+	c, err := registry.New(registry.Options{PlainHTTP: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, mb, err := c.Resolve(ctx, ref.Host(), ref.Repository(), ref.Tag)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m ocispec.Manifest
+	if err := json.Unmarshal(mb, &m); err != nil {
+		t.Fatal(err)
+	}
+	var total int64
+	for _, l := range m.Layers {
+		total += l.Size
+	}
+
+	t.Run("pull fetches no layer", func(t *testing.T) {
+		sb.ResetCounters()
+		start := time.Now()
+		out := obd(t, sb, "pull", lazy)
+		t.Logf("%s(pull took %s)", out, time.Since(start).Round(time.Millisecond))
+		fetched := sb.BlobBytes()
+		for _, l := range m.Layers {
+			if n := fetched[l.Digest.String()]; n > 0 {
+				t.Errorf("pull fetched %d bytes of layer %s", n, l.Digest)
+			}
+		}
+		if fetched[m.Config.Digest.String()] != m.Config.Size {
+			t.Errorf("pull fetched %v; want the config %s", fetched, m.Config.Digest)
+		}
+	})
+
+	t.Run("container reads files of every layer lazily", func(t *testing.T) {
+		sb.ResetCounters()
+		start := time.Now()
+		out := run(t, sb.Ctr(ctx, "run", "--rm", "--snapshotter", "overlaybd", lazy, "lazy1", "/bin/sh", "/app/run.sh"))
+		if out != appOutput {
+			t.Fatalf("container printed %q, want %q", out, appOutput)
+		}
+		var fetched int64
+		for _, l := range m.Layers {
+			fetched += sb.BlobBytes()[l.Digest.String()]
+		}
+		t.Logf("container ran in %s; fetched %d of %d layer bytes (%.1f%%)", time.Since(start).Round(time.Millisecond),
+			fetched, total, 100*float64(fetched)/float64(total))
+		// Layer 2 holds 32 MiB of random data the container never reads: most of the image must stay remote.
+		if fetched == 0 || fetched > total/2 {
+			t.Errorf("fetched %d of %d layer bytes: want a fraction", fetched, total)
+		}
+	})
+
+	t.Run("normal image falls back to overlayfs", func(t *testing.T) {
+		obd(t, sb, "pull", plain)
+		out := run(t, sb.Ctr(ctx, "run", "--rm", "--snapshotter", "overlaybd", plain, "plain1", "/bin/sh", "/app/run.sh"))
+		if out != appOutput {
+			t.Fatalf("container printed %q, want %q", out, appOutput)
+		}
+	})
+
+	t.Run("snapshotter crash and restart", func(t *testing.T) {
+		if err := sb.KillSnapshotter(); err != nil {
+			t.Fatal(err)
+		}
+		if err := sb.StartSnapshotter(ctx); err != nil {
+			t.Fatal(err)
+		}
+		// containerd redials the proxy plugin with its gRPC backoff: the first calls after a restart may be refused.
+		var out []byte
+		var err error
+		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
+			out, err = sb.Ctr(ctx, "run", "--rm", "--snapshotter", "overlaybd", lazy, "lazy2", "/bin/sh", "/app/run.sh").CombinedOutput()
+			if err == nil || !strings.Contains(string(out), "connection refused") {
+				break
+			}
+		}
+		if err != nil || string(out) != appOutput {
+			t.Fatalf("after restart the container printed %q (%v), want %q", out, err, appOutput)
+		}
+	})
+}
+
+func TestUpstreamConvertedImage(t *testing.T) {
+	sb := startSandbox(t)
+	ctx := context.Background()
+	ref := sb.Registry + "/hello:obd"
+	pushLayout(t, "../../testdata/upstream/hello-world-oci", "amd64-converted", ref)
+	obd(t, sb, "pull", ref)
+	out := run(t, sb.Ctr(ctx, "run", "--rm", "--snapshotter", "overlaybd", ref, "hello1"))
+	if !strings.Contains(out, "Hello from Docker!") {
+		t.Fatalf("hello-world printed %q", out)
+	}
+}
+
+// appImage writes a three-layer image to an OCI layout (tag v1).
+func appImage(t *testing.T, dir string) {
+	t.Helper()
+	bb, err := os.ReadFile(testenv.Tools(t, "busybox")[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	big := make([]byte, 32<<20)
+	rand.Read(big)
+	type ent struct {
+		name, body, link string
+		mode             int64
+	}
+	mk := func(ents []ent) []byte {
+		var buf bytes.Buffer
+		tw := tar.NewWriter(&buf)
+		for _, e := range ents {
+			h := &tar.Header{Name: e.name, Mode: e.mode, ModTime: time.Unix(1700000000, 0), Typeflag: tar.TypeReg, Size: int64(len(e.body))}
+			switch {
+			case e.link != "":
+				h.Typeflag, h.Linkname, h.Size = tar.TypeSymlink, e.link, 0
+			case strings.HasSuffix(e.name, "/"):
+				h.Typeflag, h.Size = tar.TypeDir, 0
+			}
+			if h.Mode == 0 {
+				h.Mode = 0o644
+			}
+			if err := tw.WriteHeader(h); err != nil {
+				t.Fatal(err)
+			}
+			tw.Write([]byte(e.body))
+		}
+		tw.Close()
+		return buf.Bytes()
+	}
+	layers := [][]byte{
+		mk([]ent{{name: "bin/", mode: 0o755}, {name: "bin/busybox", body: string(bb), mode: 0o755},
+			{name: "bin/sh", link: "busybox"}, {name: "bin/cat", link: "busybox"}, {name: "etc/motd", body: "motd from layer 1\n"}}),
+		mk([]ent{{name: "app/", mode: 0o755}, {name: "app/data.txt", body: "data from layer 2\n"}, {name: "app/big.bin", body: string(big)}}),
+		mk([]ent{{name: "app/run.sh", body: "cat /etc/motd /app/data.txt\necho script from layer 3\n", mode: 0o755}}),
+	}
+	writeLayout(t, dir, "v1", layers)
+}
+
+func writeLayout(t *testing.T, dir, tag string, layers [][]byte) {
+	t.Helper()
+	lay, err := image.CreateLayout(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m ocispec.Manifest
+	m.SchemaVersion, m.MediaType = 2, ocispec.MediaTypeImageManifest
+	var cfg ocispec.Image
+	cfg.OS, cfg.Architecture, cfg.RootFS.Type = "linux", "amd64", "layers"
+	cfg.Config.Env = []string{"PATH=/bin"}
+	for _, l := range layers {
+		var gz bytes.Buffer
+		zw := gzip.NewWriter(&gz)
+		zw.Write(l)
+		zw.Close()
+		d, err := lay.PutBlobBytes(ocispec.MediaTypeImageLayerGzip, gz.Bytes())
+		if err != nil {
+			t.Fatal(err)
+		}
+		m.Layers = append(m.Layers, d)
+		cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, digest.FromBytes(l))
+	}
+	cb, _ := json.Marshal(cfg)
+	if m.Config, err = lay.PutBlobBytes(ocispec.MediaTypeImageConfig, cb); err != nil {
+		t.Fatal(err)
+	}
+	mb, _ := json.Marshal(m)
+	md, err := lay.PutBlobBytes(ocispec.MediaTypeImageManifest, mb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := lay.Tag(tag, md); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// pushLayout pushes the image tagged tag in an OCI layout to a registry reference, as it is.
+func pushLayout(t *testing.T, dir, tag, ref string) {
+	t.Helper()
+	ctx := context.Background()
+	r, err := image.ParseRef(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lay, err := image.OpenLayout(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := lay.Resolve(image.Ref{Tag: tag})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, md, err := lay.Manifest(d, image.DefaultPlatform())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := registry.New(registry.Options{PlainHTTP: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for _, b := range append([]ocispec.Descriptor{m.Config}, m.Layers...) {
+		f, err := lay.OpenBlob(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = c.PushBlob(ctx, r.Host(), r.Repository(), b, f)
+		f.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	mb, err := lay.ReadBlob(md)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.PushManifest(ctx, r.Host(), r.Repository(), r.Tag, md.MediaType, mb); err != nil {
+		t.Fatal(err)
+	}
+}
