@@ -26,8 +26,8 @@ deps: ## install the Debian packages obd needs (root)
 	apt-get update
 	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(DEPS)
 
-demo: deps build ## install, build and run the end-to-end demo
-	./scripts/demo.sh
+demo: deps build ## install, build and run the end-to-end demo (root)
+	$(BIN)/obd demo
 
 bench: ## format benchmarks (medians of 5 runs)
 	$(GO) test -run='^$$' -bench=. -benchtime=1s -count=5 ./zfile/ ./lsmt/

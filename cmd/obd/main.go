@@ -30,6 +30,6 @@ read lazily from the registry so a container starts before its image is download
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newInspectCmd(), newExportRawCmd(), newLayerCmd(), newPullCmd(), newConvertCmd(), newVerifyCmd())
+	root.AddCommand(newInspectCmd(), newExportRawCmd(), newLayerCmd(), newPullCmd(), newConvertCmd(), newVerifyCmd(), newDemoCmd())
 	return root
 }

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -221,7 +222,7 @@ func (s *Sandbox) Close() error {
 func (s *Sandbox) cleanMounts() error {
 	var errs []error
 	stateDir := filepath.Join(s.Dir, "snapshotter", "devices")
-	if _, err := device.NewFuseLoop(nil).Reconcile(context.Background(), stateDir); err != nil {
+	if _, err := device.NewFuseLoop(slog.New(slog.DiscardHandler)).Reconcile(context.Background(), stateDir); err != nil {
 		errs = append(errs, err)
 	}
 	mounts, err := mountsUnder(s.Dir)

@@ -277,7 +277,6 @@ func writeLayout(t *testing.T, dir, tag string, layers [][]byte) {
 // pushLayout pushes the image tagged tag in an OCI layout to a registry reference, as it is.
 func pushLayout(t *testing.T, dir, tag, ref string) {
 	t.Helper()
-	ctx := context.Background()
 	r, err := image.ParseRef(ref)
 	if err != nil {
 		t.Fatal(err)
@@ -286,35 +285,12 @@ func pushLayout(t *testing.T, dir, tag, ref string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d, err := lay.Resolve(image.Ref{Tag: tag})
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, md, err := lay.Manifest(d, image.DefaultPlatform())
-	if err != nil {
-		t.Fatal(err)
-	}
 	c, err := registry.New(registry.Options{PlainHTTP: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	for _, b := range append([]ocispec.Descriptor{m.Config}, m.Layers...) {
-		f, err := lay.OpenBlob(b)
-		if err != nil {
-			t.Fatal(err)
-		}
-		err = c.PushBlob(ctx, r.Host(), r.Repository(), b, f)
-		f.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	mb, err := lay.ReadBlob(md)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.PushManifest(ctx, r.Host(), r.Repository(), r.Tag, md.MediaType, mb); err != nil {
+	if err := image.PushLayout(context.Background(), c, lay, tag, r); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -1,0 +1,281 @@
+package main
+
+import (
+	"archive/tar"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	digest "github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"github.com/spf13/cobra"
+
+	"github.com/obdproject/obd/internal/convert"
+	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/pull"
+	"github.com/obdproject/obd/internal/registry"
+	"github.com/obdproject/obd/internal/sandbox"
+)
+
+func newDemoCmd() *cobra.Command {
+	var snapshotterBin string
+	cmd := &cobra.Command{
+		Use:   "demo",
+		Short: "Run the end-to-end demo: convert an image and start a container from it lazily, in a private sandbox",
+		Long: `Run the whole path on this machine without touching its global state: build a sample image from Debian
+packages, start a private registry, containerd and obd-snapshotter (own sockets and directories under /tmp),
+convert the image to overlaybd, push it, pull it lazily and run a container from it; then print what was fetched
+and how long each step took, and clean everything up. Needs root and the packages 'make deps' installs.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if os.Geteuid() != 0 {
+				return errors.New("the demo mounts filesystems and runs containers: run it as root")
+			}
+			if snapshotterBin == "" {
+				exe, err := os.Executable()
+				if err != nil {
+					return err
+				}
+				snapshotterBin = filepath.Join(filepath.Dir(exe), "obd-snapshotter")
+			}
+			for _, tool := range append([]string{snapshotterBin, "apt-get", "dpkg-deb"}, sandbox.Required...) {
+				if _, err := exec.LookPath(tool); err != nil {
+					return fmt.Errorf("%s is missing: run 'make deps' (Debian packages) and 'make build' first", tool)
+				}
+			}
+			return runDemo(cmd.Context(), cmd.OutOrStdout(), snapshotterBin)
+		},
+	}
+	cmd.Flags().StringVar(&snapshotterBin, "snapshotter", "", "obd-snapshotter binary (default: next to obd)")
+	return cmd
+}
+
+func runDemo(ctx context.Context, w io.Writer, snapshotterBin string) error {
+	step := func(format string, args ...any) { fmt.Fprintf(w, "\n== "+format+"\n", args...) }
+	timed := func(start time.Time) string { return time.Since(start).Round(time.Millisecond).String() }
+	work, err := os.MkdirTemp("", "obd-demo-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(work)
+
+	step("1. Build a sample image from Debian packages (busybox-static) plus 64 MiB of data the app never reads")
+	start := time.Now()
+	src := filepath.Join(work, "src")
+	if err := buildDemoImage(ctx, w, src, filepath.Join(os.TempDir(), "obd-demo-debs")); err != nil {
+		return fmt.Errorf("build sample image: %w", err)
+	}
+	fmt.Fprintf(w, "image written to an OCI layout in %s\n", timed(start))
+
+	step("2. Start a private registry, containerd and obd-snapshotter")
+	sb, err := sandbox.Start(ctx, sandbox.Options{Snapshotter: snapshotterBin, Logf: func(f string, a ...any) { fmt.Fprintf(w, f+"\n", a...) }})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err := sb.Close(); err != nil {
+			fmt.Fprintf(w, "cleanup: %v\n", err)
+		}
+	}()
+	plain, err := image.ParseRef(sb.Registry + "/demo/app:v1")
+	if err != nil {
+		return err
+	}
+	lazy, _ := image.ParseRef(sb.Registry + "/demo/app:v1-obd")
+	rc, err := registry.New(registry.Options{PlainHTTP: true, UserAgent: "obd-demo"})
+	if err != nil {
+		return err
+	}
+	defer rc.Close()
+	lay, err := image.OpenLayout(src)
+	if err != nil {
+		return err
+	}
+	if err := image.PushLayout(ctx, rc, lay, "v1", plain); err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "pushed %s\n", plain)
+
+	step("3. Convert %s to overlaybd → %s", plain, lazy)
+	start = time.Now()
+	source, err := image.OpenRegistrySource(ctx, rc, plain, image.DefaultPlatform())
+	if err != nil {
+		return err
+	}
+	res, err := convert.ConvertImage(ctx, source, convert.ImageOptions{VirtualSize: 8 << 30, WorkDir: work,
+		Progress: func(p convert.Progress) { printProgress(w, p) }})
+	if err != nil {
+		return err
+	}
+	defer res.Cleanup()
+	if err := pushResult(ctx, res, lazy, plain, &registryFlags{plainHTTP: true}); err != nil {
+		return err
+	}
+	var total int64
+	for _, b := range res.Blobs {
+		total += b.Desc.Size
+	}
+	fmt.Fprintf(w, "converted and pushed in %s: %d layers, %s of layer blobs\n", timed(start), len(res.Blobs), humanBytes(total))
+
+	step("4. Pull it lazily into containerd (obd pull)")
+	c, err := client.New(sb.Containerd)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	cctx := namespaces.WithNamespace(ctx, sb.Namespace)
+	sb.ResetCounters()
+	start = time.Now()
+	pr, err := pull.Pull(cctx, c, lazy.String(), pull.Options{})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "pulled in %s: %d of %d layers lazy; fetched from the registry: %s (manifest and config only)\n",
+		timed(start), pr.Lazy, pr.Layers, humanBytes(sumBytes(sb.BlobBytes())))
+
+	step("5. Run a container from it (ctr run --snapshotter overlaybd)")
+	sb.ResetCounters()
+	start = time.Now()
+	out, err := sb.Ctr(ctx, "run", "--rm", "--snapshotter", "overlaybd", lazy.String(), "demo1", "/bin/sh", "/app/run.sh").CombinedOutput()
+	fmt.Fprintf(w, "%s", out)
+	if err != nil {
+		return fmt.Errorf("ctr run: %w", err)
+	}
+	fetched := sumBytes(sb.BlobBytes())
+	fmt.Fprintf(w, "container ran in %s, reading files from all 3 layers; it fetched %s of %s (%.1f%%) of the image's layers\n",
+		timed(start), humanBytes(fetched), humanBytes(total), 100*float64(fetched)/float64(total))
+
+	step("done: everything is cleaned up")
+	return nil
+}
+
+func sumBytes(m map[string]int64) int64 {
+	var n int64
+	for _, v := range m {
+		n += v
+	}
+	return n
+}
+
+// buildDemoImage writes a three-layer image (tag v1) to an OCI layout: busybox from its Debian package, the
+// shell's applet links and a config file, and an app with a large data file.
+func buildDemoImage(ctx context.Context, w io.Writer, dir, debCache string) error {
+	deb, err := debianPackage(ctx, w, "busybox-static", debCache)
+	if err != nil {
+		return err
+	}
+	base, err := exec.CommandContext(ctx, "dpkg-deb", "--fsys-tarfile", deb).Output()
+	if err != nil {
+		return fmt.Errorf("dpkg-deb --fsys-tarfile %s: %w", deb, err)
+	}
+	mtime := time.Unix(1700000000, 0)
+	var links, app bytes.Buffer
+	tw := tar.NewWriter(&links)
+	for _, n := range []string{"sh", "cat", "ls", "echo", "wc", "head"} {
+		tw.WriteHeader(&tar.Header{Name: "bin/" + n, Typeflag: tar.TypeSymlink, Linkname: "busybox", Mode: 0o777, ModTime: mtime})
+	}
+	motd := "hello from layer 2 (the busybox package is layer 1)\n"
+	tw.WriteHeader(&tar.Header{Name: "etc/motd", Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(len(motd)), ModTime: mtime})
+	tw.Write([]byte(motd))
+	tw.Close()
+	tw = tar.NewWriter(&app)
+	script := "cat /etc/motd\necho \"layer 3: /app holds $(ls /app | wc -l) files; the app reads only this script\"\nbusybox | head -1\n"
+	tw.WriteHeader(&tar.Header{Name: "app/run.sh", Typeflag: tar.TypeReg, Mode: 0o755, Size: int64(len(script)), ModTime: mtime})
+	tw.Write([]byte(script))
+	data := make([]byte, 64<<20)
+	rng := rand.NewChaCha8([32]byte{'o', 'b', 'd'})
+	rng.Read(data)
+	tw.WriteHeader(&tar.Header{Name: "app/data.bin", Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(len(data)), ModTime: mtime})
+	tw.Write(data)
+	tw.Close()
+	return writeOCIImage(dir, "v1", [][]byte{base, links.Bytes(), app.Bytes()})
+}
+
+// debianPackage downloads a package's .deb into cache (once) and returns its path.
+func debianPackage(ctx context.Context, w io.Writer, name, cache string) (string, error) {
+	if err := os.MkdirAll(cache, 0o755); err != nil {
+		return "", err
+	}
+	find := func() string {
+		m, _ := filepath.Glob(filepath.Join(cache, name+"_*.deb"))
+		sort.Strings(m)
+		if len(m) == 0 {
+			return ""
+		}
+		return m[len(m)-1]
+	}
+	if p := find(); p != "" {
+		return p, nil
+	}
+	dl := exec.CommandContext(ctx, "apt-get", "download", name)
+	dl.Dir = cache
+	if out, err := dl.CombinedOutput(); err != nil {
+		fmt.Fprintf(w, "apt-get download %s failed (%v); running apt-get update\n", name, strings.TrimSpace(string(out)))
+		if out, err := exec.CommandContext(ctx, "apt-get", "update").CombinedOutput(); err != nil {
+			return "", fmt.Errorf("apt-get update: %v\n%s", err, out)
+		}
+		dl = exec.CommandContext(ctx, "apt-get", "download", name)
+		dl.Dir = cache
+		if out, err := dl.CombinedOutput(); err != nil {
+			return "", fmt.Errorf("apt-get download %s: %v\n%s", name, err, out)
+		}
+	}
+	if p := find(); p != "" {
+		return p, nil
+	}
+	return "", fmt.Errorf("apt-get download %s left no .deb in %s", name, cache)
+}
+
+// writeOCIImage writes layers (uncompressed tars, stored gzip'd) as an image tagged tag in an OCI layout.
+func writeOCIImage(dir, tag string, layers [][]byte) error {
+	lay, err := image.CreateLayout(dir)
+	if err != nil {
+		return err
+	}
+	var m ocispec.Manifest
+	m.SchemaVersion, m.MediaType = 2, ocispec.MediaTypeImageManifest
+	var cfg ocispec.Image
+	cfg.OS, cfg.Architecture, cfg.RootFS.Type = "linux", "amd64", "layers"
+	cfg.Config.Env = []string{"PATH=/bin"}
+	for _, l := range layers {
+		var gz bytes.Buffer
+		zw := gzip.NewWriter(&gz)
+		zw.Write(l)
+		zw.Close()
+		d, err := lay.PutBlobBytes(ocispec.MediaTypeImageLayerGzip, gz.Bytes())
+		if err != nil {
+			return err
+		}
+		m.Layers = append(m.Layers, d)
+		cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, digest.FromBytes(l))
+	}
+	cb, err := json.Marshal(cfg)
+	if err != nil {
+		return err
+	}
+	if m.Config, err = lay.PutBlobBytes(ocispec.MediaTypeImageConfig, cb); err != nil {
+		return err
+	}
+	mb, err := json.Marshal(m)
+	if err != nil {
+		return err
+	}
+	md, err := lay.PutBlobBytes(ocispec.MediaTypeImageManifest, mb)
+	if err != nil {
+		return err
+	}
+	return lay.Tag(tag, md)
+}
