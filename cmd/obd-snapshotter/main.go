@@ -19,6 +19,8 @@ import (
 
 	"github.com/containerd/log"
 	"github.com/spf13/cobra"
+
+	obdconfig "github.com/obdproject/obd/internal/config"
 )
 
 func main() {
@@ -42,7 +44,11 @@ Point containerd at it with:
 
   [proxy_plugins.overlaybd]
     type = "snapshot"
-    address = "` + defaultAddress + `"`,
+    address = "` + defaultAddress + `"
+
+Next to its socket it serves a status endpoint ('obd status', 'obd health'; GET /status, /healthz, /metrics on
+<address without .sock>.status.sock) and, on [metrics] address (default ` + obdconfig.DefaultMetricsAddress + `), Prometheus
+metrics. Device reads slower than [audit] slow_read_ms are written to the audit log. See docs/operations.md.`,
 		Args:          cobra.NoArgs,
 		SilenceUsage:  true,
 		SilenceErrors: true,
@@ -69,12 +75,18 @@ Point containerd at it with:
 			}
 			log.G(cmd.Context()).WithFields(log.Fields{"root": sc.Root, "address": sc.Address}).Info("starting obd-snapshotter")
 			cfg.Snapshotter = sc
-			nd, err := newNode(cfg, slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slogLevel(sc.LogLevel)})))
+			logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slogLevel(sc.LogLevel)}))
+			o, err := newOps(cfg, configPath, logger)
+			if err != nil {
+				return err
+			}
+			defer o.close()
+			nd, err := newNode(cfg, logger, o)
 			if err != nil {
 				return err
 			}
 			defer nd.Close()
-			return run(cmd.Context(), sc, nd.mounter)
+			return runWith(cmd.Context(), sc, nd.mounter, o)
 		},
 	}
 	f := cmd.Flags()

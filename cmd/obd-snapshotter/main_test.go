@@ -2,11 +2,13 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -21,6 +23,7 @@ import (
 
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/snapshotter"
+	"github.com/obdproject/obd/internal/status"
 	"github.com/obdproject/obd/internal/testenv"
 )
 
@@ -77,7 +80,7 @@ func TestDaemon(t *testing.T) {
 	})
 	cfgPath := filepath.Join(dir, "obd.toml")
 	address := filepath.Join(dir, "run", "sn.sock")
-	cfg := fmt.Sprintf("[snapshotter]\nroot = %q\naddress = %q\n[cache]\ndir = %q\n[registry]\nretry_budget = \"1s\"\n",
+	cfg := fmt.Sprintf("[snapshotter]\nroot = %q\naddress = %q\n[cache]\ndir = %q\n[registry]\nretry_budget = \"1s\"\n[metrics]\naddress = \"127.0.0.1:0\"\n",
 		filepath.Join(dir, "not-this-root"), address, filepath.Join(dir, "cache"))
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
@@ -143,6 +146,38 @@ func TestDaemon(t *testing.T) {
 		t.Errorf("Remove of an overlaybd layer whose mount failed: %v", err)
 	}
 
+	// The status endpoint next to the socket: health, status and metrics of the calls above.
+	sc := status.NewClient(filepath.Join(dir, "run", "sn.status.sock"), 5*time.Second)
+	if err := sc.Healthz(ctx); err != nil {
+		t.Errorf("healthz: %v", err)
+	}
+	st, err := sc.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Config.Root != root || st.Config.Address != address || st.Cache.CapacityBytes != 4<<30 || st.PID != os.Getpid() {
+		t.Errorf("status %+v: want the daemon's configuration", st)
+	}
+	var normal *status.Image
+	for i, img := range st.Images {
+		if img.Mode == status.ModeOverlayfs {
+			normal = &st.Images[i]
+		}
+	}
+	if normal == nil || !slices.Contains(normal.Snapshots, "b") || normal.Reason == "" {
+		t.Errorf("status images %+v: want snapshot b over a normal image, with a reason", st.Images)
+	}
+	metrics, err := sc.Metrics(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`obd_grpc_requests_total{method="Prepare"} 4`, `obd_grpc_errors_total{code="AlreadyExists",method="Prepare"} 1`,
+		"obd_cache_capacity_bytes 4.294967296e+09", "obd_build_info{"} {
+		if !strings.Contains(string(metrics), want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+
 	cancel()
 	select {
 	case err := <-done:
@@ -154,6 +189,9 @@ func TestDaemon(t *testing.T) {
 	}
 	if _, err := os.Stat(address); !os.IsNotExist(err) {
 		t.Errorf("socket left after shutdown: %v", err)
+	}
+	if err := sc.Healthz(context.Background()); !errors.Is(err, status.ErrNotRunning) {
+		t.Errorf("healthz after shutdown: %v, want ErrNotRunning", err)
 	}
 }
 

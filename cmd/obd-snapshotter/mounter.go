@@ -22,7 +22,8 @@ type node struct {
 }
 
 // newNode opens the block cache and builds the image mounter that serves overlaybd images through FUSE + loop.
-func newNode(cfg config, logger *slog.Logger) (*node, error) {
+// o (optional) receives the registry requests and device reads for metrics and the audit log.
+func newNode(cfg config, logger *slog.Logger, o *ops) (*node, error) {
 	c, err := cache.Open(cache.Options{
 		Dir: cfg.Cache.Dir, CapacityBytes: cfg.Cache.SizeGB << 30, BlockSize: cfg.Cache.BlockSizeKB << 10, Logger: logger,
 	})
@@ -31,13 +32,21 @@ func newNode(cfg config, logger *slog.Logger) (*node, error) {
 	}
 	budget, _ := time.ParseDuration(cfg.Registry.RetryBudget)
 	cs := &clientSet{cfg: cfg.Registry, budget: budget, logger: logger, clients: map[string]*registry.Client{}}
+	var fopts []device.FuseLoopOption
+	if o != nil {
+		cs.observer = o.observeRegistry
+		fopts = append(fopts, device.WithReadObserver(o.reads.observe))
+	}
 	m := mounter.New(mounter.Options{
-		Frontend: device.NewFuseLoop(logger),
+		Frontend: device.NewFuseLoop(logger, fopts...),
 		StateDir: filepath.Join(cfg.Snapshotter.Root, "devices"),
 		Cache:    c,
 		Registry: cs.get,
 		Logger:   logger,
 	})
+	if o != nil {
+		o.attach(c, m)
+	}
 	return &node{mounter: m, cache: c, clients: cs}, nil
 }
 
@@ -48,11 +57,13 @@ func (n *node) Close() error {
 
 // clientSet keeps one registry client per host, configured from the [registry] table.
 type clientSet struct {
-	cfg     registryConfig
-	budget  time.Duration
-	logger  *slog.Logger
-	mu      sync.Mutex
-	clients map[string]*registry.Client
+	cfg    registryConfig
+	budget time.Duration
+	logger *slog.Logger
+	// observer, if set, is every client's Options.Observer (metrics).
+	observer func(op string, status int, bytes int64, d time.Duration, err error)
+	mu       sync.Mutex
+	clients  map[string]*registry.Client
 }
 
 func (cs *clientSet) get(host string) (*registry.Client, error) {
@@ -68,16 +79,22 @@ func (cs *clientSet) get(host string) (*registry.Client, error) {
 		Mirrors:     cs.cfg.Mirrors,
 		UserAgent:   "obd-snapshotter",
 		Logger:      cs.logger,
+		Observer:    cs.observer,
 	}
-	path := cs.cfg.DockerConfig
-	if path == "" {
-		path = registry.DefaultDockerConfigPath()
-	}
+	path := dockerConfigPath(cs.cfg)
 	creds, err := registry.LoadDockerConfig(path)
 	if err != nil {
 		return nil, err
 	}
-	opts.Credentials, opts.CredentialSource = creds, path
+	// Token helpers ('obd credentials set --helper') come first; they are run again before their tokens expire.
+	helpers, err := registry.NewHelperCredentials(cs.cfg.CredentialHelpers, creds)
+	if err != nil {
+		return nil, err
+	}
+	opts.Credentials, opts.RefreshCredentials, opts.CredentialSource = helpers.Credential, helpers.Refresh, path
+	if helpers.Has(host) {
+		opts.CredentialSource = cs.cfg.CredentialHelpers + " (token helper)"
+	}
 	c, err := registry.New(opts)
 	if err != nil {
 		return nil, fmt.Errorf("registry %s: %w", host, err)

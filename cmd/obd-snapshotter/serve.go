@@ -24,6 +24,12 @@ const stopGrace = 10 * time.Second
 // run opens the snapshotter under cfg.Root, re-mounts the images of existing containers in the background and
 // serves the snapshots API on cfg.Address until ctx is cancelled.
 func run(ctx context.Context, cfg snapshotterConfig, mounter snapshotter.ImageMounter) error {
+	return runWith(ctx, cfg, mounter, nil)
+}
+
+// runWith is run that, when o is not nil, also serves the status endpoint and the metrics, and measures the
+// snapshots API calls.
+func runWith(ctx context.Context, cfg snapshotterConfig, mounter snapshotter.ImageMounter, o *ops) error {
 	sn, err := snapshotter.New(cfg.Root, mounter)
 	if err != nil {
 		return err
@@ -48,16 +54,25 @@ func run(ctx context.Context, cfg snapshotterConfig, mounter snapshotter.ImageMo
 		wg.Wait()
 	}()
 
-	return serve(ctx, sn, cfg.Address)
+	var sopts []grpc.ServerOption
+	if o != nil {
+		stop, err := o.startServers(ctx, sn, cfg)
+		if err != nil {
+			return err
+		}
+		defer stop()
+		sopts = append(sopts, grpc.UnaryInterceptor(o.unaryInterceptor))
+	}
+	return serve(ctx, sn, cfg.Address, sopts...)
 }
 
 // serve serves the snapshots gRPC API for sn on the unix socket address until ctx is cancelled.
-func serve(ctx context.Context, sn *snapshotter.Snapshotter, address string) error {
+func serve(ctx context.Context, sn *snapshotter.Snapshotter, address string, opts ...grpc.ServerOption) error {
 	l, err := listen(address)
 	if err != nil {
 		return err
 	}
-	srv := grpc.NewServer()
+	srv := grpc.NewServer(opts...)
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
 
 	served := make(chan error, 1)

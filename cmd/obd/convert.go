@@ -2,14 +2,19 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"os"
+	"strings"
+	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/obdproject/obd/internal/convert"
 	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/registry"
 )
 
 func newConvertCmd() *cobra.Command {
@@ -17,11 +22,13 @@ func newConvertCmd() *cobra.Command {
 		vsizeGB   int64
 		baseLayer string
 		oci       bool
+		referrer  bool
 		platform  string
 		workDir   string
 		asJSON    bool
 		zf        zfileFlags
 		rf        registryFlags
+		dbf       dbFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "convert SRC DST",
@@ -32,10 +39,24 @@ the same input always gives the same digests.
 
 SRC is a registry reference (HOST[:PORT]/REPO[:TAG|@DIGEST]), oci:DIR[:TAG] or docker-archive:FILE[:TAG];
 DST is a registry reference or oci:DIR[:TAG]. Registry credentials come from the docker config file
-($DOCKER_CONFIG/config.json or ~/.docker/config.json) unless --creds is given.`,
+($DOCKER_CONFIG/config.json or ~/.docker/config.json) unless --creds is given.
+
+Layers converted before (same source layers below them, same options) are reused from the conversion database
+(--db) instead of being applied again; the result is the same bytes. The database keeps converted layer blobs next
+to it, at most --db-max-size bytes, and remembers which registry repositories hold them, so a push to that
+registry mounts them even after they left the local store.
+
+--platform all converts every platform of an index (attestations and entries without a platform are skipped) and
+writes an index of the converted images: a Docker manifest list for a Docker manifest list, else an OCI index.
+
+--referrer writes OCI media types and makes the converted manifest (and index) a referrer of the source: its
+subject is the source's manifest (index), its artifactType
+` + convert.ArtifactTypeOverlaybd + `. Without a tag in DST it is stored by digest only.`,
 		Example: `  obd convert oci:testdata/upstream/hello-world-oci:amd64 oci:out:hello-obd
   obd convert docker-archive:app.tar oci:out:app-obd --oci
-  obd convert 127.0.0.1:5000/app:v1 127.0.0.1:5000/app:v1-obd`,
+  obd convert 127.0.0.1:5000/app:v1 127.0.0.1:5000/app:v1-obd
+  obd convert --platform all oci:testdata/upstream/hello-world-oci:docker-list oci:out:hello-all
+  obd convert --referrer 127.0.0.1:5000/app:v1 127.0.0.1:5000/app`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			src, err := image.ParseRef(args[0])
@@ -49,9 +70,25 @@ DST is a registry reference or oci:DIR[:TAG]. Registry credentials come from the
 			if dst.Transport == image.TransportDockerArchive {
 				return fmt.Errorf("destination %s: write to a registry or an OCI layout (oci:DIR[:TAG])", dst)
 			}
-			plat := image.DefaultPlatform()
-			if platform != "" {
-				if plat, err = image.ParsePlatform(platform); err != nil {
+			if referrer && src.Transport == image.TransportDockerArchive {
+				return fmt.Errorf("--referrer: the source must be a registry image or an OCI layout (a docker-archive's manifest is not stored anywhere a referrer could point to)")
+			}
+			job := &convertJob{src: src, dst: dst, tag: dst.Tag, platform: image.DefaultPlatform(), rf: &rf}
+			if dst.Digest != "" {
+				if dst.Transport != image.TransportRegistry {
+					return fmt.Errorf("destination %s: name a tag, not a digest (the digest is the result's)", dst)
+				}
+				job.tag = ""
+			}
+			if referrer && !explicitSelector(args[1], dst) {
+				job.tag = "" // a referrer is found through its subject: no tag needed
+			}
+			switch platform {
+			case "":
+			case "all":
+				job.all = true
+			default:
+				if job.platform, err = image.ParsePlatform(platform); err != nil {
 					return err
 				}
 			}
@@ -62,68 +99,94 @@ DST is a registry reference or oci:DIR[:TAG]. Registry credentials come from the
 			if vsizeGB <= 0 || vsizeGB > 1<<14 {
 				return fmt.Errorf("--vsize %d: want 1..16384 GiB", vsizeGB)
 			}
-			source, err := openSource(cmd.Context(), src, plat, &rf)
-			if err != nil {
+			job.opts = convert.ImageOptions{VirtualSize: vsizeGB << 30, BaseLayer: baseLayer, ZFile: zopts, OCI: oci || referrer, WorkDir: workDir, Referrer: referrer}
+			if !asJSON {
+				job.progress = cmd.ErrOrStderr()
+			}
+			if job.db, err = dbf.open(cmd.ErrOrStderr()); err != nil {
 				return err
 			}
-			defer source.Close()
-			var progress io.Writer
-			if !asJSON {
-				progress = cmd.ErrOrStderr()
-			}
 			start := time.Now()
-			res, err := convert.ConvertImage(cmd.Context(), source, convert.ImageOptions{
-				VirtualSize: vsizeGB << 30, BaseLayer: baseLayer, ZFile: zopts, OCI: oci, WorkDir: workDir,
-				Progress: func(p convert.Progress) {
-					if progress != nil {
-						printProgress(progress, p)
-					}
-				},
-			})
-			if err != nil {
-				return fmt.Errorf("convert %s: %w", src, err)
-			}
-			defer res.Cleanup()
-			if dst.Transport == image.TransportRegistry {
-				err = pushResult(cmd.Context(), res, dst, src, &rf)
-			} else {
-				err = writeResultToLayout(res, dst)
-			}
-			if err != nil {
-				return fmt.Errorf("write %s: %w", dst, err)
+			if err := job.run(cmd.Context()); err != nil {
+				return withHint(err, workDir)
 			}
 			if asJSON {
 				out := struct {
-					Manifest string         `json:"manifest"`
-					Config   string         `json:"config"`
-					Layers   []string       `json:"layers"`
-					Seconds  float64        `json:"seconds"`
-					Stages   map[string]any `json:"stageSeconds"`
-				}{Manifest: res.ManifestDesc.Digest.String(), Config: res.ConfigDesc.Digest.String(), Seconds: time.Since(start).Seconds(), Stages: map[string]any{}}
-				for _, b := range res.Blobs {
-					out.Layers = append(out.Layers, b.Desc.Digest.String())
+					Manifest  string             `json:"manifest"`
+					MediaType string             `json:"mediaType"`
+					Config    string             `json:"config,omitempty"`
+					Layers    []string           `json:"layers"`
+					Reused    []string           `json:"reused,omitempty"`
+					Platforms []convertedImage   `json:"platforms,omitempty"`
+					Seconds   float64            `json:"seconds"`
+					Stages    map[string]float64 `json:"stageSeconds"`
+				}{Manifest: job.top.Digest.String(), MediaType: job.top.MediaType, Seconds: time.Since(start).Seconds(), Stages: job.timings}
+				for _, ci := range job.converted {
+					out.Layers = append(out.Layers, ci.Layers...)
+					out.Reused = append(out.Reused, ci.Reused...)
 				}
-				for k, v := range res.Timings {
-					out.Stages[k] = v.Seconds()
+				if job.all && len(job.converted) > 0 && job.converted[0].Platform != nil {
+					out.Platforms = job.converted
+				} else if len(job.converted) == 1 {
+					out.Config = job.converted[0].Config
 				}
 				enc := json.NewEncoder(cmd.OutOrStdout())
 				enc.SetIndent("", "  ")
 				return enc.Encode(out)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "converted %s → %s: manifest %s, %d layers, %s\n",
-				src, dst, res.ManifestDesc.Digest, len(res.Blobs), time.Since(start).Round(time.Millisecond))
+			what := fmt.Sprintf("manifest %s, %d layers", job.top.Digest, len(job.converted[0].Layers))
+			if len(job.converted) > 1 || job.converted[0].Platform != nil {
+				what = fmt.Sprintf("index %s, %d platforms", job.top.Digest, len(job.converted))
+			}
+			reused := 0
+			for _, ci := range job.converted {
+				reused += len(ci.Reused)
+			}
+			if reused > 0 {
+				what += fmt.Sprintf(" (%d reused)", reused)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "converted %s → %s: %s, %s\n", src, destName(dst, job.tag), what, time.Since(start).Round(time.Millisecond))
 			return nil
 		},
 	}
 	cmd.Flags().Int64Var(&vsizeGB, "vsize", 64, "virtual disk size in GiB")
 	cmd.Flags().StringVar(&baseLayer, "base-layer", "", "stack on this base layer file (e.g. upstream's ext4_64) instead of formatting a new filesystem")
 	cmd.Flags().BoolVar(&oci, "oci", false, "OCI media types (default: Docker schema 2, like upstream)")
-	cmd.Flags().StringVar(&platform, "platform", "", "os/arch[/variant] to convert from a multi-platform image (default: this machine's)")
+	cmd.Flags().BoolVar(&referrer, "referrer", false, "push the result as an OCI referrer of the source (subject, artifactType; implies --oci)")
+	cmd.Flags().StringVar(&platform, "platform", "", "os/arch[/variant] to convert from a multi-platform image (default: this machine's), or all")
 	cmd.Flags().StringVar(&workDir, "work-dir", "", "directory for scratch files (default: the system temp dir)")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the result as JSON, no progress")
 	zf.register(cmd)
 	rf.register(cmd)
+	dbf.register(cmd)
 	return cmd
+}
+
+// destName formats where the result went: the reference, by digest when untagged.
+func destName(dst image.Ref, tag string) string {
+	if tag != "" || dst.Digest != "" {
+		return dst.String()
+	}
+	dst.Tag = ""
+	return dst.String() + " (untagged)"
+}
+
+// withHint says what to do about a full disk, or how to pass credentials when a registry refused the request.
+func withHint(err error, workDir string) error {
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		if workDir == "" {
+			workDir = os.TempDir()
+		}
+		return fmt.Errorf("%w (the work dir %s holds every layer of the image, uncompressed and compressed, until the conversion ends: free space there or pass --work-dir on a larger filesystem)", err, workDir)
+	}
+	if !errors.Is(err, registry.ErrUnauthorized) {
+		return err
+	}
+	how := "pass --creds USER:PASSWORD, or store credentials for the registry in the docker config file (e.g. 'docker login HOST')"
+	if msg := err.Error(); !strings.Contains(msg, "401") && !strings.Contains(msg, "403") {
+		return fmt.Errorf("%w: the registry answered 401 Unauthorized and obd has no credentials for it; %s", err, how)
+	}
+	return fmt.Errorf("%w; %s", err, how)
 }
 
 func printProgress(w io.Writer, p convert.Progress) {
@@ -136,29 +199,9 @@ func printProgress(w io.Writer, p convert.Progress) {
 		fmt.Fprintf(w, "layer %d/%d: compressed to %s in %s\n", p.Layer+1, p.Layers, humanBytes(p.Bytes), p.Elapsed.Round(time.Millisecond))
 	case "done":
 		fmt.Fprintf(w, "layer %d/%d: blob %s (%s)\n", p.Layer+1, p.Layers, p.Digest, humanBytes(p.Bytes))
+	case "reused":
+		fmt.Fprintf(w, "layer %d/%d: reused %s (%s, from %s)\n", p.Layer+1, p.Layers, p.Digest, humanBytes(p.Bytes), p.Detail)
+	case "warning":
+		fmt.Fprintf(w, "layer %d/%d: warning: %s\n", p.Layer+1, p.Layers, p.Detail)
 	}
-}
-
-// writeResultToLayout stores a conversion result in an OCI layout and tags it.
-func writeResultToLayout(res *convert.Result, dst image.Ref) error {
-	lay, err := image.CreateLayout(dst.Path)
-	if err != nil {
-		return err
-	}
-	for _, b := range res.Blobs {
-		if err := lay.PutBlobFile(b.Path, b.Desc.Digest, b.Desc.Size); err != nil {
-			return err
-		}
-	}
-	if _, err := lay.PutBlobBytes(res.ConfigDesc.MediaType, res.Config); err != nil {
-		return err
-	}
-	if _, err := lay.PutBlobBytes(res.ManifestDesc.MediaType, res.Manifest); err != nil {
-		return err
-	}
-	tag := dst.Tag
-	if tag == "" {
-		tag = "latest"
-	}
-	return lay.Tag(tag, res.ManifestDesc)
 }

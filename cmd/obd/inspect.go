@@ -125,6 +125,9 @@ func inspectBlob(path string) (blobInfo, error) {
 	}
 	kind, err := lsmt.Kind(r, size)
 	if err != nil {
+		if info.Tar == nil && info.ZFile == nil {
+			return info, fmt.Errorf("%s: not an overlaybd blob or layer file (no tar wrapper, ZFile or LSMT layer in it): %w", path, err)
+		}
 		return info, fmt.Errorf("%s: %w", path, err)
 	}
 	l, err := lsmt.Open(r, size)

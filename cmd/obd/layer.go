@@ -5,6 +5,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 
 	"github.com/spf13/cobra"
 
@@ -60,8 +61,9 @@ func newLayerCreateCmd() *cobra.Command {
 		Short: "Create an empty writable layer (files DATA and INDEX) with a virtual size in GiB",
 		Args:  cobra.ExactArgs(3),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var gb int64
-			if _, err := fmt.Sscan(args[2], &gb); err != nil || gb <= 0 || gb > 1<<14 {
+			// strconv, not fmt.Sscan: Sscan stops at the first byte that is not a digit, so "1.5" or "2GB" passed.
+			gb, err := strconv.ParseInt(args[2], 10, 64)
+			if err != nil || gb <= 0 || gb > 1<<14 {
 				return fmt.Errorf("virtual size %q: want a whole number of GiB between 1 and 16384", args[2])
 			}
 			data, err := os.OpenFile(args[0], os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
@@ -164,6 +166,11 @@ func newLayerZfileCmd() *cobra.Command {
 				return err
 			}
 			defer in.Close()
+			if st, err := in.Stat(); err != nil {
+				return err
+			} else if st.IsDir() {
+				return fmt.Errorf("%s is a directory, not a layer file", args[0])
+			}
 			return writeLayerFile(args[1], true, wrap, zopts, func(f *os.File) error {
 				_, err := io.Copy(f, in)
 				return err
@@ -199,8 +206,10 @@ func newLayerUnzfileCmd() *cobra.Command {
 				return fmt.Errorf("%s: %w", args[0], err)
 			}
 			return writeLayerFile(args[1], false, false, zfile.Options{}, func(f *os.File) error {
-				_, err := zfile.Decompress(f, z)
-				return err
+				if _, err := zfile.Decompress(f, z); err != nil {
+					return fmt.Errorf("%s: %w", args[0], err)
+				}
+				return nil
 			})
 		},
 	}
@@ -209,6 +218,9 @@ func newLayerUnzfileCmd() *cobra.Command {
 // writeLayerFile runs produce (which writes a plain layer file) and stores its output at path, compressed into a
 // ZFile and/or tar-wrapped as asked. Intermediate files live beside path and are removed on every outcome.
 func writeLayerFile(path string, compress, wrap bool, zopts zfile.Options, produce func(*os.File) error) error {
+	if st, err := os.Stat(path); err == nil && st.IsDir() {
+		return fmt.Errorf("%s is a directory; give the path of the file to write", path)
+	}
 	stage := func(name string, next func(*os.File) error) (string, error) {
 		f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+"."+name+"*")
 		if err != nil {

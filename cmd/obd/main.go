@@ -30,6 +30,7 @@ read lazily from the registry so a container starts before its image is download
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newInspectCmd(), newExportRawCmd(), newLayerCmd(), newPullCmd(), newConvertCmd(), newVerifyCmd(), newDemoCmd())
+	root.AddCommand(newInspectCmd(), newExportRawCmd(), newLayerCmd(), newPullCmd(), newConvertCmd(), newVerifyCmd(), newDemoCmd(),
+		newInstallCmd(), newLoginCmd(), newCredentialsCmd(), newStatusCmd(), newHealthCmd())
 	return root
 }

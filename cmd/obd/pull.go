@@ -2,7 +2,9 @@ package main
 
 import (
 	"fmt"
+	"os"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/containerd/containerd/v2/client"
@@ -24,6 +26,13 @@ func (f *containerdFlags) register(cmd *cobra.Command) {
 }
 
 func (f *containerdFlags) connect() (*client.Client, error) {
+	// client.New connects lazily: without this check a missing socket surfaces only 10s later, in the first call,
+	// as a bare gRPC "dial ... timeout".
+	if path, ok := strings.CutPrefix(f.address, "unix://"); ok || !strings.Contains(f.address, "://") {
+		if _, err := os.Stat(path); err != nil {
+			return nil, fmt.Errorf("connect to containerd at %s: %w (is containerd running? set --address)", f.address, err)
+		}
+	}
 	c, err := client.New(f.address, client.WithTimeout(10*time.Second))
 	if err != nil {
 		return nil, fmt.Errorf("connect to containerd at %s: %w (is containerd running? set --address)", f.address, err)

@@ -1,10 +1,8 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"fmt"
-	"os"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -67,36 +65,18 @@ func openSource(ctx context.Context, ref image.Ref, platform image.Platform, rf 
 	return image.OpenRegistrySource(ctx, c, ref, platform)
 }
 
-// pushResult pushes a converted image: layer blobs (mounted from the source repository when it is on the same
-// registry), config, then the manifest under the tag — last, so a failure never leaves a partial image tagged.
+// pushResult pushes a converted image under dst's tag (by digest only when dst names a digest): layer blobs
+// (mounted from the source repository when it is on the same registry), config, then the manifest — last, so a
+// failure never leaves a partial image tagged.
 func pushResult(ctx context.Context, res *convert.Result, dst, src image.Ref, rf *registryFlags) error {
 	c, err := rf.client(dst.Host())
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	var mountFrom []string
-	if src.Transport == image.TransportRegistry && src.Host() == dst.Host() && src.Repository() != dst.Repository() {
-		mountFrom = []string{src.Repository()}
-	}
-	for _, b := range res.Blobs {
-		f, err := os.Open(b.Path)
-		if err != nil {
-			return err
-		}
-		err = c.PushBlob(ctx, dst.Host(), dst.Repository(), b.Desc, f, mountFrom...)
-		f.Close()
-		if err != nil {
-			return err
-		}
-	}
-	if err := c.PushBlob(ctx, dst.Host(), dst.Repository(), res.ConfigDesc, bytes.NewReader(res.Config)); err != nil {
-		return err
-	}
 	tag := dst.Tag
 	if dst.Digest != "" {
 		tag = ""
 	}
-	_, err = c.PushManifest(ctx, dst.Host(), dst.Repository(), tag, res.ManifestDesc.MediaType, res.Manifest)
-	return err
+	return (&registryDest{c: c, dst: dst, src: src}).putImage(ctx, res, tag, true)
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync/atomic"
 
 	"github.com/opencontainers/go-digest"
 )
@@ -17,6 +18,8 @@ type Reader struct {
 	key  digest.Digest
 	size int64
 	src  io.ReaderAt
+
+	hits, misses atomic.Int64 // this Reader's share of the Cache's counters
 }
 
 // Reader returns a Reader for the blob key of size bytes, whose bytes come from src (typically the registry blob).
@@ -61,6 +64,10 @@ func (c *Cache) Reader(key digest.Digest, size int64, src io.ReaderAt) *Reader {
 
 // Size returns the blob's size.
 func (r *Reader) Size() int64 { return r.size }
+
+// Stats returns the blocks this Reader served from disk (hits) and fetched or waited for (misses); reads of a
+// Reader that does not cache count as neither.
+func (r *Reader) Stats() (hits, misses int64) { return r.hits.Load(), r.misses.Load() }
 
 // ReadAt reads len(p) bytes at off. It reads less only at the end of the blob, and then returns io.EOF.
 func (r *Reader) ReadAt(p []byte, off int64) (int, error) {
@@ -156,6 +163,8 @@ func (r *Reader) readCached(p []byte, off int64) error {
 	b.touch()
 	r.c.hits.Add(hits)
 	r.c.misses.Add(misses)
+	r.hits.Add(hits)
+	r.misses.Add(misses)
 
 	for _, f := range own {
 		r.fill(f)

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	digest "github.com/opencontainers/go-digest"
@@ -41,15 +42,36 @@ type ImageOptions struct {
 	WorkDir string
 	// Progress, if set, is called as each layer moves through the stages.
 	Progress func(Progress)
+	// DB, if set, reuses layers converted before with the same options (see DB) and records the layers converted
+	// now. The result is byte-identical to a conversion without it.
+	DB *DB
+	// Remote, if set, lets DB reuse layers that its local store no longer holds but a registry repository does.
+	Remote *RemoteBlobs
+	// Referrer makes the manifest an OCI referrer of the source manifest: OCI media types, subject = the source
+	// manifest's descriptor, artifactType = ArtifactTypeOverlaybd (as upstream's converter does with --referrer).
+	Referrer bool
+}
+
+// ArtifactTypeOverlaybd is the artifactType of overlaybd images pushed as referrers of their source image.
+const ArtifactTypeOverlaybd = "application/vnd.containerd.overlaybd.native.v1+json"
+
+// RemoteBlobs gives access to layer blobs in the registry a conversion is pushed to.
+type RemoteBlobs struct {
+	// Host is the destination registry (host[:port]); DB locations on other registries are not used.
+	Host string
+	// Open gives random access to blob desc in repository repo of Host, to read a reused layer that a layer above
+	// it is converted on. Only the blocks the filesystem needs are read.
+	Open func(ctx context.Context, repo string, desc ocispec.Descriptor) (io.ReaderAt, error)
 }
 
 // Progress reports one step of a conversion.
 type Progress struct {
 	Layer, Layers int    // 0-based layer index and layer count
-	Stage         string // "apply", "commit", "compress", "done"
-	Bytes         int64  // uncompressed tar bytes applied (apply), blob size (done)
+	Stage         string // "apply", "commit", "compress", "done", "reused", "warning"
+	Bytes         int64  // uncompressed tar bytes applied (apply), blob size (done, reused)
 	Elapsed       time.Duration
-	Digest        digest.Digest // blob digest (done)
+	Digest        digest.Digest // blob digest (done, reused)
+	Detail        string        // where a reused blob came from (reused), the message (warning)
 }
 
 // Result is a converted image whose blobs sit in the work directory until Cleanup.
@@ -68,7 +90,14 @@ type Result struct {
 // Blob is a layer blob produced by a conversion.
 type Blob struct {
 	Desc ocispec.Descriptor
+	// Path is the blob's file in the work directory, owned by the Result (it may be moved away). It is "" only for
+	// a layer reused from a registry (see Repos).
 	Path string
+	// Reused says the layer came from ImageOptions.DB instead of being converted.
+	Reused bool
+	// Repos are repositories of ImageOptions.Remote.Host known to hold the blob (reused layers only): a push can
+	// mount it from them.
+	Repos []string
 }
 
 // Cleanup removes the work files.
@@ -82,6 +111,7 @@ type converter struct {
 	lowers  []*lsmt.File
 	files   []*os.File
 	timings map[string]time.Duration
+	keyBase string // layer key prefix (with a DB)
 }
 
 // ConvertImage converts src into an overlaybd image: every layer's tar is applied to an ext4 filesystem edited in
@@ -93,6 +123,13 @@ func ConvertImage(ctx context.Context, src image.Source, opts ImageOptions) (*Re
 	}
 	if opts.VirtualSize%(1<<20) != 0 || opts.VirtualSize < 64<<20 {
 		return nil, fmt.Errorf("virtual size %d: want a multiple of 1 MiB, at least 64 MiB", opts.VirtualSize)
+	}
+	if opts.Referrer {
+		opts.OCI = true
+	}
+	m, _ := src.Manifest()
+	if err := CheckLayers(m); err != nil {
+		return nil, err
 	}
 	dir, err := os.MkdirTemp(opts.WorkDir, "obd-convert-")
 	if err != nil {
@@ -110,8 +147,41 @@ func ConvertImage(ctx context.Context, src image.Source, opts ImageOptions) (*Re
 	return res, nil
 }
 
+// Layer media types ConvertImage reads: tar, plain or compressed with gzip or zstd.
+var layerMediaTypes = map[string]bool{
+	"":                              true, // not said: the content is sniffed
+	ocispec.MediaTypeImageLayer:     true,
+	ocispec.MediaTypeImageLayerGzip: true,
+	ocispec.MediaTypeImageLayerZstd: true,
+	image.MediaTypeDockerLayer:      true,
+	image.MediaTypeDockerLayerGzip:  true,
+	"application/vnd.docker.image.rootfs.diff.tar.zstd": true,
+}
+
+// CheckLayers checks that every layer of m is one ConvertImage can convert, and names the first that is not.
+func CheckLayers(m ocispec.Manifest) error {
+	for i, l := range m.Layers {
+		mt := l.MediaType
+		var why string
+		switch {
+		case l.Annotations[image.AnnotationBlobDigest] != "":
+			why = "it is already an overlaybd layer (the image was converted before)"
+		case strings.Contains(mt, "nondistributable") || strings.Contains(mt, ".foreign."):
+			why = fmt.Sprintf("media type %q is a foreign (non-distributable) layer, which obd does not fetch from its URLs", mt)
+		case strings.HasSuffix(mt, "+encrypted"):
+			why = fmt.Sprintf("media type %q is an encrypted layer: decrypt the image first", mt)
+		case !layerMediaTypes[mt]:
+			why = fmt.Sprintf("unsupported media type %q (obd converts tar layers: uncompressed, gzip or zstd)", mt)
+		default:
+			continue
+		}
+		return fmt.Errorf("layer %d (%s): %s", i, l.Digest, why)
+	}
+	return nil
+}
+
 func (c *converter) run(ctx context.Context) (*Result, error) {
-	m, _ := c.src.Manifest()
+	m, md := c.src.Manifest()
 	cfgBytes, err := c.src.Config(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
@@ -132,6 +202,7 @@ func (c *converter) run(ctx context.Context) (*Result, error) {
 	}
 	res := &Result{dir: c.dir, Timings: c.timings}
 	parentUUID := ""
+	var baseBlob digest.Digest
 	if c.opts.BaseLayer != "" {
 		base, err := c.addBaseLayer()
 		if err != nil {
@@ -139,18 +210,150 @@ func (c *converter) run(ctx context.Context) (*Result, error) {
 		}
 		res.Blobs = append(res.Blobs, base)
 		parentUUID = c.lowers[0].Header().UUID
+		baseBlob = base.Desc.Digest
 	}
+	n := len(m.Layers)
+	chains := make([]digest.Digest, n)
+	keys := make([][]byte, n)
+	if c.opts.DB != nil {
+		c.keyBase = keyPrefix(c.opts.VirtualSize, baseBlob, c.opts.ZFile)
+	}
+	for i := range chains {
+		chains[i] = identity.ChainID(rootfs.DiffIDs[:i+1])
+		keys[i] = layerKey(c.keyBase, chains[i])
+	}
+	plan := c.plan(ctx, keys)
 	for i := range m.Layers {
-		chain := identity.ChainID(rootfs.DiffIDs[:i+1])
-		uuid := chainUUID(chain)
-		b, err := c.convertLayer(ctx, i, len(m.Layers), rootfs.DiffIDs[i], uuid, parentUUID)
+		uuid := chainUUID(chains[i])
+		if r := plan[i]; r != nil {
+			res.Blobs = append(res.Blobs, r.blob)
+			if r.lower != nil {
+				c.lowers = append(c.lowers, r.lower)
+			}
+			if c.opts.Progress != nil {
+				c.opts.Progress(Progress{Layer: i, Layers: n, Stage: "reused", Bytes: r.blob.Desc.Size, Digest: r.blob.Desc.Digest, Detail: r.from})
+			}
+			parentUUID = uuid
+			continue
+		}
+		b, err := c.convertLayer(ctx, i, n, rootfs.DiffIDs[i], uuid, parentUUID)
 		if err != nil {
 			return nil, fmt.Errorf("layer %d (%s): %w", i, m.Layers[i].Digest, err)
 		}
 		res.Blobs = append(res.Blobs, b)
 		parentUUID = uuid
+		if c.opts.DB != nil {
+			rec := layerRecord{Blob: b.Desc.Digest, Size: b.Desc.Size, UUID: uuid, Chain: chains[i], Created: time.Now().UTC()}
+			if err := c.opts.DB.add(keys[i], rec, b.Path); err != nil {
+				c.warn(i, n, fmt.Sprintf("not kept in the conversion database: %v", err))
+			}
+		}
 	}
-	return res, c.writeMetadata(res, cfg, m)
+	return res, c.writeMetadata(res, cfg, m, md)
+}
+
+// reuse is a layer taken from the DB.
+type reuse struct {
+	blob  Blob
+	lower *lsmt.File // the layer, when a layer above it is converted
+	from  string
+}
+
+// plan decides which layers to take from the DB. A reused layer below a layer that is converted must be readable
+// (from the local store, or from the registry through Remote); one that is not is converted again.
+func (c *converter) plan(ctx context.Context, keys [][]byte) []*reuse {
+	n := len(keys)
+	plan := make([]*reuse, n)
+	if c.opts.DB == nil {
+		return plan
+	}
+	start := time.Now()
+	defer func() { c.timings["reuse"] += time.Since(start) }()
+	hits, err := c.opts.DB.lookup(keys)
+	if err != nil {
+		c.warn(0, n, fmt.Sprintf("converting every layer: %v", err))
+		return plan
+	}
+	for i, h := range hits {
+		if h == nil {
+			continue
+		}
+		desc := c.layerDesc(h.layer.Blob, h.layer.Size)
+		var repos []string // where the destination registry has it: pushes mount it from there
+		if c.opts.Remote != nil {
+			for _, loc := range h.blob.Repos {
+				if repo, ok := strings.CutPrefix(loc, c.opts.Remote.Host+"/"); ok {
+					repos = append(repos, repo)
+				}
+			}
+		}
+		if h.blob.Local {
+			// A name of its own: the file may share its inode with the store, so nothing may write into it.
+			path := filepath.Join(c.dir, fmt.Sprintf("layer%03d.reused.blob", i))
+			err := c.opts.DB.take(h.layer.Blob, h.layer.Size, path)
+			if err == nil {
+				plan[i] = &reuse{blob: Blob{Desc: desc, Path: path, Reused: true, Repos: repos}, from: "local store"}
+				continue
+			}
+			c.warn(i, n, err.Error())
+		}
+		if len(repos) > 0 {
+			plan[i] = &reuse{blob: Blob{Desc: desc, Reused: true, Repos: repos}, from: c.opts.Remote.Host + "/" + repos[0]}
+		}
+	}
+	last := -1 // the topmost layer to convert
+	for i, r := range plan {
+		if r == nil {
+			last = i
+		}
+	}
+	for i := 0; i < last; i++ {
+		r := plan[i]
+		if r == nil {
+			continue
+		}
+		lower, err := c.openReused(ctx, r.blob)
+		if err != nil {
+			c.warn(i, n, fmt.Sprintf("cannot read reused layer %s (%v): converting it again", r.blob.Desc.Digest, err))
+			if r.blob.Path != "" {
+				os.Remove(r.blob.Path)
+			}
+			plan[i] = nil
+			continue
+		}
+		r.lower = lower
+	}
+	return plan
+}
+
+// openReused opens a reused layer blob as an LSMT layer to convert the layers above on.
+func (c *converter) openReused(ctx context.Context, b Blob) (*lsmt.File, error) {
+	if b.Path != "" {
+		f, err := os.Open(b.Path)
+		if err != nil {
+			return nil, err
+		}
+		c.files = append(c.files, f)
+		return image.OpenLayerBlob(f, b.Desc.Size, false) // its digest was checked
+	}
+	var errs []error
+	for _, repo := range b.Repos {
+		r, err := c.opts.Remote.Open(ctx, repo, b.Desc)
+		if err == nil {
+			var l *lsmt.File
+			if l, err = image.OpenLayerBlob(r, b.Desc.Size, true); err == nil {
+				return l, nil
+			}
+		}
+		errs = append(errs, fmt.Errorf("%s: %w", repo, err))
+	}
+	return nil, errors.Join(errs...)
+}
+
+func (c *converter) warn(i, n int, msg string) {
+	if c.opts.Progress != nil {
+		c.opts.Progress(Progress{Layer: i, Layers: n, Stage: "warning", Detail: msg})
+	}
 }
 
 // chainUUID formats the first 32 hex digits of a chain ID as a UUID, as upstream's converter names layers.
@@ -384,7 +587,7 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 
 // writeMetadata builds the converted config (diff_ids = blob digests, as overlaybd layers are uncompressed tars)
 // and manifest.
-func (c *converter) writeMetadata(res *Result, cfg map[string]json.RawMessage, src ocispec.Manifest) error {
+func (c *converter) writeMetadata(res *Result, cfg map[string]json.RawMessage, src ocispec.Manifest, srcDesc ocispec.Descriptor) error {
 	var rootfs ocispec.RootFS
 	json.Unmarshal(cfg["rootfs"], &rootfs)
 	rootfs.DiffIDs = nil
@@ -406,6 +609,10 @@ func (c *converter) writeMetadata(res *Result, cfg map[string]json.RawMessage, s
 	res.ConfigDesc = ocispec.Descriptor{MediaType: cfgType, Digest: digest.FromBytes(res.Config), Size: int64(len(res.Config))}
 	man := ocispec.Manifest{MediaType: manType, Config: res.ConfigDesc, Annotations: src.Annotations}
 	man.SchemaVersion = 2
+	if c.opts.Referrer {
+		man.ArtifactType = ArtifactTypeOverlaybd
+		man.Subject = &ocispec.Descriptor{MediaType: srcDesc.MediaType, Digest: srcDesc.Digest, Size: srcDesc.Size}
+	}
 	for _, b := range res.Blobs {
 		man.Layers = append(man.Layers, b.Desc)
 	}

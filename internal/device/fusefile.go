@@ -20,6 +20,7 @@ type diskFS struct {
 	b   Backend
 	w   io.WriterAt // nil for a read-only disk
 	log *slog.Logger
+	obs ReadObserver // nil: reads are not observed
 
 	// A failing backend fails every read; errors are logged at most once a second, with the count of those not
 	// logged in between.
@@ -89,13 +90,23 @@ func (fs *diskFS) Read(_ <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.Rea
 	if want == 0 {
 		return fuse.ReadResultData(nil), fuse.OK
 	}
+	var done func(int, error)
+	if fs.obs != nil {
+		done = fs.obs(fs.id, off, want)
+	}
 	n, err := fs.b.ReadAt(buf[:want], off)
 	if int64(n) == want {
 		// io.ReaderAt may return io.EOF together with a full read at the end of the disk.
+		if done != nil {
+			done(n, nil)
+		}
 		return fuse.ReadResultData(buf[:n]), fuse.OK
 	}
 	if err == nil || err == io.EOF {
 		err = io.ErrUnexpectedEOF
+	}
+	if done != nil {
+		done(n, err)
 	}
 	fs.logError("device read failed, returning EIO", "offset", off, "length", want, "err", err)
 	return nil, fuse.EIO

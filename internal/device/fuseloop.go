@@ -45,6 +45,7 @@ import (
 // that needs a FUSE request loop of our own and is not done.
 type FuseLoop struct {
 	log *slog.Logger
+	obs ReadObserver // nil: reads are not observed
 
 	mu        sync.Mutex
 	slots     map[string]*slot    // by device id
@@ -75,11 +76,30 @@ func (a *attachment) running() bool {
 }
 
 // NewFuseLoop returns a FuseLoop that logs to logger (slog.Default() if nil).
-func NewFuseLoop(logger *slog.Logger) *FuseLoop {
+func NewFuseLoop(logger *slog.Logger, opts ...FuseLoopOption) *FuseLoop {
 	if logger == nil {
 		logger = slog.Default()
 	}
-	return &FuseLoop{log: logger, slots: map[string]*slot{}, stateDirs: map[string]struct{}{}}
+	f := &FuseLoop{log: logger, slots: map[string]*slot{}, stateDirs: map[string]struct{}{}}
+	for _, o := range opts {
+		o(f)
+	}
+	return f
+}
+
+// FuseLoopOption configures a FuseLoop.
+type FuseLoopOption func(*FuseLoop)
+
+// ReadObserver is told about every read the kernel sends to a device's backend: it is called before the
+// backend's ReadAt with the device id, offset and length, and the function it returns (which may be nil) is
+// called after it with the bytes read and the error (nil when the read was served). Both run on the FUSE
+// request's goroutine: they must be cheap and safe for concurrent use.
+type ReadObserver func(id string, off, length int64) (done func(n int, err error))
+
+// WithReadObserver makes the FuseLoop report the backend reads of the devices it attaches from now on to obs
+// (for metrics and the audit log of slow reads).
+func WithReadObserver(obs ReadObserver) FuseLoopOption {
+	return func(f *FuseLoop) { f.obs = obs }
 }
 
 var _ Frontend = (*FuseLoop)(nil)
@@ -196,7 +216,7 @@ const fuseType = "fuse.obd"
 
 // serve mounts a FUSE filesystem serving b at disk and starts its server.
 func (f *FuseLoop) serve(id, disk string, b Backend, w WritableBackend) (*attachment, error) {
-	fs := &diskFS{RawFileSystem: fuse.NewDefaultRawFileSystem(), id: id, b: b, log: f.log}
+	fs := &diskFS{RawFileSystem: fuse.NewDefaultRawFileSystem(), id: id, b: b, log: f.log, obs: f.obs}
 	flags := uintptr(unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC)
 	if w != nil {
 		fs.w = w

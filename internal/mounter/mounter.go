@@ -40,6 +40,7 @@ type Mounter struct {
 	opts   Options
 	mu     sync.Mutex
 	images map[string]*mounted // by image id
+	track  tracker             // what Images reports; never waits for mu
 }
 
 type mounted struct {
@@ -47,6 +48,7 @@ type mounted struct {
 	targets map[string]bool
 	files   []io.Closer
 	blobs   []*registry.Blob
+	layers  []layerSource // per layer, bottom first: where its bytes come from (for Images)
 }
 
 // New returns a Mounter.
@@ -69,19 +71,34 @@ func (m *Mounter) Mount(ctx context.Context, id string, layers []snapshotter.Lay
 	defer m.mu.Unlock()
 	img := m.images[id]
 	if img == nil {
+		m.track.attaching(id, layers)
 		var err error
 		if img, err = m.attach(ctx, id, layers); err != nil {
+			m.track.failed(id, err)
 			return err
 		}
 		m.images[id] = img
 	}
-	if err := os.MkdirAll(target, 0o755); err != nil {
+	err := os.MkdirAll(target, 0o755)
+	if err == nil {
+		if err = img.dev.Mount(ctx, target, m.opts.FSType, []string{"ro"}); err != nil {
+			err = fmt.Errorf("image %s: mount %s (%s) at %s: %w", id, img.dev.Path, m.opts.FSType, target, err)
+		}
+	}
+	if err != nil {
+		if len(img.targets) == 0 {
+			// Mounted nowhere: do not keep the device attached for an Unmount that may never come.
+			delete(m.images, id)
+			if derr := m.opts.Frontend.Detach(context.WithoutCancel(ctx), id); derr != nil {
+				m.opts.Logger.Warn("detaching an image after its mount failed", "image", id, "err", derr)
+			}
+			img.close()
+			m.track.failed(id, err)
+		}
 		return err
 	}
-	if err := img.dev.Mount(ctx, target, m.opts.FSType, []string{"ro"}); err != nil {
-		return fmt.Errorf("image %s: mount %s (%s) at %s: %w", id, img.dev.Path, m.opts.FSType, target, err)
-	}
 	img.targets[target] = true
+	m.track.attached(id, img)
 	return nil
 }
 
@@ -93,7 +110,8 @@ func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.La
 		f, err := m.openLayer(ctx, img, l)
 		if err != nil {
 			img.close()
-			return nil, fmt.Errorf("image %s: layer %d (%s): %w", id, i, l.Digest, err)
+			m.opts.Logger.Error("cannot open layer of overlaybd image", "image", id, "ref", l.ImageRef, "layer", layerName(l), "index", i, "err", err)
+			return nil, fmt.Errorf("image %s: layer %d (%s): %w", id, i, layerName(l), err)
 		}
 		files[i] = f
 	}
@@ -102,9 +120,10 @@ func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.La
 		img.close()
 		return nil, fmt.Errorf("image %s: %w", id, err)
 	}
-	img.dev, err = m.opts.Frontend.Attach(ctx, id, stackBackend{stack}, device.AttachOptions{ReadOnly: true, StateDir: m.opts.StateDir})
+	img.dev, err = m.opts.Frontend.Attach(ctx, id, stackBackend{Stack: stack, id: id, layers: layers}, device.AttachOptions{ReadOnly: true, StateDir: m.opts.StateDir})
 	if err != nil {
 		img.close()
+		m.opts.Logger.Error("cannot attach device of overlaybd image", "image", id, "ref", imageRefOf(layers), "err", err)
 		return nil, fmt.Errorf("image %s: attach device: %w", id, err)
 	}
 	m.opts.Logger.Info("attached overlaybd image", "image", id, "device", img.dev.Path, "layers", len(layers), "virtual_size", stack.VirtualSize())
@@ -123,7 +142,8 @@ func (m *Mounter) openLayer(ctx context.Context, img *mounted, l snapshotter.Lay
 		if err != nil {
 			return nil, err
 		}
-		return image.OpenLayerBlob(f, st.Size(), false)
+		img.layers = append(img.layers, layerSource{layer: l})
+		return image.OpenLayerBlob(annotate(f, l), st.Size(), false)
 	}
 	if l.ImageRef == "" {
 		return nil, errors.New("neither a local file nor an image reference to fetch it from (pull with 'obd pull')")
@@ -144,11 +164,14 @@ func (m *Mounter) openLayer(ctx context.Context, img *mounted, l snapshotter.Lay
 		return nil, err
 	}
 	img.blobs = append(img.blobs, blob)
-	var r io.ReaderAt = blob
+	var r io.ReaderAt = refetcher{blob}
+	src := layerSource{layer: l, blob: blob}
 	if m.opts.Cache != nil {
-		r = m.opts.Cache.Reader(l.Digest, blob.Size(), blob)
+		src.cache = m.opts.Cache.Reader(l.Digest, blob.Size(), blob)
+		r = src.cache
 	}
-	return image.OpenLayerBlob(r, blob.Size(), true)
+	img.layers = append(img.layers, src)
+	return image.OpenLayerBlob(annotate(r, l), blob.Size(), true)
 }
 
 // Unmount unmounts target and, when the image has no mount left, detaches its device.
@@ -161,13 +184,16 @@ func (m *Mounter) Unmount(ctx context.Context, id string, target string) error {
 	img := m.images[id]
 	if img == nil {
 		// Not attached by this process (e.g. before a restart): detach whatever the frontend still has.
+		m.track.remove(id)
 		return m.opts.Frontend.Detach(ctx, id)
 	}
 	delete(img.targets, target)
 	if len(img.targets) > 0 {
+		m.track.attached(id, img)
 		return nil
 	}
 	delete(m.images, id)
+	m.track.remove(id)
 	err := m.opts.Frontend.Detach(ctx, id)
 	img.close()
 	m.opts.Logger.Info("detached overlaybd image", "image", id)
@@ -199,7 +225,18 @@ func (img *mounted) close() {
 	}
 }
 
-// stackBackend serves a layer stack to a device frontend.
-type stackBackend struct{ *lsmt.Stack }
+// stackBackend serves a layer stack to a device frontend; its read errors name the image (see ReadAt).
+type stackBackend struct {
+	*lsmt.Stack
+	id     string
+	layers []snapshotter.Layer
+}
 
 func (b stackBackend) Size() int64 { return b.VirtualSize() }
+
+// refetcher lets a ZFile block that fails its check be read again from the registry when there is no cache (the
+// ZFile reader re-reads only through an Evicter): a corruption in transit then costs a retry, not an EIO.
+type refetcher struct{ *registry.Blob }
+
+// Evict does nothing: nothing is kept, so the next read fetches the range again.
+func (refetcher) Evict(off, n int64) error { return nil }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -265,13 +266,58 @@ func (c *Client) send(ctx context.Context, timeout time.Duration, d doer, method
 	if d == c.plain {
 		req.Header.Set("User-Agent", c.opts.UserAgent)
 	}
+	start := time.Now()
 	resp, err := d.Do(req)
 	if err != nil {
 		w.stop()
-		return nil, attemptErr(wctx, err)
+		err = attemptErr(wctx, err)
+		c.observe(blobOp(method, rng), 0, 0, start, err)
+		return nil, err
 	}
 	w.timeout = c.opts.RequestTimeout
 	w.kick()
-	resp.Body = &watchedBody{body: resp.Body, w: w}
+	wb := &watchedBody{body: resp.Body, w: w}
+	resp.Body = wb
+	if c.opts.Observer != nil {
+		resp.Body = &observedBody{watchedBody: wb, obs: c.opts.Observer, op: blobOp(method, rng), status: resp.StatusCode, start: start}
+	}
 	return resp, nil
+}
+
+// blobOp names a blob request for Options.Observer.
+func blobOp(method, rng string) string {
+	switch {
+	case method == http.MethodHead:
+		return "blob_head"
+	case rng != "":
+		return "blob_range"
+	}
+	return "blob_get"
+}
+
+// observedBody reports an attempt to Options.Observer when its body is closed.
+type observedBody struct {
+	*watchedBody
+	obs    func(op string, status int, bytes int64, d time.Duration, err error)
+	op     string
+	status int
+	start  time.Time
+	n      int64
+	err    error
+	once   sync.Once
+}
+
+func (b *observedBody) Read(p []byte) (int, error) {
+	n, err := b.watchedBody.Read(p)
+	b.n += int64(n)
+	if err != nil && err != io.EOF && b.err == nil {
+		b.err = err
+	}
+	return n, err
+}
+
+func (b *observedBody) Close() error {
+	err := b.watchedBody.Close()
+	b.once.Do(func() { b.obs(b.op, b.status, b.n, time.Since(b.start), b.err) })
+	return err
 }

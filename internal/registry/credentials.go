@@ -260,6 +260,16 @@ func parseDockerAuthEntry(raw json.RawMessage) (a dockerAuth, usable bool, err e
 	return a, usable, nil
 }
 
+// ValidateDockerConfig checks the bytes of a docker config file the way LoadDockerConfig does.
+func ValidateDockerConfig(data []byte) error {
+	_, err := parseDockerConfig(data)
+	return err
+}
+
+// HostKey returns the registry host a docker config key or a registry name stands for, the way docker matches
+// them: scheme and path dropped, lower case, Docker Hub's aliases folded to "index.docker.io".
+func HostKey(s string) string { return normalizeRegistryHost(s) }
+
 // normalizeRegistryHost turns a docker config key or a registry host into the host docker would look up:
 // scheme and path dropped, Docker Hub's aliases folded to "index.docker.io".
 func normalizeRegistryHost(s string) string {

@@ -58,11 +58,15 @@ func (c *Client) Resolve(ctx context.Context, host, repo, tagOrDigest string) (o
 			return err
 		}
 		req.Header.Set("Accept", strings.Join(manifestMediaTypes, ", "))
+		start := time.Now()
 		resp, err := c.reader.Do(req)
 		if err != nil {
-			return attemptErr(wctx, err)
+			err = attemptErr(wctx, err)
+			c.observe("manifest", 0, 0, start, err)
+			return err
 		}
 		if resp.StatusCode != http.StatusOK {
+			c.observe("manifest", resp.StatusCode, 0, start, nil)
 			return newStatusError(resp)
 		}
 		defer resp.Body.Close()
@@ -70,7 +74,11 @@ func (c *Client) Resolve(ctx context.Context, host, repo, tagOrDigest string) (o
 		w.kick()
 		b, err := io.ReadAll(io.LimitReader(&watchedBody{body: resp.Body, w: w}, maxManifestBytes+1))
 		if err != nil {
-			return attemptErr(wctx, err)
+			err = attemptErr(wctx, err)
+		}
+		c.observe("manifest", resp.StatusCode, int64(len(b)), start, err)
+		if err != nil {
+			return err
 		}
 		if len(b) > maxManifestBytes {
 			return permanentf("manifest larger than %d bytes", maxManifestBytes)
@@ -91,6 +99,13 @@ func (c *Client) Resolve(ctx context.Context, host, repo, tagOrDigest string) (o
 		return nil
 	})
 	return desc, data, err
+}
+
+// observe reports one attempt to Options.Observer, if set.
+func (c *Client) observe(op string, status int, n int64, start time.Time, err error) {
+	if c.opts.Observer != nil {
+		c.opts.Observer(op, status, n, time.Since(start), err)
+	}
 }
 
 // verifyManifestDigest returns the digest of b, checked against want (when resolving a digest) and against the

@@ -34,6 +34,18 @@ type Options struct {
 	UserAgent        string        // default "obd"
 	Mirrors          []string      // host[:port] mirrors tried first for blob reads, falling back to the origin
 	Logger           *slog.Logger  // default slog.Default()
+
+	// RefreshCredentials, when set, is called when the registry refuses the credentials for host; when it answers
+	// true the operation is tried once more with credentials asked anew (e.g. a token helper run again, see
+	// HelperCredentials).
+	RefreshCredentials func(host string) bool
+
+	// Observer, if set, is called once per HTTP attempt of a blob or manifest request, when its answer's body is
+	// closed (or when no answer came): op is "blob_range", "blob_get", "blob_head" or "manifest"; status is the
+	// HTTP status (0 when no answer came); bytes counts the body bytes read; d runs from sending the request to
+	// closing the body; err is the transport or body read error, if any. It must be cheap and safe for
+	// concurrent use (e.g. Prometheus counters).
+	Observer func(op string, status int, bytes int64, d time.Duration, err error)
 }
 
 const (

@@ -242,6 +242,7 @@ func (r *retrier) do(ctx context.Context, fn func(ctx context.Context, timeout t
 	start := time.Now()
 	budget := r.c.opts.RetryBudget
 	deadline := start.Add(budget)
+	refreshed := false
 	for attempt := 1; ; attempt++ {
 		timeout := min(r.c.opts.RequestTimeout, max(time.Until(deadline), min(r.c.opts.RequestTimeout, time.Second)))
 		if r.stats != nil {
@@ -258,6 +259,11 @@ func (r *retrier) do(ctx context.Context, fn func(ctx context.Context, timeout t
 			return &Error{Op: r.op(), Err: context.Cause(ctx)}
 		}
 		v := r.c.classify(r.host, err)
+		if v.kind == ErrUnauthorized && !refreshed && r.c.opts.RefreshCredentials != nil && r.c.opts.RefreshCredentials(r.host) {
+			refreshed = true // fresh credentials may be accepted: try once more, at once
+			r.c.log.Debug("registry refused credentials; retrying with fresh ones", "op", r.op(), "err", err)
+			continue
+		}
 		if !v.retry {
 			return &Error{Op: r.op(), Err: err, Kind: v.kind, Hint: v.hint}
 		}

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -18,6 +19,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -32,6 +34,11 @@ type Options struct {
 	Snapshotter string
 	// CacheSizeGB bounds the snapshotter's block cache (default 4).
 	CacheSizeGB int
+	// CacheBlockKB is the snapshotter's refill unit ([cache] block_size_kb); 0 keeps the snapshotter's default.
+	CacheBlockKB int
+	// PlainHTTP lists more registry hosts (host:port) the snapshotter reaches over plain HTTP ([registry]
+	// plain_http), e.g. the sandbox registry behind a shaped link; localhost always is plain HTTP.
+	PlainHTTP []string
 	// Logf receives progress lines (optional).
 	Logf func(format string, args ...any)
 }
@@ -48,6 +55,10 @@ type Sandbox struct {
 	Namespace string
 	// SnapshotterSocket is obd-snapshotter's socket.
 	SnapshotterSocket string
+	// StatusSocket is obd-snapshotter's status endpoint ('obd status --socket'), next to SnapshotterSocket.
+	StatusSocket string
+	// Metrics is the host:port of obd-snapshotter's Prometheus metrics (GET /metrics).
+	Metrics string
 
 	opts     Options
 	procs    map[string]*proc
@@ -78,7 +89,7 @@ func Start(ctx context.Context, opts Options) (*Sandbox, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Sandbox{Dir: dir, Namespace: "obd", opts: opts, procs: map[string]*proc{}, counter: &counter{bytes: map[string]int64{}}}
+	s := &Sandbox{Dir: dir, Namespace: "obd", opts: opts, procs: map[string]*proc{}, counter: &counter{bytes: map[string]int64{}, requests: map[string]int64{}}}
 	if err := s.start(ctx); err != nil {
 		s.Close()
 		return nil, err
@@ -119,6 +130,10 @@ http:
 	s.opts.Logf("registry serving on %s (counting proxy in front)", s.Registry)
 
 	s.SnapshotterSocket = filepath.Join(s.Dir, "sn.sock")
+	s.StatusSocket = filepath.Join(s.Dir, "sn.status.sock") // the default: the socket's name with .status.sock
+	if s.Metrics, err = freeAddr(); err != nil {
+		return err
+	}
 	if err := s.StartSnapshotter(ctx); err != nil {
 		return err
 	}
@@ -154,9 +169,21 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
 
 // StartSnapshotter (re)starts obd-snapshotter with the sandbox's configuration.
 func (s *Sandbox) StartSnapshotter(ctx context.Context) error {
-	cfg := fmt.Sprintf("[snapshotter]\nroot = %q\naddress = %q\n[cache]\ndir = %q\nsize_gb = %d\n[registry]\nretry_budget = \"20s\"\n",
-		filepath.Join(s.Dir, "snapshotter"), s.SnapshotterSocket, filepath.Join(s.Dir, "cache"), s.opts.CacheSizeGB)
-	cfgPath := filepath.Join(s.Dir, "obd.toml")
+	cfg := fmt.Sprintf("[snapshotter]\nroot = %q\naddress = %q\n[cache]\ndir = %q\nsize_gb = %d\n",
+		filepath.Join(s.Dir, "snapshotter"), s.SnapshotterSocket, s.CacheDir(), s.opts.CacheSizeGB)
+	if s.opts.CacheBlockKB != 0 {
+		cfg += fmt.Sprintf("block_size_kb = %d\n", s.opts.CacheBlockKB)
+	}
+	cfg += "[registry]\nretry_budget = \"20s\"\n"
+	if len(s.opts.PlainHTTP) > 0 {
+		hosts := make([]string, len(s.opts.PlainHTTP))
+		for i, h := range s.opts.PlainHTTP {
+			hosts[i] = strconv.Quote(h)
+		}
+		cfg += "plain_http = [" + strings.Join(hosts, ", ") + "]\n"
+	}
+	cfg += fmt.Sprintf("[metrics]\naddress = %q\n", s.Metrics) // a port of its own: sandboxes may run side by side
+	cfgPath := s.ConfigFile()
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		return err
 	}
@@ -165,6 +192,12 @@ func (s *Sandbox) StartSnapshotter(ctx context.Context) error {
 	}
 	return waitSocket(ctx, s.SnapshotterSocket, s.procs["snapshotter"])
 }
+
+// ConfigFile is obd-snapshotter's obd.toml.
+func (s *Sandbox) ConfigFile() string { return filepath.Join(s.Dir, "obd.toml") }
+
+// CacheDir is obd-snapshotter's block cache directory. Remove it only while the snapshotter is stopped.
+func (s *Sandbox) CacheDir() string { return filepath.Join(s.Dir, "cache") }
 
 // KillSnapshotter kills obd-snapshotter with SIGKILL, as a crash would.
 func (s *Sandbox) KillSnapshotter() error {
@@ -195,7 +228,11 @@ func (s *Sandbox) Log(name string) string {
 // BlobBytes returns, per blob digest, the bytes the registry served since the last ResetCounters.
 func (s *Sandbox) BlobBytes() map[string]int64 { return s.counter.snapshot() }
 
-// ResetCounters zeroes the byte counters.
+// BlobRequests returns, per blob digest, the GET requests (whole or ranged) the registry answered since the last
+// ResetCounters.
+func (s *Sandbox) BlobRequests() map[string]int64 { return s.counter.snapshotRequests() }
+
+// ResetCounters zeroes the byte and request counters.
 func (s *Sandbox) ResetCounters() { s.counter.reset() }
 
 // Close stops every process, removes mounts and devices under the sandbox directory, and deletes it.
@@ -357,7 +394,9 @@ func (s *Sandbox) startProxy(regAddr string) error {
 	rp := httputil.NewSingleHostReverseProxy(target)
 	rp.ModifyResponse = func(resp *http.Response) error {
 		if i := strings.Index(resp.Request.URL.Path, "/blobs/sha256:"); i >= 0 && resp.Request.Method == http.MethodGet {
-			resp.Body = &countingBody{ReadCloser: resp.Body, c: s.counter, key: resp.Request.URL.Path[i+len("/blobs/"):]}
+			key := resp.Request.URL.Path[i+len("/blobs/"):]
+			s.counter.request(key)
+			resp.Body = &countingBody{ReadCloser: resp.Body, c: s.counter, key: key}
 		}
 		return nil
 	}
@@ -368,8 +407,15 @@ func (s *Sandbox) startProxy(regAddr string) error {
 }
 
 type counter struct {
-	mu    sync.Mutex
-	bytes map[string]int64
+	mu       sync.Mutex
+	bytes    map[string]int64
+	requests map[string]int64
+}
+
+func (c *counter) request(key string) {
+	c.mu.Lock()
+	c.requests[key]++
+	c.mu.Unlock()
 }
 
 func (c *counter) add(key string, n int64) {
@@ -381,16 +427,19 @@ func (c *counter) add(key string, n int64) {
 func (c *counter) snapshot() map[string]int64 {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	out := make(map[string]int64, len(c.bytes))
-	for k, v := range c.bytes {
-		out[k] = v
-	}
-	return out
+	return maps.Clone(c.bytes)
+}
+
+func (c *counter) snapshotRequests() map[string]int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return maps.Clone(c.requests)
 }
 
 func (c *counter) reset() {
 	c.mu.Lock()
 	c.bytes = map[string]int64{}
+	c.requests = map[string]int64{}
 	c.mu.Unlock()
 }
 

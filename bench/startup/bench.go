@@ -1,0 +1,525 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/containerd/v2/core/leases"
+	"github.com/containerd/containerd/v2/core/remotes/docker"
+	dockerconfig "github.com/containerd/containerd/v2/core/remotes/docker/config"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
+
+	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/pull"
+	"github.com/obdproject/obd/internal/registry"
+	"github.com/obdproject/obd/internal/sandbox"
+	"github.com/obdproject/obd/internal/snapshotter"
+)
+
+// Case keys, in the order of the table.
+const (
+	caseOverlayCold = "overlayfs-cold"
+	caseOBDCold     = "obd-lazy-cold"
+	caseOBDWarm     = "obd-warm"
+	caseOverlayWarm = "overlayfs-warm"
+	caseOBDMeta     = "obd-metadata-pull"
+)
+
+var caseOrder = []string{caseOverlayCold, caseOBDCold, caseOBDWarm, caseOverlayWarm, caseOBDMeta}
+
+var caseTitles = map[string]string{
+	caseOverlayCold: "overlayfs: pull + unpack + run",
+	caseOBDCold:     "obd lazy: obd pull + run",
+	caseOBDWarm:     "obd warm: run (block cache filled)",
+	caseOverlayWarm: "overlayfs warm: run (unpacked)",
+	caseOBDMeta:     "obd pull only, loopback",
+}
+
+// sample is one measured run of a case.
+type sample struct {
+	Seconds     float64 `json:"seconds"`               // time to ready (metadata case: the pull)
+	PullSeconds float64 `json:"pullSeconds,omitempty"` // pull (+ unpack)
+	RunSeconds  float64 `json:"runSeconds,omitempty"`  // ctr run until the app printed ready
+	Bytes       int64   `json:"bytes"`                 // blob bytes the registry served
+	Requests    int64   `json:"requests"`              // blob GET requests the registry answered
+	// Load1 is the machine's 1-minute load average when the run started (other work shares the CPUs).
+	Load1 float64 `json:"load1"`
+	// BlobBytes breaks Bytes down by blob digest.
+	BlobBytes map[string]int64 `json:"blobBytes,omitempty"`
+}
+
+type bench struct {
+	cfg  *config
+	sb   *sandbox.Sandbox
+	c    *client.Client
+	ctx  context.Context // with the containerd namespace
+	link *shapedLink
+	im   *builtImage
+	// image references: through the shaped link, and the obd image on loopback
+	plainRef, obdRef, obdLoopRef string
+	results                      map[string][]sample
+	calib                        calibration
+	seq                          int
+}
+
+func runBench(ctx context.Context, cfg *config) (err error) {
+	if err := checkPrerequisites(); err != nil {
+		return err
+	}
+	tmp, err := os.MkdirTemp("", "obd-bench-startup-bin-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(tmp)
+	if cfg.snapshotter == "" {
+		logf("building obd-snapshotter")
+		if cfg.snapshotter, err = buildSnapshotter(ctx, tmp); err != nil {
+			return err
+		}
+	}
+	if cfg.pigz {
+		if err := providePigz(ctx, tmp); err != nil {
+			return fmt.Errorf("--pigz: %w", err)
+		}
+	}
+	im, err := prepareImage(ctx, cfg.work, cfg.rebuild, cfg.zfileAlgo, logf)
+	if err != nil {
+		return fmt.Errorf("image: %w", err)
+	}
+	link, err := newLink(cfg.rateBits, cfg.rtt)
+	if err != nil {
+		return err
+	}
+	sb, err := sandbox.Start(ctx, sandbox.Options{Snapshotter: cfg.snapshotter, CacheBlockKB: cfg.blockKB, PlainHTTP: []string{link.Addr},
+		CacheSizeGB: 8, Logf: logf})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		logf("cleaning up")
+		if cerr := sb.Close(); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("sandbox cleanup: %w", cerr))
+		}
+	}()
+	if err := link.start(ctx, sb.Registry, logf); err != nil {
+		return err
+	}
+	defer func() {
+		if cerr := link.Close(); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("shaped link cleanup: %w", cerr))
+		}
+	}()
+	logf("shaped link: registry reachable at %s through namespace %s (%s)", link.Addr, link.NS, link.Describe())
+
+	c, err := client.New(sb.Containerd)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	b := &bench{cfg: cfg, sb: sb, c: c, ctx: namespaces.WithNamespace(ctx, sb.Namespace), link: link, im: im, results: map[string][]sample{},
+		plainRef: link.Addr + "/bench/app:" + tagPlain, obdRef: link.Addr + "/bench/app:" + tagOBD, obdLoopRef: sb.Registry + "/bench/app:" + tagOBD}
+	if err := b.push(ctx); err != nil {
+		return err
+	}
+	if b.calib, err = calibrate(ctx, link.Addr, im); err != nil {
+		return fmt.Errorf("calibrate the shaped link: %w", err)
+	}
+	logf("shaped link measured: %.1f ms per request round trip, %.1f Mbit/s for one 16 MiB range read", b.calib.RTTms, b.calib.Mbits)
+	for i := range cfg.runs {
+		logf("run %d/%d", i+1, cfg.runs)
+		if err := b.runOnce(); err != nil {
+			return fmt.Errorf("run %d: %w", i+1, err)
+		}
+	}
+	if err := b.reset(true); err != nil {
+		return err
+	}
+	rep := b.report(ctx)
+	rep.printTable(os.Stdout)
+	if cfg.out != "" {
+		if err := rep.write(cfg.out, cfg.name); err != nil {
+			return err
+		}
+		logf("wrote %s.json and %s.svg", filepath.Join(cfg.out, cfg.name), filepath.Join(cfg.out, cfg.name))
+	}
+	return nil
+}
+
+// push stores both images in the sandbox registry (over loopback: pushing is not measured).
+func (b *bench) push(ctx context.Context) error {
+	rc, err := registry.New(registry.Options{PlainHTTP: true, UserAgent: "obd-bench", Credentials: noCredentials})
+	if err != nil {
+		return err
+	}
+	defer rc.Close()
+	lay, err := image.OpenLayout(b.im.Dir)
+	if err != nil {
+		return err
+	}
+	for _, tag := range []string{tagPlain, tagOBD} {
+		ref, err := image.ParseRef(b.sb.Registry + "/bench/app:" + tag)
+		if err != nil {
+			return err
+		}
+		start := time.Now()
+		if err := image.PushLayout(ctx, rc, lay, tag, ref); err != nil {
+			return err
+		}
+		logf("pushed %s in %s", ref, time.Since(start).Round(time.Millisecond))
+	}
+	return nil
+}
+
+func noCredentials(context.Context, string) (string, string, error) { return "", "", nil }
+
+// runOnce measures every case once. Each cold case starts from an empty containerd (no images, content or
+// snapshots), an empty obd block cache and a dropped page cache; each warm case from a dropped page cache.
+func (b *bench) runOnce() error {
+	steps := []struct {
+		key  string
+		cold bool
+		fn   func() (sample, error)
+	}{
+		{caseOverlayCold, true, b.overlayCold},
+		{caseOverlayWarm, false, func() (sample, error) { return b.runOnly("overlayfs", b.plainRef) }},
+		{caseOBDCold, true, b.obdCold},
+		{caseOBDWarm, false, func() (sample, error) { return b.runOnly(snapshotter.Name, b.obdRef) }},
+		{caseOBDMeta, true, b.obdMeta},
+	}
+	for _, s := range steps {
+		if !b.cfg.cases[s.key] {
+			continue
+		}
+		if s.cold {
+			if err := b.reset(true); err != nil {
+				return err
+			}
+		}
+		if err := dropCaches(); err != nil {
+			return err
+		}
+		b.sb.ResetCounters()
+		load := loadAvg()
+		smp, err := s.fn()
+		if err != nil {
+			return fmt.Errorf("%s: %w", s.key, err)
+		}
+		smp.Load1 = load
+		smp.BlobBytes = b.sb.BlobBytes()
+		smp.Bytes, smp.Requests = sum(smp.BlobBytes), sum(b.sb.BlobRequests())
+		b.results[s.key] = append(b.results[s.key], smp)
+		logf("  %-18s %7.2f s  (pull %.2f s, run %.2f s)  %s in %d requests", s.key, smp.Seconds, smp.PullSeconds, smp.RunSeconds,
+			humanBytes(smp.Bytes), smp.Requests)
+	}
+	return nil
+}
+
+func (b *bench) overlayCold() (sample, error) {
+	start := time.Now()
+	resolver := docker.NewResolver(docker.ResolverOptions{Hosts: dockerconfig.ConfigureHosts(b.ctx, dockerconfig.HostOptions{DefaultScheme: "http"})})
+	if _, err := b.c.Pull(b.ctx, b.plainRef, client.WithResolver(resolver), client.WithPullUnpack, client.WithPullSnapshotter("overlayfs")); err != nil {
+		return sample{}, fmt.Errorf("pull %s: %w", b.plainRef, err)
+	}
+	pulled := time.Since(start)
+	ready, err := b.runContainer("overlayfs", b.plainRef)
+	if err != nil {
+		return sample{}, err
+	}
+	return sample{Seconds: (pulled + ready).Seconds(), PullSeconds: pulled.Seconds(), RunSeconds: ready.Seconds()}, nil
+}
+
+func (b *bench) obdCold() (sample, error) {
+	start := time.Now()
+	if _, err := pull.Pull(b.ctx, b.c, b.obdRef, pull.Options{PlainHTTP: true, Credentials: noCredentials}); err != nil {
+		return sample{}, err
+	}
+	pulled := time.Since(start)
+	ready, err := b.runContainer(snapshotter.Name, b.obdRef)
+	if err != nil {
+		return sample{}, err
+	}
+	return sample{Seconds: (pulled + ready).Seconds(), PullSeconds: pulled.Seconds(), RunSeconds: ready.Seconds()}, nil
+}
+
+func (b *bench) runOnly(sn, ref string) (sample, error) {
+	ready, err := b.runContainer(sn, ref)
+	if err != nil {
+		return sample{}, err
+	}
+	return sample{Seconds: ready.Seconds(), RunSeconds: ready.Seconds()}, nil
+}
+
+func (b *bench) obdMeta() (sample, error) {
+	start := time.Now()
+	res, err := pull.Pull(b.ctx, b.c, b.obdLoopRef, pull.Options{Credentials: noCredentials})
+	if err != nil {
+		return sample{}, err
+	}
+	d := time.Since(start)
+	if res.Lazy != res.Layers {
+		return sample{}, fmt.Errorf("pull %s: only %d of %d layers were lazy", b.obdLoopRef, res.Lazy, res.Layers)
+	}
+	return sample{Seconds: d.Seconds(), PullSeconds: d.Seconds()}, nil
+}
+
+// runContainer runs the app with ctr and returns the time until it printed "ready"; it waits for the container to
+// exit (ctr run --rm also removes it) before returning.
+func (b *bench) runContainer(sn, ref string) (time.Duration, error) {
+	ctx, cancel := context.WithTimeout(b.ctx, 5*time.Minute)
+	defer cancel()
+	b.seq++
+	id := fmt.Sprintf("bench-%d", b.seq)
+	cmd := b.sb.Ctr(ctx, append([]string{"run", "--rm", "--snapshotter", sn, ref, id}, appCmd...)...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return 0, err
+	}
+	start := time.Now()
+	if err := cmd.Start(); err != nil {
+		return 0, err
+	}
+	var ready time.Duration
+	var lines []string
+	sc := bufio.NewScanner(out)
+	for sc.Scan() {
+		if sc.Text() == "ready" && ready == 0 {
+			ready = time.Since(start)
+		}
+		lines = append(lines, sc.Text())
+	}
+	io.Copy(io.Discard, out)
+	werr := cmd.Wait()
+	if ready == 0 || werr != nil {
+		return 0, fmt.Errorf("ctr run --snapshotter %s %s: %v\nstdout: %s\nstderr: %s", sn, ref, werr, strings.Join(lines, "\n"), stderr.String())
+	}
+	return ready, nil
+}
+
+// reset empties containerd's namespace (images, containers, snapshots, content) and, with clearCache, restarts
+// obd-snapshotter with an empty block cache.
+func (b *bench) reset(clearCache bool) error {
+	ctx := b.ctx
+	ctrs, err := b.c.Containers(ctx)
+	if err != nil {
+		return err
+	}
+	for _, ct := range ctrs {
+		if task, err := ct.Task(ctx, nil); err == nil {
+			task.Delete(ctx, client.WithProcessKill)
+		}
+		if err := ct.Delete(ctx, client.WithSnapshotCleanup); err != nil && !errdefs.IsNotFound(err) {
+			return fmt.Errorf("delete container %s: %w", ct.ID(), err)
+		}
+	}
+	imgs, err := b.c.ImageService().List(ctx)
+	if err != nil {
+		return err
+	}
+	for _, img := range imgs {
+		if err := b.c.ImageService().Delete(ctx, img.Name, images.SynchronousDelete()); err != nil && !errdefs.IsNotFound(err) {
+			return fmt.Errorf("delete image %s: %w", img.Name, err)
+		}
+	}
+	for _, sn := range []string{"overlayfs", snapshotter.Name} {
+		if err := removeSnapshots(ctx, b.c.SnapshotService(sn)); err != nil {
+			return fmt.Errorf("snapshotter %s: %w", sn, err)
+		}
+	}
+	cs := b.c.ContentStore()
+	var blobs []content.Info
+	if err := cs.Walk(ctx, func(i content.Info) error { blobs = append(blobs, i); return nil }); err != nil {
+		return err
+	}
+	for _, i := range blobs {
+		if err := cs.Delete(ctx, i.Digest); err != nil && !errdefs.IsNotFound(err) {
+			return err
+		}
+	}
+	if !clearCache {
+		return nil
+	}
+	// The image mounts go when their snapshots are removed; wait for that before stopping the snapshotter.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		m, err := mountsUnder(filepath.Join(b.sb.Dir, "snapshotter"))
+		if err != nil {
+			return err
+		}
+		if len(m) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("image mounts still there 30s after their snapshots were removed: %s", strings.Join(m, ", "))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err := b.sb.KillSnapshotter(); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(b.sb.CacheDir()); err != nil {
+		return err
+	}
+	if err := b.sb.StartSnapshotter(b.ctx); err != nil {
+		return err
+	}
+	// containerd redials the proxy snapshotter with its gRPC backoff: wait until it answers again.
+	var perr error
+	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if perr = b.probeSnapshotter(); perr == nil {
+			return nil
+		}
+	}
+	return fmt.Errorf("containerd does not reach the restarted obd-snapshotter: %w", perr)
+}
+
+// probeSnapshotter makes containerd call obd-snapshotter (Prepare and Remove of an empty snapshot, under a lease
+// whose synchronous deletion also removes it from the snapshotter).
+func (b *bench) probeSnapshotter() error {
+	ls := b.c.LeasesService()
+	l, err := ls.Create(b.ctx, leases.WithRandomID(), leases.WithExpiration(time.Minute))
+	if err != nil {
+		return err
+	}
+	ctx := leases.WithLease(b.ctx, l.ID)
+	ss := b.c.SnapshotService(snapshotter.Name)
+	_, err = ss.Prepare(ctx, "bench-probe-"+l.ID, "")
+	if err == nil {
+		err = ss.Remove(ctx, "bench-probe-"+l.ID)
+	}
+	return errors.Join(err, ls.Delete(b.ctx, l, leases.SynchronousDelete))
+}
+
+// removeSnapshots removes every snapshot, children before parents.
+func removeSnapshots(ctx context.Context, ss snapshots.Snapshotter) error {
+	for range 100 {
+		var infos []snapshots.Info
+		if err := ss.Walk(ctx, func(_ context.Context, i snapshots.Info) error { infos = append(infos, i); return nil }); err != nil {
+			return err
+		}
+		if len(infos) == 0 {
+			return nil
+		}
+		parents := map[string]bool{}
+		for _, i := range infos {
+			parents[i.Parent] = true
+		}
+		for _, i := range infos {
+			if !parents[i.Name] {
+				if err := ss.Remove(ctx, i.Name); err != nil && !errdefs.IsNotFound(err) {
+					return fmt.Errorf("remove snapshot %s: %w", i.Name, err)
+				}
+			}
+		}
+	}
+	return errors.New("snapshots remain after 100 rounds of removal")
+}
+
+// mountsUnder lists the mount points under dir.
+func mountsUnder(dir string) ([]string, error) {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 4 && strings.HasPrefix(f[4], dir+"/") {
+			out = append(out, f[4])
+		}
+	}
+	return out, nil
+}
+
+func dropCaches() error {
+	unix.Sync()
+	return os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0o200)
+}
+
+func sum(m map[string]int64) int64 {
+	var n int64
+	for _, v := range m {
+		n += v
+	}
+	return n
+}
+
+// calibration is what the shaped link measured as before the runs.
+type calibration struct {
+	RTTms float64 `json:"requestRoundTripMs"` // median of small GETs on a kept-alive connection
+	Mbits float64 `json:"rangeReadMbits"`     // one 16 MiB range read of a layer blob
+}
+
+func calibrate(ctx context.Context, addr string, im *builtImage) (calibration, error) {
+	tr := &http.Transport{}
+	defer tr.CloseIdleConnections()
+	hc := &http.Client{Transport: tr, Timeout: time.Minute}
+	get := func(url string, header http.Header) (time.Duration, int64, error) {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		if err != nil {
+			return 0, 0, err
+		}
+		for k, v := range header {
+			req.Header[k] = v
+		}
+		start := time.Now()
+		resp, err := hc.Do(req)
+		if err != nil {
+			return 0, 0, err
+		}
+		defer resp.Body.Close()
+		n, err := io.Copy(io.Discard, resp.Body)
+		if resp.StatusCode/100 != 2 {
+			return 0, 0, fmt.Errorf("GET %s: %s", url, resp.Status)
+		}
+		return time.Since(start), n, err
+	}
+	var rtts []float64
+	for i := range 7 {
+		d, _, err := get("http://"+addr+"/v2/", nil)
+		if err != nil {
+			return calibration{}, err
+		}
+		if i > 0 { // the first one also opens the connection
+			rtts = append(rtts, d.Seconds()*1000)
+		}
+	}
+	var big layerInfo
+	for _, l := range im.Info.PlainLayers {
+		if l.Size > big.Size {
+			big = l
+		}
+	}
+	n := min(big.Size, 16<<20)
+	d, got, err := get(fmt.Sprintf("http://%s/v2/bench/app/blobs/%s", addr, big.Digest), http.Header{"Range": {fmt.Sprintf("bytes=0-%d", n-1)}})
+	if err != nil {
+		return calibration{}, err
+	}
+	slices.Sort(rtts)
+	return calibration{RTTms: rtts[len(rtts)/2], Mbits: float64(got) * 8 / d.Seconds() / 1e6}, nil
+}
+
+// loadAvg is the 1-minute load average.
+func loadAvg() float64 {
+	var l float64
+	b, _ := os.ReadFile("/proc/loadavg")
+	fmt.Sscanf(string(b), "%f", &l)
+	return l
+}

@@ -1,0 +1,184 @@
+// Command startup is obd's headline benchmark: how long a container from a real ≥300 MB image (python3 + numpy +
+// scipy from Debian packages) takes until its app prints "ready", pulled over a shaped link (default 100 Mbit/s
+// and 20 ms RTT) from a private registry — containerd's overlayfs (full pull and unpack) against obd (lazy pull
+// of the overlaybd image), cold and warm — and how many bytes each case fetched.
+//
+//	go run ./bench/startup [--bandwidth 100mbit] [--rtt 20ms] [--runs 3]   # as root
+//
+// It prints a table and writes bench/results/startup.json and startup.svg. See bench/README.md and
+// docs/benchmarks.md for the method.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/obdproject/obd/internal/testimage"
+	"github.com/obdproject/obd/zfile"
+)
+
+type config struct {
+	bandwidth   string
+	rateBits    int64
+	rtt         time.Duration
+	runs        int
+	blockKB     int
+	out         string
+	work        string
+	rebuild     bool
+	snapshotter string
+	// snapshotterGiven: --snapshotter named a binary (else it was built from the tree)
+	snapshotterGiven bool
+	name             string
+	pigz             bool
+	cases            map[string]bool
+	zfileAlgo        zfile.Algorithm
+	args             []string
+}
+
+func main() {
+	var c config
+	flag.StringVar(&c.bandwidth, "bandwidth", "100mbit", "bandwidth of the shaped link to the registry (e.g. 100mbit, 1gbit; 0 for unshaped)")
+	flag.DurationVar(&c.rtt, "rtt", 20*time.Millisecond, "round-trip time added by the relay on the shaped link")
+	flag.IntVar(&c.runs, "runs", 3, "measured runs of each case; the table shows medians")
+	flag.IntVar(&c.blockKB, "block-kb", 0, "obd-snapshotter's cache block size in KiB ([cache] block_size_kb; 0: its default, 256)")
+	flag.StringVar(&c.out, "out", filepath.Join("bench", "results"), "directory for startup.json and startup.svg ('' for none)")
+	flag.StringVar(&c.work, "work", filepath.Join(os.TempDir(), "obd-bench-startup"), "cache of the built and converted image")
+	flag.BoolVar(&c.rebuild, "rebuild", false, "build and convert the image again even if the cache has it")
+	flag.StringVar(&c.snapshotter, "snapshotter", "", "obd-snapshotter binary (default: build ./cmd/obd-snapshotter of this module)")
+	flag.StringVar(&c.name, "name", "startup", "base name of the result files in --out (NAME.json, NAME.svg)")
+	flag.BoolVar(&c.pigz, "pigz", false, "give the sandbox's containerd pigz (from the Debian package, on its PATH only) to unpack gzip layers in parallel")
+	algo := flag.String("zfile", "lz4", "compression of the overlaybd layer blobs: lz4 (obd's and upstream's default) or zstd")
+	casesFlag := flag.String("cases", strings.Join(caseOrder, ","), "cases to measure, comma-separated (a warm case needs its cold case)")
+	flag.Usage = func() {
+		fmt.Fprintf(flag.CommandLine.Output(), "usage: go run ./bench/startup [flags]   (as root)\n\n")
+		flag.PrintDefaults()
+	}
+	flag.Parse()
+	c.args = os.Args[1:]
+	c.snapshotterGiven = c.snapshotter != ""
+	var err error
+	if c.rateBits, err = parseRate(c.bandwidth); err != nil {
+		fmt.Fprintln(os.Stderr, "startup:", err)
+		os.Exit(2)
+	}
+	switch *algo {
+	case "lz4":
+		c.zfileAlgo = zfile.AlgoLZ4
+	case "zstd":
+		c.zfileAlgo = zfile.AlgoZSTD
+	default:
+		fmt.Fprintf(os.Stderr, "startup: --zfile %q: want lz4 or zstd\n", *algo)
+		os.Exit(2)
+	}
+	if c.cases, err = parseCases(*casesFlag); err != nil {
+		fmt.Fprintln(os.Stderr, "startup:", err)
+		os.Exit(2)
+	}
+	if c.runs < 1 || c.rtt < 0 {
+		fmt.Fprintln(os.Stderr, "startup: --runs must be at least 1 and --rtt not negative")
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-ctx.Done()
+		stop() // a second Ctrl-C kills at once; the first one cleans up
+	}()
+	if err := runBench(ctx, &c); err != nil {
+		fmt.Fprintln(os.Stderr, "startup:", err)
+		os.Exit(1)
+	}
+}
+
+func parseCases(s string) (map[string]bool, error) {
+	m := map[string]bool{}
+	for _, k := range strings.Split(s, ",") {
+		k = strings.TrimSpace(k)
+		if _, ok := caseTitles[k]; !ok {
+			return nil, fmt.Errorf("--cases: unknown case %q (cases: %s)", k, strings.Join(caseOrder, ", "))
+		}
+		m[k] = true
+	}
+	for warm, cold := range map[string]string{caseOBDWarm: caseOBDCold, caseOverlayWarm: caseOverlayCold} {
+		if m[warm] && !m[cold] {
+			return nil, fmt.Errorf("--cases: %s needs %s (it runs the image the cold case pulled)", warm, cold)
+		}
+	}
+	return m, nil
+}
+
+func logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "%s  %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
+}
+
+// required lists the programs the benchmark runs besides the sandbox's.
+var required = []string{"ip", "tc", "apt-get", "dpkg-deb", "ctr", "containerd", "runc", "docker-registry", "containerd-shim-runc-v2"}
+
+func checkPrerequisites() error {
+	if os.Geteuid() != 0 {
+		return errors.New("the benchmark creates network namespaces, mounts filesystems and runs containers: run it as root")
+	}
+	var missing []string
+	for _, t := range required {
+		if _, err := exec.LookPath(t); err != nil {
+			missing = append(missing, t)
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("missing programs: %s — run 'make deps' (Debian packages; iproute2 for ip and tc)", strings.Join(missing, ", "))
+	}
+	if _, err := os.Stat("/proc/sys/vm/drop_caches"); err != nil {
+		return fmt.Errorf("cannot drop the page cache: %w", err)
+	}
+	return nil
+}
+
+// providePigz extracts Debian's pigz package into dir and puts its binaries (pigz, unpigz: containerd looks for
+// unpigz) first on this process's PATH, which the sandbox's containerd inherits.
+func providePigz(ctx context.Context, dir string) error {
+	debs, err := testimage.Fetch(ctx, []string{"pigz"}, testimage.DefaultCacheDir(), logf)
+	if err != nil {
+		return err
+	}
+	root := filepath.Join(dir, "pigz")
+	if out, err := exec.CommandContext(ctx, "dpkg-deb", "-x", debs[0].Path, root).CombinedOutput(); err != nil {
+		return fmt.Errorf("dpkg-deb -x %s: %v: %s", debs[0].Path, err, out)
+	}
+	bin := filepath.Join(root, "usr", "bin")
+	if _, err := os.Stat(filepath.Join(bin, "unpigz")); err != nil {
+		return fmt.Errorf("the pigz package has no unpigz: %w", err)
+	}
+	return os.Setenv("PATH", bin+string(os.PathListSeparator)+os.Getenv("PATH"))
+}
+
+// gitState names the commit of the working tree, with "+dirty" when it has changes.
+func gitState(ctx context.Context) string {
+	rev, err := exec.CommandContext(ctx, "git", "rev-parse", "--short=12", "HEAD").Output()
+	if err != nil {
+		return ""
+	}
+	s := strings.TrimSpace(string(rev))
+	if out, err := exec.CommandContext(ctx, "git", "status", "--porcelain", "--untracked-files=no").Output(); err == nil && len(out) > 0 {
+		s += "+dirty"
+	}
+	return s
+}
+
+// buildSnapshotter builds obd-snapshotter from the module the benchmark runs in.
+func buildSnapshotter(ctx context.Context, dir string) (string, error) {
+	out := filepath.Join(dir, "obd-snapshotter")
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", out, "github.com/obdproject/obd/cmd/obd-snapshotter")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go build obd-snapshotter: %v\n%s", err, b)
+	}
+	return out, nil
+}

@@ -1,0 +1,355 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"html"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+type report struct {
+	Command     string             `json:"command"`
+	Date        string             `json:"date"`
+	Environment environment        `json:"environment"`
+	Link        linkReport         `json:"link"`
+	Image       imageReport        `json:"image"`
+	App         string             `json:"app"`
+	Runs        int                `json:"runs"`
+	Cases       []caseReport       `json:"cases"`
+	Targets     []target           `json:"targets"`
+	Derived     map[string]float64 `json:"derived"`
+}
+
+type environment struct {
+	Kernel      string `json:"kernel"`
+	CPU         string `json:"cpu"`
+	CPUs        int    `json:"cpus"`
+	MemoryGiB   int64  `json:"memoryGiB"`
+	OS          string `json:"os"`
+	Containerd  string `json:"containerd"`
+	Go          string `json:"go"`
+	Pigz        string `json:"pigz"`
+	Snapshotter string `json:"snapshotter"`
+	Git         string `json:"git,omitempty"`
+	BlockSizeKB int    `json:"obdCacheBlockSizeKB"`
+	DropCaches  string `json:"dropCaches"`
+}
+
+type linkReport struct {
+	Description string      `json:"description"`
+	RateBits    int64       `json:"rateBitsPerSecond"`
+	RTTms       float64     `json:"rttMs"`
+	Method      string      `json:"method"`
+	Measured    calibration `json:"measured"`
+}
+
+type imageReport struct {
+	Layers         int         `json:"layers"`
+	Packages       int         `json:"packages"`
+	TarBytes       int64       `json:"tarBytes"`
+	GzipBytes      int64       `json:"gzipBytes"`
+	OBDBytes       int64       `json:"obdBlobBytes"`
+	PlainLayers    []layerInfo `json:"plainLayers"`
+	OBDLayers      []layerInfo `json:"obdLayers"`
+	ConvertSeconds float64     `json:"convertSeconds"`
+	LDLibraryPath  string      `json:"ldLibraryPath"`
+	ZFile          string      `json:"zfileAlgorithm"`
+}
+
+type caseReport struct {
+	Key     string   `json:"key"`
+	Title   string   `json:"title"`
+	Median  sample   `json:"median"`
+	Min     float64  `json:"minSeconds"`
+	Max     float64  `json:"maxSeconds"`
+	Samples []sample `json:"samples"`
+}
+
+type target struct {
+	Name     string  `json:"name"`
+	Goal     string  `json:"goal"`
+	Measured float64 `json:"measured"`
+	Limit    float64 `json:"limit"`
+	Met      bool    `json:"met"`
+}
+
+func (b *bench) report(ctx context.Context) *report {
+	r := &report{
+		Command: "go run ./bench/startup " + strings.Join(b.cfg.args, " "),
+		Date:    time.Now().UTC().Format(time.RFC3339),
+		Environment: environment{
+			Kernel: readTrim("/proc/sys/kernel/osrelease"), CPU: cpuModel(), CPUs: runtime.NumCPU(), MemoryGiB: memGiB(),
+			OS: osName(), Containerd: commandOutput("containerd", "--version"), Go: runtime.Version(), BlockSizeKB: b.cfg.blockKB,
+			DropCaches: "sync; echo 3 > /proc/sys/vm/drop_caches before every measured run",
+		},
+		Link: linkReport{Description: b.link.Describe(), RateBits: b.link.RateBits, RTTms: float64(b.link.RTT) / 1e6, Measured: b.calib,
+			Method: "veth pair into a network namespace with a tbf qdisc at the rate on both ends; a TCP relay in that namespace holds each direction's data for RTT/2"},
+		Image: imageReport{Layers: len(b.im.Info.PlainLayers), TarBytes: b.im.Info.TarBytes, GzipBytes: b.im.Info.GzipBytes, OBDBytes: b.im.Info.OBDBytes,
+			PlainLayers: b.im.Info.PlainLayers, OBDLayers: b.im.Info.OBDLayers, ConvertSeconds: b.im.Info.ConvertSeconds, LDLibraryPath: b.im.Info.LDLibraryPath,
+			ZFile: b.im.Info.ZFile},
+		App:     strings.Join(appCmd[:2], " ") + " " + fmt.Sprintf("%q", appCmd[2]),
+		Runs:    b.cfg.runs,
+		Derived: map[string]float64{},
+	}
+	if r.Environment.BlockSizeKB == 0 {
+		r.Environment.BlockSizeKB = 256
+	}
+	switch _, err := exec.LookPath("unpigz"); {
+	case b.cfg.pigz:
+		r.Environment.Pigz = "given to containerd only (--pigz)"
+	case err == nil:
+		r.Environment.Pigz = "installed"
+	default:
+		r.Environment.Pigz = "not installed"
+	}
+	r.Environment.Snapshotter = "built from this tree"
+	if b.cfg.snapshotterGiven {
+		r.Environment.Snapshotter = "given with --snapshotter"
+	}
+	r.Environment.Git = gitState(ctx)
+	for _, p := range b.im.Info.Packages {
+		r.Image.Packages += len(p)
+	}
+	med := map[string]sample{}
+	for _, k := range caseOrder {
+		ss := b.results[k]
+		if len(ss) == 0 {
+			continue
+		}
+		cr := caseReport{Key: k, Title: caseTitles[k], Samples: ss, Median: medianSample(ss)}
+		cr.Min, cr.Max = ss[0].Seconds, ss[0].Seconds
+		for _, s := range ss {
+			cr.Min, cr.Max = min(cr.Min, s.Seconds), max(cr.Max, s.Seconds)
+		}
+		med[k] = cr.Median
+		r.Cases = append(r.Cases, cr)
+	}
+	if oc, lc := med[caseOverlayCold], med[caseOBDCold]; oc.Seconds > 0 {
+		r.Targets = append(r.Targets, target{Name: "lazy start", Goal: "obd lazy time-to-ready ≤ 0.25 × overlayfs time-to-ready",
+			Measured: lc.Seconds / oc.Seconds, Limit: 0.25, Met: lc.Seconds <= 0.25*oc.Seconds})
+		r.Derived["speedup"] = oc.Seconds / lc.Seconds
+	}
+	if m := med[caseOBDMeta]; m.Seconds > 0 {
+		r.Targets = append(r.Targets, target{Name: "metadata-only pull", Goal: "obd pull on loopback ≤ 0.5 s",
+			Measured: m.Seconds, Limit: 0.5, Met: m.Seconds <= 0.5})
+	}
+	if ow, bw := med[caseOverlayWarm], med[caseOBDWarm]; ow.Seconds > 0 {
+		r.Targets = append(r.Targets, target{Name: "warm start", Goal: "obd warm start ≤ 1.3 × overlayfs warm start",
+			Measured: bw.Seconds / ow.Seconds, Limit: 1.3, Met: bw.Seconds <= 1.3*ow.Seconds})
+	}
+	if lc := med[caseOBDCold]; lc.Bytes > 0 && b.im.Info.OBDBytes > 0 {
+		r.Derived["lazyFractionOfOBDBlobs"] = float64(lc.Bytes) / float64(b.im.Info.OBDBytes)
+		r.Derived["lazyFractionOfGzipImage"] = float64(lc.Bytes) / float64(b.im.Info.GzipBytes)
+		if lc.Requests > 0 {
+			r.Derived["lazyBytesPerRequest"] = float64(lc.Bytes) / float64(lc.Requests)
+		}
+		if lc.RunSeconds > 0 {
+			r.Derived["lazyRunMbits"] = float64(lc.Bytes) * 8 / lc.RunSeconds / 1e6
+		}
+		if b.link.RateBits > 0 {
+			r.Derived["lazyBytesAtLinkRateSeconds"] = float64(lc.Bytes) * 8 / float64(b.link.RateBits)
+			r.Derived["overlayGzipAtLinkRateSeconds"] = float64(b.im.Info.GzipBytes) * 8 / float64(b.link.RateBits)
+		}
+		r.Derived["lazyRequestsTimesRTTSeconds"] = float64(lc.Requests) * b.link.RTT.Seconds()
+	}
+	return r
+}
+
+// medianSample takes the median of every field on its own.
+func medianSample(ss []sample) sample {
+	m := func(f func(sample) float64) float64 {
+		v := make([]float64, len(ss))
+		for i, s := range ss {
+			v[i] = f(s)
+		}
+		slices.Sort(v)
+		if len(v)%2 == 1 {
+			return v[len(v)/2]
+		}
+		return (v[len(v)/2-1] + v[len(v)/2]) / 2
+	}
+	return sample{
+		Seconds:     m(func(s sample) float64 { return s.Seconds }),
+		PullSeconds: m(func(s sample) float64 { return s.PullSeconds }),
+		RunSeconds:  m(func(s sample) float64 { return s.RunSeconds }),
+		Bytes:       int64(m(func(s sample) float64 { return float64(s.Bytes) })),
+		Requests:    int64(m(func(s sample) float64 { return float64(s.Requests) })),
+	}
+}
+
+func (r *report) printTable(w io.Writer) {
+	fmt.Fprintf(w, "\nstartup of %s — image: %d layers, %s tar, %s gzip, %s overlaybd; link: %s (measured %.1f ms, %.1f Mbit/s); medians of %d runs\n\n",
+		r.App, r.Image.Layers, humanBytes(r.Image.TarBytes), humanBytes(r.Image.GzipBytes), humanBytes(r.Image.OBDBytes),
+		r.Link.Description, r.Link.Measured.RTTms, r.Link.Measured.Mbits, r.Runs)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "case\ttime to ready\tmin–max\tpull\trun\tfetched\trequests\t")
+	for _, c := range r.Cases {
+		pull, run := "–", "–"
+		if c.Median.PullSeconds > 0 {
+			pull = fmt.Sprintf("%.2f s", c.Median.PullSeconds)
+		}
+		if c.Median.RunSeconds > 0 {
+			run = fmt.Sprintf("%.2f s", c.Median.RunSeconds)
+		}
+		fmt.Fprintf(tw, "%s\t%.2f s\t%.2f–%.2f\t%s\t%s\t%s\t%d\t\n", c.Title, c.Median.Seconds, c.Min, c.Max, pull, run, humanBytes(c.Median.Bytes), c.Median.Requests)
+	}
+	tw.Flush()
+	fmt.Fprintln(w)
+	for _, t := range r.Targets {
+		verdict := "MISSED"
+		if t.Met {
+			verdict = "met"
+		}
+		fmt.Fprintf(w, "target %-20s %-55s measured %.3f (limit %.2f): %s\n", t.Name+":", t.Goal, t.Measured, t.Limit, verdict)
+	}
+	fmt.Fprintf(w, "\npigz: %s; obd cache block size: %d KiB\n", r.Environment.Pigz, r.Environment.BlockSizeKB)
+}
+
+func (r *report) write(dir, name string) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(dir, name+".json"), append(b, '\n'), 0o644); err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, name+".svg"), []byte(r.svg()), 0o644)
+}
+
+// svg draws one horizontal bar per case: time to ready (median), split into pull and run where both exist, with
+// the min–max range as a whisker and the bytes fetched as a label.
+func (r *report) svg() string {
+	const (
+		width, left, right = 980, 250, 250
+		top, rowH, barH    = 90, 46, 24
+	)
+	maxS := 0.0
+	for _, c := range r.Cases {
+		maxS = max(maxS, c.Max)
+	}
+	if maxS == 0 {
+		maxS = 1
+	}
+	plotW := float64(width - left - right)
+	x := func(s float64) float64 { return float64(left) + s/maxS*plotW }
+	height := top + rowH*len(r.Cases) + 70
+	var sb strings.Builder
+	fmt.Fprintf(&sb, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" viewBox="0 0 %d %d" font-family="sans-serif" font-size="13">`+"\n", width, height, width, height)
+	fmt.Fprintf(&sb, `<rect width="100%%" height="100%%" fill="white"/>`+"\n")
+	fmt.Fprintf(&sb, `<text x="%d" y="24" font-size="16" font-weight="bold">Container start until the app prints "ready" (median of %d runs)</text>`+"\n", 10, r.Runs)
+	fmt.Fprintf(&sb, `<text x="%d" y="44" fill="#444">%s; image %s gzip / %s tar, %d layers; registry link %s</text>`+"\n", 10,
+		html.EscapeString(r.App), humanBytes(r.Image.GzipBytes), humanBytes(r.Image.TarBytes), r.Image.Layers, html.EscapeString(r.Link.Description))
+	fmt.Fprintf(&sb, `<text x="%d" y="%d" fill="#444">containerd %s (pigz: %s) vs obd (cache block %d KiB); %d CPUs, kernel %s; whiskers: min–max</text>`+"\n", 10, 62,
+		html.EscapeString(containerdVersion(r.Environment.Containerd)), html.EscapeString(r.Environment.Pigz), r.Environment.BlockSizeKB, r.Environment.CPUs,
+		html.EscapeString(r.Environment.Kernel))
+	// grid
+	step := niceStep(maxS)
+	for s := 0.0; s <= maxS+1e-9; s += step {
+		fmt.Fprintf(&sb, `<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#ddd"/>`+"\n", x(s), top-8, x(s), top+rowH*len(r.Cases))
+		fmt.Fprintf(&sb, `<text x="%.1f" y="%d" text-anchor="middle" fill="#666">%g s</text>`+"\n", x(s), top+rowH*len(r.Cases)+16, s)
+	}
+	colors := map[string][2]string{
+		caseOverlayCold: {"#c0504d", "#e6a19f"}, caseOverlayWarm: {"#c0504d", "#e6a19f"},
+		caseOBDCold: {"#2f6db5", "#8fb3e0"}, caseOBDWarm: {"#2f6db5", "#8fb3e0"}, caseOBDMeta: {"#2f6db5", "#8fb3e0"},
+	}
+	for i, c := range r.Cases {
+		y := top + i*rowH
+		col := colors[c.Key]
+		fmt.Fprintf(&sb, `<text x="%d" y="%d" text-anchor="end">%s</text>`+"\n", left-8, y+barH/2+5, html.EscapeString(c.Title))
+		pull, run := c.Median.PullSeconds, c.Median.RunSeconds
+		if pull > 0 && run > 0 {
+			fmt.Fprintf(&sb, `<rect x="%d" y="%d" width="%.1f" height="%d" fill="%s"><title>pull %.2f s</title></rect>`+"\n", left, y, x(pull)-float64(left), barH, col[1], pull)
+			fmt.Fprintf(&sb, `<rect x="%.1f" y="%d" width="%.1f" height="%d" fill="%s"><title>run %.2f s</title></rect>`+"\n", x(pull), y, x(pull+run)-x(pull), barH, col[0], run)
+		} else {
+			fill := col[0]
+			if c.Key == caseOBDMeta {
+				fill = col[1]
+			}
+			fmt.Fprintf(&sb, `<rect x="%d" y="%d" width="%.1f" height="%d" fill="%s"/>`+"\n", left, y, max(x(c.Median.Seconds)-float64(left), 1), barH, fill)
+		}
+		// whisker: min–max
+		fmt.Fprintf(&sb, `<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#333"/>`+"\n", x(c.Min), y+barH/2, x(c.Max), y+barH/2)
+		for _, v := range []float64{c.Min, c.Max} {
+			fmt.Fprintf(&sb, `<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#333"/>`+"\n", x(v), y+barH/2-5, x(v), y+barH/2+5)
+		}
+		fmt.Fprintf(&sb, `<text x="%.1f" y="%d">%.2f s · %s fetched</text>`+"\n", x(c.Max)+8, y+barH/2+5, c.Median.Seconds, humanBytes(c.Median.Bytes))
+	}
+	ly := top + rowH*len(r.Cases) + 40
+	fmt.Fprintf(&sb, `<rect x="%d" y="%d" width="14" height="14" fill="#e6a19f"/><text x="%d" y="%d">overlayfs pull + unpack</text>`+"\n", left, ly, left+20, ly+12)
+	fmt.Fprintf(&sb, `<rect x="%d" y="%d" width="14" height="14" fill="#c0504d"/><text x="%d" y="%d">overlayfs run</text>`+"\n", left+190, ly, left+210, ly+12)
+	fmt.Fprintf(&sb, `<rect x="%d" y="%d" width="14" height="14" fill="#8fb3e0"/><text x="%d" y="%d">obd pull</text>`+"\n", left+320, ly, left+340, ly+12)
+	fmt.Fprintf(&sb, `<rect x="%d" y="%d" width="14" height="14" fill="#2f6db5"/><text x="%d" y="%d">obd run</text>`+"\n", left+420, ly, left+440, ly+12)
+	sb.WriteString("</svg>\n")
+	return sb.String()
+}
+
+func niceStep(maxS float64) float64 {
+	for _, s := range []float64{0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60, 120} {
+		if maxS/s <= 8 {
+			return s
+		}
+	}
+	return 300
+}
+
+func readTrim(path string) string {
+	b, _ := os.ReadFile(path)
+	return strings.TrimSpace(string(b))
+}
+
+func cpuModel() string {
+	for _, line := range strings.Split(readTrim("/proc/cpuinfo"), "\n") {
+		if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+			return strings.TrimSpace(v)
+		}
+	}
+	return runtime.GOARCH
+}
+
+func memGiB() int64 {
+	var kb int64
+	for _, line := range strings.Split(readTrim("/proc/meminfo"), "\n") {
+		if strings.HasPrefix(line, "MemTotal:") {
+			fmt.Sscanf(strings.TrimPrefix(line, "MemTotal:"), "%d", &kb)
+		}
+	}
+	return (kb + 1<<19) >> 20
+}
+
+func osName() string {
+	for _, line := range strings.Split(readTrim("/etc/os-release"), "\n") {
+		if v, ok := strings.CutPrefix(line, "PRETTY_NAME="); ok {
+			return strings.Trim(v, `"`)
+		}
+	}
+	return runtime.GOOS
+}
+
+func commandOutput(name string, args ...string) string {
+	b, err := exec.Command(name, args...).Output()
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// containerdVersion picks the version out of `containerd --version`.
+func containerdVersion(s string) string {
+	f := strings.Fields(s)
+	if len(f) >= 3 {
+		return f[2]
+	}
+	return s
+}

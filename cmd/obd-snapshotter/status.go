@@ -1,0 +1,234 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/containerd/log"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/obdproject/obd/internal/mounter"
+	"github.com/obdproject/obd/internal/registry"
+	"github.com/obdproject/obd/internal/snapshotter"
+	"github.com/obdproject/obd/internal/status"
+)
+
+// statusTimeout bounds the work of one status request.
+const statusTimeout = 10 * time.Second
+
+// startServers serves the status endpoint on the unix socket sc.StatusSocket() (GET /status, /healthz, /metrics)
+// and, unless [metrics] address is empty, the metrics on that TCP address (GET /metrics, /healthz). It also
+// starts the watch of hung device reads. stop shuts all of it down; the caller (run) owns it.
+func (o *ops) startServers(ctx context.Context, sn *snapshotter.Snapshotter, sc snapshotterConfig) (stop func(), err error) {
+	metrics := promhttp.HandlerFor(o.reg, promhttp.HandlerOpts{ErrorLog: promLogger{o}, Timeout: statusTimeout})
+	healthz := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		fmt.Fprintln(w, "ok")
+	})
+	statusMux := http.NewServeMux()
+	statusMux.Handle("GET "+status.PathMetrics, metrics)
+	statusMux.Handle("GET "+status.PathHealthz, healthz)
+	statusMux.HandleFunc("GET "+status.PathStatus, func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), statusTimeout)
+		defer cancel()
+		st := o.status(ctx, sn)
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(st); err != nil {
+			log.G(ctx).WithError(err).Debug("write status answer")
+		}
+	})
+
+	socket := sc.StatusSocket()
+	sl, err := listen(socket)
+	if err != nil {
+		return nil, fmt.Errorf("status endpoint ([snapshotter] status_address): %w", err)
+	}
+	servers := []*http.Server{{Handler: statusMux, ReadHeaderTimeout: 10 * time.Second}}
+	listeners := []net.Listener{sl}
+	if addr := o.cfg.Metrics.Address; addr != "" {
+		ml, err := net.Listen("tcp", addr)
+		if err != nil {
+			sl.Close()
+			os.Remove(socket)
+			return nil, fmt.Errorf("metrics: listen on %s: %w — set [metrics] address in %s to a free host:port, or to \"\" to serve metrics only on %s",
+				addr, err, o.configFile, socket)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("GET "+status.PathMetrics, metrics)
+		mux.Handle("GET "+status.PathHealthz, healthz)
+		servers = append(servers, &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second})
+		listeners = append(listeners, ml)
+		log.G(ctx).WithField("address", ml.Addr().String()).Info("serving Prometheus metrics at /metrics")
+	}
+	log.G(ctx).WithField("socket", socket).Info("serving status endpoint (obd status, obd health)")
+
+	wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	var wg sync.WaitGroup
+	for i, srv := range servers {
+		wg.Go(func() {
+			if err := srv.Serve(listeners[i]); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.G(wctx).WithError(err).Error("status or metrics server stopped")
+			}
+		})
+	}
+	wg.Go(func() { o.reads.watch(wctx) })
+	return func() {
+		cancel()
+		sctx, scancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer scancel()
+		for _, srv := range servers {
+			if err := srv.Shutdown(sctx); err != nil {
+				srv.Close()
+			}
+		}
+		wg.Wait()
+		if err := os.Remove(socket); err != nil && !errors.Is(err, os.ErrNotExist) {
+			log.G(ctx).WithError(err).Warn("remove status socket")
+		}
+	}, nil
+}
+
+// promLogger logs the metrics handler's errors.
+type promLogger struct{ o *ops }
+
+func (l promLogger) Println(v ...any) { l.o.log.Error("metrics: " + fmt.Sprint(v...)) }
+
+// status gathers the document of GET /status.
+func (o *ops) status(ctx context.Context, sn *snapshotter.Snapshotter) status.Status {
+	cfg := o.cfg
+	st := status.Status{
+		Version:       status.Version(),
+		GoVersion:     status.GoVersion(),
+		PID:           os.Getpid(),
+		Started:       o.started,
+		UptimeSeconds: time.Since(o.started).Seconds(),
+		Config: status.Config{
+			File: o.configFile, Root: cfg.Snapshotter.Root, Address: cfg.Snapshotter.Address,
+			StatusAddress: cfg.Snapshotter.StatusSocket(), MetricsAddress: cfg.Metrics.Address,
+			CacheDir: cfg.Cache.Dir, CacheSizeGB: cfg.Cache.SizeGB, BlockSizeKB: cfg.Cache.BlockSizeKB,
+			RetryBudget: cfg.Registry.RetryBudget, DockerConfig: dockerConfigPath(cfg.Registry),
+			PlainHTTP: cfg.Registry.PlainHTTP, Insecure: cfg.Registry.Insecure, Mirrors: cfg.Registry.Mirrors,
+			SlowReadMS: cfg.Audit.SlowReadMS, HungReadMS: cfg.Audit.HungReadMS, AuditPath: cfg.Audit.Path,
+		},
+		Cache:  status.Cache{Dir: cfg.Cache.Dir, CapacityBytes: cfg.Cache.SizeGB << 30},
+		Images: []status.Image{},
+	}
+	if c := o.cache; c != nil {
+		s := c.Stats()
+		st.Cache.UsedBytes, st.Cache.Blobs = c.Usage()
+		st.Cache.Hits, st.Cache.Misses, st.Cache.Evictions = s.Hits, s.Misses, s.Evictions
+		st.Cache.FetchedBytes, st.Cache.StoreFailures = s.BytesFetched, s.StoreFailures
+		if r := status.HitRatio(s.Hits, s.Misses); r != nil {
+			st.Cache.HitRatio = *r
+		}
+	}
+	o.reads.forget()
+	perImage, all := o.reads.counts()
+	st.Reads = status.Reads{Total: all.reads, Errors: all.errors, Slow: all.slow, InFlight: all.inflight, Hung: all.hung}
+
+	var attached []mounter.ImageInfo
+	if o.mounter != nil {
+		attached = o.mounter.Images()
+	}
+	byID := map[string]mounter.ImageInfo{}
+	for _, img := range attached {
+		byID[img.ID] = img
+	}
+	seen := map[string]bool{}
+	images, err := sn.Status(ctx)
+	if err != nil {
+		st.Warnings = append(st.Warnings, fmt.Sprintf("cannot list the snapshots that containers use: %v", err))
+	}
+	for _, is := range images {
+		img := status.Image{ID: is.Parent, ImageRef: is.ImageRef, Mode: is.Mode, Reason: is.Reason, State: status.StateNone,
+			Snapshots: is.Snapshots}
+		if is.MountID != "" {
+			img.ID, img.State = is.MountID, status.StateNotAttached
+			for _, l := range is.Layers {
+				img.Layers = append(img.Layers, statusLayer(mounter.LayerInfo{Digest: l.Digest, Size: l.Size, Local: l.LocalPath != "", Path: l.LocalPath}))
+			}
+			if mi, ok := byID[is.MountID]; ok {
+				fillFromMounter(&img, mi)
+				seen[mi.ID] = true
+			}
+			fillReads(&img, perImage[img.ID])
+		}
+		st.Images = append(st.Images, img)
+	}
+	for _, mi := range attached {
+		if seen[mi.ID] {
+			continue
+		}
+		img := status.Image{ID: mi.ID, ImageRef: mi.ImageRef, Mode: layersMode(mi.Layers)}
+		img.Reason = modeReason(img.Mode) + "; no container uses it now: its device stays attached until the image is removed"
+		fillFromMounter(&img, mi)
+		fillReads(&img, perImage[mi.ID])
+		st.Images = append(st.Images, img)
+	}
+	return st
+}
+
+// modeReason explains a mode of an image the snapshotter lists no container for.
+func modeReason(mode string) string {
+	switch mode {
+	case status.ModeLocal:
+		return "every overlaybd layer was downloaded"
+	case status.ModeMixed:
+		return "some overlaybd layers were downloaded, the others are read from the registry on demand"
+	}
+	return "overlaybd layers are read from the registry on demand and kept in the block cache"
+}
+
+// fillFromMounter copies the device state and layer counters of an attached image.
+func fillFromMounter(img *status.Image, mi mounter.ImageInfo) {
+	img.State = mi.State
+	since := mi.Since
+	img.Since = &since
+	img.Error, img.Device, img.Mountpoints = mi.Error, mi.Device, mi.Targets
+	if img.ImageRef == "" {
+		img.ImageRef = mi.ImageRef
+	}
+	if len(mi.Layers) > 0 {
+		img.Layers = img.Layers[:0]
+	}
+	for _, l := range mi.Layers {
+		img.Layers = append(img.Layers, statusLayer(l))
+		img.BytesFetched += l.Registry.BytesFetched
+		img.RegistryRequests += l.Registry.Requests
+		img.RegistryErrors += l.Registry.Errors
+		img.CacheHits += l.CacheHits
+		img.CacheMisses += l.CacheMisses
+	}
+	img.CacheHitRatio = status.HitRatio(img.CacheHits, img.CacheMisses)
+}
+
+func fillReads(img *status.Image, c readCounts) {
+	img.Reads, img.ReadBytes, img.ReadErrors = c.reads, c.bytes, c.errors
+	img.ReadsInFlight, img.HungReads = c.inflight, c.hung
+}
+
+func statusLayer(l mounter.LayerInfo) status.Layer {
+	sl := status.Layer{Digest: l.Digest.String(), Size: l.Size, Source: "remote", BytesFetched: l.Registry.BytesFetched,
+		CacheHits: l.CacheHits, CacheMisses: l.CacheMisses}
+	if l.Local {
+		sl.Source, sl.Path = "local", l.Path
+	}
+	return sl
+}
+
+// dockerConfigPath is the credentials file the registry clients read.
+func dockerConfigPath(rc registryConfig) string {
+	if rc.DockerConfig != "" {
+		return rc.DockerConfig
+	}
+	return registry.DefaultDockerConfigPath()
+}

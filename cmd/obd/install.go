@@ -1,0 +1,83 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"github.com/spf13/cobra"
+
+	"github.com/obdproject/obd/internal/config"
+	"github.com/obdproject/obd/internal/install"
+)
+
+func newInstallCmd() *cobra.Command {
+	var (
+		opts   install.Options
+		prefix string
+	)
+	cmd := &cobra.Command{
+		Use:   "install",
+		Short: "Set this node up for obd: obd.toml, containerd's proxy plugin, the systemd unit",
+		Long: `install sets a node up to run overlaybd images with obd-snapshotter:
+
+  - writes obd.toml (every setting at its default, commented out) if it is missing; an existing one is only
+    checked, never overwritten;
+  - registers the snapshotter in containerd's config.toml as [proxy_plugins.overlaybd] with the socket address
+    from obd.toml, inserting that table and leaving the rest of the file as it is (config versions 1, 2 and 3);
+    with --cri also sets disable_snapshot_annotations = false for containerd's CRI plugin (Kubernetes);
+  - where systemd runs, installs obd-snapshotter.service and enables and starts it.
+
+It prints each change it makes and nothing when there is nothing to change, so it is safe to run again.
+containerd is not restarted unless --restart-containerd is given.`,
+		Example: `  obd install --dry-run    # show what would change
+  obd install              # as root
+  obd install --cri --restart-containerd`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			bin, err := snapshotterBinary(prefix)
+			if err != nil {
+				return err
+			}
+			opts.SnapshotterBin = bin
+			opts.Out = cmd.OutOrStdout()
+			err = install.Run(cmd.Context(), opts)
+			if errors.Is(err, fs.ErrPermission) && os.Geteuid() != 0 {
+				return fmt.Errorf("%w (run obd install as root)", err)
+			}
+			return err
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&prefix, "prefix", "", "installation prefix of obd's binaries: the unit runs PREFIX/bin/obd-snapshotter (default: the obd-snapshotter next to this obd)")
+	f.StringVar(&opts.ContainerdConfig, "containerd-config", install.DefaultContainerdConfig, "containerd's configuration file")
+	f.StringVar(&opts.ObdConfig, "obd-config", config.DefaultPath, "obd's configuration file")
+	f.StringVar(&opts.Systemd, "systemd", "auto", "install the systemd unit: auto (when systemd runs), yes or no")
+	f.StringVar(&opts.UnitDir, "unit-dir", install.DefaultUnitDir, "directory of the systemd unit")
+	f.BoolVar(&opts.CRI, "cri", false, "set disable_snapshot_annotations = false for containerd's CRI plugin (needed for Kubernetes)")
+	f.BoolVar(&opts.RestartContainerd, "restart-containerd", false, "restart containerd (through systemd) when its configuration changed")
+	f.BoolVar(&opts.DryRun, "dry-run", false, "print what would change and change nothing")
+	return cmd
+}
+
+// snapshotterBinary returns the obd-snapshotter the unit runs: PREFIX/bin/obd-snapshotter, else the one next to
+// the running obd.
+func snapshotterBinary(prefix string) (string, error) {
+	if prefix != "" {
+		abs, err := filepath.Abs(prefix)
+		if err != nil {
+			return "", fmt.Errorf("--prefix: %w", err)
+		}
+		return filepath.Join(abs, "bin", "obd-snapshotter"), nil
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return "", fmt.Errorf("cannot tell where obd is (%w): pass --prefix", err)
+	}
+	if resolved, err := filepath.EvalSymlinks(self); err == nil {
+		self = resolved
+	}
+	return filepath.Join(filepath.Dir(self), "obd-snapshotter"), nil
+}

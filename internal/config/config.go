@@ -1,0 +1,179 @@
+// Package config reads obd.toml, the node configuration shared by obd-snapshotter (which runs with it) and the
+// obd CLI (whose status and health commands find the daemon's sockets and check the file with the same loader).
+package config
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+)
+
+// Defaults of obd.toml.
+const (
+	DefaultPath        = "/etc/obd/obd.toml"
+	DefaultRoot        = "/var/lib/obd/snapshotter"
+	DefaultAddress     = "/run/obd/snapshotter.sock"
+	DefaultLogLevel    = "info"
+	DefaultCacheDir    = "/var/lib/obd/cache"
+	DefaultCacheGB     = 4
+	DefaultBlockKB     = 256
+	DefaultRetryBudget = "60s"
+	// DefaultCredentialHelpers is obd's token helpers file (registry.DefaultHelperFile).
+	DefaultCredentialHelpers = "/etc/obd/credential-helpers.json"
+	// DefaultMetricsAddress serves Prometheus metrics on localhost. Upstream's two exporters both default to 9863;
+	// obd uses 9864 so that it can run beside either.
+	DefaultMetricsAddress = "127.0.0.1:9864"
+	// DefaultSlowReadMS is the latency from which a device read is written to the audit log.
+	DefaultSlowReadMS = 500
+	// DefaultHungReadMS is the age from which a device read that has not finished counts as hung.
+	DefaultHungReadMS = 10000
+)
+
+// Config is the part of obd.toml that obd-snapshotter reads. Other tables belong to other obd components.
+type Config struct {
+	Snapshotter Snapshotter `toml:"snapshotter"`
+	Cache       Cache       `toml:"cache"`
+	Registry    Registry    `toml:"registry"`
+	Metrics     Metrics     `toml:"metrics"`
+	Audit       Audit       `toml:"audit"`
+}
+
+// Snapshotter is the [snapshotter] table.
+type Snapshotter struct {
+	// Root holds the snapshot metadata (metadata.db) and directories (snapshots/<id>).
+	Root string `toml:"root"`
+	// Address is the unix socket containerd's proxy_plugins.overlaybd connects to.
+	Address string `toml:"address"`
+	// LogLevel is trace, debug, info, warn or error.
+	LogLevel string `toml:"log_level"`
+	// StatusAddress is the unix socket of the status endpoint (GET /status, /healthz, /metrics) that 'obd status'
+	// and 'obd health' ask; empty means next to Address (see StatusSocket).
+	StatusAddress string `toml:"status_address"`
+}
+
+// StatusSocket returns the status endpoint's socket: StatusAddress, or Address with ".sock" replaced by
+// ".status.sock" (/run/obd/snapshotter.sock → /run/obd/snapshotter.status.sock).
+func (s Snapshotter) StatusSocket() string {
+	if s.StatusAddress != "" {
+		return s.StatusAddress
+	}
+	return strings.TrimSuffix(s.Address, ".sock") + ".status.sock"
+}
+
+// Cache is the [cache] table: the on-disk cache of blob ranges fetched from registries.
+type Cache struct {
+	// Dir holds the cached data.
+	Dir string `toml:"dir"`
+	// SizeGB bounds the cache's data in GiB.
+	SizeGB int64 `toml:"size_gb"`
+	// BlockSizeKB is the unit, in KiB, in which missing data is fetched and cached.
+	BlockSizeKB int64 `toml:"block_size_kb"`
+}
+
+// Registry is the [registry] table: how blobs are read lazily from registries.
+type Registry struct {
+	// DockerConfig is the credentials file (docker config.json format); empty means $DOCKER_CONFIG/config.json or
+	// ~/.docker/config.json.
+	DockerConfig string `toml:"docker_config"`
+	// PlainHTTP lists registry hosts served over plain HTTP; localhost and 127.0.0.0/8 always are.
+	PlainHTTP []string `toml:"plain_http"`
+	// Insecure lists registry hosts whose TLS certificates are not verified.
+	Insecure []string `toml:"insecure"`
+	// RetryBudget bounds how long one read retries a failing registry before the read fails with EIO.
+	RetryBudget string `toml:"retry_budget"`
+	// Mirrors are tried first for blob reads (host[:port]).
+	Mirrors []string `toml:"mirrors"`
+	// CredentialHelpers is the token helpers file ('obd credentials set REGISTRY --helper CMD'): commands that
+	// print a fresh registry token, run again before the token expires; a missing file means no helpers.
+	CredentialHelpers string `toml:"credential_helpers"`
+}
+
+// Metrics is the [metrics] table.
+type Metrics struct {
+	// Address is the TCP host:port serving Prometheus metrics at /metrics (and /healthz); empty disables it.
+	Address string `toml:"address"`
+}
+
+// Audit is the [audit] table: the log of slow and hung device reads.
+type Audit struct {
+	// SlowReadMS is the latency in milliseconds from which a finished device read is logged; 0 logs none.
+	SlowReadMS int64 `toml:"slow_read_ms"`
+	// HungReadMS is the age in milliseconds from which a device read still waiting is logged (once) and counted
+	// by the obd_device_hung_reads metric.
+	HungReadMS int64 `toml:"hung_read_ms"`
+	// Path is the file the audit lines are appended to; empty writes them to the daemon's log (stderr).
+	Path string `toml:"path"`
+}
+
+// SlowRead returns SlowReadMS as a duration (0: disabled).
+func (a Audit) SlowRead() time.Duration { return time.Duration(a.SlowReadMS) * time.Millisecond }
+
+// HungRead returns HungReadMS as a duration.
+func (a Audit) HungRead() time.Duration { return time.Duration(a.HungReadMS) * time.Millisecond }
+
+// Default returns the configuration used when obd.toml is missing.
+func Default() Config {
+	return Config{
+		Snapshotter: Snapshotter{Root: DefaultRoot, Address: DefaultAddress, LogLevel: DefaultLogLevel},
+		Cache:       Cache{Dir: DefaultCacheDir, SizeGB: DefaultCacheGB, BlockSizeKB: DefaultBlockKB},
+		Registry:    Registry{RetryBudget: DefaultRetryBudget, CredentialHelpers: DefaultCredentialHelpers},
+		Metrics:     Metrics{Address: DefaultMetricsAddress},
+		Audit:       Audit{SlowReadMS: DefaultSlowReadMS, HungReadMS: DefaultHungReadMS},
+	}
+}
+
+// tables are the tables of obd.toml this package reads; unknown keys in them are reported.
+var tables = []string{"snapshotter", "cache", "registry", "metrics", "audit"}
+
+// Load reads path over the defaults. A missing file is an error only when the user named it (explicit). It
+// returns warnings about keys of its tables that it does not know (typos), which the caller logs or shows.
+func Load(path string, explicit bool) (cfg Config, warnings []string, err error) {
+	cfg = Default()
+	md, err := toml.DecodeFile(path, &cfg)
+	switch {
+	case errors.Is(err, fs.ErrNotExist) && !explicit:
+		return Default(), nil, nil
+	case err != nil:
+		return Config{}, nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	for _, k := range md.Undecoded() {
+		if len(k) > 0 && slices.Contains(tables, k[0]) {
+			warnings = append(warnings, fmt.Sprintf("config %s: unknown key %s ignored", path, strings.Join(k, ".")))
+		}
+	}
+	if err := cfg.Validate(); err != nil {
+		return Config{}, warnings, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, warnings, nil
+}
+
+// Validate checks the values that have a fixed range; each error names the key and what it wants.
+func (c Config) Validate() error {
+	if c.Cache.SizeGB <= 0 {
+		return fmt.Errorf("cache.size_gb = %d: want a positive number of GiB", c.Cache.SizeGB)
+	}
+	if b := c.Cache.BlockSizeKB; b < 4 || b > 4096 || b&(b-1) != 0 {
+		return fmt.Errorf("cache.block_size_kb = %d: want a power of two from 4 to 4096", b)
+	}
+	if d, err := time.ParseDuration(c.Registry.RetryBudget); err != nil || d <= 0 {
+		return fmt.Errorf("registry.retry_budget = %q: want a positive duration such as \"60s\"", c.Registry.RetryBudget)
+	}
+	if a := c.Metrics.Address; a != "" {
+		if _, _, err := net.SplitHostPort(a); err != nil {
+			return fmt.Errorf("metrics.address = %q: want host:port such as %q, or \"\" to disable metrics", a, DefaultMetricsAddress)
+		}
+	}
+	if c.Audit.SlowReadMS < 0 {
+		return fmt.Errorf("audit.slow_read_ms = %d: want 0 (off) or a number of milliseconds", c.Audit.SlowReadMS)
+	}
+	if c.Audit.HungReadMS <= 0 {
+		return fmt.Errorf("audit.hung_read_ms = %d: want a positive number of milliseconds", c.Audit.HungReadMS)
+	}
+	return nil
+}

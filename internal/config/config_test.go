@@ -1,0 +1,77 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestLoadOperabilityKeys(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "obd.toml")
+	if err := os.WriteFile(path, []byte(`
+[snapshotter]
+address = "/run/x/sn.sock"
+status_address = "/run/x/status.sock"
+
+[metrics]
+address = ""
+
+[audit]
+slow_read_ms = 250
+hung_read_ms = 3000
+path = "/var/log/obd/audit.log"
+typo = 1
+`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg, warnings, err := Load(path, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Metrics.Address != "" || cfg.Snapshotter.StatusSocket() != "/run/x/status.sock" ||
+		cfg.Audit.SlowRead() != 250*time.Millisecond || cfg.Audit.HungRead() != 3*time.Second || cfg.Audit.Path != "/var/log/obd/audit.log" {
+		t.Errorf("config %+v", cfg)
+	}
+	if len(warnings) != 1 || !strings.Contains(warnings[0], "audit.typo") {
+		t.Errorf("warnings %q, want one about audit.typo", warnings)
+	}
+
+	d := Default()
+	if d.Metrics.Address != DefaultMetricsAddress || d.Snapshotter.StatusSocket() != "/run/obd/snapshotter.status.sock" || d.Audit.SlowReadMS != 500 {
+		t.Errorf("defaults %+v", d)
+	}
+	if cfg, _, err := Load(filepath.Join(dir, "missing.toml"), false); err != nil || !reflect.DeepEqual(cfg, Default()) {
+		t.Errorf("missing default file: %+v, %v", cfg, err)
+	}
+}
+
+func TestValidate(t *testing.T) {
+	for _, tc := range []struct {
+		mod  func(*Config)
+		want string
+	}{
+		{func(c *Config) { c.Metrics.Address = "9864" }, "metrics.address"},
+		{func(c *Config) { c.Audit.SlowReadMS = -1 }, "audit.slow_read_ms"},
+		{func(c *Config) { c.Audit.HungReadMS = 0 }, "audit.hung_read_ms"},
+		{func(c *Config) { c.Cache.BlockSizeKB = 3 }, "cache.block_size_kb"},
+		{func(c *Config) { c.Registry.RetryBudget = "soon" }, "registry.retry_budget"},
+	} {
+		c := Default()
+		tc.mod(&c)
+		if err := c.Validate(); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("Validate: %v, want an error about %s", err, tc.want)
+		}
+	}
+	if err := Default().Validate(); err != nil {
+		t.Errorf("defaults: %v", err)
+	}
+	c := Default()
+	c.Metrics.Address, c.Audit.SlowReadMS = "", 0
+	if err := c.Validate(); err != nil {
+		t.Errorf("metrics and audit off: %v", err)
+	}
+}

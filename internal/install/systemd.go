@@ -1,0 +1,82 @@
+package install
+
+import (
+	"context"
+	"fmt"
+	"os/exec"
+	"strings"
+)
+
+// UnitName is the systemd unit of obd-snapshotter.
+const UnitName = "obd-snapshotter.service"
+
+// Unit returns the systemd unit that runs the obd-snapshotter binary at bin with the config file at config.
+func Unit(bin, config string) []byte {
+	return fmt.Appendf(nil, `# obd-snapshotter: obd's containerd snapshotter "overlaybd" (lazily pulled overlaybd images).
+# Written by 'obd install', which rewrites it when it differs: put local changes in a drop-in
+# ('systemctl edit obd-snapshotter'), which obd install leaves alone.
+
+[Unit]
+Description=obd snapshotter for overlaybd images (containerd proxy plugin "overlaybd")
+# containerd connects to the snapshotter's socket: start it before containerd, stop it after.
+Before=containerd.service
+After=local-fs.target network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+# User=root makes systemd set HOME, so that with [registry] docker_config unset the daemon reads
+# /root/.docker/config.json: the file 'obd login' and 'docker login' write when run as root.
+User=root
+# Images are served as FUSE files behind loop devices: load the modules unless they are built in.
+ExecStartPre=-/sbin/modprobe -a fuse loop
+ExecStart=%s --config %s
+Restart=always
+RestartSec=1
+# KillMode=process: on stop or restart systemd signals the obd-snapshotter process alone instead of killing
+# every process of the unit's control group at once (the default, KillMode=control-group). What the daemon
+# starts to outlive it, such as a process keeping a /dev/fuse connection open for the restarted daemon to take
+# over, is left alone, so the FUSE-served devices of running containers are not all killed together. (Today the
+# FUSE servers run inside the daemon: its devices fail while it is down; see docs/install.md.)
+KillMode=process
+# The daemon serves containers' root filesystems: the OOM killer should pick it last.
+OOMScoreAdjust=-999
+LimitNOFILE=1048576
+# No PrivateMounts=, ProtectSystem= or the like: the daemon's mounts must be visible to containerd.
+
+[Install]
+WantedBy=multi-user.target
+`, unitQuote(bin), unitQuote(config))
+}
+
+// unitQuote quotes a path for a systemd command line when it needs it.
+func unitQuote(s string) string {
+	if !strings.ContainsAny(s, " \t\"'\\;$%") {
+		return s
+	}
+	r := strings.NewReplacer(`\`, `\\`, `"`, `\"`, "$", "$$", "%", "%%")
+	return `"` + r.Replace(s) + `"`
+}
+
+// systemctl runs systemctl commands.
+type systemctl struct {
+	path string
+}
+
+// run runs systemctl with args and returns its error with its output.
+func (s systemctl) run(ctx context.Context, args ...string) error {
+	out, err := exec.CommandContext(ctx, s.path, args...).CombinedOutput()
+	if err != nil {
+		msg := strings.TrimSpace(string(out))
+		if msg != "" {
+			return fmt.Errorf("systemctl %s: %w: %s", strings.Join(args, " "), err, msg)
+		}
+		return fmt.Errorf("systemctl %s: %w", strings.Join(args, " "), err)
+	}
+	return nil
+}
+
+// query runs a systemctl query (is-enabled, is-active) and reports whether it answered yes (exit 0).
+func (s systemctl) query(ctx context.Context, args ...string) bool {
+	return exec.CommandContext(ctx, s.path, args...).Run() == nil
+}
