@@ -41,6 +41,8 @@ func TestMain(m *testing.M) {
 			os.Exit(1)
 		}
 	}
+	// The binaries keep their conversion database under the user's cache dir: give the tests their own.
+	os.Setenv("XDG_CACHE_HOME", filepath.Join(dir, "cache"))
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
