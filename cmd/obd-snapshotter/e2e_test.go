@@ -517,7 +517,7 @@ func runContainer(t *testing.T, ctx context.Context, c *client.Client, img clien
 			t.Errorf("delete container %s: %v", id, err)
 		}
 	}()
-	var out lockedBuffer
+	var out testenv.Buffer
 	task, err := ctr.NewTask(ctx, cio.NewCreator(cio.WithStreams(nil, &out, &out), cio.WithFIFODir(filepath.Join(dir, "fifo"))))
 	if err != nil {
 		t.Fatal(err)
@@ -549,24 +549,6 @@ func deleteImage(t *testing.T, ctx context.Context, c *client.Client, name strin
 	if err := c.ImageService().Delete(ctx, name, images.SynchronousDelete()); err != nil {
 		t.Errorf("delete image %s: %v", name, err)
 	}
-}
-
-// lockedBuffer is a bytes.Buffer safe for the concurrent writes of a container's stdout and stderr copiers.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 // unmountUnder unmounts everything mounted below dir, deepest first.

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -16,28 +15,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/obdproject/obd/internal/testenv"
+
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	grpcstatus "google.golang.org/grpc/status"
 )
-
-// syncBuffer is a bytes.Buffer safe for concurrent writers.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // metric returns the value of a series of o's registry, as the text format names it (name{label="value",…} with
 // the labels sorted); a histogram's value is its count; a missing series is 0.
@@ -73,14 +56,14 @@ func metric(t *testing.T, o *ops, series string) float64 {
 	return 0
 }
 
-func testOps(t *testing.T, mod func(*config)) (*ops, *syncBuffer) {
+func testOps(t *testing.T, mod func(*config)) (*ops, *testenv.Buffer) {
 	t.Helper()
 	cfg := defaultConfig()
 	cfg.Audit.SlowReadMS, cfg.Audit.HungReadMS = 20, 100
 	if mod != nil {
 		mod(&cfg)
 	}
-	var logs syncBuffer
+	var logs testenv.Buffer
 	o, err := newOps(cfg, "/etc/obd/obd.toml", slog.New(slog.NewTextHandler(&logs, nil)))
 	if err != nil {
 		t.Fatal(err)

@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/obdproject/obd/internal/units"
+
 	"github.com/spf13/cobra"
 
 	"github.com/obdproject/obd/internal/convert"
@@ -192,15 +194,15 @@ func withHint(err error, workDir string) error {
 func printProgress(w io.Writer, p convert.Progress) {
 	switch p.Stage {
 	case "apply":
-		fmt.Fprintf(w, "layer %d/%d: applied %s of tar in %s\n", p.Layer+1, p.Layers, humanBytes(p.Bytes), p.Elapsed.Round(time.Millisecond))
+		fmt.Fprintf(w, "layer %d/%d: applied %s of tar in %s\n", p.Layer+1, p.Layers, units.Bytes(p.Bytes), p.Elapsed.Round(time.Millisecond))
 	case "commit":
-		fmt.Fprintf(w, "layer %d/%d: committed %s in %s\n", p.Layer+1, p.Layers, humanBytes(p.Bytes), p.Elapsed.Round(time.Millisecond))
+		fmt.Fprintf(w, "layer %d/%d: committed %s in %s\n", p.Layer+1, p.Layers, units.Bytes(p.Bytes), p.Elapsed.Round(time.Millisecond))
 	case "compress":
-		fmt.Fprintf(w, "layer %d/%d: compressed to %s in %s\n", p.Layer+1, p.Layers, humanBytes(p.Bytes), p.Elapsed.Round(time.Millisecond))
+		fmt.Fprintf(w, "layer %d/%d: compressed to %s in %s\n", p.Layer+1, p.Layers, units.Bytes(p.Bytes), p.Elapsed.Round(time.Millisecond))
 	case "done":
-		fmt.Fprintf(w, "layer %d/%d: blob %s (%s)\n", p.Layer+1, p.Layers, p.Digest, humanBytes(p.Bytes))
+		fmt.Fprintf(w, "layer %d/%d: blob %s (%s)\n", p.Layer+1, p.Layers, p.Digest, units.Bytes(p.Bytes))
 	case "reused":
-		fmt.Fprintf(w, "layer %d/%d: reused %s (%s, from %s)\n", p.Layer+1, p.Layers, p.Digest, humanBytes(p.Bytes), p.Detail)
+		fmt.Fprintf(w, "layer %d/%d: reused %s (%s, from %s)\n", p.Layer+1, p.Layers, p.Digest, units.Bytes(p.Bytes), p.Detail)
 	case "warning":
 		fmt.Fprintf(w, "layer %d/%d: warning: %s\n", p.Layer+1, p.Layers, p.Detail)
 	}

@@ -17,6 +17,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/obdproject/obd/internal/units"
+
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	digest "github.com/opencontainers/go-digest"
@@ -128,7 +130,7 @@ func runDemo(ctx context.Context, w io.Writer, snapshotterBin string) error {
 	for _, b := range res.Blobs {
 		total += b.Desc.Size
 	}
-	fmt.Fprintf(w, "converted and pushed in %s: %d layers, %s of layer blobs\n", timed(start), len(res.Blobs), humanBytes(total))
+	fmt.Fprintf(w, "converted and pushed in %s: %d layers, %s of layer blobs\n", timed(start), len(res.Blobs), units.Bytes(total))
 
 	step("4. Pull it lazily into containerd (obd pull)")
 	c, err := client.New(sb.Containerd)
@@ -144,7 +146,7 @@ func runDemo(ctx context.Context, w io.Writer, snapshotterBin string) error {
 		return err
 	}
 	fmt.Fprintf(w, "pulled in %s: %d of %d layers lazy; fetched from the registry: %s (manifest and config only)\n",
-		timed(start), pr.Lazy, pr.Layers, humanBytes(sumBytes(sb.BlobBytes())))
+		timed(start), pr.Lazy, pr.Layers, units.Bytes(sumBytes(sb.BlobBytes())))
 
 	step("5. Run a container from it (ctr run --snapshotter overlaybd)")
 	sb.ResetCounters()
@@ -156,7 +158,7 @@ func runDemo(ctx context.Context, w io.Writer, snapshotterBin string) error {
 	}
 	fetched := sumBytes(sb.BlobBytes())
 	fmt.Fprintf(w, "container ran in %s, reading files from all 3 layers; it fetched %s of %s (%.1f%%) of the image's layers\n",
-		timed(start), humanBytes(fetched), humanBytes(total), 100*float64(fetched)/float64(total))
+		timed(start), units.Bytes(fetched), units.Bytes(total), 100*float64(fetched)/float64(total))
 
 	step("done: everything is cleaned up")
 	return nil

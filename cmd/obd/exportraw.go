@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/obdproject/obd/internal/units"
+
 	"github.com/spf13/cobra"
 
 	"github.com/obdproject/obd/internal/image"
@@ -47,7 +49,7 @@ IMAGE is an OCI layout reference, e.g. oci:testdata/upstream/hello-world-oci:amd
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "wrote %s: virtual size %s, %s of data from %d layers in %s\n",
-				args[1], humanBytes(img.Stack.VirtualSize()), humanBytes(n), len(img.Layers), time.Since(start).Round(time.Millisecond))
+				args[1], units.Bytes(img.Stack.VirtualSize()), units.Bytes(n), len(img.Layers), time.Since(start).Round(time.Millisecond))
 			return nil
 		},
 	}
@@ -72,7 +74,7 @@ func exportRaw(ctx context.Context, s *lsmt.Stack, path string, progress io.Writ
 		last := time.Now()
 		report = func(done, total int64) {
 			if time.Since(last) > time.Second || done == total {
-				fmt.Fprintf(progress, "\rexport: %s of %s", humanBytes(done), humanBytes(total))
+				fmt.Fprintf(progress, "\rexport: %s of %s", units.Bytes(done), units.Bytes(total))
 				last = time.Now()
 			}
 			if done == total {

@@ -7,6 +7,8 @@ import (
 	"io"
 	"os"
 
+	"github.com/obdproject/obd/internal/units"
+
 	"github.com/spf13/cobra"
 
 	"github.com/obdproject/obd/lsmt"
@@ -172,24 +174,11 @@ func printBlobInfo(w io.Writer, info blobInfo) {
 		fmt.Fprintf(w, "zfile:       none\n")
 	}
 	if l := info.LSMT; l != nil {
-		fmt.Fprintf(w, "lsmt:        %s layer, virtual size %s\n", l.Kind, humanBytes(l.VirtualSize))
+		fmt.Fprintf(w, "lsmt:        %s layer, virtual size %s\n", l.Kind, units.Bytes(l.VirtualSize))
 		fmt.Fprintf(w, "  uuid:      %s\n  parent:    %s\n", l.UUID, l.ParentUUID)
 		fmt.Fprintf(w, "  index:     %d valid of %d entries\n  data:      %d bytes\n", l.ValidEntries, l.IndexEntries, l.DataBytes)
 		if l.UserTag != "" {
 			fmt.Fprintf(w, "  tag:       %q\n", l.UserTag)
 		}
 	}
-}
-
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

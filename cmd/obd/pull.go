@@ -7,6 +7,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/obdproject/obd/internal/units"
+
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/spf13/cobra"
@@ -80,7 +82,7 @@ pulled and unpacked as usual. Run containers with 'ctr run --snapshotter overlay
 			}
 			sort.Strings(digests)
 			fmt.Fprintf(cmd.OutOrStdout(), "pulled %s in %s: %d layers, %d lazy (not downloaded); fetched %d blobs, %s\n",
-				res.Image.Name(), time.Since(start).Round(time.Millisecond), res.Layers, res.Lazy, len(digests), humanBytes(fetched))
+				res.Image.Name(), time.Since(start).Round(time.Millisecond), res.Layers, res.Lazy, len(digests), units.Bytes(fetched))
 			return nil
 		},
 	}

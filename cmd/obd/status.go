@@ -9,6 +9,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/obdproject/obd/internal/units"
+
 	"github.com/spf13/cobra"
 
 	obdconfig "github.com/obdproject/obd/internal/config"
@@ -98,7 +100,7 @@ func printStatus(w io.Writer, st *status.Status) {
 	}
 	fmt.Fprintf(w, "  socket %s, status %s, %s\n", st.Config.Address, st.Config.StatusAddress, metrics)
 	c := st.Cache
-	fmt.Fprintf(w, "  cache %s: %s of %s (%.0f%%), %d blobs, hit ratio %s\n", c.Dir, humanBytes(c.UsedBytes), humanBytes(c.CapacityBytes),
+	fmt.Fprintf(w, "  cache %s: %s of %s (%.0f%%), %d blobs, hit ratio %s\n", c.Dir, units.Bytes(c.UsedBytes), units.Bytes(c.CapacityBytes),
 		100*float64(c.UsedBytes)/float64(max(c.CapacityBytes, 1)), c.Blobs, ratio(status.HitRatio(c.Hits, c.Misses)))
 	r := st.Reads
 	fmt.Fprintf(w, "  device reads %d: %d failed, %d slow (≥ %d ms), %d in flight, %d hung\n", r.Total, r.Errors, r.Slow, st.Config.SlowReadMS, r.InFlight, r.Hung)
@@ -120,7 +122,7 @@ func printStatus(w io.Writer, st *status.Status) {
 		layers, fetched, hits, reads := "-", "-", "-", "-"
 		if img.Mode != status.ModeOverlayfs && img.Mode != status.ModeInvalid {
 			layers = layerSummary(img.Layers)
-			fetched = humanBytes(img.BytesFetched)
+			fetched = units.Bytes(img.BytesFetched)
 			hits = ratio(img.CacheHitRatio)
 			reads = fmt.Sprint(img.Reads)
 			if img.HungReads > 0 {

@@ -60,24 +60,6 @@ func (m *memSrc) ReadAt(p []byte, off int64) (int, error) {
 	return n, nil
 }
 
-// logBuffer collects log lines of a cache.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
-
 const testBS = 4096
 
 func openTest(t testing.TB, dir string, capacity int64, logs io.Writer) *Cache {
@@ -197,7 +179,7 @@ func TestSourceErrorReachesAllWaiters(t *testing.T) {
 
 func TestCapacityIsNeverExceeded(t *testing.T) {
 	const capacity = 10 * testBS
-	logs := &logBuffer{}
+	logs := &testenv.Buffer{}
 	c := openTest(t, t.TempDir(), capacity, logs)
 	var srcs []*memSrc
 	var readers []*Reader
@@ -375,7 +357,7 @@ func TestCorruptStateFileResetsBlob(t *testing.T) {
 	if err := os.WriteFile(statePath, st, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	logs := &logBuffer{}
+	logs := &testenv.Buffer{}
 	c = openTest(t, dir, 1<<30, logs)
 	defer c.Close()
 	if !strings.Contains(logs.String(), "corrupt state file") || !strings.Contains(logs.String(), src.key().String()) {
@@ -460,7 +442,7 @@ func copyDir(t *testing.T, dir string) string {
 
 func TestStoreFailureServesFromSource(t *testing.T) {
 	dir := t.TempDir()
-	logs := &logBuffer{}
+	logs := &testenv.Buffer{}
 	c := openTest(t, dir, 1<<30, logs)
 	defer c.Close()
 	// Data files cannot be created: a regular file sits where the sha256 directory should be.
@@ -491,7 +473,7 @@ func TestFullDiskTerminates(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, "filler"), make([]byte, 200<<10), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	logs := &logBuffer{}
+	logs := &testenv.Buffer{}
 	c := openTest(t, dir, 1<<30, logs) // a capacity far above what the disk has
 	src := newSrc(64*testBS, 10)
 	r := c.Reader(src.key(), int64(len(src.data)), src)

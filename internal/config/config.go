@@ -177,3 +177,18 @@ func (c Config) Validate() error {
 	}
 	return nil
 }
+
+// Lookup returns the value at a path of nested tables in a decoded TOML document.
+func Lookup(doc map[string]any, keys ...string) (any, bool) {
+	var cur any = doc
+	for _, k := range keys {
+		m, ok := cur.(map[string]any)
+		if !ok {
+			return nil, false
+		}
+		if cur, ok = m[k]; !ok {
+			return nil, false
+		}
+	}
+	return cur, true
+}

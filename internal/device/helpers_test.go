@@ -143,26 +143,8 @@ func loadImage(t testing.TB, path string) *memBackend {
 	return &memBackend{data: data}
 }
 
-// lockedBuffer is a log sink for concurrent writers.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-func testLogger(t testing.TB) (*slog.Logger, *lockedBuffer) {
-	buf := &lockedBuffer{}
+func testLogger(t testing.TB) (*slog.Logger, *testenv.Buffer) {
+	buf := &testenv.Buffer{}
 	return slog.New(slog.NewTextHandler(buf, &slog.HandlerOptions{Level: slog.LevelDebug})), buf
 }
 

@@ -17,6 +17,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/obdproject/obd/internal/units"
+
 	"github.com/BurntSushi/toml"
 	"github.com/containerd/containerd/v2/client"
 	"golang.org/x/sys/unix"
@@ -366,7 +368,7 @@ func checkContainerdConfig(path, address string) Result {
 		r.Fix = fmt.Sprintf("fix %s: containerd cannot read it either", path)
 		return r
 	}
-	plugin, ok := lookup(doc, "proxy_plugins", "overlaybd")
+	plugin, ok := obdconfig.Lookup(doc, "proxy_plugins", "overlaybd")
 	pm, isMap := plugin.(map[string]any)
 	switch {
 	case !ok:
@@ -402,7 +404,7 @@ func checkContainerdConfig(path, address string) Result {
 		r.Details = append(r.Details, "the CRI plugin is disabled: only ctr/nerdctl/'obd pull' pulls")
 		return r
 	}
-	if v, _ := lookup(doc, append(table, "disable_snapshot_annotations")...); v != false {
+	if v, _ := obdconfig.Lookup(doc, append(table, "disable_snapshot_annotations")...); v != false {
 		tableName := table[0]
 		for _, t := range table[1:] {
 			if strings.Contains(t, ".") {
@@ -415,21 +417,6 @@ func checkContainerdConfig(path, address string) Result {
 		r.Fix = fmt.Sprintf("set disable_snapshot_annotations = false in [%s] of %s (or run 'obd install --cri') and restart containerd", tableName, path)
 	}
 	return r
-}
-
-// lookup returns the value at a path of nested tables.
-func lookup(doc map[string]any, keys ...string) (any, bool) {
-	var cur any = doc
-	for _, k := range keys {
-		m, ok := cur.(map[string]any)
-		if !ok {
-			return nil, false
-		}
-		if cur, ok = m[k]; !ok {
-			return nil, false
-		}
-	}
-	return cur, true
 }
 
 // checkContainerd asks containerd for its version on its socket.
@@ -485,9 +472,9 @@ func checkCache(dir string, capacity, minFree int64, st *status.Status) Result {
 	}
 	var parts []string
 	if used >= 0 {
-		parts = append(parts, fmt.Sprintf("%s of %s used (%.0f%%)", bytesString(used), bytesString(capacity), 100*float64(used)/float64(max(capacity, 1))))
+		parts = append(parts, fmt.Sprintf("%s of %s used (%.0f%%)", units.Bytes(used), units.Bytes(capacity), 100*float64(used)/float64(max(capacity, 1))))
 	}
-	parts = append(parts, fmt.Sprintf("%s free on its filesystem", bytesString(free)))
+	parts = append(parts, fmt.Sprintf("%s free on its filesystem", units.Bytes(free)))
 	r.Message = dir + ": " + strings.Join(parts, ", ")
 	switch {
 	case free < 64<<10:
@@ -496,7 +483,7 @@ func checkCache(dir string, capacity, minFree int64, st *status.Status) Result {
 		r.Fix = fmt.Sprintf("free space on the filesystem of %s, or move cache.dir to a larger disk", dir)
 	case free < minFree:
 		r.Level = Warn
-		r.Message += fmt.Sprintf(": less than %s free", bytesString(minFree))
+		r.Message += fmt.Sprintf(": less than %s free", units.Bytes(minFree))
 		r.Fix = fmt.Sprintf("free space on the filesystem of %s, or lower cache.size_gb so the cache cannot fill the disk", dir)
 	case used >= 0 && capacity > 0 && float64(used) > 0.95*float64(capacity):
 		r.Level = Warn
@@ -504,7 +491,7 @@ func checkCache(dir string, capacity, minFree int64, st *status.Status) Result {
 		r.Fix = "raise cache.size_gb in obd.toml (and restart obd-snapshotter) if the disk allows"
 	case capacity > 0 && used >= 0 && capacity-used > free:
 		r.Level = Warn
-		r.Message += fmt.Sprintf(": the cache may grow by %s, more than is free", bytesString(capacity-used))
+		r.Message += fmt.Sprintf(": the cache may grow by %s, more than is free", units.Bytes(capacity-used))
 		r.Fix = "lower cache.size_gb in obd.toml or free space on the disk"
 	}
 	return r
@@ -545,7 +532,7 @@ func checkDevices(st *status.Status, socket string) Result {
 		if name == "" {
 			name = "image " + img.ID
 		}
-		r.Details = append(r.Details, fmt.Sprintf("%s: %s, %s, %s fetched", name, img.Mode, img.State, bytesString(img.BytesFetched)))
+		r.Details = append(r.Details, fmt.Sprintf("%s: %s, %s, %s fetched", name, img.Mode, img.State, units.Bytes(img.BytesFetched)))
 		switch {
 		case img.Mode == status.ModeOverlayfs:
 			counts["overlayfs"]++
@@ -594,18 +581,4 @@ func checkDevices(st *status.Status, socket string) Result {
 		r.Fix = "check that the registry answers (obd_registry_errors_total in /metrics) and the audit log of slow reads"
 	}
 	return r
-}
-
-// bytesString formats n bytes in binary units.
-func bytesString(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

@@ -8,6 +8,8 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/obdproject/obd/internal/config"
+
 	"github.com/BurntSushi/toml"
 )
 
@@ -139,7 +141,7 @@ func planContainerd(path string, data []byte, exists bool, address string, cri b
 		}
 	}
 	keyPath := append(slices.Clone(layout.table), annotationsKey)
-	cur, set := lookup(doc, keyPath...)
+	cur, set := config.Lookup(doc, keyPath...)
 	p.annotationsPassed = set && cur == false
 	criSnippet := fmt.Sprintf("[%s]\n  %s = false\n", p.criTable, annotationsKey)
 	if cri && !p.annotationsPassed {
@@ -204,11 +206,11 @@ func planContainerd(path string, data []byte, exists bool, address string, cri b
 	if _, err := toml.Decode(string(out), &after); err != nil {
 		return nil, manualEditError(path, fmt.Sprintf("the edited file would not parse (%v)", err), snippet)
 	}
-	if v, _ := lookup(after, append(pluginPath, "address")...); v != address {
+	if v, _ := config.Lookup(after, append(pluginPath, "address")...); v != address {
 		return nil, manualEditError(path, "the edit did not register the plugin as expected", snippet)
 	}
 	if cri {
-		if v, _ := lookup(after, keyPath...); v != false {
+		if v, _ := config.Lookup(after, keyPath...); v != false {
 			return nil, manualEditError(path, "the edit did not set "+annotationsKey+" as expected", snippet)
 		}
 	}
@@ -226,21 +228,6 @@ func planContainerd(path string, data []byte, exists bool, address string, cri b
 type edit struct {
 	at, end int
 	text    string
-}
-
-// lookup returns the value at path in a decoded document.
-func lookup(doc map[string]any, path ...string) (any, bool) {
-	var cur any = doc
-	for _, k := range path {
-		m, ok := cur.(map[string]any)
-		if !ok {
-			return nil, false
-		}
-		if cur, ok = m[k]; !ok {
-			return nil, false
-		}
-	}
-	return cur, true
 }
 
 // strip returns a deep copy of doc without the keys at paths and without tables left empty by that.

@@ -303,7 +303,7 @@ func snapshotterOf(data []byte, version int) (string, bool) {
 	if _, err := toml.Decode(string(data), &doc); err != nil {
 		return "", false
 	}
-	v, ok := lookup(doc, append(criLayoutOf(version).table, "snapshotter")...)
+	v, ok := config.Lookup(doc, append(criLayoutOf(version).table, "snapshotter")...)
 	s, _ := v.(string)
 	return s, ok
 }

@@ -245,7 +245,7 @@ func TestInstallNoContainerdConfig(t *testing.T) {
 		if doc["version"] != int64(tc.version) {
 			t.Errorf("containerd %d.x: version = %v, want %d", tc.major, doc["version"], tc.version)
 		}
-		if v, _ := lookup(doc, "proxy_plugins", "overlaybd", "address"); v != config.DefaultAddress {
+		if v, _ := config.Lookup(doc, "proxy_plugins", "overlaybd", "address"); v != config.DefaultAddress {
 			t.Errorf("address = %v", v)
 		}
 		if out := n.mustRun(func(o *Options) { o.Systemd = "no" }); out != "" {
@@ -300,7 +300,7 @@ func TestInstallKeepsUserConfig(t *testing.T) {
 	if _, err := toml.Decode(got, &doc); err != nil {
 		t.Fatal(err)
 	}
-	if v, _ := lookup(doc, "proxy_plugins", "stargz", "address"); v != "/run/containerd-stargz-grpc/containerd-stargz-grpc.sock" {
+	if v, _ := config.Lookup(doc, "proxy_plugins", "stargz", "address"); v != "/run/containerd-stargz-grpc/containerd-stargz-grpc.sock" {
 		t.Errorf("stargz plugin lost: %v", v)
 	}
 }
@@ -402,10 +402,10 @@ func TestInstallCRI(t *testing.T) {
 			if _, err := toml.Decode(got, &doc); err != nil {
 				t.Fatalf("%v\n%s", err, got)
 			}
-			if v, _ := lookup(doc, append(tc.table, annotationsKey)...); v != false {
+			if v, _ := config.Lookup(doc, append(tc.table, annotationsKey)...); v != false {
 				t.Errorf("%s = %v, want false:\n%s", annotationsKey, v, got)
 			}
-			if v, _ := lookup(doc, "proxy_plugins", "overlaybd", "type"); v != "snapshot" {
+			if v, _ := config.Lookup(doc, "proxy_plugins", "overlaybd", "type"); v != "snapshot" {
 				t.Errorf("proxy plugin missing:\n%s", got)
 			}
 			if out := n.mustRun(func(o *Options) { o.Systemd, o.CRI = "no", true }); out != "" {

@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/BurntSushi/toml"
+	"github.com/obdproject/obd/internal/config"
 )
 
 func TestScanTOML(t *testing.T) {
@@ -115,7 +116,7 @@ func FuzzPlanContainerd(f *testing.F) {
 		if _, err := toml.Decode(string(p.new), &doc); err != nil {
 			t.Fatalf("result does not parse: %v\n%s", err, p.new)
 		}
-		if v, _ := lookup(doc, "proxy_plugins", "overlaybd", "address"); v != "/run/obd/snapshotter.sock" {
+		if v, _ := config.Lookup(doc, "proxy_plugins", "overlaybd", "address"); v != "/run/obd/snapshotter.sock" {
 			t.Fatalf("plugin not registered:\n%s", p.new)
 		}
 		if !cri && !strings.HasPrefix(string(p.new), data) {

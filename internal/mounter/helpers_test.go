@@ -187,29 +187,12 @@ func parseRange(s string) (first, last int64, ok bool) {
 	return first, last, err1 == nil && err2 == nil
 }
 
-// logBuffer collects the logs of a test; they are printed if it fails. (Logging through t.Log is not possible:
-// the FUSE servers may log after the test returned.)
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
+// testenv.Buffer collects the logs of a test; they are printed if it fails. (Logging through t.Log is not possible:
 
 // testLogger returns a logger whose output the test prints when it fails.
 func testLogger(t *testing.T) *slog.Logger {
 	t.Helper()
-	lb := &logBuffer{}
+	lb := &testenv.Buffer{}
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("logs:\n%s", lb.String())
