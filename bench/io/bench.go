@@ -63,7 +63,8 @@ type mountRef struct {
 }
 
 func (o *obdMounts) mount(ctx context.Context, m *mounter.Mounter, id string, layers []snapshotter.Layer, target string) error {
-	// Recorded before the call: a Mount that fails after attaching leaves the device attached until Unmount.
+	// Recorded before the call, so that the cleanup calls Unmount whatever happens (Unmount of a target that is not
+	// mounted does nothing).
 	o.mounted[target] = mountRef{m, id}
 	return m.Mount(ctx, id, layers, target)
 }
@@ -489,7 +490,7 @@ func (b *bench) memory(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	b.rep.Memory.Sites = heapSites(base, after, n)
+	b.rep.Memory.Sites, b.rep.Memory.HeapProfile = heapSites(base, after, n), after
 	if err := os.Remove(base); err != nil {
 		return err
 	}
@@ -549,9 +550,9 @@ func memSnapshot() (heapInuse uint64, rss int64, goroutines int) {
 	runtime.GC()
 	runtime.GC() // the second one empties the sync.Pools
 	debug.FreeOSMemory()
-	var ms runtime.MemStats
-	runtime.ReadMemStats(&ms)
-	return ms.HeapInuse, readRSS(), runtime.NumGoroutine()
+	var st runtime.MemStats
+	runtime.ReadMemStats(&st)
+	return st.HeapInuse, readRSS(), runtime.NumGoroutine()
 }
 
 // readRSS returns VmRSS of this process in bytes.

@@ -63,9 +63,9 @@ func main() {
 	flag.IntVar(&cfg.attachRuns, "attach-runs", 10, "Mount+Unmount cycles with a warm cache")
 	flag.IntVar(&cfg.coldRuns, "cold-runs", 5, "Mount+Unmount cycles with an empty cache")
 	flag.IntVar(&cfg.images, "images", 8, "images attached at once for the memory measurement")
-	flag.StringVar(&cfg.workDir, "work", "", "directory for the temporary files (default $TMPDIR); needs ~3× the file size")
+	flag.StringVar(&cfg.workDir, "work", "", "directory for the temporary files (default $TMPDIR); needs ~5× the file size")
 	flag.StringVar(&cfg.imageDir, "image-dir", "", "keep the built and converted image here and reuse it on the next run (default: a temp dir)")
-	flag.StringVar(&cfg.out, "out", "bench/results/io.json", "JSON results; the table goes next to it (.txt) and the CPU profiles too (.rand.pprof, .seq.pprof)")
+	flag.StringVar(&cfg.out, "out", "bench/results/io.json", "JSON results; the table goes next to it (.txt), and the profiles (.seq.pprof, .rand.pprof, .mem.pprof)")
 	flag.BoolVar(&cfg.plainDIO, "plain-dio", true, "also measure the raw file on a loop device with direct I/O (the baseline is buffered, like mount -o loop)")
 	flag.BoolVar(&cfg.profile, "profile", true, "profile the obd process during one extra sequential and one extra random run")
 	flag.StringVar(&cfg.only, "only", "seq,rand,attach,mem", "measurements to run (comma-separated subset of seq,rand,attach,mem)")
@@ -82,8 +82,8 @@ func main() {
 		os.Exit(2)
 	}
 
-	// The first Ctrl-C (SIGINT, SIGTERM, SIGHUP) stops the measurements; the cleanup always runs, and further signals are
-	// only logged so that it can finish.
+	// The first Ctrl-C (SIGINT, SIGTERM, SIGHUP) stops the measurements; the cleanup always runs, and further
+	// signals are only logged so that it can finish.
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	sigs := make(chan os.Signal, 4)

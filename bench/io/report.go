@@ -112,7 +112,8 @@ type memory struct {
 	GoroutinesPerImage float64 `json:"goroutines_per_image"`
 	// Sites are the allocation sites of the heap the images added (heap profile after minus before, in use
 	// bytes per image, sampled).
-	Sites []heapSite `json:"heap_sites,omitempty"`
+	Sites       []heapSite `json:"heap_sites,omitempty"`
+	HeapProfile string     `json:"heap_profile,omitempty"` // after attaching
 }
 
 func newReport(cfg config) *report {
@@ -120,7 +121,7 @@ func newReport(cfg config) *report {
 		Date: time.Now().UTC().Format(time.RFC3339),
 		Host: hostInfo{CPUs: runtime.NumCPU(), Go: runtime.Version()},
 		Config: map[string]any{
-			"file_mib": cfg.fileMiB, "vsize_gib": cfg.vsizeGiB, "small_files": cfg.smallFiles, "runs": cfg.runs,
+			"file_mib": cfg.fileMiB, "vsize_gib": cfg.vsizeGiB, "small_files": cfg.smallFiles, "runs": cfg.runs, "seq_runs": cfg.seqRuns,
 			"rand_seconds": cfg.randTime.Seconds(), "depth": cfg.depth, "attach_runs": cfg.attachRuns,
 			"cold_runs": cfg.coldRuns, "images": cfg.images, "plain_dio": cfg.plainDIO, "only": cfg.only,
 			"command": strings.Join(append([]string{"go run ./bench/io"}, os.Args[1:]...), " "),
@@ -289,7 +290,7 @@ func (r *report) print(w io.Writer) {
 	}
 	tw.Flush()
 	if len(r.Memory.Sites) > 0 {
-		fmt.Fprintf(w, "\nGo heap per attached image by allocation site (heap profile %s, sampled):\n", "io.mem.pprof")
+		fmt.Fprintf(w, "\nGo heap per attached image by allocation site (heap profile %s, sampled):\n", r.Memory.HeapProfile)
 		for _, s := range r.Memory.Sites {
 			fmt.Fprintf(w, "  %7.0f KiB  %s\n", s.BytesPerImage/1024, s.Name)
 		}
