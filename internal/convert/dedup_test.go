@@ -26,7 +26,11 @@ func convertWith(t *testing.T, src image.Ref, opts ImageOptions) (*Result, []str
 	opts.Progress = func(p Progress) {
 		switch p.Stage {
 		case "reused", "done":
-			stages = append(stages, p.Stage)
+			// Layers are packed while the next one is applied: record by layer, not by arrival.
+			for len(stages) <= p.Layer {
+				stages = append(stages, "")
+			}
+			stages[p.Layer] = p.Stage
 		case "warning":
 			t.Logf("layer %d: warning: %s", p.Layer, p.Detail)
 		}

@@ -11,7 +11,10 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
+
+	"golang.org/x/sync/errgroup"
 
 	digest "github.com/opencontainers/go-digest"
 	"github.com/opencontainers/image-spec/identity"
@@ -40,7 +43,8 @@ type ImageOptions struct {
 	OCI bool
 	// WorkDir holds scratch files (default os.TempDir()); they are removed by Result.Cleanup or on failure.
 	WorkDir string
-	// Progress, if set, is called as each layer moves through the stages.
+	// Progress, if set, is called as each layer moves through the stages, one call at a time. Layer i is packed
+	// while layer i+1 is applied, so their reports interleave.
 	Progress func(Progress)
 	// DB, if set, reuses layers converted before with the same options (see DB) and records the layers converted
 	// now. The result is byte-identical to a conversion without it.
@@ -109,6 +113,7 @@ type converter struct {
 	src     image.Source
 	dir     string
 	lowers  []*lsmt.File
+	mu      sync.Mutex // guards files and timings: layers are packed while the next one is applied
 	files   []*os.File
 	timings map[string]time.Duration
 	keyBase string // layer key prefix (with a DB)
@@ -223,32 +228,49 @@ func (c *converter) run(ctx context.Context) (*Result, error) {
 		keys[i] = layerKey(c.keyBase, chains[i])
 	}
 	plan := c.plan(ctx, keys)
+	// Layer i is compressed and wrapped while layer i+1 is applied: the two use different cores.
+	blobs := make([]Blob, n)
+	packing, pctx := errgroup.WithContext(ctx)
+	packing.SetLimit(1)
 	for i := range m.Layers {
 		uuid := chainUUID(chains[i])
 		if r := plan[i]; r != nil {
-			res.Blobs = append(res.Blobs, r.blob)
+			blobs[i] = r.blob
 			if r.lower != nil {
 				c.lowers = append(c.lowers, r.lower)
 			}
-			if c.opts.Progress != nil {
-				c.opts.Progress(Progress{Layer: i, Layers: n, Stage: "reused", Bytes: r.blob.Desc.Size, Digest: r.blob.Desc.Digest, Detail: r.from})
-			}
+			c.progress(Progress{Layer: i, Layers: n, Stage: "reused", Bytes: r.blob.Desc.Size, Digest: r.blob.Desc.Digest, Detail: r.from})
 			parentUUID = uuid
 			continue
 		}
-		b, err := c.convertLayer(ctx, i, n, rootfs.DiffIDs[i], uuid, parentUUID)
+		layer, err := c.applyLayer(pctx, i, n, rootfs.DiffIDs[i], uuid, parentUUID)
 		if err != nil {
+			if perr := packing.Wait(); perr != nil {
+				return nil, perr // the cause: packing a lower layer failed and cancelled this one
+			}
 			return nil, fmt.Errorf("layer %d (%s): %w", i, m.Layers[i].Digest, err)
 		}
-		res.Blobs = append(res.Blobs, b)
 		parentUUID = uuid
-		if c.opts.DB != nil {
-			rec := layerRecord{Blob: b.Desc.Digest, Size: b.Desc.Size, UUID: uuid, Chain: chains[i], Created: time.Now().UTC()}
-			if err := c.opts.DB.add(keys[i], rec, b.Path); err != nil {
-				c.warn(i, n, fmt.Sprintf("not kept in the conversion database: %v", err))
+		rec := layerRecord{UUID: uuid, Chain: chains[i]}
+		packing.Go(func() error {
+			b, err := c.pack(layer)
+			if err != nil {
+				return fmt.Errorf("layer %d (%s): %w", i, m.Layers[i].Digest, err)
 			}
-		}
+			blobs[i] = b
+			if c.opts.DB != nil {
+				rec.Blob, rec.Size, rec.Created = b.Desc.Digest, b.Desc.Size, time.Now().UTC()
+				if err := c.opts.DB.add(keys[i], rec, b.Path); err != nil {
+					c.warn(i, n, fmt.Sprintf("not kept in the conversion database: %v", err))
+				}
+			}
+			return nil
+		})
 	}
+	if err := packing.Wait(); err != nil {
+		return nil, err
+	}
+	res.Blobs = append(res.Blobs, blobs...)
 	return res, c.writeMetadata(res, cfg, m, md)
 }
 
@@ -351,8 +373,15 @@ func (c *converter) openReused(ctx context.Context, b Blob) (*lsmt.File, error) 
 }
 
 func (c *converter) warn(i, n int, msg string) {
+	c.progress(Progress{Layer: i, Layers: n, Stage: "warning", Detail: msg})
+}
+
+// progress reports p, one call at a time.
+func (c *converter) progress(p Progress) {
 	if c.opts.Progress != nil {
-		c.opts.Progress(Progress{Layer: i, Layers: n, Stage: "warning", Detail: msg})
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		c.opts.Progress(p)
 	}
 }
 
@@ -367,7 +396,9 @@ func (c *converter) openFile(name string) (*os.File, error) {
 	if err != nil {
 		return nil, err
 	}
+	c.mu.Lock()
 	c.files = append(c.files, f)
+	c.mu.Unlock()
 	return f, nil
 }
 
@@ -426,11 +457,11 @@ func (c *converter) layerDesc(d digest.Digest, size int64) ocispec.Descriptor {
 }
 
 func (c *converter) stage(p Progress, start time.Time) {
-	c.timings[p.Stage] += time.Since(start)
-	if c.opts.Progress != nil {
-		p.Elapsed = time.Since(start)
-		c.opts.Progress(p)
-	}
+	p.Elapsed = time.Since(start)
+	c.mu.Lock()
+	c.timings[p.Stage] += p.Elapsed
+	c.mu.Unlock()
+	c.progress(p)
 }
 
 // stackDevice presents a layer stack as the block device ext4 edits.
@@ -457,15 +488,24 @@ func (d stackDevice) WriteAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
-func (c *converter) convertLayer(ctx context.Context, i, n int, diffID digest.Digest, uuid, parentUUID string) (Blob, error) {
+// committed is a layer applied and committed, waiting to be packed into its blob.
+type committed struct {
+	i, n int
+	name string
+	file *os.File
+	size int64
+}
+
+// applyLayer applies layer i over the layers below it and commits it; the committed layer becomes the next lower.
+func (c *converter) applyLayer(ctx context.Context, i, n int, diffID digest.Digest, uuid, parentUUID string) (committed, error) {
 	name := fmt.Sprintf("layer%03d", i)
 	data, err := c.openFile(name + ".data")
 	if err != nil {
-		return Blob{}, err
+		return committed{}, err
 	}
 	index, err := c.openFile(name + ".index")
 	if err != nil {
-		return Blob{}, err
+		return committed{}, err
 	}
 	vsize := int64(0)
 	if len(c.lowers) == 0 {
@@ -473,11 +513,11 @@ func (c *converter) convertLayer(ctx context.Context, i, n int, diffID digest.Di
 	}
 	rw, err := lsmt.CreateRW(data, index, vsize, lsmt.CreateOptions{UUID: uuid, ParentUUID: parentUUID})
 	if err != nil {
-		return Blob{}, err
+		return committed{}, err
 	}
 	stack, err := lsmt.NewStack(c.lowers, rw)
 	if err != nil {
-		return Blob{}, err
+		return committed{}, err
 	}
 	dev := stackDevice{stack}
 
@@ -486,33 +526,33 @@ func (c *converter) convertLayer(ctx context.Context, i, n int, diffID digest.Di
 		// Everything mkfs writes is derived from the first layer, so equal inputs give equal filesystems.
 		fsUUID := chainUUID(digest.FromString("obd mkfs " + diffID.String()))
 		if err := ext4.Mkfs(ctx, dev, ext4.MkfsOptions{UUID: fsUUID, TempDir: c.dir}); err != nil {
-			return Blob{}, err
+			return committed{}, err
 		}
 	}
 	fsys, err := ext4.Open(dev, true)
 	if err != nil {
-		return Blob{}, err
+		return committed{}, err
 	}
 	applied, err := c.apply(ctx, fsys, i, diffID)
 	if cerr := fsys.Close(); err == nil && cerr != nil {
 		err = fmt.Errorf("flush filesystem: %w", cerr)
 	}
 	if err != nil {
-		return Blob{}, err
+		return committed{}, err
 	}
 	c.stage(Progress{Layer: i, Layers: n, Stage: "apply", Bytes: applied}, start)
 
 	start = time.Now()
 	commit, err := c.openFile(name + ".commit")
 	if err != nil {
-		return Blob{}, err
+		return committed{}, err
 	}
 	csize, err := lsmt.Commit(commit, rw, lsmt.CommitOptions{UUID: uuid, ParentUUID: parentUUID})
 	if err != nil {
-		return Blob{}, fmt.Errorf("commit: %w", err)
+		return committed{}, fmt.Errorf("commit: %w", err)
 	}
 	if err := rw.Close(); err != nil {
-		return Blob{}, err
+		return committed{}, err
 	}
 	data.Close()
 	index.Close()
@@ -520,12 +560,17 @@ func (c *converter) convertLayer(ctx context.Context, i, n int, diffID digest.Di
 	os.Remove(index.Name())
 	layer, err := lsmt.Open(commit, csize)
 	if err != nil {
-		return Blob{}, fmt.Errorf("reopen committed layer: %w", err)
+		return committed{}, fmt.Errorf("reopen committed layer: %w", err)
 	}
 	c.lowers = append(c.lowers, layer)
 	c.stage(Progress{Layer: i, Layers: n, Stage: "commit", Bytes: csize}, start)
+	return committed{i: i, n: n, name: name, file: commit, size: csize}, nil
+}
 
-	start = time.Now()
+// pack compresses a committed layer into a ZFile and tar-wraps it into the layer's blob.
+func (c *converter) pack(l committed) (Blob, error) {
+	i, n, name, commit, csize := l.i, l.n, l.name, l.file, l.size
+	start := time.Now()
 	zf, err := c.openFile(name + ".zfile")
 	if err != nil {
 		return Blob{}, err
