@@ -14,6 +14,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/obdproject/obd/internal/units"
+
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/images"
@@ -112,6 +114,11 @@ func runBench(ctx context.Context, cfg *config) (err error) {
 		return err
 	}
 	defer func() {
+		if cfg.logs != "" {
+			if err := saveLogs(sb, cfg.logs); err != nil {
+				logf("saving logs: %v", err)
+			}
+		}
 		logf("cleaning up")
 		if cerr := sb.Close(); cerr != nil {
 			err = errors.Join(err, fmt.Errorf("sandbox cleanup: %w", cerr))
@@ -224,8 +231,8 @@ func (b *bench) runOnce() error {
 		smp.BlobBytes = b.sb.BlobBytes()
 		smp.Bytes, smp.Requests = sum(smp.BlobBytes), sum(b.sb.BlobRequests())
 		b.results[s.key] = append(b.results[s.key], smp)
-		logf("  %-18s %7.2f s  (pull %.2f s, run %.2f s)  %s in %d requests", s.key, smp.Seconds, smp.PullSeconds, smp.RunSeconds,
-			humanBytes(smp.Bytes), smp.Requests)
+		logf("  %-18s %7.2f s  (pull %.2f s, run %.2f s)  %s in %d requests  (load %.1f)", s.key, smp.Seconds, smp.PullSeconds, smp.RunSeconds,
+			units.Bytes(smp.Bytes), smp.Requests, load)
 	}
 	return nil
 }
@@ -522,4 +529,17 @@ func loadAvg() float64 {
 	b, _ := os.ReadFile("/proc/loadavg")
 	fmt.Sscanf(string(b), "%f", &l)
 	return l
+}
+
+// saveLogs copies the logs of the sandbox's processes into dir.
+func saveLogs(sb *sandbox.Sandbox, dir string) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	for _, name := range []string{"registry", "containerd", "snapshotter"} {
+		if err := os.WriteFile(filepath.Join(dir, name+".log"), []byte(sb.Log(name)), 0o644); err != nil {
+			return err
+		}
+	}
+	return nil
 }

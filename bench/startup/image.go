@@ -15,6 +15,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/obdproject/obd/internal/units"
+
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/obdproject/obd/internal/convert"
@@ -176,7 +178,7 @@ func buildImage(ctx context.Context, dir string, layers [][]string, algo zfile.A
 	}
 	im.Info.BuildSeconds = time.Since(start).Seconds()
 	logf("image built in %s: %d layers, %s of tar, %s gzip", time.Since(start).Round(time.Second), len(pkgLayers),
-		humanBytes(im.Info.TarBytes), humanBytes(im.Info.GzipBytes))
+		units.Bytes(im.Info.TarBytes), units.Bytes(im.Info.GzipBytes))
 
 	start = time.Now()
 	src, err := image.OpenLocalSource(image.Ref{Transport: image.TransportOCI, Path: dir, Tag: tagPlain}, image.DefaultPlatform())
@@ -187,7 +189,7 @@ func buildImage(ctx context.Context, dir string, layers [][]string, algo zfile.A
 	zopts := zfile.Options{Algorithm: algo, Workers: runtime.NumCPU()}
 	res, err := convert.ConvertImage(ctx, src, convert.ImageOptions{WorkDir: filepath.Dir(dir), ZFile: zopts, Progress: func(p convert.Progress) {
 		if p.Stage == "done" {
-			logf("converted layer %d/%d: %s", p.Layer+1, p.Layers, humanBytes(p.Bytes))
+			logf("converted layer %d/%d: %s", p.Layer+1, p.Layers, units.Bytes(p.Bytes))
 		}
 	}})
 	if err != nil {
@@ -211,7 +213,7 @@ func buildImage(ctx context.Context, dir string, layers [][]string, algo zfile.A
 		return nil, err
 	}
 	im.Info.ConvertSeconds = time.Since(start).Seconds()
-	logf("converted to overlaybd in %s: %s of layer blobs", time.Since(start).Round(time.Second), humanBytes(im.Info.OBDBytes))
+	logf("converted to overlaybd in %s: %s of layer blobs", time.Since(start).Round(time.Second), units.Bytes(im.Info.OBDBytes))
 	b, err := json.MarshalIndent(im.Info, "", "  ")
 	if err != nil {
 		return nil, err
@@ -328,18 +330,6 @@ func dependencyClosure(ctx context.Context, roots []string) ([]string, error) {
 		return nil, errors.New("apt-get resolved no packages")
 	}
 	return pkgs, nil
-}
-
-func humanBytes(n int64) string {
-	switch {
-	case n >= 1<<30:
-		return fmt.Sprintf("%.2f GiB", float64(n)/(1<<30))
-	case n >= 1<<20:
-		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
-	case n >= 1<<10:
-		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
-	}
-	return fmt.Sprintf("%d B", n)
 }
 
 func algoName(a zfile.Algorithm) string {

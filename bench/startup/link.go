@@ -173,8 +173,8 @@ func run(ctx context.Context, args ...string) error {
 }
 
 // parseRate reads a bandwidth such as 100mbit, 1gbit, 500kbit, 12500000 (bits/s) or 0/"none" (unshaped).
-func parseRate(s string) (int64, error) {
-	s = strings.ToLower(strings.TrimSpace(s))
+func parseRate(arg string) (int64, error) {
+	s := strings.ToLower(strings.TrimSpace(arg))
 	if s == "0" || s == "none" || s == "unlimited" {
 		return 0, nil
 	}
@@ -190,11 +190,11 @@ func parseRate(s string) (int64, error) {
 	}
 	v, err := strconv.ParseFloat(s, 64)
 	if err != nil || v < 0 {
-		return 0, fmt.Errorf("bandwidth %q: want e.g. 100mbit, 1gbit or 0 for unshaped", s)
+		return 0, fmt.Errorf("bandwidth %q: want e.g. 100mbit, 1gbit or 0 for unshaped", arg)
 	}
 	bits := int64(v * float64(mult))
 	if bits > 0 && bits < 1e6 {
-		return 0, fmt.Errorf("bandwidth %q: below 1mbit the benchmark would take hours", s)
+		return 0, fmt.Errorf("bandwidth %q: below 1mbit the benchmark would take hours", arg)
 	}
 	return bits, nil
 }

@@ -22,6 +22,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/obdproject/obd/internal/sandbox"
 	"github.com/obdproject/obd/internal/testimage"
 	"github.com/obdproject/obd/zfile"
 )
@@ -42,6 +43,7 @@ type config struct {
 	pigz             bool
 	cases            map[string]bool
 	zfileAlgo        zfile.Algorithm
+	logs             string
 	args             []string
 }
 
@@ -51,19 +53,28 @@ func main() {
 	flag.DurationVar(&c.rtt, "rtt", 20*time.Millisecond, "round-trip time added by the relay on the shaped link")
 	flag.IntVar(&c.runs, "runs", 3, "measured runs of each case; the table shows medians")
 	flag.IntVar(&c.blockKB, "block-kb", 0, "obd-snapshotter's cache block size in KiB ([cache] block_size_kb; 0: its default, 256)")
-	flag.StringVar(&c.out, "out", filepath.Join("bench", "results"), "directory for startup.json and startup.svg ('' for none)")
+	flag.StringVar(&c.out, "out", filepath.Join("bench", "results"), "directory for the result files NAME.json and NAME.svg ('' for none)")
 	flag.StringVar(&c.work, "work", filepath.Join(os.TempDir(), "obd-bench-startup"), "cache of the built and converted image")
 	flag.BoolVar(&c.rebuild, "rebuild", false, "build and convert the image again even if the cache has it")
 	flag.StringVar(&c.snapshotter, "snapshotter", "", "obd-snapshotter binary (default: build ./cmd/obd-snapshotter of this module)")
 	flag.StringVar(&c.name, "name", "startup", "base name of the result files in --out (NAME.json, NAME.svg)")
-	flag.BoolVar(&c.pigz, "pigz", false, "give the sandbox's containerd pigz (from the Debian package, on its PATH only) to unpack gzip layers in parallel")
+	flag.BoolVar(&c.pigz, "pigz", false, "give the sandbox's containerd pigz (from the Debian package, on its PATH only) to unpack gzip layers with unpigz")
+	flag.StringVar(&c.logs, "logs", "", "copy the registry's, containerd's and obd-snapshotter's logs into this directory at the end")
 	algo := flag.String("zfile", "lz4", "compression of the overlaybd layer blobs: lz4 (obd's and upstream's default) or zstd")
 	casesFlag := flag.String("cases", strings.Join(caseOrder, ","), "cases to measure, comma-separated (a warm case needs its cold case)")
+	replotFile := flag.String("replot", "", "only redraw the SVG chart of a result file (e.g. bench/results/startup.json) and exit")
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), "usage: go run ./bench/startup [flags]   (as root)\n\n")
 		flag.PrintDefaults()
 	}
 	flag.Parse()
+	if *replotFile != "" {
+		if err := replot(*replotFile); err != nil {
+			fmt.Fprintln(os.Stderr, "startup:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	c.args = os.Args[1:]
 	c.snapshotterGiven = c.snapshotter != ""
 	var err error
@@ -120,8 +131,8 @@ func logf(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "%s  %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
 }
 
-// required lists the programs the benchmark runs besides the sandbox's.
-var required = []string{"ip", "tc", "apt-get", "dpkg-deb", "ctr", "containerd", "runc", "docker-registry", "containerd-shim-runc-v2"}
+// required lists the programs the benchmark runs: the sandbox's, iproute2's and apt's.
+var required = append([]string{"ip", "tc", "apt-get", "dpkg-deb"}, sandbox.Required...)
 
 func checkPrerequisites() error {
 	if os.Geteuid() != 0 {

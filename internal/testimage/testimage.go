@@ -45,11 +45,11 @@ var (
 		"libtinfo6", "libreadline8", "libuuid1", "libdb5.3"}
 )
 
-// Small is a three-layer image of about 55 MB of uncompressed tar: a busybox/glibc base, python3 and the config
+// Small is a three-layer image of about 51 MB of uncompressed tar: a busybox/glibc base, python3 and the config
 // layer. /bin/busybox, /bin/sh and /usr/bin/python3 run in it.
 var Small = Spec{Name: "small", Layers: [][]string{baseLayer, pythonLayer}}
 
-// Large is a five-layer image of about 400 MB of uncompressed tar: Small plus perl and ICU, then LLVM and the Go
+// Large is a five-layer image of about 413 MB of uncompressed tar: Small plus perl and ICU, then LLVM and the Go
 // 1.19 source tree (13k small files), then the config layer.
 var Large = Spec{Name: "large", Layers: [][]string{
 	baseLayer,
