@@ -168,12 +168,13 @@ func TestLazyPullAndRun(t *testing.T) {
 		if err := sb.StartSnapshotter(ctx); err != nil {
 			t.Fatal(err)
 		}
-		// containerd redials the proxy plugin with its gRPC backoff: the first calls after a restart may be refused.
+		// containerd redials the proxy plugin with its gRPC backoff: the first calls after a restart may fail with
+		// Unavailable ("connection refused" or "connection closed").
 		var out []byte
 		var err error
 		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
 			out, err = sb.Ctr(ctx, "run", "--rm", "--snapshotter", "overlaybd", lazy, "lazy2", "/bin/sh", "/app/run.sh").CombinedOutput()
-			if err == nil || !strings.Contains(string(out), "connection refused") {
+			if err == nil || !strings.Contains(string(out), "unavailable") {
 				break
 			}
 		}
