@@ -3,7 +3,6 @@ package main
 import (
 	"archive/tar"
 	"bytes"
-	"compress/gzip"
 	"context"
 	"crypto/rand"
 	"encoding/json"
@@ -265,35 +264,7 @@ func crWriteLayout(t *testing.T, dir, tag string, layers [][]byte, mediaType str
 	if err != nil {
 		t.Fatal(err)
 	}
-	if mediaType == "" {
-		mediaType = ocispec.MediaTypeImageLayerGzip
-	}
-	m := ocispec.Manifest{Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: ocispec.MediaTypeImageManifest}
-	var cfg ocispec.Image
-	cfg.OS, cfg.Architecture = "linux", "amd64"
-	cfg.RootFS.Type = "layers"
-	for _, l := range layers {
-		var gz bytes.Buffer
-		zw := gzip.NewWriter(&gz)
-		zw.Write(l)
-		zw.Close()
-		d, err := lay.PutBlobBytes(mediaType, gz.Bytes())
-		if err != nil {
-			t.Fatal(err)
-		}
-		m.Layers = append(m.Layers, d)
-		cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, digest.FromBytes(l))
-	}
-	cb, _ := json.Marshal(cfg)
-	if m.Config, err = lay.PutBlobBytes(ocispec.MediaTypeImageConfig, cb); err != nil {
-		t.Fatal(err)
-	}
-	mb, _ := json.Marshal(m)
-	md, err := lay.PutBlobBytes(ocispec.MediaTypeImageManifest, mb)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := lay.Tag(tag, md); err != nil {
+	if _, err := lay.WriteImage(tag, layers, mediaType, ocispec.Image{}); err != nil {
 		t.Fatal(err)
 	}
 }

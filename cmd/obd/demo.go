@@ -3,9 +3,7 @@ package main
 import (
 	"archive/tar"
 	"bytes"
-	"compress/gzip"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -21,7 +19,6 @@ import (
 
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
-	digest "github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/spf13/cobra"
 
@@ -247,37 +244,8 @@ func writeOCIImage(dir, tag string, layers [][]byte) error {
 	if err != nil {
 		return err
 	}
-	var m ocispec.Manifest
-	m.SchemaVersion, m.MediaType = 2, ocispec.MediaTypeImageManifest
 	var cfg ocispec.Image
-	cfg.OS, cfg.Architecture, cfg.RootFS.Type = "linux", "amd64", "layers"
 	cfg.Config.Env = []string{"PATH=/bin"}
-	for _, l := range layers {
-		var gz bytes.Buffer
-		zw := gzip.NewWriter(&gz)
-		zw.Write(l)
-		zw.Close()
-		d, err := lay.PutBlobBytes(ocispec.MediaTypeImageLayerGzip, gz.Bytes())
-		if err != nil {
-			return err
-		}
-		m.Layers = append(m.Layers, d)
-		cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, digest.FromBytes(l))
-	}
-	cb, err := json.Marshal(cfg)
-	if err != nil {
-		return err
-	}
-	if m.Config, err = lay.PutBlobBytes(ocispec.MediaTypeImageConfig, cb); err != nil {
-		return err
-	}
-	mb, err := json.Marshal(m)
-	if err != nil {
-		return err
-	}
-	md, err := lay.PutBlobBytes(ocispec.MediaTypeImageManifest, mb)
-	if err != nil {
-		return err
-	}
-	return lay.Tag(tag, md)
+	_, err = lay.WriteImage(tag, layers, "", cfg)
+	return err
 }

@@ -76,35 +76,9 @@ func writeSourceLayout(t testing.TB, dir string, layers [][]byte) image.Ref {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var m ocispec.Manifest
-	m.SchemaVersion = 2
-	m.MediaType = ocispec.MediaTypeImageManifest
 	var cfg ocispec.Image
-	cfg.OS, cfg.Architecture = "linux", "amd64"
-	cfg.RootFS.Type = "layers"
 	cfg.Config.Cmd = []string{"/bin/true"}
-	for _, l := range layers {
-		var gz bytes.Buffer
-		zw := gzip.NewWriter(&gz)
-		zw.Write(l)
-		zw.Close()
-		d, err := lay.PutBlobBytes(ocispec.MediaTypeImageLayerGzip, gz.Bytes())
-		if err != nil {
-			t.Fatal(err)
-		}
-		m.Layers = append(m.Layers, d)
-		cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, digest.FromBytes(l))
-	}
-	cb, _ := json.Marshal(cfg)
-	if m.Config, err = lay.PutBlobBytes(ocispec.MediaTypeImageConfig, cb); err != nil {
-		t.Fatal(err)
-	}
-	mb, _ := json.Marshal(m)
-	md, err := lay.PutBlobBytes(ocispec.MediaTypeImageManifest, mb)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := lay.Tag("src", md); err != nil {
+	if _, err := lay.WriteImage("src", layers, "", cfg); err != nil {
 		t.Fatal(err)
 	}
 	return image.Ref{Transport: image.TransportOCI, Path: dir, Tag: "src"}

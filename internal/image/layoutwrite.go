@@ -1,6 +1,8 @@
 package image
 
 import (
+	"bytes"
+	"compress/gzip"
 	"crypto/sha256"
 	"encoding/json"
 	"fmt"
@@ -122,4 +124,50 @@ func writeFileAtomic(path string, b []byte) error {
 		return err
 	}
 	return os.Rename(tmp.Name(), path)
+}
+
+// WriteImage stores an image made of uncompressed layer tars under tag: each layer gzip'd with the given media type
+// (default OCI tar+gzip), a config from cfg with its rootfs filled in (OS and architecture default to linux/amd64),
+// and an OCI manifest. It returns the manifest's descriptor.
+func (l *Layout) WriteImage(tag string, layers [][]byte, layerMediaType string, cfg ocispec.Image) (ocispec.Descriptor, error) {
+	if layerMediaType == "" {
+		layerMediaType = ocispec.MediaTypeImageLayerGzip
+	}
+	if cfg.OS == "" {
+		cfg.OS, cfg.Architecture = "linux", "amd64"
+	}
+	cfg.RootFS = ocispec.RootFS{Type: "layers"}
+	m := ocispec.Manifest{Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: ocispec.MediaTypeImageManifest}
+	for _, layer := range layers {
+		var gz bytes.Buffer
+		zw := gzip.NewWriter(&gz)
+		if _, err := zw.Write(layer); err != nil {
+			return ocispec.Descriptor{}, err
+		}
+		if err := zw.Close(); err != nil {
+			return ocispec.Descriptor{}, err
+		}
+		d, err := l.PutBlobBytes(layerMediaType, gz.Bytes())
+		if err != nil {
+			return ocispec.Descriptor{}, err
+		}
+		m.Layers = append(m.Layers, d)
+		cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, digest.FromBytes(layer))
+	}
+	cb, err := json.Marshal(cfg)
+	if err != nil {
+		return ocispec.Descriptor{}, err
+	}
+	if m.Config, err = l.PutBlobBytes(ocispec.MediaTypeImageConfig, cb); err != nil {
+		return ocispec.Descriptor{}, err
+	}
+	mb, err := json.Marshal(m)
+	if err != nil {
+		return ocispec.Descriptor{}, err
+	}
+	md, err := l.PutBlobBytes(ocispec.MediaTypeImageManifest, mb)
+	if err != nil {
+		return ocispec.Descriptor{}, err
+	}
+	return md, l.Tag(tag, md)
 }

@@ -5,7 +5,6 @@ package e2e
 import (
 	"archive/tar"
 	"bytes"
-	"compress/gzip"
 	"context"
 	"crypto/rand"
 	"encoding/json"
@@ -17,7 +16,6 @@ import (
 	"testing"
 	"time"
 
-	digest "github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/obdproject/obd/internal/image"
@@ -246,33 +244,9 @@ func writeLayout(t *testing.T, dir, tag string, layers [][]byte) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var m ocispec.Manifest
-	m.SchemaVersion, m.MediaType = 2, ocispec.MediaTypeImageManifest
 	var cfg ocispec.Image
-	cfg.OS, cfg.Architecture, cfg.RootFS.Type = "linux", "amd64", "layers"
 	cfg.Config.Env = []string{"PATH=/bin"}
-	for _, l := range layers {
-		var gz bytes.Buffer
-		zw := gzip.NewWriter(&gz)
-		zw.Write(l)
-		zw.Close()
-		d, err := lay.PutBlobBytes(ocispec.MediaTypeImageLayerGzip, gz.Bytes())
-		if err != nil {
-			t.Fatal(err)
-		}
-		m.Layers = append(m.Layers, d)
-		cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, digest.FromBytes(l))
-	}
-	cb, _ := json.Marshal(cfg)
-	if m.Config, err = lay.PutBlobBytes(ocispec.MediaTypeImageConfig, cb); err != nil {
-		t.Fatal(err)
-	}
-	mb, _ := json.Marshal(m)
-	md, err := lay.PutBlobBytes(ocispec.MediaTypeImageManifest, mb)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := lay.Tag(tag, md); err != nil {
+	if _, err := lay.WriteImage(tag, layers, "", cfg); err != nil {
 		t.Fatal(err)
 	}
 }
