@@ -26,7 +26,7 @@ import (
 	"github.com/obdproject/obd/internal/snapshotter"
 )
 
-// Targets from the brief: obd/plain ratios and warm attach latency.
+// Targets: obd/plain ratios and warm attach latency.
 const (
 	targetSeqRatio  = 0.6
 	targetRandRatio = 0.5
