@@ -606,18 +606,90 @@ func (c *converter) apply(ctx context.Context, fsys *ext4.FS, i int, diffID dige
 	defer tarStream.Close()
 	h := sha256.New()
 	counted := &countingWriter{w: h}
-	tee := io.TeeReader(tarStream, counted)
-	if _, err := Apply(ctx, fsys, tee, ApplyOptions{}); err != nil {
-		return counted.n, err
+	// Decompression and hashing run ahead in their own goroutine, overlapping with the tar → ext4 work.
+	ahead := newReadAhead(io.TeeReader(tarStream, counted), 1<<20, 4)
+	_, err = Apply(ctx, fsys, ahead, ApplyOptions{})
+	if err == nil {
+		// Read to the end: trailing tar padding counts for the diff_id, and the blob's digest is checked at EOF.
+		_, err = io.Copy(io.Discard, ahead)
 	}
-	// Read to the end: trailing tar padding counts for the diff_id, and the blob's digest is checked at EOF.
-	if _, err := io.Copy(io.Discard, tee); err != nil {
-		return counted.n, err
+	ahead.Close()
+	if err != nil {
+		return 0, err
 	}
 	if got := digest.NewDigest(digest.SHA256, h); got != diffID {
 		return counted.n, fmt.Errorf("uncompressed content has digest %s, but the config's diff_id is %s", got, diffID)
 	}
 	return counted.n, nil
+}
+
+// readAhead reads r in its own goroutine, up to depth chunks ahead of its reader, so that producing a stream
+// (decompressing, hashing) overlaps with consuming it.
+type readAhead struct {
+	full, free chan []byte
+	done       chan struct{}
+	exited     chan struct{}
+	buf        []byte // the chunk being read, whole
+	cur        []byte // its unread part
+	err        error  // the producer's final error, valid once full is closed
+}
+
+func newReadAhead(r io.Reader, size, depth int) *readAhead {
+	ra := &readAhead{full: make(chan []byte, depth), free: make(chan []byte, depth+1), done: make(chan struct{}), exited: make(chan struct{})}
+	for range depth + 1 {
+		ra.free <- make([]byte, size)
+	}
+	go func() {
+		defer close(ra.exited)
+		defer close(ra.full)
+		for {
+			var b []byte
+			select {
+			case b = <-ra.free:
+			case <-ra.done:
+				return
+			}
+			n, err := io.ReadFull(r, b[:cap(b)])
+			if n > 0 {
+				select {
+				case ra.full <- b[:n]:
+				case <-ra.done:
+					return
+				}
+			}
+			if err != nil {
+				if err != io.ErrUnexpectedEOF {
+					ra.err = err
+				} else {
+					ra.err = io.EOF
+				}
+				return
+			}
+		}
+	}()
+	return ra
+}
+
+func (ra *readAhead) Read(p []byte) (int, error) {
+	for len(ra.cur) == 0 {
+		b, ok := <-ra.full
+		if !ok {
+			return 0, ra.err
+		}
+		ra.buf, ra.cur = b, b
+	}
+	n := copy(p, ra.cur)
+	ra.cur = ra.cur[n:]
+	if len(ra.cur) == 0 {
+		ra.free <- ra.buf
+	}
+	return n, nil
+}
+
+// Close stops the producer and waits until it has returned.
+func (ra *readAhead) Close() {
+	close(ra.done)
+	<-ra.exited
 }
 
 type countingWriter struct {
