@@ -8,13 +8,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -77,61 +75,6 @@ func crConvert(t *testing.T, args ...string) (digest.Digest, string) {
 func crIsolate(t *testing.T) {
 	t.Setenv("DOCKER_CONFIG", t.TempDir())
 	t.Setenv("XDG_CACHE_HOME", t.TempDir())
-}
-
-// crStartRegistry runs docker-registry on a free loopback port with storage in a temporary directory; with an
-// htpasswd file it requires basic authentication. It returns host:port.
-func crStartRegistry(t *testing.T, htpasswd string) string {
-	t.Helper()
-	bin := testenv.Tools(t, "docker-registry")[0]
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-	dir := t.TempDir()
-	auth := ""
-	if htpasswd != "" {
-		p := filepath.Join(dir, "htpasswd")
-		if err := os.WriteFile(p, []byte(htpasswd), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		auth = fmt.Sprintf("auth:\n  htpasswd:\n    realm: obd-test\n    path: %s\n", p)
-	}
-	cfg := fmt.Sprintf("version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: %s\n  maintenance:\n    uploadpurging:\n      enabled: false\n%shttp:\n  addr: %s\n",
-		filepath.Join(dir, "data"), auth, addr)
-	cfgPath := filepath.Join(dir, "config.yml")
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	var logs bytes.Buffer
-	cmd := exec.Command(bin, "serve", cfgPath)
-	cmd.Stdout, cmd.Stderr = &logs, &logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-		if t.Failed() {
-			t.Logf("docker-registry output:\n%s", logs.String())
-		}
-	})
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		resp, err := http.Get("http://" + addr + "/v2/")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusUnauthorized {
-				return addr
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("docker-registry did not come up on %s: %v\n%s", addr, err, logs.String())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }
 
 // crClient is a registry client for tests (plain HTTP, optional credentials).
@@ -350,7 +293,7 @@ func TestConvertDBReuseCLI(t *testing.T) {
 func TestConvertDBReuseRegistry(t *testing.T) {
 	testenv.Tools(t, "mke2fs")
 	crIsolate(t)
-	host := crStartRegistry(t, "")
+	host := testenv.Registry(t, "")
 	c := crClient(t, "", "")
 	src := filepath.Join(t.TempDir(), "src")
 	crSharedImages(t, src)
@@ -407,7 +350,7 @@ func TestConvertDBReuseRegistry(t *testing.T) {
 func TestConvertReferrer(t *testing.T) {
 	testenv.Tools(t, "mke2fs")
 	crIsolate(t)
-	host := crStartRegistry(t, "")
+	host := testenv.Registry(t, "")
 	c := crClient(t, "", "")
 	srcDesc := crPushLayout(t, c, helloLayout, "amd64", host, "hello", "v1")
 	ctx := context.Background()
@@ -538,7 +481,7 @@ func TestConvertAllPlatforms(t *testing.T) {
 	crMust(t, "export-raw", "oci:"+dst+":all", disk)
 
 	// The same through a registry: the same index, pushed under the tag after all its manifests.
-	host := crStartRegistry(t, "")
+	host := testenv.Registry(t, "")
 	c := crClient(t, "", "")
 	crPushLayout(t, c, lay, "docker-list", host, "hello", "list")
 	got, _ := crConvert(t, "--platform", "all", host+"/hello:list", host+"/hello-obd:all")
@@ -604,7 +547,7 @@ func crHelloWithLayerType(t *testing.T, mediaType string) string {
 
 func TestConvertBadLayerMediaType(t *testing.T) {
 	crIsolate(t)
-	host := crStartRegistry(t, "")
+	host := testenv.Registry(t, "")
 	c := crClient(t, "", "")
 	for _, mt := range []string{"application/vnd.oci.image.layer.nondistributable.v1.tar+gzip", "application/x-garbage"} {
 		t.Run(mt, func(t *testing.T) {
@@ -634,7 +577,7 @@ func TestConvertBadLayerMediaType(t *testing.T) {
 func TestConvertRegistryAuth(t *testing.T) {
 	testenv.Tools(t, "mke2fs")
 	crIsolate(t)
-	host := crStartRegistry(t, crHtpasswd)
+	host := testenv.Registry(t, crHtpasswd)
 	src := "oci:" + helloLayout + ":amd64"
 	for _, c := range []struct {
 		name  string
@@ -693,7 +636,7 @@ func TestConvertDiskFull(t *testing.T) {
 	rand.Read(noise)
 	src := filepath.Join(t.TempDir(), "src")
 	crWriteLayout(t, src, "big", [][]byte{crTar(t, map[string][]byte{"etc/hostname": []byte("obd\n")}), crTar(t, map[string][]byte{"data/noise": noise})}, "")
-	host := crStartRegistry(t, "")
+	host := testenv.Registry(t, "")
 	for _, dst := range []string{"oci:" + filepath.Join(t.TempDir(), "out") + ":obd", host + "/big:obd"} {
 		t.Run(strings.SplitN(dst, ":", 2)[0], func(t *testing.T) {
 			work := crTmpfs(t, 16<<20)
@@ -722,7 +665,7 @@ func TestConvertDiskFull(t *testing.T) {
 func TestConvertPushFailsMidway(t *testing.T) {
 	testenv.Tools(t, "mke2fs")
 	crIsolate(t)
-	host := crStartRegistry(t, "")
+	host := testenv.Registry(t, "")
 	target, _ := url.Parse("http://" + host)
 	proxy := httputil.NewSingleHostReverseProxy(target)
 	var failed int

@@ -4,10 +4,15 @@ package testenv
 
 import (
 	"bytes"
+	"fmt"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"sync"
 	"testing"
+	"time"
 )
 
 // Required reports whether system tests are mandatory in this run.
@@ -69,4 +74,60 @@ func (b *Buffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
+}
+
+// Registry runs Debian's docker-registry (distribution 2.8) on a free loopback port with storage in a temporary
+// directory; given htpasswd file content it requires basic authentication. It returns host:port; the process is
+// killed when the test ends.
+func Registry(t testing.TB, htpasswd string) string {
+	t.Helper()
+	bin := Tools(t, "docker-registry")[0]
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	dir := t.TempDir()
+	auth := ""
+	if htpasswd != "" {
+		p := filepath.Join(dir, "htpasswd")
+		if err := os.WriteFile(p, []byte(htpasswd), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		auth = fmt.Sprintf("auth:\n  htpasswd:\n    realm: obd-test\n    path: %s\n", p)
+	}
+	cfg := fmt.Sprintf("version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: %s\n  maintenance:\n    uploadpurging:\n      enabled: false\n%shttp:\n  addr: %s\n",
+		filepath.Join(dir, "data"), auth, addr)
+	cfgPath := filepath.Join(dir, "config.yml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var logs bytes.Buffer
+	cmd := exec.Command(bin, "serve", cfgPath)
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		if t.Failed() {
+			t.Logf("docker-registry output:\n%s", logs.String())
+		}
+	})
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		resp, err := http.Get("http://" + addr + "/v2/")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusUnauthorized {
+				return addr
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("docker-registry did not come up on %s: %v\n%s", addr, err, logs.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
