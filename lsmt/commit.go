@@ -1,7 +1,6 @@
 package lsmt
 
 import (
-	"bufio"
 	"fmt"
 	"io"
 )
@@ -37,19 +36,42 @@ func (w *RW) commitView() ([]mapping, []io.ReaderAt) { return w.dump(), []io.Rea
 // multiple of 256, and a trailer (flags 6). Tags of a merged source are kept, as upstream does.
 // It returns the number of bytes written. Sources must not change during the commit.
 func Commit(dst io.Writer, src Source, opts CommitOptions) (int64, error) {
-	hdr, err := commitHeader(src.Header(), opts)
+	cr, err := NewCommitReader(src, opts)
 	if err != nil {
 		return 0, err
 	}
-	ents, readers := src.commitView()
 	cw := &countWriter{w: dst}
-	out := bufio.NewWriterSize(cw, 1<<20)
-	if err := writeHeaderTo(out, hdr); err != nil {
-		return cw.n, err
+	_, err = io.CopyBuffer(cw, cr, make([]byte, 1<<20))
+	return cw.n, err
+}
+
+// CommitReader reads the committed layer Commit would write, computing it as it is read: the
+// data is read from the source's files straight into the caller's buffer, so a committed layer
+// can be streamed into a compressor without being stored first.
+type CommitReader struct {
+	head, tail []byte // header; index and trailer
+	data       []mapping
+	readers    []io.ReaderAt
+	size       int64
+	pos        int64 // bytes read so far
+	seg        int   // data[seg] holds the next data byte...
+	segDone    int64 // ...at this byte offset within it
+}
+
+// NewCommitReader returns a reader of the committed form of src (see Commit). The index is
+// built up front; the source must not change until the reader is done.
+func NewCommitReader(src Source, opts CommitOptions) (*CommitReader, error) {
+	hdr, err := commitHeader(src.Header(), opts)
+	if err != nil {
+		return nil, err
+	}
+	ents, readers := src.commitView()
+	cr := &CommitReader{readers: readers}
+	if cr.head, err = hdr.MarshalBinary(); err != nil {
+		return nil, err
 	}
 	index := make([]mapping, 0, len(ents))
 	moff := uint64(HeaderSize / SectorSize)
-	buf := make([]byte, 1<<20)
 	for _, m := range ents {
 		if m.zeroed() {
 			index = append(index, m.withMOff(moff))
@@ -59,9 +81,7 @@ func Commit(dst io.Writer, src Source, opts CommitOptions) (int64, error) {
 			n := min(uint64(m.length())-done, commitChunk/SectorSize)
 			index = append(index, pack(m.off()+done, uint32(n), moff+done, false, m.tag()))
 		}
-		if err := copyData(out, readers[m.tag()], buf, m); err != nil {
-			return cw.n, err
-		}
+		cr.data = append(cr.data, m)
 		moff += uint64(m.length())
 	}
 	hdr.IndexOffset = moff * SectorSize
@@ -72,22 +92,53 @@ func Commit(dst io.Writer, src Source, opts CommitOptions) (int64, error) {
 		}
 	}
 	hdr.IndexSize = uint64(len(index))
-	raw := make([]byte, 0, HeaderSize)
-	for i, m := range index {
-		raw = m.append(raw)
-		if len(raw) == cap(raw) || i == len(index)-1 {
-			if _, err := out.Write(raw); err != nil {
-				return cw.n, err
-			}
-			raw = raw[:0]
-		}
-	}
 	hdr.Flags &^= FlagHeader
-	if err := writeHeaderTo(out, hdr); err != nil {
-		return cw.n, err
+	cr.tail = make([]byte, 0, len(index)*EntrySize+HeaderSize)
+	for _, m := range index {
+		cr.tail = m.append(cr.tail)
 	}
-	err = out.Flush()
-	return cw.n, err
+	trailer, err := hdr.MarshalBinary()
+	if err != nil {
+		return nil, err
+	}
+	cr.tail = append(cr.tail, trailer...)
+	cr.size = int64(hdr.IndexOffset) + int64(len(cr.tail))
+	return cr, nil
+}
+
+// Size returns the size of the committed layer.
+func (cr *CommitReader) Size() int64 { return cr.size }
+
+// Read reads the next bytes of the committed layer.
+func (cr *CommitReader) Read(p []byte) (int, error) {
+	n := 0
+	for n < len(p) && cr.pos < cr.size {
+		var k int
+		switch dataEnd := cr.size - int64(len(cr.tail)); {
+		case cr.pos < int64(len(cr.head)):
+			k = copy(p[n:], cr.head[cr.pos:])
+		case cr.pos < dataEnd:
+			m := cr.data[cr.seg]
+			left := int64(m.length())*SectorSize - cr.segDone
+			b := p[n:min(len(p), n+int(min(left, int64(len(p)-n))))]
+			off := int64(m.moff())*SectorSize + cr.segDone
+			if err := readFull(cr.readers[m.tag()], b, off); err != nil {
+				return n, fmt.Errorf("lsmt: commit: reading %d bytes at %d (segment %v): %w", len(b), off, m, err)
+			}
+			k = len(b)
+			if cr.segDone += int64(k); cr.segDone == int64(m.length())*SectorSize {
+				cr.seg, cr.segDone = cr.seg+1, 0
+			}
+		default:
+			k = copy(p[n:], cr.tail[cr.pos-dataEnd:])
+		}
+		n += k
+		cr.pos += int64(k)
+	}
+	if n == 0 && cr.pos == cr.size {
+		return 0, io.EOF
+	}
+	return n, nil
 }
 
 // commitHeader builds the committed header from the source header and the options.
@@ -114,32 +165,6 @@ func commitHeader(src Header, opts CommitOptions) (Header, error) {
 		h.ParentUUID = u
 	}
 	return h, nil
-}
-
-func writeHeaderTo(w io.Writer, h Header) error {
-	b, err := h.MarshalBinary()
-	if err != nil {
-		return err
-	}
-	_, err = w.Write(b)
-	return err
-}
-
-// copyData copies the data of mapping m from r to w.
-func copyData(w io.Writer, r io.ReaderAt, buf []byte, m mapping) error {
-	off := int64(m.moff()) * SectorSize
-	for left := int64(m.length()) * SectorSize; left > 0; {
-		b := buf[:min(left, int64(len(buf)))]
-		if err := readFull(r, b, off); err != nil {
-			return fmt.Errorf("lsmt: commit: reading %d bytes at %d (segment %v): %w", len(b), off, m, err)
-		}
-		if _, err := w.Write(b); err != nil {
-			return err
-		}
-		off += int64(len(b))
-		left -= int64(len(b))
-	}
-	return nil
 }
 
 // countWriter counts the bytes written through it and annotates write errors.

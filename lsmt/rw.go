@@ -544,6 +544,33 @@ func (w *RW) Close() error {
 	return w.flushIndex()
 }
 
+// Freeze closes the layer for writing and returns it as a read-only layer to stack others on,
+// reading the data file in place: no copy is made, so the layer can be committed (from w) while
+// layers above it are written. The files must stay open while the returned File is used.
+func (w *RW) Freeze() (*File, error) {
+	w.mu.Lock()
+	if w.closed {
+		w.mu.Unlock()
+		return nil, ErrClosed
+	}
+	err := w.flushIndex()
+	w.closed = true
+	w.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	h := w.Header()
+	t := newHeader(FlagDataFile | FlagSealed | h.Flags&FlagSparseRW)
+	t.VirtualSize, t.UUID, t.ParentUUID = h.VirtualSize, validOrNull(h.UUID), validOrNull(h.ParentUUID)
+	size, err := fileSize(w.data)
+	if err != nil {
+		return nil, err
+	}
+	ents := w.dump()
+	t.IndexSize = uint64(len(ents))
+	return &File{r: w.data, size: size, header: h, trailer: t, idx: newSegIndex(ents), readers: []io.ReaderAt{w.data}}, nil
+}
+
 // Seal closes the layer and turns its data file into a read-only layer (upstream
 // `overlaybd-commit --seal`): the in-memory index is appended at the end of the data file
 // (padded to 512 bytes with invalid entries; index_size counts only the real ones), followed by

@@ -145,9 +145,12 @@ func Open(r io.ReaderAt, size int64) (*io.SectionReader, error) {
 	return io.NewSectionReader(r, m.Offset, m.Size), nil
 }
 
+// HeadSize is the size of the headers Write puts before the payload: the payload of a wrapped blob starts here.
+const HeadSize = 3 * blockSize
+
 // WrappedSize is the size of the blob Write produces for a payload of n bytes.
 func WrappedSize(n int64) int64 {
-	return 3*blockSize + roundUp(n) + 2*blockSize
+	return HeadSize + roundUp(n) + 2*blockSize
 }
 
 // Write writes payload (exactly size bytes) wrapped as upstream's `overlaybd-commit -t` does: a pax header carrying
@@ -157,7 +160,30 @@ func Write(w io.Writer, payload io.Reader, size int64, mode int64) (int64, error
 	if size < 0 {
 		return 0, fmt.Errorf("tarwrap: negative payload size %d", size)
 	}
-	var head [3 * blockSize]byte
+	var total int64
+	n, err := w.Write(Head(size, mode))
+	total += int64(n)
+	if err != nil {
+		return total, err
+	}
+	c, err := io.CopyN(w, payload, size)
+	total += c
+	if err != nil {
+		if errors.Is(err, io.EOF) {
+			err = fmt.Errorf("tarwrap: payload ended after %d of %d bytes", c, size)
+		}
+		return total, err
+	}
+	n, err = w.Write(Tail(size))
+	total += int64(n)
+	return total, err
+}
+
+// Head returns the HeadSize bytes Write puts before a payload of size bytes (size ≥ 0): a pax header carrying the
+// size and a ustar header for CommitName with the given mode. With Tail, it lets a writer that only learns the size
+// at the end (a compressor writing at offset HeadSize) wrap its output in place.
+func Head(size, mode int64) []byte {
+	head := make([]byte, HeadSize)
 	record := paxRecord("size", strconv.FormatInt(size, 10))
 	pax := head[0:blockSize]
 	copy(pax, paxName)
@@ -178,25 +204,12 @@ func Write(w io.Writer, payload io.Reader, size int64, mode int64) (int64, error
 	copy(mem[265:297], "root")
 	copy(mem[297:329], "root")
 	putChecksum(mem)
+	return head
+}
 
-	var total int64
-	n, err := w.Write(head[:])
-	total += int64(n)
-	if err != nil {
-		return total, err
-	}
-	c, err := io.CopyN(w, payload, size)
-	total += c
-	if err != nil {
-		if errors.Is(err, io.EOF) {
-			err = fmt.Errorf("tarwrap: payload ended after %d of %d bytes", c, size)
-		}
-		return total, err
-	}
-	pad := make([]byte, roundUp(size)-size+2*blockSize)
-	n, err = w.Write(pad)
-	total += int64(n)
-	return total, err
+// Tail returns the bytes Write puts after a payload of size bytes: zero padding to a block and two zero blocks.
+func Tail(size int64) []byte {
+	return make([]byte, roundUp(size)-size+2*blockSize)
 }
 
 func roundUp(n int64) int64 { return (n + blockSize - 1) / blockSize * blockSize }

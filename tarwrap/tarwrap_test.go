@@ -74,8 +74,8 @@ func TestRoundTripSizes(t *testing.T) {
 		if err != nil {
 			t.Fatalf("size %d: %v", size, err)
 		}
-		if m.Offset != 1536 || m.Size != int64(size) {
-			t.Fatalf("size %d: member %+v", size, m)
+		if HeadSize != 1536 || m.Offset != HeadSize || m.Size != int64(size) || int64(out.Len()) != WrappedSize(int64(size)) {
+			t.Fatalf("size %d: member %+v in %d bytes", size, m, out.Len())
 		}
 		// Go's archive/tar must read it too: the blob is a real tar.
 		tr := tar.NewReader(bytes.NewReader(out.Bytes()))

@@ -21,6 +21,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -49,6 +50,7 @@ type config struct {
 	decompressor string // kernel baseline: "gzip" or a path to pigz
 	noKernel     bool
 	dropCaches   bool
+	cpuProfile   string
 }
 
 func main() {
@@ -62,6 +64,7 @@ func main() {
 	flag.Int64Var(&c.vsizeGiB, "vsize", 64, "virtual disk size in GiB, for both sides")
 	flag.StringVar(&c.decompressor, "decompressor", "auto", "kernel baseline's gunzip: gzip, pigz, a path to a pigz binary, or auto (pigz if on PATH)")
 	flag.BoolVar(&c.noKernel, "no-kernel", false, "skip the kernel baseline (it needs root)")
+	flag.StringVar(&c.cpuProfile, "cpuprofile", "", "write a CPU profile of obd's runs to this file (go tool pprof)")
 	flag.Parse()
 	switch *size {
 	case "large":
@@ -223,6 +226,17 @@ func run(ctx context.Context, c config) error {
 	logf("image %s: %d layers, %.1f MB of tar, %.1f MB gzip, built in %s", c.spec.Name, len(im.Layers), tarMB,
 		float64(rep.Image.GzipBytes)/1e6, time.Since(start).Round(time.Millisecond))
 
+	if c.cpuProfile != "" {
+		f, err := os.Create(c.cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
 	for r := 0; r < c.runs; r++ {
 		// Alternate which side goes first, so slow drift on a shared machine falls on both.
 		sides := []string{"obd", "kernel"}
@@ -844,9 +858,8 @@ func printTable(w io.Writer, rep Report, tarMB float64) {
 	fmt.Fprintf(w, "\nwhere obd's time goes (median s, share of obd's median):\n")
 	for _, st := range []struct{ key, what string }{
 		{"apply", "apply: gunzip + sha256 diff_id + tar → ext4 (libext2fs) → LSMT"},
-		{"commit", "commit: compact LSMT layer"},
-		{"compress", "compress: ZFile LZ4 + CRC32C"},
-		{"done", "tar wrapper + sha256 of the blob"},
+		{"compress", "pack: commit → ZFile LZ4 + CRC32C → blob, streamed"},
+		{"done", "sha256 of the blob"},
 		{"writeLayout", "write OCI layout (rename blobs)"},
 		{"fsync", "fsync the output layout"},
 	} {

@@ -195,10 +195,8 @@ func printProgress(w io.Writer, p convert.Progress) {
 	switch p.Stage {
 	case "apply":
 		fmt.Fprintf(w, "layer %d/%d: applied %s of tar in %s\n", p.Layer+1, p.Layers, units.Bytes(p.Bytes), p.Elapsed.Round(time.Millisecond))
-	case "commit":
-		fmt.Fprintf(w, "layer %d/%d: committed %s in %s\n", p.Layer+1, p.Layers, units.Bytes(p.Bytes), p.Elapsed.Round(time.Millisecond))
 	case "compress":
-		fmt.Fprintf(w, "layer %d/%d: compressed to %s in %s\n", p.Layer+1, p.Layers, units.Bytes(p.Bytes), p.Elapsed.Round(time.Millisecond))
+		fmt.Fprintf(w, "layer %d/%d: committed and compressed to %s in %s\n", p.Layer+1, p.Layers, units.Bytes(p.Bytes), p.Elapsed.Round(time.Millisecond))
 	case "done":
 		fmt.Fprintf(w, "layer %d/%d: blob %s (%s)\n", p.Layer+1, p.Layers, p.Digest, units.Bytes(p.Bytes))
 	case "reused":

@@ -71,7 +71,7 @@ type RemoteBlobs struct {
 // Progress reports one step of a conversion.
 type Progress struct {
 	Layer, Layers int    // 0-based layer index and layer count
-	Stage         string // "apply", "commit", "compress", "done", "reused", "warning"
+	Stage         string // "apply", "compress" (commit, compress, wrap), "done" (hashed), "reused", "warning"
 	Bytes         int64  // uncompressed tar bytes applied (apply), blob size (done, reused)
 	Elapsed       time.Duration
 	Digest        digest.Digest // blob digest (done, reused)
@@ -115,6 +115,7 @@ type converter struct {
 	lowers  []*lsmt.File
 	mu      sync.Mutex // guards files and timings: layers are packed while the next one is applied
 	files   []*os.File
+	scratch []string // the layers' RW files: lowers until every layer is applied
 	timings map[string]time.Duration
 	keyBase string // layer key prefix (with a DB)
 }
@@ -269,6 +270,9 @@ func (c *converter) run(ctx context.Context) (*Result, error) {
 	}
 	if err := packing.Wait(); err != nil {
 		return nil, err
+	}
+	for _, name := range c.scratch {
+		os.Remove(name)
 	}
 	res.Blobs = append(res.Blobs, blobs...)
 	return res, c.writeMetadata(res, cfg, m, md)
@@ -488,36 +492,38 @@ func (d stackDevice) WriteAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
-// committed is a layer applied and committed, waiting to be packed into its blob.
-type committed struct {
-	i, n int
-	name string
-	file *os.File
-	size int64
+// frozen is a layer applied and frozen (stacked under the next layer as it is), waiting to be packed into its blob.
+type frozen struct {
+	i, n             int
+	name             string
+	rw               *lsmt.RW
+	uuid, parentUUID string
 }
 
-// applyLayer applies layer i over the layers below it and commits it; the committed layer becomes the next lower.
-func (c *converter) applyLayer(ctx context.Context, i, n int, diffID digest.Digest, uuid, parentUUID string) (committed, error) {
+// applyLayer applies layer i over the layers below it and freezes it: it becomes the next lower as it is, read from
+// its RW data file, while pack commits and compresses it.
+func (c *converter) applyLayer(ctx context.Context, i, n int, diffID digest.Digest, uuid, parentUUID string) (frozen, error) {
 	name := fmt.Sprintf("layer%03d", i)
 	data, err := c.openFile(name + ".data")
 	if err != nil {
-		return committed{}, err
+		return frozen{}, err
 	}
 	index, err := c.openFile(name + ".index")
 	if err != nil {
-		return committed{}, err
+		return frozen{}, err
 	}
+	c.scratch = append(c.scratch, data.Name(), index.Name())
 	vsize := int64(0)
 	if len(c.lowers) == 0 {
 		vsize = c.opts.VirtualSize
 	}
 	rw, err := lsmt.CreateRW(data, index, vsize, lsmt.CreateOptions{UUID: uuid, ParentUUID: parentUUID})
 	if err != nil {
-		return committed{}, err
+		return frozen{}, err
 	}
 	stack, err := lsmt.NewStack(c.lowers, rw)
 	if err != nil {
-		return committed{}, err
+		return frozen{}, err
 	}
 	dev := stackDevice{stack}
 
@@ -526,69 +532,61 @@ func (c *converter) applyLayer(ctx context.Context, i, n int, diffID digest.Dige
 		// Everything mkfs writes is derived from the first layer, so equal inputs give equal filesystems.
 		fsUUID := chainUUID(digest.FromString("obd mkfs " + diffID.String()))
 		if err := ext4.Mkfs(ctx, dev, ext4.MkfsOptions{UUID: fsUUID, TempDir: c.dir}); err != nil {
-			return committed{}, err
+			return frozen{}, err
 		}
 	}
 	fsys, err := ext4.Open(dev, true)
 	if err != nil {
-		return committed{}, err
+		return frozen{}, err
 	}
 	applied, err := c.apply(ctx, fsys, i, diffID)
 	if cerr := fsys.Close(); err == nil && cerr != nil {
 		err = fmt.Errorf("flush filesystem: %w", cerr)
 	}
 	if err != nil {
-		return committed{}, err
+		return frozen{}, err
 	}
+	lower, err := rw.Freeze()
+	if err != nil {
+		return frozen{}, err
+	}
+	c.lowers = append(c.lowers, lower)
 	c.stage(Progress{Layer: i, Layers: n, Stage: "apply", Bytes: applied}, start)
-
-	start = time.Now()
-	commit, err := c.openFile(name + ".commit")
-	if err != nil {
-		return committed{}, err
-	}
-	csize, err := lsmt.Commit(commit, rw, lsmt.CommitOptions{UUID: uuid, ParentUUID: parentUUID})
-	if err != nil {
-		return committed{}, fmt.Errorf("commit: %w", err)
-	}
-	if err := rw.Close(); err != nil {
-		return committed{}, err
-	}
-	data.Close()
-	index.Close()
-	os.Remove(data.Name())
-	os.Remove(index.Name())
-	layer, err := lsmt.Open(commit, csize)
-	if err != nil {
-		return committed{}, fmt.Errorf("reopen committed layer: %w", err)
-	}
-	c.lowers = append(c.lowers, layer)
-	c.stage(Progress{Layer: i, Layers: n, Stage: "commit", Bytes: csize}, start)
-	return committed{i: i, n: n, name: name, file: commit, size: csize}, nil
+	return frozen{i: i, n: n, name: name, rw: rw, uuid: uuid, parentUUID: parentUUID}, nil
 }
 
-// pack compresses a committed layer into a ZFile and tar-wraps it into the layer's blob.
-func (c *converter) pack(l committed) (Blob, error) {
-	i, n, name, commit, csize := l.i, l.n, l.name, l.file, l.size
+// pack commits a frozen layer straight into a ZFile compressor writing into the layer's blob file after the room
+// for the tar wrapper's headers, writes the wrapper around it and hashes the blob.
+func (c *converter) pack(l frozen) (Blob, error) {
 	start := time.Now()
-	zf, err := c.openFile(name + ".zfile")
+	out, err := c.openFile(l.name + ".blob")
 	if err != nil {
 		return Blob{}, err
 	}
-	zsize, err := zfile.CompressOverwrite(zf, io.NewSectionReader(commit, 0, csize), c.opts.ZFile)
+	committed, err := lsmt.NewCommitReader(l.rw, lsmt.CommitOptions{UUID: l.uuid, ParentUUID: l.parentUUID})
 	if err != nil {
-		return Blob{}, fmt.Errorf("compress: %w", err)
+		return Blob{}, fmt.Errorf("commit: %w", err)
 	}
-	c.stage(Progress{Layer: i, Layers: n, Stage: "compress", Bytes: zsize}, start)
+	zsize, err := zfile.CompressOverwrite(io.NewOffsetWriter(out, tarwrap.HeadSize), committed, c.opts.ZFile)
+	if err != nil {
+		return Blob{}, fmt.Errorf("commit and compress: %w", err)
+	}
+	if _, err := out.WriteAt(tarwrap.Head(zsize, tarwrap.DefaultMode), 0); err != nil {
+		return Blob{}, fmt.Errorf("layer blob: %w", err)
+	}
+	if _, err := out.WriteAt(tarwrap.Tail(zsize), tarwrap.HeadSize+zsize); err != nil {
+		return Blob{}, fmt.Errorf("layer blob: %w", err)
+	}
+	c.stage(Progress{Layer: l.i, Layers: l.n, Stage: "compress", Bytes: zsize}, start)
 
 	start = time.Now()
-	blob, err := c.storeBlob(name, zf, zsize, true)
-	zf.Close()
-	os.Remove(zf.Name())
-	if err != nil {
-		return Blob{}, err
+	size := tarwrap.WrappedSize(zsize)
+	h := sha256.New()
+	if _, err := io.CopyBuffer(h, io.NewSectionReader(out, 0, size), make([]byte, 1<<20)); err != nil {
+		return Blob{}, fmt.Errorf("layer blob: %w", err)
 	}
-	c.stage(Progress{Layer: i, Layers: n, Stage: "done", Bytes: blob.Desc.Size, Digest: blob.Desc.Digest}, start)
+	blob := Blob{Desc: c.layerDesc(digest.NewDigest(digest.SHA256, h), size), Path: out.Name()}
+	c.stage(Progress{Layer: l.i, Layers: l.n, Stage: "done", Bytes: size, Digest: blob.Desc.Digest}, start)
 	return blob, nil
 }
 
