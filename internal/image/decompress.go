@@ -6,8 +6,9 @@ import (
 	"fmt"
 	"io"
 
-	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
+
+	"github.com/obdproject/obd/internal/gunzip"
 )
 
 // Compression of a layer blob.
@@ -21,7 +22,8 @@ const (
 )
 
 // Decompress returns the uncompressed stream of a layer blob, detecting gzip and zstd by their magic bytes
-// (media types lie often enough that the bytes are the better witness).
+// (media types lie often enough that the bytes are the better witness). Gzip is read with ISA-L when the machine
+// has it (see package gunzip).
 func Decompress(r io.Reader) (io.ReadCloser, Compression, error) {
 	br := bufio.NewReaderSize(r, 1<<20)
 	magic, err := br.Peek(4)
@@ -30,7 +32,7 @@ func Decompress(r io.Reader) (io.ReadCloser, Compression, error) {
 	}
 	switch {
 	case bytes.HasPrefix(magic, []byte{0x1f, 0x8b}):
-		zr, err := gzip.NewReader(br)
+		zr, err := gunzip.NewReader(br)
 		if err != nil {
 			return nil, Gzip, fmt.Errorf("gzip layer: %w", err)
 		}

@@ -1,0 +1,246 @@
+package gunzip
+
+import (
+	"bytes"
+	"compress/gzip"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/obdproject/obd/internal/testenv"
+)
+
+// sample returns n bytes that compress a little, like file data.
+func sample(seed uint64, n int) []byte {
+	rng := rand.New(rand.NewPCG(seed, 1))
+	words := [][]byte{[]byte("usr/lib/"), []byte("python3"), []byte("\x00\x00\x00\x00"), []byte("ELF"), []byte("libc.so.6 ")}
+	var b bytes.Buffer
+	for b.Len() < n {
+		if rng.IntN(3) == 0 {
+			b.WriteByte(byte(rng.Uint32()))
+		} else {
+			b.Write(words[rng.IntN(len(words))])
+		}
+	}
+	return b.Bytes()[:n]
+}
+
+// gz compresses parts as one gzip member each, with a header carrying a name, a comment and extra data.
+func gz(t testing.TB, level int, parts ...[]byte) []byte {
+	t.Helper()
+	var b bytes.Buffer
+	for _, p := range parts {
+		w, err := gzip.NewWriterLevel(&b, level)
+		if err != nil {
+			t.Fatal(err)
+		}
+		w.Name, w.Comment, w.Extra = "layer.tar", "made by a test", []byte("ab\x02\x00xy")
+		w.Write(p)
+		if err := w.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return b.Bytes()
+}
+
+// readAll reads r with reads of random sizes up to max.
+func readAll(r io.Reader, rng *rand.Rand, max int) ([]byte, error) {
+	var out bytes.Buffer
+	buf := make([]byte, max)
+	for {
+		n, err := r.Read(buf[:1+rng.IntN(max)])
+		out.Write(buf[:n])
+		if err == io.EOF {
+			return out.Bytes(), nil
+		}
+		if err != nil {
+			return out.Bytes(), err
+		}
+	}
+}
+
+// oneByteReader hands out its input a byte at a time.
+type oneByteReader struct{ b []byte }
+
+func (r *oneByteReader) Read(p []byte) (int, error) {
+	if len(r.b) == 0 {
+		return 0, io.EOF
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	p[0], r.b = r.b[0], r.b[1:]
+	return 1, nil
+}
+
+func needISAL(t testing.TB) {
+	if !isalAvailable() {
+		testenv.Skip(t, "ISA-L (libisal.so.2, Debian package libisal2) is not installed: the Go implementation is used")
+	}
+}
+
+func TestISALMatchesGo(t *testing.T) {
+	needISAL(t)
+	big := sample(1, 5<<20)
+	cases := map[string][]byte{
+		"empty member":     gz(t, 6, nil),
+		"small":            gz(t, 6, []byte("hello, layer")),
+		"big, level 9":     gz(t, 9, big),
+		"big, stored":      gz(t, gzip.NoCompression, big[:1<<20]),
+		"big, huffman":     gz(t, gzip.HuffmanOnly, big[:2<<20]),
+		"three members":    gz(t, 6, big[:300000], nil, big[300000:900000]),
+		"incompressible":   gz(t, 6, bytes.Repeat(sample(2, 4096), 1)),
+		"long runs":        gz(t, 1, bytes.Repeat([]byte{0}, 3<<20)),
+		"member per chunk": gz(t, 6, big[:70000], big[70000:140000], big[140000:210000], big[210000:280000]),
+	}
+	rng := rand.New(rand.NewPCG(7, 8))
+	for name, in := range cases {
+		want, err := io.ReadAll(must(NewGoReader(bytes.NewReader(in))))
+		if err != nil {
+			t.Fatalf("%s: Go: %v", name, err)
+		}
+		for _, max := range []int{1, 100, 40000, 1 << 20} {
+			z, err := newISAL(bytes.NewReader(in))
+			if err != nil {
+				t.Fatalf("%s: %v", name, err)
+			}
+			got, err := readAll(z, rng, max)
+			z.Close()
+			if err != nil || !bytes.Equal(got, want) {
+				t.Fatalf("%s, reads ≤ %d: %d bytes (want %d), err %v", name, max, len(got), len(want), err)
+			}
+		}
+		z, err := newISAL(&oneByteReader{in})
+		if err != nil {
+			t.Fatalf("%s: byte by byte: %v", name, err)
+		}
+		got, err := io.ReadAll(z)
+		if err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("%s, input byte by byte: %d bytes (want %d), err %v", name, len(got), len(want), err)
+		}
+	}
+}
+
+func must(r io.ReadCloser, err error) io.ReadCloser {
+	if err != nil {
+		panic(err)
+	}
+	return r
+}
+
+func TestISALBadInput(t *testing.T) {
+	needISAL(t)
+	good := gz(t, 6, sample(3, 200000))
+	flip := func(i int) []byte {
+		b := bytes.Clone(good)
+		b[i] ^= 0x40
+		return b
+	}
+	cases := []struct {
+		name string
+		in   []byte
+		want error
+	}{
+		{"truncated in the data", good[:len(good)/2], io.ErrUnexpectedEOF},
+		{"truncated in the trailer", good[:len(good)-3], io.ErrUnexpectedEOF},
+		{"crc flipped", flip(len(good) - 6), ErrChecksum},
+		{"size flipped", flip(len(good) - 2), ErrChecksum},
+		{"method not deflate", flip(2), ErrHeader},
+		{"garbage after the member", append(bytes.Clone(good), "this is not a gzip member"...), ErrHeader},
+		{"a short tail after the member", append(bytes.Clone(good), "PK\x03"...), io.ErrUnexpectedEOF},
+		{"second member truncated", append(bytes.Clone(good), good[:100]...), io.ErrUnexpectedEOF},
+		{"bad data", flip(len(good) / 2), nil},
+	}
+	for _, c := range cases {
+		z, err := newISAL(bytes.NewReader(c.in))
+		if err == nil {
+			_, err = io.ReadAll(z)
+			z.Close()
+		}
+		if err == nil {
+			t.Fatalf("%s: accepted", c.name)
+		}
+		if c.want != nil && !errors.Is(err, c.want) {
+			t.Fatalf("%s: %v, want %v", c.name, err, c.want)
+		}
+		// Go's reader must reject it too.
+		if gr, gerr := NewGoReader(bytes.NewReader(c.in)); gerr == nil {
+			if _, gerr = io.ReadAll(gr); gerr == nil {
+				t.Fatalf("%s: Go accepts what ISA-L rejects (%v)", c.name, err)
+			}
+		}
+	}
+	if _, err := newISAL(bytes.NewReader(nil)); err != io.EOF {
+		t.Fatalf("empty input: %v, want io.EOF", err)
+	}
+	if _, err := newISAL(bytes.NewReader([]byte("PK\x03\x04 a zip file, not gzip"))); !errors.Is(err, ErrHeader) {
+		t.Fatalf("not gzip: %v", err)
+	}
+	readErr := errors.New("network down")
+	z, err := newISAL(io.MultiReader(bytes.NewReader(good[:1000]), &failing{readErr}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadAll(z); !errors.Is(err, readErr) {
+		t.Fatalf("source error: %v", err)
+	}
+}
+
+type failing struct{ err error }
+
+func (f *failing) Read([]byte) (int, error) { return 0, f.err }
+
+// FuzzGunzip checks that the ISA-L reader gives what Go's reader gives: the same bytes, or an error from both.
+func FuzzGunzip(f *testing.F) {
+	f.Add(gz(f, 6, []byte("hello")))
+	f.Add(gz(f, 9, sample(4, 5000), []byte("second")))
+	f.Add(gz(f, gzip.NoCompression, sample(5, 3000)))
+	f.Add([]byte{0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff})
+	f.Fuzz(func(t *testing.T, in []byte) {
+		needISAL(t)
+		var want []byte
+		gr, gerr := NewGoReader(bytes.NewReader(in))
+		if gerr == nil {
+			want, gerr = io.ReadAll(gr)
+		}
+		z, err := newISAL(bytes.NewReader(in))
+		var got []byte
+		if err == nil {
+			got, err = io.ReadAll(z)
+			z.Close()
+		}
+		if (err == nil) != (gerr == nil) {
+			t.Fatalf("ISA-L error %v, Go error %v", err, gerr)
+		}
+		if err == nil && !bytes.Equal(got, want) {
+			t.Fatalf("ISA-L gave %d bytes, Go %d, and they differ", len(got), len(want))
+		}
+	})
+}
+
+func BenchmarkGunzip(b *testing.B) {
+	in := gz(b, 6, sample(6, 32<<20))
+	for _, impl := range []struct {
+		name string
+		open func(io.Reader) (io.ReadCloser, error)
+	}{{"go", NewGoReader}, {"isa-l", newISAL}} {
+		b.Run(impl.name, func(b *testing.B) {
+			if impl.name == "isa-l" {
+				needISAL(b)
+			}
+			b.SetBytes(32 << 20)
+			buf := make([]byte, 1<<20)
+			for b.Loop() {
+				z, err := impl.open(bytes.NewReader(in))
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := io.CopyBuffer(io.Discard, z, buf); err != nil {
+					b.Fatal(err)
+				}
+				z.Close()
+			}
+		})
+	}
+}

@@ -1,0 +1,251 @@
+//go:build cgo
+
+package gunzip
+
+/*
+#include <stdint.h>
+#include <stdlib.h>
+#include <dlfcn.h>
+
+#if __has_include(<isa-l/igzip_lib.h>)
+#include <isa-l/igzip_lib.h>
+
+static void (*obd_isal_init)(struct inflate_state *);
+static int (*obd_isal_inflate)(struct inflate_state *);
+
+// obd_isal_load loads ISA-L (the soname of its stable ABI) and returns 1 when it can be used.
+static int obd_isal_load(void) {
+	void *h = dlopen("libisal.so.2", RTLD_NOW | RTLD_LOCAL);
+	if (!h)
+		return 0;
+	obd_isal_init = (void (*)(struct inflate_state *))dlsym(h, "isal_inflate_init");
+	obd_isal_inflate = (int (*)(struct inflate_state *))dlsym(h, "isal_inflate");
+	return obd_isal_init && obd_isal_inflate;
+}
+
+// obd_isal_new allocates a state set up to read one gzip member (header, deflate data, checked trailer).
+static void *obd_isal_new(void) {
+	struct inflate_state *s = malloc(sizeof *s);
+	if (s) {
+		obd_isal_init(s);
+		s->crc_flag = ISAL_GZIP;
+	}
+	return s;
+}
+
+static void obd_isal_restart(void *p) {
+	struct inflate_state *s = p;
+	obd_isal_init(s);
+	s->crc_flag = ISAL_GZIP;
+}
+
+// obd_isal_inflate_step runs the inflater over in and out and reports how much of each it used and whether the
+// member ended. It keeps no pointer to the buffers.
+static int obd_isal_inflate_step(void *p, uint8_t *in, uint32_t in_len, uint8_t *out, uint32_t out_len,
+				 uint32_t *in_used, uint32_t *out_used, int *finished) {
+	struct inflate_state *s = p;
+	s->next_in = in;
+	s->avail_in = in_len;
+	s->next_out = out;
+	s->avail_out = out_len;
+	int ret = obd_isal_inflate(s);
+	*in_used = in_len - s->avail_in;
+	*out_used = out_len - s->avail_out;
+	*finished = s->block_state == ISAL_BLOCK_FINISH;
+	s->next_in = NULL;
+	s->avail_in = 0;
+	s->next_out = NULL;
+	s->avail_out = 0;
+	return ret;
+}
+
+// obd_isal_kind sorts an error of isal_inflate: 1 a bad gzip header, 2 a checksum or size mismatch, 3 bad data.
+static int obd_isal_kind(int ret) {
+	switch (ret) {
+	case ISAL_INVALID_WRAPPER:
+	case ISAL_UNSUPPORTED_METHOD:
+		return 1;
+	case ISAL_INCORRECT_CHECKSUM:
+		return 2;
+	default:
+		return 3;
+	}
+}
+#else
+static int obd_isal_load(void) { return 0; }
+static void *obd_isal_new(void) { return NULL; }
+static void obd_isal_restart(void *p) {}
+static int obd_isal_inflate_step(void *p, uint8_t *in, uint32_t in_len, uint8_t *out, uint32_t out_len,
+				 uint32_t *in_used, uint32_t *out_used, int *finished) { return -100; }
+static int obd_isal_kind(int ret) { return 3; }
+#endif
+*/
+import "C"
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"unsafe"
+)
+
+var isalAvailable = sync.OnceValue(func() bool { return C.obd_isal_load() == 1 })
+
+// Errors of the ISA-L reader, worded as Go's gzip package words its own.
+var (
+	ErrHeader   = errors.New("gzip: invalid header")
+	ErrChecksum = errors.New("gzip: invalid checksum")
+	ErrCorrupt  = errors.New("flate: corrupt input")
+)
+
+const isalInput = 256 << 10
+
+// isalReader decompresses a gzip stream with ISA-L.
+type isalReader struct {
+	src      io.Reader
+	state    unsafe.Pointer
+	in       []byte
+	pos, end int   // in[pos:end] is read but not yet consumed
+	srcErr   error // src's error, once it returned one (io.EOF at its end)
+	ended    bool  // the current member ended: another may follow
+	total    int64 // bytes of input consumed, for error messages
+	err      error // sticky
+}
+
+func newISAL(r io.Reader) (io.ReadCloser, error) {
+	state := C.obd_isal_new()
+	if state == nil {
+		return nil, errors.New("gunzip: out of memory")
+	}
+	z := &isalReader{src: r, state: state, in: make([]byte, isalInput)}
+	// Check the fixed part of the header now, as gzip.NewReader does; ISA-L checks the rest.
+	for z.end < 10 && z.srcErr == nil {
+		z.fill()
+	}
+	var err error
+	switch {
+	case z.end == 0 && z.srcErr == io.EOF:
+		err = io.EOF
+	case z.end < 10:
+		err = z.inputEnd(io.ErrUnexpectedEOF)
+	case z.in[0] != 0x1f || z.in[1] != 0x8b || z.in[2] != 8:
+		err = ErrHeader
+	default:
+		return z, nil
+	}
+	z.Close()
+	return nil, err
+}
+
+// fill reads more input after what is left unconsumed; at least one byte unless src has ended.
+func (z *isalReader) fill() {
+	if z.pos > 0 {
+		z.end = copy(z.in, z.in[z.pos:z.end])
+		z.pos = 0
+	}
+	for z.srcErr == nil && z.end < len(z.in) {
+		n, err := z.src.Read(z.in[z.end:])
+		z.end += n
+		if err != nil {
+			z.srcErr = err
+		}
+		if n > 0 {
+			return
+		}
+	}
+}
+
+func (z *isalReader) Read(p []byte) (int, error) {
+	if z.err != nil {
+		return 0, z.err
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	n, err := z.read(p)
+	if err != nil {
+		z.err = err
+	}
+	return n, err
+}
+
+func (z *isalReader) read(p []byte) (int, error) {
+	for {
+		if z.ended {
+			if z.pos == z.end {
+				z.fill()
+			}
+			if z.pos == z.end {
+				return 0, z.inputEnd(io.EOF)
+			}
+			C.obd_isal_restart(z.state) // another member follows; it must start with a gzip header
+			z.ended = false
+		}
+		if z.pos == z.end {
+			z.fill()
+		}
+		out := (*C.uint8_t)(unsafe.Pointer(&p[0]))
+		var in *C.uint8_t
+		if z.end > z.pos {
+			in = (*C.uint8_t)(unsafe.Pointer(&z.in[z.pos]))
+		}
+		var inUsed, outUsed C.uint32_t
+		var finished C.int
+		ret := C.obd_isal_inflate_step(z.state, in, C.uint32_t(z.end-z.pos), out, C.uint32_t(min(len(p), 1<<30)),
+			&inUsed, &outUsed, &finished)
+		z.pos += int(inUsed)
+		z.total += int64(inUsed)
+		if ret < 0 {
+			return int(outUsed), z.failure(int(ret))
+		}
+		z.ended = finished != 0
+		if outUsed > 0 {
+			return int(outUsed), nil
+		}
+		if z.ended {
+			continue
+		}
+		if z.pos < z.end {
+			if inUsed == 0 {
+				// Input left, room for output, no progress: cannot happen with a sound library.
+				return 0, fmt.Errorf("gunzip: ISA-L made no progress at input byte %d", z.total)
+			}
+			continue
+		}
+		if z.srcErr != nil {
+			return 0, z.inputEnd(io.ErrUnexpectedEOF)
+		}
+	}
+}
+
+// inputEnd is the error at the end of the input: atEnd when it came where expected, or src's own error.
+func (z *isalReader) inputEnd(atEnd error) error {
+	if z.srcErr != nil && z.srcErr != io.EOF {
+		return z.srcErr
+	}
+	return atEnd
+}
+
+func (z *isalReader) failure(ret int) error {
+	switch C.obd_isal_kind(C.int(ret)) {
+	case 1:
+		return fmt.Errorf("%w (at input byte %d)", ErrHeader, z.total)
+	case 2:
+		return ErrChecksum
+	default:
+		return fmt.Errorf("%w (ISA-L error %d near input byte %d)", ErrCorrupt, ret, z.total)
+	}
+}
+
+// Close frees the inflater.
+func (z *isalReader) Close() error {
+	if z.state != nil {
+		C.free(z.state)
+		z.state = nil
+	}
+	if z.err == nil {
+		z.err = errors.New("gunzip: read after Close")
+	}
+	return nil
+}
