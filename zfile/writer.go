@@ -73,10 +73,11 @@ func CompressOverwrite(w io.WriterAt, src io.Reader, opts Options) (int64, error
 
 // job is a batch of blocks to compress.
 type job struct {
-	raw  []byte   // uncompressed input (a whole number of blocks, except at the end)
-	out  []byte   // compressed records
-	lens []uint32 // record length of each block
-	done chan struct{}
+	raw   []byte   // uncompressed input (a whole number of blocks, except at the end)
+	out   []byte   // compressed records
+	lens  []uint32 // record length of each block
+	clens []int32  // compressed length of each block (liblz4)
+	done  chan struct{}
 }
 
 // compress writes header, blocks, index and trailer to w and returns the byte count and the trailer.
@@ -149,15 +150,35 @@ func compressBlocks(opts Options, src io.Reader, emit func(*job) error) error {
 	}
 	for i := range ring {
 		ring[i] = &job{
-			raw:  make([]byte, perBatch*bs),
-			out:  make([]byte, 0, perBatch*maxRecord(bs)),
-			lens: make([]uint32, 0, perBatch),
-			done: make(chan struct{}, 1),
+			raw:   make([]byte, perBatch*bs),
+			out:   make([]byte, 0, perBatch*maxRecord(bs)),
+			lens:  make([]uint32, 0, perBatch),
+			clens: make([]int32, perBatch),
+			done:  make(chan struct{}, 1),
 		}
 	}
 	withCRC := !opts.NoVerify
+	gap := 0
+	if withCRC {
+		gap = crcSize
+	}
 	run := func(e *blockEncoder, j *job) {
 		j.out, j.lens = j.out[:0], j.lens[:0]
+		if e.algo == AlgoLZ4 {
+			if n, ok := lz4Batch(j.raw, bs, j.out, gap, j.clens[:cap(j.clens)]); ok {
+				// liblz4 compressed every block, leaving room for the CRCs.
+				j.out = j.out[:n]
+				pos := 0
+				for _, c := range j.clens[:(len(j.raw)+bs-1)/bs] {
+					if withCRC {
+						binary.LittleEndian.PutUint32(j.out[pos+int(c):], crc32c(blockCRCSeed, j.out[pos:pos+int(c)]))
+					}
+					j.lens = append(j.lens, uint32(int(c)+gap))
+					pos += int(c) + gap
+				}
+				return
+			}
+		}
 		for p := 0; p < len(j.raw); p += bs {
 			n := len(j.out)
 			j.out = e.appendBlock(j.out, j.raw[p:min(p+bs, len(j.raw))], withCRC)
