@@ -517,7 +517,12 @@ func (c *converter) applyLayer(ctx context.Context, i, n int, diffID digest.Dige
 	if len(c.lowers) == 0 {
 		vsize = c.opts.VirtualSize
 	}
-	rw, err := lsmt.CreateRW(data, index, vsize, lsmt.CreateOptions{UUID: uuid, ParentUUID: parentUUID})
+	wb, err := newWriteBehind(data)
+	if err != nil {
+		return frozen{}, err
+	}
+	defer wb.Close() // on errors; a second Close does nothing
+	rw, err := lsmt.CreateRW(wb, index, vsize, lsmt.CreateOptions{UUID: uuid, ParentUUID: parentUUID})
 	if err != nil {
 		return frozen{}, err
 	}
@@ -542,6 +547,9 @@ func (c *converter) applyLayer(ctx context.Context, i, n int, diffID digest.Dige
 	applied, err := c.apply(ctx, fsys, i, diffID)
 	if cerr := fsys.Close(); err == nil && cerr != nil {
 		err = fmt.Errorf("flush filesystem: %w", cerr)
+	}
+	if cerr := wb.Close(); err == nil && cerr != nil {
+		err = fmt.Errorf("write layer data: %w", cerr)
 	}
 	if err != nil {
 		return frozen{}, err
