@@ -44,18 +44,18 @@ import (
 )
 
 type config struct {
-	spec         testimage.Spec
-	runs         int
-	work, cache  string
-	out          string
-	zfileWorkers int
-	vsizeGiB     int64
+	spec          testimage.Spec
+	runs          int
+	work, cache   string
+	out           string
+	zfileWorkers  int
+	vsizeGiB      int64
 	decompressors []string // kernel baselines: "gzip" (tar -z), or a decompressor program for tar
-	noKernel     bool
-	dropCaches   bool
-	cpuProfile   string
-	traceFile    string
-	tarLayers    bool // the source layers are uncompressed tars
+	noKernel      bool
+	dropCaches    bool
+	cpuProfile    string
+	traceFile     string
+	tarLayers     bool // the source layers are uncompressed tars
 }
 
 func main() {
@@ -196,8 +196,8 @@ type Baseline struct {
 
 // Summary holds the medians.
 type Summary struct {
-	ObdSeconds       float64            `json:"obdSeconds"`
-	ObdMBps          float64            `json:"obdMBps"`
+	ObdSeconds float64 `json:"obdSeconds"`
+	ObdMBps    float64 `json:"obdMBps"`
 	// KernelSeconds, KernelMBps, ThroughputRatio and KernelSteps are of the gzip baseline (tar -z), or with
 	// uncompressed layers of plain tar -x.
 	KernelSeconds   float64            `json:"kernelSeconds,omitempty"`
