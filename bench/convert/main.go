@@ -1030,7 +1030,7 @@ func printTable(w io.Writer, rep Report, tarMB float64) {
 	}
 	fmt.Fprintf(w, "\nwhere obd's time goes (median s, share of obd's median):\n")
 	for _, st := range []struct{ key, what string }{
-		{"apply", "apply: gunzip + sha256 diff_id + tar → ext4 (libext2fs) → LSMT"},
+		{"apply", "apply: decompress + sha256 diff_id + tar → ext4 (libext2fs) → LSMT"},
 		{"compress", "pack: commit → ZFile LZ4 + CRC32C → blob, streamed"},
 		{"done", "sha256 of the blob"},
 		{"writeLayout", "write OCI layout (rename blobs)"},

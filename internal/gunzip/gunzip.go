@@ -5,9 +5,17 @@
 package gunzip
 
 import (
+	"errors"
 	"io"
 
 	"github.com/klauspost/compress/gzip"
+)
+
+// Errors of the ISA-L reader, worded as Go's gzip package words its own.
+var (
+	ErrHeader   = errors.New("gzip: invalid header")
+	ErrChecksum = errors.New("gzip: invalid checksum")
+	ErrCorrupt  = errors.New("flate: corrupt input")
 )
 
 // Backend names the implementation NewReader uses: "isa-l" or "go".

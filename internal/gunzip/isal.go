@@ -92,13 +92,6 @@ import (
 
 var isalAvailable = sync.OnceValue(func() bool { return C.obd_isal_load() == 1 })
 
-// Errors of the ISA-L reader, worded as Go's gzip package words its own.
-var (
-	ErrHeader   = errors.New("gzip: invalid header")
-	ErrChecksum = errors.New("gzip: invalid checksum")
-	ErrCorrupt  = errors.New("flate: corrupt input")
-)
-
 const isalInput = 256 << 10
 
 // isalReader decompresses a gzip stream with ISA-L.
