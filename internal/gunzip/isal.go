@@ -25,7 +25,7 @@ static int obd_isal_load(void) {
 
 // obd_isal_new allocates a state set up to read one gzip member (header, deflate data, checked trailer).
 static void *obd_isal_new(void) {
-	struct inflate_state *s = malloc(sizeof *s);
+	struct inflate_state *s = calloc(1, sizeof *s);
 	if (s) {
 		obd_isal_init(s);
 		s->crc_flag = ISAL_GZIP;
@@ -94,6 +94,10 @@ var isalAvailable = sync.OnceValue(func() bool { return C.obd_isal_load() == 1 }
 
 const isalInput = 256 << 10
 
+// isalMinInput is the least input handed to ISA-L before the source's end: given only a few bytes at a time, its
+// inflate sometimes misreads a stream (seen with 1–3 bytes per call, never with 7 or more).
+const isalMinInput = 64
+
 // isalReader decompresses a gzip stream with ISA-L.
 type isalReader struct {
 	src      io.Reader
@@ -107,15 +111,16 @@ type isalReader struct {
 }
 
 func newISAL(r io.Reader) (io.ReadCloser, error) {
+	if !isalAvailable() {
+		return nil, errors.New("gunzip: ISA-L (libisal.so.2) is not installed")
+	}
 	state := C.obd_isal_new()
 	if state == nil {
 		return nil, errors.New("gunzip: out of memory")
 	}
 	z := &isalReader{src: r, state: state, in: make([]byte, isalInput)}
 	// Check the fixed part of the header now, as gzip.NewReader does; ISA-L checks the rest.
-	for z.end < 10 && z.srcErr == nil {
-		z.fill()
-	}
+	z.fill(max(isalMinInput, 10))
 	var err error
 	switch {
 	case z.end == 0 && z.srcErr == io.EOF:
@@ -131,20 +136,17 @@ func newISAL(r io.Reader) (io.ReadCloser, error) {
 	return nil, err
 }
 
-// fill reads more input after what is left unconsumed; at least one byte unless src has ended.
-func (z *isalReader) fill() {
+// fill reads more input after what is left unconsumed, until at least want bytes are there or src has ended.
+func (z *isalReader) fill(want int) {
 	if z.pos > 0 {
 		z.end = copy(z.in, z.in[z.pos:z.end])
 		z.pos = 0
 	}
-	for z.srcErr == nil && z.end < len(z.in) {
+	for z.srcErr == nil && z.end < want {
 		n, err := z.src.Read(z.in[z.end:])
 		z.end += n
 		if err != nil {
 			z.srcErr = err
-		}
-		if n > 0 {
-			return
 		}
 	}
 }
@@ -167,7 +169,7 @@ func (z *isalReader) read(p []byte) (int, error) {
 	for {
 		if z.ended {
 			if z.pos == z.end {
-				z.fill()
+				z.fill(isalMinInput)
 			}
 			if z.pos == z.end {
 				return 0, z.inputEnd(io.EOF)
@@ -175,8 +177,8 @@ func (z *isalReader) read(p []byte) (int, error) {
 			C.obd_isal_restart(z.state) // another member follows; it must start with a gzip header
 			z.ended = false
 		}
-		if z.pos == z.end {
-			z.fill()
+		if z.end-z.pos < isalMinInput && z.srcErr == nil {
+			z.fill(isalMinInput)
 		}
 		out := (*C.uint8_t)(unsafe.Pointer(&p[0]))
 		var in *C.uint8_t
