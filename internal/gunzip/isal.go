@@ -118,7 +118,9 @@ func newISAL(r io.Reader) (io.ReadCloser, error) {
 	if state == nil {
 		return nil, errors.New("gunzip: out of memory")
 	}
-	z := &isalReader{src: r, state: state, in: make([]byte, isalInput)}
+	// The input buffer has 64 bytes of zeros after its end that no read fills: the inflater may load a few
+	// bytes past its input, and they must be memory of ours.
+	z := &isalReader{src: r, state: state, in: make([]byte, isalInput+64)[:isalInput]}
 	// Check the fixed part of the header now, as gzip.NewReader does; ISA-L checks the rest.
 	z.fill(max(isalMinInput, 10))
 	var err error
