@@ -89,6 +89,9 @@ type Result struct {
 	// Timings sums the time spent per stage over all layers.
 	Timings map[string]time.Duration
 	dir     string
+	// released is closed once the conversion's files are closed: closing the layers' deleted data files frees
+	// their page cache, which takes a while, so it runs in the background (while the caller pushes, say).
+	released chan struct{}
 }
 
 // Blob is a layer blob produced by a conversion.
@@ -104,8 +107,13 @@ type Blob struct {
 	Repos []string
 }
 
-// Cleanup removes the work files.
-func (r *Result) Cleanup() error { return os.RemoveAll(r.dir) }
+// Cleanup removes the work files, once the conversion has released them.
+func (r *Result) Cleanup() error {
+	if r.released != nil {
+		<-r.released
+	}
+	return os.RemoveAll(r.dir)
+}
 
 // converter holds the state of one ConvertImage call.
 type converter struct {
@@ -143,13 +151,20 @@ func ConvertImage(ctx context.Context, src image.Source, opts ImageOptions) (*Re
 	}
 	c := &converter{opts: opts, src: src, dir: dir, timings: map[string]time.Duration{}}
 	res, err := c.run(ctx)
-	for _, f := range c.files {
-		f.Close()
-	}
 	if err != nil {
+		for _, f := range c.files {
+			f.Close()
+		}
 		os.RemoveAll(dir)
 		return nil, err
 	}
+	res.released = make(chan struct{})
+	go func() {
+		defer close(res.released)
+		for _, f := range c.files {
+			f.Close()
+		}
+	}()
 	return res, nil
 }
 
