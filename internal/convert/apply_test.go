@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/obdproject/obd/internal/ext4"
+	"github.com/obdproject/obd/internal/testenv"
 )
 
 var capability = string([]byte{1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0})
@@ -113,9 +114,9 @@ func TestApplyLayers(t *testing.T) {
 	if st.Files != 20 || st.Hardlinks != 1 || st.Symlinks != 3 || st.Nodes != 3 {
 		t.Errorf("layer 1 stats: %+v", st)
 	}
-	fsck(t, img)
-	contains(t, "debugfs stat /bin/sh", debugfs(t, img, "stat /bin/sh"), "Links: 2")
-	contains(t, "debugfs stat /late", debugfs(t, img, "stat /late"), fmt.Sprintf("mtime: 0x%08x", tBase.Add(-time.Hour).Unix()), "Mode:  0711")
+	testenv.Fsck(t, img)
+	contains(t, "debugfs stat /bin/sh", testenv.Debugfs(t, img, "stat /bin/sh"), "Links: 2")
+	contains(t, "debugfs stat /late", testenv.Debugfs(t, img, "stat /late"), fmt.Sprintf("mtime: 0x%08x", tBase.Add(-time.Hour).Unix()), "Mode:  0711")
 
 	st, err = applyLayer(t, dev, layer2(t))
 	if err != nil {
@@ -125,7 +126,7 @@ func TestApplyLayers(t *testing.T) {
 	if st.Whiteouts != 5 || st.OpaqueDirs != 1 {
 		t.Errorf("layer 2 stats: %+v", st)
 	}
-	fsck(t, img)
+	testenv.Fsck(t, img)
 
 	f, err := os.Open(img)
 	if err != nil {
@@ -233,21 +234,21 @@ func TestApplyLayers(t *testing.T) {
 	}
 
 	// The same, seen by debugfs.
-	contains(t, "stat /bin/sh", debugfs(t, img, "stat /bin/sh"), "Links: 3", "Mode:  0755", fmt.Sprintf("mtime: 0x%08x:00000000", tBase.Unix()))
-	contains(t, "ea_list /bin/sh", debugfs(t, img, "ea_list /bin/sh"),
+	contains(t, "stat /bin/sh", testenv.Debugfs(t, img, "stat /bin/sh"), "Links: 3", "Mode:  0755", fmt.Sprintf("mtime: 0x%08x:00000000", tBase.Unix()))
+	contains(t, "ea_list /bin/sh", testenv.Debugfs(t, img, "ea_list /bin/sh"),
 		"security.capability (20) = 01 00 00 02 00 20 00 00", `user.note (1) = "x"`)
-	contains(t, "ea_list /acl", debugfs(t, img, "ea_list /acl"), "system.posix_acl_default (28) = 01 00 00 00 01 00 07 00 02 00 07 00 e8 03 00 00")
-	contains(t, "stat /bin/ping", debugfs(t, img, "stat /bin/ping"), "Mode:  04755")
-	contains(t, "stat /tmp", debugfs(t, img, "stat /tmp"), "Mode:  01777")
-	contains(t, "stat /dev/sda", debugfs(t, img, "stat /dev/sda"), "Type: block special", "Device major/minor number: 08:00")
-	contains(t, "stat /dev/null", debugfs(t, img, "stat /dev/null"), "Type: character special", "Device major/minor number: 01:03")
-	contains(t, "stat /dev/fifo", debugfs(t, img, "stat /dev/fifo"), "Type: FIFO")
-	contains(t, "stat /lib", debugfs(t, img, "stat /lib"), `Fast link dest: "usr/lib"`)
-	contains(t, "stat /owned", debugfs(t, img, "stat /owned"), "User: 1048576   Group: 65534")
-	contains(t, "stat /nano", debugfs(t, img, "stat /nano"), fmt.Sprintf("mtime: 0x%08x:%08x", tNano.Unix(), tNano.Nanosecond()<<2))
-	contains(t, "stat /etc", debugfs(t, img, "stat /etc"), "Mode:  0700", fmt.Sprintf("mtime: 0x%08x", tBase.Add(time.Hour).Unix()))
+	contains(t, "ea_list /acl", testenv.Debugfs(t, img, "ea_list /acl"), "system.posix_acl_default (28) = 01 00 00 00 01 00 07 00 02 00 07 00 e8 03 00 00")
+	contains(t, "stat /bin/ping", testenv.Debugfs(t, img, "stat /bin/ping"), "Mode:  04755")
+	contains(t, "stat /tmp", testenv.Debugfs(t, img, "stat /tmp"), "Mode:  01777")
+	contains(t, "stat /dev/sda", testenv.Debugfs(t, img, "stat /dev/sda"), "Type: block special", "Device major/minor number: 08:00")
+	contains(t, "stat /dev/null", testenv.Debugfs(t, img, "stat /dev/null"), "Type: character special", "Device major/minor number: 01:03")
+	contains(t, "stat /dev/fifo", testenv.Debugfs(t, img, "stat /dev/fifo"), "Type: FIFO")
+	contains(t, "stat /lib", testenv.Debugfs(t, img, "stat /lib"), `Fast link dest: "usr/lib"`)
+	contains(t, "stat /owned", testenv.Debugfs(t, img, "stat /owned"), "User: 1048576   Group: 65534")
+	contains(t, "stat /nano", testenv.Debugfs(t, img, "stat /nano"), fmt.Sprintf("mtime: 0x%08x:%08x", tNano.Unix(), tNano.Nanosecond()<<2))
+	contains(t, "stat /etc", testenv.Debugfs(t, img, "stat /etc"), "Mode:  0700", fmt.Sprintf("mtime: 0x%08x", tBase.Add(time.Hour).Unix()))
 	out := filepath.Join(t.TempDir(), "passwd")
-	debugfs(t, img, "dump /etc/passwd "+out)
+	testenv.Debugfs(t, img, "dump /etc/passwd "+out)
 	if b, err := os.ReadFile(out); string(b) != "root:x:0:0:new\n" || err != nil {
 		t.Errorf("debugfs dump /etc/passwd = %q %v", b, err)
 	}
@@ -268,7 +269,7 @@ func TestApplyBigSparseFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("5 GiB sparse entry applied in %v: %+v", time.Since(start), st)
-	fsck(t, img)
+	testenv.Fsck(t, img)
 	f, _ := os.Open(img)
 	defer f.Close()
 	r, err := ext4.Open(&fileDev{File: f, size: dev.size}, false)
@@ -308,7 +309,7 @@ func TestApplyBigSparseFile(t *testing.T) {
 			t.Errorf("data at %d differs", c.off)
 		}
 	}
-	contains(t, "stat /big.img", debugfs(t, img, "stat /big.img"), fmt.Sprintf("Size: %d", int64(size)), "Blockcount: 48")
+	contains(t, "stat /big.img", testenv.Debugfs(t, img, "stat /big.img"), fmt.Sprintf("Size: %d", int64(size)), "Blockcount: 48")
 }
 
 func TestApplyRejectsEscapes(t *testing.T) {
@@ -330,8 +331,8 @@ func TestApplyRejectsEscapes(t *testing.T) {
 			t.Errorf("got %v, want %q", err, c.want)
 		}
 	}
-	fsck(t, img)
-	if out := debugfs(t, img, "ls -l /"); strings.Contains(out, "passwd") {
+	testenv.Fsck(t, img)
+	if out := testenv.Debugfs(t, img, "ls -l /"); strings.Contains(out, "passwd") {
 		t.Errorf("escaped entry written:\n%s", out)
 	}
 }
@@ -385,7 +386,7 @@ func TestApplyLargeDirectory(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("%d whiteouts: %v", n/2, time.Since(start))
-	fsck(t, img)
+	testenv.Fsck(t, img)
 	f, _ := os.Open(img)
 	defer f.Close()
 	r, err := ext4.Open(&fileDev{File: f, size: dev.size}, false)
@@ -407,8 +408,8 @@ func TestApplyNoSpace(t *testing.T) {
 		t.Fatalf("got %v, want ENOSPC naming the entry", err)
 	}
 	t.Log(err)
-	fsck(t, img) // the half-written file was released
-	out := debugfs(t, img, "ls /")
+	testenv.Fsck(t, img) // the half-written file was released
+	out := testenv.Debugfs(t, img, "ls /")
 	if !strings.Contains(out, "small") || strings.Contains(out, "big") {
 		t.Errorf("root after failed apply:\n%s", out)
 	}

@@ -4,13 +4,14 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
-	"github.com/obdproject/obd/internal/testenv"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/obdproject/obd/internal/testenv"
 
 	"github.com/obdproject/obd/internal/ext4"
 )

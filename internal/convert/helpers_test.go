@@ -5,13 +5,13 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"github.com/obdproject/obd/internal/testenv"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/obdproject/obd/internal/testenv"
 
 	"github.com/obdproject/obd/internal/ext4"
 )
@@ -58,25 +58,6 @@ func applyLayer(t testing.TB, dev ext4.Device, layer []byte) (ApplyStats, error)
 		t.Fatalf("close: %v", cerr)
 	}
 	return st, err
-}
-
-// fsck runs e2fsck -fn on the image and fails the test unless it is clean.
-func fsck(t testing.TB, img string) {
-	t.Helper()
-	out, err := exec.Command(testenv.Tools(t, "e2fsck")[0], "-fn", img).CombinedOutput()
-	if err != nil {
-		t.Fatalf("e2fsck -fn: %v\n%s", err, out)
-	}
-}
-
-// debugfs runs one debugfs request on the image.
-func debugfs(t testing.TB, img, request string) string {
-	t.Helper()
-	out, err := exec.Command(testenv.Tools(t, "debugfs")[0], "-R", request, img).CombinedOutput()
-	if err != nil {
-		t.Fatalf("debugfs -R %q: %v\n%s", request, err, out)
-	}
-	return string(out)
 }
 
 // ent is one tar entry to build.

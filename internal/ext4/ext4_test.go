@@ -6,7 +6,6 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"github.com/obdproject/obd/internal/testenv"
 	"io"
 	"io/fs"
 	"os"
@@ -18,6 +17,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/obdproject/obd/internal/testenv"
 )
 
 // recDev records what is written to a device.
@@ -59,8 +60,8 @@ func TestMkfs64GiB(t *testing.T) {
 			t.Errorf("mkfs wrote %d bytes, want a few MiB", rec.written)
 		}
 		hashes[i] = rec.hash
-		fsck(t, img)
-		out := debugfs(t, img, "stats")
+		testenv.Fsck(t, img)
+		out := testenv.Debugfs(t, img, "stats")
 		for _, want := range []string{
 			"Filesystem UUID:          0b1c2d3e-4f50-4a6b-8c7d-9e0f1a2b3c4d",
 			"Filesystem volume name:   obd",
@@ -87,7 +88,7 @@ func TestMkfsDerivedUUID(t *testing.T) {
 		if err := Mkfs(context.Background(), dev, MkfsOptions{}); err != nil {
 			t.Fatal(err)
 		}
-		out[i] = regexp.MustCompile(`Filesystem UUID: +(\S+)`).FindString(debugfs(t, img, "stats"))
+		out[i] = regexp.MustCompile(`Filesystem UUID: +(\S+)`).FindString(testenv.Debugfs(t, img, "stats"))
 	}
 	if out[0] == "" || out[0] != out[1] {
 		t.Errorf("derived UUIDs differ or missing: %q %q", out[0], out[1])
@@ -197,7 +198,7 @@ func TestOperations(t *testing.T) {
 	}
 	must(f.SetMeta("/etc", Meta{Mode: 0o750, UID: 7, GID: 8, Atime: t0, Mtime: t0.Add(time.Hour), Ctime: t0}))
 	must(f.Close())
-	fsck(t, img)
+	testenv.Fsck(t, img)
 
 	// Reopen read-only and check through our API.
 	dev, err := os.Open(img)
@@ -293,30 +294,30 @@ func TestOperations(t *testing.T) {
 	}
 
 	// Independent view through debugfs.
-	out := debugfs(t, img, "stat /etc/hello")
+	out := testenv.Debugfs(t, img, "stat /etc/hello")
 	for _, want := range []string{"Mode:  04755", "User:  1000   Group: 100000", "Links: 2",
 		"mtime: 0x60406abf:1d6f3454", "Size: 12"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("debugfs stat /etc/hello lacks %q:\n%s", want, out)
 		}
 	}
-	out = debugfs(t, img, "ea_list /etc/hello")
+	out = testenv.Debugfs(t, img, "ea_list /etc/hello")
 	if !strings.Contains(out, "security.capability (20)") || !strings.Contains(out, `user.comment (2) = "hi"`) {
 		t.Errorf("ea_list:\n%s", out)
 	}
-	out = debugfs(t, img, "ea_list /etc/sub")
+	out = testenv.Debugfs(t, img, "ea_list /etc/sub")
 	// Stored in the ext4 on-disk ACL format.
 	if !strings.Contains(out, "system.posix_acl_access (28) = 01 00 00 00 01 00 07 00 02 00 05 00 e8 03 00 00") {
 		t.Errorf("ea_list acl:\n%s", out)
 	}
-	if out = debugfs(t, img, "stat /etc/bigdev"); !strings.Contains(out, "Device major/minor number: 259:70000") {
+	if out = testenv.Debugfs(t, img, "stat /etc/bigdev"); !strings.Contains(out, "Device major/minor number: 259:70000") {
 		t.Errorf("debugfs bigdev:\n%s", out)
 	}
-	if out = debugfs(t, img, "stat /etc/slow"); !strings.Contains(out, "Type: symlink") {
+	if out = testenv.Debugfs(t, img, "stat /etc/slow"); !strings.Contains(out, "Type: symlink") {
 		t.Errorf("debugfs slow symlink:\n%s", out)
 	}
 	dump := filepath.Join(t.TempDir(), "holey")
-	debugfs(t, img, "dump /etc/holey "+dump)
+	testenv.Debugfs(t, img, "dump /etc/holey "+dump)
 	if b, err := os.ReadFile(dump); err != nil || !bytes.Equal(b, holey) {
 		t.Errorf("debugfs dump differs: %v", err)
 	}
@@ -341,7 +342,7 @@ func TestIndexedDirectory(t *testing.T) {
 	if out, err := exec.Command(testenv.Tools(t, "e2fsck")[0], "-fyD", img).CombinedOutput(); err != nil && !strings.Contains(string(out), "FILE SYSTEM WAS MODIFIED") {
 		t.Fatalf("e2fsck -fyD: %v\n%s", err, out)
 	}
-	if out := debugfs(t, img, "stat /d"); !strings.Contains(out, "Flags: 0x81000") {
+	if out := testenv.Debugfs(t, img, "stat /d"); !strings.Contains(out, "Flags: 0x81000") {
 		t.Fatalf("directory not indexed:\n%s", out)
 	}
 	f, err := Open(dev, true)
@@ -363,7 +364,7 @@ func TestIndexedDirectory(t *testing.T) {
 	if err := f.Close(); err != nil {
 		t.Fatal(err)
 	}
-	fsck(t, img)
+	testenv.Fsck(t, img)
 	f, err = Open(dev, false)
 	if err != nil {
 		t.Fatal(err)

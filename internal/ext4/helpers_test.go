@@ -2,12 +2,11 @@ package ext4
 
 import (
 	"context"
-	"github.com/obdproject/obd/internal/testenv"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
 	"testing"
+
+	"github.com/obdproject/obd/internal/testenv"
 )
 
 // fileDev is a Device backed by a sparse file.
@@ -45,28 +44,4 @@ func newTestFS(t testing.TB, size int64) (*FS, *fileDev, string) {
 		t.Fatal(err)
 	}
 	return f, dev, p
-}
-
-// fsck runs e2fsck -fn on the image and fails the test unless it is clean.
-func fsck(t testing.TB, img string) {
-	t.Helper()
-	out, err := exec.Command(testenv.Tools(t, "e2fsck")[0], "-fn", img).CombinedOutput()
-	if err != nil {
-		t.Fatalf("e2fsck -fn: %v\n%s", err, out)
-	}
-}
-
-// debugfs runs one debugfs request on the image.
-func debugfs(t testing.TB, img, request string) string {
-	t.Helper()
-	out, err := exec.Command(testenv.Tools(t, "debugfs")[0], "-R", request, img).CombinedOutput()
-	if err != nil {
-		t.Fatalf("debugfs -R %q: %v\n%s", request, err, out)
-	}
-	// Drop the version banner.
-	s := string(out)
-	if i := strings.Index(s, "\n"); strings.HasPrefix(s, "debugfs ") && i >= 0 {
-		s = s[i+1:]
-	}
-	return s
 }

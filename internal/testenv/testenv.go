@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -130,4 +131,27 @@ func Registry(t testing.TB, htpasswd string) string {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// Fsck runs `e2fsck -fn` on the filesystem image img and fails the test unless it is clean.
+func Fsck(t testing.TB, img string) {
+	t.Helper()
+	out, err := exec.Command(Tools(t, "e2fsck")[0], "-fn", img).CombinedOutput()
+	if err != nil {
+		t.Fatalf("e2fsck -fn: %v\n%s", err, out)
+	}
+}
+
+// Debugfs runs one debugfs request on the filesystem image img and returns its output without the version banner.
+func Debugfs(t testing.TB, img, request string) string {
+	t.Helper()
+	out, err := exec.Command(Tools(t, "debugfs")[0], "-R", request, img).CombinedOutput()
+	if err != nil {
+		t.Fatalf("debugfs -R %q: %v\n%s", request, err, out)
+	}
+	s := string(out)
+	if first, rest, ok := strings.Cut(s, "\n"); ok && strings.HasPrefix(first, "debugfs ") {
+		s = rest
+	}
+	return s
 }
