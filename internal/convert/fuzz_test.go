@@ -11,9 +11,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/obdproject/obd/internal/testenv"
-
 	"github.com/obdproject/obd/internal/ext4"
+	"github.com/obdproject/obd/internal/testenv"
 )
 
 // memDev is an in-memory ext4.Device.
