@@ -1,17 +1,15 @@
 package main
 
 import (
-	"archive/tar"
 	"bytes"
-	"compress/gzip"
 	"context"
-	"errors"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/obdproject/obd/internal/testenv"
 )
 
 // Fixtures of the repository (see testdata/upstream/README.md).
@@ -52,38 +50,7 @@ func mustObd(t testing.TB, args ...string) string {
 }
 
 // helloBinary returns the file /hello of the original hello-world layer (a gzip tar).
-func helloBinary(t testing.TB) []byte {
-	t.Helper()
-	f, err := os.Open(helloLayerBlob)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	zr, err := gzip.NewReader(f)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tr := tar.NewReader(zr)
-	for {
-		h, err := tr.Next()
-		if errors.Is(err, io.EOF) {
-			t.Fatalf("%s: no file hello in the layer", helloLayerBlob)
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		if strings.TrimPrefix(h.Name, "./") == "hello" {
-			b, err := io.ReadAll(tr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if len(b) == 0 {
-				t.Fatal("hello is empty in the layer")
-			}
-			return b
-		}
-	}
-}
+func helloBinary(t testing.TB) []byte { return testenv.TarGzFile(t, helloLayerBlob, "hello") }
 
 // copyTree copies the directory src to dst, with writable copies of its files.
 func copyTree(t testing.TB, src, dst string) {

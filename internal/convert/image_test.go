@@ -3,11 +3,8 @@ package convert
 import (
 	"archive/tar"
 	"bytes"
-	"compress/gzip"
 	"context"
-	"crypto/sha256"
 	"encoding/json"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -346,39 +343,15 @@ func layerHeader(t *testing.T, ref image.Ref, img *image.Local, i int) lsmt.Head
 // extractBaseLayer unpacks upstream's ext4_64 base layer from the repository's test data.
 func extractBaseLayer(t testing.TB) string {
 	t.Helper()
-	f, err := os.Open("../../testdata/upstream/ext4_64.tar.gz")
-	if err != nil {
+	b := testenv.TarGzFile(t, "../../testdata/upstream/ext4_64.tar.gz", "ext4_64")
+	if got := digest.FromBytes(b).Encoded(); got != "c3a417552a6cf9ffa959b541850bab7d7f08f4255425bf8b48c85f7b36b378d9" {
+		t.Fatalf("ext4_64 sha256 %s", got)
+	}
+	p := filepath.Join(t.TempDir(), "ext4_64")
+	if err := os.WriteFile(p, b, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
-	zr, err := gzip.NewReader(f)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tr := tar.NewReader(zr)
-	for {
-		h, err := tr.Next()
-		if err != nil {
-			t.Fatalf("ext4_64 not found in archive: %v", err)
-		}
-		if filepath.Base(h.Name) != "ext4_64" {
-			continue
-		}
-		p := filepath.Join(t.TempDir(), "ext4_64")
-		out, err := os.Create(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		h256 := sha256.New()
-		if _, err := out.ReadFrom(io.TeeReader(tr, h256)); err != nil {
-			t.Fatal(err)
-		}
-		out.Close()
-		if got := digest.NewDigest(digest.SHA256, h256).Encoded(); got != "c3a417552a6cf9ffa959b541850bab7d7f08f4255425bf8b48c85f7b36b378d9" {
-			t.Fatalf("ext4_64 sha256 %s", got)
-		}
-		return p
-	}
+	return p
 }
 
 func exportRaw(t testing.TB, s *lsmt.Stack, path string) {

@@ -1,13 +1,10 @@
 package mounter
 
 import (
-	"archive/tar"
 	"bytes"
-	"compress/gzip"
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
@@ -53,32 +50,7 @@ func needSystem(t *testing.T) {
 }
 
 // helloBinary returns the file /hello of the original hello-world layer (a gzip tar).
-func helloBinary(t *testing.T) []byte {
-	t.Helper()
-	f, err := os.Open(helloLayerBlob)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	zr, err := gzip.NewReader(f)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tr := tar.NewReader(zr)
-	for {
-		h, err := tr.Next()
-		if err != nil {
-			t.Fatalf("%s: no file hello in the layer: %v", helloLayerBlob, err)
-		}
-		if strings.TrimPrefix(h.Name, "./") == "hello" {
-			b, err := io.ReadAll(tr)
-			if err != nil || len(b) == 0 {
-				t.Fatalf("reading hello from the layer: %d bytes, %v", len(b), err)
-			}
-			return b
-		}
-	}
-}
+func helloBinary(t *testing.T) []byte { return testenv.TarGzFile(t, helloLayerBlob, "hello") }
 
 // fakeRegistry serves one blob at /v2/<repo>/blobs/<digest> on loopback, with Range support, counting what it
 // serves, and with two faults: answering 503 to everything, and corrupting one byte once.

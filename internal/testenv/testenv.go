@@ -3,8 +3,11 @@
 package testenv
 
 import (
+	"archive/tar"
 	"bytes"
+	"compress/gzip"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -154,4 +157,34 @@ func Debugfs(t testing.TB, img, request string) string {
 		s = rest
 	}
 	return s
+}
+
+// TarGzFile returns the regular file called name (a leading "./" ignored) in the gzip'd tar archive at path,
+// failing the test when it is missing or empty.
+func TarGzFile(t testing.TB, path, name string) []byte {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	zr, err := gzip.NewReader(f)
+	if err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+	tr := tar.NewReader(zr)
+	for {
+		h, err := tr.Next()
+		if err != nil {
+			t.Fatalf("%s: no file %s in the archive: %v", path, name, err)
+		}
+		if strings.TrimPrefix(h.Name, "./") != name || h.Typeflag != tar.TypeReg {
+			continue
+		}
+		b, err := io.ReadAll(tr)
+		if err != nil || len(b) == 0 {
+			t.Fatalf("%s: reading %s: %d bytes, %v", path, name, len(b), err)
+		}
+		return b
+	}
 }
