@@ -113,11 +113,7 @@ its other entries are kept. Run it as root for the daemon (which runs as root) t
   cat token.txt | obd login ghcr.io -u alice --password-stdin`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			host, err := registryArg(args[0])
-			if err != nil {
-				return err
-			}
-			files, err := cf.resolve(cmd)
+			host, files, err := cf.registryAndFiles(cmd, args[0])
 			if err != nil {
 				return err
 			}
@@ -198,6 +194,16 @@ func cause(err error) string {
 		return re.Err.Error()
 	}
 	return err.Error()
+}
+
+// registryAndFiles checks the REGISTRY argument and finds the credential files.
+func (f *credFlags) registryAndFiles(cmd *cobra.Command, arg string) (string, credFiles, error) {
+	host, err := registryArg(arg)
+	if err != nil {
+		return "", credFiles{}, err
+	}
+	files, err := f.resolve(cmd)
+	return host, files, err
 }
 
 // registryArg turns a REGISTRY argument (host[:port], or a URL) into the host key credentials are stored under.
@@ -303,11 +309,7 @@ the token is older than --ttl or the registry refuses it. set runs CMD once to c
       --helper 'aws ecr get-login-password --region eu-west-1'`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			host, err := registryArg(args[0])
-			if err != nil {
-				return err
-			}
-			files, err := cf.resolve(cmd)
+			host, files, err := cf.registryAndFiles(cmd, args[0])
 			if err != nil {
 				return err
 			}
@@ -375,11 +377,7 @@ func newCredentialsRemoveCmd(cf *credFlags) *cobra.Command {
 		Short: "Remove the credentials and the token helper of a registry",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			host, err := registryArg(args[0])
-			if err != nil {
-				return err
-			}
-			files, err := cf.resolve(cmd)
+			host, files, err := cf.registryAndFiles(cmd, args[0])
 			if err != nil {
 				return err
 			}
