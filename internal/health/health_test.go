@@ -118,23 +118,10 @@ func TestCredentials(t *testing.T) {
 func serveStatus(t *testing.T, dir string, st status.Status) string {
 	t.Helper()
 	socket := filepath.Join(dir, "sn.status.sock")
-	l, err := net.Listen("unix", socket)
-	if err != nil {
-		t.Fatal(err)
-	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, _ *http.Request) { json.NewEncoder(w).Encode(st) })
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: time.Second}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		srv.Serve(l)
-	}()
-	t.Cleanup(func() {
-		srv.Close()
-		<-done
-	})
+	testenv.ServeUnix(t, socket, mux)
 	return socket
 }
 

@@ -188,3 +188,22 @@ func TarGzFile(t testing.TB, path, name string) []byte {
 		return b
 	}
 }
+
+// ServeUnix serves h on a new unix socket at path until the test ends.
+func ServeUnix(t testing.TB, path string, h http.Handler) {
+	t.Helper()
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: time.Second}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		srv.Serve(l)
+	}()
+	t.Cleanup(func() {
+		srv.Close()
+		<-done
+	})
+}
