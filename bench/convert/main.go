@@ -36,6 +36,7 @@ import (
 
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/obdproject/obd/bench/internal/measure"
 	"github.com/obdproject/obd/internal/convert"
 	"github.com/obdproject/obd/internal/gunzip"
 	"github.com/obdproject/obd/internal/image"
@@ -347,7 +348,7 @@ func obdRun(ctx context.Context, c config, im *testimage.Image, work string, dro
 		return ObdRun{}, err
 	}
 	defer os.RemoveAll(out)
-	r := ObdRun{Stages: map[string]float64{}, CachesDropped: dropped, LoadAvg: loadAvg()}
+	r := ObdRun{Stages: map[string]float64{}, CachesDropped: dropped, LoadAvg: measure.LoadAvg()}
 	layerApply := make([]float64, len(im.Layers))
 
 	debug.FreeOSMemory()
@@ -471,7 +472,7 @@ func kernelRun(ctx context.Context, c config, decompressor string, im *testimage
 	if err := os.Mkdir(mnt, 0o755); err != nil {
 		return k, err
 	}
-	k = KernelRun{Decompressor: decompressor, Steps: map[string]float64{}, CachesDropped: dropped, LoadAvg: loadAvg()}
+	k = KernelRun{Decompressor: decompressor, Steps: map[string]float64{}, CachesDropped: dropped, LoadAvg: measure.LoadAvg()}
 	lay := image.Layout{Dir: im.Ref.Path}
 	cpu0, psi0 := cpuTime(unix.RUSAGE_CHILDREN), psiCPU()
 	start := time.Now()
@@ -776,14 +777,8 @@ func uncompressed(im *testimage.Image, dir string) (*testimage.Image, error) {
 	return &out, dst.Tag(im.Ref.Tag, md)
 }
 
-// dropCaches writes back dirty pages and drops the page cache, dentries and inodes (root only).
-func dropCaches(enabled bool) bool {
-	if !enabled {
-		return false
-	}
-	unix.Sync()
-	return os.WriteFile("/proc/sys/vm/drop_caches", []byte("3\n"), 0o644) == nil
-}
+// dropCaches drops the page cache when enabled (see measure.DropCaches) and says whether it did.
+func dropCaches(enabled bool) bool { return enabled && measure.DropCaches() == nil }
 
 // resetPeakRSS resets the process's peak RSS (VmHWM, and getrusage's maxrss) to its current RSS.
 func resetPeakRSS() { os.WriteFile("/proc/self/clear_refs", []byte("5"), 0o644) }
@@ -803,16 +798,6 @@ func peakRSSMB() float64 {
 	var ru unix.Rusage
 	unix.Getrusage(unix.RUSAGE_SELF, &ru)
 	return float64(ru.Maxrss) / 1024
-}
-
-// loadAvg is the 1-minute load average: above ~0.5 on an idle host, other work competes for the CPUs.
-func loadAvg() float64 {
-	b, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return 0
-	}
-	f, _ := strconv.ParseFloat(strings.Fields(string(b) + " 0")[0], 64)
-	return f
 }
 
 // psiCPU is the total time, in seconds, in which some task waited for a CPU (/proc/pressure/cpu); 0 without PSI.
@@ -900,18 +885,6 @@ func hostInfo() Host {
 	return h
 }
 
-func median(xs []float64) float64 {
-	if len(xs) == 0 {
-		return 0
-	}
-	s := slices.Clone(xs)
-	slices.Sort(s)
-	if len(s)%2 == 1 {
-		return s[len(s)/2]
-	}
-	return (s[len(s)/2-1] + s[len(s)/2]) / 2
-}
-
 func pick[T any](xs []T, f func(T) float64) []float64 {
 	out := make([]float64, len(xs))
 	for i, x := range xs {
@@ -922,24 +895,24 @@ func pick[T any](xs []T, f func(T) float64) []float64 {
 
 func summarize(rep Report, tarMB float64) Summary {
 	s := Summary{ObdStages: map[string]float64{}, KernelSteps: map[string]float64{}}
-	s.ObdSeconds = median(pick(rep.Obd, func(r ObdRun) float64 { return r.Seconds }))
+	s.ObdSeconds = measure.Median(pick(rep.Obd, func(r ObdRun) float64 { return r.Seconds }))
 	s.ObdMBps = tarMB / s.ObdSeconds
-	s.ObdPeakRSSMB = median(pick(rep.Obd, func(r ObdRun) float64 { return r.PeakRSSMB }))
-	s.ObdPeakHeapMB = median(pick(rep.Obd, func(r ObdRun) float64 { return r.PeakHeapMB }))
-	s.GunzipSecs = median(rep.Gunzip)
+	s.ObdPeakRSSMB = measure.Median(pick(rep.Obd, func(r ObdRun) float64 { return r.PeakRSSMB }))
+	s.ObdPeakHeapMB = measure.Median(pick(rep.Obd, func(r ObdRun) float64 { return r.PeakHeapMB }))
+	s.GunzipSecs = measure.Median(rep.Gunzip)
 	s.Deterministic = true
 	for _, r := range rep.Obd {
 		s.Deterministic = s.Deterministic && r.Manifest == rep.Obd[0].Manifest
 	}
-	s.GunzipSHA256Secs = median(rep.GunzipSHA256)
+	s.GunzipSHA256Secs = measure.Median(rep.GunzipSHA256)
 	for _, r := range rep.Obd {
 		for k := range r.Stages {
-			s.ObdStages[k] = median(pick(rep.Obd, func(r ObdRun) float64 { return r.Stages[k] }))
+			s.ObdStages[k] = measure.Median(pick(rep.Obd, func(r ObdRun) float64 { return r.Stages[k] }))
 		}
 	}
 	for _, dec := range decompressorsOf(rep.Kernel) {
 		runs := kernelRunsWith(rep.Kernel, dec)
-		b := Baseline{Decompressor: dec, Seconds: median(pick(runs, func(r KernelRun) float64 { return r.Seconds }))}
+		b := Baseline{Decompressor: dec, Seconds: measure.Median(pick(runs, func(r KernelRun) float64 { return r.Seconds }))}
 		b.MBps = tarMB / b.Seconds
 		b.ThroughputRatio = s.ObdMBps / b.MBps
 		s.Baselines = append(s.Baselines, b)
@@ -949,7 +922,7 @@ func summarize(rep Report, tarMB float64) Summary {
 		s.KernelSeconds, s.KernelMBps, s.ThroughputRatio = b.Seconds, b.MBps, b.ThroughputRatio
 		for _, r := range runs {
 			for k := range r.Steps {
-				s.KernelSteps[k] = median(pick(runs, func(r KernelRun) float64 { return r.Steps[k] }))
+				s.KernelSteps[k] = measure.Median(pick(runs, func(r KernelRun) float64 { return r.Steps[k] }))
 			}
 		}
 	}
@@ -989,8 +962,8 @@ func printTable(w io.Writer, rep Report, tarMB float64) {
 	fmt.Fprintf(w, "host: %s, %d CPUs, kernel %s, %s; caches dropped before each run: %v\n", rep.Host.CPU, rep.Host.CPUs,
 		rep.Host.Kernel, rep.Host.GoVersion, rep.Settings["dropCaches"] == "true")
 	fmt.Fprintf(w, "other load: 1-min load average before runs median %.1f (max %.1f); CPU pressure during runs: obd %.0f%%, kernel %.0f%% (median)\n\n",
-		median(loads), slices.Max(loads), 100*median(pick(rep.Obd, func(r ObdRun) float64 { return r.CPUPressure })),
-		100*median(pick(rep.Kernel, func(r KernelRun) float64 { return r.CPUPressure })))
+		measure.Median(loads), slices.Max(loads), 100*measure.Median(pick(rep.Obd, func(r ObdRun) float64 { return r.CPUPressure })),
+		100*measure.Median(pick(rep.Kernel, func(r KernelRun) float64 { return r.CPUPressure })))
 	runs := func(xs []float64) string {
 		var parts []string
 		for _, x := range xs {
@@ -1013,12 +986,12 @@ func printTable(w io.Writer, rep Report, tarMB float64) {
 			filepath.Base(b.Decompressor), b.ThroughputRatio, 1/b.ThroughputRatio)
 	}
 	fmt.Fprintf(w, "\nobd peak RSS %.0f MB (Go heap peak %.0f MB); CPU %.1f s per run; blobs %.1f MB; same manifest every run: %v\n",
-		s.ObdPeakRSSMB, s.ObdPeakHeapMB, median(pick(rep.Obd, func(r ObdRun) float64 { return r.CPUSeconds })),
+		s.ObdPeakRSSMB, s.ObdPeakHeapMB, measure.Median(pick(rep.Obd, func(r ObdRun) float64 { return r.CPUSeconds })),
 		float64(rep.Obd[0].BlobBytes)/1e6, s.Deterministic)
 	if len(rep.Kernel) > 0 {
 		for _, dec := range decompressorsOf(rep.Kernel) {
 			fmt.Fprintf(w, "kernel baseline (%s): child CPU %.1f s per run (page writeback by kernel threads not counted)\n",
-				filepath.Base(dec), median(pick(kernelRunsWith(rep.Kernel, dec), func(r KernelRun) float64 { return r.CPUSeconds })))
+				filepath.Base(dec), measure.Median(pick(kernelRunsWith(rep.Kernel, dec), func(r KernelRun) float64 { return r.CPUSeconds })))
 		}
 	}
 	first, decomp := "gzip", "gunzip "+rep.Settings["gunzip"]
@@ -1052,9 +1025,9 @@ func printTable(w io.Writer, rep Report, tarMB float64) {
 	for i, l := range rep.Image.Layers {
 		kx := "-"
 		if len(gz) > 0 {
-			kx = fmt.Sprintf("%.2f", median(pick(gz, func(r KernelRun) float64 { return r.LayerExtract[i] })))
+			kx = fmt.Sprintf("%.2f", measure.Median(pick(gz, func(r KernelRun) float64 { return r.LayerExtract[i] })))
 		}
 		fmt.Fprintf(w, "  %-5d %10.1f %8d %10.2f %14s\n", i, float64(l.TarBytes)/1e6, l.Entries,
-			median(pick(rep.Obd, func(r ObdRun) float64 { return r.LayerApply[i] })), kx)
+			measure.Median(pick(rep.Obd, func(r ObdRun) float64 { return r.LayerApply[i] })), kx)
 	}
 }

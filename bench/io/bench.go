@@ -12,13 +12,13 @@ import (
 	"runtime"
 	"runtime/debug"
 	"runtime/pprof"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
 
 	digest "github.com/opencontainers/go-digest"
 
+	"github.com/obdproject/obd/bench/internal/measure"
 	"github.com/obdproject/obd/internal/cache"
 	"github.com/obdproject/obd/internal/device"
 	"github.com/obdproject/obd/internal/mounter"
@@ -288,7 +288,7 @@ func (b *bench) measure(ctx context.Context, what string, runs int, args ...stri
 			if err := dropCaches(); err != nil {
 				return nil, err
 			}
-			load := loadAvg()
+			load := measure.LoadAvg()
 			res, err := runWorker(ctx, append(args, b.bigPath(side))...)
 			if err != nil {
 				return nil, fmt.Errorf("%s on %s: %w", what, side, err)
@@ -572,20 +572,6 @@ func readRSS() int64 {
 	return 0
 }
 
-// loadAvg returns the 1-minute load average of the host.
-func loadAvg() float64 {
-	b, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return 0
-	}
-	f := strings.Fields(string(b))
-	if len(f) == 0 {
-		return 0
-	}
-	v, _ := strconv.ParseFloat(f[0], 64)
-	return v
-}
-
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 func mbps(bytes int64, seconds float64) float64 {
@@ -593,16 +579,4 @@ func mbps(bytes int64, seconds float64) float64 {
 		return 0
 	}
 	return float64(bytes) / seconds / 1e6
-}
-
-func median(v []float64) float64 {
-	if len(v) == 0 {
-		return 0
-	}
-	s := slices.Clone(v)
-	slices.Sort(s)
-	if len(s)%2 == 1 {
-		return s[len(s)/2]
-	}
-	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }

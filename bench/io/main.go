@@ -186,12 +186,6 @@ func dropCaches() error {
 	return nil
 }
 
-// dropCachesHere is dropCaches in this process.
-func dropCachesHere() error {
-	syscall.Sync()
-	return os.WriteFile("/proc/sys/vm/drop_caches", []byte("3\n"), 0)
-}
-
 // quietLogger logs warnings and errors of the obd packages, or everything with -v.
 func quietLogger(verbose bool) *slog.Logger {
 	level := slog.LevelWarn

@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/obdproject/obd/bench/internal/measure"
 	"github.com/obdproject/obd/internal/cache"
 )
 
@@ -95,8 +96,8 @@ type attachTimes struct {
 }
 
 func (a *attachTimes) finish() {
-	a.WarmMedianMS, a.WarmDroppedMedianMS = median(a.WarmMS), median(a.WarmDroppedMS)
-	a.UnmountMedianMS, a.ColdMedianMS = median(a.UnmountMS), median(a.ColdMS)
+	a.WarmMedianMS, a.WarmDroppedMedianMS = measure.Median(a.WarmMS), measure.Median(a.WarmDroppedMS)
+	a.UnmountMedianMS, a.ColdMedianMS = measure.Median(a.UnmountMS), measure.Median(a.ColdMS)
 	a.Target = targetAttachMS
 	a.Met = a.WarmMedianMS > 0 && a.WarmMedianMS <= targetAttachMS
 }
@@ -162,7 +163,7 @@ func (r *report) setReads(dst *reads, res map[string][]workerResult, metric func
 			sr.Direct = sr.Direct && w.Direct
 			p50, p99 = append(p50, w.P50us), append(p99, w.P99us)
 		}
-		sr.Median, sr.P50us, sr.P99us = median(sr.Runs), median(p50), median(p99)
+		sr.Median, sr.P50us, sr.P99us = measure.Median(sr.Runs), measure.Median(p50), measure.Median(p99)
 		dst.Sides[side] = sr
 	}
 	dst.Ratio = dst.ratio("plain")

@@ -19,6 +19,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/obdproject/obd/bench/internal/measure"
 	"golang.org/x/sys/unix"
 )
 
@@ -40,7 +41,7 @@ type workerResult struct {
 // several threads for a while; it prints a workerResult as JSON. drop drops the page cache.
 func workerMain(args []string) error {
 	if len(args) == 1 && args[0] == "drop" {
-		return dropCachesHere()
+		return measure.DropCaches()
 	}
 	fs := flag.NewFlagSet("worker", flag.ContinueOnError)
 	bs := fs.Int("bs", 1<<20, "read size")

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/obdproject/obd/bench/internal/measure"
 	"github.com/obdproject/obd/internal/units"
 
 	"github.com/containerd/containerd/v2/client"
@@ -25,7 +26,6 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
-	"golang.org/x/sys/unix"
 
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/pull"
@@ -218,11 +218,11 @@ func (b *bench) runOnce() error {
 				return err
 			}
 		}
-		if err := dropCaches(); err != nil {
+		if err := measure.DropCaches(); err != nil {
 			return err
 		}
 		b.sb.ResetCounters()
-		load := loadAvg()
+		load := measure.LoadAvg()
 		smp, err := s.fn()
 		if err != nil {
 			return fmt.Errorf("%s: %w", s.key, err)
@@ -455,11 +455,6 @@ func mountsUnder(dir string) ([]string, error) {
 	return out, nil
 }
 
-func dropCaches() error {
-	unix.Sync()
-	return os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0o200)
-}
-
 func sum(m map[string]int64) int64 {
 	var n int64
 	for _, v := range m {
@@ -521,14 +516,6 @@ func calibrate(ctx context.Context, addr string, im *builtImage) (calibration, e
 	}
 	slices.Sort(rtts)
 	return calibration{RTTms: rtts[len(rtts)/2], Mbits: float64(got) * 8 / d.Seconds() / 1e6}, nil
-}
-
-// loadAvg is the 1-minute load average.
-func loadAvg() float64 {
-	var l float64
-	b, _ := os.ReadFile("/proc/loadavg")
-	fmt.Sscanf(string(b), "%f", &l)
-	return l
 }
 
 // saveLogs copies the logs of the sandbox's processes into dir.
