@@ -123,7 +123,7 @@ type converter struct {
 	lowers  []*lsmt.File
 	mu      sync.Mutex // guards files and timings: layers are packed while the next one is applied
 	files   []*os.File
-	scratch []string // the layers' RW files: lowers until every layer is applied
+	scratch []string // the layers' RW files: read as lowers and by pack until the last layer is packed
 	timings map[string]time.Duration
 	keyBase string // layer key prefix (with a DB)
 }
