@@ -196,11 +196,7 @@ func TestDaemon(t *testing.T) {
 }
 
 func TestListenRefusesLiveSocket(t *testing.T) {
-	dir, err := os.MkdirTemp("", "obd-l-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
+	dir := testenv.SocketDir(t)
 	address := filepath.Join(dir, "s.sock")
 	l, err := listen(address)
 	if err != nil {

@@ -187,11 +187,7 @@ func TestMetricsPortInUse(t *testing.T) {
 	}
 	defer busy.Close()
 	o, _ := testOps(t, func(c *config) { c.Metrics.Address = busy.Addr().String() })
-	dir, err := os.MkdirTemp("", "obd-m-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
+	dir := testenv.SocketDir(t)
 	sc := snapshotterConfig{Address: filepath.Join(dir, "sn.sock")}
 	stop, err := o.startServers(context.Background(), nil, sc)
 	if err == nil {

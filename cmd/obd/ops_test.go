@@ -28,17 +28,6 @@ func runOpsCmd(t *testing.T, args ...string) (string, error) {
 	return out.String(), err
 }
 
-// opsDir returns a private directory with a short path (unix socket paths are limited to 108 bytes).
-func opsDir(t *testing.T) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "obd-st-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	return dir
-}
-
 // fakeDaemon serves st as obd-snapshotter's status endpoint on a unix socket under dir.
 func fakeDaemon(t *testing.T, dir string, st status.Status) string {
 	t.Helper()
@@ -51,7 +40,7 @@ func fakeDaemon(t *testing.T, dir string, st status.Status) string {
 }
 
 func TestStatusCommand(t *testing.T) {
-	dir := opsDir(t)
+	dir := testenv.SocketDir(t)
 	ratio := 0.75
 	st := status.Status{
 		Version: "v1.2.3", PID: 7, UptimeSeconds: 3600,
@@ -97,7 +86,7 @@ func TestStatusCommand(t *testing.T) {
 }
 
 func TestStatusCommandDaemonDown(t *testing.T) {
-	dir := opsDir(t)
+	dir := testenv.SocketDir(t)
 	missing := filepath.Join(dir, "missing.sock")
 	_, err := runOpsCmd(t, "status", "--socket", missing)
 	if !errors.Is(err, status.ErrNotRunning) || !strings.Contains(err.Error(), missing) || !strings.Contains(err.Error(), "systemctl start obd-snapshotter") {
@@ -133,7 +122,7 @@ func TestStatusCommandDaemonDown(t *testing.T) {
 }
 
 func TestHealthCommand(t *testing.T) {
-	dir := opsDir(t)
+	dir := testenv.SocketDir(t)
 	fss := filepath.Join(dir, "filesystems")
 	if err := os.WriteFile(fss, []byte("\text4\nnodev\tfuse\nnodev\toverlay\n"), 0o644); err != nil {
 		t.Fatal(err)

@@ -17,17 +17,6 @@ import (
 	"github.com/obdproject/obd/internal/testenv"
 )
 
-// shortDir returns a private directory with a short path (unix socket paths are limited to 108 bytes).
-func shortDir(t *testing.T) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "obd-h-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	return dir
-}
-
 func write(t *testing.T, path, content string) string {
 	t.Helper()
 	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
@@ -138,7 +127,7 @@ func staleSocket(t *testing.T, path string) string {
 }
 
 func TestSnapshotterSocket(t *testing.T) {
-	dir := shortDir(t)
+	dir := testenv.SocketDir(t)
 	missing := filepath.Join(dir, "missing.sock")
 	wantResult(t, checkSocket(missing, "/etc/obd/obd.toml"), Fail, "obd-snapshotter is not running", "systemctl start obd-snapshotter")
 
@@ -158,7 +147,7 @@ func TestSnapshotterSocket(t *testing.T) {
 }
 
 func TestStatusEndpoint(t *testing.T) {
-	dir := shortDir(t)
+	dir := testenv.SocketDir(t)
 	ctx := context.Background()
 	opts := Options{ConfigPath: "/etc/obd/obd.toml", Timeout: 2 * time.Second}
 
@@ -229,7 +218,7 @@ func TestContainerdConfig(t *testing.T) {
 }
 
 func TestContainerdDown(t *testing.T) {
-	dir := shortDir(t)
+	dir := testenv.SocketDir(t)
 	ctx := context.Background()
 	wantResult(t, checkContainerd(ctx, filepath.Join(dir, "none.sock"), time.Second), Fail, "no such file", "systemctl start containerd")
 	stale := staleSocket(t, filepath.Join(dir, "c.sock"))
@@ -260,7 +249,7 @@ func TestCacheDiskFull(t *testing.T) {
 
 // TestRun runs every check against private paths: a node where nothing runs.
 func TestRun(t *testing.T) {
-	dir := shortDir(t)
+	dir := testenv.SocketDir(t)
 	cfg := write(t, filepath.Join(dir, "obd.toml"), "[snapshotter]\naddress = \""+filepath.Join(dir, "sn.sock")+"\"\n[cache]\ndir = \""+filepath.Join(dir, "cache")+"\"\n")
 	fss := write(t, filepath.Join(dir, "filesystems"), "\text4\nnodev\tfuse\nnodev\toverlay\n")
 	results := Run(context.Background(), Options{

@@ -5,19 +5,16 @@ import (
 	"errors"
 	"net"
 	"net/http"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/obdproject/obd/internal/testenv"
 )
 
 func TestClient(t *testing.T) {
-	dir, err := os.MkdirTemp("", "obd-s-") // short: unix socket paths are limited to 108 bytes
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
+	dir := testenv.SocketDir(t)
 	ctx := context.Background()
 
 	missing := filepath.Join(dir, "missing.sock")

@@ -207,3 +207,15 @@ func ServeUnix(t testing.TB, path string, h http.Handler) {
 		<-done
 	})
 }
+
+// SocketDir returns a new private directory with a short path, for unix sockets (whose paths are limited to 108
+// bytes, which t.TempDir can exceed), removed when the test ends.
+func SocketDir(t testing.TB) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "obd-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
