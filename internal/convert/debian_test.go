@@ -1,7 +1,6 @@
 package convert
 
 import (
-	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,7 +13,6 @@ import (
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/testenv"
 	"github.com/obdproject/obd/internal/testimage"
-	"github.com/obdproject/obd/internal/verify"
 	"github.com/obdproject/obd/zfile"
 )
 
@@ -26,7 +24,7 @@ func TestConvertDebianImage(t *testing.T) {
 		t.Skip("builds a 50 MB image from Debian packages")
 	}
 	testenv.Tools(t, "mke2fs")
-	e2fsck := testenv.Tools(t, "e2fsck")[0]
+	testenv.Tools(t, "e2fsck")
 	src := testimage.BuildForTest(t, testimage.Small)
 	t.Logf("source: %d layers, %d MB of tar", len(src.Layers), src.TarBytes()>>20)
 
@@ -41,38 +39,15 @@ func TestConvertDebianImage(t *testing.T) {
 	}
 	defer img.Close()
 
-	source, err := image.OpenLocalSource(src.Ref, image.DefaultPlatform())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer source.Close()
-	want, err := verify.FromSource(context.Background(), source)
-	if err != nil {
-		t.Fatal(err)
-	}
-	got, err := verify.FromStack(img.Stack)
-	if err != nil {
-		t.Fatal(err)
-	}
+	want := compareWithSource(t, src.Ref, img.Stack)
 	if _, ok := want["/"+testimage.WhiteoutPath]; ok {
 		t.Errorf("source tree still holds the whited-out %s", testimage.WhiteoutPath)
 	}
 	if len(want) < 2000 {
 		t.Errorf("source tree has only %d paths", len(want))
 	}
-	diffs := verify.Compare(want, got, verify.Options{IgnoreExtra: []string{"/lost+found"}})
-	for _, d := range diffs {
-		t.Error(d)
-	}
-	if len(diffs) > 0 {
-		t.Fatalf("%d differences between the source and the converted image", len(diffs))
-	}
 
-	raw := filepath.Join(t.TempDir(), "disk.img")
-	exportRaw(t, img.Stack, raw)
-	if out, err := exec.Command(e2fsck, "-fn", raw).CombinedOutput(); err != nil {
-		t.Fatalf("e2fsck -fn: %v\n%s", err, out)
-	}
+	raw := fsckStack(t, img.Stack)
 
 	if os.Geteuid() != 0 {
 		t.Log("not root: skipping the kernel mount and chroot checks")
