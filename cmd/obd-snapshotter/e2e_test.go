@@ -64,7 +64,7 @@ func TestContainerd(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		unmountUnder(t, dir)
+		testenv.UnmountUnder(t, dir)
 		if err := os.RemoveAll(dir); err != nil {
 			t.Error(err)
 		}
@@ -548,21 +548,5 @@ func deleteImage(t *testing.T, ctx context.Context, c *client.Client, name strin
 	t.Helper()
 	if err := c.ImageService().Delete(ctx, name, images.SynchronousDelete()); err != nil {
 		t.Errorf("delete image %s: %v", name, err)
-	}
-}
-
-// unmountUnder unmounts everything mounted below dir, deepest first.
-func unmountUnder(t testing.TB, dir string) {
-	t.Helper()
-	infos, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
-	if err != nil {
-		t.Errorf("list mounts under %s: %v", dir, err)
-		return
-	}
-	slices.SortFunc(infos, func(a, b *mountinfo.Info) int { return len(b.Mountpoint) - len(a.Mountpoint) })
-	for _, m := range infos {
-		if err := unix.Unmount(m.Mountpoint, unix.MNT_DETACH); err != nil {
-			t.Errorf("unmount %s: %v", m.Mountpoint, err)
-		}
 	}
 }

@@ -75,7 +75,7 @@ func TestDaemon(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		unmountUnder(t, dir)
+		testenv.UnmountUnder(t, dir)
 		os.RemoveAll(dir)
 	})
 	cfgPath := filepath.Join(dir, "obd.toml")

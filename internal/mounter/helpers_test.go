@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/moby/sys/mountinfo"
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
 
@@ -305,39 +306,15 @@ type mountEntry struct{ point, fsType, source string }
 // mountsUnder lists the mounts whose mount point is dir or below it, in mount order.
 func mountsUnder(t *testing.T, dir string) []mountEntry {
 	t.Helper()
-	data, err := os.ReadFile("/proc/self/mountinfo")
+	infos, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
 	if err != nil {
 		t.Fatal(err)
 	}
-	var out []mountEntry
-	for line := range strings.Lines(string(data)) {
-		pre, post, ok := strings.Cut(strings.TrimSpace(line), " - ")
-		f, g := strings.Fields(pre), strings.Fields(post)
-		if !ok || len(f) < 5 || len(g) < 2 {
-			t.Fatalf("mountinfo: malformed line %q", line)
-		}
-		p := unescapeOctal(f[4])
-		if p == dir || strings.HasPrefix(p, dir+"/") {
-			out = append(out, mountEntry{p, g[0], unescapeOctal(g[1])})
-		}
+	out := make([]mountEntry, 0, len(infos))
+	for _, m := range infos {
+		out = append(out, mountEntry{m.Mountpoint, m.FSType, m.Source})
 	}
 	return out
-}
-
-// unescapeOctal undoes the \NNN escapes of mountinfo and sysfs paths.
-func unescapeOctal(s string) string {
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+4 <= len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 // loopsUnder lists the loop devices (/dev/loopN) whose backing file is below dir.

@@ -77,22 +77,6 @@ func (f *fakeMounter) calls() (mounts, unmounts []mountCall) {
 	return slices.Clone(f.mounts), slices.Clone(f.unmounts)
 }
 
-// unmountUnder unmounts everything mounted below dir, deepest first.
-func unmountUnder(t testing.TB, dir string) {
-	t.Helper()
-	infos, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
-	if err != nil {
-		t.Errorf("list mounts under %s: %v", dir, err)
-		return
-	}
-	slices.SortFunc(infos, func(a, b *mountinfo.Info) int { return len(b.Mountpoint) - len(a.Mountpoint) })
-	for _, m := range infos {
-		if err := unix.Unmount(m.Mountpoint, unix.MNT_DETACH); err != nil {
-			t.Errorf("unmount %s: %v", m.Mountpoint, err)
-		}
-	}
-}
-
 func newTestSnapshotter(t *testing.T) (context.Context, *Snapshotter, *fakeMounter, string) {
 	t.Helper()
 	root := t.TempDir()
@@ -106,7 +90,7 @@ func newTestSnapshotter(t *testing.T) (context.Context, *Snapshotter, *fakeMount
 			t.Error(err)
 		}
 		if os.Geteuid() == 0 {
-			unmountUnder(t, root)
+			testenv.UnmountUnder(t, root)
 		}
 	})
 	return context.Background(), sn, f, root
@@ -491,7 +475,7 @@ func TestMountFailure(t *testing.T) {
 func TestReconcile(t *testing.T) {
 	testenv.Root(t)
 	root := t.TempDir()
-	t.Cleanup(func() { unmountUnder(t, root) })
+	t.Cleanup(func() { testenv.UnmountUnder(t, root) })
 	ctx := context.Background()
 	sn, err := New(root, &fakeMounter{})
 	if err != nil {
@@ -516,7 +500,7 @@ func TestReconcile(t *testing.T) {
 	if err := sn.Close(); err != nil {
 		t.Fatal(err)
 	}
-	unmountUnder(t, root) // reboot
+	testenv.UnmountUnder(t, root) // reboot
 
 	f := &fakeMounter{}
 	sn, err = New(root, f)

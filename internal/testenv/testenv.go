@@ -13,10 +13,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/moby/sys/mountinfo"
+	"golang.org/x/sys/unix"
 )
 
 // Required reports whether system tests are mandatory in this run.
@@ -218,4 +222,20 @@ func SocketDir(t testing.TB) string {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	return dir
+}
+
+// UnmountUnder unmounts (lazily) everything mounted at or below dir, deepest first, reporting failures as errors.
+func UnmountUnder(t testing.TB, dir string) {
+	t.Helper()
+	infos, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
+	if err != nil {
+		t.Errorf("list mounts under %s: %v", dir, err)
+		return
+	}
+	slices.SortFunc(infos, func(a, b *mountinfo.Info) int { return len(b.Mountpoint) - len(a.Mountpoint) })
+	for _, m := range infos {
+		if err := unix.Unmount(m.Mountpoint, unix.MNT_DETACH); err != nil {
+			t.Errorf("unmount %s: %v", m.Mountpoint, err)
+		}
+	}
 }
