@@ -410,20 +410,27 @@ func newCredentialsRemoveCmd(cf *credFlags) *cobra.Command {
 	}
 }
 
-// allCredentials lists the entries of both files; helpers come first for a host that has both (they win).
-func allCredentials(files credFiles) ([]install.Credential, []string, error) {
+// allCredentials finds the credential files and lists the entries of both, printing what is wrong with them as
+// warnings; helpers come first for a host that has both (they win).
+func (f *credFlags) allCredentials(cmd *cobra.Command) (credFiles, []install.Credential, error) {
+	files, err := f.resolve(cmd)
+	if err != nil {
+		return files, nil, err
+	}
 	helpers, warnings, err := install.ListTokenHelpers(files.helpers)
 	if err != nil {
-		return nil, nil, err
+		return files, nil, err
 	}
 	logins, w, err := install.ListDockerLogins(files.docker)
 	if err != nil {
-		return nil, nil, err
+		return files, nil, err
 	}
-	warnings = append(warnings, w...)
+	for _, w := range append(warnings, w...) {
+		fmt.Fprintln(cmd.ErrOrStderr(), "warning:", w)
+	}
 	all := append(helpers, logins...)
 	slices.SortStableFunc(all, func(a, b install.Credential) int { return strings.Compare(a.Host, b.Host) })
-	return all, warnings, nil
+	return files, all, nil
 }
 
 func newCredentialsListCmd(cf *credFlags) *cobra.Command {
@@ -432,16 +439,9 @@ func newCredentialsListCmd(cf *credFlags) *cobra.Command {
 		Short: "List the registries with credentials and their users (never passwords)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			files, err := cf.resolve(cmd)
+			files, all, err := cf.allCredentials(cmd)
 			if err != nil {
 				return err
-			}
-			all, warnings, err := allCredentials(files)
-			if err != nil {
-				return err
-			}
-			for _, w := range warnings {
-				fmt.Fprintln(cmd.ErrOrStderr(), "warning:", w)
 			}
 			out := cmd.OutOrStdout()
 			if len(all) == 0 {
@@ -475,16 +475,9 @@ func newCredentialsVerifyCmd(cf *credFlags) *cobra.Command {
 registry's token exchange), using the credentials obd-snapshotter would use, and prints which work: OK,
 unauthorized (with what to do) or unreachable. It fails when any does not work.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			files, err := cf.resolve(cmd)
+			files, all, err := cf.allCredentials(cmd)
 			if err != nil {
 				return err
-			}
-			all, warnings, err := allCredentials(files)
-			if err != nil {
-				return err
-			}
-			for _, w := range warnings {
-				fmt.Fprintln(cmd.ErrOrStderr(), "warning:", w)
 			}
 			docker, err := registry.LoadDockerConfig(files.docker)
 			if err != nil {
