@@ -888,6 +888,28 @@ struct dbuf {
 	errcode_t err;
 };
 
+/* dbuf_reserve makes room for need more bytes (a first buffer holds at least
+ * first bytes); it returns -1 and records the error when memory runs out. */
+static int dbuf_reserve(struct dbuf *b, size_t need, size_t first)
+{
+	size_t cap;
+	char *p;
+
+	if (b->len + need <= b->cap)
+		return 0;
+	cap = b->cap ? b->cap * 2 : first;
+	while (cap < b->len + need)
+		cap *= 2;
+	p = realloc(b->p, cap);
+	if (!p) {
+		b->err = EXT2_ET_NO_MEMORY;
+		return -1;
+	}
+	b->p = p;
+	b->cap = cap;
+	return 0;
+}
+
 static int dbuf_put(struct dbuf *b, ext2_ino_t ino, uint32_t lblk, int ft,
 		    const char *name, int namelen)
 {
@@ -897,20 +919,8 @@ static int dbuf_put(struct dbuf *b, ext2_ino_t ino, uint32_t lblk, int ft,
 		return 0;
 	if (namelen == 2 && name[0] == '.' && name[1] == '.')
 		return 0;
-	if (b->len + need > b->cap) {
-		size_t cap = b->cap ? b->cap * 2 : 4096;
-		char *p;
-
-		while (cap < b->len + need)
-			cap *= 2;
-		p = realloc(b->p, cap);
-		if (!p) {
-			b->err = EXT2_ET_NO_MEMORY;
-			return -1;
-		}
-		b->p = p;
-		b->cap = cap;
-	}
+	if (dbuf_reserve(b, need, 4096))
+		return -1;
 	memcpy(b->p + b->len, &ino, 4);
 	memcpy(b->p + b->len + 4, &lblk, 4);
 	b->p[b->len + 8] = (char)ft;
@@ -1227,20 +1237,8 @@ static int xattr_list_cb(char *name, char *value, size_t value_len,
 
 	(void)value;
 	(void)value_len;
-	if (b->len + n > b->cap) {
-		size_t cap = b->cap ? b->cap * 2 : 256;
-		char *p;
-
-		while (cap < b->len + n)
-			cap *= 2;
-		p = realloc(b->p, cap);
-		if (!p) {
-			b->err = EXT2_ET_NO_MEMORY;
-			return XATTR_ABORT;
-		}
-		b->p = p;
-		b->cap = cap;
-	}
+	if (dbuf_reserve(b, n, 256))
+		return XATTR_ABORT;
 	memcpy(b->p + b->len, name, n);
 	b->len += n;
 	return 0;
