@@ -910,6 +910,21 @@ static int dbuf_reserve(struct dbuf *b, size_t need, size_t first)
 	return 0;
 }
 
+/* dbuf_finish hands the buffer to the caller, or frees it on an error (err, or
+ * one recorded while filling it). */
+static errcode_t dbuf_finish(struct dbuf *b, errcode_t err, char **buf, size_t *len)
+{
+	if (!err)
+		err = b->err;
+	if (err) {
+		free(b->p);
+		return err;
+	}
+	*buf = b->p;
+	*len = b->len;
+	return 0;
+}
+
 static int dbuf_put(struct dbuf *b, ext2_ino_t ino, uint32_t lblk, int ft,
 		    const char *name, int namelen)
 {
@@ -1017,15 +1032,7 @@ errcode_t obd_dir_list(ext2_filsys fs, ext2_ino_t dir, char **buf,
 					    NULL, list_block_cb, &b);
 		free(b.block);
 	}
-	if (!err)
-		err = b.err;
-	if (err) {
-		free(b.p);
-		return err;
-	}
-	*buf = b.p;
-	*len = b.len;
-	return 0;
+	return dbuf_finish(&b, err, buf, len);
 }
 
 // insert_entry puts a new entry into the dir block in buf if it has room.
@@ -1259,15 +1266,7 @@ errcode_t obd_xattr_list(ext2_filsys fs, ext2_ino_t ino, char **buf,
 	if (!err)
 		err = ext2fs_xattrs_iterate(h, xattr_list_cb, &b);
 	ext2fs_xattrs_close(&h);
-	if (!err)
-		err = b.err;
-	if (err) {
-		free(b.p);
-		return err;
-	}
-	*buf = b.p;
-	*len = b.len;
-	return 0;
+	return dbuf_finish(&b, err, buf, len);
 }
 
 errcode_t obd_xattr_remove(ext2_filsys fs, ext2_ino_t ino, const char *name)
