@@ -84,6 +84,15 @@ func (cf credFiles) daemonDockerConfig() string {
 	return filepath.Join(home, ".docker", "config.json")
 }
 
+// saveLogin stores user and pass for host in the docker config file, printing what it changed.
+func (cf credFiles) saveLogin(w io.Writer, host, user, pass string) error {
+	notes, err := install.SetDockerLogin(cf.docker, host, user, pass)
+	for _, n := range notes {
+		fmt.Fprintln(w, n)
+	}
+	return err
+}
+
 // noteDaemonFile tells the user when the file written is not the one obd-snapshotter reads.
 func (cf credFiles) noteDaemonFile(w io.Writer) {
 	daemon := cf.daemonDockerConfig()
