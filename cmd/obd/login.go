@@ -140,11 +140,7 @@ its other entries are kept. Run it as root for the daemon (which runs as root) t
 					return fmt.Errorf("login %s: %w; nothing was saved (--no-verify saves without asking the registry)", host, err)
 				}
 			}
-			notes, err := install.SetDockerLogin(files.docker, host, user, pass)
-			for _, n := range notes {
-				fmt.Fprintln(out, n)
-			}
-			if err != nil {
+			if err := files.saveLogin(out, host, user, pass); err != nil {
 				return err
 			}
 			fmt.Fprintf(out, "Login succeeded: credentials of %s for %s saved in %s\n", user, host, files.docker)
@@ -331,11 +327,7 @@ the token is older than --ttl or the registry refuses it. set runs CMD once to c
 				if err != nil {
 					return err
 				}
-				notes, err := install.SetDockerLogin(files.docker, host, user, pass)
-				for _, n := range notes {
-					fmt.Fprintln(out, n)
-				}
-				if err != nil {
+				if err := files.saveLogin(out, host, user, pass); err != nil {
 					return err
 				}
 				fmt.Fprintf(out, "saved credentials of %s for %s in %s\n", user, host, files.docker)
