@@ -15,7 +15,9 @@ build: ## build bin/obd
 test: ## run all tests (system tests skip without root/tools unless OBD_REQUIRE_SYSTEM_TESTS=1)
 	$(GO) test -count=1 ./...
 
-lint: ## gofmt, go vet and staticcheck
+lint: ## gofmt, go vet, staticcheck, and no build outputs in git
+	@out=$$(git ls-files | while read -r f; do [ -f "$$f" ] && case "$$(head -c 4 "$$f" | od -An -c | tr -d ' ')" in 177ELF*) echo "$$f";; esac; done; git ls-files '*.pprof' '*.prof' '*.test'); \
+	  if [ -n "$$out" ]; then echo "build outputs in git:"; echo "$$out"; exit 1; fi
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) run $(STATICCHECK) ./...
