@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"io"
 	"strconv"
+	"sync"
+	"sync/atomic"
 
 	digest "github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -74,7 +76,37 @@ func BlockLayers(m ocispec.Manifest) ([]BlockLayer, error) {
 
 // OpenLayerBlob opens the LSMT layer inside an overlaybd blob: it unwraps the tar wrapper if present and the ZFile
 // if present. verify checks ZFile block CRCs on every read (use it for data that crossed a network or a cache).
+//
+// When r is a cache (a zfile.Evicter), bytes read while opening that fail a check (a bad magic, a header/trailer
+// mismatch, an index CRC) may be a bad copy rather than a bad blob: the ranges read are evicted and the open is
+// tried again, MaxOpenReloads times. A failing open evicts what it read in any case, so that a later attempt
+// (after a fix upstream, or a daemon restart) never trusts those bytes.
 func OpenLayerBlob(r io.ReaderAt, size int64, verify bool) (*lsmt.File, error) {
+	ev, ok := r.(zfile.Evicter)
+	if !ok {
+		return openLayerBlob(r, size, verify)
+	}
+	for try := 0; ; try++ {
+		rec := &openRecorder{r: r, ev: ev}
+		f, err := openLayerBlob(rec, size, verify)
+		rec.stop()
+		if err == nil {
+			return f, nil
+		}
+		if eerr := rec.evict(); eerr != nil {
+			return nil, errors.Join(err, eerr)
+		}
+		// A read that failed is a transport error, already retried below: opening again would only wait again.
+		if rec.readFailed() || try == MaxOpenReloads {
+			return nil, err
+		}
+	}
+}
+
+// MaxOpenReloads bounds how often OpenLayerBlob evicts what it read and opens a cached blob again.
+const MaxOpenReloads = 2
+
+func openLayerBlob(r io.ReaderAt, size int64, verify bool) (*lsmt.File, error) {
 	sr, err := tarwrap.Open(r, size)
 	if err != nil {
 		return nil, err
@@ -97,6 +129,52 @@ func OpenLayerBlob(r io.ReaderAt, size int64, verify bool) (*lsmt.File, error) {
 		layer, lsize = z, z.Size()
 	}
 	return lsmt.Open(layer, lsize)
+}
+
+// openRecorder notes the ranges read through it until stop, so that they can be evicted when the open fails.
+type openRecorder struct {
+	r       io.ReaderAt
+	ev      zfile.Evicter
+	stopped atomic.Bool // the layer is open: its reads pass straight through
+	mu      sync.Mutex
+	failed  bool
+	ranges  [][2]int64
+}
+
+func (o *openRecorder) ReadAt(p []byte, off int64) (int, error) {
+	n, err := o.r.ReadAt(p, off)
+	if o.stopped.Load() {
+		return n, err
+	}
+	o.mu.Lock()
+	o.ranges = append(o.ranges, [2]int64{off, int64(len(p))})
+	if err != nil && err != io.EOF {
+		o.failed = true
+	}
+	o.mu.Unlock()
+	return n, err
+}
+
+func (o *openRecorder) Evict(off, n int64) error { return o.ev.Evict(off, n) }
+
+func (o *openRecorder) stop() { o.stopped.Store(true) }
+
+func (o *openRecorder) readFailed() bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.failed
+}
+
+// evict drops every range read while opening from the cache.
+func (o *openRecorder) evict() error {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	var errs error
+	for _, rg := range o.ranges {
+		errs = errors.Join(errs, o.ev.Evict(rg[0], rg[1]))
+	}
+	o.ranges = nil
+	return errs
 }
 
 // evictSection passes evictions of a cache under a tar-wrapped blob through to the cache, at the member's offset.
