@@ -7,7 +7,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"sync"
 	"time"
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
@@ -41,17 +40,20 @@ func runWith(ctx context.Context, cfg snapshotterConfig, mounter snapshotter.Ima
 	}()
 
 	rctx, cancel := context.WithCancel(ctx)
-	var wg sync.WaitGroup
-	wg.Add(1)
+	reconciled := make(chan struct{})
 	go func() {
-		defer wg.Done()
+		defer close(reconciled)
 		if err := sn.Reconcile(rctx); err != nil {
 			log.G(rctx).WithError(err).Warn("some containers' overlaybd images could not be mounted again; their Mounts calls will retry")
 		}
 	}()
 	defer func() {
 		cancel()
-		wg.Wait()
+		select {
+		case <-reconciled:
+		case <-time.After(stopGrace):
+			log.G(ctx).Warnf("re-mounting images still running %v after shutdown began: exiting without it", stopGrace)
+		}
 	}()
 
 	var sopts []grpc.ServerOption

@@ -47,6 +47,7 @@ type Snapshotter struct {
 	inner   overlaySnapshotter // containerd's overlayfs snapshotter on the same metadata store and directories
 	mounter ImageMounter
 	locks   keyLocks // per image mount id: a mount never races its removal
+	lock    *os.File // root/lock, held while open
 }
 
 var _ snapshots.Snapshotter = (*Snapshotter)(nil)
@@ -57,7 +58,8 @@ type overlaySnapshotter interface {
 }
 
 // New opens (or creates) the snapshotter state under root: metadata.db and snapshots/<id>/{fs,work,block}.
-// mounter mounts overlaybd images; Close releases the metadata store but leaves image mounts in place.
+// mounter mounts overlaybd images; Close releases the metadata store but leaves image mounts in place. A root is
+// used by one Snapshotter at a time: New fails at once with ErrRootInUse while another holds it.
 func New(root string, mounter ImageMounter) (*Snapshotter, error) {
 	if mounter == nil {
 		return nil, errors.New("overlaybd snapshotter: no image mounter")
@@ -65,21 +67,28 @@ func New(root string, mounter ImageMounter) (*Snapshotter, error) {
 	if err := os.MkdirAll(root, 0o700); err != nil {
 		return nil, fmt.Errorf("overlaybd snapshotter: %w", err)
 	}
+	lock, err := lockRoot(root)
+	if err != nil {
+		return nil, fmt.Errorf("overlaybd snapshotter: %w", err)
+	}
 	ms, err := storage.NewMetaStore(filepath.Join(root, "metadata.db"))
 	if err != nil {
+		lock.Close()
 		return nil, fmt.Errorf("overlaybd snapshotter: open metadata under %s: %w", root, err)
 	}
 	sn, err := overlay.NewSnapshotter(root, overlay.WithMetaStore(ms))
 	if err != nil {
 		ms.Close()
+		lock.Close()
 		return nil, fmt.Errorf("overlaybd snapshotter: %w", err)
 	}
 	inner, ok := sn.(overlaySnapshotter)
 	if !ok {
 		sn.Close()
+		lock.Close()
 		return nil, errors.New("overlaybd snapshotter: containerd's overlay snapshotter has no Cleanup")
 	}
-	return &Snapshotter{root: root, ms: ms, inner: inner, mounter: mounter}, nil
+	return &Snapshotter{root: root, ms: ms, inner: inner, mounter: mounter, lock: lock}, nil
 }
 
 func (s *Snapshotter) upperPath(id string) string {
@@ -127,7 +136,13 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 }
 
 // Close closes the metadata store. Image mounts stay: running containers use them.
-func (s *Snapshotter) Close() error { return s.inner.Close() }
+func (s *Snapshotter) Close() error {
+	err := s.inner.Close()
+	if lerr := s.lock.Close(); lerr != nil && !errors.Is(lerr, os.ErrClosed) {
+		err = errors.Join(err, lerr)
+	}
+	return err
+}
 
 // Prepare creates an active snapshot key over parent. For a lazy pull of an overlaybd layer it commits the
 // target snapshot at once and returns an error wrapping errdefs.ErrAlreadyExists.

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -610,5 +611,29 @@ func TestConcurrentContainers(t *testing.T) {
 	}
 	if err := sn.Remove(ctx, "L0"); err != nil {
 		t.Error(err)
+	}
+}
+
+// A second snapshotter on a root in use fails at once and names the owner, instead of waiting for the metadata
+// store's file lock forever; once the first closes, the root can be opened again.
+func TestRootInUse(t *testing.T) {
+	root := t.TempDir()
+	sn, err := New(root, &fakeMounter{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = New(root, &fakeMounter{})
+	if !errors.Is(err, ErrRootInUse) || !strings.Contains(err.Error(), "pid "+strconv.Itoa(os.Getpid())) {
+		t.Fatalf("second New on the same root: %v, want ErrRootInUse naming pid %d", err, os.Getpid())
+	}
+	if err := sn.Close(); err != nil {
+		t.Fatal(err)
+	}
+	sn, err = New(root, &fakeMounter{})
+	if err != nil {
+		t.Fatalf("New after the owner closed: %v", err)
+	}
+	if err := sn.Close(); err != nil {
+		t.Fatal(err)
 	}
 }
