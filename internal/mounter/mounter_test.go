@@ -262,8 +262,18 @@ func TestMountRegistryDown(t *testing.T) {
 		if st := m.Stats()["down"]; st.Errors == 0 {
 			t.Errorf("Stats = %+v: want the failed requests counted", st)
 		}
-		// The registry comes back: the same mount reads again.
+		// The range is known dead: reading it again (as the kernel does, in smaller pieces, after an EIO) fails at
+		// once instead of spending another retry budget.
+		asked := reg.unavail.Load()
+		if _, err := readWithin(t, filepath.Join(target, "hello"), hang); !errors.Is(err, syscall.EIO) {
+			t.Errorf("second read with the registry down: %v, want EIO", err)
+		}
+		if n := reg.unavail.Load() - asked; n > 1 {
+			t.Errorf("a second read of a dead range asked the registry %d times; want at most one probe", n)
+		}
+		// The registry comes back: the same mount reads again once the dead blob is probed.
 		reg.down.Store(false)
+		time.Sleep(registry.ProbeInterval)
 		b, err = readWithin(t, filepath.Join(target, "hello"), hang)
 		if err != nil || !bytes.Equal(b, helloBinary(t)) {
 			t.Errorf("read /hello after the registry came back: %d bytes, %v", len(b), err)

@@ -22,7 +22,19 @@ type Blob struct {
 	dg         digest.Digest
 	size       int64
 	stats      counters
+
+	// While the blob is dead (a read ran out of its retry budget), reads fail at once, except one probe attempt at
+	// a time, at most every ProbeInterval; a read that gets through revives it.
+	mu        sync.Mutex
+	deadSince time.Time // zero: alive
+	deadErr   error     // the error that killed it
+	probing   bool
+	lastProbe time.Time
 }
+
+// ProbeInterval is how often a dead blob is tried again by a read (one attempt, no retries); between probes its
+// reads fail at once.
+const ProbeInterval = 2 * time.Second
 
 // BlobStats counts a Blob's traffic.
 type BlobStats struct {
@@ -95,13 +107,61 @@ func (b *Blob) ReadAtContext(ctx context.Context, p []byte, off int64) (int, err
 	return n, nil
 }
 
-// readRange fills p with the bytes at off, which lie inside the blob.
+// readRange fills p with the bytes at off, which lie inside the blob. A dead blob fails at once (see Blob).
 func (b *Blob) readRange(ctx context.Context, p []byte, off int64) error {
 	last := off + int64(len(p)) - 1
-	rng := fmt.Sprintf("bytes=%d-%d", off, last)
-	r := &retrier{c: b.c, host: b.host, stats: &b.stats, op: func() string {
+	op := func() string {
 		return fmt.Sprintf("registry %s repo %s blob %s bytes %d-%d", b.host, b.repo, b.dg, off, last)
-	}}
+	}
+	probe, err := b.admit(op)
+	if err != nil {
+		return err
+	}
+	err = b.fetchRange(ctx, p, off, last, op, probe)
+	b.settle(err, probe)
+	return err
+}
+
+// admit lets a read through to the registry: always while the blob is alive; while it is dead, only as the probe
+// (one attempt) when no probe is running and the last is ProbeInterval old, else it fails at once.
+func (b *Blob) admit(op func() string) (probe bool, err error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.deadSince.IsZero() {
+		return false, nil
+	}
+	if !b.probing && time.Since(b.lastProbe) >= ProbeInterval {
+		b.probing, b.lastProbe = true, time.Now()
+		return true, nil
+	}
+	return false, &Error{Op: op(), Err: fmt.Errorf("failing at once: unreachable since %s (%s ago), last error: %w",
+		b.deadSince.Format(time.TimeOnly), time.Since(b.deadSince).Round(time.Second), b.deadErr), Kind: ErrUnavailable}
+}
+
+// settle records the outcome of a read: a read that ran out of retries (or a failed probe) marks the blob dead, a
+// success revives it.
+func (b *Blob) settle(err error, probe bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if probe {
+		b.probing = false
+	}
+	switch {
+	case err == nil:
+		if !b.deadSince.IsZero() {
+			b.c.log.Info("registry blob reachable again", "host", b.host, "repo", b.repo, "blob", b.dg, "dead_for", time.Since(b.deadSince).Round(time.Second))
+			b.deadSince, b.deadErr = time.Time{}, nil
+		}
+	case errors.Is(err, ErrUnavailable) && b.deadSince.IsZero():
+		b.deadSince, b.deadErr, b.lastProbe = time.Now(), err, time.Now()
+		b.c.log.Warn("registry blob unreachable: its reads fail at once until a probe gets through", "host", b.host, "repo", b.repo, "blob", b.dg, "probe_interval", ProbeInterval, "err", err)
+	}
+}
+
+// fetchRange asks the registry for bytes off..last into p: within the retry budget, or with one attempt for a probe.
+func (b *Blob) fetchRange(ctx context.Context, p []byte, off, last int64, op func() string, probe bool) error {
+	rng := fmt.Sprintf("bytes=%d-%d", off, last)
+	r := &retrier{c: b.c, host: b.host, stats: &b.stats, op: op, once: probe}
 	return r.do(ctx, func(ctx context.Context, timeout time.Duration) error {
 		resp, err := b.c.openBlob(ctx, timeout, http.MethodGet, b.host, b.repo, b.dg, rng)
 		if err != nil {

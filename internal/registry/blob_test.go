@@ -743,3 +743,53 @@ func TestParseRetryAfter(t *testing.T) {
 		}
 	}
 }
+
+// Once a read of a blob has spent its retry budget, later reads fail at once (the kernel retries a failed read
+// in smaller pieces, each of which would wait a whole budget again) — except one probe attempt every
+// ProbeInterval, which revives the blob when the registry answers again.
+func TestDeadBlobFailsFastUntilAProbeGetsThrough(t *testing.T) {
+	f := newFakeRegistry(t)
+	data, dg := f.addBlob(1 << 16)
+	var down atomic.Bool
+	down.Store(true)
+	f.configure(func() {
+		f.blobHook = func(w http.ResponseWriter, r *http.Request, n int) bool {
+			if down.Load() {
+				http.Error(w, "down", http.StatusServiceUnavailable)
+				return true
+			}
+			return false
+		}
+	})
+	c := testClient(t, func(o *Options) { o.RetryBudget = time.Second })
+	b := mustBlob(t, c, f.host(), "app", dg, int64(len(data)))
+	buf := make([]byte, 4096)
+	if _, err := b.ReadAt(buf, 0); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("first read: %v, want ErrUnavailable", err)
+	}
+	before := f.blobRequests.Load()
+	for i := range 5 {
+		_, err := b.ReadAt(buf, int64(i)*512)
+		if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "failing at once") {
+			t.Fatalf("read %d of a dead blob: %v, want an immediate ErrUnavailable", i, err)
+		}
+	}
+	if n := f.blobRequests.Load() - before; n != 0 {
+		t.Fatalf("reads of a dead blob sent %d requests within the probe interval", n)
+	}
+	time.Sleep(ProbeInterval)
+	if _, err := b.ReadAt(buf, 0); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("probe of a still dead blob: %v", err)
+	}
+	if n := f.blobRequests.Load() - before; n != 1 {
+		t.Fatalf("a probe sent %d requests, want 1 (no retries)", n)
+	}
+	down.Store(false)
+	time.Sleep(ProbeInterval)
+	if _, err := b.ReadAt(buf, 0); err != nil || !bytes.Equal(buf, data[:len(buf)]) {
+		t.Fatalf("probe after recovery: %v", err)
+	}
+	if _, err := b.ReadAt(buf, 8192); err != nil || !bytes.Equal(buf, data[8192:8192+len(buf)]) {
+		t.Fatalf("read of a revived blob: %v", err)
+	}
+}

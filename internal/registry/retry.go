@@ -224,6 +224,7 @@ type retrier struct {
 	host  string        // registry named in auth hints
 	op    func() string // describes the operation for errors (lazily: it is rarely needed)
 	stats *counters     // may be nil
+	once  bool          // one attempt: a failure worth retrying fails with ErrUnavailable at once
 }
 
 // backoff returns the pause before attempt n+1 (n ≥ 1): 200ms·2^(n-1) capped at 10s, jittered to 50–100%.
@@ -268,7 +269,7 @@ func (r *retrier) do(ctx context.Context, fn func(ctx context.Context, timeout t
 			return &Error{Op: r.op(), Err: err, Kind: v.kind, Hint: v.hint}
 		}
 		wait := max(backoff(attempt), v.retryAfter)
-		if time.Now().Add(wait).After(deadline) {
+		if r.once || time.Now().Add(wait).After(deadline) {
 			return &Error{Op: r.op(), Err: err, Kind: ErrUnavailable, Attempts: attempt, Elapsed: time.Since(start)}
 		}
 		r.c.log.Debug("registry request failed; retrying", "op", r.op(), "attempt", attempt, "wait", wait, "err", err)
