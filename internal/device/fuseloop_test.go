@@ -1,6 +1,7 @@
 package device
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os"
@@ -349,4 +350,87 @@ func TestUnmountIdempotent(t *testing.T) {
 		t.Fatal("busy mount was not detached lazily")
 	}
 	t.Log(err)
+}
+
+// deadRangeBackend fails every read that touches [lo, hi), like a registry that cannot serve one blob range.
+type deadRangeBackend struct {
+	Backend
+	lo, hi int64
+}
+
+func (d *deadRangeBackend) ReadAt(p []byte, off int64) (int, error) {
+	if off < d.hi && off+int64(len(p)) > d.lo {
+		return 0, errors.New("registry range unreachable")
+	}
+	return d.Backend.ReadAt(p, off)
+}
+
+// A read that crosses a range the backend cannot serve never returns wrong bytes or a short count as if it were
+// the end: an O_DIRECT read of the device fails as a whole; a buffered read (which the kernel serves page by
+// page) returns the correct bytes before the dead range, and the read at the dead range fails with EIO, again on
+// every retry; a file on the mounted filesystem reads the same way; the rest of the device reads normally.
+func TestDeadRangeNeverServesWrongData(t *testing.T) {
+	mkfs := needSystem(t)
+	log, _ := testLogger(t)
+	img := makeImage(t, mkfs, testFiles(2), 32)
+	want, err := os.ReadFile(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const lo, hi = 3<<20 + 512<<10, 3<<20 + 640<<10
+	b := &deadRangeBackend{Backend: loadImage(t, img), lo: lo, hi: hi}
+	dev := attach(t, NewFuseLoop(log), uniqueID(t, 0), b, AttachOptions{ReadOnly: true, StateDir: t.TempDir()})
+
+	withTimeout(t, 60*time.Second, "reads across a dead range", func() {
+		fd, err := unix.Open(dev.Path, unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		buf := alignedBuffer(1 << 20)
+		if n, err := unix.Pread(fd, buf, 3<<20); !errors.Is(err, syscall.EIO) {
+			t.Errorf("O_DIRECT read across the dead range: %d bytes, %v; want EIO", n, err)
+		}
+		unix.Close(fd)
+
+		fd, err = unix.Open(dev.Path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer unix.Close(fd)
+		sawEIO := false
+		for off := int64(0); off < 8<<20; {
+			p := make([]byte, 1<<20)
+			n, err := unix.Pread(fd, p, off)
+			if n > 0 && !bytes.Equal(p[:n], want[off:off+int64(n)]) {
+				t.Errorf("buffered read at %d returned %d wrong bytes", off, n)
+				return
+			}
+			// The kernel fails whole page-cache folios and block requests, so bytes near the dead range may fail too.
+			near := off < hi+2<<20 && off+int64(len(p)) > lo-2<<20
+			switch {
+			case err != nil && !near:
+				t.Errorf("buffered read at %d, far from the dead range: %v", off, err)
+				return
+			case err != nil && !errors.Is(err, syscall.EIO):
+				t.Errorf("buffered read at %d (near the dead range): %v, want EIO", off, err)
+				return
+			case err != nil:
+				sawEIO = true
+				off += 64 << 10 // step over what cannot be read
+			case n == 0:
+				t.Errorf("buffered read at %d returned 0 bytes (end of device?) before the end", off)
+				return
+			default:
+				if off <= lo && off+int64(n) > lo {
+					t.Errorf("buffered read at %d returned %d bytes: it covers the dead range at %d", off, n, lo)
+				}
+				off += int64(n)
+			}
+		}
+		if !sawEIO {
+			t.Error("no buffered read failed: the dead range was read as if it were fine")
+		}
+	})
 }
