@@ -41,10 +41,10 @@ func Open(r io.ReaderAt, size int64) (*File, error) {
 		return nil, err
 	}
 	if !hdr.IsDataFile() {
-		return nil, errors.New("lsmt: this is an RW index file, not a layer (open it with OpenRW)")
+		return nil, errors.New("lsmt: this is the index file of a writable layer, not a committed or sealed layer")
 	}
 	if !trl.ok {
-		return nil, errors.New("lsmt: no sealed trailer at the end of the file (an RW data file? open it with OpenRW)")
+		return nil, errors.New("lsmt: no sealed trailer at the end of the file: a writable layer's data file, or a truncated layer")
 	}
 	ents, err := loadROIndex(r, size, trl.Header)
 	if err != nil {

@@ -132,9 +132,23 @@ func inspectBlob(path string) (blobInfo, error) {
 		}
 		return info, fmt.Errorf("%s: %w", path, err)
 	}
+	switch kind {
+	case lsmt.KindRWData, lsmt.KindRWIndex, lsmt.KindSparseRW:
+		// A writable layer's file: its header says what it is; its content needs the other file of the pair.
+		b := make([]byte, lsmt.HeaderSize)
+		if _, err := r.ReadAt(b, 0); err != nil {
+			return info, fmt.Errorf("%s: read LSMT header: %w", path, err)
+		}
+		h, err := lsmt.ParseHeader(b)
+		if err != nil {
+			return info, fmt.Errorf("%s: %w", path, err)
+		}
+		info.LSMT = &lsmtInfo{Kind: kind, UUID: h.UUID, ParentUUID: h.ParentUUID, VirtualSize: int64(h.VirtualSize), UserTag: h.UserTag}
+		return info, nil
+	}
 	l, err := lsmt.Open(r, size)
 	if err != nil {
-		return info, fmt.Errorf("%s: %s LSMT layer: %w", path, kind, err)
+		return info, fmt.Errorf("%s: LSMT layer: %w", path, err)
 	}
 	h := l.Header()
 	info.LSMT = &lsmtInfo{
@@ -176,7 +190,12 @@ func printBlobInfo(w io.Writer, info blobInfo) {
 	if l := info.LSMT; l != nil {
 		fmt.Fprintf(w, "lsmt:        %s layer, virtual size %s\n", l.Kind, units.Bytes(l.VirtualSize))
 		fmt.Fprintf(w, "  uuid:      %s\n  parent:    %s\n", l.UUID, l.ParentUUID)
-		fmt.Fprintf(w, "  index:     %d valid of %d entries\n  data:      %d bytes\n", l.ValidEntries, l.IndexEntries, l.DataBytes)
+		switch l.Kind {
+		case lsmt.KindRWData, lsmt.KindRWIndex, lsmt.KindSparseRW:
+			fmt.Fprintf(w, "  writable:  one file of a writable layer; 'obd layer commit' turns it (with its pair) into a layer\n")
+		default:
+			fmt.Fprintf(w, "  index:     %d valid of %d entries\n  data:      %d bytes\n", l.ValidEntries, l.IndexEntries, l.DataBytes)
+		}
 		if l.UserTag != "" {
 			fmt.Fprintf(w, "  tag:       %q\n", l.UserTag)
 		}

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"io"
 	"math/rand/v2"
@@ -10,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/obdproject/obd/lsmt"
 	"github.com/obdproject/obd/tarwrap"
 	"github.com/obdproject/obd/zfile"
 )
@@ -190,5 +193,65 @@ func TestInspectArgs(t *testing.T) {
 		if _, _, err := obd(t, args...); err == nil || !strings.Contains(err.Error(), "arg") {
 			t.Errorf("obd %v: error %v, want one about the arguments", args, err)
 		}
+	}
+}
+
+// The files of a writable layer are described, not refused with an API hint.
+func TestInspectWritableLayerFiles(t *testing.T) {
+	dir := t.TempDir()
+	data, index := filepath.Join(dir, "data"), filepath.Join(dir, "index")
+	mustObd(t, "layer", "create", data, index, "1")
+	for path, kind := range map[string]string{data: "rw-data", index: "rw-index"} {
+		out := mustObd(t, "inspect", path)
+		if !strings.Contains(out, "lsmt:        "+kind+" layer, virtual size 1.0 GiB") || !strings.Contains(out, "writable layer") {
+			t.Errorf("inspect %s:\n%s", kind, out)
+		}
+		if strings.Contains(out, "OpenRW") {
+			t.Errorf("inspect %s names a Go function:\n%s", kind, out)
+		}
+	}
+}
+
+// A committed layer whose index is corrupt (an entry pointing past its data) is reported as a corrupt layer, not
+// as a TurboOCI "warp" layer.
+func TestInspectCorruptIndexIsNotWarp(t *testing.T) {
+	dir := t.TempDir()
+	commit := filepath.Join(dir, "commit")
+	// The upstream blob's tar member is a ZFile: unzfile gives its plain committed LSMT file.
+	f, err := os.Open(upstreamBlob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := tarwrap.Detect(f, st.Size())
+	if err != nil {
+		t.Fatal(err)
+	}
+	z, err := zfile.Open(io.NewSectionReader(f, m.Offset, m.Size), m.Size, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var plain bytes.Buffer
+	if _, err := zfile.Decompress(&plain, z); err != nil {
+		t.Fatal(err)
+	}
+	b := plain.Bytes()
+	trailer, err := lsmt.ParseHeader(b[len(b)-lsmt.HeaderSize:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The second word of an index entry holds its data offset in sectors (low 55 bits): point it far away.
+	e := b[trailer.IndexOffset:]
+	binary.LittleEndian.PutUint64(e[8:], binary.LittleEndian.Uint64(e[8:])|1<<50)
+	if err := os.WriteFile(commit, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err = obd(t, "inspect", commit)
+	if err == nil || strings.Contains(err.Error(), "warp") || !strings.Contains(err.Error(), "LSMT layer") {
+		t.Fatalf("inspect of a corrupt committed layer: %v", err)
 	}
 }
