@@ -46,7 +46,7 @@ func TestOpenErrors(t *testing.T) {
 			return b
 		}, "read-only limit"},
 		{"index past trailer", func(b []byte) []byte { b[len(b)-4096+41] = 2; return b }, "does not fit"},
-		{"rw index file", func(b []byte) []byte { b[28] = 1; return b }, "RW index file"},
+		{"rw index file", func(b []byte) []byte { b[28] = 1; return b }, "index file of a writable layer"},
 	}
 	for _, c := range cases {
 		b := c.edit(bytes.Clone(base))
