@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"compress/gzip"
 	"errors"
+	"hash/crc32"
 	"io"
 	"math/rand/v2"
 	"testing"
@@ -233,6 +234,75 @@ func TestISALBadInput(t *testing.T) {
 
 type failing struct{ err error }
 
+// headerCase is a stream whose header or framing the readers must judge alike.
+type headerCase struct {
+	name string
+	in   []byte
+	want error // nil: accepted
+}
+
+func headerCases(t testing.TB) []headerCase {
+	var b bytes.Buffer
+	w := gzip.NewWriter(&b) // a header without optional fields
+	w.Write([]byte("hello, layer"))
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	good := b.Bytes()
+	with := func(flags byte, fields ...[]byte) []byte {
+		b := []byte{0x1f, 0x8b, 8, flags, 0, 0, 0, 0, 0, 0xff}
+		for _, f := range fields {
+			b = append(b, f...)
+		}
+		return append(b, good[10:]...)
+	}
+	long := bytes.Repeat([]byte{'n'}, 511)
+	hcrc := with(flagHdrCrc)[:10]
+	sum := crc32.ChecksumIEEE(hcrc)
+	return []headerCase{
+		{"plain", good, nil},
+		{"reserved flag bit", with(0x20), ErrHeader},
+		{"reserved flag bit with a name", with(0x80|flagName, []byte("x\x00")), ErrHeader},
+		{"name of 511 bytes", with(flagName, long, []byte{0}), nil},
+		{"name of 512 bytes", with(flagName, long, []byte{'n', 0}), ErrHeader},
+		{"comment of 512 bytes", with(flagComment, long, []byte{'n', 0}), ErrHeader},
+		{"header checksum", with(flagHdrCrc, []byte{byte(sum), byte(sum >> 8)}), nil},
+		{"wrong header checksum", with(flagHdrCrc, []byte{byte(sum) ^ 1, byte(sum >> 8)}), ErrHeader},
+		{"extra field", with(flagExtra, []byte{3, 0, 'a', 'b', 'c'}), nil},
+		{"no trailer", good[:len(good)-8], io.ErrUnexpectedEOF},
+		{"half a trailer", good[:len(good)-4], io.ErrUnexpectedEOF},
+		{"header cut in the fixed part", good[:5], io.ErrUnexpectedEOF},
+		{"header cut in the name", []byte{0x1f, 0x8b, 8, flagName, 0, 0, 0, 0, 0, 0xff, 'a', 'b'}, io.ErrUnexpectedEOF},
+		{"header cut in the extra field", []byte{0x1f, 0x8b, 8, flagExtra, 0, 0, 0, 0, 0, 0xff, 9, 0, 'a'}, io.ErrUnexpectedEOF},
+		{"second member cut in its name", append(bytes.Clone(good), 0x1f, 0x8b, 8, flagName, 0, 0, 0, 0, 0, 0xff, 'a'), io.ErrUnexpectedEOF},
+		{"second member with a reserved flag bit", append(bytes.Clone(good), with(0x40)...), ErrHeader},
+	}
+}
+
+// TestHeaders: both readers judge headers and truncation alike, whatever the machine has.
+func TestHeaders(t *testing.T) {
+	readers := map[string]func(io.Reader) (io.ReadCloser, error){"go": NewGoReader}
+	if isalAvailable() {
+		readers["isa-l"] = newISAL
+	}
+	for _, c := range headerCases(t) {
+		for name, open := range readers {
+			z, err := open(bytes.NewReader(c.in))
+			if err == nil {
+				var got []byte
+				got, err = io.ReadAll(z)
+				z.Close()
+				if err == nil && string(got) != "hello, layer" {
+					t.Errorf("%s, %s reader: read %q", c.name, name, got)
+				}
+			}
+			if c.want == nil && err != nil || c.want != nil && !errors.Is(err, c.want) {
+				t.Errorf("%s, %s reader: %v, want %v", c.name, name, err, c.want)
+			}
+		}
+	}
+}
+
 func (f *failing) Read([]byte) (int, error) { return 0, f.err }
 
 // FuzzGunzip checks that the ISA-L reader gives what Go's reader gives: the same bytes, or an error from both.
@@ -241,6 +311,9 @@ func FuzzGunzip(f *testing.F) {
 	f.Add(gz(f, 9, sample(4, 5000), []byte("second")))
 	f.Add(gz(f, gzip.NoCompression, sample(5, 3000)))
 	f.Add([]byte{0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff})
+	for _, c := range headerCases(f) {
+		f.Add(c.in)
+	}
 	f.Fuzz(func(t *testing.T, in []byte) {
 		needISAL(t)
 		var want []byte

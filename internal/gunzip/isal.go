@@ -23,12 +23,13 @@ static int obd_isal_load(void) {
 	return obd_isal_init && obd_isal_inflate;
 }
 
-// obd_isal_new allocates a state set up to read one gzip member (header, deflate data, checked trailer).
+// obd_isal_new allocates a state set up to read the rest of a gzip member whose header was read: deflate data and
+// a checked trailer.
 static void *obd_isal_new(void) {
 	struct inflate_state *s = calloc(1, sizeof *s);
 	if (s) {
 		obd_isal_init(s);
-		s->crc_flag = ISAL_GZIP;
+		s->crc_flag = ISAL_GZIP_NO_HDR_VER;
 	}
 	return s;
 }
@@ -36,7 +37,7 @@ static void *obd_isal_new(void) {
 static void obd_isal_restart(void *p) {
 	struct inflate_state *s = p;
 	obd_isal_init(s);
-	s->crc_flag = ISAL_GZIP;
+	s->crc_flag = ISAL_GZIP_NO_HDR_VER;
 }
 
 // obd_isal_inflate_step runs the inflater over in and out and reports how much of each it used and whether the
@@ -59,25 +60,15 @@ static int obd_isal_inflate_step(void *p, uint8_t *in, uint32_t in_len, uint8_t 
 	return ret;
 }
 
-// obd_isal_kind sorts an error of isal_inflate: 1 a bad gzip header, 2 a checksum or size mismatch, 3 bad data.
-static int obd_isal_kind(int ret) {
-	switch (ret) {
-	case ISAL_INVALID_WRAPPER:
-	case ISAL_UNSUPPORTED_METHOD:
-		return 1;
-	case ISAL_INCORRECT_CHECKSUM:
-		return 2;
-	default:
-		return 3;
-	}
-}
+// obd_isal_bad_checksum tells whether an error of isal_inflate is a checksum or size mismatch (else: bad data).
+static int obd_isal_bad_checksum(int ret) { return ret == ISAL_INCORRECT_CHECKSUM; }
 #else
 static int obd_isal_load(void) { return 0; }
 static void *obd_isal_new(void) { return NULL; }
 static void obd_isal_restart(void *p) {}
 static int obd_isal_inflate_step(void *p, uint8_t *in, uint32_t in_len, uint8_t *out, uint32_t out_len,
 				 uint32_t *in_used, uint32_t *out_used, int *finished) { return -100; }
-static int obd_isal_kind(int ret) { return 3; }
+static int obd_isal_bad_checksum(int ret) { return 0; }
 #endif
 */
 import "C"
@@ -121,21 +112,25 @@ func newISAL(r io.Reader) (io.ReadCloser, error) {
 	// The input buffer has 64 bytes of zeros after its end that no read fills: the inflater may load a few
 	// bytes past its input, and they must be memory of ours.
 	z := &isalReader{src: r, state: state, in: make([]byte, isalInput+64)[:isalInput]}
-	// Check the fixed part of the header now, as gzip.NewReader does; ISA-L checks the rest.
-	z.fill(max(isalMinInput, 10))
-	var err error
-	switch {
-	case z.end == 0 && z.srcErr == io.EOF:
-		err = io.EOF
-	case z.end < 10:
-		err = z.inputEnd(io.ErrUnexpectedEOF)
-	case z.in[0] != 0x1f || z.in[1] != 0x8b || z.in[2] != 8:
-		err = ErrHeader
-	default:
-		return z, nil
+	if err := readHeader(z.readByte); err != nil {
+		z.Close()
+		return nil, err
 	}
-	z.Close()
-	return nil, err
+	return z, nil
+}
+
+// readByte returns the next input byte, for reading member headers.
+func (z *isalReader) readByte() (byte, error) {
+	if z.pos == z.end {
+		z.fill(1)
+		if z.pos == z.end {
+			return 0, z.inputEnd(io.EOF)
+		}
+	}
+	c := z.in[z.pos]
+	z.pos++
+	z.total++
+	return c, nil
 }
 
 // fill reads more input after what is left unconsumed, until at least want bytes are there or src has ended.
@@ -170,13 +165,10 @@ func (z *isalReader) Read(p []byte) (int, error) {
 func (z *isalReader) read(p []byte) (int, error) {
 	for {
 		if z.ended {
-			if z.pos == z.end {
-				z.fill(isalMinInput)
+			if err := readHeader(z.readByte); err != nil {
+				return 0, err // io.EOF: no other member follows
 			}
-			if z.pos == z.end {
-				return 0, z.inputEnd(io.EOF)
-			}
-			C.obd_isal_restart(z.state) // another member follows; it must start with a gzip header
+			C.obd_isal_restart(z.state)
 			z.ended = false
 		}
 		if z.end-z.pos < isalMinInput && z.srcErr == nil {
@@ -225,14 +217,10 @@ func (z *isalReader) inputEnd(atEnd error) error {
 }
 
 func (z *isalReader) failure(ret int) error {
-	switch C.obd_isal_kind(C.int(ret)) {
-	case 1:
-		return fmt.Errorf("%w (at input byte %d)", ErrHeader, z.total)
-	case 2:
+	if C.obd_isal_bad_checksum(C.int(ret)) != 0 {
 		return ErrChecksum
-	default:
-		return fmt.Errorf("%w (ISA-L error %d near input byte %d)", ErrCorrupt, ret, z.total)
 	}
+	return fmt.Errorf("%w (ISA-L error %d near input byte %d)", ErrCorrupt, ret, z.total)
 }
 
 // Close frees the inflater.
