@@ -6,11 +6,14 @@ import (
 	"archive/tar"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"path"
 	"sort"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -52,86 +55,110 @@ type Tree map[string]*Inode
 // NewTree returns a tree holding only the root directory.
 func NewTree() Tree { return Tree{"/": {Kind: Dir, Mode: 0o755}} }
 
-// ApplyTar applies one OCI layer (an uncompressed tar stream) to the tree with OCI whiteout semantics.
+// ApplyTar applies one OCI layer (an uncompressed tar stream) to the tree the way containerd's applier
+// (archive.Apply of containerd/v2/pkg/archive) unpacks it into a directory, so that the tree is what containerd
+// would unpack:
+//   - the parent of an entry resolves as continuity's fs.RootPath resolves it: symlinks are followed, ".." and
+//     absolute targets stop at the root; missing parents become directories (0755, root);
+//   - an entry replaces what is at its path, except that a directory over a directory only updates its
+//     metadata (xattrs are added); the root itself is never replaced;
+//   - ".wh.NAME" removes NAME at once, ".wh..wh..opq" at once removes everything in its directory that this
+//     layer has not unpacked yet;
+//   - a hardlink shares the inode of its target, whose directory resolves like an entry's parent;
+//   - a pax global header removes what is at its name.
+//
+// Unlike containerd, which applies a hardlink entry's owner, mode, mtime and xattrs to the inode it shares, the
+// inode keeps those of the entry that made it, as GNU tar and the converter do.
 func (t Tree) ApplyTar(r io.Reader) error {
 	tr := tar.NewReader(r)
-	opaqueDirs := map[string]bool{}
-	added := map[string]bool{}
+	unpacked := map[string]bool{}
 	for {
 		h, err := tr.Next()
 		if err == io.EOF {
-			break
+			return nil
 		}
 		if err != nil {
 			return fmt.Errorf("read tar: %w", err)
 		}
-		p, err := cleanPath(h.Name)
+		if err := t.apply(h, tr, unpacked); err != nil {
+			return fmt.Errorf("entry %q: %w", h.Name, err)
+		}
+	}
+}
+
+// apply applies one tar entry; unpacked holds the paths the layer has unpacked so far.
+func (t Tree) apply(h *tar.Header, r io.Reader, unpacked map[string]bool) error {
+	dir, base := path.Split(path.Clean(h.Name))
+	dir, err := t.rootPath(dir)
+	if err != nil {
+		return err
+	}
+	p := path.Join(dir, path.Join("/", base))
+	if p == "/" {
+		return nil
+	}
+	if err := t.mkparent(dir); err != nil {
+		return err
+	}
+	if base == opaque {
+		t.opaque(dir, unpacked)
+		return nil
+	}
+	if name, ok := strings.CutPrefix(base, whiteout); ok {
+		if name == "" || name == "." || name == ".." {
+			return fmt.Errorf("invalid whiteout name %q", base)
+		}
+		t.remove(path.Join(dir, name))
+		return nil
+	}
+	old, exists := t[p]
+	if exists && (old.Kind != Dir || h.Typeflag != tar.TypeDir) {
+		t.remove(p)
+	}
+	switch {
+	case h.Typeflag == tar.TypeXGlobalHeader: // containerd clears its path but writes nothing there
+	case h.Typeflag == tar.TypeLink:
+		ino, err := t.linkTarget(h.Linkname)
 		if err != nil {
 			return err
 		}
-		dir, base := path.Split(p)
-		dir = path.Clean(dir)
-		if base == opaque {
-			opaqueDirs[dir] = true
-			continue
-		}
-		if name, ok := strings.CutPrefix(base, whiteout); ok {
-			t.remove(path.Join(dir, name))
-			continue
-		}
-		t.ensureParents(p)
-		if h.Typeflag == tar.TypeLink {
-			target, err := cleanPath(h.Linkname)
-			if err != nil {
-				return err
-			}
-			ino, ok := t[target]
-			if !ok {
-				return fmt.Errorf("entry %q: hardlink target %q does not exist", h.Name, h.Linkname)
-			}
-			if old, ok := t[p]; ok && old.Kind == Dir {
-				t.remove(p)
-			}
-			t[p] = ino
-			added[p] = true
-			continue
-		}
-		ino, err := inodeFromHeader(h, tr)
-		if err != nil {
-			return fmt.Errorf("entry %q: %w", h.Name, err)
-		}
-		if old, ok := t[p]; ok {
-			if old.Kind == Dir && ino.Kind == Dir {
-				*old = *ino // an existing directory keeps its contents
-				added[p] = true
-				continue
-			}
-			t.remove(p)
-		}
 		t[p] = ino
-		added[p] = true
-	}
-	for dir := range opaqueDirs {
-		prefix := strings.TrimSuffix(dir, "/") + "/"
-		for p := range t {
-			if strings.HasPrefix(p, prefix) && !added[p] {
-				delete(t, p)
-			}
+	case h.Typeflag == tar.TypeDir && exists && old.Kind == Dir:
+		setMeta(old, h)
+		old.Implicit = false
+	default:
+		ino, err := inodeFromHeader(h, r)
+		if err != nil {
+			return err
 		}
+		setMeta(ino, h)
+		t[p] = ino
 	}
+	unpacked[p] = true
 	return nil
 }
 
-func inodeFromHeader(h *tar.Header, r io.Reader) (*Inode, error) {
-	ino := &Inode{Mode: uint32(h.Mode) & 0o7777, UID: uint32(h.Uid), GID: uint32(h.Gid), Mtime: h.ModTime}
-	for k, v := range h.PAXRecords {
-		if name, ok := strings.CutPrefix(k, "SCHILY.xattr."); ok {
-			if ino.Xattrs == nil {
-				ino.Xattrs = map[string]string{}
-			}
-			ino.Xattrs[name] = v
-		}
+// linkTarget returns the inode a hardlink entry names, resolved as containerd resolves it.
+func (t Tree) linkTarget(name string) (*Inode, error) {
+	dir, base := path.Split(name)
+	dir, err := t.rootPath(dir)
+	if err != nil {
+		return nil, fmt.Errorf("hardlink target %q: %w", name, err)
 	}
+	ino, ok := t[path.Join(dir, base)]
+	switch {
+	case !ok:
+		return nil, fmt.Errorf("hardlink target %q: %w", name, fs.ErrNotExist)
+	case ino.Kind == Dir:
+		return nil, fmt.Errorf("hardlink target %q is a directory", name)
+	}
+	return ino, nil
+}
+
+// inodeFromHeader makes the inode of an entry that is neither a hardlink nor a merged directory, reading a
+// regular file's content from r; setMeta adds the metadata.
+func inodeFromHeader(h *tar.Header, r io.Reader) (*Inode, error) {
+	ino := &Inode{}
 	switch h.Typeflag {
 	case tar.TypeReg, tar.TypeGNUSparse:
 		ino.Kind = Regular
@@ -157,17 +184,164 @@ func inodeFromHeader(h *tar.Header, r io.Reader) (*Inode, error) {
 	return ino, nil
 }
 
-func (t Tree) ensureParents(p string) {
-	for dir := path.Dir(p); dir != "/"; dir = path.Dir(dir) {
-		if ino, ok := t[dir]; ok && ino.Kind == Dir {
-			return
-		} else if ok {
-			t.remove(dir)
+// setMeta gives ino the owner, mode, mtime and xattrs of header h; xattrs it has already are kept unless h
+// sets them.
+func setMeta(ino *Inode, h *tar.Header) {
+	ino.Mode, ino.UID, ino.GID, ino.Mtime = uint32(h.Mode)&0o7777, uint32(h.Uid), uint32(h.Gid), h.ModTime
+	for k, v := range h.PAXRecords {
+		if name, ok := strings.CutPrefix(k, "SCHILY.xattr."); ok {
+			if ino.Xattrs == nil {
+				ino.Xattrs = map[string]string{}
+			}
+			ino.Xattrs[name] = v
 		}
-		t[dir] = &Inode{Kind: Dir, Mode: 0o755, Implicit: true}
 	}
 }
 
+// rootPath resolves p below the root as continuity's fs.RootPath does for containerd's applier: symlinks are
+// followed in every component, the last one too, with ".." and absolute targets stopping at the root;
+// components that do not exist are taken as they are. The result is clean and absolute.
+func (t Tree) rootPath(p string) (string, error) {
+	links := 0
+	for {
+		before := links
+		np, err := t.walkLinks(p, &links)
+		if err != nil {
+			return "", err
+		}
+		if links == before {
+			return path.Join("/", np), nil
+		}
+		p = np
+	}
+}
+
+// walkLinks resolves the symlinks of p's components once each, as continuity's walkLinks does; the targets it
+// returns may hold further symlinks.
+func (t Tree) walkLinks(p string, links *int) (string, error) {
+	dir, file := path.Split(p)
+	switch {
+	case dir == "":
+		np, _, err := t.walkLink(file, links)
+		return np, err
+	case file == "":
+		if dir == "/" {
+			return dir, nil
+		}
+		return t.walkLinks(dir[:len(dir)-1], links)
+	}
+	dir, err := t.walkLinks(dir, links)
+	if err != nil {
+		return "", err
+	}
+	np, isLink, err := t.walkLink(path.Join(dir, file), links)
+	if err != nil || !isLink || path.IsAbs(np) {
+		return np, err
+	}
+	return path.Join(dir, np), nil
+}
+
+// walkLink returns the target of p if it is a symlink, else p made absolute.
+func (t Tree) walkLink(p string, links *int) (target string, isLink bool, err error) {
+	if *links > maxRootPathLinks {
+		return "", false, errTooManyLinks
+	}
+	p = path.Join("/", p)
+	if p == "/" {
+		return p, false, nil
+	}
+	ino, err := t.lstat(p)
+	if errors.Is(err, fs.ErrNotExist) {
+		return p, false, nil
+	}
+	if err != nil {
+		return "", false, err
+	}
+	if ino.Kind != Symlink {
+		return p, false, nil
+	}
+	*links++
+	return ino.Link, true, nil
+}
+
+const (
+	maxRootPathLinks = 255 // continuity's fs.RootPath gives up after this many symlinks
+	maxLstatLinks    = 40  // Linux's limit for one path lookup
+)
+
+var errTooManyLinks = errors.New("too many links")
+
+// lstat looks the clean absolute path p up as lstat(2) does in a chroot at the root: symlinks among the
+// directories of p are followed (".." and absolute targets stopping at the root), a last symlink is not.
+func (t Tree) lstat(p string) (*Inode, error) {
+	cur, rest, links := "/", strings.Split(p[1:], "/"), 0
+	for len(rest) > 0 {
+		c := rest[0]
+		rest = rest[1:]
+		switch c {
+		case "", ".":
+			continue
+		case "..":
+			cur = path.Dir(cur)
+			continue
+		}
+		next := path.Join(cur, c)
+		ino, ok := t[next]
+		switch {
+		case !ok:
+			return nil, fs.ErrNotExist
+		case len(rest) == 0:
+			return ino, nil
+		case ino.Kind == Dir:
+			cur = next
+		case ino.Kind == Symlink:
+			if links++; links > maxLstatLinks {
+				return nil, syscall.ELOOP
+			}
+			if path.IsAbs(ino.Link) {
+				cur = "/"
+			}
+			rest = append(strings.Split(ino.Link, "/"), rest...)
+		default:
+			return nil, syscall.ENOTDIR
+		}
+	}
+	return t["/"], nil
+}
+
+// mkparent makes sure the resolved directory dir exists, creating it and its missing parents as containerd
+// does.
+func (t Tree) mkparent(dir string) error {
+	if dir == "/" {
+		return nil
+	}
+	if ino, ok := t[dir]; ok {
+		if ino.Kind != Dir {
+			return fmt.Errorf("parent %s: %w", dir, syscall.ENOTDIR)
+		}
+		return nil
+	}
+	if err := t.mkparent(path.Dir(dir)); err != nil {
+		return err
+	}
+	t[dir] = &Inode{Kind: Dir, Mode: 0o755, Implicit: true}
+	return nil
+}
+
+// opaque removes everything below dir that is not unpacked, or lies below something not unpacked.
+func (t Tree) opaque(dir string, unpacked map[string]bool) {
+	prefix := strings.TrimSuffix(dir, "/") + "/"
+	for p := range t {
+		for q := p; q != dir && strings.HasPrefix(q, prefix); q = path.Dir(q) {
+			if !unpacked[q] {
+				delete(t, p)
+				break
+			}
+		}
+	}
+}
+
+// remove removes p and everything below it.
 func (t Tree) remove(p string) {
 	delete(t, p)
 	prefix := p + "/"
@@ -176,16 +350,6 @@ func (t Tree) remove(p string) {
 			delete(t, q)
 		}
 	}
-}
-
-func cleanPath(name string) (string, error) {
-	p := path.Clean("/" + name)
-	for _, part := range strings.Split(name, "/") {
-		if part == ".." {
-			return "", fmt.Errorf("entry %q: path escapes the root", name)
-		}
-	}
-	return p, nil
 }
 
 // Difference is one way two trees differ.
