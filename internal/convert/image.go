@@ -620,7 +620,7 @@ func (c *converter) apply(ctx context.Context, fsys *ext4.FS, i int, diffID dige
 		return 0, err
 	}
 	defer rc.Close()
-	tarStream, _, err := image.Decompress(rc)
+	tarStream, comp, err := image.Decompress(rc)
 	if err != nil {
 		return 0, err
 	}
@@ -628,7 +628,7 @@ func (c *converter) apply(ctx context.Context, fsys *ext4.FS, i int, diffID dige
 	h := sha256.New()
 	counted := &countingWriter{w: h}
 	// Decompression and hashing run ahead in their own goroutine, overlapping with the tar → ext4 work.
-	ahead := newReadAhead(io.TeeReader(tarStream, counted), 1<<20, 4)
+	ahead := newReadAhead(io.TeeReader(blobReader{tarStream, comp}, counted), 1<<20, 4)
 	_, err = Apply(ctx, fsys, ahead, ApplyOptions{})
 	if err == nil {
 		// Read to the end: trailing tar padding counts for the diff_id, and the blob's digest is checked at EOF.
@@ -670,7 +670,15 @@ func newReadAhead(r io.Reader, size, depth int) *readAhead {
 			case <-ra.done:
 				return
 			}
-			n, err := io.ReadFull(r, b[:cap(b)])
+			// Not io.ReadFull: it would turn r's own io.ErrUnexpectedEOF (a truncated gzip stream) into a short
+			// chunk before a clean end.
+			n := 0
+			var err error
+			for n < cap(b) && err == nil {
+				var k int
+				k, err = r.Read(b[n:cap(b)])
+				n += k
+			}
 			if n > 0 {
 				select {
 				case ra.full <- b[:n]:
@@ -679,11 +687,7 @@ func newReadAhead(r io.Reader, size, depth int) *readAhead {
 				}
 			}
 			if err != nil {
-				if err != io.ErrUnexpectedEOF {
-					ra.err = err
-				} else {
-					ra.err = io.EOF
-				}
+				ra.err = err
 				return
 			}
 		}
@@ -711,6 +715,24 @@ func (ra *readAhead) Read(p []byte) (int, error) {
 func (ra *readAhead) Close() {
 	close(ra.done)
 	<-ra.exited
+}
+
+// blobReader reads the uncompressed content of a layer blob, saying in its errors that they come from the blob.
+type blobReader struct {
+	r    io.Reader
+	comp image.Compression
+}
+
+func (b blobReader) Read(p []byte) (int, error) {
+	n, err := b.r.Read(p)
+	switch {
+	case err == nil || err == io.EOF:
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		err = fmt.Errorf("layer blob (compression: %s) is truncated: its stream ends early: %w", b.comp, err)
+	default:
+		err = fmt.Errorf("reading layer blob (compression: %s): %w", b.comp, err)
+	}
+	return n, err
 }
 
 type countingWriter struct {
