@@ -97,8 +97,11 @@ func OpenLayerBlob(r io.ReaderAt, size int64, verify bool) (*lsmt.File, error) {
 			return nil, errors.Join(err, eerr)
 		}
 		// A read that failed is a transport error, already retried below: opening again would only wait again.
-		if rec.readFailed() || try == MaxOpenReloads {
+		if rec.readFailed() {
 			return nil, err
+		}
+		if try == MaxOpenReloads {
+			return nil, fmt.Errorf("%w (the same after fetching its bytes again %d times: the blob is bad, or its source serves wrong bytes)", err, MaxOpenReloads)
 		}
 	}
 }

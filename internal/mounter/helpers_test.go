@@ -200,9 +200,12 @@ func newSetup(t *testing.T) *setup {
 
 // mounterOptions configure newMounter.
 type mounterOptions struct {
-	registry    *fakeRegistry // nil: no registry (the Registry func fails the test)
-	retryBudget time.Duration // 0: 10s
-	cache       *cache.Cache  // nil: read straight from the registry
+	registry       *fakeRegistry // nil: no registry (the Registry func fails the test), unless host is set
+	host           string        // the registry's host:port when it is not a fakeRegistry
+	retryBudget    time.Duration // 0: 10s
+	requestTimeout time.Duration // 0: 5s
+	refresh        func(host string) bool
+	cache          *cache.Cache // nil: read straight from the registry
 }
 
 // newMounter returns a Mounter with its own FuseLoop and a registry client for reg.
@@ -212,15 +215,22 @@ func (s *setup) newMounter(o mounterOptions) *Mounter {
 	if o.retryBudget == 0 {
 		o.retryBudget = 10 * time.Second
 	}
-	var client *registry.Client
+	if o.requestTimeout == 0 {
+		o.requestTimeout = 5 * time.Second
+	}
 	if o.registry != nil {
+		o.host = o.registry.host()
+	}
+	var client *registry.Client
+	if o.host != "" {
 		var err error
 		client, err = registry.New(registry.Options{
-			PlainHTTP:      true,
-			Credentials:    registry.StaticCredentials("", ""),
-			RetryBudget:    o.retryBudget,
-			RequestTimeout: 5 * time.Second,
-			Logger:         s.log,
+			PlainHTTP:          true,
+			Credentials:        registry.StaticCredentials("", ""),
+			RetryBudget:        o.retryBudget,
+			RequestTimeout:     o.requestTimeout,
+			RefreshCredentials: o.refresh,
+			Logger:             s.log,
 		})
 		if err != nil {
 			t.Fatal(err)
@@ -232,7 +242,7 @@ func (s *setup) newMounter(o mounterOptions) *Mounter {
 		StateDir: s.stateDir,
 		Cache:    o.cache,
 		Registry: func(host string) (*registry.Client, error) {
-			if client == nil || host != o.registry.host() {
+			if client == nil || host != o.host {
 				t.Errorf("Mounter asked for a client of registry %q", host)
 				return nil, fmt.Errorf("no registry %q in this test", host)
 			}
