@@ -24,6 +24,11 @@ type Options struct {
 	Workers int
 	// NoVerify omits the CRC32C written after each compressed block.
 	NoVerify bool
+	// LZ4Batch, if set, compresses a batch of LZ4 blocks faster than the Go compressor, with the same bytes (the
+	// converter uses package internal/lz4c, the system's liblz4): raw is cut into blocks of bs bytes, compressed
+	// one after another into dst[:cap(dst)] with gap bytes left after each, lens[i] set to the compressed size of
+	// block i; it returns the bytes used, or false to let the Go compressor do the batch.
+	LZ4Batch func(raw []byte, bs int, dst []byte, gap int, lens []int32) (int, bool)
 }
 
 // normalize fills in defaults and validates o.
@@ -164,8 +169,8 @@ func compressBlocks(opts Options, src io.Reader, emit func(*job) error) error {
 	}
 	run := func(e *blockEncoder, j *job) {
 		j.out, j.lens = j.out[:0], j.lens[:0]
-		if e.algo == AlgoLZ4 {
-			if n, ok := lz4Batch(j.raw, bs, j.out, gap, j.clens[:cap(j.clens)]); ok {
+		if e.algo == AlgoLZ4 && opts.LZ4Batch != nil {
+			if n, ok := opts.LZ4Batch(j.raw, bs, j.out, gap, j.clens[:cap(j.clens)]); ok {
 				// liblz4 compressed every block, leaving room for the CRCs.
 				j.out = j.out[:n]
 				pos := 0

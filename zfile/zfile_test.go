@@ -12,6 +12,9 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/obdproject/obd/internal/lz4c"
+	"github.com/obdproject/obd/internal/testenv"
 )
 
 var lsmtMagic = []byte{0x4C, 0x53, 0x4D, 0x54, 0x00, 0x01, 0x02, 0x00}
@@ -695,5 +698,30 @@ func TestReadIndexChunks(t *testing.T) {
 	f := &failingReader{data: data, on: true, failFrom: 2 * indexChunk, failTo: 2*indexChunk + 1}
 	if _, err := readIndex(f, 0, int64(len(data))); !errors.Is(err, errTest) {
 		t.Fatalf("readIndex error %v", err)
+	}
+}
+
+// A ZFile compressed with the system's liblz4 (Options.LZ4Batch) has the same bytes as one compressed in Go, so
+// digests do not depend on the machine.
+func TestLZ4BatchSameBytes(t *testing.T) {
+	if !lz4c.Available() {
+		testenv.Skip(t, "liblz4.so.1 is not installed")
+	}
+	data := mixedData(3<<20+123, 7)
+	for _, bs := range []int{4 << 10, 16 << 10, 64 << 10} {
+		for _, noVerify := range []bool{false, true} {
+			var goOut, cOut bytes.Buffer
+			opts := Options{BlockSize: bs, NoVerify: noVerify, Workers: 2}
+			if _, err := Compress(&goOut, bytes.NewReader(data), opts); err != nil {
+				t.Fatal(err)
+			}
+			opts.LZ4Batch = lz4c.Batch
+			if _, err := Compress(&cOut, bytes.NewReader(data), opts); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(goOut.Bytes(), cOut.Bytes()) {
+				t.Fatalf("block size %d, no CRC %v: liblz4 and Go give different ZFiles", bs, noVerify)
+			}
+		}
 	}
 }

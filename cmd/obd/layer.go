@@ -9,6 +9,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/obdproject/obd/internal/lz4c"
 	"github.com/obdproject/obd/lsmt"
 	"github.com/obdproject/obd/tarwrap"
 	"github.com/obdproject/obd/zfile"
@@ -50,7 +51,7 @@ func (z *zfileFlags) options() (zfile.Options, error) {
 	default:
 		return zfile.Options{}, fmt.Errorf("--block-size %d: want 4096, 8192, 16384, 32768 or 65536", z.blockSize)
 	}
-	return zfile.Options{Algorithm: algo, BlockSize: z.blockSize, Workers: z.threads}, nil
+	return zfile.Options{Algorithm: algo, BlockSize: z.blockSize, Workers: z.threads, LZ4Batch: lz4c.Batch}, nil
 }
 
 func newLayerCreateCmd() *cobra.Command {
