@@ -237,6 +237,20 @@ func (z *Reader) offset(i int64) int64 {
 	return z.partial[i>>z.gShift] + int64(z.deltas[i])
 }
 
+// CompressedRange returns the range of the file (offset, length) holding the compressed blocks of the
+// uncompressed bytes [off, off+n) — what a cache below the Reader must hold to serve them. The range is clamped to
+// the content; it is empty when nothing of [off, off+n) exists.
+func (z *Reader) CompressedRange(off, n int64) (int64, int64) {
+	end := min(off+n, z.info.OriginalSize)
+	off = max(off, 0)
+	if n <= 0 || end <= off {
+		return 0, 0
+	}
+	first, last := off>>z.bsShift, (end-1)>>z.bsShift
+	start := z.offset(first)
+	return start, z.offset(last+1) - start
+}
+
 // Size returns the original (uncompressed) size.
 func (z *Reader) Size() int64 { return z.info.OriginalSize }
 

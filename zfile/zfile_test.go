@@ -725,3 +725,38 @@ func TestLZ4BatchSameBytes(t *testing.T) {
 		}
 	}
 }
+
+func TestCompressedRange(t *testing.T) {
+	data := mixedData(1<<20+5000, 3)
+	var buf bytes.Buffer
+	if _, err := Compress(&buf, bytes.NewReader(data), Options{BlockSize: 8192}); err != nil {
+		t.Fatal(err)
+	}
+	z, err := Open(bytes.NewReader(buf.Bytes()), int64(buf.Len()), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range [][2]int64{{0, 1}, {8191, 2}, {100000, 300000}, {int64(len(data)) - 10, 100}, {0, int64(len(data))}} {
+		off, n := z.CompressedRange(c[0], c[1])
+		// Besides the header, index and trailer, only the returned range is there: the rest of the file is zeros.
+		only := make([]byte, buf.Len())
+		copy(only[off:off+n], buf.Bytes()[off:off+n])
+		copy(only[:SlotSize], buf.Bytes()[:SlotSize])
+		copy(only[z.Info().IndexOffset:], buf.Bytes()[z.Info().IndexOffset:])
+		zo, err := Open(bytes.NewReader(only), int64(len(only)), true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := data[c[0]:min(int64(len(data)), c[0]+c[1])]
+		got := make([]byte, len(want))
+		if _, err := zo.ReadAt(got, c[0]); err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("range %v: compressed range %d+%d does not hold its blocks: %v", c, off, n, err)
+		}
+		if n > int64(len(want))+2*int64(maxRecord(8192)) {
+			t.Fatalf("range %v: compressed range %d bytes is too large", c, n)
+		}
+	}
+	if _, n := z.CompressedRange(int64(len(data)), 10); n != 0 {
+		t.Fatalf("range past the end: %d bytes", n)
+	}
+}

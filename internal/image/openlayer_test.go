@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 
@@ -79,7 +80,7 @@ func openCache(t *testing.T, dir string) *cache.Cache {
 // corrupted bytes) are evicted and fetched again: the open succeeds and reads right.
 func TestOpenLayerBlobEvictsPoisonedOpenReads(t *testing.T) {
 	blob := helloLayerBlob(t)
-	want, err := openLayerBlob(bytes.NewReader(blob), int64(len(blob)), true)
+	want, err := OpenLayerBlob(bytes.NewReader(blob), int64(len(blob)), true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -135,5 +136,52 @@ func TestOpenLayerBlobFailedOpenLeavesNoPoison(t *testing.T) {
 	}
 	if _, err := f.ReadAt(make([]byte, 4096), 0); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// rangeLog records the ranges read through it.
+type rangeLog struct {
+	r      *bytes.Reader
+	mu     sync.Mutex
+	ranges [][2]int64
+}
+
+func (l *rangeLog) ReadAt(p []byte, off int64) (int, error) {
+	l.mu.Lock()
+	l.ranges = append(l.ranges, [2]int64{off, int64(len(p))})
+	l.mu.Unlock()
+	return l.r.ReadAt(p, off)
+}
+
+// BlobRange names the blob bytes a read of the layer file needs: every read of the blob that a layer read makes
+// lies inside it. Observe sees the layer reads.
+func TestLayerBlobRange(t *testing.T) {
+	blob := helloLayerBlob(t)
+	log := &rangeLog{r: bytes.NewReader(blob)}
+	var observed [][2]int64
+	l, err := OpenLayer(log, int64(len(blob)), LayerOptions{Verify: true, Observe: func(off, n int64) {
+		observed = append(observed, [2]int64{off, n})
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(observed) != 0 {
+		t.Fatalf("reads made while opening were observed: %v", observed)
+	}
+	for _, seg := range l.File.Index()[:20] {
+		off, n := int64(seg.MOffset)*512, int64(seg.Length)*512
+		log.ranges = nil
+		if _, err := l.File.ReadAt(make([]byte, n), int64(seg.Offset)*512); err != nil {
+			t.Fatal(err)
+		}
+		bOff, bN := l.BlobRange(off, n)
+		for _, r := range log.ranges {
+			if r[0] < bOff || r[0]+r[1] > bOff+bN {
+				t.Fatalf("layer bytes %d+%d: the read of blob bytes %d+%d lies outside BlobRange %d+%d", off, n, r[0], r[1], bOff, bN)
+			}
+		}
+		if len(observed) == 0 || observed[len(observed)-1] != [2]int64{off, n} {
+			t.Fatalf("layer bytes %d+%d: observed %v", off, n, observed)
+		}
 	}
 }

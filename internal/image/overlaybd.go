@@ -76,22 +76,66 @@ func BlockLayers(m ocispec.Manifest) ([]BlockLayer, error) {
 
 // OpenLayerBlob opens the LSMT layer inside an overlaybd blob: it unwraps the tar wrapper if present and the ZFile
 // if present. verify checks ZFile block CRCs on every read (use it for data that crossed a network or a cache).
+// It is OpenLayer for callers that need only the layer file.
+func OpenLayerBlob(r io.ReaderAt, size int64, verify bool) (*lsmt.File, error) {
+	l, err := OpenLayer(r, size, LayerOptions{Verify: verify})
+	if err != nil {
+		return nil, err
+	}
+	return l.File, nil
+}
+
+// LayerOptions tune OpenLayer.
+type LayerOptions struct {
+	// Verify checks ZFile block CRCs on every read (use it for data that crossed a network or a cache).
+	Verify bool
+	// Observe, if set, is called with every read of the layer file made once it is open (offset and length in
+	// the layer file: inside the tar wrapper and the ZFile), as upstream's trace recorder sees them.
+	Observe func(off, n int64)
+}
+
+// Layer is an open overlaybd layer blob.
+type Layer struct {
+	// File is the LSMT layer file.
+	File *lsmt.File
+	base int64         // offset in the blob of the layer file (ZFile or LSMT)
+	z    *zfile.Reader // nil when the layer file is not compressed
+}
+
+// BlobRange returns the range of the blob (offset, length) that holds the bytes [off, off+n) of the layer file:
+// what to fetch ahead of reads of those bytes. It is empty when the layer file has none of them.
+func (l *Layer) BlobRange(off, n int64) (int64, int64) {
+	if l.z != nil {
+		off, n = l.z.CompressedRange(off, n)
+	} else {
+		end := min(off+n, l.File.Size())
+		off = max(off, 0)
+		n = max(end-off, 0)
+	}
+	if n == 0 {
+		return 0, 0
+	}
+	return l.base + off, n
+}
+
+// OpenLayer opens the LSMT layer inside an overlaybd blob of size bytes held by r: it unwraps the tar wrapper if
+// present and the ZFile if present.
 //
 // When r is a cache (a zfile.Evicter), bytes read while opening that fail a check (a bad magic, a header/trailer
 // mismatch, an index CRC) may be a bad copy rather than a bad blob: the ranges read are evicted and the open is
 // tried again, MaxOpenReloads times. A failing open evicts what it read in any case, so that a later attempt
 // (after a fix upstream, or a daemon restart) never trusts those bytes.
-func OpenLayerBlob(r io.ReaderAt, size int64, verify bool) (*lsmt.File, error) {
+func OpenLayer(r io.ReaderAt, size int64, opts LayerOptions) (*Layer, error) {
 	ev, ok := r.(zfile.Evicter)
 	if !ok {
-		return openLayerBlob(r, size, verify)
+		return openLayer(r, size, opts)
 	}
 	for try := 0; ; try++ {
 		rec := &openRecorder{r: r, ev: ev}
-		f, err := openLayerBlob(rec, size, verify)
+		l, err := openLayer(rec, size, opts)
 		rec.stop()
 		if err == nil {
-			return f, nil
+			return l, nil
 		}
 		if eerr := rec.evict(); eerr != nil {
 			return nil, errors.Join(err, eerr)
@@ -106,17 +150,18 @@ func OpenLayerBlob(r io.ReaderAt, size int64, verify bool) (*lsmt.File, error) {
 	}
 }
 
-// MaxOpenReloads bounds how often OpenLayerBlob evicts what it read and opens a cached blob again.
+// MaxOpenReloads bounds how often OpenLayer evicts what it read and opens a cached blob again.
 const MaxOpenReloads = 2
 
-func openLayerBlob(r io.ReaderAt, size int64, verify bool) (*lsmt.File, error) {
+func openLayer(r io.ReaderAt, size int64, opts LayerOptions) (*Layer, error) {
 	sr, err := tarwrap.Open(r, size)
 	if err != nil {
 		return nil, err
 	}
+	_, base, _ := sr.Outer()
+	l := &Layer{base: base}
 	var layer io.ReaderAt = sr
 	if ev, ok := r.(zfile.Evicter); ok {
-		_, base, _ := sr.Outer()
 		layer = evictSection{sr, ev, base}
 	}
 	lsize := sr.Size()
@@ -125,13 +170,38 @@ func openLayerBlob(r io.ReaderAt, size int64, verify bool) (*lsmt.File, error) {
 		return nil, err
 	}
 	if isZ {
-		z, err := zfile.Open(layer, sr.Size(), verify)
+		z, err := zfile.Open(layer, sr.Size(), opts.Verify)
 		if err != nil {
 			return nil, err
 		}
-		layer, lsize = z, z.Size()
+		layer, lsize, l.z = z, z.Size(), z
 	}
-	return lsmt.Open(layer, lsize)
+	var obs *observed
+	if opts.Observe != nil {
+		obs = &observed{r: layer, fn: opts.Observe}
+		layer = obs
+	}
+	if l.File, err = lsmt.Open(layer, lsize); err != nil {
+		return nil, err
+	}
+	if obs != nil {
+		obs.open.Store(true)
+	}
+	return l, nil
+}
+
+// observed reports the reads made through it, once open is set.
+type observed struct {
+	r    io.ReaderAt
+	fn   func(off, n int64)
+	open atomic.Bool
+}
+
+func (o *observed) ReadAt(p []byte, off int64) (int, error) {
+	if o.open.Load() {
+		o.fn(off, int64(len(p)))
+	}
+	return o.r.ReadAt(p, off)
 }
 
 // openRecorder notes the ranges read through it until stop, so that they can be evicted when the open fails.
