@@ -31,6 +31,15 @@ type blob struct {
 	inflight     map[int64]*fetch // block → the fetch bringing it
 	pins         []pinRange       // block ranges of ongoing reads: never evicted
 	file         *os.File         // data file, nil until needed
+	ahead        []uint64         // blocks fetched by Prefetch or readahead and not read since (in memory only)
+	streams      [4]stream        // recent sequential readers, for readahead
+}
+
+// stream is a sequential reader of a blob: the block its next read should start at, the end of what was fetched
+// ahead of it, and its readahead window in blocks.
+type stream struct {
+	next, aheadEnd, window int64
+	used                   int64 // a counter value: the least recently used stream is replaced
 }
 
 // pinRange is the inclusive block range of one ongoing read.
@@ -39,6 +48,7 @@ type pinRange struct{ first, last int64 }
 // fetch is one coalesced source read of blocks [first, last], shared by every reader that needs them.
 type fetch struct {
 	first, last int64
+	kind        fetchKind
 	done        chan struct{} // closed when buf/err are set
 	buf         []byte        // the bytes of the blocks, from first*BlockSize
 	err         error
@@ -293,6 +303,24 @@ func (b *blob) resetLocked(size int64) {
 	}
 	b.size, b.nblocks = size, numBlocks(size, b.c.opts.BlockSize)
 	b.present = make([]uint64, (b.nblocks+63)/64)
+	b.ahead, b.streams = nil, [4]stream{}
+}
+
+// setAhead marks block i as fetched ahead of its readers. b.mu is held.
+func (b *blob) setAhead(i int64) {
+	if b.ahead == nil {
+		b.ahead = make([]uint64, (b.nblocks+63)/64)
+	}
+	b.ahead[i/64] |= 1 << (i % 64)
+}
+
+// takeAhead clears the fetched-ahead mark of block i and reports whether it was set. b.mu is held.
+func (b *blob) takeAhead(i int64) bool {
+	if b.ahead == nil || !bitSet(b.ahead, i) {
+		return false
+	}
+	b.ahead[i/64] &^= 1 << (i % 64)
+	return true
 }
 
 // touch records an access now.

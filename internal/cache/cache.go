@@ -29,15 +29,22 @@ type Options struct {
 	Dir           string       // cache directory, created if missing
 	CapacityBytes int64        // bound on the bytes of present blocks
 	BlockSize     int64        // refill unit in bytes (default 256 KiB)
-	Logger        *slog.Logger // default slog.Default()
+	// ReadaheadBytes bounds the window fetched ahead of a sequential reader of a blob (default 4 MiB; negative:
+	// no readahead). The window starts at two blocks and doubles with each sequential read.
+	ReadaheadBytes int64
+	Logger         *slog.Logger // default slog.Default()
 
 	flushInterval time.Duration // tests: how often stored blocks are recorded (default flushInterval)
 }
 
 const (
 	defaultBlockSize = 256 << 10
-	// maxRun bounds the bytes of one coalesced source read.
+	// maxRun bounds the bytes of one coalesced source read of a demand miss.
 	maxRun = 8 << 20
+	// maxAheadRun bounds the bytes of one source read of readahead or Prefetch (at least one block).
+	maxAheadRun = 1 << 20
+	// defaultReadahead bounds the readahead window of a sequential reader.
+	defaultReadahead = 4 << 20
 	// flushInterval is how often newly stored blocks are made durable and recorded.
 	flushInterval = 2 * time.Second
 )
@@ -50,6 +57,9 @@ type Stats struct {
 	EvictedBytes  int64
 	BytesFetched  int64 // bytes read from sources
 	StoreFailures int64 // fetched runs that could not be stored (capacity held by active reads, disk errors)
+	// Prefetched and ReadAhead count the blocks fetched by Prefetch and by readahead (not in Misses);
+	// PrefetchHits counts reads of blocks that Prefetch or readahead brought, the first time each is read.
+	Prefetched, ReadAhead, PrefetchHits int64
 }
 
 // Cache is a bounded on-disk block cache keyed by blob digest. It is safe for concurrent use.
@@ -64,6 +74,8 @@ type Cache struct {
 	closed       atomic.Bool
 
 	hits, misses, evictions, evictedBytes, bytesFetched, storeFailures atomic.Int64
+	prefetched, readAhead, prefetchHits                                 atomic.Int64
+	demand                                                              atomic.Int64 // source reads of demand misses in progress
 
 	punchWarned  atomic.Bool   // the failure to punch holes was logged
 	flushFailing atomic.Bool   // a failed state write was logged and none succeeded since
@@ -85,6 +97,9 @@ func Open(opts Options) (*Cache, error) {
 	}
 	if opts.flushInterval <= 0 {
 		opts.flushInterval = flushInterval
+	}
+	if opts.ReadaheadBytes == 0 {
+		opts.ReadaheadBytes = defaultReadahead
 	}
 	c := &Cache{opts: opts, log: opts.Logger, blobs: map[digest.Digest]*blob{}}
 	if c.log == nil {
@@ -239,8 +254,14 @@ func (c *Cache) Stats() Stats {
 		EvictedBytes:  c.evictedBytes.Load(),
 		BytesFetched:  c.bytesFetched.Load(),
 		StoreFailures: c.storeFailures.Load(),
+		Prefetched:    c.prefetched.Load(),
+		ReadAhead:     c.readAhead.Load(),
+		PrefetchHits:  c.prefetchHits.Load(),
 	}
 }
+
+// DemandFetches returns the number of source reads for demand misses in progress: prefetchers yield to them.
+func (c *Cache) DemandFetches() int64 { return c.demand.Load() }
 
 // Close records every stored block and the LRU order, and closes the data files. Readers keep working after
 // Close, reading straight from their sources.
@@ -294,14 +315,14 @@ func (c *Cache) flush(all bool) error {
 }
 
 // reserve accounts n bytes for a store into b, evicting least recently used blocks (never pinned ones) to make
-// room. It returns false when the bytes cannot fit.
-func (c *Cache) reserve(b *blob, n int64) bool {
+// room if evict is set. It returns false when the bytes cannot fit.
+func (c *Cache) reserve(b *blob, n int64, evict bool) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed.Load() || n > c.opts.CapacityBytes {
 		return false
 	}
-	if over := c.used + n - c.opts.CapacityBytes; over > 0 {
+	if over := c.used + n - c.opts.CapacityBytes; over > 0 && evict {
 		// Free some slack too, so that a full cache records an eviction every few stores, not at every one.
 		c.evictLocked(over+c.opts.CapacityBytes/32, b)
 	}

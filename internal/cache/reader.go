@@ -118,6 +118,15 @@ type segment struct {
 	f           *fetch
 }
 
+// fetchKind says why a fetch was made.
+type fetchKind int
+
+const (
+	fetchDemand    fetchKind = iota // a read needs the blocks now
+	fetchReadahead                  // ahead of a sequential reader
+	fetchPrefetch                   // asked for by Prefetch: never evicts to make room
+)
+
 // readCached fills p (inside the blob) through the cache.
 func (r *Reader) readCached(p []byte, off int64) error {
 	b, bs := r.b, r.c.opts.BlockSize
@@ -125,7 +134,7 @@ func (r *Reader) readCached(p []byte, off int64) error {
 	pin := pinRange{first, last}
 	var segs []segment
 	var own []*fetch
-	var hits, misses int64
+	var hits, misses, aheadHits int64
 
 	b.mu.Lock()
 	if b.size != r.size {
@@ -138,11 +147,18 @@ func (r *Reader) readCached(p []byte, off int64) error {
 		switch g := b.inflight[i]; {
 		case bitSet(b.present, i):
 			hits++
+			if b.takeAhead(i) {
+				aheadHits++
+			}
 		case g != nil:
 			f = g
 			misses++
+			if b.takeAhead(i) {
+				aheadHits++
+			}
 		default:
 			misses++
+			b.takeAhead(i) // fetched ahead, then lost: it did not help
 			if k := len(own) - 1; k >= 0 && own[k].last == i-1 && (i-own[k].first+1)*bs <= maxRun {
 				f = own[k]
 				f.last = i
@@ -158,16 +174,25 @@ func (r *Reader) readCached(p []byte, off int64) error {
 			segs = append(segs, segment{i, i, f})
 		}
 	}
+	ahead := r.readaheadLocked(first, last)
 	b.mu.Unlock()
 	defer b.unpin(pin)
 	b.touch()
 	r.c.hits.Add(hits)
 	r.c.misses.Add(misses)
+	r.c.prefetchHits.Add(aheadHits)
 	r.hits.Add(hits)
 	r.misses.Add(misses)
 
-	for _, f := range own {
-		r.fill(f)
+	if len(ahead) > 0 {
+		go r.fillAll(ahead)
+	}
+	if len(own) > 0 {
+		r.c.demand.Add(1)
+		for _, f := range own {
+			r.fill(f)
+		}
+		r.c.demand.Add(-1)
 	}
 	end := off + int64(len(p))
 	for _, s := range segs {
@@ -194,6 +219,104 @@ func (r *Reader) readCached(p []byte, off int64) error {
 	return nil
 }
 
+// readaheadLocked follows the sequential readers of the blob. When the read of blocks [first, last] continues one
+// (it starts at or just before the block where that reader's previous read ended) and has consumed half of what
+// was fetched ahead of it, the reader's window doubles (from two blocks up to Options.ReadaheadBytes) and the
+// missing blocks of the next window are claimed; the caller fetches them in the background. b.mu is held.
+func (r *Reader) readaheadLocked(first, last int64) []*fetch {
+	b, bs := r.b, r.c.opts.BlockSize
+	maxWin := r.c.opts.ReadaheadBytes / bs
+	if maxWin <= 0 {
+		return nil
+	}
+	var s *stream
+	lru := &b.streams[0]
+	var clock int64
+	for i := range b.streams {
+		st := &b.streams[i]
+		clock = max(clock, st.used)
+		if st.window >= 0 && st.used > 0 && (first == st.next || first == st.next-1) {
+			s = st
+		}
+		if st.used < lru.used {
+			lru = st
+		}
+	}
+	if s == nil {
+		*lru = stream{next: last + 1, aheadEnd: last + 1, used: clock + 1}
+		return nil
+	}
+	s.used, s.next = clock+1, last+1
+	if last+1 < s.aheadEnd-s.window/2 {
+		return nil // enough is on its way
+	}
+	s.window = min(max(2*s.window, 2), maxWin)
+	from := max(s.aheadEnd, last+1)
+	to := min(last+s.window, b.nblocks-1)
+	if from > to {
+		return nil
+	}
+	s.aheadEnd = to + 1
+	return r.claimLocked(from, to, fetchReadahead)
+}
+
+// claimLocked marks the blocks of [first, last] that are neither present nor being fetched as in flight, in fetches
+// of at most maxAheadRun bytes (a demand read that needs one of them waits for no more than that), and returns those fetches for the caller to fill. b.mu is held.
+func (r *Reader) claimLocked(first, last int64, kind fetchKind) []*fetch {
+	b, bs := r.b, r.c.opts.BlockSize
+	var own []*fetch
+	for i := first; i <= last; i++ {
+		if bitSet(b.present, i) || b.inflight[i] != nil {
+			continue
+		}
+		if k := len(own) - 1; k >= 0 && own[k].last == i-1 && (i-own[k].first+1)*bs <= maxAheadRun {
+			own[k].last = i
+		} else {
+			own = append(own, &fetch{first: i, last: i, kind: kind, done: make(chan struct{})})
+		}
+		b.inflight[i] = own[len(own)-1]
+		b.setAhead(i)
+	}
+	return own
+}
+
+// fillAll fills fetches one after another and returns the first error.
+func (r *Reader) fillAll(fs []*fetch) error {
+	var first error
+	for _, f := range fs {
+		if err := r.fill(f); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+// ErrFull is returned by Prefetch when the blocks do not fit in the free capacity of the cache.
+var ErrFull = errors.New("cache: full: prefetching more would evict cached blocks")
+
+// Prefetch brings the blocks holding [off, off+n) of the blob into the cache, in source reads of at most 1 MiB, and
+// returns when its own source reads are done. Blocks that are present or being fetched are skipped. It never
+// evicts: blocks that do not fit in the free capacity are not stored, and it returns ErrFull. The blocks count as
+// prefetched, and the first read of each as a prefetch hit.
+func (r *Reader) Prefetch(off, n int64) error {
+	if off < 0 || n < 0 {
+		return fmt.Errorf("cache: blob %s: bad range %d+%d to prefetch", r.key, off, n)
+	}
+	end := min(off+n, r.size)
+	if r.b == nil || r.c.closed.Load() || end <= off {
+		return nil
+	}
+	b, bs := r.b, r.c.opts.BlockSize
+	b.mu.Lock()
+	if b.size != r.size {
+		b.mu.Unlock()
+		return nil
+	}
+	own := r.claimLocked(off/bs, (end-1)/bs, fetchPrefetch)
+	b.mu.Unlock()
+	return r.fillAll(own)
+}
+
 // readDisk fills dst from the data file at off.
 func (r *Reader) readDisk(dst []byte, off int64) error {
 	b := r.b
@@ -213,14 +336,23 @@ func (r *Reader) readDisk(dst []byte, off int64) error {
 	return err
 }
 
-// fill performs the source read of fetch f, stores the bytes and wakes the readers waiting for them.
-func (r *Reader) fill(f *fetch) {
+// fill performs the source read of fetch f, stores the bytes and wakes the readers waiting for them. Its error is
+// the source's, or ErrFull when a prefetch could not store the bytes.
+func (r *Reader) fill(f *fetch) error {
 	b, bs := r.b, r.c.opts.BlockSize
 	start := f.first * bs
 	buf := make([]byte, min((f.last+1)*bs, r.size)-start)
 	err := r.readSrc(buf, start)
+	var stored bool
 	if err == nil {
-		r.store(f, buf, start)
+		stored = r.store(f, buf, start)
+		blocks := f.last - f.first + 1
+		switch f.kind {
+		case fetchPrefetch:
+			r.c.prefetched.Add(blocks)
+		case fetchReadahead:
+			r.c.readAhead.Add(blocks)
+		}
 	}
 	b.mu.Lock()
 	for i := f.first; i <= f.last; i++ {
@@ -229,25 +361,29 @@ func (r *Reader) fill(f *fetch) {
 	b.mu.Unlock()
 	f.buf, f.err = buf, err
 	close(f.done)
+	if err == nil && !stored && f.kind == fetchPrefetch {
+		return ErrFull
+	}
+	return err
 }
 
 // store writes fetched blocks to the data file and marks them present; when it cannot, the blocks simply stay
-// missing.
-func (r *Reader) store(f *fetch, buf []byte, start int64) {
+// missing, and it returns false. A prefetch stores only into free capacity.
+func (r *Reader) store(f *fetch, buf []byte, start int64) bool {
 	c, b := r.c, r.b
 	n := int64(len(buf))
-	if !c.reserve(b, n) {
-		if !c.closed.Load() {
+	if !c.reserve(b, n, f.kind != fetchPrefetch) {
+		if !c.closed.Load() && f.kind != fetchPrefetch {
 			c.storeFailures.Add(1)
 			c.noteStore(errors.New("the capacity is taken by blocks of ongoing reads"))
 		}
-		return
+		return false
 	}
 	b.mu.Lock()
 	if c.closed.Load() { // Close is closing the data files: do not reopen them
 		b.mu.Unlock()
 		c.release(n)
-		return
+		return false
 	}
 	file, err := b.openFileLocked(true)
 	b.mu.Unlock()
@@ -260,10 +396,11 @@ func (r *Reader) store(f *fetch, buf []byte, start int64) {
 			c.storeFailures.Add(1)
 			c.noteStore(err)
 		}
-		return
+		return false
 	}
 	b.markPresent(f.first, f.last)
 	c.noteStore(nil)
+	return true
 }
 
 // Evict drops the cached blocks overlapping [off, off+n), so that the next read fetches them again (used when

@@ -1,0 +1,109 @@
+package cache
+
+import (
+	"errors"
+	"io"
+	"log/slog"
+	"testing"
+	"time"
+)
+
+func TestPrefetch(t *testing.T) {
+	c := openTest(t, t.TempDir(), 1<<30, nil)
+	defer c.Close()
+	src := newSrc(300*testBS+17, 2)
+	r := c.Reader(src.key(), int64(len(src.data)), src)
+	checkRead(t, r, src, 10*testBS, testBS) // block 10 present before the prefetch
+	calls := src.calls.Load()
+	if err := r.Prefetch(0, int64(len(src.data))); err != nil {
+		t.Fatal(err)
+	}
+	// 300 blocks minus the present one, in reads of at most 1 MiB (256 blocks): blocks 0-9, 11-266, 267-300.
+	if n := src.calls.Load() - calls; n != 3 {
+		t.Fatalf("prefetch made %d source reads, want 3", n)
+	}
+	calls = src.calls.Load()
+	checkRead(t, r, src, 0, len(src.data))
+	if src.calls.Load() != calls {
+		t.Fatal("a read after a whole-blob prefetch went to the source")
+	}
+	st := c.Stats()
+	if st.Prefetched != 300 || st.PrefetchHits != 300 {
+		t.Fatalf("stats %+v: want 300 blocks prefetched and 300 prefetch hits", st)
+	}
+	checkRead(t, r, src, 0, len(src.data))
+	if st2 := c.Stats(); st2.PrefetchHits != 300 {
+		t.Fatalf("a second read counted prefetch hits again: %+v", st2)
+	}
+	if err := r.Prefetch(-1, 10); err == nil {
+		t.Fatal("a negative offset was accepted")
+	}
+}
+
+// A prefetch never evicts cached blocks: what does not fit in the free capacity is not stored, and it says so.
+func TestPrefetchStopsAtTheBound(t *testing.T) {
+	c := openTest(t, t.TempDir(), 100*testBS, nil)
+	defer c.Close()
+	a := newSrc(80*testBS, 3)
+	ra := c.Reader(a.key(), int64(len(a.data)), a)
+	checkRead(t, ra, a, 0, len(a.data))
+	b := newSrc(50*testBS, 4)
+	rb := c.Reader(b.key(), int64(len(b.data)), b)
+	if err := rb.Prefetch(0, int64(len(b.data))); !errors.Is(err, ErrFull) {
+		t.Fatalf("prefetch beyond the free capacity: %v, want ErrFull", err)
+	}
+	if used, _ := c.Usage(); used > 100*testBS {
+		t.Fatalf("cache holds %d bytes, bound %d", used, 100*testBS)
+	}
+	calls := a.calls.Load()
+	checkRead(t, ra, a, 0, len(a.data))
+	if a.calls.Load() != calls {
+		t.Fatal("a prefetch evicted blocks of another blob")
+	}
+}
+
+// A sequential reader gets readahead in a growing window, so it makes far fewer source reads than it reads
+// blocks; random reads get none.
+func TestReadahead(t *testing.T) {
+	c := openTest(t, t.TempDir(), 1<<30, nil)
+	defer c.Close()
+	src := newSrc(2000*testBS, 5)
+	r := c.Reader(src.key(), int64(len(src.data)), src)
+	for off := int64(0); off < int64(len(src.data)); off += 2 * testBS {
+		checkRead(t, r, src, off, 2*testBS)
+	}
+	if n := src.calls.Load(); n > 100 {
+		t.Fatalf("%d source reads for a sequential read of 2000 blocks in 1000 reads", n)
+	}
+	if st := c.Stats(); st.ReadAhead == 0 || st.PrefetchHits == 0 {
+		t.Fatalf("stats %+v: want blocks read ahead and hit", st)
+	}
+
+	c2 := openTest(t, t.TempDir(), 1<<30, nil)
+	defer c2.Close()
+	src2 := newSrc(2000*testBS, 6)
+	r2 := c2.Reader(src2.key(), int64(len(src2.data)), src2)
+	for i := range 200 {
+		checkRead(t, r2, src2, int64((i*7919)%2000)*testBS, testBS)
+	}
+	if st := c2.Stats(); st.ReadAhead != 0 {
+		t.Fatalf("random reads got readahead: %+v", st)
+	}
+}
+
+func TestReadaheadOff(t *testing.T) {
+	c, err := Open(Options{Dir: t.TempDir(), CapacityBytes: 1 << 30, BlockSize: testBS, ReadaheadBytes: -1,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), flushInterval: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	src := newSrc(100*testBS, 7)
+	r := c.Reader(src.key(), int64(len(src.data)), src)
+	for off := int64(0); off < int64(len(src.data)); off += testBS {
+		checkRead(t, r, src, off, testBS)
+	}
+	if n := src.calls.Load(); n != 100 {
+		t.Fatalf("%d source reads without readahead, want one per block (100)", n)
+	}
+}
