@@ -11,6 +11,9 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"slices"
+	"sync"
+	"time"
 )
 
 // Magic opens every trace file (the CRC32 of "Container Image Trace Format").
@@ -104,3 +107,44 @@ func Encode(w io.Writer, recs []Record) error {
 
 // rawCRC is CRC32C without pre/post inversion, seed 0, as upstream's crc32c computes it.
 func rawCRC(p []byte) uint32 { return ^crc32.Update(^uint32(0), castagnoli, p) }
+
+// Recorder collects the reads of a start, in the order they were first made. It is safe for concurrent use.
+// A read that repeats an earlier one exactly is recorded once; beyond MaxRecords, reads are dropped (and counted).
+type Recorder struct {
+	start   time.Time
+	mu      sync.Mutex
+	recs    []Record
+	at      []time.Duration // when each record was first read, since the recorder was made
+	seen    map[Record]struct{}
+	dropped int64
+}
+
+// NewRecorder returns an empty Recorder; the times of its records count from now.
+func NewRecorder() *Recorder {
+	return &Recorder{start: time.Now(), seen: map[Record]struct{}{}}
+}
+
+// Read records a read of n bytes at off of layer (0 = bottom).
+func (r *Recorder) Read(layer int, off, n int64) {
+	rec := Record{Op: Read, Layer: uint32(layer), Count: uint64(n), Offset: off}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if _, ok := r.seen[rec]; ok {
+		return
+	}
+	if len(r.recs) >= MaxRecords {
+		r.dropped++
+		return
+	}
+	r.seen[rec] = struct{}{}
+	r.recs = append(r.recs, rec)
+	r.at = append(r.at, time.Since(r.start))
+}
+
+// Records returns what was recorded so far, the time of each record since the recorder was made, and the number of
+// reads dropped beyond MaxRecords.
+func (r *Recorder) Records() ([]Record, []time.Duration, int64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.recs), slices.Clone(r.at), r.dropped
+}

@@ -113,3 +113,24 @@ func FuzzDecode(f *testing.F) {
 		}
 	})
 }
+
+func TestRecorder(t *testing.T) {
+	r := NewRecorder()
+	r.Read(1, 4096, 512)
+	r.Read(0, 0, 4096)
+	r.Read(1, 4096, 512) // a repeat
+	r.Read(1, 4096, 1024)
+	recs, at, dropped := r.Records()
+	want := []Record{{Read, 1, 512, 4096}, {Read, 0, 4096, 0}, {Read, 1, 1024, 4096}}
+	if len(recs) != len(want) || len(at) != len(want) || dropped != 0 {
+		t.Fatalf("records %+v, times %v, dropped %d", recs, at, dropped)
+	}
+	for i := range want {
+		if recs[i] != want[i] {
+			t.Fatalf("record %d: %+v, want %+v", i, recs[i], want[i])
+		}
+		if i > 0 && at[i] < at[i-1] {
+			t.Fatalf("times out of order: %v", at)
+		}
+	}
+}

@@ -333,6 +333,13 @@ func (c *Cache) reserve(b *blob, n int64, evict bool) bool {
 	return true
 }
 
+// fits reports whether n more bytes fit in the free capacity.
+func (c *Cache) fits(n int64) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.used+n <= c.opts.CapacityBytes
+}
+
 // release returns reserved bytes that were not stored.
 func (c *Cache) release(n int64) {
 	c.mu.Lock()

@@ -307,12 +307,29 @@ func (r *Reader) Prefetch(off, n int64) error {
 		return nil
 	}
 	b, bs := r.b, r.c.opts.BlockSize
+	first, last := off/bs, (end-1)/bs
+	// Do not fetch what cannot be stored.
 	b.mu.Lock()
 	if b.size != r.size {
 		b.mu.Unlock()
 		return nil
 	}
-	own := r.claimLocked(off/bs, (end-1)/bs, fetchPrefetch)
+	var need int64
+	for i := first; i <= last; i++ {
+		if !bitSet(b.present, i) && b.inflight[i] == nil {
+			need += b.blockBytes(i)
+		}
+	}
+	b.mu.Unlock()
+	if need > 0 && !r.c.fits(need) {
+		return ErrFull
+	}
+	b.mu.Lock()
+	if b.size != r.size {
+		b.mu.Unlock()
+		return nil
+	}
+	own := r.claimLocked(first, last, fetchPrefetch)
 	b.mu.Unlock()
 	return r.fillAll(own)
 }

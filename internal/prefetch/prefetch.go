@@ -1,0 +1,224 @@
+// Package prefetch fetches what a container's start is known to read — the ranges of a recorded trace — into the
+// block cache ahead of demand, with several range requests in flight, so that a cold start pays a few round trips
+// instead of one per page fault.
+package prefetch
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"log/slog"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/obdproject/obd/internal/cache"
+	"github.com/obdproject/obd/trace"
+)
+
+// Layer is one layer of an image as the prefetcher sees it.
+type Layer struct {
+	// BlobRange maps bytes of the layer file (the space of trace records) to the range of the blob holding them
+	// (image.Layer.BlobRange).
+	BlobRange func(off, n int64) (int64, int64)
+	// Cache brings blob ranges into the block cache (cache.Reader.Prefetch).
+	Cache interface{ Prefetch(off, n int64) error }
+}
+
+// Options tune a prefetch.
+type Options struct {
+	// Concurrency is the number of range requests in flight (default DefaultConcurrency).
+	Concurrency int
+	// Demand, if set, returns the number of demand fetches in progress: a worker waits (at most MaxYield) while
+	// there are any before it starts a range, so that demand reads have the link to themselves.
+	Demand func() int64
+	Logger *slog.Logger
+}
+
+const (
+	// DefaultConcurrency is the default number of range requests in flight.
+	DefaultConcurrency = 8
+	// maxRange bounds the bytes of one prefetch request; gap is the largest hole between two ranges of a layer
+	// that are still fetched as one (fetching the hole costs less than a round trip at any useful link speed).
+	maxRange = 1 << 20
+	gap      = 64 << 10
+	// MaxYield bounds how long a worker waits for demand fetches to finish before it starts a range anyway.
+	MaxYield = 200 * time.Millisecond
+)
+
+// Range is a blob range to fetch: what a prefetch plans from a trace.
+type Range struct {
+	Layer     int
+	Off, Size int64
+	order     int // index of the first record that needs it
+}
+
+// Plan turns trace records (reads only) into blob ranges of layers: mapped through BlobRange, merged per layer
+// when they overlap or lie within gap of each other (up to maxRange), ordered by the first record that needs
+// each. Records of layers that do not exist are skipped.
+func Plan(layers []Layer, recs []trace.Record) []Range {
+	var rs []Range
+	for i, rec := range recs {
+		if rec.Op != trace.Read || int(rec.Layer) >= len(layers) || rec.Count == 0 {
+			continue
+		}
+		off, n := layers[rec.Layer].BlobRange(rec.Offset, int64(rec.Count))
+		if n > 0 {
+			rs = append(rs, Range{Layer: int(rec.Layer), Off: off, Size: n, order: i})
+		}
+	}
+	slices.SortFunc(rs, func(a, b Range) int {
+		return cmp.Or(cmp.Compare(a.Layer, b.Layer), cmp.Compare(a.Off, b.Off))
+	})
+	var merged []Range
+	for _, r := range rs {
+		if k := len(merged) - 1; k >= 0 {
+			m := &merged[k]
+			end := max(m.Off+m.Size, r.Off+r.Size)
+			if m.Layer == r.Layer && r.Off <= m.Off+m.Size+gap && (end-m.Off <= maxRange || r.Off+r.Size <= m.Off+m.Size) {
+				m.Size, m.order = end-m.Off, min(m.order, r.order)
+				continue
+			}
+		}
+		merged = append(merged, r)
+	}
+	slices.SortStableFunc(merged, func(a, b Range) int { return cmp.Compare(a.order, b.order) })
+	return merged
+}
+
+// Progress is the state of a prefetch.
+type Progress struct {
+	Ranges, DoneRanges int
+	Bytes, DoneBytes   int64
+	Running            bool
+	Started            time.Time
+	Finished           time.Time // zero while running
+	Err                string    // why it stopped early ("cache full", a fetch error, "cancelled"), or ""
+}
+
+// Job is a running prefetch.
+type Job struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+
+	ranges     int
+	bytes      int64
+	doneRanges atomic.Int64
+	doneBytes  atomic.Int64
+	started    time.Time
+	mu         sync.Mutex
+	finished   time.Time
+	err        error
+	errOnce    sync.Once
+}
+
+// Start prefetches the ranges of the trace records recs into the layers' cache in the background, in the order
+// Plan gives, with Options.Concurrency requests in flight. It stops when every range is fetched, when ctx ends or
+// Stop is called, when the cache is full (cache.ErrFull: the prefetch never evicts) or at the first fetch error.
+func Start(ctx context.Context, layers []Layer, recs []trace.Record, opts Options) *Job {
+	if opts.Concurrency <= 0 {
+		opts.Concurrency = DefaultConcurrency
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	plan := Plan(layers, recs)
+	ctx, cancel := context.WithCancel(ctx)
+	j := &Job{cancel: cancel, done: make(chan struct{}), ranges: len(plan), started: time.Now()}
+	for _, r := range plan {
+		j.bytes += r.Size
+	}
+	next := make(chan Range)
+	var wg sync.WaitGroup
+	for range min(opts.Concurrency, len(plan)) {
+		wg.Go(func() {
+			for r := range next {
+				yield(ctx, opts.Demand)
+				if err := layers[r.Layer].Cache.Prefetch(r.Off, r.Size); err != nil {
+					j.fail(err)
+					cancel()
+					continue
+				}
+				j.doneRanges.Add(1)
+				j.doneBytes.Add(r.Size)
+			}
+		})
+	}
+	go func() {
+		defer close(j.done)
+	feed:
+		for _, r := range plan {
+			select {
+			case next <- r:
+			case <-ctx.Done():
+				break feed
+			}
+		}
+		close(next)
+		wg.Wait()
+		if ctx.Err() != nil && j.doneRanges.Load() < int64(j.ranges) {
+			j.fail(context.Canceled)
+		}
+		cancel()
+		j.mu.Lock()
+		j.finished = time.Now()
+		j.mu.Unlock()
+		p := j.Progress()
+		l := opts.Logger.With("ranges", p.DoneRanges, "of", p.Ranges, "bytes", p.DoneBytes, "took", p.Finished.Sub(p.Started).Round(time.Millisecond))
+		if p.Err != "" {
+			l.Warn("prefetch stopped early", "why", p.Err)
+		} else {
+			l.Info("prefetch done")
+		}
+	}()
+	return j
+}
+
+// yield waits while demand fetches are in progress, at most MaxYield.
+func yield(ctx context.Context, demand func() int64) {
+	if demand == nil {
+		return
+	}
+	deadline := time.Now().Add(MaxYield)
+	for demand() > 0 && time.Now().Before(deadline) && ctx.Err() == nil {
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+func (j *Job) fail(err error) {
+	j.errOnce.Do(func() {
+		j.mu.Lock()
+		j.err = err
+		j.mu.Unlock()
+	})
+}
+
+// Stop ends the prefetch and waits for its requests in flight.
+func (j *Job) Stop() {
+	j.cancel()
+	<-j.done
+}
+
+// Wait waits for the prefetch to end.
+func (j *Job) Wait() { <-j.done }
+
+// Progress returns the prefetch's state.
+func (j *Job) Progress() Progress {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	p := Progress{
+		Ranges: j.ranges, DoneRanges: int(j.doneRanges.Load()), Bytes: j.bytes, DoneBytes: j.doneBytes.Load(),
+		Started: j.started, Finished: j.finished, Running: j.finished.IsZero(),
+	}
+	switch {
+	case j.err == nil:
+	case errors.Is(j.err, cache.ErrFull):
+		p.Err = "cache full"
+	case errors.Is(j.err, context.Canceled):
+		p.Err = "cancelled"
+	default:
+		p.Err = j.err.Error()
+	}
+	return p
+}
