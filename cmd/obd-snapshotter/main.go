@@ -1,6 +1,7 @@
 // Command obd-snapshotter is obd's node daemon: the containerd snapshotter "overlaybd", served as a proxy plugin
 // on a unix socket. Normal images behave as with containerd's overlayfs snapshotter; overlaybd images are pulled
-// lazily and mounted as one read-only device filesystem per image.
+// lazily and mounted as one read-only device filesystem per image. The daemon itself is internal/node; this
+// command reads its flags and obd.toml and serves it.
 //
 // containerd configuration (config.toml):
 //
@@ -11,16 +12,17 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
 
-	"github.com/containerd/log"
 	"github.com/spf13/cobra"
 
-	obdconfig "github.com/obdproject/obd/internal/config"
+	"github.com/obdproject/obd/internal/config"
+	"github.com/obdproject/obd/internal/node"
 )
 
 func main() {
@@ -44,20 +46,25 @@ Point containerd at it with:
 
   [proxy_plugins.overlaybd]
     type = "snapshot"
-    address = "` + defaultAddress + `"
+    address = "` + config.DefaultAddress + `"
 
 Next to its socket it serves a status endpoint ('obd status', 'obd health'; GET /status, /healthz, /metrics on
-<address without .sock>.status.sock) and, on [metrics] address (default ` + obdconfig.DefaultMetricsAddress + `), Prometheus
+<address without .sock>.status.sock) and, on [metrics] address (default ` + config.DefaultMetricsAddress + `), Prometheus
 metrics. Device reads slower than [audit] slow_read_ms are written to the audit log. See docs/operations.md.`,
 		Args:          cobra.NoArgs,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, err := loadConfig(configPath, cmd.Flags().Changed("config"))
+			level := new(slog.LevelVar) // info until the configuration is read
+			logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+			cfg, warnings, err := config.Load(configPath, cmd.Flags().Changed("config"))
+			for _, w := range warnings {
+				logger.Warn(w)
+			}
 			if err != nil {
 				return err
 			}
-			sc := cfg.Snapshotter
+			sc := &cfg.Snapshotter
 			if cmd.Flags().Changed("root") {
 				sc.Root = root
 			}
@@ -67,45 +74,23 @@ metrics. Device reads slower than [audit] slow_read_ms are written to the audit 
 			if cmd.Flags().Changed("log-level") {
 				sc.LogLevel = logLevel
 			}
-			if err := log.SetFormat(log.TextFormat); err != nil {
-				return err
-			}
-			if err := log.SetLevel(sc.LogLevel); err != nil {
-				return fmt.Errorf("log level %q: %w", sc.LogLevel, err)
-			}
-			log.G(cmd.Context()).WithFields(log.Fields{"root": sc.Root, "address": sc.Address}).Info("starting obd-snapshotter")
-			cfg.Snapshotter = sc
-			logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slogLevel(sc.LogLevel)}))
-			o, err := newOps(cfg, configPath, logger)
+			l, err := node.ParseLevel(sc.LogLevel)
 			if err != nil {
 				return err
 			}
-			defer o.close()
-			nd, err := newNode(cfg, logger, o)
+			level.Set(l)
+			node.RouteContainerdLog(logger)
+			svc, err := node.New(cfg, node.WithLogger(logger), node.WithConfigPath(configPath))
 			if err != nil {
 				return err
 			}
-			defer nd.Close()
-			return runWith(cmd.Context(), sc, nd.mounter, o)
+			return errors.Join(svc.Serve(cmd.Context()), svc.Close())
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&configPath, "config", defaultConfigPath, "configuration file (TOML, table [snapshotter])")
-	f.StringVar(&root, "root", defaultRoot, "directory of snapshot metadata and data (overrides snapshotter.root)")
-	f.StringVar(&address, "address", defaultAddress, "unix socket to serve on (overrides snapshotter.address)")
-	f.StringVar(&logLevel, "log-level", defaultLogLevel, "trace, debug, info, warn or error (overrides snapshotter.log_level)")
+	f.StringVar(&configPath, "config", config.DefaultPath, "configuration file (TOML, table [snapshotter])")
+	f.StringVar(&root, "root", config.DefaultRoot, "directory of snapshot metadata and data (overrides snapshotter.root)")
+	f.StringVar(&address, "address", config.DefaultAddress, "unix socket to serve on (overrides snapshotter.address)")
+	f.StringVar(&logLevel, "log-level", config.DefaultLogLevel, "trace, debug, info, warn or error (overrides snapshotter.log_level)")
 	return cmd
-}
-
-// slogLevel maps a containerd log level name to slog's.
-func slogLevel(level string) slog.Level {
-	switch level {
-	case "trace", "debug":
-		return slog.LevelDebug
-	case "warn":
-		return slog.LevelWarn
-	case "error", "fatal", "panic":
-		return slog.LevelError
-	}
-	return slog.LevelInfo
 }

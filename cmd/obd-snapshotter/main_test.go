@@ -7,7 +7,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -22,48 +21,11 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/node"
 	"github.com/obdproject/obd/internal/snapshotter"
 	"github.com/obdproject/obd/internal/status"
 	"github.com/obdproject/obd/internal/testenv"
 )
-
-func TestLoadConfig(t *testing.T) {
-	dir := t.TempDir()
-	path := filepath.Join(dir, "obd.toml")
-	if err := os.WriteFile(path, []byte(`
-[snapshotter]
-root = "/srv/obd"
-log_level = "debug"
-typo = 1
-
-[cache]
-size = "10GiB"
-`), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := loadConfig(path, true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := snapshotterConfig{Root: "/srv/obd", Address: defaultAddress, LogLevel: "debug"}
-	if cfg.Snapshotter != want {
-		t.Errorf("config %+v, want %+v", cfg.Snapshotter, want)
-	}
-
-	missing := filepath.Join(dir, "missing.toml")
-	if cfg, err := loadConfig(missing, false); err != nil || !reflect.DeepEqual(cfg, defaultConfig()) {
-		t.Errorf("missing default config: %+v, %v; want the defaults", cfg, err)
-	}
-	if _, err := loadConfig(missing, true); err == nil || !strings.Contains(err.Error(), missing) {
-		t.Errorf("missing explicit config: %v", err)
-	}
-	if err := os.WriteFile(path, []byte("[snapshotter\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := loadConfig(path, false); err == nil || !strings.Contains(err.Error(), path) {
-		t.Errorf("broken config: %v", err)
-	}
-}
 
 // TestDaemon runs the command as main does, with a config file and flag overrides, talks to it through
 // containerd's snapshots proxy and shuts it down.
@@ -184,7 +146,7 @@ func TestDaemon(t *testing.T) {
 		if err != nil {
 			t.Errorf("daemon: %v", err)
 		}
-	case <-time.After(stopGrace + 5*time.Second):
+	case <-time.After(node.StopGrace + 5*time.Second):
 		t.Fatal("daemon did not stop")
 	}
 	if _, err := os.Stat(address); !os.IsNotExist(err) {
@@ -195,22 +157,22 @@ func TestDaemon(t *testing.T) {
 	}
 }
 
-func TestListenRefusesLiveSocket(t *testing.T) {
-	dir := testenv.SocketDir(t)
-	address := filepath.Join(dir, "s.sock")
-	l, err := listen(address)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	if _, err := listen(address); err == nil || !strings.Contains(err.Error(), "another process") {
-		t.Errorf("listen on a served socket: %v", err)
-	}
-	file := filepath.Join(dir, "file")
-	if err := os.WriteFile(file, nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := listen(file); err == nil || !strings.Contains(err.Error(), "not a socket") {
-		t.Errorf("listen on a regular file: %v", err)
+// waitSocket waits until something serves the unix socket address, failing the test if the daemon exits first.
+func waitSocket(t *testing.T, address string, exited <-chan error) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if c, err := net.Dial("unix", address); err == nil {
+			c.Close()
+			return
+		}
+		select {
+		case err := <-exited:
+			t.Fatalf("server of %s exited: %v", address, err)
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nothing serves %s", address)
+		}
 	}
 }

@@ -75,3 +75,41 @@ func TestValidate(t *testing.T) {
 		t.Errorf("metrics and audit off: %v", err)
 	}
 }
+
+func TestLoadSnapshotterTable(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "obd.toml")
+	if err := os.WriteFile(path, []byte(`
+[snapshotter]
+root = "/srv/obd"
+log_level = "debug"
+typo = 1
+
+[cache]
+size = "10GiB"
+`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg, warnings, err := Load(path, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Snapshotter{Root: "/srv/obd", Address: DefaultAddress, LogLevel: "debug"}
+	if cfg.Snapshotter != want {
+		t.Errorf("config %+v, want %+v", cfg.Snapshotter, want)
+	}
+	if len(warnings) != 2 {
+		t.Errorf("warnings %q, want snapshotter.typo and cache.size", warnings)
+	}
+
+	missing := filepath.Join(dir, "missing.toml")
+	if _, _, err := Load(missing, true); err == nil || !strings.Contains(err.Error(), missing) {
+		t.Errorf("missing explicit config: %v", err)
+	}
+	if err := os.WriteFile(path, []byte("[snapshotter\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := Load(path, false); err == nil || !strings.Contains(err.Error(), path) {
+		t.Errorf("broken config: %v", err)
+	}
+}

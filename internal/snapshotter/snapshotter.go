@@ -20,6 +20,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"maps"
 	"os"
 	"path/filepath"
@@ -31,7 +32,6 @@ import (
 	"github.com/containerd/containerd/v2/plugins/snapshots/overlay"
 	"github.com/containerd/continuity/fs"
 	"github.com/containerd/errdefs"
-	"github.com/containerd/log"
 	"github.com/moby/sys/mountinfo"
 
 	"github.com/obdproject/obd/internal/image"
@@ -48,6 +48,7 @@ type Snapshotter struct {
 	mounter ImageMounter
 	locks   keyLocks // per image mount id: a mount never races its removal
 	lock    *os.File // root/lock, held while open
+	log     *slog.Logger
 }
 
 var _ snapshots.Snapshotter = (*Snapshotter)(nil)
@@ -57,10 +58,18 @@ type overlaySnapshotter interface {
 	snapshots.Cleaner
 }
 
+// Option configures New.
+type Option func(*Snapshotter)
+
+// WithLogger sets the logger of image mounts, unmounts and remote layers (default slog.Default()).
+func WithLogger(l *slog.Logger) Option {
+	return func(s *Snapshotter) { s.log = l }
+}
+
 // New opens (or creates) the snapshotter state under root: metadata.db and snapshots/<id>/{fs,work,block}.
 // mounter mounts overlaybd images; Close releases the metadata store but leaves image mounts in place. A root is
 // used by one Snapshotter at a time: New fails at once with ErrRootInUse while another holds it.
-func New(root string, mounter ImageMounter) (*Snapshotter, error) {
+func New(root string, mounter ImageMounter, opts ...Option) (*Snapshotter, error) {
 	if mounter == nil {
 		return nil, errors.New("overlaybd snapshotter: no image mounter")
 	}
@@ -88,7 +97,11 @@ func New(root string, mounter ImageMounter) (*Snapshotter, error) {
 		lock.Close()
 		return nil, errors.New("overlaybd snapshotter: containerd's overlay snapshotter has no Cleanup")
 	}
-	return &Snapshotter{root: root, ms: ms, inner: inner, mounter: mounter, lock: lock}, nil
+	s := &Snapshotter{root: root, ms: ms, inner: inner, mounter: mounter, lock: lock, log: slog.Default()}
+	for _, opt := range opts {
+		opt(s)
+	}
+	return s, nil
 }
 
 func (s *Snapshotter) upperPath(id string) string {
@@ -205,11 +218,11 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	}
 	if err != nil {
 		if rerr := s.inner.Remove(ctx, key); rerr != nil {
-			log.G(ctx).WithError(rerr).WithField("key", key).Warn("cannot roll back snapshot after failed image mount")
+			s.log.Warn("cannot roll back snapshot after failed image mount", "key", key, "error", rerr)
 		}
 		return nil, fmt.Errorf("%s snapshot %q: %w", kindVerb(kind), key, err)
 	}
-	log.G(ctx).WithFields(log.Fields{"key": key, "image": plan.imageRef, "mount-id": plan.id}).Info("snapshot over overlaybd image")
+	s.log.Info("snapshot over overlaybd image", "key", key, "image", plan.imageRef, "mount-id", plan.id)
 	return ms, nil
 }
 
@@ -308,7 +321,7 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	if mounted, err := mountinfo.Mounted(mp); err != nil || mounted {
 		return fmt.Errorf("remove snapshot %q: image mountpoint %s is still mounted after unmount (%v): %w", key, mp, err, errdefs.ErrFailedPrecondition)
 	}
-	log.G(ctx).WithFields(log.Fields{"key": key, "mount-id": id, "image": imageRef(info.Labels)}).Info("unmounted overlaybd image")
+	s.log.Info("unmounted overlaybd image", "key", key, "mount-id", id, "image", imageRef(info.Labels))
 	return s.inner.Remove(ctx, key)
 }
 
@@ -359,7 +372,7 @@ func (s *Snapshotter) commitRemote(ctx context.Context, key, parent string, labe
 		for _, d := range []string{tmp, dir} {
 			if d != "" {
 				if rerr := os.RemoveAll(d); rerr != nil {
-					log.G(ctx).WithError(rerr).WithField("path", d).Warn("cannot remove directory of failed remote snapshot")
+					s.log.Warn("cannot remove directory of failed remote snapshot", "path", d, "error", rerr)
 				}
 			}
 		}
@@ -369,8 +382,8 @@ func (s *Snapshotter) commitRemote(ctx context.Context, key, parent string, labe
 		return fmt.Errorf("commit remote snapshot %q (key %q, image %s): %w", target, key, imageRef(labels), err)
 	}
 	if !existed {
-		log.G(ctx).WithFields(log.Fields{"target": target, "key": key, "image": imageRef(labels),
-			"blob": labels[image.AnnotationBlobDigest]}).Info("committed remote overlaybd layer")
+		s.log.Info("committed remote overlaybd layer", "target", target, "key", key, "image", imageRef(labels),
+			"blob", labels[image.AnnotationBlobDigest])
 	}
 	return alreadyExists
 }
@@ -409,14 +422,14 @@ func (s *Snapshotter) Reconcile(ctx context.Context) error {
 		unlock := s.locks.lock(id)
 		_, err := s.attach(ctx, plan)
 		unlock()
-		l := log.G(ctx).WithFields(log.Fields{"image": plan.imageRef, "mount-id": id, "mountpoint": s.mountpoint(id), "snapshots": count[id]})
+		l := s.log.With("image", plan.imageRef, "mount-id", id, "mountpoint", s.mountpoint(id), "snapshots", count[id])
 		if err != nil {
-			l.WithError(err).Warn("cannot mount overlaybd image again for its snapshots")
+			l.Warn("cannot mount overlaybd image again for its snapshots", "error", err)
 			errs = append(errs, err)
 			continue
 		}
 		l.Info("overlaybd image mounted for its snapshots")
 	}
-	log.G(ctx).WithFields(log.Fields{"images": len(plans), "snapshots": len(users), "errors": len(errs)}).Info("reconciled overlaybd image mounts")
+	s.log.Info("reconciled overlaybd image mounts", "images", len(plans), "snapshots", len(users), "errors", len(errs))
 	return errors.Join(errs...)
 }

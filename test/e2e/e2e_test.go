@@ -1,5 +1,6 @@
 // Package e2e runs obd end to end against real components: Debian's docker-registry, containerd and runc, with
-// the obd and obd-snapshotter binaries built from this tree. Containers start from lazily pulled overlaybd images.
+// the obd and obd-snapshotter binaries built from this tree (TestContainerd runs the daemon in process with a fake
+// device stack). Containers start from lazily pulled overlaybd images.
 package e2e
 
 import (
@@ -186,10 +187,10 @@ func TestUpstreamConvertedImage(t *testing.T) {
 	sb := startSandbox(t)
 	ctx := context.Background()
 	ref := sb.Registry + "/hello:obd"
-	pushLayout(t, "../../testdata/upstream/hello-world-oci", "amd64-converted", ref)
+	pushLayout(t, helloLayout, "amd64-converted", ref)
 	obd(t, sb, "pull", ref)
 	out := run(t, sb.Ctr(ctx, "run", "--rm", "--snapshotter", "overlaybd", ref, "hello1"))
-	if !strings.Contains(out, "Hello from Docker!") {
+	if !strings.Contains(out, helloOutput) {
 		t.Fatalf("hello-world printed %q", out)
 	}
 }

@@ -21,9 +21,9 @@ func TestOperability(t *testing.T) {
 	sb := startSandbox(t)
 	ctx := context.Background()
 	ref := sb.Registry + "/hello:obd"
-	pushLayout(t, "../../testdata/upstream/hello-world-oci", "amd64-converted", ref)
+	pushLayout(t, helloLayout, "amd64-converted", ref)
 	obd(t, sb, "pull", ref)
-	if out := run(t, sb.Ctr(ctx, "run", "--rm", "--snapshotter", "overlaybd", ref, "hello-ops")); !strings.Contains(out, "Hello from Docker!") {
+	if out := run(t, sb.Ctr(ctx, "run", "--rm", "--snapshotter", "overlaybd", ref, "hello-ops")); !strings.Contains(out, helloOutput) {
 		t.Fatalf("hello-world printed %q", out)
 	}
 

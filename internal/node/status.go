@@ -1,4 +1,4 @@
-package main
+package node
 
 import (
 	"context"
@@ -11,11 +11,10 @@ import (
 	"sync"
 	"time"
 
-	"github.com/containerd/log"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/obdproject/obd/internal/config"
 	"github.com/obdproject/obd/internal/mounter"
-	"github.com/obdproject/obd/internal/registry"
 	"github.com/obdproject/obd/internal/snapshotter"
 	"github.com/obdproject/obd/internal/status"
 )
@@ -25,8 +24,8 @@ const statusTimeout = 10 * time.Second
 
 // startServers serves the status endpoint on the unix socket sc.StatusSocket() (GET /status, /healthz, /metrics)
 // and, unless [metrics] address is empty, the metrics on that TCP address (GET /metrics, /healthz). It also
-// starts the watch of hung device reads. stop shuts all of it down; the caller (run) owns it.
-func (o *ops) startServers(ctx context.Context, sn *snapshotter.Snapshotter, sc snapshotterConfig) (stop func(), err error) {
+// starts the watch of hung device reads. stop shuts all of it down; the caller (Serve) owns it.
+func (o *ops) startServers(ctx context.Context, sn *snapshotter.Snapshotter, sc config.Snapshotter) (stop func(), err error) {
 	metrics := promhttp.HandlerFor(o.reg, promhttp.HandlerOpts{ErrorLog: promLogger{o}, Timeout: statusTimeout})
 	healthz := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
@@ -43,7 +42,7 @@ func (o *ops) startServers(ctx context.Context, sn *snapshotter.Snapshotter, sc 
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
 		if err := enc.Encode(st); err != nil {
-			log.G(ctx).WithError(err).Debug("write status answer")
+			o.log.Debug("write status answer", "error", err)
 		}
 	})
 
@@ -67,16 +66,16 @@ func (o *ops) startServers(ctx context.Context, sn *snapshotter.Snapshotter, sc 
 		mux.Handle("GET "+status.PathHealthz, healthz)
 		servers = append(servers, &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second})
 		listeners = append(listeners, ml)
-		log.G(ctx).WithField("address", ml.Addr().String()).Info("serving Prometheus metrics at /metrics")
+		o.log.Info("serving Prometheus metrics at /metrics", "address", ml.Addr().String())
 	}
-	log.G(ctx).WithField("socket", socket).Info("serving status endpoint (obd status, obd health)")
+	o.log.Info("serving status endpoint (obd status, obd health)", "socket", socket)
 
 	wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	var wg sync.WaitGroup
 	for i, srv := range servers {
 		wg.Go(func() {
 			if err := srv.Serve(listeners[i]); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				log.G(wctx).WithError(err).Error("status or metrics server stopped")
+				o.log.Error("status or metrics server stopped", "error", err)
 			}
 		})
 	}
@@ -92,7 +91,7 @@ func (o *ops) startServers(ctx context.Context, sn *snapshotter.Snapshotter, sc 
 		}
 		wg.Wait()
 		if err := os.Remove(socket); err != nil && !errors.Is(err, os.ErrNotExist) {
-			log.G(ctx).WithError(err).Warn("remove status socket")
+			o.log.Warn("remove status socket", "error", err)
 		}
 	}, nil
 }
@@ -223,12 +222,4 @@ func statusLayer(l mounter.LayerInfo) status.Layer {
 		sl.Source, sl.Path = "local", l.Path
 	}
 	return sl
-}
-
-// dockerConfigPath is the credentials file the registry clients read.
-func dockerConfigPath(rc registryConfig) string {
-	if rc.DockerConfig != "" {
-		return rc.DockerConfig
-	}
-	return registry.DefaultDockerConfigPath()
 }

@@ -1,4 +1,4 @@
-package main
+package node
 
 import (
 	"context"
@@ -175,7 +175,7 @@ func (t *readTracker) forget() {
 }
 
 // watch writes an audit line for every read that becomes hung, once, and drops the counters of detached
-// devices, until ctx ends. The daemon's run owns it.
+// devices, until ctx ends. startServers owns it.
 func (t *readTracker) watch(ctx context.Context) {
 	tick := time.NewTicker(min(max(t.hung/4, 50*time.Millisecond), time.Second))
 	defer tick.Stop()

@@ -1,4 +1,4 @@
-package main
+package node
 
 import (
 	"context"
@@ -11,31 +11,27 @@ import (
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/v2/contrib/snapshotservice"
-	"github.com/containerd/log"
 	"google.golang.org/grpc"
 
 	"github.com/obdproject/obd/internal/snapshotter"
 )
 
-// stopGrace is how long a shutdown waits for in-flight requests before it cancels them.
-const stopGrace = 10 * time.Second
+// StopGrace is how long a shutdown waits for in-flight requests (and for the re-mounting of images) before it
+// cancels them.
+const StopGrace = 10 * time.Second
 
-// run opens the snapshotter under cfg.Root, re-mounts the images of existing containers in the background and
-// serves the snapshots API on cfg.Address until ctx is cancelled.
-func run(ctx context.Context, cfg snapshotterConfig, mounter snapshotter.ImageMounter) error {
-	return runWith(ctx, cfg, mounter, nil)
-}
-
-// runWith is run that, when o is not nil, also serves the status endpoint and the metrics, and measures the
-// snapshots API calls.
-func runWith(ctx context.Context, cfg snapshotterConfig, mounter snapshotter.ImageMounter, o *ops) error {
-	sn, err := snapshotter.New(cfg.Root, mounter)
+// Serve opens the snapshotter under [snapshotter] root, re-mounts the images of existing containers in the
+// background, serves the status endpoint and the metrics, and serves the snapshots API on [snapshotter] address
+// until ctx is cancelled; then it shuts down within about StopGrace and returns nil.
+func (s *Service) Serve(ctx context.Context) error {
+	sc := s.cfg.Snapshotter
+	sn, err := snapshotter.New(sc.Root, s.mounter, snapshotter.WithLogger(s.log))
 	if err != nil {
 		return err
 	}
 	defer func() {
 		if err := sn.Close(); err != nil {
-			log.G(ctx).WithError(err).Error("close snapshot metadata")
+			s.log.Error("close snapshot metadata", "error", err)
 		}
 	}()
 
@@ -44,32 +40,29 @@ func runWith(ctx context.Context, cfg snapshotterConfig, mounter snapshotter.Ima
 	go func() {
 		defer close(reconciled)
 		if err := sn.Reconcile(rctx); err != nil {
-			log.G(rctx).WithError(err).Warn("some containers' overlaybd images could not be mounted again; their Mounts calls will retry")
+			s.log.Warn("some containers' overlaybd images could not be mounted again; their Mounts calls will retry", "error", err)
 		}
 	}()
 	defer func() {
 		cancel()
 		select {
 		case <-reconciled:
-		case <-time.After(stopGrace):
-			log.G(ctx).Warnf("re-mounting images still running %v after shutdown began: exiting without it", stopGrace)
+		case <-time.After(StopGrace):
+			s.log.Warn(fmt.Sprintf("re-mounting images still running %v after shutdown began: exiting without it", StopGrace))
 		}
 	}()
 
-	var sopts []grpc.ServerOption
-	if o != nil {
-		stop, err := o.startServers(ctx, sn, cfg)
-		if err != nil {
-			return err
-		}
-		defer stop()
-		sopts = append(sopts, grpc.UnaryInterceptor(o.unaryInterceptor))
+	stop, err := s.ops.startServers(ctx, sn, sc)
+	if err != nil {
+		return err
 	}
-	return serve(ctx, sn, cfg.Address, sopts...)
+	defer stop()
+	return s.serveAPI(ctx, sn, grpc.UnaryInterceptor(s.ops.unaryInterceptor))
 }
 
-// serve serves the snapshots gRPC API for sn on the unix socket address until ctx is cancelled.
-func serve(ctx context.Context, sn *snapshotter.Snapshotter, address string, opts ...grpc.ServerOption) error {
+// serveAPI serves the snapshots gRPC API for sn on the unix socket [snapshotter] address until ctx is cancelled.
+func (s *Service) serveAPI(ctx context.Context, sn *snapshotter.Snapshotter, opts ...grpc.ServerOption) error {
+	address := s.cfg.Snapshotter.Address
 	l, err := listen(address)
 	if err != nil {
 		return err
@@ -79,13 +72,13 @@ func serve(ctx context.Context, sn *snapshotter.Snapshotter, address string, opt
 
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(l) }()
-	log.G(ctx).WithFields(log.Fields{"address": address, "snapshotter": snapshotter.Name}).Info("serving snapshots API")
+	s.log.Info("serving snapshots API", "address", address, "snapshotter", snapshotter.Name)
 
 	select {
 	case err = <-served:
 		err = fmt.Errorf("serve snapshots API on %s: %w", address, err)
 	case <-ctx.Done():
-		log.G(ctx).Info("shutting down")
+		s.log.Info("shutting down")
 		stopped := make(chan struct{})
 		go func() {
 			srv.GracefulStop()
@@ -93,15 +86,15 @@ func serve(ctx context.Context, sn *snapshotter.Snapshotter, address string, opt
 		}()
 		select {
 		case <-stopped:
-		case <-time.After(stopGrace):
-			log.G(ctx).Warnf("requests still running after %v: cancelling them", stopGrace)
+		case <-time.After(StopGrace):
+			s.log.Warn(fmt.Sprintf("requests still running after %v: cancelling them", StopGrace))
 			srv.Stop()
 			<-stopped
 		}
 		<-served
 	}
 	if rerr := os.Remove(address); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
-		log.G(ctx).WithError(rerr).Warn("remove socket")
+		s.log.Warn("remove socket", "error", rerr)
 	}
 	return err
 }

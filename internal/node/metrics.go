@@ -1,4 +1,4 @@
-package main
+package node
 
 import (
 	"context"
@@ -10,7 +10,6 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/containerd/log"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"google.golang.org/grpc"
@@ -18,14 +17,15 @@ import (
 	grpcstatus "google.golang.org/grpc/status"
 
 	"github.com/obdproject/obd/internal/cache"
+	"github.com/obdproject/obd/internal/config"
 	"github.com/obdproject/obd/internal/mounter"
 	"github.com/obdproject/obd/internal/status"
 )
 
 // ops is the daemon's operability: Prometheus metrics, the tracker of device reads with its audit log, and what
-// the status endpoint reports. newOps makes it before the node; attach connects it to the node's parts.
+// the status endpoint reports. New makes it first; attach connects it to the cache and the mounter.
 type ops struct {
-	cfg        config
+	cfg        config.Config
 	configFile string
 	started    time.Time
 	log        *slog.Logger
@@ -45,7 +45,7 @@ type ops struct {
 }
 
 // newOps builds the metrics and opens the audit log.
-func newOps(cfg config, configFile string, logger *slog.Logger) (*ops, error) {
+func newOps(cfg config.Config, configFile string, logger *slog.Logger) (*ops, error) {
 	o := &ops{cfg: cfg, configFile: configFile, started: time.Now(), log: logger, reg: prometheus.NewRegistry()}
 	audit := logger.With("audit", true)
 	if p := cfg.Audit.Path; p != "" {
@@ -154,12 +154,12 @@ func (o *ops) unaryInterceptor(ctx context.Context, req any, info *grpc.UnarySer
 	if err != nil {
 		code := grpcstatus.Code(err)
 		o.grpcErrs.WithLabelValues(method, code.String()).Inc()
-		l := log.G(ctx).WithError(err).WithFields(log.Fields{"method": method, "code": code.String()})
+		args := []any{"method", method, "code", code.String(), "error", err}
 		switch code {
 		case codes.AlreadyExists, codes.NotFound: // the protocol's normal answers (lazy pull, existence checks)
-			l.Debug("snapshots API call answered with an error")
+			o.log.DebugContext(ctx, "snapshots API call answered with an error", args...)
 		default:
-			l.Warn("snapshots API call failed")
+			o.log.WarnContext(ctx, "snapshots API call failed", args...)
 		}
 	}
 	return resp, err

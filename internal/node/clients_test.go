@@ -1,4 +1,4 @@
-package main
+package node
 
 import (
 	"context"
@@ -14,14 +14,14 @@ import (
 	"testing"
 	"time"
 
-	obdconfig "github.com/obdproject/obd/internal/config"
+	"github.com/obdproject/obd/internal/config"
 	"github.com/obdproject/obd/internal/registry"
 )
 
-// TestClientSetUsesTokenHelper checks the daemon's wiring of credentials: a registry with a token helper in the
+// TestClientPoolUsesTokenHelper checks the daemon's wiring of credentials: a registry with a token helper in the
 // helpers file of obd.toml gets the helper's token, a new one once the old one is older than the helper's TTL,
 // and an unauthorized error naming the helpers file when the registry refuses a fresh token.
-func TestClientSetUsesTokenHelper(t *testing.T) {
+func TestClientPoolUsesTokenHelper(t *testing.T) {
 	var accepted atomic.Value
 	accepted.Store("gen-1")
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -46,12 +46,12 @@ func TestClientSetUsesTokenHelper(t *testing.T) {
 	if err := os.WriteFile(helpers, []byte(`{"helpers": {"`+host+`": {"command": "`+script+`", "ttl": "1s"}}}`), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cfg := obdconfig.Default().Registry
+	cfg := config.Default().Registry
 	cfg.DockerConfig = filepath.Join(dir, "config.json") // missing: anonymous for other registries
 	cfg.CredentialHelpers = helpers
-	cs := &clientSet{cfg: cfg, budget: 5 * time.Second, logger: slog.New(slog.NewTextHandler(io.Discard, nil)), clients: map[string]*registry.Client{}}
-	defer cs.close()
-	c, err := cs.get(host)
+	cp := &clientPool{cfg: cfg, budget: 5 * time.Second, logger: slog.New(slog.NewTextHandler(io.Discard, nil)), clients: map[string]*registry.Client{}}
+	defer cp.close()
+	c, err := cp.get(host)
 	if err != nil {
 		t.Fatal(err)
 	}

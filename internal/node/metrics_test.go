@@ -1,4 +1,4 @@
-package main
+package node
 
 import (
 	"context"
@@ -15,11 +15,12 @@ import (
 	"testing"
 	"time"
 
-	"github.com/obdproject/obd/internal/testenv"
-
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	grpcstatus "google.golang.org/grpc/status"
+
+	"github.com/obdproject/obd/internal/config"
+	"github.com/obdproject/obd/internal/testenv"
 )
 
 // metric returns the value of a series of o's registry, as the text format names it (name{label="value",…} with
@@ -56,9 +57,9 @@ func metric(t *testing.T, o *ops, series string) float64 {
 	return 0
 }
 
-func testOps(t *testing.T, mod func(*config)) (*ops, *testenv.Buffer) {
+func testOps(t *testing.T, mod func(*config.Config)) (*ops, *testenv.Buffer) {
 	t.Helper()
-	cfg := defaultConfig()
+	cfg := config.Default()
 	cfg.Audit.SlowReadMS, cfg.Audit.HungReadMS = 20, 100
 	if mod != nil {
 		mod(&cfg)
@@ -128,7 +129,7 @@ func TestDeviceReadsAndAuditLog(t *testing.T) {
 
 func TestAuditLogFile(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "log", "audit.log")
-	o, logs := testOps(t, func(c *config) { c.Audit.Path, c.Audit.SlowReadMS = path, 1 })
+	o, logs := testOps(t, func(c *config.Config) { c.Audit.Path, c.Audit.SlowReadMS = path, 1 })
 	done := o.reads.observe("7", 4096, 4096)
 	time.Sleep(5 * time.Millisecond)
 	done(4096, nil)
@@ -144,7 +145,7 @@ func TestAuditLogFile(t *testing.T) {
 		t.Errorf("audit lines also in the daemon log: %s", logs)
 	}
 
-	if _, err := newOps(func() config { c := defaultConfig(); c.Audit.Path = "/proc/no/such/audit.log"; return c }(), "obd.toml", slog.New(slog.DiscardHandler)); err == nil ||
+	if _, err := newOps(func() config.Config { c := config.Default(); c.Audit.Path = "/proc/no/such/audit.log"; return c }(), "obd.toml", slog.New(slog.DiscardHandler)); err == nil ||
 		!strings.Contains(err.Error(), "audit.path") {
 		t.Errorf("unwritable audit path: %v", err)
 	}
@@ -186,9 +187,9 @@ func TestMetricsPortInUse(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer busy.Close()
-	o, _ := testOps(t, func(c *config) { c.Metrics.Address = busy.Addr().String() })
+	o, _ := testOps(t, func(c *config.Config) { c.Metrics.Address = busy.Addr().String() })
 	dir := testenv.SocketDir(t)
-	sc := snapshotterConfig{Address: filepath.Join(dir, "sn.sock")}
+	sc := config.Snapshotter{Address: filepath.Join(dir, "sn.sock")}
 	stop, err := o.startServers(context.Background(), nil, sc)
 	if err == nil {
 		stop()

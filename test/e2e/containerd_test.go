@@ -1,4 +1,4 @@
-package main
+package e2e
 
 import (
 	"archive/tar"
@@ -35,6 +35,8 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sys/unix"
 
+	"github.com/obdproject/obd/internal/config"
+	"github.com/obdproject/obd/internal/node"
 	"github.com/obdproject/obd/internal/pull"
 	"github.com/obdproject/obd/internal/snapshotter"
 	"github.com/obdproject/obd/internal/testenv"
@@ -50,9 +52,10 @@ const (
 	helloOutput  = "Hello from Docker!"
 )
 
-// TestContainerd runs Debian's containerd with obd-snapshotter as its proxy snapshotter "overlaybd" and runs
-// hello-world from a normal image, a lazily pulled overlaybd image and a fully pulled overlaybd image. The device
-// stack is faked: the image mounter serves a tmpfs holding the files of the original hello-world layer.
+// TestContainerd runs Debian's containerd with obd-snapshotter's node service, in this process, as its proxy
+// snapshotter "overlaybd" and runs hello-world from a normal image, a lazily pulled overlaybd image and a fully
+// pulled overlaybd image. The device stack is faked: the image mounter serves a tmpfs holding the files of the
+// original hello-world layer.
 func TestContainerd(t *testing.T) {
 	testenv.Root(t)
 	tools := testenv.Tools(t, "containerd", "containerd-shim-runc-v2", "runc")
@@ -71,7 +74,7 @@ func TestContainerd(t *testing.T) {
 	})
 
 	mounter := &helloMounter{layer: filepath.Join(helloLayout, "blobs", "sha256", strings.TrimPrefix(helloLayer, "sha256:"))}
-	startDaemon(t, snapshotterConfig{Root: filepath.Join(dir, "sn"), Address: filepath.Join(dir, "sn.sock"), LogLevel: "info"}, mounter)
+	startDaemon(t, config.Snapshotter{Root: filepath.Join(dir, "sn"), Address: filepath.Join(dir, "sn.sock"), LogLevel: "info"}, mounter)
 	address := startContainerd(t, tools[0], dir, filepath.Join(dir, "sn.sock"))
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
@@ -196,18 +199,25 @@ func TestContainerd(t *testing.T) {
 	})
 }
 
-// startDaemon runs the daemon in this process until the test ends.
-func startDaemon(t *testing.T, cfg snapshotterConfig, mounter snapshotter.ImageMounter) {
+// startDaemon runs the node service with mounter as its image mounter in this process until the test ends. It
+// serves no metrics port.
+func startDaemon(t *testing.T, sc config.Snapshotter, mounter snapshotter.ImageMounter) {
+	cfg := config.Default()
+	cfg.Snapshotter, cfg.Metrics.Address = sc, ""
+	svc, err := node.New(cfg, node.WithImageMounter(mounter))
+	if err != nil {
+		t.Fatal(err)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- run(ctx, cfg, mounter) }()
+	go func() { done <- svc.Serve(ctx) }()
 	t.Cleanup(func() {
 		cancel()
-		if err := <-done; err != nil {
+		if err := errors.Join(<-done, svc.Close()); err != nil {
 			t.Errorf("obd-snapshotter: %v", err)
 		}
 	})
-	waitSocket(t, cfg.Address, done)
+	waitSocket(t, sc.Address, done)
 }
 
 func waitSocket(t *testing.T, address string, exited <-chan error) {

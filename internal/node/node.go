@@ -1,0 +1,110 @@
+// Package node is the node daemon's composition: the block cache, the registry client pool and the image mounter;
+// the snapshotter and its snapshots gRPC server; the metrics, the read tracker with its audit log and the status
+// endpoint. cmd/obd-snapshotter turns flags and obd.toml into a Service and serves it.
+package node
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"time"
+
+	"github.com/obdproject/obd/internal/cache"
+	"github.com/obdproject/obd/internal/config"
+	"github.com/obdproject/obd/internal/device"
+	"github.com/obdproject/obd/internal/mounter"
+	"github.com/obdproject/obd/internal/registry"
+	"github.com/obdproject/obd/internal/snapshotter"
+)
+
+// Service is one obd-snapshotter: New builds it from the configuration, Serve serves it, Close releases it.
+type Service struct {
+	cfg     config.Config
+	log     *slog.Logger
+	ops     *ops
+	mounter snapshotter.ImageMounter
+	cache   *cache.Cache // nil with WithImageMounter
+	clients *clientPool  // nil with WithImageMounter
+}
+
+// Option configures New.
+type Option func(*options)
+
+type options struct {
+	logger     *slog.Logger
+	configPath string
+	mounter    snapshotter.ImageMounter
+}
+
+// WithLogger sets the daemon's logger (default slog.Default()).
+func WithLogger(l *slog.Logger) Option { return func(o *options) { o.logger = l } }
+
+// WithConfigPath names the file the configuration was read from, for the status endpoint and for errors that ask
+// the user to change a key (default config.DefaultPath).
+func WithConfigPath(path string) Option { return func(o *options) { o.configPath = path } }
+
+// WithImageMounter serves overlaybd images with m instead of the daemon's own block cache, registry clients and
+// FUSE + loop device mounter, which New then does not open (tests fake the device stack with it).
+func WithImageMounter(m snapshotter.ImageMounter) Option { return func(o *options) { o.mounter = m } }
+
+// New checks cfg, builds the metrics and opens the audit log, the block cache and the image mounter that serves
+// overlaybd images through FUSE + loop. Close releases them.
+func New(cfg config.Config, opts ...Option) (*Service, error) {
+	o := options{logger: slog.Default(), configPath: config.DefaultPath}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("config %s: %w", o.configPath, err)
+	}
+	o.logger.Info("starting obd-snapshotter", "root", cfg.Snapshotter.Root, "address", cfg.Snapshotter.Address)
+	ops, err := newOps(cfg, o.configPath, o.logger)
+	if err != nil {
+		return nil, err
+	}
+	s := &Service{cfg: cfg, log: o.logger, ops: ops, mounter: o.mounter}
+	if s.mounter == nil {
+		if err := s.openDevices(); err != nil {
+			ops.close()
+			return nil, err
+		}
+	}
+	return s, nil
+}
+
+// openDevices opens the block cache and builds the registry client pool and the image mounter, whose registry
+// requests and device reads feed the metrics and the audit log.
+func (s *Service) openDevices() error {
+	cfg := s.cfg
+	c, err := cache.Open(cache.Options{
+		Dir: cfg.Cache.Dir, CapacityBytes: cfg.Cache.SizeGB << 30, BlockSize: cfg.Cache.BlockSizeKB << 10, Logger: s.log,
+	})
+	if err != nil {
+		return fmt.Errorf("block cache %s: %w", cfg.Cache.Dir, err)
+	}
+	budget, _ := time.ParseDuration(cfg.Registry.RetryBudget) // checked by Validate
+	cp := &clientPool{cfg: cfg.Registry, budget: budget, logger: s.log, observer: s.ops.observeRegistry, clients: map[string]*registry.Client{}}
+	m := mounter.New(mounter.Options{
+		Frontend: device.NewFuseLoop(s.log, device.WithReadObserver(s.ops.reads.observe)),
+		StateDir: filepath.Join(cfg.Snapshotter.Root, "devices"),
+		Cache:    c,
+		Registry: cp.get,
+		Logger:   s.log,
+	})
+	s.ops.attach(c, m)
+	s.cache, s.clients, s.mounter = c, cp, m
+	return nil
+}
+
+// Close closes the registry clients, the block cache and the audit log.
+func (s *Service) Close() error {
+	var errs []error
+	if s.clients != nil {
+		s.clients.close()
+	}
+	if s.cache != nil {
+		errs = append(errs, s.cache.Close())
+	}
+	return errors.Join(append(errs, s.ops.close())...)
+}
