@@ -104,7 +104,7 @@ func runBench(ctx context.Context, cfg *config) (err error) {
 	if err != nil {
 		return fmt.Errorf("image: %w", err)
 	}
-	link, err := newLink(cfg.rateBits, cfg.rtt)
+	link, err := newLink(cfg.rateBits, cfg.rtt, cfg.cc)
 	if err != nil {
 		return err
 	}
@@ -132,7 +132,7 @@ func runBench(ctx context.Context, cfg *config) (err error) {
 			err = errors.Join(err, fmt.Errorf("shaped link cleanup: %w", cerr))
 		}
 	}()
-	logf("shaped link: registry reachable at %s through namespace %s (%s)", link.Addr, link.NS, link.Describe())
+	logf("shaped link: registry reachable at %s through router namespace %s (%s; registry side's TCP: %s)", link.Addr, link.Router, link.Describe(), link.CC)
 
 	c, err := client.New(sb.Containerd)
 	if err != nil {
@@ -144,10 +144,11 @@ func runBench(ctx context.Context, cfg *config) (err error) {
 	if err := b.push(ctx); err != nil {
 		return err
 	}
-	if b.calib, err = calibrate(ctx, link.Addr, im); err != nil {
+	if b.calib, err = calibrate(ctx, link, im); err != nil {
 		return fmt.Errorf("calibrate the shaped link: %w", err)
 	}
-	logf("shaped link measured: %.1f ms per request round trip, %.1f Mbit/s for one 16 MiB range read", b.calib.RTTms, b.calib.Mbits)
+	logf("shaped link measured: %.1f ms per small request, %.1f Mbit/s for one %s range read; a 1 MiB range read takes %.0f ms on a new connection (connect included), %.0f ms on a warm one, %.0f ms on one idle for %s",
+		b.calib.RTTms, b.calib.Mbits, units.Bytes(b.calib.RangeReadBytes), b.calib.FreshMiBms, b.calib.WarmMiBms, b.calib.IdleMiBms, calibIdle)
 	for i := range cfg.runs {
 		logf("run %d/%d", i+1, cfg.runs)
 		if err := b.runOnce(); err != nil {
@@ -156,6 +157,11 @@ func runBench(ctx context.Context, cfg *config) (err error) {
 	}
 	if err := b.reset(true); err != nil {
 		return err
+	}
+	if stats, err := link.DelayStats(); err != nil {
+		logf("router delay line: %v", err)
+	} else if stats != "" {
+		logf("router delay line: %s", stats)
 	}
 	rep := b.report(ctx)
 	rep.printTable(os.Stdout)
@@ -463,23 +469,36 @@ func sum(m map[string]int64) int64 {
 	return n
 }
 
-// calibration is what the shaped link measured as before the runs.
+// calibration is what the shaped link measured as before the runs. The three 1 MiB reads show what TCP's window
+// costs on the path: a new connection starts small (slow start), a warm one sends at the rate, and one idle for
+// longer than its retransmission timeout starts small again (tcp_slow_start_after_idle; not with BBR).
 type calibration struct {
 	RTTms float64 `json:"requestRoundTripMs"` // median of small GETs on a kept-alive connection
-	Mbits float64 `json:"rangeReadMbits"`     // one 16 MiB range read of a layer blob
+	// Mbits is the throughput of one range read of a layer blob, RangeReadBytes long: about 2 s at the link's rate,
+	// at least 16 MiB, at most the largest layer.
+	Mbits          float64 `json:"rangeReadMbits"`
+	RangeReadBytes int64   `json:"rangeReadBytes"`
+	FreshMiBms     float64 `json:"freshConnMiBReadMs"` // 1 MiB range read on a new connection, connect included
+	WarmMiBms      float64 `json:"warmConnMiBReadMs"`  // 1 MiB range read right after the long one, same connection
+	IdleMiBms      float64 `json:"idleConnMiBReadMs"`  // 1 MiB range read on that connection after calibIdle
 }
 
-func calibrate(ctx context.Context, addr string, im *builtImage) (calibration, error) {
-	tr := &http.Transport{}
+// calibIdle is how long the connection rests before the last 1 MiB read: longer than TCP's minimum
+// retransmission timeout (200 ms) plus the round trip.
+const calibIdle = time.Second
+
+func calibrate(ctx context.Context, link *shapedLink, im *builtImage) (calibration, error) {
+	addr := link.Addr
+	tr := &http.Transport{MaxConnsPerHost: 1} // one connection, reused: the warm and idle reads find it
 	defer tr.CloseIdleConnections()
 	hc := &http.Client{Transport: tr, Timeout: time.Minute}
-	get := func(url string, header http.Header) (time.Duration, int64, error) {
+	get := func(url string, n int64) (time.Duration, int64, error) {
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 		if err != nil {
 			return 0, 0, err
 		}
-		for k, v := range header {
-			req.Header[k] = v
+		if n > 0 {
+			req.Header.Set("Range", fmt.Sprintf("bytes=0-%d", n-1))
 		}
 		start := time.Now()
 		resp, err := hc.Do(req)
@@ -487,35 +506,53 @@ func calibrate(ctx context.Context, addr string, im *builtImage) (calibration, e
 			return 0, 0, err
 		}
 		defer resp.Body.Close()
-		n, err := io.Copy(io.Discard, resp.Body)
+		got, err := io.Copy(io.Discard, resp.Body)
 		if resp.StatusCode/100 != 2 {
 			return 0, 0, fmt.Errorf("GET %s: %s", url, resp.Status)
 		}
-		return time.Since(start), n, err
+		return time.Since(start), got, err
 	}
-	var rtts []float64
-	for i := range 7 {
-		d, _, err := get("http://"+addr+"/v2/", nil)
-		if err != nil {
-			return calibration{}, err
-		}
-		if i > 0 { // the first one also opens the connection
-			rtts = append(rtts, d.Seconds()*1000)
-		}
-	}
+	ms := func(d time.Duration) float64 { return d.Seconds() * 1000 }
 	var big layerInfo
 	for _, l := range im.Info.PlainLayers {
 		if l.Size > big.Size {
 			big = l
 		}
 	}
-	n := min(big.Size, 16<<20)
-	d, got, err := get(fmt.Sprintf("http://%s/v2/bench/app/blobs/%s", addr, big.Digest), http.Header{"Range": {fmt.Sprintf("bytes=0-%d", n-1)}})
+	blob := fmt.Sprintf("http://%s/v2/bench/app/blobs/%s", addr, big.Digest)
+	var c calibration
+	fresh, _, err := get(blob, min(big.Size, 1<<20))
 	if err != nil {
-		return calibration{}, err
+		return c, err
+	}
+	c.FreshMiBms = ms(fresh)
+	var rtts []float64
+	for range 6 {
+		d, _, err := get("http://"+addr+"/v2/", 0)
+		if err != nil {
+			return c, err
+		}
+		rtts = append(rtts, ms(d))
 	}
 	slices.Sort(rtts)
-	return calibration{RTTms: rtts[len(rtts)/2], Mbits: float64(got) * 8 / d.Seconds() / 1e6}, nil
+	c.RTTms = rtts[len(rtts)/2]
+	d, got, err := get(blob, min(big.Size, max(16<<20, link.RateBits/8*2)))
+	if err != nil {
+		return c, err
+	}
+	c.RangeReadBytes, c.Mbits = got, float64(got)*8/d.Seconds()/1e6
+	warm, _, err := get(blob, min(big.Size, 1<<20))
+	if err != nil {
+		return c, err
+	}
+	c.WarmMiBms = ms(warm)
+	time.Sleep(calibIdle)
+	idle, _, err := get(blob, min(big.Size, 1<<20))
+	if err != nil {
+		return c, err
+	}
+	c.IdleMiBms = ms(idle)
+	return c, nil
 }
 
 // saveLogs copies the logs of the sandbox's processes into dir.

@@ -31,6 +31,7 @@ type config struct {
 	bandwidth   string
 	rateBits    int64
 	rtt         time.Duration
+	cc          string
 	runs        int
 	blockKB     int
 	out         string
@@ -48,9 +49,13 @@ type config struct {
 }
 
 func main() {
+	if spec := os.Getenv(delayLineEnv); spec != "" {
+		os.Exit(runDelayLine(spec))
+	}
 	var c config
 	flag.StringVar(&c.bandwidth, "bandwidth", "100mbit", "bandwidth of the shaped link to the registry (e.g. 100mbit, 1gbit; 0 for unshaped)")
-	flag.DurationVar(&c.rtt, "rtt", 20*time.Millisecond, "round-trip time added by the relay on the shaped link")
+	flag.DurationVar(&c.rtt, "rtt", 20*time.Millisecond, "round-trip time of the shaped link (each forwarded packet is held for half of it; 0: no delay)")
+	flag.StringVar(&c.cc, "cc", "cubic", "TCP congestion control of the registry side, the sender of every download (cubic, bbr, reno: net.ipv4.tcp_available_congestion_control)")
 	flag.IntVar(&c.runs, "runs", 3, "measured runs of each case; the table shows medians")
 	flag.IntVar(&c.blockKB, "block-kb", 0, "obd-snapshotter's cache block size in KiB ([cache] block_size_kb; 0: its default, 256)")
 	flag.StringVar(&c.out, "out", filepath.Join("bench", "results"), "directory for the result files NAME.json and NAME.svg ('' for none)")
@@ -131,8 +136,8 @@ func logf(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "%s  %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
 }
 
-// required lists the programs the benchmark runs: the sandbox's, iproute2's and apt's.
-var required = append([]string{"ip", "tc", "apt-get", "dpkg-deb"}, sandbox.Required...)
+// required lists the programs the benchmark runs: the sandbox's, iproute2's, iptables' and apt's.
+var required = append([]string{"ip", "tc", "iptables-legacy", "apt-get", "dpkg-deb"}, sandbox.Required...)
 
 func checkPrerequisites() error {
 	if os.Geteuid() != 0 {
@@ -145,7 +150,7 @@ func checkPrerequisites() error {
 		}
 	}
 	if len(missing) > 0 {
-		return fmt.Errorf("missing programs: %s — run 'make deps' (Debian packages; iproute2 for ip and tc)", strings.Join(missing, ", "))
+		return fmt.Errorf("missing programs: %s — run 'make deps' (Debian packages; iproute2 for ip and tc) and 'apt-get install iptables' (iptables-legacy)", strings.Join(missing, ", "))
 	}
 	if _, err := os.Stat("/proc/sys/vm/drop_caches"); err != nil {
 		return fmt.Errorf("cannot drop the page cache: %w", err)

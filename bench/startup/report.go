@@ -51,6 +51,7 @@ type linkReport struct {
 	Description string      `json:"description"`
 	RateBits    int64       `json:"rateBitsPerSecond"`
 	RTTms       float64     `json:"rttMs"`
+	CC          string      `json:"registryCongestionControl"`
 	Method      string      `json:"method"`
 	Measured    calibration `json:"measured"`
 }
@@ -98,7 +99,7 @@ func (b *bench) report(ctx context.Context) *report {
 			DropCaches: "sync; echo 3 > /proc/sys/vm/drop_caches before every measured run",
 		},
 		Link: linkReport{Description: b.link.Describe(), RateBits: b.link.RateBits, RTTms: float64(b.link.RTT) / 1e6, Measured: b.calib,
-			Method: "veth pair into a network namespace with a tbf qdisc at the rate on both ends; a TCP relay in that namespace holds each direction's data for RTT/2"},
+			CC: b.link.CC, Method: linkMethod},
 		Image: imageReport{Layers: len(b.im.Info.PlainLayers), TarBytes: b.im.Info.TarBytes, GzipBytes: b.im.Info.GzipBytes, OBDBytes: b.im.Info.OBDBytes,
 			PlainLayers: b.im.Info.PlainLayers, OBDLayers: b.im.Info.OBDLayers, ConvertSeconds: b.im.Info.ConvertSeconds, LDLibraryPath: b.im.Info.LDLibraryPath,
 			ZFile: b.im.Info.ZFile},
