@@ -40,6 +40,7 @@ import (
 	"github.com/obdproject/obd/internal/convert"
 	"github.com/obdproject/obd/internal/gunzip"
 	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/lz4c"
 	"github.com/obdproject/obd/internal/testimage"
 	"github.com/obdproject/obd/zfile"
 )
@@ -375,7 +376,7 @@ func obdRun(ctx context.Context, c config, im *testimage.Image, work string, dro
 	defer src.Close()
 	res, err := convert.ConvertImage(ctx, src, convert.ImageOptions{
 		VirtualSize: c.vsizeGiB << 30,
-		ZFile:       zfile.Options{Algorithm: zfile.AlgoLZ4, Workers: c.zfileWorkers},
+		ZFile:       zfile.Options{Algorithm: zfile.AlgoLZ4, Workers: c.zfileWorkers, LZ4Batch: lz4c.Batch},
 		WorkDir:     scratch,
 		Progress: func(p convert.Progress) {
 			if p.Stage == "apply" {
