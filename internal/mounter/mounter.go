@@ -15,9 +15,11 @@ import (
 	"github.com/obdproject/obd/internal/cache"
 	"github.com/obdproject/obd/internal/device"
 	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/prefetch"
 	"github.com/obdproject/obd/internal/registry"
 	"github.com/obdproject/obd/internal/snapshotter"
 	"github.com/obdproject/obd/lsmt"
+	"github.com/obdproject/obd/trace"
 )
 
 // Options configure a Mounter.
@@ -32,7 +34,10 @@ type Options struct {
 	Registry func(host string) (*registry.Client, error)
 	// FSType is the filesystem on the image's disk (default ext4).
 	FSType string
-	Logger *slog.Logger
+	// PrefetchConcurrency is the number of range requests in flight while a recorded start is prefetched
+	// (default prefetch.DefaultConcurrency).
+	PrefetchConcurrency int
+	Logger              *slog.Logger
 }
 
 // Mounter implements snapshotter.ImageMounter.
@@ -49,6 +54,9 @@ type mounted struct {
 	files   []io.Closer
 	blobs   []*registry.Blob
 	layers  []layerSource // per layer, bottom first: where its bytes come from (for Images)
+
+	prefetch *prefetch.Job // the prefetch of its recorded start, or nil
+	rec      *recording    // the recording of its layer reads, or nil
 }
 
 // New returns a Mounter.
@@ -67,13 +75,21 @@ var _ snapshotter.ImageMounter = (*Mounter)(nil)
 // Mount makes the virtual disk of layers available read-only at target. It is idempotent: a mounted image is
 // mounted again only if its mount went away, and an attached device is reused.
 func (m *Mounter) Mount(ctx context.Context, id string, layers []snapshotter.Layer, target string) error {
+	return m.MountTrace(ctx, id, layers, target, "")
+}
+
+var _ snapshotter.TraceMounter = (*Mounter)(nil)
+
+// MountTrace is Mount with a trace file, taken when the image's device is attached (see snapshotter.TraceMounter):
+// an empty file records the image's layer reads into it, a trace file is prefetched into the cache at once.
+func (m *Mounter) MountTrace(ctx context.Context, id string, layers []snapshotter.Layer, target, traceFile string) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	img := m.images[id]
 	if img == nil {
 		m.track.attaching(id, layers)
 		var err error
-		if img, err = m.attach(ctx, id, layers); err != nil {
+		if img, err = m.attach(ctx, id, layers, traceFile); err != nil {
 			m.track.failed(id, err)
 			return err
 		}
@@ -102,18 +118,28 @@ func (m *Mounter) Mount(ctx context.Context, id string, layers []snapshotter.Lay
 	return nil
 }
 
-// attach opens the layers and attaches their stack as a device.
-func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.Layer) (*mounted, error) {
+// attach opens the layers and attaches their stack as a device; with a trace file it starts recording into it or
+// prefetching it (see MountTrace).
+func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.Layer, traceFile string) (*mounted, error) {
 	img := &mounted{targets: map[string]bool{}}
+	replay, record := m.readTraceFile(id, traceFile)
+	if record {
+		img.rec = newRecording(traceFile, m.opts.Logger.With("image", id))
+	}
 	files := make([]*lsmt.File, len(layers))
+	opened := make([]*image.Layer, len(layers))
 	for i, l := range layers {
-		f, err := m.openLayer(ctx, img, l)
+		var observe func(off, n int64)
+		if img.rec != nil {
+			observe = func(off, n int64) { img.rec.r.Read(i, off, n) }
+		}
+		ol, err := m.openLayer(ctx, img, l, observe)
 		if err != nil {
 			img.close()
 			m.opts.Logger.Error("cannot open layer of overlaybd image", "image", id, "ref", l.ImageRef, "layer", layerName(l), "index", i, "err", err)
 			return nil, fmt.Errorf("image %s: layer %d (%s): %w", id, i, layerName(l), err)
 		}
-		files[i] = f
+		files[i], opened[i] = ol.File, ol
 	}
 	stack, err := lsmt.NewStack(files, nil)
 	if err != nil {
@@ -127,11 +153,60 @@ func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.La
 		return nil, fmt.Errorf("image %s: attach device: %w", id, err)
 	}
 	m.opts.Logger.Info("attached overlaybd image", "image", id, "device", img.dev.Path, "layers", len(layers), "virtual_size", stack.VirtualSize())
+	if len(replay) > 0 {
+		img.prefetch = m.startPrefetch(id, img, opened, replay)
+	}
 	return img, nil
 }
 
+// readTraceFile reads the trace file of an image with upstream's conventions: an empty file asks for recording,
+// a trace file for a prefetch; anything else is logged and ignored.
+func (m *Mounter) readTraceFile(id, path string) (replay []trace.Record, record bool) {
+	if path == "" {
+		return nil, false
+	}
+	b, err := os.ReadFile(path)
+	switch {
+	case err != nil:
+		m.opts.Logger.Warn("cannot read the image's trace file: no prefetch, no recording", "image", id, "path", path, "err", err)
+		return nil, false
+	case len(b) == 0:
+		return nil, true
+	}
+	recs, err := trace.Decode(b)
+	if err != nil {
+		m.opts.Logger.Warn("the image's trace file is not a trace: no prefetch", "image", id, "path", path, "err", err)
+		return nil, false
+	}
+	return recs, false
+}
+
+// startPrefetch starts prefetching recs into the cache for the layers of img (remote layers only: local ones have
+// nothing to fetch).
+func (m *Mounter) startPrefetch(id string, img *mounted, opened []*image.Layer, recs []trace.Record) *prefetch.Job {
+	layers := make([]prefetch.Layer, len(opened))
+	for i, ol := range opened {
+		layers[i] = prefetch.Layer{BlobRange: ol.BlobRange, Cache: noPrefetch{}}
+		if c := img.layers[i].cache; c != nil {
+			layers[i].Cache = c
+		}
+	}
+	opts := prefetch.Options{Concurrency: m.opts.PrefetchConcurrency, Logger: m.opts.Logger.With("image", id)}
+	if m.opts.Cache != nil {
+		opts.Demand = m.opts.Cache.DemandFetches
+	}
+	m.opts.Logger.Info("prefetching the image's recorded start", "image", id, "records", len(recs))
+	return prefetch.Start(context.Background(), layers, recs, opts)
+}
+
+// noPrefetch is the prefetch target of a layer without a cache (local, or no cache configured): nothing to do.
+type noPrefetch struct{}
+
+func (noPrefetch) Prefetch(int64, int64) error { return nil }
+
 // openLayer opens one layer: the local file when it was downloaded, else the registry blob through the cache.
-func (m *Mounter) openLayer(ctx context.Context, img *mounted, l snapshotter.Layer) (*lsmt.File, error) {
+// observe, if set, sees the layer's reads once it is open.
+func (m *Mounter) openLayer(ctx context.Context, img *mounted, l snapshotter.Layer, observe func(off, n int64)) (*image.Layer, error) {
 	if l.LocalPath != "" {
 		f, err := os.Open(l.LocalPath)
 		if err != nil {
@@ -143,7 +218,7 @@ func (m *Mounter) openLayer(ctx context.Context, img *mounted, l snapshotter.Lay
 			return nil, err
 		}
 		img.layers = append(img.layers, layerSource{layer: l})
-		return image.OpenLayerBlob(annotate(f, l), st.Size(), false)
+		return image.OpenLayer(annotate(f, l), st.Size(), image.LayerOptions{Observe: observe})
 	}
 	if l.ImageRef == "" {
 		return nil, errors.New("neither a local file nor an image reference to fetch it from (pull with 'obd pull')")
@@ -171,7 +246,7 @@ func (m *Mounter) openLayer(ctx context.Context, img *mounted, l snapshotter.Lay
 		r = src.cache
 	}
 	img.layers = append(img.layers, src)
-	return image.OpenLayerBlob(annotate(r, l), blob.Size(), true)
+	return image.OpenLayer(annotate(r, l), blob.Size(), image.LayerOptions{Verify: true, Observe: observe})
 }
 
 // Unmount unmounts target and, when the image has no mount left, detaches its device.
@@ -219,7 +294,14 @@ func (m *Mounter) Stats() map[string]registry.BlobStats {
 	return out
 }
 
+// close stops the image's prefetch, writes its recorded trace and closes its files.
 func (img *mounted) close() {
+	if img.prefetch != nil {
+		img.prefetch.Stop()
+	}
+	if img.rec != nil {
+		img.rec.finish()
+	}
 	for _, f := range img.files {
 		f.Close()
 	}

@@ -13,6 +13,7 @@ import (
 	digest "github.com/opencontainers/go-digest"
 
 	"github.com/obdproject/obd/internal/cache"
+	"github.com/obdproject/obd/internal/prefetch"
 	"github.com/obdproject/obd/internal/registry"
 	"github.com/obdproject/obd/internal/snapshotter"
 	"github.com/obdproject/obd/zfile"
@@ -35,6 +36,10 @@ type ImageInfo struct {
 	Device   string    // the block device, when attached
 	Targets  []string  // where its filesystem is mounted
 	Layers   []LayerInfo
+	// Prefetch is the progress of the prefetch of its recorded start, nil when there is none.
+	Prefetch *prefetch.Progress
+	// Recording is the trace file its layer reads are recorded into, "" when they are not.
+	Recording string
 }
 
 // LayerInfo describes one layer of an image, bottom first.
@@ -84,6 +89,7 @@ type tracker struct {
 type tracked struct {
 	info    ImageInfo
 	sources []layerSource // when attached
+	job     *prefetch.Job // when attached with a prefetch
 }
 
 func (t *tracker) get(id string) *tracked {
@@ -110,7 +116,7 @@ func (t *tracker) attaching(id string, layers []snapshotter.Layer) {
 	defer t.mu.Unlock()
 	e := t.get(id)
 	t.set(e, StateAttaching)
-	e.info.Error, e.info.Device, e.info.Targets, e.sources = "", "", nil, nil
+	e.info.Error, e.info.Device, e.info.Targets, e.sources, e.job, e.info.Recording = "", "", nil, nil, nil, ""
 	e.info.ImageRef = imageRefOf(layers)
 	e.info.Layers = make([]LayerInfo, len(layers))
 	for i, l := range layers {
@@ -128,6 +134,10 @@ func (t *tracker) attached(id string, img *mounted) {
 	e.info.Device = img.dev.Path
 	e.info.Targets = slices.Sorted(maps.Keys(img.targets))
 	e.sources = slices.Clone(img.layers)
+	e.job = img.prefetch
+	if img.rec != nil {
+		e.info.Recording = img.rec.path
+	}
 	layers := make([]snapshotter.Layer, len(img.layers))
 	for i, s := range img.layers {
 		layers[i] = s.layer
@@ -141,7 +151,7 @@ func (t *tracker) failed(id string, err error) {
 	defer t.mu.Unlock()
 	e := t.get(id)
 	t.set(e, StateFailed)
-	e.info.Error, e.info.Device, e.info.Targets, e.sources = err.Error(), "", nil, nil
+	e.info.Error, e.info.Device, e.info.Targets, e.sources, e.job, e.info.Recording = err.Error(), "", nil, nil, nil, ""
 	var failed []*tracked
 	for _, e := range t.images {
 		if e.info.State == StateFailed {
@@ -176,6 +186,10 @@ func (t *tracker) list() []ImageInfo {
 			for i, s := range e.sources {
 				info.Layers[i] = s.info()
 			}
+		}
+		if e.job != nil {
+			p := e.job.Progress()
+			info.Prefetch = &p
 		}
 		out = append(out, info)
 	}

@@ -32,6 +32,10 @@ const (
 	LabelDownloadBlob = "containerd.io/snapshot/overlaybd/download-remote-blob"
 	// LabelRemote marks a committed snapshot whose content is read lazily from the registry.
 	LabelRemote = "containerd.io/snapshot/remote"
+	// LabelRecordTrace = "yes" with LabelRecordTracePath on a container's snapshot (ctr run --snapshotter-label)
+	// records the image's start into that file, or prefetches it when it holds a trace (upstream's labels).
+	LabelRecordTrace     = "containerd.io/snapshot/overlaybd/record-trace"
+	LabelRecordTracePath = "containerd.io/snapshot/overlaybd/record-trace-path"
 	// LabelRemoteValue is the value of LabelRemote.
 	LabelRemoteValue = "remote snapshot"
 )
@@ -98,7 +102,11 @@ type imagePlan struct {
 	layers   []Layer  // overlaybd layers, bottom first
 	uppers   []string // fs directories of normal layers above the device, top first
 	imageRef string   // for messages
+	trace    string   // trace file of the image: its acceleration layer's, or one named by labels; "" for none
 }
+
+// traceFile is the name of the trace in an acceleration layer.
+const traceFile = "trace"
 
 // planChain classifies the committed chain ending at parent. It returns nil when the chain has no overlaybd layer
 // or when parent is missing or not committed (the overlay snapshotter then reports the problem), and an error
@@ -151,6 +159,9 @@ func buildPlan(chain []chainLayer) (*imagePlan, error) {
 	}
 	var p *imagePlan
 	for i := len(chain) - 1; i >= bottom; i-- {
+		if chain[i].kind == kindAccel && p != nil {
+			p.trace = filepath.Join(chain[i].dir, traceFile)
+		}
 		if chain[i].kind != kindBlock {
 			continue
 		}

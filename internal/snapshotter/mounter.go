@@ -30,3 +30,12 @@ type ImageMounter interface {
 	// Unmount undoes Mount; it succeeds when nothing is mounted at target.
 	Unmount(ctx context.Context, id string, target string) error
 }
+
+// TraceMounter is an ImageMounter that also takes an image's trace file (upstream's conventions): an empty file
+// asks it to record the image's layer reads into the file; a trace file (an acceleration layer's, or one recorded
+// before) is prefetched as soon as the device is attached. The file is used when the image is attached, not by
+// later mounts of an attached image.
+type TraceMounter interface {
+	ImageMounter
+	MountTrace(ctx context.Context, id string, layers []Layer, target, traceFile string) error
+}

@@ -204,6 +204,9 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	if plan == nil {
 		return create(ctx, key, parent, opts...)
 	}
+	if labels[LabelRecordTrace] == "yes" && labels[LabelRecordTracePath] != "" {
+		plan.trace = labels[LabelRecordTracePath]
+	}
 
 	unlock := s.locks.lock(plan.id)
 	defer unlock()
@@ -250,7 +253,13 @@ func (s *Snapshotter) attach(ctx context.Context, plan *imagePlan) (string, erro
 	if err := os.MkdirAll(mp, 0o700); err != nil {
 		return "", fmt.Errorf("image %s: %w", plan.imageRef, err)
 	}
-	if err := s.mounter.Mount(ctx, plan.id, plan.layers, mp); err != nil {
+	mount := s.mounter.Mount
+	if tm, ok := s.mounter.(TraceMounter); ok && plan.trace != "" {
+		mount = func(ctx context.Context, id string, layers []Layer, target string) error {
+			return tm.MountTrace(ctx, id, layers, target, plan.trace)
+		}
+	}
+	if err := mount(ctx, plan.id, plan.layers, mp); err != nil {
 		// The cause is kept as text only: it crosses gRPC, whose error encoder cannot walk every error chain
 		// (a *net.DNSError unwraps to nil and makes it panic).
 		return "", fmt.Errorf("mount image %s (layers up to snapshot %q) at %s: %s", plan.imageRef, plan.name, mp, err)

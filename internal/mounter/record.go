@@ -1,0 +1,83 @@
+package mounter
+
+import (
+	"bytes"
+	"errors"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/obdproject/obd/trace"
+)
+
+// recording records an image's layer reads into a trace file with upstream's protocol: while it runs, PATH.lock
+// exists; removing it (or detaching the image) writes the trace to PATH and creates PATH.ok.
+type recording struct {
+	path string
+	r    *trace.Recorder
+	log  *slog.Logger
+	stop chan struct{}
+	once sync.Once
+	done chan struct{}
+}
+
+// lockPollInterval is how often a recording looks for the removal of its lock file.
+const lockPollInterval = 200 * time.Millisecond
+
+func newRecording(path string, log *slog.Logger) *recording {
+	rc := &recording{path: path, r: trace.NewRecorder(), log: log, stop: make(chan struct{}), done: make(chan struct{})}
+	if err := os.WriteFile(path+".lock", nil, 0o644); err != nil {
+		log.Warn("cannot create the trace's lock file: the trace is written when the image is detached", "path", path, "err", err)
+	}
+	log.Info("recording the image's layer reads", "trace", path)
+	go func() {
+		defer close(rc.done)
+		t := time.NewTicker(lockPollInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-rc.stop:
+				return
+			case <-t.C:
+				if _, err := os.Stat(path + ".lock"); errors.Is(err, os.ErrNotExist) {
+					rc.write()
+					return
+				}
+			}
+		}
+	}()
+	return rc
+}
+
+// finish ends the recording (the image is detached) and writes the trace if the lock did not already.
+func (rc *recording) finish() {
+	close(rc.stop)
+	<-rc.done
+	rc.write()
+	_ = os.Remove(rc.path + ".lock")
+}
+
+// write writes the trace once: to a temporary file renamed over PATH, then PATH.ok.
+func (rc *recording) write() {
+	rc.once.Do(func() {
+		recs, _, dropped := rc.r.Records()
+		var buf bytes.Buffer
+		err := trace.Encode(&buf, recs)
+		if err == nil {
+			tmp := filepath.Join(filepath.Dir(rc.path), "."+filepath.Base(rc.path)+".tmp")
+			if err = os.WriteFile(tmp, buf.Bytes(), 0o644); err == nil {
+				err = os.Rename(tmp, rc.path)
+			}
+		}
+		if err == nil {
+			err = os.WriteFile(rc.path+".ok", nil, 0o644)
+		}
+		if err != nil {
+			rc.log.Error("cannot write the recorded trace", "trace", rc.path, "err", err)
+			return
+		}
+		rc.log.Info("recorded trace written", "trace", rc.path, "records", len(recs), "dropped", dropped)
+	})
+}

@@ -1,0 +1,104 @@
+package mounter
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/obdproject/obd/internal/snapshotter"
+	"github.com/obdproject/obd/trace"
+)
+
+// Record a start into an empty trace file (upstream's protocol: PATH.lock while recording, PATH.ok when written),
+// then replay it on a node with an empty cache: the recorded blocks are fetched right after the device is attached,
+// and the same start then reads nothing from the registry.
+func TestRecordAndReplayTrace(t *testing.T) {
+	blob, err := os.ReadFile(blobPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := helloBinary(t)
+	tracePath := filepath.Join(t.TempDir(), "trace")
+	if err := os.WriteFile(tracePath, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	t.Run("record", func(t *testing.T) {
+		s := newSetup(t)
+		reg := newFakeRegistry(t, blob)
+		m := s.newMounter(mounterOptions{registry: reg, cache: s.openCache(16 << 10)})
+		target := filepath.Join(s.root, "mnt")
+		if err := m.MountTrace(context.Background(), "rec", []snapshotter.Layer{reg.layer()}, target, tracePath); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := os.Stat(tracePath + ".lock"); err != nil {
+			t.Fatalf("no lock file while recording: %v", err)
+		}
+		if imgs := m.Images(); len(imgs) != 1 || imgs[0].Recording != tracePath {
+			t.Fatalf("Images = %+v: want the recording shown", imgs)
+		}
+		if b, err := readWithin(t, filepath.Join(target, "hello"), time.Minute); err != nil || !bytes.Equal(b, want) {
+			t.Fatalf("read /hello: %v", err)
+		}
+		// Removing the lock ends the recording, as upstream's record-trace does.
+		if err := os.Remove(tracePath + ".lock"); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			if _, err := os.Stat(tracePath + ".ok"); err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("no .ok file after the lock was removed")
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if err := m.Unmount(context.Background(), "rec", target); err != nil {
+			t.Fatal(err)
+		}
+	})
+	b, err := os.ReadFile(tracePath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recs, err := trace.Decode(b)
+	if err != nil || len(recs) == 0 {
+		t.Fatalf("recorded trace: %d records, %v", len(recs), err)
+	}
+
+	t.Run("replay", func(t *testing.T) {
+		s := newSetup(t)
+		reg := newFakeRegistry(t, blob)
+		m := s.newMounter(mounterOptions{registry: reg, cache: s.openCache(16 << 10)})
+		target := filepath.Join(s.root, "mnt")
+		if err := m.MountTrace(context.Background(), "play", []snapshotter.Layer{reg.layer()}, target, tracePath); err != nil {
+			t.Fatal(err)
+		}
+		m.mu.Lock()
+		job := m.images["play"].prefetch
+		m.mu.Unlock()
+		if job == nil {
+			t.Fatal("no prefetch for an image with a trace")
+		}
+		job.Wait()
+		p := m.Images()[0].Prefetch
+		if p == nil || p.Err != "" || p.DoneRanges != p.Ranges || p.Ranges == 0 {
+			t.Fatalf("prefetch progress %+v", p)
+		}
+		before := m.Images()[0].Layers[0].CacheMisses
+		if b, err := readWithin(t, filepath.Join(target, "hello"), time.Minute); err != nil || !bytes.Equal(b, want) {
+			t.Fatalf("read /hello: %v", err)
+		}
+		// Readahead may still fetch beyond the start; no read of the start waits for the registry.
+		if n := m.Images()[0].Layers[0].CacheMisses - before; n != 0 {
+			t.Fatalf("the replayed start still missed %d blocks in the cache", n)
+		}
+		if err := m.Unmount(context.Background(), "play", target); err != nil {
+			t.Fatal(err)
+		}
+	})
+}
