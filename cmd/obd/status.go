@@ -138,6 +138,20 @@ func printStatus(w io.Writer, st *status.Status) {
 		if img.Error != "" {
 			fmt.Fprintf(w, "%s: error: %s\n", img.ID, img.Error)
 		}
+		if p := img.Prefetch; p != nil {
+			state := "done"
+			switch {
+			case p.Running:
+				state = "running"
+			case p.Error != "":
+				state = "stopped: " + p.Error
+			}
+			fmt.Fprintf(w, "%s: prefetch of its recorded start %s: %d of %d ranges, %s of %s in %.1f s\n", img.ID, state,
+				p.DoneRanges, p.Ranges, units.Bytes(p.DoneBytes), units.Bytes(p.Bytes), p.Seconds)
+		}
+		if img.Recording != "" {
+			fmt.Fprintf(w, "%s: recording its reads into %s\n", img.ID, img.Recording)
+		}
 	}
 }
 

@@ -178,13 +178,15 @@ var (
 	descCacheUsed      = prometheus.NewDesc("obd_cache_used_bytes", "Bytes of blocks held by the block cache.", nil, nil)
 	descCacheCapacity  = prometheus.NewDesc("obd_cache_capacity_bytes", "The block cache's bound ([cache] size_gb).", nil, nil)
 	descCacheBlobs     = prometheus.NewDesc("obd_cache_blobs", "Blobs with blocks in the block cache.", nil, nil)
+	descCachePrefetch  = prometheus.NewDesc("obd_cache_prefetched_blocks_total", "Blocks fetched ahead of demand: by the prefetch of a recorded start (kind prefetch) or by readahead (kind readahead).", []string{"kind"}, nil)
+	descCacheAheadHits = prometheus.NewDesc("obd_cache_prefetch_hits_total", "Reads of blocks that prefetch or readahead brought, counted once per block.", nil, nil)
 	descImages         = prometheus.NewDesc("obd_images", "Overlaybd images of the device service, by state (attaching, attached, failed) and mode (lazy, local, mixed).", []string{"state", "mode"}, nil)
 	descImageFetched   = prometheus.NewDesc("obd_image_registry_bytes", "Bytes fetched from registries for each attached image (reference and mount id) since it was attached.", []string{"image", "id"}, nil)
 )
 
 func (c nodeCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descCacheHits, descCacheMisses, descCacheEvictions, descCacheEvicted, descCacheFetched,
-		descCacheStoreFail, descCacheUsed, descCacheCapacity, descCacheBlobs, descImages, descImageFetched} {
+		descCacheStoreFail, descCacheUsed, descCacheCapacity, descCacheBlobs, descCachePrefetch, descCacheAheadHits, descImages, descImageFetched} {
 		ch <- d
 	}
 }
@@ -207,9 +209,12 @@ func (c nodeCollector) Collect(ch chan<- prometheus.Metric) {
 			{descCacheUsed, prometheus.GaugeValue, used},
 			{descCacheCapacity, prometheus.GaugeValue, c.o.cfg.Cache.SizeGB << 30},
 			{descCacheBlobs, prometheus.GaugeValue, int64(blobs)},
+			{descCacheAheadHits, prometheus.CounterValue, s.PrefetchHits},
 		} {
 			ch <- prometheus.MustNewConstMetric(m.d, m.t, float64(m.v))
 		}
+		ch <- prometheus.MustNewConstMetric(descCachePrefetch, prometheus.CounterValue, float64(s.Prefetched), "prefetch")
+		ch <- prometheus.MustNewConstMetric(descCachePrefetch, prometheus.CounterValue, float64(s.ReadAhead), "readahead")
 	}
 	if m := c.o.mounter; m != nil {
 		type key struct{ state, mode string }

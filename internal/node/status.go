@@ -208,6 +208,15 @@ func fillFromMounter(img *status.Image, mi mounter.ImageInfo) {
 		img.CacheMisses += l.CacheMisses
 	}
 	img.CacheHitRatio = status.HitRatio(img.CacheHits, img.CacheMisses)
+	img.Recording = mi.Recording
+	if p := mi.Prefetch; p != nil {
+		end := p.Finished
+		if p.Running {
+			end = time.Now()
+		}
+		img.Prefetch = &status.Prefetch{Ranges: p.Ranges, DoneRanges: p.DoneRanges, Bytes: p.Bytes, DoneBytes: p.DoneBytes,
+			Running: p.Running, Seconds: end.Sub(p.Started).Seconds(), Error: p.Err}
+	}
 }
 
 func fillReads(img *status.Image, c readCounts) {

@@ -132,6 +132,21 @@ type Image struct {
 	ReadErrors    int64    `json:"read_errors"`
 	ReadsInFlight int64    `json:"reads_in_flight"`
 	HungReads     int64    `json:"hung_reads"`
+	// Prefetch is the progress of the prefetch of the image's recorded start, when it has one.
+	Prefetch *Prefetch `json:"prefetch,omitempty"`
+	// Recording is the trace file the image's reads are recorded into, when they are.
+	Recording string `json:"recording,omitempty"`
+}
+
+// Prefetch is the progress of a prefetch of a recorded start.
+type Prefetch struct {
+	Ranges     int     `json:"ranges"`
+	DoneRanges int     `json:"done_ranges"`
+	Bytes      int64   `json:"bytes"`
+	DoneBytes  int64   `json:"done_bytes"`
+	Running    bool    `json:"running"`
+	Seconds    float64 `json:"seconds"` // since it started, or how long it took
+	Error      string  `json:"error,omitempty"`
 }
 
 // Layer is one overlaybd layer of an Image, bottom first.
