@@ -65,7 +65,7 @@ func TestDaemon(t *testing.T) {
 	cmd.SetArgs([]string{"--config", cfgPath, "--root", root, "--log-level", "warn"})
 	done := make(chan error, 1)
 	go func() { done <- cmd.ExecuteContext(ctx) }()
-	waitSocket(t, address, done)
+	testenv.WaitSocket(t, address, done)
 
 	fi, err := os.Stat(address)
 	if err != nil || fi.Mode().Perm() != 0o660 {
@@ -157,22 +157,3 @@ func TestDaemon(t *testing.T) {
 	}
 }
 
-// waitSocket waits until something serves the unix socket address, failing the test if the daemon exits first.
-func waitSocket(t *testing.T, address string, exited <-chan error) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if c, err := net.Dial("unix", address); err == nil {
-			c.Close()
-			return
-		}
-		select {
-		case err := <-exited:
-			t.Fatalf("server of %s exited: %v", address, err)
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("nothing serves %s", address)
-		}
-	}
-}

@@ -239,3 +239,24 @@ func UnmountUnder(t testing.TB, dir string) {
 		}
 	}
 }
+
+// WaitSocket waits until something serves the unix socket address, failing the test if the server exits first
+// (an error or nil on exited) or nothing serves it within 20 s.
+func WaitSocket(t testing.TB, address string, exited <-chan error) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if c, err := net.Dial("unix", address); err == nil {
+			c.Close()
+			return
+		}
+		select {
+		case err := <-exited:
+			t.Fatalf("server of %s exited: %v", address, err)
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nothing serves %s", address)
+		}
+	}
+}

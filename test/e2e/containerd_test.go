@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -217,27 +216,9 @@ func startDaemon(t *testing.T, sc config.Snapshotter, mounter snapshotter.ImageM
 			t.Errorf("obd-snapshotter: %v", err)
 		}
 	})
-	waitSocket(t, sc.Address, done)
+	testenv.WaitSocket(t, sc.Address, done)
 }
 
-func waitSocket(t *testing.T, address string, exited <-chan error) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if c, err := net.Dial("unix", address); err == nil {
-			c.Close()
-			return
-		}
-		select {
-		case err := <-exited:
-			t.Fatalf("server of %s exited: %v", address, err)
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("nothing serves %s", address)
-		}
-	}
-}
 
 // startContainerd runs containerd with a private root, state and sockets under dir and returns its address.
 func startContainerd(t *testing.T, bin, dir, snapshotterAddress string) string {
@@ -300,7 +281,7 @@ disabled_plugins = [
 			t.Logf("containerd log:\n%s", b)
 		}
 	})
-	waitSocket(t, address, exited)
+	testenv.WaitSocket(t, address, exited)
 	return address
 }
 
