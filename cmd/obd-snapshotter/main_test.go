@@ -156,4 +156,3 @@ func TestDaemon(t *testing.T) {
 		t.Errorf("healthz after shutdown: %v, want ErrNotRunning", err)
 	}
 }
-

@@ -219,7 +219,6 @@ func startDaemon(t *testing.T, sc config.Snapshotter, mounter snapshotter.ImageM
 	testenv.WaitSocket(t, sc.Address, done)
 }
 
-
 // startContainerd runs containerd with a private root, state and sockets under dir and returns its address.
 func startContainerd(t *testing.T, bin, dir, snapshotterAddress string) string {
 	address := filepath.Join(dir, "c.sock")
