@@ -38,6 +38,7 @@ import (
 
 	"github.com/obdproject/obd/bench/internal/measure"
 	"github.com/obdproject/obd/internal/convert"
+	"github.com/obdproject/obd/internal/decompress"
 	"github.com/obdproject/obd/internal/gunzip"
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/lz4c"
@@ -684,7 +685,7 @@ func gunzipFloor(ctx context.Context, im *testimage.Image, hash bool) (float64, 
 		if err != nil {
 			return 0, err
 		}
-		zr, _, err := image.Decompress(f)
+		zr, _, err := decompress.Layer(f)
 		if err != nil {
 			f.Close()
 			return 0, err

@@ -8,6 +8,7 @@ import (
 	"io"
 	"path"
 
+	"github.com/obdproject/obd/internal/decompress"
 	"github.com/obdproject/obd/internal/ext4"
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/lsmt"
@@ -119,7 +120,7 @@ func FromSource(ctx context.Context, src image.Source) (Tree, error) {
 				return err
 			}
 			defer rc.Close()
-			tr, _, err := image.Decompress(rc)
+			tr, _, err := decompress.Layer(rc)
 			if err != nil {
 				return err
 			}
