@@ -26,9 +26,9 @@ import (
 
 // Options configure a Cache.
 type Options struct {
-	Dir           string       // cache directory, created if missing
-	CapacityBytes int64        // bound on the bytes of present blocks
-	BlockSize     int64        // refill unit in bytes (default 256 KiB)
+	Dir           string // cache directory, created if missing
+	CapacityBytes int64  // bound on the bytes of present blocks
+	BlockSize     int64  // refill unit in bytes (default 256 KiB)
 	// ReadaheadBytes bounds the window fetched ahead of a sequential reader of a blob (default 4 MiB; negative:
 	// no readahead). The window starts at two blocks and doubles with each sequential read.
 	ReadaheadBytes int64
@@ -74,8 +74,8 @@ type Cache struct {
 	closed       atomic.Bool
 
 	hits, misses, evictions, evictedBytes, bytesFetched, storeFailures atomic.Int64
-	prefetched, readAhead, prefetchHits                                 atomic.Int64
-	demand                                                              atomic.Int64 // source reads of demand misses in progress
+	prefetched, readAhead, prefetchHits                                atomic.Int64
+	demand                                                             atomic.Int64 // source reads of demand misses in progress
 
 	punchWarned  atomic.Bool   // the failure to punch holes was logged
 	flushFailing atomic.Bool   // a failed state write was logged and none succeeded since
