@@ -39,7 +39,7 @@ func OpenLayout(dir string) (*Layout, error) {
 	}
 	var l ocispec.ImageLayout
 	if err := json.Unmarshal(b, &l); err != nil {
-		return nil, fmt.Errorf("OCI layout %s: %s: %v", dir, ocispec.ImageLayoutFile, err)
+		return nil, fmt.Errorf("OCI layout %s: %s: %w", dir, ocispec.ImageLayoutFile, err)
 	}
 	if l.Version != ocispec.ImageLayoutVersion {
 		return nil, fmt.Errorf("OCI layout %s: unsupported imageLayoutVersion %q (want %q)", dir, l.Version, ocispec.ImageLayoutVersion)
@@ -68,7 +68,7 @@ func (l *Layout) BlobPath(d digest.Digest) string {
 // ReadBlob reads a small blob (manifest, index, config) whole and checks its size and digest.
 func (l *Layout) ReadBlob(desc ocispec.Descriptor) ([]byte, error) {
 	if err := desc.Digest.Validate(); err != nil {
-		return nil, fmt.Errorf("blob %q: %v", desc.Digest, err)
+		return nil, fmt.Errorf("blob %q: %w", desc.Digest, err)
 	}
 	if desc.Size > maxMetadataSize {
 		return nil, fmt.Errorf("blob %s: %d bytes is too large for metadata (limit %d)", desc.Digest, desc.Size, maxMetadataSize)
@@ -89,7 +89,7 @@ func (l *Layout) ReadBlob(desc ocispec.Descriptor) ([]byte, error) {
 // OpenBlob opens a blob for random access and checks that its size matches the descriptor.
 func (l *Layout) OpenBlob(desc ocispec.Descriptor) (*os.File, error) {
 	if err := desc.Digest.Validate(); err != nil {
-		return nil, fmt.Errorf("blob %q: %v", desc.Digest, err)
+		return nil, fmt.Errorf("blob %q: %w", desc.Digest, err)
 	}
 	f, err := os.Open(l.BlobPath(desc.Digest))
 	if err != nil {
@@ -214,7 +214,7 @@ func SelectPlatform(idx ocispec.Index, platform Platform) (ocispec.Descriptor, e
 func ParseManifest(b []byte) (ocispec.Manifest, error) {
 	var m ocispec.Manifest
 	if err := json.Unmarshal(b, &m); err != nil {
-		return m, fmt.Errorf("parse manifest: %v", err)
+		return m, fmt.Errorf("parse manifest: %w", err)
 	}
 	if m.SchemaVersion != 2 {
 		return m, fmt.Errorf("manifest schemaVersion %d, want 2", m.SchemaVersion)
@@ -237,7 +237,7 @@ func ParseManifest(b []byte) (ocispec.Manifest, error) {
 func ParseIndex(b []byte) (ocispec.Index, error) {
 	var idx ocispec.Index
 	if err := json.Unmarshal(b, &idx); err != nil {
-		return idx, fmt.Errorf("parse index: %v", err)
+		return idx, fmt.Errorf("parse index: %w", err)
 	}
 	if idx.SchemaVersion != 2 {
 		return idx, fmt.Errorf("index schemaVersion %d, want 2", idx.SchemaVersion)
@@ -252,7 +252,7 @@ func ParseIndex(b []byte) (ocispec.Index, error) {
 
 func checkDescriptor(d ocispec.Descriptor) error {
 	if err := d.Digest.Validate(); err != nil {
-		return fmt.Errorf("digest %q: %v", d.Digest, err)
+		return fmt.Errorf("digest %q: %w", d.Digest, err)
 	}
 	if d.Size < 0 {
 		return fmt.Errorf("%s: negative size %d", d.Digest, d.Size)

@@ -51,7 +51,7 @@ func BlockLayers(m ocispec.Manifest) ([]BlockLayer, error) {
 		}
 		dg, err := digest.Parse(ds)
 		if err != nil {
-			return nil, fmt.Errorf("layer %d (%s): annotation %s: %v", i, l.Digest, AnnotationBlobDigest, err)
+			return nil, fmt.Errorf("layer %d (%s): annotation %s: %w", i, l.Digest, AnnotationBlobDigest, err)
 		}
 		size := l.Size
 		if ss, ok := l.Annotations[AnnotationBlobSize]; ok {

@@ -68,7 +68,7 @@ func ParseRef(s string) (Ref, error) {
 		if i := strings.LastIndex(rest, ":@"); i >= 0 {
 			dg, err := digest.Parse(rest[i+2:])
 			if err != nil {
-				return Ref{}, fmt.Errorf("image reference %q: %v", s, err)
+				return Ref{}, fmt.Errorf("image reference %q: %w", s, err)
 			}
 			r.Path, r.Digest = rest[:i], dg
 		} else if i := strings.LastIndex(rest, ":"); i >= 0 && !strings.Contains(rest[i:], "/") {
@@ -86,7 +86,7 @@ func ParseRef(s string) (Ref, error) {
 	if name, d, ok := strings.Cut(s, "@"); ok {
 		dg, err := digest.Parse(d)
 		if err != nil {
-			return Ref{}, fmt.Errorf("image reference %q: %v", s, err)
+			return Ref{}, fmt.Errorf("image reference %q: %w", s, err)
 		}
 		r.Name, r.Digest = name, dg
 	} else if i := strings.LastIndex(s, ":"); i > strings.LastIndex(s, "/") {

@@ -131,7 +131,7 @@ func (a *dockerArchive) index() error {
 		return err
 	}
 	if err := json.Unmarshal(b, &entries); err != nil {
-		return fmt.Errorf("manifest.json: %v", err)
+		return fmt.Errorf("manifest.json: %w", err)
 	}
 	var tags []string
 	for _, e := range entries {

@@ -69,7 +69,7 @@ func readJSONObject(path, what string) (top map[string]json.RawMessage, mode fs.
 		if err == nil {
 			err = errors.New("not a single JSON object")
 		}
-		return nil, 0, false, fmt.Errorf("%s %s is not valid: %v — fix it or move it away; it was not changed", what, path, err)
+		return nil, 0, false, fmt.Errorf("%s %s is not valid: %w — fix it or move it away; it was not changed", what, path, err)
 	}
 	return top, st.Mode().Perm(), true, nil
 }
@@ -87,7 +87,7 @@ func writeSecretFile(path, what string, top map[string]json.RawMessage, oldMode 
 	}
 	if _, hasAuths := top["auths"]; what == helpersWhat || hasAuths {
 		if err := validate(data); err != nil {
-			return nil, fmt.Errorf("%s %s is not valid: %v — fix it or move it away; it was not changed", what, path, err)
+			return nil, fmt.Errorf("%s %s is not valid: %w — fix it or move it away; it was not changed", what, path, err)
 		}
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
@@ -209,7 +209,7 @@ func ListDockerLogins(path string) (creds []Credential, warnings []string, err e
 			Auth, Username, IdentityToken string
 		}
 		if err := json.Unmarshal(raw, &e); err != nil {
-			return nil, warnings, fmt.Errorf("%s %s is not valid: \"auths\" entry %q: %v", what, path, k, err)
+			return nil, warnings, fmt.Errorf("%s %s is not valid: \"auths\" entry %q: %w", what, path, k, err)
 		}
 		switch {
 		case e.IdentityToken != "":

@@ -227,7 +227,7 @@ func (s *Snapshotter) classify(id string, info snapshots.Info) (chainLayer, erro
 func blobLabels(l map[string]string) (digest.Digest, int64, error) {
 	dg, err := digest.Parse(l[image.AnnotationBlobDigest])
 	if err != nil {
-		return "", 0, fmt.Errorf("label %s=%q: %v", image.AnnotationBlobDigest, l[image.AnnotationBlobDigest], err)
+		return "", 0, fmt.Errorf("label %s=%q: %w", image.AnnotationBlobDigest, l[image.AnnotationBlobDigest], err)
 	}
 	size, err := strconv.ParseInt(l[image.AnnotationBlobSize], 10, 64)
 	if err != nil || size < 0 {

@@ -46,7 +46,7 @@ func Fetch(ctx context.Context, pkgs []string, cacheDir string, log func(string,
 		file := filepath.Join(cacheDir, p+".deb")
 		out, err := exec.CommandContext(ctx, "dpkg-deb", "--showformat=${Package} ${Version}", "--show", file).Output()
 		if err != nil {
-			return nil, fmt.Errorf("read %s: %v (delete it to download it again)", file, err)
+			return nil, fmt.Errorf("read %s: %w (delete it to download it again)", file, err)
 		}
 		name, version, _ := strings.Cut(string(out), " ")
 		if name != p {
@@ -89,7 +89,7 @@ func download(ctx context.Context, pkgs []string, cacheDir string) error {
 		p := filepath.Join(tmp, e.Name())
 		name, err := exec.CommandContext(ctx, "dpkg-deb", "--showformat=${Package}", "--show", p).Output()
 		if err != nil {
-			return fmt.Errorf("downloaded %s: %v", e.Name(), err)
+			return fmt.Errorf("downloaded %s: %w", e.Name(), err)
 		}
 		if err := os.Rename(p, filepath.Join(cacheDir, string(bytes.TrimSpace(name))+".deb")); err != nil {
 			return err

@@ -313,7 +313,7 @@ func (lw *layerWriter) addDeb(ctx context.Context, deb string) error {
 		return err
 	}
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("%w: dpkg-deb: %v", ErrUnavailable, err)
+		return fmt.Errorf("%w: dpkg-deb: %w", ErrUnavailable, err)
 	}
 	err = lw.copyDebTar(bufio.NewReaderSize(out, 1<<20))
 	io.Copy(io.Discard, out)
