@@ -1,6 +1,7 @@
 package cache
 
 import (
+	"context"
 	"errors"
 	"io"
 	"log/slog"
@@ -105,5 +106,59 @@ func TestReadaheadOff(t *testing.T) {
 	}
 	if n := src.calls.Load(); n != 100 {
 		t.Fatalf("%d source reads without readahead, want one per block (100)", n)
+	}
+}
+
+func TestDownload(t *testing.T) {
+	c := openTest(t, t.TempDir(), 1<<30, nil)
+	defer c.Close()
+	src := newSrc(3<<20+100, 8)
+	r := c.Reader(src.key(), int64(len(src.data)), src)
+	checkRead(t, r, src, 1<<20, 5000) // some blocks are there already: they are not fetched again
+	before := src.bytes.Load()
+	var progress []int64
+	if err := r.Download(context.Background(), DownloadOptions{Chunk: 1 << 20, Progress: func(p int64) { progress = append(progress, p) }}); err != nil {
+		t.Fatal(err)
+	}
+	if got := src.bytes.Load() - before; got >= int64(len(src.data)) {
+		t.Fatalf("the download fetched %d bytes: present blocks were fetched again", got)
+	}
+	if len(progress) < 4 || progress[len(progress)-1] != int64(len(src.data)) {
+		t.Fatalf("progress %v", progress)
+	}
+	calls := src.calls.Load()
+	checkRead(t, r, src, 0, len(src.data))
+	if src.calls.Load() != calls {
+		t.Fatal("a read after the download went to the source")
+	}
+}
+
+// A source that serves wrong bytes (the CRC-less part of a blob, or a whole bad blob) is caught by the digest:
+// the blocks are dropped and the download fails.
+func TestDownloadDigestMismatch(t *testing.T) {
+	c := openTest(t, t.TempDir(), 1<<30, nil)
+	defer c.Close()
+	src := newSrc(1<<20, 9)
+	key := src.key()
+	src.data[12345] ^= 1 // the registry's copy is corrupt
+	r := c.Reader(key, int64(len(src.data)), src)
+	if err := r.Download(context.Background(), DownloadOptions{}); !errors.Is(err, ErrDigestMismatch) {
+		t.Fatalf("download of a corrupt blob: %v, want ErrDigestMismatch", err)
+	}
+	if used, _ := c.Usage(); used != 0 {
+		t.Fatalf("%d bytes of a blob that failed its digest stay cached", used)
+	}
+}
+
+func TestDownloadTooLarge(t *testing.T) {
+	c := openTest(t, t.TempDir(), 10*testBS, nil)
+	defer c.Close()
+	src := newSrc(11*testBS, 10)
+	r := c.Reader(src.key(), int64(len(src.data)), src)
+	if err := r.Download(context.Background(), DownloadOptions{}); !errors.Is(err, ErrFull) {
+		t.Fatalf("download of a blob larger than the cache: %v, want ErrFull", err)
+	}
+	if src.calls.Load() != 0 {
+		t.Fatal("a blob that cannot fit was fetched")
 	}
 }

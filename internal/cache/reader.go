@@ -1,10 +1,12 @@
 package cache
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"sync/atomic"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 )
@@ -125,6 +127,7 @@ const (
 	fetchDemand    fetchKind = iota // a read needs the blocks now
 	fetchReadahead                  // ahead of a sequential reader
 	fetchPrefetch                   // asked for by Prefetch: never evicts to make room
+	fetchDownload                   // a background download of the whole blob
 )
 
 // readCached fills p (inside the blob) through the cache.
@@ -444,4 +447,128 @@ func (r *Reader) Evict(off, n int64) error {
 		return fmt.Errorf("cache: blob %s: evicted blocks are forgotten but not yet recorded: %w", r.key, err)
 	}
 	return nil
+}
+
+// DownloadOptions tune Reader.Download.
+type DownloadOptions struct {
+	// MaxBytesPerSecond bounds the download rate (0: unbounded).
+	MaxBytesPerSecond int64
+	// Chunk is the bytes of one source read (default 4 MiB).
+	Chunk int64
+	// Demand, if set, returns the number of demand fetches in progress: the download waits while there are any.
+	Demand func() int64
+	// Progress, if set, is called after each chunk with the bytes of the blob present so far.
+	Progress func(present int64)
+}
+
+// ErrDigestMismatch is returned by Download when the complete blob does not hash to its digest; its blocks were
+// dropped.
+var ErrDigestMismatch = errors.New("cache: downloaded blob does not match its digest")
+
+// Download brings the whole blob into the cache in the background of demand reads: chunk by chunk at a bounded
+// rate, waiting while demand fetches run, skipping what is present (so an interrupted download resumes), then
+// checks the complete blob against its digest. On a mismatch every block of the blob is dropped and it returns
+// ErrDigestMismatch: its bytes are never reported as verified. It fails with ErrFull when the blob does not fit
+// in the cache's capacity.
+func (r *Reader) Download(ctx context.Context, opts DownloadOptions) error {
+	if r.b == nil || r.c.closed.Load() {
+		return errors.New("cache: blob not cached (closed cache or invalid digest)")
+	}
+	if r.size > r.c.opts.CapacityBytes {
+		return fmt.Errorf("%w: blob %s has %d bytes, the cache holds %d", ErrFull, r.key, r.size, r.c.opts.CapacityBytes)
+	}
+	if opts.Chunk <= 0 {
+		opts.Chunk = 4 << 20
+	}
+	start := time.Now()
+	var fetched int64
+	for off := int64(0); off < r.size; off += opts.Chunk {
+		for opts.Demand != nil && opts.Demand() > 0 && ctx.Err() == nil {
+			time.Sleep(5 * time.Millisecond)
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		n := min(opts.Chunk, r.size-off)
+		missing := r.missingBytes(off, n)
+		if missing > 0 {
+			if err := r.fetchEvicting(off, n); err != nil {
+				return err
+			}
+			fetched += missing
+		}
+		if opts.Progress != nil {
+			opts.Progress(r.presentBytes())
+		}
+		if opts.MaxBytesPerSecond > 0 {
+			// Sleep until the average rate is back under the bound.
+			due := start.Add(time.Duration(float64(fetched) / float64(opts.MaxBytesPerSecond) * float64(time.Second)))
+			if d := time.Until(due); d > 0 {
+				select {
+				case <-ctx.Done():
+					return ctx.Err()
+				case <-time.After(d):
+				}
+			}
+		}
+	}
+	// Blocks that other reads were fetching when the chunk was claimed: wait for them, fetch what they failed.
+	for try := 0; r.presentBytes() != r.size; try++ {
+		if try == 50 {
+			return fmt.Errorf("cache: blob %s: %d of %d bytes present after the download (evicted meanwhile?)", r.key, r.presentBytes(), r.size)
+		}
+		time.Sleep(20 * time.Millisecond)
+		if err := r.fetchEvicting(0, r.size); err != nil {
+			return err
+		}
+	}
+	if opts.Progress != nil {
+		opts.Progress(r.presentBytes())
+	}
+	vr := r.key.Algorithm().Digester()
+	h := vr.Hash()
+	buf := make([]byte, 1<<20)
+	for off := int64(0); off < r.size; off += int64(len(buf)) {
+		m := min(int64(len(buf)), r.size-off)
+		if err := r.readDisk(buf[:m], off); err != nil {
+			return fmt.Errorf("cache: blob %s: read back for its digest: %w", r.key, err)
+		}
+		h.Write(buf[:m])
+	}
+	if got := vr.Digest(); got != r.key {
+		_ = r.Evict(0, r.size)
+		return fmt.Errorf("%w: blob %s hashes to %s; its cached blocks were dropped", ErrDigestMismatch, r.key, got)
+	}
+	return nil
+}
+
+// missingBytes returns the bytes of the blocks of [off, off+n) that are not present.
+func (r *Reader) missingBytes(off, n int64) int64 {
+	b, bs := r.b, r.c.opts.BlockSize
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var m int64
+	for i := off / bs; i <= (off+n-1)/bs; i++ {
+		if !bitSet(b.present, i) {
+			m += b.blockBytes(i)
+		}
+	}
+	return m
+}
+
+// presentBytes returns the bytes of the blob's present blocks.
+func (r *Reader) presentBytes() int64 {
+	r.b.mu.Lock()
+	defer r.b.mu.Unlock()
+	return r.b.presentBytes
+}
+
+// fetchEvicting brings the missing blocks of [off, off+n) that nobody is fetching into the cache; like demand
+// reads, it may evict other blobs' blocks.
+func (r *Reader) fetchEvicting(off, n int64) error {
+	b, bs := r.b, r.c.opts.BlockSize
+	b.mu.Lock()
+	own := r.claimLocked(off/bs, (off+n-1)/bs, fetchDownload)
+	b.mu.Unlock()
+	return r.fillAll(own)
 }

@@ -33,6 +33,11 @@ const (
 	DefaultSlowReadMS = 500
 	// DefaultHungReadMS is the age from which a device read that has not finished counts as hung.
 	DefaultHungReadMS = 10000
+	// DefaultPrefetchConcurrency is the number of range requests in flight while a trace is prefetched.
+	DefaultPrefetchConcurrency = 8
+	// DefaultDownloadDelay and DefaultDownloadMBps are upstream's background download defaults (off by default).
+	DefaultDownloadDelay = 300
+	DefaultDownloadMBps  = 100
 )
 
 // Config is the part of obd.toml that obd-snapshotter reads. Other tables belong to other obd components.
@@ -42,6 +47,24 @@ type Config struct {
 	Registry    Registry    `toml:"registry"`
 	Metrics     Metrics     `toml:"metrics"`
 	Audit       Audit       `toml:"audit"`
+	Prefetch    Prefetch    `toml:"prefetch"`
+	Download    Download    `toml:"download"`
+}
+
+// Prefetch is the [prefetch] table: fetching a recorded start ahead of demand.
+type Prefetch struct {
+	// Concurrency is the number of range requests in flight while a trace is prefetched.
+	Concurrency int `toml:"concurrency"`
+}
+
+// Download is the [download] table: the background download of attached images' blobs (upstream's semantics).
+type Download struct {
+	// Enable turns the background download on.
+	Enable bool `toml:"enable"`
+	// DelaySeconds is how long after an image is attached (and its trace prefetched) its download starts.
+	DelaySeconds int64 `toml:"delay"`
+	// MaxMBps bounds the download rate in MB/s per image (0: unbounded).
+	MaxMBps int64 `toml:"max_mbps"`
 }
 
 // Snapshotter is the [snapshotter] table.
@@ -125,11 +148,13 @@ func Default() Config {
 		Registry:    Registry{RetryBudget: DefaultRetryBudget, CredentialHelpers: DefaultCredentialHelpers},
 		Metrics:     Metrics{Address: DefaultMetricsAddress},
 		Audit:       Audit{SlowReadMS: DefaultSlowReadMS, HungReadMS: DefaultHungReadMS},
+		Prefetch:    Prefetch{Concurrency: DefaultPrefetchConcurrency},
+		Download:    Download{DelaySeconds: DefaultDownloadDelay, MaxMBps: DefaultDownloadMBps},
 	}
 }
 
 // tables are the tables of obd.toml this package reads; unknown keys in them are reported.
-var tables = []string{"snapshotter", "cache", "registry", "metrics", "audit"}
+var tables = []string{"snapshotter", "cache", "registry", "metrics", "audit", "prefetch", "download"}
 
 // Load reads path over the defaults. A missing file is an error only when the user named it (explicit). It
 // returns warnings about keys of its tables that it does not know (typos), which the caller logs or shows.
@@ -174,6 +199,12 @@ func (c Config) Validate() error {
 	}
 	if c.Audit.HungReadMS <= 0 {
 		return fmt.Errorf("audit.hung_read_ms = %d: want a positive number of milliseconds", c.Audit.HungReadMS)
+	}
+	if c.Prefetch.Concurrency < 1 || c.Prefetch.Concurrency > 256 {
+		return fmt.Errorf("prefetch.concurrency = %d: want 1 to 256 requests", c.Prefetch.Concurrency)
+	}
+	if c.Download.DelaySeconds < 0 || c.Download.MaxMBps < 0 {
+		return fmt.Errorf("download.delay = %d, download.max_mbps = %d: want 0 or more", c.Download.DelaySeconds, c.Download.MaxMBps)
 	}
 	return nil
 }

@@ -69,7 +69,7 @@ func TestRegistryFaults(t *testing.T) {
 	const budget = 3 * time.Second
 	newMounter := func(s *setup) *Mounter {
 		return s.newMounter(mounterOptions{host: proxy.Host(), retryBudget: budget, requestTimeout: budget / 6,
-			refresh: func(string) bool { return true }, cache: s.openCache(16 << 10)})
+			refresh: func(string) bool { return true }, cache: s.openCacheReadahead(16<<10, -1)})
 	}
 	// readsRight mounts the image with a fresh Mounter over the setup's cache directory and reads /hello.
 	readsRight := func(t *testing.T, s *setup, id string) {

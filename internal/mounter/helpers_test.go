@@ -206,6 +206,7 @@ type mounterOptions struct {
 	requestTimeout time.Duration // 0: 5s
 	refresh        func(host string) bool
 	cache          *cache.Cache // nil: read straight from the registry
+	download       bool         // background download, at once and unbounded
 }
 
 // newMounter returns a Mounter with its own FuseLoop and a registry client for reg.
@@ -241,6 +242,7 @@ func (s *setup) newMounter(o mounterOptions) *Mounter {
 		Frontend: device.NewFuseLoop(s.log),
 		StateDir: s.stateDir,
 		Cache:    o.cache,
+		Download: DownloadOptions{Enable: o.download},
 		Registry: func(host string) (*registry.Client, error) {
 			if client == nil || host != o.host {
 				t.Errorf("Mounter asked for a client of registry %q", host)
@@ -255,7 +257,14 @@ func (s *setup) newMounter(o mounterOptions) *Mounter {
 // openCache opens the cache in the setup's cache directory with small blocks, so that lazy reads fetch little.
 func (s *setup) openCache(blockSize int64) *cache.Cache {
 	s.t.Helper()
-	c, err := cache.Open(cache.Options{Dir: s.cacheDir, CapacityBytes: 64 << 20, BlockSize: blockSize, Logger: s.log})
+	return s.openCacheReadahead(blockSize, 0)
+}
+
+// openCacheReadahead is openCache with a readahead bound (cache.Options.ReadaheadBytes; negative: none), for tests
+// that count the registry requests of demand reads.
+func (s *setup) openCacheReadahead(blockSize, readahead int64) *cache.Cache {
+	s.t.Helper()
+	c, err := cache.Open(cache.Options{Dir: s.cacheDir, CapacityBytes: 64 << 20, BlockSize: blockSize, ReadaheadBytes: readahead, Logger: s.log})
 	if err != nil {
 		s.t.Fatal(err)
 	}

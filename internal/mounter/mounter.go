@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+	"time"
 
 	"github.com/obdproject/obd/internal/cache"
 	"github.com/obdproject/obd/internal/device"
@@ -37,7 +38,17 @@ type Options struct {
 	// PrefetchConcurrency is the number of range requests in flight while a recorded start is prefetched
 	// (default prefetch.DefaultConcurrency).
 	PrefetchConcurrency int
-	Logger              *slog.Logger
+	// Download, when Enable is set, downloads the blobs of each attached image into the cache in the background
+	// (after the prefetch of its recorded start, if any, and Delay), each checked against its digest.
+	Download DownloadOptions
+	Logger   *slog.Logger
+}
+
+// DownloadOptions configure the background download of attached images.
+type DownloadOptions struct {
+	Enable            bool
+	Delay             time.Duration
+	MaxBytesPerSecond int64 // per image; 0: unbounded
 }
 
 // Mounter implements snapshotter.ImageMounter.
@@ -57,6 +68,7 @@ type mounted struct {
 
 	prefetch *prefetch.Job // the prefetch of its recorded start, or nil
 	rec      *recording    // the recording of its layer reads, or nil
+	download *download     // the background download of its blobs, or nil
 }
 
 // New returns a Mounter.
@@ -155,6 +167,10 @@ func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.La
 	m.opts.Logger.Info("attached overlaybd image", "image", id, "device", img.dev.Path, "layers", len(layers), "virtual_size", stack.VirtualSize())
 	if len(replay) > 0 {
 		img.prefetch = m.startPrefetch(id, img, opened, replay)
+	}
+	// Upstream does not download while it records a trace: the trace would miss what the download brought.
+	if m.opts.Download.Enable && img.rec == nil && m.opts.Cache != nil {
+		img.download = m.startDownload(id, img)
 	}
 	return img, nil
 }
@@ -294,8 +310,11 @@ func (m *Mounter) Stats() map[string]registry.BlobStats {
 	return out
 }
 
-// close stops the image's prefetch, writes its recorded trace and closes its files.
+// close stops the image's download and prefetch, writes its recorded trace and closes its files.
 func (img *mounted) close() {
+	if img.download != nil {
+		img.download.stop()
+	}
 	if img.prefetch != nil {
 		img.prefetch.Stop()
 	}

@@ -53,6 +53,11 @@ type LayerInfo struct {
 	Registry registry.BlobStats
 	// CacheHits and CacheMisses count the blocks the layer's reads found in the block cache or had to fetch.
 	CacheHits, CacheMisses int64
+	// Download is the state of the layer's background download ("" when there is none), DownloadedBytes the
+	// bytes of the blob in the cache, DownloadError why it failed.
+	Download        string
+	DownloadedBytes int64
+	DownloadError   string
 }
 
 // Images returns the images of this Mounter, sorted by id. It never waits for a Mount or Unmount in progress.
@@ -90,6 +95,7 @@ type tracked struct {
 	info    ImageInfo
 	sources []layerSource // when attached
 	job     *prefetch.Job // when attached with a prefetch
+	dl      *download     // when attached with a background download
 }
 
 func (t *tracker) get(id string) *tracked {
@@ -116,7 +122,7 @@ func (t *tracker) attaching(id string, layers []snapshotter.Layer) {
 	defer t.mu.Unlock()
 	e := t.get(id)
 	t.set(e, StateAttaching)
-	e.info.Error, e.info.Device, e.info.Targets, e.sources, e.job, e.info.Recording = "", "", nil, nil, nil, ""
+	e.info.Error, e.info.Device, e.info.Targets, e.sources, e.job, e.dl, e.info.Recording = "", "", nil, nil, nil, nil, ""
 	e.info.ImageRef = imageRefOf(layers)
 	e.info.Layers = make([]LayerInfo, len(layers))
 	for i, l := range layers {
@@ -134,7 +140,7 @@ func (t *tracker) attached(id string, img *mounted) {
 	e.info.Device = img.dev.Path
 	e.info.Targets = slices.Sorted(maps.Keys(img.targets))
 	e.sources = slices.Clone(img.layers)
-	e.job = img.prefetch
+	e.job, e.dl = img.prefetch, img.download
 	if img.rec != nil {
 		e.info.Recording = img.rec.path
 	}
@@ -151,7 +157,7 @@ func (t *tracker) failed(id string, err error) {
 	defer t.mu.Unlock()
 	e := t.get(id)
 	t.set(e, StateFailed)
-	e.info.Error, e.info.Device, e.info.Targets, e.sources, e.job, e.info.Recording = err.Error(), "", nil, nil, nil, ""
+	e.info.Error, e.info.Device, e.info.Targets, e.sources, e.job, e.dl, e.info.Recording = err.Error(), "", nil, nil, nil, nil, ""
 	var failed []*tracked
 	for _, e := range t.images {
 		if e.info.State == StateFailed {
@@ -185,6 +191,11 @@ func (t *tracker) list() []ImageInfo {
 			info.Layers = make([]LayerInfo, len(e.sources))
 			for i, s := range e.sources {
 				info.Layers[i] = s.info()
+				if e.dl != nil && i < len(e.dl.layers) && e.dl.layers[i] != nil {
+					ld := e.dl.layers[i]
+					info.Layers[i].Download, info.Layers[i].DownloadError = ld.get()
+					info.Layers[i].DownloadedBytes = ld.present.Load()
+				}
 			}
 		}
 		if e.job != nil {

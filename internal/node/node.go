@@ -86,11 +86,17 @@ func (s *Service) openDevices() error {
 	budget, _ := time.ParseDuration(cfg.Registry.RetryBudget) // checked by Validate
 	cp := &clientPool{cfg: cfg.Registry, budget: budget, logger: s.log, observer: s.ops.observeRegistry, clients: map[string]*registry.Client{}}
 	m := mounter.New(mounter.Options{
-		Frontend: device.NewFuseLoop(s.log, device.WithReadObserver(s.ops.reads.observe)),
-		StateDir: filepath.Join(cfg.Snapshotter.Root, "devices"),
-		Cache:    c,
-		Registry: cp.get,
-		Logger:   s.log,
+		Frontend:            device.NewFuseLoop(s.log, device.WithReadObserver(s.ops.reads.observe)),
+		StateDir:            filepath.Join(cfg.Snapshotter.Root, "devices"),
+		Cache:               c,
+		Registry:            cp.get,
+		Logger:              s.log,
+		PrefetchConcurrency: cfg.Prefetch.Concurrency,
+		Download: mounter.DownloadOptions{
+			Enable:            cfg.Download.Enable,
+			Delay:             time.Duration(cfg.Download.DelaySeconds) * time.Second,
+			MaxBytesPerSecond: cfg.Download.MaxMBps * 1e6,
+		},
 	})
 	s.ops.attach(c, m)
 	s.cache, s.clients, s.mounter = c, cp, m

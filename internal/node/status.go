@@ -226,7 +226,8 @@ func fillReads(img *status.Image, c readCounts) {
 
 func statusLayer(l mounter.LayerInfo) status.Layer {
 	sl := status.Layer{Digest: l.Digest.String(), Size: l.Size, Source: "remote", BytesFetched: l.Registry.BytesFetched,
-		CacheHits: l.CacheHits, CacheMisses: l.CacheMisses}
+		CacheHits: l.CacheHits, CacheMisses: l.CacheMisses, Download: l.Download, DownloadedBytes: l.DownloadedBytes,
+		DownloadError: l.DownloadError}
 	if l.Local {
 		sl.Source, sl.Path = "local", l.Path
 	}

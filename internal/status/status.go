@@ -159,6 +159,10 @@ type Layer struct {
 	BytesFetched int64  `json:"bytes_fetched"`
 	CacheHits    int64  `json:"cache_hits"`
 	CacheMisses  int64  `json:"cache_misses"`
+	// Download is the state of the background download: waiting, downloading, verified or failed ("": none).
+	Download        string `json:"download,omitempty"`
+	DownloadedBytes int64  `json:"downloaded_bytes,omitempty"`
+	DownloadError   string `json:"download_error,omitempty"`
 }
 
 // Version returns the version of the running binary: its module version and VCS revision when the build
