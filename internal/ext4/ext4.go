@@ -215,6 +215,29 @@ func (f *FS) Close() error {
 	return nil
 }
 
+// Usage counts the blocks and inodes of a filesystem.
+type Usage struct {
+	BlockSize          int64
+	Blocks, FreeBlocks int64
+	Inodes, FreeInodes int64
+}
+
+// Usage returns the block and inode counts of the filesystem.
+func (f *FS) Usage() (Usage, error) {
+	if err := f.lock(false); err != nil {
+		return Usage{}, err
+	}
+	defer f.mu.Unlock()
+	sb := f.fs.super
+	return Usage{
+		BlockSize:  f.bs,
+		Blocks:     int64(C.ext2fs_blocks_count(sb)),
+		FreeBlocks: int64(C.ext2fs_free_blocks_count(sb)),
+		Inodes:     int64(sb.s_inodes_count),
+		FreeInodes: int64(sb.s_free_inodes_count),
+	}, nil
+}
+
 // lock locks f and checks that it is open (and writable if asked).
 func (f *FS) lock(write bool) error {
 	f.mu.Lock()
@@ -271,30 +294,32 @@ func (f *FS) dir(ino uint32) (*dirCache, error) {
 	return d, nil
 }
 
-// walk resolves an absolute clean path to an inode number.
-func (f *FS) walk(p string, followLast bool, links *int) (uint32, error) {
+// walk resolves an absolute clean path to an inode number. It also returns
+// the path it ended on: p with the symlinks it followed resolved, up to the
+// first missing component when it fails with errNotExist.
+func (f *FS) walk(p string, followLast bool, links *int) (uint32, string, error) {
 	if p == "/" {
-		return rootIno, nil
+		return rootIno, p, nil
 	}
 	comps := strings.Split(p[1:], "/")
 	cur := uint32(rootIno)
 	for i, c := range comps {
 		d, err := f.dir(cur)
 		if err != nil {
-			return 0, err
+			return 0, p, err
 		}
 		e, ok := d.ents[c]
 		if !ok {
-			return 0, errNotExist
+			return 0, p, errNotExist
 		}
 		last := i == len(comps)-1
 		if e.mode == ModeSymlink && (!last || followLast) {
 			if *links++; *links > maxSymlinks {
-				return 0, syscall.ELOOP
+				return 0, p, syscall.ELOOP
 			}
 			target, err := f.readlink(e.ino)
 			if err != nil {
-				return 0, err
+				return 0, p, err
 			}
 			if !strings.HasPrefix(target, "/") {
 				target = "/" + strings.Join(comps[:i], "/") + "/" + target
@@ -302,16 +327,17 @@ func (f *FS) walk(p string, followLast bool, links *int) (uint32, error) {
 			return f.walk(cleanPath(target+"/"+strings.Join(comps[i+1:], "/")), followLast, links)
 		}
 		if !last && e.mode != ModeDir {
-			return 0, errNotDir
+			return 0, p, errNotDir
 		}
 		cur = e.ino
 	}
-	return cur, nil
+	return cur, p, nil
 }
 
 func (f *FS) resolve(p string, followLast bool) (uint32, error) {
 	links := 0
-	return f.walk(cleanPath(p), followLast, &links)
+	ino, _, err := f.walk(cleanPath(p), followLast, &links)
+	return ino, err
 }
 
 // parent resolves the directory that holds p and returns it with the
@@ -325,8 +351,7 @@ func (f *FS) parent(p string) (uint32, *dirCache, string, error) {
 	if len(name) > maxNameLen {
 		return 0, nil, "", syscall.ENAMETOOLONG
 	}
-	links := 0
-	pino, err := f.walk(cleanPath(dirPath), true, &links)
+	pino, err := f.resolve(dirPath, true)
 	if err != nil {
 		return 0, nil, "", err
 	}

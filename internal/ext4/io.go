@@ -269,6 +269,18 @@ func obdGoZeroout(h C.uintptr_t, off, n C.uint64_t) C.int {
 // Errcode is a libext2fs (com_err) error code.
 type Errcode int64
 
+// Errcodes that callers tell apart with errors.Is. All three also match
+// syscall.ENOSPC.
+const (
+	// ErrNoFreeBlocks: the filesystem has no free block left.
+	ErrNoFreeBlocks = Errcode(C.EXT2_ET_BLOCK_ALLOC_FAIL)
+	// ErrNoFreeInodes: the filesystem has no free inode left.
+	ErrNoFreeInodes = Errcode(C.EXT2_ET_INODE_ALLOC_FAIL)
+	// ErrXattrNoSpace: an inode's extended attributes do not fit in the
+	// room ext4 has for them, the inode's spare bytes and one block.
+	ErrXattrNoSpace = Errcode(C.EXT2_ET_EA_NO_SPACE)
+)
+
 func (e Errcode) Error() string {
 	return "ext2fs: " + C.GoString(C.obd_strerror(C.errcode_t(e)))
 }

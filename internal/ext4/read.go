@@ -6,6 +6,7 @@ package ext4
 import "C"
 
 import (
+	"errors"
 	"io"
 	"sort"
 	"strings"
@@ -39,6 +40,22 @@ func (f *FS) Stat(p string) (*Stat, error) {
 	}
 	st, err := f.stat(ino)
 	return st, pathErr("stat", p, err)
+}
+
+// Realpath returns path with the symlinks in it resolved within the root,
+// the last component included, as far as the components exist: the first
+// missing one and those after it are kept as they are.
+func (f *FS) Realpath(p string) (string, error) {
+	if err := f.lock(false); err != nil {
+		return "", err
+	}
+	defer f.mu.Unlock()
+	links := 0
+	_, resolved, err := f.walk(cleanPath(p), true, &links)
+	if errors.Is(err, errNotExist) {
+		err = nil
+	}
+	return resolved, pathErr("realpath", p, err)
 }
 
 // ReadDir lists directory path (without "." and ".."), sorted by name.

@@ -285,16 +285,34 @@ func (f *FS) SetMeta(p string, m Meta) error {
 // CreateFile creates regular file path with size bytes read from r. Blocks
 // that are entirely zero are left as holes.
 func (f *FS) CreateFile(p string, m Meta, r io.Reader, size int64) error {
+	return f.CreateSparseFile(p, m, r, size, []Extent{{0, size}})
+}
+
+// Extent is a run of file data: Length bytes from file offset Offset.
+type Extent struct{ Offset, Length int64 }
+
+// CreateSparseFile creates regular file path of the given size whose data
+// are the extents, read from r one after the other; the rest of the file is
+// holes, which cost nothing. The extents must be in order, not overlap and
+// lie within size. Blocks of data that are entirely zero are left as holes.
+func (f *FS) CreateSparseFile(p string, m Meta, r io.Reader, size int64, data []Extent) error {
 	if err := f.lock(true); err != nil {
 		return err
 	}
 	defer f.mu.Unlock()
-	return pathErr("create", p, f.createFile(p, m, r, size))
+	return pathErr("create", p, f.createFile(p, m, r, size, data))
 }
 
-func (f *FS) createFile(p string, m Meta, r io.Reader, size int64) error {
+func (f *FS) createFile(p string, m Meta, r io.Reader, size int64, data []Extent) error {
 	if size < 0 || size > f.maxFileSize() {
-		return syscall.EFBIG
+		return fmt.Errorf("size %d: ext4 with %d-byte blocks holds files of at most %d bytes: %w", size, f.bs, f.maxFileSize(), syscall.EFBIG)
+	}
+	end := int64(0)
+	for _, e := range data {
+		if e.Offset < end || e.Length < 0 || e.Length > size-e.Offset {
+			return fmt.Errorf("data extent of %d bytes at %d: out of order or beyond the file size %d: %w", e.Length, e.Offset, size, syscall.EINVAL)
+		}
+		end = e.Offset + e.Length
 	}
 	pino, d, name, err := f.create(p)
 	if err != nil {
@@ -306,7 +324,7 @@ func (f *FS) createFile(p string, m Meta, r io.Reader, size int64) error {
 	if code := C.obd_wfile_new(f.fs, C.ext2_ino_t(pino), &cm, &wf, &ino); code != 0 {
 		return f.err(code)
 	}
-	if err := f.writeData(wf, r, size); err != nil {
+	if err := f.writeData(wf, r, data); err != nil {
 		C.obd_wfile_abort(wf)
 		f.st.takeErr()
 		return err
@@ -317,35 +335,69 @@ func (f *FS) createFile(p string, m Meta, r io.Reader, size int64) error {
 	return f.link(pino, d, name, uint32(ino), ModeRegular)
 }
 
-// writeData copies size bytes from r into the file being written,
-// allocating blocks only for the non-zero ones.
-func (f *FS) writeData(wf *C.obd_wfile, r io.Reader, size int64) error {
+// writeData copies the data extents from r into the file being written,
+// allocating blocks only for the non-zero ones. f.buf gathers the blocks
+// that data touch, and is all zeros between calls.
+func (f *FS) writeData(wf *C.obd_wfile, r io.Reader, data []Extent) error {
+	bs, buf := f.bs, f.buf
+	window := int64(len(buf))
+	// buf[:used] holds the file's bytes from offset start, a block boundary.
+	var start, used int64
+	flush := func() error {
+		n := (used + bs - 1) / bs * bs
+		err := f.writeBlocks(wf, start/bs, buf[:n])
+		clear(buf[:n])
+		used = 0
+		return err
+	}
+	for _, e := range data {
+		for off, end := e.Offset, e.Offset+e.Length; off < end; {
+			// A whole block between the data gathered and off is a hole:
+			// write what is gathered first.
+			if used > 0 && (off >= start+window || off >= start+(used+bs-1)/bs*bs+bs) {
+				if err := flush(); err != nil {
+					return err
+				}
+			}
+			if used == 0 {
+				start = off / bs * bs
+			}
+			k := min(end-off, start+window-off)
+			if _, err := io.ReadFull(r, buf[off-start:off-start+k]); err != nil {
+				clear(buf)
+				if err == io.EOF {
+					err = io.ErrUnexpectedEOF
+				}
+				return fmt.Errorf("reading file data at offset %d: %w", off, err)
+			}
+			off += k
+			used = off - start
+		}
+	}
+	if used > 0 {
+		return flush()
+	}
+	return nil
+}
+
+// writeBlocks writes the non-zero blocks of data, whole blocks from logical
+// block lblk on.
+func (f *FS) writeBlocks(wf *C.obd_wfile, lblk int64, data []byte) error {
 	bs := f.bs
-	for off := int64(0); off < size; {
-		n := min(int64(len(f.buf)), size-off)
-		if _, err := io.ReadFull(r, f.buf[:n]); err != nil {
-			if err == io.EOF {
-				err = io.ErrUnexpectedEOF
-			}
-			return fmt.Errorf("reading file data at offset %d: %w", off, err)
+	nb := int64(len(data)) / bs
+	for i := int64(0); i < nb; {
+		if bytes.Equal(data[i*bs:(i+1)*bs], f.zero) {
+			i++
+			continue
 		}
-		nb := (n + bs - 1) / bs
-		clear(f.buf[n : nb*bs])
-		for i := int64(0); i < nb; {
-			if bytes.Equal(f.buf[i*bs:(i+1)*bs], f.zero) {
-				i++
-				continue
-			}
-			j := i + 1
-			for j < nb && !bytes.Equal(f.buf[j*bs:(j+1)*bs], f.zero) {
-				j++
-			}
-			if err := f.writeRun(wf, off/bs+i, f.buf[i*bs:j*bs]); err != nil {
-				return err
-			}
-			i = j
+		j := i + 1
+		for j < nb && !bytes.Equal(data[j*bs:(j+1)*bs], f.zero) {
+			j++
 		}
-		off += n
+		if err := f.writeRun(wf, lblk+i, data[i*bs:j*bs]); err != nil {
+			return err
+		}
+		i = j
 	}
 	return nil
 }
