@@ -4,6 +4,7 @@ package convert
 
 import (
 	"archive/tar"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -13,11 +14,13 @@ import (
 	"math"
 	"path"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/obdproject/obd/internal/ext4"
+	"github.com/obdproject/obd/internal/units"
 )
 
 // ApplyOptions tune Apply.
@@ -57,8 +60,9 @@ var errEscape = errors.New("path escapes the root")
 // directory over a directory only updates its metadata), ".wh.NAME"
 // removes NAME of lower layers and ".wh..wh..opq" hides all lower content
 // of its directory. Missing parent directories are created (0755, root,
-// with the entry's mtime).
-// Errors name the tar entry they come from.
+// with the entry's mtime). The holes of GNU sparse files are neither read
+// nor written, whatever their size. Errors name the tar entry they come
+// from; a layer too big for the filesystem gives ErrDiskFull.
 func Apply(ctx context.Context, fsys *ext4.FS, r io.Reader, opts ApplyOptions) (ApplyStats, error) {
 	a := &applier{
 		fs:      fsys,
@@ -66,13 +70,22 @@ func Apply(ctx context.Context, fsys *ext4.FS, r io.Reader, opts ApplyOptions) (
 		touched: make(map[string]struct{}),
 		dirs:    make(map[string]struct{}),
 	}
-	tr := tar.NewReader(ctxReader{ctx, r})
+	src := &tarSource{r: ctxReader{ctx, r}}
+	tr := tar.NewReader(src)
 	last := ""
 	for {
 		if err := ctx.Err(); err != nil {
 			return a.stats, err
 		}
-		hdr, err := tr.Next()
+		// What the entry left of its data goes now, so that Next reads
+		// nothing but padding and headers.
+		_, err := io.Copy(io.Discard, tr)
+		var hdr *tar.Header
+		if err == nil {
+			src.record()
+			hdr, err = tr.Next()
+			src.stop()
+		}
 		if err == io.EOF {
 			break
 		}
@@ -84,17 +97,52 @@ func Apply(ctx context.Context, fsys *ext4.FS, r io.Reader, opts ApplyOptions) (
 		}
 		last = hdr.Name
 		a.stats.Entries++
-		if err := a.entry(hdr, tr); err != nil {
+		var content io.Reader = tr
+		sf, err := sparseOf(hdr, src)
+		if err != nil {
 			return a.stats, fmt.Errorf("layer entry %q: %w", hdr.Name, err)
 		}
-	}
-	// Directory times as in the tar, even if anything touched them since.
-	for _, d := range a.dirMeta {
-		if err := fsys.SetMeta(d.path, d.meta); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return a.stats, fmt.Errorf("layer entry %q: %w", d.name, err)
+		if sf != nil {
+			content = sf
+		}
+		if err := a.entry(hdr, content); err != nil {
+			return a.stats, fmt.Errorf("layer entry %q: %w", hdr.Name, a.explain(err))
+		}
+		if sf != nil {
+			// The entry's data were read past tr: a new reader goes on
+			// after them.
+			if err := sf.finish(); err != nil {
+				return a.stats, fmt.Errorf("layer entry %q: %w", hdr.Name, err)
+			}
+			tr = tar.NewReader(src)
 		}
 	}
 	return a.stats, nil
+}
+
+// ErrDiskFull is in the errors of Apply (and ConvertImage) when a layer does
+// not fit in the filesystem: the virtual disk is too small.
+var ErrDiskFull = errors.New("the virtual disk is full")
+
+// explain rewords the error of a full filesystem, which would otherwise
+// read as a full disk on the host.
+func (a *applier) explain(err error) error {
+	var what string
+	switch {
+	case errors.Is(err, ext4.ErrNoFreeBlocks):
+		what = "no free block"
+	case errors.Is(err, ext4.ErrNoFreeInodes):
+		what = "no free inode (one per file)"
+	default:
+		return err
+	}
+	size := ""
+	if u, uerr := a.fs.Usage(); uerr == nil {
+		size = " of " + units.Bytes(u.Blocks*u.BlockSize)
+	}
+	// Not %w: the ext4 error is also a syscall.ENOSPC, which callers take
+	// for a full work dir.
+	return fmt.Errorf("%w: its ext4 filesystem%s has %s left (%v); convert with a larger --vsize (GiB)", ErrDiskFull, size, what, err)
 }
 
 type applier struct {
@@ -106,13 +154,7 @@ type applier struct {
 	touched map[string]struct{}
 	// dirs caches paths known to be directories (after following
 	// symlinks); it is dropped whenever a directory is removed.
-	dirs    map[string]struct{}
-	dirMeta []dirMeta
-}
-
-type dirMeta struct {
-	name, path string
-	meta       ext4.Meta
+	dirs map[string]struct{}
 }
 
 // cleanEntry maps a tar name to an absolute path in the filesystem,
@@ -164,7 +206,7 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 				return err
 			}
 			a.stats.Dirs++
-			return a.finish(hdr, p, m)
+			return a.finish(hdr, p)
 		}
 		if err := a.remove(p, st.Mode&ext4.ModeTypeMask); err != nil {
 			return fmt.Errorf("replacing existing entry: %w", err)
@@ -175,11 +217,17 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 
 	switch hdr.Typeflag {
 	case tar.TypeReg, tar.TypeGNUSparse, tar.TypeCont:
-		if err := a.fs.CreateFile(p, m, r, hdr.Size); err != nil {
+		if sf, ok := r.(*sparseFile); ok {
+			err = a.fs.CreateSparseFile(p, m, sf, hdr.Size, sf.data)
+			a.stats.DataBytes += sf.size
+		} else {
+			err = a.fs.CreateFile(p, m, r, hdr.Size)
+			a.stats.DataBytes += hdr.Size
+		}
+		if err != nil {
 			return err
 		}
 		a.stats.Files++
-		a.stats.DataBytes += hdr.Size
 	case tar.TypeDir:
 		if err := a.fs.Mkdir(p, m); err != nil {
 			return err
@@ -211,26 +259,28 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 	default:
 		return fmt.Errorf("unsupported tar entry type %q", hdr.Typeflag)
 	}
-	return a.finish(hdr, p, m)
+	return a.finish(hdr, p)
 }
 
 // finish sets the xattrs of a written entry and records it as touched.
-func (a *applier) finish(hdr *tar.Header, p string, m ext4.Meta) error {
+func (a *applier) finish(hdr *tar.Header, p string) error {
 	// In a fixed order: where xattrs land depends on it.
 	for _, k := range slices.Sorted(maps.Keys(hdr.PAXRecords)) {
 		name, ok := strings.CutPrefix(k, paxXattr)
 		if !ok {
 			continue
 		}
-		if err := a.fs.SetXattr(p, name, []byte(hdr.PAXRecords[k])); err != nil {
+		v := hdr.PAXRecords[k]
+		if err := a.fs.SetXattr(p, name, []byte(v)); err != nil {
 			if !a.opts.IgnoreXattrErrors {
+				if errors.Is(err, ext4.ErrXattrNoSpace) {
+					// Not %w, as in explain.
+					return fmt.Errorf("xattr %s (%d bytes) is too big for ext4, which keeps the xattrs of an inode in the inode and one block (%v)", name, len(v), err)
+				}
 				return fmt.Errorf("xattr %s: %w", name, err)
 			}
 			a.stats.SkippedXattrs++
 		}
-	}
-	if hdr.Typeflag == tar.TypeDir {
-		a.dirMeta = append(a.dirMeta, dirMeta{name: hdr.Name, path: p, meta: m})
 	}
 	for q := p; q != "/"; q = path.Dir(q) {
 		if _, ok := a.touched[q]; ok {
@@ -250,7 +300,9 @@ func (a *applier) remove(p string, typ uint32) error {
 }
 
 // mkParents makes sure directory dir exists, creating missing components
-// like containerd does (0755, owned by root), with the entry's mtime.
+// like containerd does (0755, owned by root), with the entry's mtime. Like
+// containerd, it resolves symlinks within the root: a symlink to a missing
+// directory gets that directory created.
 func (a *applier) mkParents(dir string, mtime time.Time) error {
 	if _, ok := a.dirs[dir]; ok || dir == "/" {
 		return nil
@@ -261,6 +313,16 @@ func (a *applier) mkParents(dir string, mtime time.Time) error {
 	case err == nil:
 		return fmt.Errorf("parent %s: %w", dir, syscall.ENOTDIR)
 	case errors.Is(err, fs.ErrNotExist):
+		target, err := a.fs.Realpath(dir)
+		if err != nil {
+			return fmt.Errorf("parent %s: %w", dir, err)
+		}
+		if target != dir {
+			if err := a.mkParents(target, mtime); err != nil {
+				return fmt.Errorf("parent %s leads through a symlink to %s, which is missing and cannot be created: %w", dir, target, err)
+			}
+			break
+		}
 		if err := a.mkParents(path.Dir(dir), mtime); err != nil {
 			return err
 		}
@@ -363,4 +425,291 @@ func (c ctxReader) Read(p []byte) (int, error) {
 		return 0, err
 	}
 	return c.r.Read(p)
+}
+
+// tarSource is the layer stream under the tar reader. It records what the
+// reader reads while it looks for the next entry: the sparse maps of GNU
+// sparse entries are in there.
+type tarSource struct {
+	r         io.Reader
+	recording bool
+	rec       []byte
+	n         int64 // bytes read while recording, rec may hold fewer
+}
+
+// maxRecord bounds what a tarSource records: enough for PAX records, GNU
+// long names and sparse maps, each at most 1 MiB (archive/tar's limit).
+const maxRecord = 8 << 20
+
+func (s *tarSource) Read(p []byte) (int, error) {
+	n, err := s.r.Read(p)
+	if s.recording {
+		if s.n += int64(n); s.n <= maxRecord {
+			s.rec = append(s.rec, p[:n]...)
+		}
+	}
+	return n, err
+}
+
+func (s *tarSource) record() { s.recording, s.rec, s.n = true, s.rec[:0], 0 }
+func (s *tarSource) stop()   { s.recording = false }
+
+const blockSize = 512
+
+// sparseFile is the data of a GNU sparse entry, which Apply reads from the
+// layer stream itself: archive/tar would make a zero of every byte of the
+// holes, which may add up to terabytes.
+type sparseFile struct {
+	r    io.Reader
+	data []ext4.Extent
+	size int64 // data bytes, stored one after the other
+	left int64 // data bytes not read yet
+	pad  int64 // padding after the data
+}
+
+func (sf *sparseFile) Read(p []byte) (int, error) {
+	if sf.left == 0 {
+		return 0, io.EOF
+	}
+	n, err := sf.r.Read(p[:min(int64(len(p)), sf.left)])
+	sf.left -= int64(n)
+	if err == io.EOF && sf.left > 0 {
+		err = io.ErrUnexpectedEOF
+	}
+	return n, err
+}
+
+// finish skips the data the entry did not read and the padding after them.
+func (sf *sparseFile) finish() error {
+	if _, err := io.CopyN(io.Discard, sf, sf.left); err != nil {
+		return fmt.Errorf("sparse file data: %w", err)
+	}
+	// Like archive/tar, an archive that ends in the padding just ends.
+	var pad [blockSize]byte
+	for n := int64(0); n < sf.pad; {
+		k, err := sf.r.Read(pad[:sf.pad-n])
+		n += int64(k)
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// GNU sparse PAX records.
+const (
+	paxSparseMajor     = "GNU.sparse.major"
+	paxSparseMinor     = "GNU.sparse.minor"
+	paxSparseMap       = "GNU.sparse.map"
+	paxSparseNumBlocks = "GNU.sparse.numblocks"
+)
+
+var errSparseMap = errors.New("sparse map does not match what the tar reader read")
+
+// sparseOf returns the data of hdr if archive/tar's reader took it for a GNU
+// sparse file (old GNU format or PAX 0.0, 0.1 or 1.0; as it does), reading
+// the sparse map again from the headers src recorded. They were checked by
+// the tar reader: what is checked here is that both read the same.
+func sparseOf(hdr *tar.Header, src *tarSource) (*sparseFile, error) {
+	major, minor := hdr.PAXRecords[paxSparseMajor], hdr.PAXRecords[paxSparseMinor]
+	var format string
+	switch {
+	case hdr.Typeflag == tar.TypeXGlobalHeader:
+		return nil, nil
+	case hdr.Typeflag == tar.TypeGNUSparse:
+		format = "old GNU"
+	case major == "0" && (minor == "0" || minor == "1"):
+		format = "0.1"
+	case major == "1" && minor == "0":
+		format = "1.0"
+	case major != "" || minor != "":
+		return nil, nil // an unknown version: archive/tar reads it as a plain file
+	case hdr.PAXRecords[paxSparseMap] != "":
+		format = "0.1"
+	default:
+		return nil, nil
+	}
+	if src.n > maxRecord {
+		return nil, fmt.Errorf("GNU sparse file (%s) with headers of more than %d bytes", format, maxRecord)
+	}
+	h, after, err := mainHeader(src.rec)
+	if err != nil {
+		return nil, err
+	}
+	// The size of the data area in the archive.
+	stored, ok := parseNumeric(h[124:136])
+	if v, isSet := hdr.PAXRecords["size"]; isSet {
+		n, err := strconv.ParseInt(v, 10, 64)
+		stored, ok = n, err == nil
+	}
+	if !ok || stored < 0 {
+		return nil, errSparseMap
+	}
+	sf := &sparseFile{r: src, pad: -stored & (blockSize - 1)}
+	switch format {
+	case "old GNU":
+		sf.data, err = oldGNUSparseMap(h, after, hdr.Size)
+	case "0.1":
+		if len(after) != 0 {
+			return nil, errSparseMap
+		}
+		sf.data, err = paxSparseMap01(hdr.PAXRecords)
+	case "1.0":
+		sf.data, err = paxSparseMap10(after)
+		stored -= int64(len(after)) // the map is the start of the data area
+	}
+	if err != nil {
+		return nil, err
+	}
+	end := int64(0)
+	for _, e := range sf.data {
+		if e.Offset < end || e.Length < 0 || e.Length > hdr.Size-e.Offset {
+			return nil, errSparseMap
+		}
+		end = e.Offset + e.Length
+		sf.size += e.Length
+	}
+	if sf.size != stored {
+		return nil, fmt.Errorf("GNU sparse file (%s): its map holds %d bytes of data, the archive %d", format, sf.size, stored)
+	}
+	sf.left = sf.size
+	return sf, nil
+}
+
+// mainHeader finds the header block of the entry the tar reader returned in
+// rec, what the reader read for it: the padding of the entry before, header
+// blocks, each special one (PAX records, GNU long name or link) followed by
+// its data, then the entry's own header block and what came after it (GNU
+// sparse extension blocks or a PAX 1.0 sparse map), which it returns too.
+func mainHeader(rec []byte) (h, after []byte, err error) {
+	off := len(rec) % blockSize // the reader stops at a block boundary
+	for off+blockSize <= len(rec) {
+		h := rec[off : off+blockSize]
+		switch h[156] {
+		case tar.TypeXHeader, tar.TypeGNULongName, tar.TypeGNULongLink:
+			size, ok := parseNumeric(h[124:136])
+			if !ok || size < 0 || size > int64(len(rec)) {
+				return nil, nil, errSparseMap
+			}
+			off += blockSize + int(size+blockSize-1)/blockSize*blockSize
+		default:
+			return h, rec[off+blockSize:], nil
+		}
+	}
+	return nil, nil, errSparseMap
+}
+
+// parseNumeric parses a numeric header field as archive/tar does: octal, or
+// base-256 when the first byte has its high bit set. Only values of 0 and
+// more are taken.
+func parseNumeric(b []byte) (int64, bool) {
+	if b[0]&0x80 != 0 {
+		if b[0]&0x40 != 0 {
+			return 0, false // negative
+		}
+		var x uint64
+		for i, c := range b {
+			if i == 0 {
+				c &= 0x7f
+			}
+			if x>>56 != 0 {
+				return 0, false
+			}
+			x = x<<8 | uint64(c)
+		}
+		return int64(x), x>>63 == 0
+	}
+	b = bytes.Trim(b, " \x00")
+	if i := bytes.IndexByte(b, 0); i >= 0 {
+		b = b[:i]
+	}
+	if len(b) == 0 {
+		return 0, true
+	}
+	x, err := strconv.ParseUint(string(b), 8, 63)
+	return int64(x), err == nil
+}
+
+// oldGNUSparseMap reads the sparse map of an old GNU sparse entry: up to 4
+// entries in its header block h, more in the extension blocks after it.
+func oldGNUSparseMap(h, ext []byte, size int64) ([]ext4.Extent, error) {
+	if realSize, ok := parseNumeric(h[483:495]); !ok || realSize != size {
+		return nil, errSparseMap
+	}
+	var data []ext4.Extent
+	entries, extended := h[386:482], h[482]
+	for {
+		for ; len(entries) >= 24; entries = entries[24:] {
+			if entries[0] == 0 {
+				break // as GNU and BSD tar: the map of this block ends here
+			}
+			off, ok1 := parseNumeric(entries[:12])
+			n, ok2 := parseNumeric(entries[12:24])
+			if !ok1 || !ok2 {
+				return nil, errSparseMap
+			}
+			data = append(data, ext4.Extent{Offset: off, Length: n})
+		}
+		if extended == 0 {
+			break
+		}
+		if len(ext) < blockSize {
+			return nil, errSparseMap
+		}
+		entries, extended, ext = ext[:504], ext[504], ext[blockSize:]
+	}
+	if len(ext) != 0 {
+		return nil, errSparseMap
+	}
+	return data, nil
+}
+
+// paxSparseMap01 reads the sparse map of a PAX 0.0 or 0.1 sparse entry from
+// its records (archive/tar gives the offset and numbytes records of 0.0 as
+// a 0.1 map).
+func paxSparseMap01(recs map[string]string) ([]ext4.Extent, error) {
+	n, err := strconv.ParseInt(recs[paxSparseNumBlocks], 10, 0)
+	fields := strings.Split(recs[paxSparseMap], ",")
+	if len(fields) == 1 && fields[0] == "" {
+		fields = nil
+	}
+	if err != nil || n < 0 || n > int64(len(fields)) || int64(len(fields)) != 2*n {
+		return nil, errSparseMap
+	}
+	return sparsePairs(fields)
+}
+
+// paxSparseMap10 reads the sparse map of a PAX 1.0 sparse entry, at the
+// start of its data: decimal numbers, one a line (the count of entries, then
+// an offset and a length for each), in as many blocks as it takes.
+func paxSparseMap10(blocks []byte) ([]ext4.Extent, error) {
+	if len(blocks)%blockSize != 0 {
+		return nil, errSparseMap
+	}
+	lines := strings.Split(string(blocks), "\n")
+	n, err := strconv.ParseInt(lines[0], 10, 0)
+	if err != nil || n < 0 || n > int64(len(lines)) || int64(len(lines)) < 2*n+2 {
+		return nil, errSparseMap
+	}
+	// The tar reader read no block more than the map needs.
+	if used := len(strings.Join(lines[:2*n+1], "\n")) + 1; used <= len(blocks)-blockSize {
+		return nil, errSparseMap
+	}
+	return sparsePairs(lines[1 : 2*n+1])
+}
+
+func sparsePairs(fields []string) ([]ext4.Extent, error) {
+	data := make([]ext4.Extent, 0, len(fields)/2)
+	for i := 0; i+1 < len(fields); i += 2 {
+		off, err1 := strconv.ParseInt(fields[i], 10, 64)
+		n, err2 := strconv.ParseInt(fields[i+1], 10, 64)
+		if err1 != nil || err2 != nil {
+			return nil, errSparseMap
+		}
+		data = append(data, ext4.Extent{Offset: off, Length: n})
+	}
+	return data, nil
 }
