@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/testenv"
+	"github.com/obdproject/obd/lsmt"
 )
 
 // replaceLayerBlob stores a new blob for layer i (made by edit from the old one) and re-tags a manifest that
@@ -80,4 +82,42 @@ func TestConvertTruncatedGzip(t *testing.T) {
 		t.Fatalf("got %v, want an error saying the gzip blob is truncated", err)
 	}
 	t.Log(err)
+}
+
+// TestConvertBaseLayerWithoutDisk: a base layer whose virtual disk size is 0 is refused as such, not with a failed
+// read of the superblock.
+func TestConvertBaseLayerWithoutDisk(t *testing.T) {
+	dir := t.TempDir()
+	data, err := os.Create(filepath.Join(dir, "data"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer data.Close()
+	index, err := os.Create(filepath.Join(dir, "index"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer index.Close()
+	rw, err := lsmt.CreateRW(data, index, 0, lsmt.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var base bytes.Buffer
+	if _, err := lsmt.Commit(&base, rw, lsmt.CommitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	basePath := filepath.Join(dir, "base")
+	if err := os.WriteFile(basePath, base.Bytes(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ref := writeSourceLayout(t, filepath.Join(dir, "src"), [][]byte{layerTar(t, []tarEntry{{name: "f", typ: tar.TypeReg, body: "f"}})})
+	source, err := image.OpenLocalSource(ref, image.DefaultPlatform())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer source.Close()
+	_, err = ConvertImage(context.Background(), source, ImageOptions{BaseLayer: basePath, WorkDir: t.TempDir()})
+	if want := "base layer " + basePath + ": its virtual disk size is 0"; err == nil || !strings.HasPrefix(err.Error(), want) {
+		t.Fatalf("got %v, want %q", err, want)
+	}
 }

@@ -436,6 +436,9 @@ func (c *converter) addBaseLayer() (Blob, error) {
 	if err != nil {
 		return Blob{}, fmt.Errorf("base layer %s: %w", c.opts.BaseLayer, err)
 	}
+	if f.VirtualSize() == 0 {
+		return Blob{}, fmt.Errorf("base layer %s: its virtual disk size is 0, so it holds no filesystem: give a formatted base layer (e.g. upstream's ext4_64), or none", c.opts.BaseLayer)
+	}
 	c.lowers = append(c.lowers, f)
 	if _, err := tarwrap.Detect(in, st.Size()); err == nil {
 		return c.storeBlob("base", in, st.Size(), false)
