@@ -20,6 +20,7 @@ import (
 	"github.com/opencontainers/image-spec/identity"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/obdproject/obd/internal/decompress"
 	"github.com/obdproject/obd/internal/ext4"
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/lsmt"
@@ -623,7 +624,7 @@ func (c *converter) apply(ctx context.Context, fsys *ext4.FS, i int, diffID dige
 		return 0, err
 	}
 	defer rc.Close()
-	tarStream, comp, err := image.Decompress(rc)
+	tarStream, comp, err := decompress.Layer(rc)
 	if err != nil {
 		return 0, err
 	}
@@ -723,7 +724,7 @@ func (ra *readAhead) Close() {
 // blobReader reads the uncompressed content of a layer blob, saying in its errors that they come from the blob.
 type blobReader struct {
 	r    io.Reader
-	comp image.Compression
+	comp decompress.Compression
 }
 
 func (b blobReader) Read(p []byte) (int, error) {
