@@ -468,7 +468,7 @@ func TestFullDiskTerminates(t *testing.T) {
 	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", dir).CombinedOutput(); err != nil {
 		testenv.Skip(t, fmt.Sprintf("cannot mount a tmpfs: %v: %s", err, out))
 	}
-	t.Cleanup(func() { _ = exec.Command("umount", dir).Run() })
+	t.Cleanup(func() { _ = exec.Command("umount", "-l", dir).Run() })
 	// Another process fills the disk.
 	if err := os.WriteFile(filepath.Join(dir, "filler"), make([]byte, 200<<10), 0o600); err != nil {
 		t.Fatal(err)
