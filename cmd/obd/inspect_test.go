@@ -217,21 +217,13 @@ func TestInspectWritableLayerFiles(t *testing.T) {
 func TestInspectCorruptIndexIsNotWarp(t *testing.T) {
 	dir := t.TempDir()
 	commit := filepath.Join(dir, "commit")
-	// The upstream blob's tar member is a ZFile: unzfile gives its plain committed LSMT file.
-	f, err := os.Open(upstreamBlob)
+	// The upstream blob's tar member is a ZFile: decompressed, it is a plain committed LSMT file.
+	member, _ := upstreamZFileLayout(t)
+	blob, err := os.ReadFile(upstreamBlob)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := tarwrap.Detect(f, st.Size())
-	if err != nil {
-		t.Fatal(err)
-	}
-	z, err := zfile.Open(io.NewSectionReader(f, m.Offset, m.Size), m.Size, true)
+	z, err := zfile.Open(bytes.NewReader(blob[member.Offset:member.Offset+member.Size]), member.Size, true)
 	if err != nil {
 		t.Fatal(err)
 	}
