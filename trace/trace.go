@@ -141,6 +141,9 @@ func (r *Recorder) Read(layer int, off, n int64) {
 	r.at = append(r.at, time.Since(r.start))
 }
 
+// Started returns when the recorder was made: the origin of its records' times.
+func (r *Recorder) Started() time.Time { return r.start }
+
 // Records returns what was recorded so far, the time of each record since the recorder was made, and the number of
 // reads dropped beyond MaxRecords.
 func (r *Recorder) Records() ([]Record, []time.Duration, int64) {

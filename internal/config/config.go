@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io/fs"
 	"net"
+	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -55,6 +56,16 @@ type Config struct {
 type Prefetch struct {
 	// Concurrency is the number of range requests in flight while a trace is prefetched.
 	Concurrency int `toml:"concurrency"`
+	// ProfilesDir holds the startup profiles registered on the node ("": <snapshotter root>/profiles).
+	ProfilesDir string `toml:"profiles_dir"`
+}
+
+// ProfilesDir returns the directory of registered startup profiles.
+func (c Config) ProfilesDir() string {
+	if c.Prefetch.ProfilesDir != "" {
+		return c.Prefetch.ProfilesDir
+	}
+	return filepath.Join(c.Snapshotter.Root, "profiles")
 }
 
 // Download is the [download] table: the background download of attached images' blobs (upstream's semantics).
@@ -202,6 +213,9 @@ func (c Config) Validate() error {
 	}
 	if c.Prefetch.Concurrency < 1 || c.Prefetch.Concurrency > 256 {
 		return fmt.Errorf("prefetch.concurrency = %d: want 1 to 256 requests", c.Prefetch.Concurrency)
+	}
+	if d := c.Prefetch.ProfilesDir; d != "" && !filepath.IsAbs(d) {
+		return fmt.Errorf("prefetch.profiles_dir = %q: want an absolute path", d)
 	}
 	if c.Download.DelaySeconds < 0 || c.Download.MaxMBps < 0 {
 		return fmt.Errorf("download.delay = %d, download.max_mbps = %d: want 0 or more", c.Download.DelaySeconds, c.Download.MaxMBps)

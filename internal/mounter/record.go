@@ -2,6 +2,7 @@ package mounter
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"log/slog"
 	"os"
@@ -59,16 +60,19 @@ func (rc *recording) finish() {
 	_ = os.Remove(rc.path + ".lock")
 }
 
-// write writes the trace once: to a temporary file renamed over PATH, then PATH.ok.
+// write writes the trace once: PATH, then obd's PATH.times.json (when each record was first read), then PATH.ok.
 func (rc *recording) write() {
 	rc.once.Do(func() {
-		recs, _, dropped := rc.r.Records()
+		recs, at, dropped := rc.r.Records()
 		var buf bytes.Buffer
 		err := trace.Encode(&buf, recs)
 		if err == nil {
-			tmp := filepath.Join(filepath.Dir(rc.path), "."+filepath.Base(rc.path)+".tmp")
-			if err = os.WriteFile(tmp, buf.Bytes(), 0o644); err == nil {
-				err = os.Rename(tmp, rc.path)
+			err = writeAtomic(rc.path, buf.Bytes())
+		}
+		if err == nil {
+			var times []byte
+			if times, err = json.Marshal(trace.NewTimes(rc.r.Started(), at, dropped)); err == nil {
+				err = writeAtomic(rc.path+trace.TimesSuffix, times)
 			}
 		}
 		if err == nil {
@@ -80,4 +84,13 @@ func (rc *recording) write() {
 		}
 		rc.log.Info("recorded trace written", "trace", rc.path, "records", len(recs), "dropped", dropped)
 	})
+}
+
+// writeAtomic writes b to a temporary file beside path and renames it over path.
+func writeAtomic(path string, b []byte) error {
+	tmp := filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".tmp")
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
 }

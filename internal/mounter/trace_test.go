@@ -69,6 +69,13 @@ func TestRecordAndReplayTrace(t *testing.T) {
 	if err != nil || len(recs) == 0 {
 		t.Fatalf("recorded trace: %d records, %v", len(recs), err)
 	}
+	tb, err := os.ReadFile(tracePath + trace.TimesSuffix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tm, err := trace.DecodeTimes(tb, len(recs)); err != nil || tm.Started.IsZero() {
+		t.Fatalf("times of the recorded trace: %+v, %v", tm, err)
+	}
 
 	t.Run("replay", func(t *testing.T) {
 		s := newSetup(t)

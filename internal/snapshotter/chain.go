@@ -102,7 +102,7 @@ type imagePlan struct {
 	layers   []Layer  // overlaybd layers, bottom first
 	uppers   []string // fs directories of normal layers above the device, top first
 	imageRef string   // for messages
-	trace    string   // trace file of the image: its acceleration layer's, or one named by labels; "" for none
+	trace    string   // trace file of the image: its acceleration layer's, a registered profile, or one named by labels; "" for none
 }
 
 // traceFile is the name of the trace in an acceleration layer.
@@ -141,7 +141,11 @@ func (s *Snapshotter) planChain(ctx context.Context, parent string) (*imagePlan,
 	case err != nil:
 		return nil, err
 	}
-	return buildPlan(chain)
+	p, err := buildPlan(chain)
+	if p != nil && p.trace == "" {
+		p.trace = s.registeredProfile(p.name)
+	}
+	return p, err
 }
 
 // buildPlan turns a classified chain (top first) into a plan; see planChain.

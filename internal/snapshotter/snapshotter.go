@@ -25,6 +25,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -49,6 +50,8 @@ type Snapshotter struct {
 	locks   keyLocks // per image mount id: a mount never races its removal
 	lock    *os.File // root/lock, held while open
 	log     *slog.Logger
+	// profiles is the directory of registered startup profiles ("": none); see WithProfiles.
+	profiles string
 }
 
 var _ snapshots.Snapshotter = (*Snapshotter)(nil)
@@ -64,6 +67,19 @@ type Option func(*Snapshotter)
 // WithLogger sets the logger of image mounts, unmounts and remote layers (default slog.Default()).
 func WithLogger(l *slog.Logger) Option {
 	return func(s *Snapshotter) { s.log = l }
+}
+
+// WithProfiles makes the snapshotter prefetch registered startup profiles: a trace file in dir named by
+// ProfilePath after the chain ID of an image's overlaybd layers is prefetched when that image's device is attached,
+// unless the image has an acceleration layer or the container asks to record a trace.
+func WithProfiles(dir string) Option {
+	return func(s *Snapshotter) { s.profiles = dir }
+}
+
+// ProfilePath returns the file of the registered profile of the image whose overlaybd layers have chain ID chainID
+// (the name containerd gives the top layer's snapshot) in dir.
+func ProfilePath(dir, chainID string) string {
+	return filepath.Join(dir, strings.ReplaceAll(chainID, ":", "-")+".trace")
 }
 
 // New opens (or creates) the snapshotter state under root: metadata.db and snapshots/<id>/{fs,work,block}.
@@ -227,6 +243,18 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	}
 	s.log.Info("snapshot over overlaybd image", "key", key, "image", plan.imageRef, "mount-id", plan.id)
 	return ms, nil
+}
+
+// registeredProfile returns the registered profile of the image whose top overlaybd layer snapshot is name, or "".
+func (s *Snapshotter) registeredProfile(name string) string {
+	if s.profiles == "" || name == "" || strings.ContainsAny(name, "/\\") {
+		return ""
+	}
+	p := ProfilePath(s.profiles, name)
+	if fi, err := os.Stat(p); err != nil || !fi.Mode().IsRegular() || fi.Size() == 0 {
+		return ""
+	}
+	return p
 }
 
 func kindVerb(k snapshots.Kind) string {

@@ -637,3 +637,71 @@ func TestRootInUse(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// traceMounter is a fakeMounter that also takes trace files, recording the one of each mount.
+type traceMounter struct {
+	fakeMounter
+	traces []string
+}
+
+func (f *traceMounter) Mount(ctx context.Context, id string, layers []Layer, target string) error {
+	return f.MountTrace(ctx, id, layers, target, "")
+}
+
+func (f *traceMounter) MountTrace(ctx context.Context, id string, layers []Layer, target, traceFile string) error {
+	f.mu.Lock()
+	f.traces = append(f.traces, traceFile)
+	f.mu.Unlock()
+	return f.fakeMounter.Mount(ctx, id, layers, target)
+}
+
+// An image's trace file: none; a profile registered for its chain; the record-trace labels over both.
+func TestTraceFiles(t *testing.T) {
+	testenv.Root(t)
+	root, profiles := t.TempDir(), t.TempDir()
+	f := &traceMounter{}
+	sn, err := New(root, f, WithProfiles(profiles))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := sn.Close(); err != nil {
+			t.Error(err)
+		}
+		testenv.UnmountUnder(t, root)
+	})
+	ctx := context.Background()
+	const ref = "registry.test/app:v1"
+	pullRemote(t, ctx, sn, "sha256:0000000000000000000000000000000000000000000000000000000000000001", "", ref)
+
+	top := "sha256:0000000000000000000000000000000000000000000000000000000000000001"
+	if _, err := sn.Prepare(ctx, "c1", top); err != nil {
+		t.Fatal(err)
+	}
+	registered := ProfilePath(profiles, top)
+	if err := os.WriteFile(registered, []byte("a trace"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sn.Prepare(ctx, "c2", top); err != nil {
+		t.Fatal(err)
+	}
+	rec := filepath.Join(t.TempDir(), "rec")
+	if _, err := sn.Prepare(ctx, "c3", top, snapshots.WithLabels(map[string]string{LabelRecordTrace: "yes", LabelRecordTracePath: rec})); err != nil {
+		t.Fatal(err)
+	}
+	// An empty registered file is no profile (an empty trace file would ask for a recording).
+	if err := os.WriteFile(registered, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sn.Prepare(ctx, "c4", top); err != nil {
+		t.Fatal(err)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if want := []string{"", registered, rec, ""}; !slices.Equal(f.traces, want) {
+		t.Fatalf("trace files of the mounts = %q, want %q", f.traces, want)
+	}
+	if filepath.Base(registered) != "sha256-0000000000000000000000000000000000000000000000000000000000000001.trace" {
+		t.Errorf("profile file name %s", registered)
+	}
+}
