@@ -32,25 +32,66 @@ import (
 	"github.com/obdproject/obd/internal/registry"
 	"github.com/obdproject/obd/internal/sandbox"
 	"github.com/obdproject/obd/internal/snapshotter"
+	"github.com/obdproject/obd/internal/status"
 )
 
-// Case keys, in the order of the table.
+// Case keys.
 const (
 	caseOverlayCold = "overlayfs-cold"
 	caseOBDCold     = "obd-lazy-cold"
+	caseOBDDownload = "obd-download-cold"
 	caseOBDWarm     = "obd-warm"
 	caseOverlayWarm = "overlayfs-warm"
 	caseOBDMeta     = "obd-metadata-pull"
 )
 
-var caseOrder = []string{caseOverlayCold, caseOBDCold, caseOBDWarm, caseOverlayWarm, caseOBDMeta}
+// benchCase is one measured case. Once the images are pushed and the link is calibrated, setup (optional) runs
+// once; then every run calls run once. A cold case starts from an empty node (reset: no images, content,
+// snapshots; obd-snapshotter restarted with an empty block cache and its config plus obdConfig); a case with
+// after set is a warm case, run right after the cold case it names, on the state that one left. Every case has
+// the page cache dropped and the registry's counters zeroed before it.
+type benchCase struct {
+	key, title string
+	cold       bool
+	after      string // warm cases: the cold case whose state they reuse
+	// obd: the case runs containers under obd-snapshotter, whose CPU time and peak RSS are measured
+	obd bool
+	// obdConfig is more obd.toml for this case (cold cases; the others run with the default config)
+	obdConfig string
+	setup     func(*bench) error
+	run       func(*bench) (sample, error)
+}
 
-var caseTitles = map[string]string{
-	caseOverlayCold: "overlayfs: pull + unpack + run",
-	caseOBDCold:     "obd lazy: obd pull + run",
-	caseOBDWarm:     "obd warm: run (block cache filled)",
-	caseOverlayWarm: "overlayfs warm: run (unpacked)",
-	caseOBDMeta:     "obd pull only, loopback",
+// downloadConfig turns the background download on at once and unbounded: the link is the only bound.
+const downloadConfig = "[download]\nenable = true\ndelay = 0\nmax_mbps = 0\n"
+
+// cases lists every case in the order of the table; runOnce runs each cold case followed by its warm cases.
+var cases = []benchCase{
+	{key: caseOverlayCold, title: "overlayfs: pull + unpack + run", cold: true, run: (*bench).overlayCold},
+	{key: caseOBDCold, title: "obd lazy: obd pull + run", cold: true, obd: true, run: (*bench).obdCold},
+	{key: caseOBDDownload, title: "obd lazy + background download", cold: true, obd: true, obdConfig: downloadConfig, run: (*bench).obdDownload},
+	{key: caseOBDWarm, title: "obd warm: run (block cache filled)", after: caseOBDCold, obd: true,
+		run: func(b *bench) (sample, error) { return b.runOnly(snapshotter.Name, b.obdRef) }},
+	{key: caseOverlayWarm, title: "overlayfs warm: run (unpacked)", after: caseOverlayCold,
+		run: func(b *bench) (sample, error) { return b.runOnly("overlayfs", b.plainRef) }},
+	{key: caseOBDMeta, title: "obd pull only, loopback", cold: true, run: (*bench).obdMeta},
+}
+
+func findCase(key string) *benchCase {
+	for i := range cases {
+		if cases[i].key == key {
+			return &cases[i]
+		}
+	}
+	return nil
+}
+
+func caseKeys() []string {
+	var keys []string
+	for _, c := range cases {
+		keys = append(keys, c.key)
+	}
+	return keys
 }
 
 // sample is one measured run of a case.
@@ -58,12 +99,23 @@ type sample struct {
 	Seconds     float64 `json:"seconds"`               // time to ready (metadata case: the pull)
 	PullSeconds float64 `json:"pullSeconds,omitempty"` // pull (+ unpack)
 	RunSeconds  float64 `json:"runSeconds,omitempty"`  // ctr run until the app printed ready
-	Bytes       int64   `json:"bytes"`                 // blob bytes the registry served
-	Requests    int64   `json:"requests"`              // blob GET requests the registry answered
+	// LocalSeconds (background download case): from the start of the pull until every layer blob of the image was
+	// downloaded and verified.
+	LocalSeconds float64 `json:"localSeconds,omitempty"`
+	Bytes        int64   `json:"bytes"`    // blob bytes the registry served during the case
+	Requests     int64   `json:"requests"` // blob GET requests the registry answered
+	// ReadyBytes and ReadyRequests (background download case): what the registry had served when the container
+	// exited after printing ready.
+	ReadyBytes    int64 `json:"readyBytes,omitempty"`
+	ReadyRequests int64 `json:"readyRequests,omitempty"`
 	// Load1 is the machine's 1-minute load average when the run started (other work shares the CPUs).
 	Load1 float64 `json:"load1"`
 	// BlobBytes breaks Bytes down by blob digest.
 	BlobBytes map[string]int64 `json:"blobBytes,omitempty"`
+	// DaemonCPUSeconds is obd-snapshotter's user+system CPU time during the case (obd cases), DaemonPeakRSS its
+	// peak resident set (VmHWM, reset at the start of the case) in bytes.
+	DaemonCPUSeconds float64 `json:"daemonCPUSeconds,omitempty"`
+	DaemonPeakRSS    int64   `json:"daemonPeakRSSBytes,omitempty"`
 }
 
 type bench struct {
@@ -149,12 +201,22 @@ func runBench(ctx context.Context, cfg *config) (err error) {
 	}
 	logf("shaped link measured: %.1f ms per small request, %.1f Mbit/s for one %s range read; a 1 MiB range read takes %.0f ms on a new connection (connect included), %.0f ms on a warm one, %.0f ms on one idle for %s",
 		b.calib.RTTms, b.calib.Mbits, units.Bytes(b.calib.RangeReadBytes), b.calib.FreshMiBms, b.calib.WarmMiBms, b.calib.IdleMiBms, calibIdle)
+	for _, c := range cases {
+		if cfg.cases[c.key] && c.setup != nil {
+			logf("setting up %s", c.key)
+			if err := c.setup(b); err != nil {
+				return fmt.Errorf("%s: setup: %w", c.key, err)
+			}
+		}
+	}
+	logf("workload %s: %s", cfg.workload.name, cfg.workload.commandLine())
 	for i := range cfg.runs {
 		logf("run %d/%d", i+1, cfg.runs)
 		if err := b.runOnce(); err != nil {
 			return fmt.Errorf("run %d: %w", i+1, err)
 		}
 	}
+	b.sb.SetSnapshotterConfig("")
 	if err := b.reset(true); err != nil {
 		return err
 	}
@@ -201,45 +263,62 @@ func (b *bench) push(ctx context.Context) error {
 
 func noCredentials(context.Context, string) (string, string, error) { return "", "", nil }
 
-// runOnce measures every case once. Each cold case starts from an empty containerd (no images, content or
-// snapshots), an empty obd block cache and a dropped page cache; each warm case from a dropped page cache.
+// runOnce measures every selected case once: each cold case, then the warm cases that follow it.
 func (b *bench) runOnce() error {
-	steps := []struct {
-		key  string
-		cold bool
-		fn   func() (sample, error)
-	}{
-		{caseOverlayCold, true, b.overlayCold},
-		{caseOverlayWarm, false, func() (sample, error) { return b.runOnly("overlayfs", b.plainRef) }},
-		{caseOBDCold, true, b.obdCold},
-		{caseOBDWarm, false, func() (sample, error) { return b.runOnly(snapshotter.Name, b.obdRef) }},
-		{caseOBDMeta, true, b.obdMeta},
-	}
-	for _, s := range steps {
-		if !b.cfg.cases[s.key] {
+	for _, c := range cases {
+		if !b.cfg.cases[c.key] || !c.cold {
 			continue
 		}
-		if s.cold {
-			if err := b.reset(true); err != nil {
-				return err
-			}
-		}
-		if err := measure.DropCaches(); err != nil {
+		if err := b.measureCase(&c); err != nil {
 			return err
 		}
-		b.sb.ResetCounters()
-		load := measure.LoadAvg()
-		smp, err := s.fn()
-		if err != nil {
-			return fmt.Errorf("%s: %w", s.key, err)
+		for _, w := range cases {
+			if w.after == c.key && b.cfg.cases[w.key] {
+				if err := b.measureCase(&w); err != nil {
+					return err
+				}
+			}
 		}
-		smp.Load1 = load
-		smp.BlobBytes = b.sb.BlobBytes()
-		smp.Bytes, smp.Requests = sum(smp.BlobBytes), sum(b.sb.BlobRequests())
-		b.results[s.key] = append(b.results[s.key], smp)
-		logf("  %-18s %7.2f s  (pull %.2f s, run %.2f s)  %s in %d requests  (load %.1f)", s.key, smp.Seconds, smp.PullSeconds, smp.RunSeconds,
-			units.Bytes(smp.Bytes), smp.Requests, load)
 	}
+	return nil
+}
+
+func (b *bench) measureCase(c *benchCase) error {
+	if c.cold {
+		b.sb.SetSnapshotterConfig(c.obdConfig)
+		if err := b.reset(true); err != nil {
+			return err
+		}
+	}
+	if err := measure.DropCaches(); err != nil {
+		return err
+	}
+	b.sb.ResetCounters()
+	var before daemonUsage
+	if c.obd {
+		before = b.daemonStart()
+	}
+	load := measure.LoadAvg()
+	smp, err := c.run(b)
+	if err != nil {
+		return fmt.Errorf("%s: %w", c.key, err)
+	}
+	if c.obd {
+		b.daemonEnd(before, &smp)
+	}
+	smp.Load1 = load
+	smp.BlobBytes = b.sb.BlobBytes()
+	smp.Bytes, smp.Requests = sum(smp.BlobBytes), sum(b.sb.BlobRequests())
+	b.results[c.key] = append(b.results[c.key], smp)
+	extra := ""
+	if smp.LocalSeconds > 0 {
+		extra = fmt.Sprintf("; local after %.2f s (%s in %d requests by ready)", smp.LocalSeconds, units.Bytes(smp.ReadyBytes), smp.ReadyRequests)
+	}
+	if c.obd {
+		extra += fmt.Sprintf("; daemon CPU %.2f s, peak RSS %s", smp.DaemonCPUSeconds, units.Bytes(smp.DaemonPeakRSS))
+	}
+	logf("  %-18s %7.2f s  (pull %.2f s, run %.2f s)  %s in %d requests  (load %.1f)%s", c.key, smp.Seconds, smp.PullSeconds, smp.RunSeconds,
+		units.Bytes(smp.Bytes), smp.Requests, load, extra)
 	return nil
 }
 
@@ -270,6 +349,58 @@ func (b *bench) obdCold() (sample, error) {
 	return sample{Seconds: (pulled + ready).Seconds(), PullSeconds: pulled.Seconds(), RunSeconds: ready.Seconds()}, nil
 }
 
+// obdDownload is obdCold with the background download on: the time to ready, then the time until every layer
+// blob of the image is downloaded and verified, as obd-snapshotter's status endpoint reports it.
+func (b *bench) obdDownload() (sample, error) {
+	start := time.Now()
+	smp, err := b.obdCold()
+	if err != nil {
+		return smp, err
+	}
+	smp.ReadyBytes, smp.ReadyRequests = sum(b.sb.BlobBytes()), sum(b.sb.BlobRequests())
+	if err := b.waitLocal(len(b.im.Info.OBDLayers)); err != nil {
+		return smp, err
+	}
+	smp.LocalSeconds = time.Since(start).Seconds()
+	return smp, nil
+}
+
+// waitLocal polls obd-snapshotter's status until an image has layers blobs in its background download, all of
+// them verified.
+func (b *bench) waitLocal(layers int) error {
+	sc := status.NewClient(b.sb.StatusSocket, 10*time.Second)
+	deadline := time.Now().Add(15 * time.Minute)
+	var last string
+	for {
+		st, err := sc.Status(b.ctx)
+		if err != nil {
+			return fmt.Errorf("obd-snapshotter status: %w", err)
+		}
+		for _, img := range st.Images {
+			verified, states := 0, []string{}
+			for _, l := range img.Layers {
+				states = append(states, fmt.Sprintf("%s %s/%s", l.Download, units.Bytes(l.DownloadedBytes), units.Bytes(l.Size)))
+				switch l.Download {
+				case "verified":
+					verified++
+				case "failed":
+					return fmt.Errorf("image %s: background download of %s failed: %s", img.ImageRef, l.Digest, l.DownloadError)
+				}
+			}
+			if verified == layers && len(img.Layers) == layers {
+				return nil
+			}
+			if len(img.Layers) > 0 {
+				last = strings.Join(states, ", ")
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("image not local after 15 minutes; layers: %s", last)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 func (b *bench) runOnly(sn, ref string) (sample, error) {
 	ready, err := b.runContainer(sn, ref)
 	if err != nil {
@@ -298,7 +429,7 @@ func (b *bench) runContainer(sn, ref string) (time.Duration, error) {
 	defer cancel()
 	b.seq++
 	id := fmt.Sprintf("bench-%d", b.seq)
-	cmd := b.sb.Ctr(ctx, append([]string{"run", "--rm", "--snapshotter", sn, ref, id}, appCmd...)...)
+	cmd := b.sb.Ctr(ctx, append([]string{"run", "--rm", "--snapshotter", sn, ref, id}, b.cfg.workload.cmd...)...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.StdoutPipe()

@@ -43,6 +43,7 @@ type config struct {
 	name             string
 	pigz             bool
 	cases            map[string]bool
+	workload         *workload
 	zfileAlgo        zfile.Algorithm
 	logs             string
 	args             []string
@@ -62,11 +63,12 @@ func main() {
 	flag.StringVar(&c.work, "work", filepath.Join(os.TempDir(), "obd-bench-startup"), "cache of the built and converted image")
 	flag.BoolVar(&c.rebuild, "rebuild", false, "build and convert the image again even if the cache has it")
 	flag.StringVar(&c.snapshotter, "snapshotter", "", "obd-snapshotter binary (default: build ./cmd/obd-snapshotter of this module)")
-	flag.StringVar(&c.name, "name", "startup", "base name of the result files in --out (NAME.json, NAME.svg)")
+	flag.StringVar(&c.name, "name", "", "base name of the result files in --out (NAME.json, NAME.svg; default startup, with .WORKLOAD for a workload other than python and .BANDWIDTH for a bandwidth other than 100mbit)")
 	flag.BoolVar(&c.pigz, "pigz", false, "give the sandbox's containerd pigz (from the Debian package, on its PATH only) to unpack gzip layers with unpigz")
 	flag.StringVar(&c.logs, "logs", "", "copy the registry's, containerd's and obd-snapshotter's logs into this directory at the end")
 	algo := flag.String("zfile", "lz4", "compression of the overlaybd layer blobs: lz4 (obd's and upstream's default) or zstd")
-	casesFlag := flag.String("cases", strings.Join(caseOrder, ","), "cases to measure, comma-separated (a warm case needs its cold case)")
+	casesFlag := flag.String("cases", strings.Join(caseKeys(), ","), "cases to measure, comma-separated (a warm case needs its cold case)")
+	workloadFlag := flag.String("workload", "python", "what the container runs until it prints ready: python (import numpy, scipy) or gcc (g++ -O2 -c of a C++ file)")
 	replotFile := flag.String("replot", "", "only redraw the SVG chart of a result file (e.g. bench/results/startup.json) and exit")
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), "usage: go run ./bench/startup [flags]   (as root)\n\n")
@@ -96,6 +98,19 @@ func main() {
 		fmt.Fprintf(os.Stderr, "startup: --zfile %q: want lz4 or zstd\n", *algo)
 		os.Exit(2)
 	}
+	if c.workload, err = findWorkload(*workloadFlag); err != nil {
+		fmt.Fprintln(os.Stderr, "startup:", err)
+		os.Exit(2)
+	}
+	if c.name == "" {
+		c.name = "startup"
+		if c.workload.name != "python" {
+			c.name += "." + c.workload.name
+		}
+		if c.bandwidth != "100mbit" {
+			c.name += "." + c.bandwidth
+		}
+	}
 	if c.cases, err = parseCases(*casesFlag); err != nil {
 		fmt.Fprintln(os.Stderr, "startup:", err)
 		os.Exit(2)
@@ -119,14 +134,14 @@ func parseCases(s string) (map[string]bool, error) {
 	m := map[string]bool{}
 	for _, k := range strings.Split(s, ",") {
 		k = strings.TrimSpace(k)
-		if _, ok := caseTitles[k]; !ok {
-			return nil, fmt.Errorf("--cases: unknown case %q (cases: %s)", k, strings.Join(caseOrder, ", "))
+		if findCase(k) == nil {
+			return nil, fmt.Errorf("--cases: unknown case %q (cases: %s)", k, strings.Join(caseKeys(), ", "))
 		}
 		m[k] = true
 	}
-	for warm, cold := range map[string]string{caseOBDWarm: caseOBDCold, caseOverlayWarm: caseOverlayCold} {
-		if m[warm] && !m[cold] {
-			return nil, fmt.Errorf("--cases: %s needs %s (it runs the image the cold case pulled)", warm, cold)
+	for _, c := range cases {
+		if m[c.key] && c.after != "" && !m[c.after] {
+			return nil, fmt.Errorf("--cases: %s needs %s (it runs on the state the cold case left)", c.key, c.after)
 		}
 	}
 	return m, nil

@@ -26,6 +26,8 @@ type report struct {
 	Link        linkReport         `json:"link"`
 	Image       imageReport        `json:"image"`
 	App         string             `json:"app"`
+	Workload    string             `json:"workload"`
+	WorkloadDoc string             `json:"workloadDescription"`
 	Runs        int                `json:"runs"`
 	Cases       []caseReport       `json:"cases"`
 	Targets     []target           `json:"targets"`
@@ -70,12 +72,25 @@ type imageReport struct {
 }
 
 type caseReport struct {
-	Key     string   `json:"key"`
-	Title   string   `json:"title"`
-	Median  sample   `json:"median"`
-	Min     float64  `json:"minSeconds"`
-	Max     float64  `json:"maxSeconds"`
-	Samples []sample `json:"samples"`
+	Key    string  `json:"key"`
+	Title  string  `json:"title"`
+	Median sample  `json:"median"`
+	Min    float64 `json:"minSeconds"`
+	Max    float64 `json:"maxSeconds"`
+	// VsOverlayfs is the median time to ready over the overlayfs cold case's median (cold cases only).
+	VsOverlayfs float64 `json:"vsOverlayfsCold,omitempty"`
+	// BoundSeconds is the median bytes fetched at the link's rate: the least time moving them can take.
+	BoundSeconds float64 `json:"bytesAtLinkRateSeconds,omitempty"`
+	// ReadyBoundSeconds (background download): the bytes fetched by ready at the link's rate.
+	ReadyBoundSeconds float64 `json:"readyBytesAtLinkRateSeconds,omitempty"`
+	// LocalMin and LocalMax (background download): the range of the time until the image was local.
+	LocalMin float64 `json:"localMinSeconds,omitempty"`
+	LocalMax float64 `json:"localMaxSeconds,omitempty"`
+	// LayerBytes is the median of the bytes fetched from each layer blob, bottom layer first.
+	LayerBytes []int64 `json:"layerBytes,omitempty"`
+	// DaemonCPUmsPerMB is obd-snapshotter's CPU time per MB (10⁶ bytes) fetched (medians of both).
+	DaemonCPUmsPerMB float64  `json:"daemonCPUmsPerMB,omitempty"`
+	Samples          []sample `json:"samples"`
 }
 
 type target struct {
@@ -103,11 +118,13 @@ func (b *bench) report(ctx context.Context) *report {
 		Image: imageReport{Layers: len(b.im.Info.PlainLayers), TarBytes: b.im.Info.TarBytes, GzipBytes: b.im.Info.GzipBytes, OBDBytes: b.im.Info.OBDBytes,
 			PlainLayers: b.im.Info.PlainLayers, OBDLayers: b.im.Info.OBDLayers, ConvertSeconds: b.im.Info.ConvertSeconds, LDLibraryPath: b.im.Info.LDLibraryPath,
 			ZFile: b.im.Info.ZFile},
-		App:     strings.Join(appCmd[:2], " ") + " " + fmt.Sprintf("%q", appCmd[2]),
-		Runs:    b.cfg.runs,
-		Cases:   []caseReport{},
-		Targets: []target{},
-		Derived: map[string]float64{},
+		App:         b.cfg.workload.commandLine(),
+		Workload:    b.cfg.workload.name,
+		WorkloadDoc: b.cfg.workload.desc,
+		Runs:        b.cfg.runs,
+		Cases:       []caseReport{},
+		Targets:     []target{},
+		Derived:     map[string]float64{},
 	}
 	if r.Environment.BlockSizeKB == 0 {
 		r.Environment.BlockSizeKB = 256
@@ -129,17 +146,58 @@ func (b *bench) report(ctx context.Context) *report {
 		r.Image.Packages += len(p)
 	}
 	med := map[string]sample{}
-	for _, k := range caseOrder {
-		ss := b.results[k]
+	layerIndex := map[string]int{}
+	for i, l := range b.im.Info.PlainLayers {
+		layerIndex[l.Digest] = i
+	}
+	for i, l := range b.im.Info.OBDLayers {
+		layerIndex[l.Digest] = i
+	}
+	atRate := func(bytes int64) float64 {
+		if b.link.RateBits <= 0 {
+			return 0
+		}
+		return float64(bytes) * 8 / float64(b.link.RateBits)
+	}
+	var overlayCold float64
+	if ss := b.results[caseOverlayCold]; len(ss) > 0 {
+		overlayCold = medianSample(ss).Seconds
+	}
+	for _, c := range cases {
+		ss := b.results[c.key]
 		if len(ss) == 0 {
 			continue
 		}
-		cr := caseReport{Key: k, Title: caseTitles[k], Samples: ss, Median: medianSample(ss)}
+		cr := caseReport{Key: c.key, Title: c.title, Samples: ss, Median: medianSample(ss)}
 		cr.Min, cr.Max = ss[0].Seconds, ss[0].Seconds
+		cr.LocalMin, cr.LocalMax = ss[0].LocalSeconds, ss[0].LocalSeconds
 		for _, s := range ss {
 			cr.Min, cr.Max = min(cr.Min, s.Seconds), max(cr.Max, s.Seconds)
+			cr.LocalMin, cr.LocalMax = min(cr.LocalMin, s.LocalSeconds), max(cr.LocalMax, s.LocalSeconds)
 		}
-		med[k] = cr.Median
+		if c.cold && c.key != caseOBDMeta && overlayCold > 0 {
+			cr.VsOverlayfs = cr.Median.Seconds / overlayCold
+		}
+		cr.BoundSeconds = atRate(cr.Median.Bytes)
+		cr.ReadyBoundSeconds = atRate(cr.Median.ReadyBytes)
+		if cr.Median.Bytes > 0 {
+			cr.LayerBytes = make([]int64, len(b.im.Info.OBDLayers))
+			for i := range cr.LayerBytes {
+				v := make([]float64, len(ss))
+				for j, s := range ss {
+					for d, n := range s.BlobBytes {
+						if k, ok := layerIndex[d]; ok && k == i {
+							v[j] += float64(n)
+						}
+					}
+				}
+				cr.LayerBytes[i] = int64(median(v))
+			}
+		}
+		if cr.Median.DaemonCPUSeconds > 0 && cr.Median.Bytes > 0 {
+			cr.DaemonCPUmsPerMB = cr.Median.DaemonCPUSeconds * 1000 / (float64(cr.Median.Bytes) / 1e6)
+		}
+		med[c.key] = cr.Median
 		r.Cases = append(r.Cases, cr)
 	}
 	if oc, lc := med[caseOverlayCold], med[caseOBDCold]; oc.Seconds > 0 && lc.Seconds > 0 {
@@ -172,6 +230,12 @@ func (b *bench) report(ctx context.Context) *report {
 		}
 		r.Derived["lazyRequestsTimesRTTSeconds"] = float64(lc.Requests) * b.link.RTT.Seconds()
 	}
+	if d := med[caseOBDDownload]; d.LocalSeconds > 0 {
+		r.Derived["downloadMbitsUntilLocal"] = float64(d.Bytes) * 8 / d.LocalSeconds / 1e6
+		if b.im.Info.OBDBytes > 0 {
+			r.Derived["downloadBytesOverOBDBlobs"] = float64(d.Bytes) / float64(b.im.Info.OBDBytes)
+		}
+	}
 	return r
 }
 
@@ -184,6 +248,15 @@ func perRun(a, b []sample) []float64 {
 	return out
 }
 
+func median(v []float64) float64 {
+	v = slices.Clone(v)
+	slices.Sort(v)
+	if len(v)%2 == 1 {
+		return v[len(v)/2]
+	}
+	return (v[len(v)/2-1] + v[len(v)/2]) / 2
+}
+
 // medianSample takes the median of every field on its own.
 func medianSample(ss []sample) sample {
 	m := func(f func(sample) float64) float64 {
@@ -191,19 +264,20 @@ func medianSample(ss []sample) sample {
 		for i, s := range ss {
 			v[i] = f(s)
 		}
-		slices.Sort(v)
-		if len(v)%2 == 1 {
-			return v[len(v)/2]
-		}
-		return (v[len(v)/2-1] + v[len(v)/2]) / 2
+		return median(v)
 	}
 	return sample{
-		Seconds:     m(func(s sample) float64 { return s.Seconds }),
-		PullSeconds: m(func(s sample) float64 { return s.PullSeconds }),
-		RunSeconds:  m(func(s sample) float64 { return s.RunSeconds }),
-		Bytes:       int64(m(func(s sample) float64 { return float64(s.Bytes) })),
-		Requests:    int64(m(func(s sample) float64 { return float64(s.Requests) })),
-		Load1:       m(func(s sample) float64 { return s.Load1 }),
+		Seconds:          m(func(s sample) float64 { return s.Seconds }),
+		PullSeconds:      m(func(s sample) float64 { return s.PullSeconds }),
+		RunSeconds:       m(func(s sample) float64 { return s.RunSeconds }),
+		LocalSeconds:     m(func(s sample) float64 { return s.LocalSeconds }),
+		Bytes:            int64(m(func(s sample) float64 { return float64(s.Bytes) })),
+		Requests:         int64(m(func(s sample) float64 { return float64(s.Requests) })),
+		ReadyBytes:       int64(m(func(s sample) float64 { return float64(s.ReadyBytes) })),
+		ReadyRequests:    int64(m(func(s sample) float64 { return float64(s.ReadyRequests) })),
+		Load1:            m(func(s sample) float64 { return s.Load1 }),
+		DaemonCPUSeconds: m(func(s sample) float64 { return s.DaemonCPUSeconds }),
+		DaemonPeakRSS:    int64(m(func(s sample) float64 { return float64(s.DaemonPeakRSS) })),
 	}
 }
 
@@ -212,18 +286,38 @@ func (r *report) printTable(w io.Writer) {
 		r.App, r.Image.Layers, units.Bytes(r.Image.TarBytes), units.Bytes(r.Image.GzipBytes), units.Bytes(r.Image.OBDBytes),
 		r.Link.Description, r.Link.Measured.RTTms, r.Link.Measured.Mbits, r.Runs)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "case\ttime to ready\tmin–max\tpull\trun\tfetched\trequests\t")
+	fmt.Fprintln(tw, "case\ttime to ready\tmin–max\t× overlayfs\tpull\trun\tfetched\trequests\tbytes at link rate\tdaemon CPU\tms/MB\tpeak RSS\t")
 	for _, c := range r.Cases {
-		pull, run := "–", "–"
-		if c.Median.PullSeconds > 0 {
-			pull = fmt.Sprintf("%.2f s", c.Median.PullSeconds)
+		opt := func(v float64, format string) string {
+			if v <= 0 {
+				return "–"
+			}
+			return fmt.Sprintf(format, v)
 		}
-		if c.Median.RunSeconds > 0 {
-			run = fmt.Sprintf("%.2f s", c.Median.RunSeconds)
+		rss := "–"
+		if c.Median.DaemonPeakRSS > 0 {
+			rss = units.Bytes(c.Median.DaemonPeakRSS)
 		}
-		fmt.Fprintf(tw, "%s\t%.2f s\t%.2f–%.2f\t%s\t%s\t%s\t%d\t\n", c.Title, c.Median.Seconds, c.Min, c.Max, pull, run, units.Bytes(c.Median.Bytes), c.Median.Requests)
+		fmt.Fprintf(tw, "%s\t%.2f s\t%.2f–%.2f\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t\n", c.Title, c.Median.Seconds, c.Min, c.Max, opt(c.VsOverlayfs, "%.3f"),
+			opt(c.Median.PullSeconds, "%.2f s"), opt(c.Median.RunSeconds, "%.2f s"), units.Bytes(c.Median.Bytes), c.Median.Requests,
+			opt(c.BoundSeconds, "%.2f s"), opt(c.Median.DaemonCPUSeconds, "%.2f s"), opt(c.DaemonCPUmsPerMB, "%.1f"), rss)
+		if c.Median.LocalSeconds > 0 {
+			fmt.Fprintf(tw, "  … until every layer is downloaded and verified\t%.2f s\t%.2f–%.2f\t\t\t\t%s by ready\t%d by ready\t%s by ready\t\t\t\t\n",
+				c.Median.LocalSeconds, c.LocalMin, c.LocalMax, units.Bytes(c.Median.ReadyBytes), c.Median.ReadyRequests, opt(c.ReadyBoundSeconds, "%.2f s"))
+		}
 	}
 	tw.Flush()
+	fmt.Fprintln(w)
+	for _, c := range r.Cases {
+		if len(c.LayerBytes) == 0 {
+			continue
+		}
+		var parts []string
+		for i, n := range c.LayerBytes {
+			parts = append(parts, fmt.Sprintf("layer %d %s", i+1, units.Bytes(n)))
+		}
+		fmt.Fprintf(w, "fetched per layer, %s: %s\n", c.Key, strings.Join(parts, ", "))
+	}
 	fmt.Fprintln(w)
 	for _, t := range r.Targets {
 		verdict := "MISSED"
@@ -275,7 +369,7 @@ func (r *report) svg() string {
 	)
 	maxS := 0.0
 	for _, c := range r.Cases {
-		maxS = max(maxS, c.Max)
+		maxS = max(maxS, c.Max, c.LocalMax)
 	}
 	if maxS == 0 {
 		maxS = 1
@@ -304,7 +398,10 @@ func (r *report) svg() string {
 	}
 	for i, c := range r.Cases {
 		y := top + i*rowH
-		col := colors[c.Key]
+		col, ok := colors[c.Key]
+		if !ok {
+			col = colors[caseOBDCold]
+		}
 		fmt.Fprintf(&sb, `<text x="%d" y="%d" text-anchor="end">%s</text>`+"\n", left-8, y+barH/2+5, html.EscapeString(c.Title))
 		pull, run := c.Median.PullSeconds, c.Median.RunSeconds
 		if pull > 0 && run > 0 {
@@ -322,7 +419,16 @@ func (r *report) svg() string {
 		for _, v := range []float64{c.Min, c.Max} {
 			fmt.Fprintf(&sb, `<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#333"/>`+"\n", x(v), y+barH/2-5, x(v), y+barH/2+5)
 		}
-		fmt.Fprintf(&sb, `<text x="%.1f" y="%d">%.2f s · %s fetched</text>`+"\n", x(c.Max)+8, y+barH/2+5, c.Median.Seconds, units.Bytes(c.Median.Bytes))
+		label, end := fmt.Sprintf("%.2f s · %s fetched", c.Median.Seconds, units.Bytes(c.Median.Bytes)), c.Max
+		if l := c.Median.LocalSeconds; l > 0 {
+			// the background download: a dashed line from ready to the median time the image was local
+			fmt.Fprintf(&sb, `<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="%s" stroke-width="3" stroke-dasharray="6 3"><title>every layer local after %.2f s</title></line>`+"\n",
+				x(c.Median.Seconds), y+barH/2, x(l), y+barH/2, col[1], l)
+			fmt.Fprintf(&sb, `<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="%s" stroke-width="3"/>`+"\n", x(l), y, x(l), y+barH, col[0])
+			label = fmt.Sprintf("%.2f s ready · local %.2f s · %s", c.Median.Seconds, l, units.Bytes(c.Median.Bytes))
+			end = max(end, c.LocalMax)
+		}
+		fmt.Fprintf(&sb, `<text x="%.1f" y="%d">%s</text>`+"\n", x(end)+8, y+barH/2+5, html.EscapeString(label))
 	}
 	// the lazy-start target: 0.25 × the overlayfs time to ready, across the obd lazy row
 	var oc float64

@@ -61,6 +61,7 @@ type Sandbox struct {
 	Metrics string
 
 	opts     Options
+	extraCfg string // more TOML for obd.toml (SetSnapshotterConfig)
 	procs    map[string]*proc
 	proxy    *http.Server
 	counter  *counter
@@ -183,6 +184,7 @@ func (s *Sandbox) StartSnapshotter(ctx context.Context) error {
 		cfg += "plain_http = [" + strings.Join(hosts, ", ") + "]\n"
 	}
 	cfg += fmt.Sprintf("[metrics]\naddress = %q\n", s.Metrics) // a port of its own: sandboxes may run side by side
+	cfg += s.extraCfg
 	cfgPath := s.ConfigFile()
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		return err
@@ -191,6 +193,23 @@ func (s *Sandbox) StartSnapshotter(ctx context.Context) error {
 		return err
 	}
 	return waitSocket(ctx, s.SnapshotterSocket, s.procs["snapshotter"])
+}
+
+// SetSnapshotterConfig sets more TOML tables (other than the ones StartSnapshotter writes: snapshotter, cache,
+// registry, metrics) that are appended to obd.toml from the next StartSnapshotter on, e.g. "[download]\nenable = true\n".
+func (s *Sandbox) SetSnapshotterConfig(toml string) {
+	if toml != "" && !strings.HasSuffix(toml, "\n") {
+		toml += "\n"
+	}
+	s.extraCfg = toml
+}
+
+// SnapshotterPID returns the process id of the running obd-snapshotter, 0 when it is not running.
+func (s *Sandbox) SnapshotterPID() int {
+	if p := s.procs["snapshotter"]; p != nil && p.cmd.Process != nil {
+		return p.cmd.Process.Pid
+	}
+	return 0
 }
 
 // ConfigFile is obd-snapshotter's obd.toml.

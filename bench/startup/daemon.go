@@ -1,0 +1,91 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// clockTicks is the unit of utime and stime in /proc/PID/stat (USER_HZ, 100 on Linux for every architecture Go
+// supports).
+const clockTicks = 100
+
+// daemonUsage is obd-snapshotter's CPU time at one moment.
+type daemonUsage struct {
+	pid int
+	cpu float64 // seconds of user + system time
+}
+
+// daemonStart reads obd-snapshotter's CPU time and resets its peak RSS (VmHWM), at the start of a case.
+func (b *bench) daemonStart() daemonUsage {
+	pid := b.sb.SnapshotterPID()
+	if pid == 0 {
+		return daemonUsage{}
+	}
+	// "5" resets the peak resident set size (proc(5), clear_refs).
+	if err := os.WriteFile(fmt.Sprintf("/proc/%d/clear_refs", pid), []byte("5"), 0); err != nil {
+		logf("reset obd-snapshotter's peak RSS: %v", err)
+	}
+	cpu, err := procCPUSeconds(pid)
+	if err != nil {
+		logf("obd-snapshotter's CPU time: %v", err)
+	}
+	return daemonUsage{pid: pid, cpu: cpu}
+}
+
+// daemonEnd records into smp the CPU time obd-snapshotter used since before and its peak RSS.
+func (b *bench) daemonEnd(before daemonUsage, smp *sample) {
+	if before.pid == 0 || b.sb.SnapshotterPID() != before.pid {
+		logf("obd-snapshotter was restarted during the case: no CPU or memory figures")
+		return
+	}
+	cpu, err := procCPUSeconds(before.pid)
+	if err != nil {
+		logf("obd-snapshotter's CPU time: %v", err)
+		return
+	}
+	smp.DaemonCPUSeconds = cpu - before.cpu
+	if smp.DaemonPeakRSS, err = procHWM(before.pid); err != nil {
+		logf("obd-snapshotter's peak RSS: %v", err)
+	}
+}
+
+// procCPUSeconds returns the user + system time of a process (its threads included, its children not).
+func procCPUSeconds(pid int) (float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name (field 2) may hold spaces: count fields after its closing parenthesis.
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 {
+		return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
+	}
+	f := strings.Fields(string(b[i+1:]))
+	// After the name: state (3), ..., utime (14), stime (15).
+	if len(f) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f)+2)
+	}
+	ut, err1 := strconv.ParseInt(f[11], 10, 64)
+	st, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0, fmt.Errorf("/proc/%d/stat: utime %q, stime %q", pid, f[11], f[12])
+	}
+	return float64(ut+st) / clockTicks, nil
+}
+
+// procHWM returns a process's peak resident set size (VmHWM) in bytes.
+func procHWM(pid int) (int64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			return kb << 10, err
+		}
+	}
+	return 0, fmt.Errorf("/proc/%d/status: no VmHWM", pid)
+}
