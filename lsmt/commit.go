@@ -40,9 +40,7 @@ func Commit(dst io.Writer, src Source, opts CommitOptions) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	cw := &countWriter{w: dst}
-	_, err = io.CopyBuffer(cw, cr, make([]byte, 1<<20))
-	return cw.n, err
+	return io.CopyBuffer(dst, cr, make([]byte, 1<<20))
 }
 
 // CommitReader reads the committed layer Commit would write, computing it as it is read: the
@@ -165,19 +163,4 @@ func commitHeader(src Header, opts CommitOptions) (Header, error) {
 		h.ParentUUID = u
 	}
 	return h, nil
-}
-
-// countWriter counts the bytes written through it and annotates write errors.
-type countWriter struct {
-	w io.Writer
-	n int64
-}
-
-func (c *countWriter) Write(p []byte) (int, error) {
-	n, err := c.w.Write(p)
-	c.n += int64(n)
-	if err != nil {
-		err = fmt.Errorf("lsmt: commit: writing output: %w", err)
-	}
-	return n, err
 }

@@ -7,6 +7,8 @@ import (
 	"sync"
 
 	"github.com/pierrec/lz4/v4"
+
+	"github.com/obdproject/obd/internal/iocount"
 )
 
 // batchSize is the uncompressed size handed to a worker at a time (and written with one Write).
@@ -91,15 +93,25 @@ func compress(w io.Writer, src io.Reader, opts Options) (int64, slot, error) {
 	if err != nil {
 		return 0, slot{}, err
 	}
-	cw := &countWriter{w: w}
+	cw := &iocount.Writer{W: w}
+	write := func(p []byte, what string) error {
+		n, err := cw.Write(p)
+		if err == nil && n < len(p) {
+			err = io.ErrShortWrite
+		}
+		if err != nil {
+			return fmt.Errorf("zfile: write %s: %w", what, err)
+		}
+		return nil
+	}
 	s := slot{
 		flags:     FlagHeader | FlagData | FlagDigest,
 		blockSize: uint32(opts.BlockSize),
 		algo:      opts.Algorithm,
 		verify:    !opts.NoVerify,
 	}
-	if err := cw.write(s.marshal(), "header"); err != nil {
-		return cw.n, s, err
+	if err := write(s.marshal(), "header"); err != nil {
+		return cw.N, s, err
 	}
 	var index []byte
 	var orig uint64
@@ -111,20 +123,20 @@ func compress(w io.Writer, src io.Reader, opts Options) (int64, slot, error) {
 		if uint64(len(index)/4) > maxIndexSize {
 			return fmt.Errorf("zfile: input too large: more than %d blocks", maxIndexSize)
 		}
-		return cw.write(j.out, "blocks")
+		return write(j.out, "blocks")
 	}); err != nil {
-		return cw.n, s, err
+		return cw.N, s, err
 	}
-	s.indexOffset = uint64(cw.n)
+	s.indexOffset = uint64(cw.N)
 	s.indexSize = uint64(len(index) / 4)
 	s.origSize = orig
 	s.indexCRC = crc32c(0, index)
-	if err := cw.write(index, "index"); err != nil {
-		return cw.n, s, err
+	if err := write(index, "index"); err != nil {
+		return cw.N, s, err
 	}
 	s.flags = FlagData | FlagSealed | FlagDigest
-	err = cw.write(s.marshal(), "trailer")
-	return cw.n, s, err
+	err = write(s.marshal(), "trailer")
+	return cw.N, s, err
 }
 
 // compressBlocks reads src in batches, compresses them (in parallel when opts.Workers > 1) and
@@ -264,22 +276,4 @@ func compressBlocks(opts Options, src io.Reader, emit func(*job) error) error {
 		flush()
 	}
 	return ferr
-}
-
-// countWriter counts the bytes written to w.
-type countWriter struct {
-	w io.Writer
-	n int64
-}
-
-func (c *countWriter) write(p []byte, what string) error {
-	n, err := c.w.Write(p)
-	c.n += int64(n)
-	if err == nil && n < len(p) {
-		err = io.ErrShortWrite
-	}
-	if err != nil {
-		return fmt.Errorf("zfile: write %s: %w", what, err)
-	}
-	return nil
 }

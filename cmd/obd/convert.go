@@ -4,17 +4,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"strings"
 	"syscall"
 	"time"
 
-	"github.com/obdproject/obd/internal/units"
-
 	"github.com/spf13/cobra"
 
 	"github.com/obdproject/obd/internal/convert"
+	"github.com/obdproject/obd/internal/ext4"
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/registry"
 )
@@ -75,22 +73,22 @@ subject is the source's manifest (index), its artifactType
 			if referrer && src.Transport == image.TransportDockerArchive {
 				return fmt.Errorf("--referrer: the source must be a registry image or an OCI layout (a docker-archive's manifest is not stored anywhere a referrer could point to)")
 			}
-			job := &convertJob{src: src, dst: dst, tag: dst.Tag, platform: image.DefaultPlatform(), rf: &rf}
+			job := &convert.Job{Src: src, Dst: dst, Tag: dst.Tag, Platform: image.DefaultPlatform(), Client: rf.client}
 			if dst.Digest != "" {
 				if dst.Transport != image.TransportRegistry {
 					return fmt.Errorf("destination %s: name a tag, not a digest (the digest is the result's)", dst)
 				}
-				job.tag = ""
+				job.Tag = ""
 			}
 			if referrer && !explicitSelector(args[1], dst) {
-				job.tag = "" // a referrer is found through its subject: no tag needed
+				job.Tag = "" // a referrer is found through its subject: no tag needed
 			}
 			switch platform {
 			case "":
 			case "all":
-				job.all = true
+				job.AllPlatforms = true
 			default:
-				if job.platform, err = image.ParsePlatform(platform); err != nil {
+				if job.Platform, err = image.ParsePlatform(platform); err != nil {
 					return err
 				}
 			}
@@ -101,53 +99,54 @@ subject is the source's manifest (index), its artifactType
 			if vsizeGB <= 0 || vsizeGB > 1<<14 {
 				return fmt.Errorf("--vsize %d: want 1..16384 GiB", vsizeGB)
 			}
-			job.opts = convert.ImageOptions{VirtualSize: vsizeGB << 30, BaseLayer: baseLayer, ZFile: zopts, OCI: oci || referrer, WorkDir: workDir, Referrer: referrer}
+			job.Options = convert.ImageOptions{VirtualSize: vsizeGB << 30, BaseLayer: baseLayer, ZFile: zopts, OCI: oci || referrer, WorkDir: workDir, Referrer: referrer}
 			if !asJSON {
-				job.progress = cmd.ErrOrStderr()
+				job.Log = cmd.ErrOrStderr()
 			}
-			if job.db, err = dbf.open(cmd.ErrOrStderr()); err != nil {
+			if job.Options.DB, err = dbf.open(cmd.ErrOrStderr()); err != nil {
 				return err
 			}
 			start := time.Now()
-			if err := job.run(cmd.Context()); err != nil {
+			res, err := job.Run(cmd.Context())
+			if err != nil {
 				return withHint(err, workDir)
 			}
 			if asJSON {
 				out := struct {
-					Manifest  string             `json:"manifest"`
-					MediaType string             `json:"mediaType"`
-					Config    string             `json:"config,omitempty"`
-					Layers    []string           `json:"layers"`
-					Reused    []string           `json:"reused,omitempty"`
-					Platforms []convertedImage   `json:"platforms,omitempty"`
-					Seconds   float64            `json:"seconds"`
-					Stages    map[string]float64 `json:"stageSeconds"`
-				}{Manifest: job.top.Digest.String(), MediaType: job.top.MediaType, Seconds: time.Since(start).Seconds(), Stages: job.timings}
-				for _, ci := range job.converted {
+					Manifest  string                   `json:"manifest"`
+					MediaType string                   `json:"mediaType"`
+					Config    string                   `json:"config,omitempty"`
+					Layers    []string                 `json:"layers"`
+					Reused    []string                 `json:"reused,omitempty"`
+					Platforms []convert.ConvertedImage `json:"platforms,omitempty"`
+					Seconds   float64                  `json:"seconds"`
+					Stages    map[string]float64       `json:"stageSeconds"`
+				}{Manifest: res.Top.Digest.String(), MediaType: res.Top.MediaType, Seconds: time.Since(start).Seconds(), Stages: res.Timings}
+				for _, ci := range res.Images {
 					out.Layers = append(out.Layers, ci.Layers...)
 					out.Reused = append(out.Reused, ci.Reused...)
 				}
-				if job.all && len(job.converted) > 0 && job.converted[0].Platform != nil {
-					out.Platforms = job.converted
-				} else if len(job.converted) == 1 {
-					out.Config = job.converted[0].Config
+				if job.AllPlatforms && len(res.Images) > 0 && res.Images[0].Platform != nil {
+					out.Platforms = res.Images
+				} else if len(res.Images) == 1 {
+					out.Config = res.Images[0].Config
 				}
 				enc := json.NewEncoder(cmd.OutOrStdout())
 				enc.SetIndent("", "  ")
 				return enc.Encode(out)
 			}
-			what := fmt.Sprintf("manifest %s, %d layers", job.top.Digest, len(job.converted[0].Layers))
-			if len(job.converted) > 1 || job.converted[0].Platform != nil {
-				what = fmt.Sprintf("index %s, %d platforms", job.top.Digest, len(job.converted))
+			what := fmt.Sprintf("manifest %s, %d layers", res.Top.Digest, len(res.Images[0].Layers))
+			if len(res.Images) > 1 || res.Images[0].Platform != nil {
+				what = fmt.Sprintf("index %s, %d platforms", res.Top.Digest, len(res.Images))
 			}
 			reused := 0
-			for _, ci := range job.converted {
+			for _, ci := range res.Images {
 				reused += len(ci.Reused)
 			}
 			if reused > 0 {
 				what += fmt.Sprintf(" (%d reused)", reused)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "converted %s → %s: %s, %s\n", src, destName(dst, job.tag), what, time.Since(start).Round(time.Millisecond))
+			fmt.Fprintf(cmd.OutOrStdout(), "converted %s → %s: %s, %s\n", src, destName(dst, job.Tag), what, time.Since(start).Round(time.Millisecond))
 			return nil
 		},
 	}
@@ -173,8 +172,26 @@ func destName(dst image.Ref, tag string) string {
 	return dst.String() + " (untagged)"
 }
 
-// withHint says what to do about a full disk, or how to pass credentials when a registry refused the request.
+// explicitSelector reports whether an image reference argument names a tag or digest (ParseRef fills in "latest"
+// when it does not).
+func explicitSelector(arg string, ref image.Ref) bool {
+	if ref.Digest != "" {
+		return true
+	}
+	s := arg
+	if ref.Transport != image.TransportRegistry {
+		s = strings.TrimPrefix(arg, string(ref.Transport)+":")
+		i := strings.LastIndex(s, ":")
+		return i >= 0 && !strings.Contains(s[i:], "/")
+	}
+	return strings.LastIndex(s, ":") > strings.LastIndex(s, "/")
+}
+
+// withHint says what to do about a full work dir, or how to pass credentials when a registry refused the request.
 func withHint(err error, workDir string) error {
+	if errors.Is(err, convert.ErrDiskFull) || errors.Is(err, ext4.ErrXattrNoSpace) {
+		return err // the image's own filesystem is full, not the work dir's: the error says what to do
+	}
 	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
 		if workDir == "" {
 			workDir = os.TempDir()
@@ -189,19 +206,4 @@ func withHint(err error, workDir string) error {
 		return fmt.Errorf("%w: the registry answered 401 Unauthorized and obd has no credentials for it; %s", err, how)
 	}
 	return fmt.Errorf("%w; %s", err, how)
-}
-
-func printProgress(w io.Writer, p convert.Progress) {
-	switch p.Stage {
-	case "apply":
-		fmt.Fprintf(w, "layer %d/%d: applied %s of tar in %s\n", p.Layer+1, p.Layers, units.Bytes(p.Bytes), p.Elapsed.Round(time.Millisecond))
-	case "compress":
-		fmt.Fprintf(w, "layer %d/%d: committed and compressed to %s in %s\n", p.Layer+1, p.Layers, units.Bytes(p.Bytes), p.Elapsed.Round(time.Millisecond))
-	case "done":
-		fmt.Fprintf(w, "layer %d/%d: blob %s (%s)\n", p.Layer+1, p.Layers, p.Digest, units.Bytes(p.Bytes))
-	case "reused":
-		fmt.Fprintf(w, "layer %d/%d: reused %s (%s, from %s)\n", p.Layer+1, p.Layers, p.Digest, units.Bytes(p.Bytes), p.Detail)
-	case "warning":
-		fmt.Fprintf(w, "layer %d/%d: warning: %s\n", p.Layer+1, p.Layers, p.Detail)
-	}
 }

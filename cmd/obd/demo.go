@@ -11,8 +11,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
-	"strings"
 	"time"
 
 	"github.com/obdproject/obd/internal/units"
@@ -27,6 +25,7 @@ import (
 	"github.com/obdproject/obd/internal/pull"
 	"github.com/obdproject/obd/internal/registry"
 	"github.com/obdproject/obd/internal/sandbox"
+	"github.com/obdproject/obd/internal/testimage"
 )
 
 func newDemoCmd() *cobra.Command {
@@ -74,7 +73,7 @@ func runDemo(ctx context.Context, w io.Writer, snapshotterBin string) error {
 	step("1. Build a sample image from Debian packages (busybox-static) plus 64 MiB of data the app never reads")
 	start := time.Now()
 	src := filepath.Join(work, "src")
-	if err := buildDemoImage(ctx, w, src, filepath.Join(os.TempDir(), "obd-demo-debs")); err != nil {
+	if err := buildDemoImage(ctx, w, src); err != nil {
 		return fmt.Errorf("build sample image: %w", err)
 	}
 	fmt.Fprintf(w, "image written to an OCI layout in %s\n", timed(start))
@@ -93,7 +92,10 @@ func runDemo(ctx context.Context, w io.Writer, snapshotterBin string) error {
 	if err != nil {
 		return err
 	}
-	lazy, _ := image.ParseRef(sb.Registry + "/demo/app:v1-obd")
+	lazy, err := image.ParseRef(sb.Registry + "/demo/app:v1-obd")
+	if err != nil {
+		return err
+	}
 	rc, err := registry.New(registry.Options{PlainHTTP: true, UserAgent: "obd-demo"})
 	if err != nil {
 		return err
@@ -115,17 +117,17 @@ func runDemo(ctx context.Context, w io.Writer, snapshotterBin string) error {
 		return err
 	}
 	res, err := convert.ConvertImage(ctx, source, convert.ImageOptions{VirtualSize: 8 << 30, WorkDir: work,
-		Progress: func(p convert.Progress) { printProgress(w, p) }})
+		Progress: func(p convert.Progress) { fmt.Fprintln(w, p) }})
 	if err != nil {
 		return err
 	}
 	defer res.Cleanup()
-	if err := pushResult(ctx, res, lazy, plain, &registryFlags{plainHTTP: true}); err != nil {
-		return err
-	}
 	var total int64
 	for _, b := range res.Blobs {
 		total += b.Desc.Size
+	}
+	if err := image.NewRegistrySink(rc, lazy).PutImage(ctx, res.Image(), lazy.Tag, false); err != nil {
+		return err
 	}
 	fmt.Fprintf(w, "converted and pushed in %s: %d layers, %s of layer blobs\n", timed(start), len(res.Blobs), units.Bytes(total))
 
@@ -171,81 +173,71 @@ func sumBytes(m map[string]int64) int64 {
 
 // buildDemoImage writes a three-layer image (tag v1) to an OCI layout: busybox from its Debian package, the
 // shell's applet links and a config file, and an app with a large data file.
-func buildDemoImage(ctx context.Context, w io.Writer, dir, debCache string) error {
-	deb, err := debianPackage(ctx, w, "busybox-static", debCache)
+func buildDemoImage(ctx context.Context, w io.Writer, dir string) error {
+	debs, err := testimage.Fetch(ctx, []string{"busybox-static"}, testimage.DefaultCacheDir(), func(f string, a ...any) { fmt.Fprintf(w, f+"\n", a...) })
 	if err != nil {
 		return err
 	}
-	base, err := exec.CommandContext(ctx, "dpkg-deb", "--fsys-tarfile", deb).Output()
+	base, err := exec.CommandContext(ctx, "dpkg-deb", "--fsys-tarfile", debs[0].Path).Output()
 	if err != nil {
-		return fmt.Errorf("dpkg-deb --fsys-tarfile %s: %w", deb, err)
+		return fmt.Errorf("dpkg-deb --fsys-tarfile %s: %w", debs[0].Path, err)
 	}
-	mtime := time.Unix(1700000000, 0)
-	var links, app bytes.Buffer
-	tw := tar.NewWriter(&links)
+	var links []tarEntry
 	for _, n := range []string{"sh", "cat", "ls", "echo", "wc", "head"} {
-		tw.WriteHeader(&tar.Header{Name: "bin/" + n, Typeflag: tar.TypeSymlink, Linkname: "busybox", Mode: 0o777, ModTime: mtime})
+		links = append(links, tarEntry{name: "bin/" + n, link: "busybox", mode: 0o777})
 	}
-	motd := "hello from layer 2 (the busybox package is layer 1)\n"
-	tw.WriteHeader(&tar.Header{Name: "etc/motd", Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(len(motd)), ModTime: mtime})
-	tw.Write([]byte(motd))
-	tw.Close()
-	tw = tar.NewWriter(&app)
-	script := "cat /etc/motd\necho \"layer 3: /app holds $(ls /app | wc -l) files; the app reads only this script\"\nbusybox | head -1\n"
-	tw.WriteHeader(&tar.Header{Name: "app/run.sh", Typeflag: tar.TypeReg, Mode: 0o755, Size: int64(len(script)), ModTime: mtime})
-	tw.Write([]byte(script))
+	links = append(links, tarEntry{name: "etc/motd", mode: 0o644, body: []byte("hello from layer 2 (the busybox package is layer 1)\n")})
 	data := make([]byte, 64<<20)
-	rng := rand.NewChaCha8([32]byte{'o', 'b', 'd'})
-	rng.Read(data)
-	tw.WriteHeader(&tar.Header{Name: "app/data.bin", Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(len(data)), ModTime: mtime})
-	tw.Write(data)
-	tw.Close()
-	return writeOCIImage(dir, "v1", [][]byte{base, links.Bytes(), app.Bytes()})
-}
-
-// debianPackage downloads a package's .deb into cache (once) and returns its path.
-func debianPackage(ctx context.Context, w io.Writer, name, cache string) (string, error) {
-	if err := os.MkdirAll(cache, 0o755); err != nil {
-		return "", err
+	if _, err := rand.NewChaCha8([32]byte{'o', 'b', 'd'}).Read(data); err != nil {
+		return err
 	}
-	find := func() string {
-		m, _ := filepath.Glob(filepath.Join(cache, name+"_*.deb"))
-		sort.Strings(m)
-		if len(m) == 0 {
-			return ""
+	app := []tarEntry{
+		{name: "app/run.sh", mode: 0o755, body: []byte("cat /etc/motd\necho \"layer 3: /app holds $(ls /app | wc -l) files; the app reads only this script\"\nbusybox | head -1\n")},
+		{name: "app/data.bin", mode: 0o644, body: data},
+	}
+	layers := [][]byte{base}
+	for _, ents := range [][]tarEntry{links, app} {
+		b, err := tarOf(ents)
+		if err != nil {
+			return err
 		}
-		return m[len(m)-1]
+		layers = append(layers, b)
 	}
-	if p := find(); p != "" {
-		return p, nil
-	}
-	dl := exec.CommandContext(ctx, "apt-get", "download", name)
-	dl.Dir = cache
-	if out, err := dl.CombinedOutput(); err != nil {
-		fmt.Fprintf(w, "apt-get download %s failed (%v); running apt-get update\n", name, strings.TrimSpace(string(out)))
-		if out, err := exec.CommandContext(ctx, "apt-get", "update").CombinedOutput(); err != nil {
-			return "", fmt.Errorf("apt-get update: %v\n%s", err, out)
-		}
-		dl = exec.CommandContext(ctx, "apt-get", "download", name)
-		dl.Dir = cache
-		if out, err := dl.CombinedOutput(); err != nil {
-			return "", fmt.Errorf("apt-get download %s: %v\n%s", name, err, out)
-		}
-	}
-	if p := find(); p != "" {
-		return p, nil
-	}
-	return "", fmt.Errorf("apt-get download %s left no .deb in %s", name, cache)
-}
-
-// writeOCIImage writes layers (uncompressed tars, stored gzip'd) as an image tagged tag in an OCI layout.
-func writeOCIImage(dir, tag string, layers [][]byte) error {
 	lay, err := image.CreateLayout(dir)
 	if err != nil {
 		return err
 	}
 	var cfg ocispec.Image
 	cfg.Config.Env = []string{"PATH=/bin"}
-	_, err = lay.WriteImage(tag, layers, "", cfg)
+	_, err = lay.WriteImage("v1", layers, "", cfg)
 	return err
+}
+
+// tarEntry is a regular file (body) or a symbolic link (link) of a demo layer.
+type tarEntry struct {
+	name, link string
+	mode       int64
+	body       []byte
+}
+
+// tarOf writes entries into an uncompressed tar with fixed timestamps.
+func tarOf(entries []tarEntry) ([]byte, error) {
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	for _, e := range entries {
+		h := &tar.Header{Name: e.name, Typeflag: tar.TypeReg, Mode: e.mode, Size: int64(len(e.body)), ModTime: time.Unix(1700000000, 0)}
+		if e.link != "" {
+			h.Typeflag, h.Linkname = tar.TypeSymlink, e.link
+		}
+		if err := tw.WriteHeader(h); err != nil {
+			return nil, err
+		}
+		if _, err := tw.Write(e.body); err != nil {
+			return nil, err
+		}
+	}
+	if err := tw.Close(); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
 }

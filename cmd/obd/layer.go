@@ -9,6 +9,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/obdproject/obd/internal/convert"
 	"github.com/obdproject/obd/internal/lz4c"
 	"github.com/obdproject/obd/lsmt"
 	"github.com/obdproject/obd/tarwrap"
@@ -133,11 +134,11 @@ func newLayerCommitCmd() *cobra.Command {
 				_, err := rw.Seal()
 				return err
 			}
-			commitOpts := lsmt.CommitOptions{UUID: uuid, ParentUUID: parent, UserTag: tag}
-			return writeLayerFile(args[2], compress, wrap, zopts, func(f *os.File) error {
-				_, err := lsmt.Commit(f, rw, commitOpts)
+			committed, err := lsmt.NewCommitReader(rw, lsmt.CommitOptions{UUID: uuid, ParentUUID: parent, UserTag: tag})
+			if err != nil {
 				return err
-			})
+			}
+			return writeLayerFile(args[2], committed, compress, wrap, zopts)
 		},
 	}
 	cmd.Flags().BoolVarP(&compress, "compress", "z", false, "compress into a ZFile")
@@ -172,10 +173,7 @@ func newLayerZfileCmd() *cobra.Command {
 			} else if st.IsDir() {
 				return fmt.Errorf("%s is a directory, not a layer file", args[0])
 			}
-			return writeLayerFile(args[1], true, wrap, zopts, func(f *os.File) error {
-				_, err := io.Copy(f, in)
-				return err
-			})
+			return writeLayerFile(args[1], in, true, wrap, zopts)
 		},
 	}
 	cmd.Flags().BoolVarP(&wrap, "tar", "t", false, "wrap in tar (an image layer blob)")
@@ -206,80 +204,47 @@ func newLayerUnzfileCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("%s: %w", args[0], err)
 			}
-			return writeLayerFile(args[1], false, false, zfile.Options{}, func(f *os.File) error {
-				if _, err := zfile.Decompress(f, z); err != nil {
-					return fmt.Errorf("%s: %w", args[0], err)
-				}
-				return nil
-			})
+			return writeLayerFile(args[1], errorPrefix{io.NewSectionReader(z, 0, z.Size()), args[0]}, false, false, zfile.Options{})
 		},
 	}
 }
 
-// writeLayerFile runs produce (which writes a plain layer file) and stores its output at path, compressed into a
-// ZFile and/or tar-wrapped as asked. Intermediate files live beside path and are removed on every outcome.
-func writeLayerFile(path string, compress, wrap bool, zopts zfile.Options, produce func(*os.File) error) error {
+// writeLayerFile writes the layer file src reads to path (convert.WriteLayer): compressed into a ZFile and/or
+// tar-wrapped as asked. It writes a temporary file beside path, renamed to path once complete.
+func writeLayerFile(path string, src io.Reader, compress, wrap bool, zopts zfile.Options) error {
 	if st, err := os.Stat(path); err == nil && st.IsDir() {
 		return fmt.Errorf("%s is a directory; give the path of the file to write", path)
 	}
-	stage := func(name string, next func(*os.File) error) (string, error) {
-		f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+"."+name+"*")
-		if err != nil {
-			return "", err
-		}
-		err = next(f)
-		if cerr := f.Close(); err == nil {
-			err = cerr
-		}
-		if err != nil {
-			os.Remove(f.Name())
-			return "", err
-		}
-		return f.Name(), nil
-	}
-	cur, err := stage("out", produce)
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
 	if err != nil {
 		return err
 	}
-	defer func() { os.Remove(cur) }()
-	if compress {
-		prev := cur
-		cur, err = stage("zfile", func(f *os.File) error {
-			in, err := os.Open(prev)
-			if err != nil {
-				return err
-			}
-			defer in.Close()
-			_, err = zfile.CompressOverwrite(f, in, zopts)
-			return err
-		})
-		os.Remove(prev)
-		if err != nil {
-			return err
-		}
+	_, err = convert.WriteLayer(f, src, compress, wrap, zopts)
+	if cerr := f.Close(); err == nil {
+		err = cerr
 	}
-	if wrap {
-		prev := cur
-		cur, err = stage("tar", func(f *os.File) error {
-			in, err := os.Open(prev)
-			if err != nil {
-				return err
-			}
-			defer in.Close()
-			st, err := in.Stat()
-			if err != nil {
-				return err
-			}
-			_, err = tarwrap.Write(f, in, st.Size(), tarwrap.DefaultMode)
-			return err
-		})
-		os.Remove(prev)
-		if err != nil {
-			return err
-		}
+	if err == nil {
+		err = os.Chmod(f.Name(), 0o644)
 	}
-	if err := os.Chmod(cur, 0o644); err != nil {
-		return err
+	if err == nil {
+		err = os.Rename(f.Name(), path)
 	}
-	return os.Rename(cur, path)
+	if err != nil {
+		os.Remove(f.Name())
+	}
+	return err
+}
+
+// errorPrefix prefixes the errors of a reader with the name of what it reads.
+type errorPrefix struct {
+	r    io.Reader
+	name string
+}
+
+func (e errorPrefix) Read(p []byte) (int, error) {
+	n, err := e.r.Read(p)
+	if err != nil && err != io.EOF {
+		err = fmt.Errorf("%s: %w", e.name, err)
+	}
+	return n, err
 }

@@ -1,14 +1,11 @@
 package main
 
 import (
-	"context"
 	"fmt"
 	"strings"
 
 	"github.com/spf13/cobra"
 
-	"github.com/obdproject/obd/internal/convert"
-	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/registry"
 )
 
@@ -51,32 +48,4 @@ func (f *registryFlags) client(host string) (*registry.Client, error) {
 		CredentialSource: source,
 		UserAgent:        "obd",
 	})
-}
-
-// openSource opens a local or registry image.
-func openSource(ctx context.Context, ref image.Ref, platform image.Platform, rf *registryFlags) (image.Source, error) {
-	if ref.Transport != image.TransportRegistry {
-		return image.OpenLocalSource(ref, platform)
-	}
-	c, err := rf.client(ref.Host())
-	if err != nil {
-		return nil, err
-	}
-	return image.OpenRegistrySource(ctx, c, ref, platform)
-}
-
-// pushResult pushes a converted image under dst's tag (by digest only when dst names a digest): layer blobs
-// (mounted from the source repository when it is on the same registry), config, then the manifest — last, so a
-// failure never leaves a partial image tagged.
-func pushResult(ctx context.Context, res *convert.Result, dst, src image.Ref, rf *registryFlags) error {
-	c, err := rf.client(dst.Host())
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	tag := dst.Tag
-	if dst.Digest != "" {
-		tag = ""
-	}
-	return (&registryDest{c: c, dst: dst, src: src}).putImage(ctx, res, tag, true)
 }

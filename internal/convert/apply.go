@@ -121,7 +121,9 @@ func Apply(ctx context.Context, fsys *ext4.FS, r io.Reader, opts ApplyOptions) (
 }
 
 // ErrDiskFull is in the errors of Apply (and ConvertImage) when a layer does
-// not fit in the filesystem: the virtual disk is too small.
+// not fit in the filesystem: the virtual disk is too small. Those errors wrap
+// ext4's error too, which is a syscall.ENOSPC: test for ErrDiskFull first to
+// tell a full virtual disk from a full work dir.
 var ErrDiskFull = errors.New("the virtual disk is full")
 
 // explain rewords the error of a full filesystem, which would otherwise
@@ -140,9 +142,7 @@ func (a *applier) explain(err error) error {
 	if u, uerr := a.fs.Usage(); uerr == nil {
 		size = " of " + units.Bytes(u.Blocks*u.BlockSize)
 	}
-	// Not %w: the ext4 error is also a syscall.ENOSPC, which callers take
-	// for a full work dir.
-	return fmt.Errorf("%w: its ext4 filesystem%s has %s left (%v); convert with a larger --vsize (GiB)", ErrDiskFull, size, what, err)
+	return fmt.Errorf("%w: its ext4 filesystem%s has %s left (%w); convert with a larger --vsize (GiB)", ErrDiskFull, size, what, err)
 }
 
 type applier struct {
@@ -274,8 +274,7 @@ func (a *applier) finish(hdr *tar.Header, p string) error {
 		if err := a.fs.SetXattr(p, name, []byte(v)); err != nil {
 			if !a.opts.IgnoreXattrErrors {
 				if errors.Is(err, ext4.ErrXattrNoSpace) {
-					// Not %w, as in explain.
-					return fmt.Errorf("xattr %s (%d bytes) is too big for ext4, which keeps the xattrs of an inode in the inode and one block (%v)", name, len(v), err)
+					return fmt.Errorf("xattr %s (%d bytes) is too big for ext4, which keeps the xattrs of an inode in the inode and one block (%w)", name, len(v), err)
 				}
 				return fmt.Errorf("xattr %s: %w", name, err)
 			}

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -149,8 +148,8 @@ func TestApplyXattrTooBig(t *testing.T) {
 	f.hdr.PAXRecords = map[string]string{"SCHILY.xattr.user.big": strings.Repeat("v", 70000)}
 	_, err := applyLayer(t, dev, buildTar(t, f))
 	want := `layer entry "f": xattr user.big (70000 bytes) is too big for ext4`
-	if err == nil || !strings.HasPrefix(err.Error(), want) || errors.Is(err, syscall.ENOSPC) {
-		t.Fatalf("got %v, want %q and no ENOSPC", err, want)
+	if err == nil || !strings.HasPrefix(err.Error(), want) || !errors.Is(err, ext4.ErrXattrNoSpace) {
+		t.Fatalf("got %v, want %q wrapping ext4.ErrXattrNoSpace", err, want)
 	}
 }
 
@@ -161,7 +160,7 @@ func TestApplyNoInodes(t *testing.T) {
 		ents = append(ents, fileE(fmt.Sprintf("f%d", i), 0o644, ""))
 	}
 	_, err := applyLayer(t, dev, buildTar(t, ents...))
-	if !errors.Is(err, ErrDiskFull) || errors.Is(err, syscall.ENOSPC) ||
+	if !errors.Is(err, ErrDiskFull) || !errors.Is(err, ext4.ErrNoFreeInodes) ||
 		!strings.Contains(err.Error(), "the virtual disk is full: its ext4 filesystem of 32.0 MiB has no free inode (one per file) left") ||
 		!strings.Contains(err.Error(), "convert with a larger --vsize (GiB)") {
 		t.Fatalf("got %v", err)

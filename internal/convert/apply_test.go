@@ -404,8 +404,7 @@ func TestApplyNoSpace(t *testing.T) {
 	dev, img := newImage(t, 32<<20)
 	big := bytes.Repeat([]byte("full"), 10<<20) // 40 MiB of non-zero data
 	_, err := applyLayer(t, dev, buildTar(t, fileE("small", 0o644, "s"), fileE("big", 0o644, string(big))))
-	// Not ENOSPC, which would read as a full work dir.
-	if !errors.Is(err, ErrDiskFull) || errors.Is(err, syscall.ENOSPC) || !strings.Contains(err.Error(), `layer entry "big"`) ||
+	if !errors.Is(err, ErrDiskFull) || !errors.Is(err, ext4.ErrNoFreeBlocks) || !strings.Contains(err.Error(), `layer entry "big"`) ||
 		!strings.Contains(err.Error(), "its ext4 filesystem of 32.0 MiB has no free block left") || !strings.Contains(err.Error(), "--vsize") {
 		t.Fatalf("got %v, want ErrDiskFull naming the entry and --vsize", err)
 	}

@@ -85,7 +85,7 @@ type blobRecord struct {
 func DefaultDBPath() (string, error) {
 	dir, err := os.UserCacheDir()
 	if err != nil {
-		return "", fmt.Errorf("conversion database: no cache directory (%v): pass --db PATH or --no-db", err)
+		return "", fmt.Errorf("conversion database: no cache directory (%w): pass --db PATH or --no-db", err)
 	}
 	return filepath.Join(dir, "obd", "convert.db"), nil
 }

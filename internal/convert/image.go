@@ -23,6 +23,8 @@ import (
 	"github.com/obdproject/obd/internal/decompress"
 	"github.com/obdproject/obd/internal/ext4"
 	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/iocount"
+	"github.com/obdproject/obd/internal/units"
 	"github.com/obdproject/obd/lsmt"
 	"github.com/obdproject/obd/tarwrap"
 	"github.com/obdproject/obd/zfile"
@@ -79,6 +81,24 @@ type Progress struct {
 	Detail        string        // where a reused blob came from (reused), the message (warning)
 }
 
+// String says what p reports in one line, as obd prints it ("" for an unknown stage).
+func (p Progress) String() string {
+	at := fmt.Sprintf("layer %d/%d: ", p.Layer+1, p.Layers)
+	switch p.Stage {
+	case "apply":
+		return at + fmt.Sprintf("applied %s of tar in %s", units.Bytes(p.Bytes), p.Elapsed.Round(time.Millisecond))
+	case "compress":
+		return at + fmt.Sprintf("committed and compressed to %s in %s", units.Bytes(p.Bytes), p.Elapsed.Round(time.Millisecond))
+	case "done":
+		return at + fmt.Sprintf("blob %s (%s)", p.Digest, units.Bytes(p.Bytes))
+	case "reused":
+		return at + fmt.Sprintf("reused %s (%s, from %s)", p.Digest, units.Bytes(p.Bytes), p.Detail)
+	case "warning":
+		return at + "warning: " + p.Detail
+	}
+	return ""
+}
+
 // Result is a converted image whose blobs sit in the work directory until Cleanup.
 type Result struct {
 	Manifest     []byte
@@ -106,6 +126,15 @@ type Blob struct {
 	// Repos are repositories of ImageOptions.Remote.Host known to hold the blob (reused layers only): a push can
 	// mount it from them.
 	Repos []string
+}
+
+// Image describes the result for an image.Sink, which takes the blob files away from the work directory.
+func (r *Result) Image() *image.Image {
+	img := &image.Image{Manifest: r.Manifest, ManifestDesc: r.ManifestDesc, Config: r.Config, ConfigDesc: r.ConfigDesc}
+	for _, b := range r.Blobs {
+		img.Layers = append(img.Layers, image.Blob{Desc: b.Desc, Path: b.Path, Repos: b.Repos})
+	}
+	return img
 }
 
 // Cleanup removes the work files, once the conversion has released them.
@@ -210,11 +239,11 @@ func (c *converter) run(ctx context.Context) (*Result, error) {
 	}
 	var cfg map[string]json.RawMessage
 	if err := json.Unmarshal(cfgBytes, &cfg); err != nil {
-		return nil, fmt.Errorf("config %s: %v", m.Config.Digest, err)
+		return nil, fmt.Errorf("config %s: %w", m.Config.Digest, err)
 	}
 	var rootfs ocispec.RootFS
 	if err := json.Unmarshal(cfg["rootfs"], &rootfs); err != nil {
-		return nil, fmt.Errorf("config %s: rootfs: %v", m.Config.Digest, err)
+		return nil, fmt.Errorf("config %s: rootfs: %w", m.Config.Digest, err)
 	}
 	if len(rootfs.DiffIDs) != len(m.Layers) {
 		return nil, fmt.Errorf("config %s lists %d diff_ids but the manifest has %d layers", m.Config.Digest, len(rootfs.DiffIDs), len(m.Layers))
@@ -582,8 +611,8 @@ func (c *converter) applyLayer(ctx context.Context, i, n int, diffID digest.Dige
 	return frozen{i: i, n: n, name: name, rw: rw, uuid: uuid, parentUUID: parentUUID}, nil
 }
 
-// pack commits a frozen layer straight into a ZFile compressor writing into the layer's blob file after the room
-// for the tar wrapper's headers, writes the wrapper around it and hashes the blob.
+// pack commits a frozen layer straight into a ZFile compressor writing into the layer's blob file, wrapped in tar
+// in place (WriteLayer), and hashes the blob.
 func (c *converter) pack(l frozen) (Blob, error) {
 	start := time.Now()
 	out, err := c.openFile(l.name + ".blob")
@@ -594,15 +623,9 @@ func (c *converter) pack(l frozen) (Blob, error) {
 	if err != nil {
 		return Blob{}, fmt.Errorf("commit: %w", err)
 	}
-	zsize, err := zfile.CompressOverwrite(io.NewOffsetWriter(out, tarwrap.HeadSize), committed, c.opts.ZFile)
+	zsize, err := WriteLayer(out, committed, true, true, c.opts.ZFile)
 	if err != nil {
 		return Blob{}, fmt.Errorf("commit and compress: %w", err)
-	}
-	if _, err := out.WriteAt(tarwrap.Head(zsize, tarwrap.DefaultMode), 0); err != nil {
-		return Blob{}, fmt.Errorf("layer blob: %w", err)
-	}
-	if _, err := out.WriteAt(tarwrap.Tail(zsize), tarwrap.HeadSize+zsize); err != nil {
-		return Blob{}, fmt.Errorf("layer blob: %w", err)
 	}
 	c.stage(Progress{Layer: l.i, Layers: l.n, Stage: "compress", Bytes: zsize}, start)
 
@@ -630,7 +653,7 @@ func (c *converter) apply(ctx context.Context, fsys *ext4.FS, i int, diffID dige
 	}
 	defer tarStream.Close()
 	h := sha256.New()
-	counted := &countingWriter{w: h}
+	counted := &iocount.Writer{W: h}
 	// Decompression and hashing run ahead in their own goroutine, overlapping with the tar → ext4 work.
 	ahead := newReadAhead(io.TeeReader(blobReader{tarStream, comp}, counted), 1<<20, 4)
 	_, err = Apply(ctx, fsys, ahead, ApplyOptions{})
@@ -643,9 +666,9 @@ func (c *converter) apply(ctx context.Context, fsys *ext4.FS, i int, diffID dige
 		return 0, err
 	}
 	if got := digest.NewDigest(digest.SHA256, h); got != diffID {
-		return counted.n, fmt.Errorf("uncompressed content has digest %s, but the config's diff_id is %s", got, diffID)
+		return counted.N, fmt.Errorf("uncompressed content has digest %s, but the config's diff_id is %s", got, diffID)
 	}
-	return counted.n, nil
+	return counted.N, nil
 }
 
 // readAhead reads r in its own goroutine, up to depth chunks ahead of its reader, so that producing a stream
@@ -737,16 +760,6 @@ func (b blobReader) Read(p []byte) (int, error) {
 		err = fmt.Errorf("reading layer blob (compression: %s): %w", b.comp, err)
 	}
 	return n, err
-}
-
-type countingWriter struct {
-	w io.Writer
-	n int64
-}
-
-func (c *countingWriter) Write(p []byte) (int, error) {
-	c.n += int64(len(p))
-	return c.w.Write(p)
 }
 
 // writeMetadata builds the converted config (diff_ids = blob digests, as overlaybd layers are uncompressed tars)

@@ -11,6 +11,8 @@ import (
 
 	digest "github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/obdproject/obd/internal/iocount"
 )
 
 // Source is an image to read: manifest, config and layer blobs.
@@ -100,7 +102,7 @@ func openDockerArchive(ref Ref) (Source, error) {
 
 // index records where each member lies, then reads manifest.json and picks the image.
 func (a *dockerArchive) index() error {
-	cr := &countingReader{r: a.f}
+	cr := &iocount.Reader{R: a.f}
 	tr := tar.NewReader(cr)
 	for {
 		h, err := tr.Next()
@@ -111,7 +113,7 @@ func (a *dockerArchive) index() error {
 			return fmt.Errorf("read archive: %w", err)
 		}
 		if h.Typeflag == tar.TypeReg {
-			a.files[path.Clean(h.Name)] = io.NewSectionReader(a.f, cr.n, h.Size)
+			a.files[path.Clean(h.Name)] = io.NewSectionReader(a.f, cr.N, h.Size)
 		}
 	}
 	mf, ok := a.files["manifest.json"]
@@ -212,17 +214,6 @@ func (a *dockerArchive) OpenLayer(ctx context.Context, i int) (io.ReadCloser, er
 		return nil, err
 	}
 	return NewVerifyingReader(io.NopCloser(io.NewSectionReader(sr, 0, sr.Size())), a.m.Layers[i]), nil
-}
-
-type countingReader struct {
-	r io.Reader
-	n int64
-}
-
-func (c *countingReader) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	c.n += int64(n)
-	return n, err
 }
 
 // NewVerifyingReader wraps r so that reaching EOF with bytes that do not match desc's size and digest is an error.

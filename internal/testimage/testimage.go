@@ -25,6 +25,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/iocount"
 )
 
 // ErrUnavailable means the packages could not be fetched (no apt, no network, or the packages are not in the
@@ -224,13 +225,13 @@ func writeLayer(lay *image.Layout, fill func(*layerWriter) error) (Layer, error)
 	defer os.Remove(tmp.Name())
 	defer tmp.Close()
 	blobHash, diffHash := sha256.New(), sha256.New()
-	blob := &countWriter{w: io.MultiWriter(tmp, blobHash)}
+	blob := &iocount.Writer{W: io.MultiWriter(tmp, blobHash)}
 	bw := bufio.NewWriterSize(blob, 1<<20)
 	zw, err := gzip.NewWriterLevel(bw, gzip.DefaultCompression)
 	if err != nil {
 		return Layer{}, err
 	}
-	raw := &countWriter{w: io.MultiWriter(zw, diffHash)}
+	raw := &iocount.Writer{W: io.MultiWriter(zw, diffHash)}
 	var l Layer
 	lw := &layerWriter{tw: tar.NewWriter(raw), seen: map[string]bool{}, layer: &l}
 	if err := fill(lw); err != nil {
@@ -248,24 +249,13 @@ func writeLayer(lay *image.Layout, fill func(*layerWriter) error) (Layer, error)
 	if err := tmp.Close(); err != nil {
 		return Layer{}, err
 	}
-	l.TarBytes = raw.n
+	l.TarBytes = raw.N
 	l.DiffID = digest.NewDigest(digest.SHA256, diffHash)
-	l.Desc = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.NewDigest(digest.SHA256, blobHash), Size: blob.n}
+	l.Desc = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.NewDigest(digest.SHA256, blobHash), Size: blob.N}
 	if err := lay.PutBlobFile(tmp.Name(), l.Desc.Digest, l.Desc.Size); err != nil {
 		return Layer{}, err
 	}
 	return l, nil
-}
-
-type countWriter struct {
-	w io.Writer
-	n int64
-}
-
-func (c *countWriter) Write(p []byte) (int, error) {
-	n, err := c.w.Write(p)
-	c.n += int64(n)
-	return n, err
 }
 
 // add writes one entry. Paths are relative, directories end in "/"; a path written before is skipped.
