@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/obdproject/obd/trace"
@@ -22,7 +23,12 @@ type recording struct {
 	stop chan struct{}
 	once sync.Once
 	done chan struct{}
+	// wrote is set once the trace is written: the recording is over.
+	wrote atomic.Bool
 }
+
+// written reports whether the recording is over: its trace is written.
+func (rc *recording) written() bool { return rc.wrote.Load() }
 
 // lockPollInterval is how often a recording looks for the removal of its lock file.
 const lockPollInterval = 200 * time.Millisecond
@@ -63,6 +69,7 @@ func (rc *recording) finish() {
 // write writes the trace once: PATH, then obd's PATH.times.json (when each record was first read), then PATH.ok.
 func (rc *recording) write() {
 	rc.once.Do(func() {
+		defer rc.wrote.Store(true)
 		recs, at, dropped := rc.r.Records()
 		var buf bytes.Buffer
 		err := trace.Encode(&buf, recs)

@@ -96,6 +96,7 @@ type tracked struct {
 	sources []layerSource // when attached
 	job     *prefetch.Job // when attached with a prefetch
 	dl      *download     // when attached with a background download
+	rec     *recording    // when attached with a recording
 }
 
 func (t *tracker) get(id string) *tracked {
@@ -122,7 +123,7 @@ func (t *tracker) attaching(id string, layers []snapshotter.Layer) {
 	defer t.mu.Unlock()
 	e := t.get(id)
 	t.set(e, StateAttaching)
-	e.info.Error, e.info.Device, e.info.Targets, e.sources, e.job, e.dl, e.info.Recording = "", "", nil, nil, nil, nil, ""
+	e.info.Error, e.info.Device, e.info.Targets, e.sources, e.job, e.dl, e.rec = "", "", nil, nil, nil, nil, nil
 	e.info.ImageRef = imageRefOf(layers)
 	e.info.Layers = make([]LayerInfo, len(layers))
 	for i, l := range layers {
@@ -140,10 +141,7 @@ func (t *tracker) attached(id string, img *mounted) {
 	e.info.Device = img.dev.Path
 	e.info.Targets = slices.Sorted(maps.Keys(img.targets))
 	e.sources = slices.Clone(img.layers)
-	e.job, e.dl = img.prefetch, img.download
-	if img.rec != nil {
-		e.info.Recording = img.rec.path
-	}
+	e.job, e.dl, e.rec = img.prefetch, img.download, img.rec
 	layers := make([]snapshotter.Layer, len(img.layers))
 	for i, s := range img.layers {
 		layers[i] = s.layer
@@ -157,7 +155,7 @@ func (t *tracker) failed(id string, err error) {
 	defer t.mu.Unlock()
 	e := t.get(id)
 	t.set(e, StateFailed)
-	e.info.Error, e.info.Device, e.info.Targets, e.sources, e.job, e.dl, e.info.Recording = err.Error(), "", nil, nil, nil, nil, ""
+	e.info.Error, e.info.Device, e.info.Targets, e.sources, e.job, e.dl, e.rec = err.Error(), "", nil, nil, nil, nil, nil
 	var failed []*tracked
 	for _, e := range t.images {
 		if e.info.State == StateFailed {
@@ -201,6 +199,9 @@ func (t *tracker) list() []ImageInfo {
 		if e.job != nil {
 			p := e.job.Progress()
 			info.Prefetch = &p
+		}
+		if e.rec != nil && !e.rec.written() {
+			info.Recording = e.rec.path
 		}
 		out = append(out, info)
 	}

@@ -57,6 +57,9 @@ func TestRecordAndReplayTrace(t *testing.T) {
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
+		if imgs := m.Images(); len(imgs) != 1 || imgs[0].Recording != "" {
+			t.Fatalf("Images = %+v: want the recording over", imgs)
+		}
 		if err := m.Unmount(context.Background(), "rec", target); err != nil {
 			t.Fatal(err)
 		}

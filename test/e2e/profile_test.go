@@ -1,0 +1,207 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/pkg/cio"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/oci"
+
+	"github.com/obdproject/obd/internal/profile"
+	"github.com/obdproject/obd/internal/sandbox"
+	"github.com/obdproject/obd/internal/snapshotter"
+	"github.com/obdproject/obd/internal/status"
+	"github.com/obdproject/obd/internal/testenv"
+)
+
+// Record a start with 'obd profile', push the accelerated image, and start it again on a cold node: the recorded
+// blocks are fetched as soon as the container's root filesystem is prepared, before its app runs, and the app
+// then reads nothing from the registry. The same with the trace installed on the node instead of pushed.
+func TestProfileRecordAndReplay(t *testing.T) {
+	sb := startSandbox(t)
+	ctx := context.Background()
+	src := filepath.Join(t.TempDir(), "src")
+	appImage(t, src)
+	plain, lazy := sb.Registry+"/app:v1", sb.Registry+"/app:obd"
+	pushLayout(t, src, "v1", plain)
+	obd(t, sb, "convert", "--vsize", "8", plain, lazy)
+
+	profFile := filepath.Join(t.TempDir(), "profile.json")
+	out := obd(t, sb, "profile", lazy, "--address", sb.Containerd, "--namespace", sb.Namespace, "--config", sb.ConfigFile(),
+		"--ready-line", "script from layer 3", "--out", profFile, "--", "/bin/sh", "/app/run.sh")
+	t.Logf("obd profile:\n%s", out)
+	var p profile.Profile
+	b, err := os.ReadFile(profFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(b, &p); err != nil {
+		t.Fatal(err)
+	}
+	if p.End != profile.EndReady || len(p.Layers) != 3 || len(p.Reads) == 0 || p.Fetched == nil || p.Fetched.Bytes == 0 || p.ChainID == "" {
+		t.Fatalf("profile: %s", b)
+	}
+	layersRead := map[uint32]bool{}
+	for _, r := range p.Reads {
+		layersRead[r.Layer] = true
+	}
+	if len(layersRead) != 3 {
+		t.Errorf("the recorded start read layers %v, want all 3 (the app reads a file of each)", layersRead)
+	}
+	accel := sb.Registry + "/app:obd-accel"
+	if !strings.Contains(out, "pushed "+accel) {
+		t.Fatalf("obd profile did not push %s", accel)
+	}
+
+	// A cold node: the daemon restarted with an empty cache, containerd without the images.
+	cold := func(t *testing.T) {
+		t.Helper()
+		// containerd removes a deleted container's snapshot in its garbage collection, shortly after the delete:
+		// wait for it, or the restarted daemon would attach the image again for that snapshot (and start its
+		// prefetch before the test looks).
+		sc := status.NewClient(sb.StatusSocket, 5*time.Second)
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+			st, err := sc.Status(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			inUse := 0
+			for _, im := range st.Images {
+				inUse += len(im.Snapshots)
+			}
+			if inUse == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("snapshots still in use 30s after their containers were deleted: %+v", st.Images)
+			}
+		}
+		if err := sb.KillSnapshotter(); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.RemoveAll(sb.CacheDir()); err != nil {
+			t.Fatal(err)
+		}
+		if err := sb.StartSnapshotter(ctx); err != nil {
+			t.Fatal(err)
+		}
+		// containerd redials the proxy plugin with its gRPC backoff.
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+			out, err := sb.Ctr(ctx, "snapshots", "--snapshotter", snapshotter.Name, "ls").CombinedOutput()
+			if err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("containerd does not reach the restarted snapshotter: %v\n%s", err, out)
+			}
+		}
+	}
+	t.Run("acceleration layer", func(t *testing.T) {
+		cold(t)
+		obd(t, sb, "pull", accel)
+		replay(t, sb, accel, "replay-accel")
+	})
+	t.Run("installed profile", func(t *testing.T) {
+		cold(t)
+		out := obd(t, sb, "profile", lazy, "--address", sb.Containerd, "--namespace", sb.Namespace, "--config", sb.ConfigFile(),
+			"--ready-line", "script from layer 3", "--install", "--no-push", "--", "/bin/sh", "/app/run.sh")
+		if !strings.Contains(out, "installed on this node") {
+			t.Fatalf("obd profile --install printed %q", out)
+		}
+		cold(t)
+		replay(t, sb, lazy, "replay-installed")
+	})
+}
+
+// replay prepares a container of ref, waits until the image's recorded start is prefetched, then runs the app and
+// checks that it printed the right output and fetched nothing more from the registry.
+func replay(t *testing.T, sb *sandbox.Sandbox, ref, id string) {
+	t.Helper()
+	c, err := client.New(sb.Containerd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx := namespaces.WithNamespace(context.Background(), sb.Namespace)
+	img, err := c.GetImage(ctx, ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sb.ResetCounters()
+	ctr, err := c.NewContainer(ctx, id, client.WithImage(img), client.WithSnapshotter(snapshotter.Name),
+		client.WithNewSnapshot(id, img), client.WithNewSpec(oci.WithImageConfig(img), oci.WithProcessArgs("/bin/sh", "/app/run.sh")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := ctr.Delete(ctx, client.WithSnapshotCleanup); err != nil {
+			t.Errorf("delete container: %v", err)
+		}
+	}()
+	// The prefetch starts when the root filesystem is prepared, before the task exists.
+	sc := status.NewClient(sb.StatusSocket, 5*time.Second)
+	var pf *status.Prefetch
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(50 * time.Millisecond) {
+		st, err := sc.Status(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, im := range st.Images {
+			if im.Prefetch != nil {
+				pf = im.Prefetch
+			}
+		}
+		if pf != nil && !pf.Running || time.Now().After(deadline) {
+			break
+		}
+	}
+	if pf == nil || pf.Running || pf.Error != "" || pf.DoneRanges != pf.Ranges || pf.Ranges == 0 {
+		t.Fatalf("prefetch of the recorded start: %+v", pf)
+	}
+	prefetched := sumBytes(sb.BlobBytes())
+	sb.ResetCounters()
+
+	var out testenv.Buffer
+	task, err := ctr.NewTask(ctx, cio.NewCreator(cio.WithStreams(nil, &out, &out), cio.WithFIFODir(filepath.Join(t.TempDir(), "fifo"))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	exited, err := task.Wait(ctx)
+	if err == nil {
+		err = task.Start(ctx)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-exited:
+	case <-time.After(time.Minute):
+		t.Error("the app did not exit within a minute")
+	}
+	if _, err := task.Delete(ctx, client.WithProcessKill); err != nil {
+		t.Errorf("delete task: %v", err)
+	}
+	if out.String() != appOutput {
+		t.Fatalf("container printed %q, want %q", out.String(), appOutput)
+	}
+	after := sb.BlobBytes()
+	t.Logf("prefetched %d bytes in %d ranges before the app ran; the app then fetched %v", prefetched, pf.Ranges, after)
+	if n := sumBytes(after); n != 0 {
+		t.Errorf("the app fetched %d bytes the recorded start did not cover: %v", n, after)
+	}
+}
+
+func sumBytes(m map[string]int64) int64 {
+	var n int64
+	for _, v := range m {
+		n += v
+	}
+	return n
+}
