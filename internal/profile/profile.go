@@ -71,9 +71,9 @@ type Profile struct {
 	// ChainID is the chain ID of the image's overlaybd layers: the snapshot its device is attached for, and the
 	// key of a profile installed on a node.
 	ChainID   digest.Digest `json:"chain_id"`
-	Recorded  time.Time `json:"recorded"`
-	Command   []string  `json:"command,omitempty"`
-	ReadyLine string    `json:"ready_line,omitempty"`
+	Recorded  time.Time     `json:"recorded"`
+	Command   []string      `json:"command,omitempty"`
+	ReadyLine string        `json:"ready_line,omitempty"`
 	// End says what ended the recording: EndReady, EndExit or EndTimeout.
 	End      string  `json:"end"`
 	ExitCode *uint32 `json:"exit_code,omitempty"`
