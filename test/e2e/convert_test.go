@@ -1,4 +1,4 @@
-package main
+package e2e
 
 import (
 	"archive/tar"
@@ -13,6 +13,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -30,24 +31,62 @@ import (
 	"github.com/obdproject/obd/internal/testenv"
 )
 
-// These tests run `obd convert` against Debian's docker-registry (distribution 2.8) and OCI layouts: layer reuse
+// These tests run the obd binary's convert against Debian's docker-registry (distribution 2.8) and OCI layouts: layer reuse
 // through the conversion database, referrers, --platform all, and what a user sees when the input or the
 // environment is bad.
 
 // crHtpasswd is an htpasswd line for user "obd", password "s3cret" (bcrypt, cost 4).
 const crHtpasswd = "obd:$2b$04$.p/bZQWsbPj2M58GcjRq7e4u/vgpYtYCS3QbSxNJQaLMOpciH3k/S\n"
 
-// crRun runs the obd command line in-process and returns its stdout, stderr and error.
+// crRun runs obd and returns its stdout, stderr and, when it fails, the error it printed.
 func crRun(t *testing.T, args ...string) (string, string, error) {
 	t.Helper()
 	var out, errOut bytes.Buffer
-	root := newRootCmd()
-	root.SetArgs(args)
-	root.SetOut(&out)
-	root.SetErr(&errOut)
-	root.SetIn(strings.NewReader(""))
-	err := root.ExecuteContext(t.Context())
+	cmd := exec.CommandContext(t.Context(), bins.obd, args...)
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err := cmd.Run()
+	if err != nil {
+		msg := errOut.String()
+		if i := strings.LastIndex("\n"+msg, "\nobd: "); i >= 0 { // the last line that starts with "obd: "
+			msg = msg[i+len("obd: "):]
+		}
+		err = fmt.Errorf("%s (%w)", strings.TrimSpace(msg), err)
+	}
 	return out.String(), errOut.String(), err
+}
+
+// helloCopy returns a writable copy of the hello-world layout.
+func helloCopy(t *testing.T) string {
+	t.Helper()
+	dst := filepath.Join(t.TempDir(), "hello")
+	if out, err := exec.Command("cp", "-r", helloLayout, dst).CombinedOutput(); err != nil {
+		t.Fatalf("cp -r %s: %v\n%s", helloLayout, err, out)
+	}
+	return dst
+}
+
+// dirNames lists the names in dir.
+func dirNames(t *testing.T, dir string) []string {
+	t.Helper()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := make([]string, len(ents))
+	for i, e := range ents {
+		names[i] = e.Name()
+	}
+	return names
+}
+
+// readFile reads path or fails the test.
+func readFile(t *testing.T, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }
 
 // crMust runs obd and fails the test if it fails; it returns stdout and stderr.
