@@ -2,9 +2,11 @@ package main
 
 import (
 	"fmt"
+	"io"
 	"os"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/obdproject/obd/internal/units"
@@ -13,6 +15,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/spf13/cobra"
 
+	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/pull"
 	"github.com/obdproject/obd/internal/snapshotter"
 )
@@ -63,6 +66,21 @@ pulled and unpacked as usual. Run containers with 'ctr run --snapshotter overlay
 				return err
 			}
 			opts := pull.Options{Snapshotter: snapshotterName, PlainHTTP: rf.plainHTTP, Download: download, Credentials: creds}
+			if download {
+				ref, err := image.ParseRef(args[0])
+				if err != nil {
+					return err
+				}
+				rc, err := rf.client(ref.Host())
+				if err != nil {
+					return err
+				}
+				defer rc.Close()
+				opts.Registry = rc
+				if w := progressWriter(cmd.ErrOrStderr()); w != nil {
+					opts.Progress = downloadBar(w)
+				}
+			}
 			c, err := cf.connect()
 			if err != nil {
 				return err
@@ -87,8 +105,33 @@ pulled and unpacked as usual. Run containers with 'ctr run --snapshotter overlay
 		},
 	}
 	cf.register(cmd)
-	cmd.Flags().BoolVar(&download, "download", false, "download overlaybd layers at pull time instead of lazily")
+	cmd.Flags().BoolVar(&download, "download", false, "download overlaybd layers at pull time (parallel range requests, digests checked) instead of lazily")
 	rf.register(cmd)
 	cmd.Flags().StringVar(&snapshotterName, "snapshotter", snapshotter.Name, "containerd snapshotter to unpack into")
 	return cmd
+}
+
+// downloadBar returns a progress callback that draws a bar on the terminal w, at most 5 times a second.
+func downloadBar(w io.Writer) func(done, total int64) {
+	var (
+		mu    sync.Mutex
+		start = time.Now()
+		last  time.Time
+	)
+	return func(done, total int64) {
+		mu.Lock()
+		defer mu.Unlock()
+		if total <= 0 || done < total && time.Since(last) < 200*time.Millisecond {
+			return
+		}
+		last = time.Now()
+		const width = 30
+		full := int(int64(width) * done / total)
+		rate := float64(done) / time.Since(start).Seconds()
+		fmt.Fprintf(w, "\rdownload [%s%s] %3d%% %s of %s, %s/s ", strings.Repeat("#", full), strings.Repeat(".", width-full),
+			100*done/total, units.Bytes(done), units.Bytes(total), units.Bytes(int64(rate)))
+		if done == total {
+			fmt.Fprintln(w)
+		}
+	}
 }

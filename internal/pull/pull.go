@@ -9,6 +9,7 @@ import (
 	"io"
 	"maps"
 	"sync"
+	"sync/atomic"
 
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/images"
@@ -34,6 +35,12 @@ type Options struct {
 	Download bool
 	// Resolver overrides the registry resolver (tests).
 	Resolver remotes.Resolver
+	// Registry, with Download, fetches overlaybd blobs with DownloadConcurrency range requests in flight each,
+	// instead of one stream; containerd checks each blob against its digest as it stores it.
+	Registry *registry.Client
+	// Progress, when set, is called as overlaybd blobs are downloaded with the bytes done and the total size of
+	// the overlaybd blobs to download.
+	Progress func(done, total int64)
 }
 
 // Result tells what a pull did.
@@ -67,7 +74,10 @@ func Pull(ctx context.Context, c *client.Client, ref string, opts Options) (*Res
 		}
 	}
 	res := &Result{Fetched: map[string]int64{}}
-	rec := &recorder{Resolver: resolver, res: res}
+	rec := &recorder{Resolver: resolver, res: res, host: r.Host(), repo: r.Repository()}
+	if opts.Download {
+		rec.ranged, rec.progress = opts.Registry, opts.Progress
+	}
 	img, err := c.Pull(ctx, r.String(), client.WithResolver(rec), client.WithPullUnpack,
 		client.WithPullSnapshotter(opts.Snapshotter), client.WithImageHandlerWrapper(LabelLayers(r.String(), opts.Download, res)))
 	if err != nil {
@@ -140,10 +150,16 @@ func (r *Result) count(lazy bool) {
 	}
 }
 
-// recorder notes every blob fetched from the registry during the pull.
+// recorder notes every blob fetched from the registry during the pull; with ranged set, it fetches overlaybd blobs
+// with parallel range requests.
 type recorder struct {
 	remotes.Resolver
-	res *Result
+	res        *Result
+	host, repo string
+	ranged     *registry.Client
+	progress   func(done, total int64)
+	done       atomic.Int64
+	total      atomic.Int64
 }
 
 func (r *recorder) Fetcher(ctx context.Context, ref string) (remotes.Fetcher, error) {
@@ -155,6 +171,19 @@ func (r *recorder) Fetcher(ctx context.Context, ref string) (remotes.Fetcher, er
 		r.res.mu.Lock()
 		r.res.Fetched[desc.Digest.String()] = desc.Size
 		r.res.mu.Unlock()
-		return f.Fetch(ctx, desc)
+		if _, overlaybd := desc.Annotations[image.AnnotationBlobDigest]; !overlaybd || r.ranged == nil {
+			return f.Fetch(ctx, desc)
+		}
+		b, err := r.ranged.Blob(ctx, r.host, r.repo, desc.Digest, desc.Size)
+		if err != nil {
+			return nil, err
+		}
+		total := r.total.Add(desc.Size)
+		var progress func(int64)
+		if r.progress != nil {
+			r.progress(r.done.Load(), total)
+			progress = func(n int64) { r.progress(r.done.Add(n), r.total.Load()) }
+		}
+		return newRangedReader(ctx, b, DownloadChunk, DownloadConcurrency, progress), nil
 	}), nil
 }

@@ -13,8 +13,12 @@ import (
 	"github.com/containerd/containerd/v2/pkg/cio"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/oci"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/profile"
+	"github.com/obdproject/obd/internal/pull"
+	"github.com/obdproject/obd/internal/registry"
 	"github.com/obdproject/obd/internal/sandbox"
 	"github.com/obdproject/obd/internal/snapshotter"
 	"github.com/obdproject/obd/internal/status"
@@ -204,4 +208,60 @@ func sumBytes(m map[string]int64) int64 {
 		n += v
 	}
 	return n
+}
+
+// 'obd pull --download' fetches every overlaybd blob whole, in parallel range requests, before any container runs;
+// containers then read nothing from the registry.
+func TestPullDownload(t *testing.T) {
+	sb := startSandbox(t)
+	ctx := context.Background()
+	src := filepath.Join(t.TempDir(), "src")
+	appImage(t, src)
+	plain, lazy := sb.Registry+"/app:v1", sb.Registry+"/app:obd"
+	pushLayout(t, src, "v1", plain)
+	obd(t, sb, "convert", "--vsize", "8", plain, lazy)
+	m := manifestOf(t, lazy)
+
+	sb.ResetCounters()
+	t.Log(obd(t, sb, "pull", "--download", lazy))
+	fetched, requests := sb.BlobBytes(), sb.BlobRequests()
+	for _, l := range m.Layers {
+		if fetched[l.Digest.String()] != l.Size {
+			t.Errorf("layer %s: pulled %d of %d bytes", l.Digest, fetched[l.Digest.String()], l.Size)
+		}
+		if want := (l.Size + pull.DownloadChunk - 1) / pull.DownloadChunk; requests[l.Digest.String()] != want {
+			t.Errorf("layer %s (%d bytes): %d requests, want %d ranges", l.Digest, l.Size, requests[l.Digest.String()], want)
+		}
+	}
+	sb.ResetCounters()
+	out := run(t, sb.Ctr(ctx, "run", "--rm", "--snapshotter", "overlaybd", lazy, "dl1", "/bin/sh", "/app/run.sh"))
+	if out != appOutput {
+		t.Fatalf("container printed %q, want %q", out, appOutput)
+	}
+	if n := sumBytes(sb.BlobBytes()); n != 0 {
+		t.Errorf("a container of a downloaded image fetched %d bytes: %v", n, sb.BlobBytes())
+	}
+}
+
+// manifestOf fetches the manifest of a registry reference.
+func manifestOf(t *testing.T, ref string) ocispec.Manifest {
+	t.Helper()
+	r, err := image.ParseRef(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := registry.New(registry.Options{PlainHTTP: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_, b, err := c.Resolve(context.Background(), r.Host(), r.Repository(), r.Tag)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := image.ParseManifest(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
 }
