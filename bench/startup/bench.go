@@ -56,6 +56,8 @@ type benchCase struct {
 	after      string // warm cases: the cold case whose state they reuse
 	// obd: the case runs containers under obd-snapshotter, whose CPU time and peak RSS are measured
 	obd bool
+	// loopback: the case does not go through the shaped link (no bound at the link's rate, no ratio)
+	loopback bool
 	// obdConfig is more obd.toml for this case (cold cases; the others run with the default config)
 	obdConfig string
 	setup     func(*bench) error
@@ -74,7 +76,7 @@ var cases = []benchCase{
 		run: func(b *bench) (sample, error) { return b.runOnly(snapshotter.Name, b.obdRef) }},
 	{key: caseOverlayWarm, title: "overlayfs warm: run (unpacked)", after: caseOverlayCold,
 		run: func(b *bench) (sample, error) { return b.runOnly("overlayfs", b.plainRef) }},
-	{key: caseOBDMeta, title: "obd pull only, loopback", cold: true, run: (*bench).obdMeta},
+	{key: caseOBDMeta, title: "obd pull only, loopback", cold: true, loopback: true, run: (*bench).obdMeta},
 }
 
 func findCase(key string) *benchCase {

@@ -69,7 +69,7 @@ func main() {
 	algo := flag.String("zfile", "lz4", "compression of the overlaybd layer blobs: lz4 (obd's and upstream's default) or zstd")
 	casesFlag := flag.String("cases", strings.Join(caseKeys(), ","), "cases to measure, comma-separated (a warm case needs its cold case)")
 	workloadFlag := flag.String("workload", "python", "what the container runs until it prints ready: python (import numpy, scipy) or gcc (g++ -O2 -c of a C++ file)")
-	replotFile := flag.String("replot", "", "only redraw the SVG chart of a result file (e.g. bench/results/startup.json) and exit")
+	replotFile := flag.String("replot", "", "only recompute the derived figures of a result file (e.g. bench/results/startup.json), rewrite it and its SVG chart, and exit")
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), "usage: go run ./bench/startup [flags]   (as root)\n\n")
 		flag.PrintDefaults()

@@ -153,16 +153,6 @@ func (b *bench) report(ctx context.Context) *report {
 	for i, l := range b.im.Info.OBDLayers {
 		layerIndex[l.Digest] = i
 	}
-	atRate := func(bytes int64) float64 {
-		if b.link.RateBits <= 0 {
-			return 0
-		}
-		return float64(bytes) * 8 / float64(b.link.RateBits)
-	}
-	var overlayCold float64
-	if ss := b.results[caseOverlayCold]; len(ss) > 0 {
-		overlayCold = medianSample(ss).Seconds
-	}
 	for _, c := range cases {
 		ss := b.results[c.key]
 		if len(ss) == 0 {
@@ -175,11 +165,6 @@ func (b *bench) report(ctx context.Context) *report {
 			cr.Min, cr.Max = min(cr.Min, s.Seconds), max(cr.Max, s.Seconds)
 			cr.LocalMin, cr.LocalMax = min(cr.LocalMin, s.LocalSeconds), max(cr.LocalMax, s.LocalSeconds)
 		}
-		if c.cold && c.key != caseOBDMeta && overlayCold > 0 {
-			cr.VsOverlayfs = cr.Median.Seconds / overlayCold
-		}
-		cr.BoundSeconds = atRate(cr.Median.Bytes)
-		cr.ReadyBoundSeconds = atRate(cr.Median.ReadyBytes)
 		if cr.Median.Bytes > 0 {
 			cr.LayerBytes = make([]int64, len(b.im.Info.OBDLayers))
 			for i := range cr.LayerBytes {
@@ -194,12 +179,10 @@ func (b *bench) report(ctx context.Context) *report {
 				cr.LayerBytes[i] = int64(median(v))
 			}
 		}
-		if cr.Median.DaemonCPUSeconds > 0 && cr.Median.Bytes > 0 {
-			cr.DaemonCPUmsPerMB = cr.Median.DaemonCPUSeconds * 1000 / (float64(cr.Median.Bytes) / 1e6)
-		}
 		med[c.key] = cr.Median
 		r.Cases = append(r.Cases, cr)
 	}
+	r.derive()
 	if oc, lc := med[caseOverlayCold], med[caseOBDCold]; oc.Seconds > 0 && lc.Seconds > 0 {
 		r.Targets = append(r.Targets, target{Name: "lazy start", Goal: "obd lazy time-to-ready ≤ 0.25 × overlayfs time-to-ready",
 			Measured: lc.Seconds / oc.Seconds, Limit: 0.25, Met: lc.Seconds <= 0.25*oc.Seconds,
@@ -237,6 +220,44 @@ func (b *bench) report(ctx context.Context) *report {
 		}
 	}
 	return r
+}
+
+// derive computes the figures of each case that follow from its medians and the link: the ratio to the overlayfs
+// cold case, the bytes at the link's rate, obd-snapshotter's CPU time per MB fetched (cold obd cases).
+func (r *report) derive() {
+	var overlayCold float64
+	for _, cr := range r.Cases {
+		if cr.Key == caseOverlayCold {
+			overlayCold = cr.Median.Seconds
+		}
+	}
+	atRate := func(bytes int64) float64 {
+		if r.Link.RateBits <= 0 {
+			return 0
+		}
+		return float64(bytes) * 8 / float64(r.Link.RateBits)
+	}
+	for i := range r.Cases {
+		cr := &r.Cases[i]
+		var c benchCase
+		if bc := findCase(cr.Key); bc != nil {
+			c = *bc
+		}
+		cr.VsOverlayfs, cr.BoundSeconds, cr.ReadyBoundSeconds, cr.DaemonCPUmsPerMB = 0, 0, 0, 0
+		if c.cold && !c.loopback && overlayCold > 0 {
+			cr.VsOverlayfs = cr.Median.Seconds / overlayCold
+		}
+		if !c.loopback {
+			cr.BoundSeconds = atRate(cr.Median.Bytes)
+			cr.ReadyBoundSeconds = atRate(cr.Median.ReadyBytes)
+		}
+		if c.cold && cr.Median.DaemonCPUSeconds > 0 && cr.Median.Bytes > 0 {
+			cr.DaemonCPUmsPerMB = cr.Median.DaemonCPUSeconds * 1000 / (float64(cr.Median.Bytes) / 1e6)
+		}
+		if !slices.ContainsFunc(cr.LayerBytes, func(n int64) bool { return n > 0 }) {
+			cr.LayerBytes = nil
+		}
+	}
 }
 
 // perRun divides a's run i by b's run i.
@@ -333,7 +354,8 @@ func (r *report) printTable(w io.Writer) {
 	fmt.Fprintf(w, "\npigz: %s; obd cache block size: %d KiB\n", r.Environment.Pigz, r.Environment.BlockSizeKB)
 }
 
-// replot rewrites the SVG chart of a JSON result file (FILE.json → FILE.svg) without measuring again.
+// replot recomputes the derived figures of a JSON result file (derive) and rewrites it and its SVG chart
+// (FILE.json → FILE.svg) without measuring again.
 func replot(jsonPath string) error {
 	b, err := os.ReadFile(jsonPath)
 	if err != nil {
@@ -343,7 +365,8 @@ func replot(jsonPath string) error {
 	if err := json.Unmarshal(b, &r); err != nil {
 		return fmt.Errorf("%s: %w", jsonPath, err)
 	}
-	return os.WriteFile(strings.TrimSuffix(jsonPath, ".json")+".svg", []byte(r.svg()), 0o644)
+	r.derive()
+	return r.write(filepath.Dir(jsonPath), strings.TrimSuffix(filepath.Base(jsonPath), ".json"))
 }
 
 func (r *report) write(dir, name string) error {
@@ -364,7 +387,7 @@ func (r *report) write(dir, name string) error {
 // the min–max range as a whisker and the bytes fetched as a label.
 func (r *report) svg() string {
 	const (
-		width, left, right = 980, 250, 250
+		width, left, right = 1060, 250, 330
 		top, rowH, barH    = 90, 46, 24
 	)
 	maxS := 0.0
