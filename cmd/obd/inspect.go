@@ -2,57 +2,15 @@ package main
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
-	"os"
-
-	"github.com/obdproject/obd/internal/units"
 
 	"github.com/spf13/cobra"
 
+	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/units"
 	"github.com/obdproject/obd/lsmt"
-	"github.com/obdproject/obd/tarwrap"
-	"github.com/obdproject/obd/zfile"
 )
-
-type tarInfo struct {
-	Member string `json:"member"`
-	Offset int64  `json:"offset"`
-	Size   int64  `json:"size"`
-	PAX    bool   `json:"pax"`
-}
-
-type zfileInfo struct {
-	Algorithm       string `json:"algorithm"`
-	BlockSize       int    `json:"blockSize"`
-	Blocks          int64  `json:"blocks"`
-	OriginalSize    int64  `json:"originalSize"`
-	Verify          bool   `json:"blockCRC"`
-	HeaderOverwrite bool   `json:"headerOverwrite"`
-	CRCOK           bool   `json:"crcOK"`
-	CRCError        string `json:"crcError,omitempty"`
-}
-
-type lsmtInfo struct {
-	Kind         string `json:"kind"`
-	UUID         string `json:"uuid"`
-	ParentUUID   string `json:"parentUUID"`
-	VirtualSize  int64  `json:"virtualSize"`
-	IndexEntries int    `json:"indexEntries"`
-	ValidEntries int    `json:"validEntries"`
-	DataBytes    int64  `json:"dataBytes"`
-	UserTag      string `json:"userTag,omitempty"`
-}
-
-type blobInfo struct {
-	Path  string     `json:"path"`
-	Size  int64      `json:"size"`
-	Tar   *tarInfo   `json:"tar,omitempty"`
-	ZFile *zfileInfo `json:"zfile,omitempty"`
-	LSMT  *lsmtInfo  `json:"lsmt,omitempty"`
-	Error string     `json:"error,omitempty"`
-}
 
 func newInspectCmd() *cobra.Command {
 	var asJSON bool
@@ -61,7 +19,7 @@ func newInspectCmd() *cobra.Command {
 		Short: "Show what an overlaybd blob or layer file is: tar wrapper, ZFile, LSMT layer",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			info, err := inspectBlob(args[0])
+			info, err := image.InspectBlob(args[0])
 			if asJSON {
 				if err != nil {
 					info.Error = err.Error()
@@ -81,85 +39,7 @@ func newInspectCmd() *cobra.Command {
 	return cmd
 }
 
-// inspectBlob describes each wrapper of a blob in turn; on error it returns what it learnt so far.
-func inspectBlob(path string) (blobInfo, error) {
-	info := blobInfo{Path: path}
-	f, err := os.Open(path)
-	if err != nil {
-		return info, err
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return info, err
-	}
-	info.Size = st.Size()
-	var r io.ReaderAt = f
-	size := st.Size()
-	m, err := tarwrap.Detect(f, size)
-	switch {
-	case err == nil:
-		info.Tar = &tarInfo{Member: m.Name, Offset: m.Offset, Size: m.Size, PAX: m.PAX}
-		r, size = io.NewSectionReader(f, m.Offset, m.Size), m.Size
-	case !errors.Is(err, tarwrap.ErrNotWrapped):
-		return info, fmt.Errorf("%s: %w", path, err)
-	}
-	isZ, err := zfile.IsZFile(r)
-	if err != nil {
-		return info, fmt.Errorf("%s: %w", path, err)
-	}
-	if isZ {
-		z, err := zfile.Open(r, size, false)
-		if err != nil {
-			return info, fmt.Errorf("%s: %w", path, err)
-		}
-		zi := z.Info()
-		info.ZFile = &zfileInfo{
-			Algorithm: zi.Algorithm.String(), BlockSize: zi.BlockSize, Blocks: zi.Blocks,
-			OriginalSize: zi.OriginalSize, Verify: zi.Verify, HeaderOverwrite: zi.HeaderOverwrite,
-		}
-		if err := z.Check(); err != nil {
-			info.ZFile.CRCError = err.Error()
-			return info, fmt.Errorf("%s: %w", path, err)
-		}
-		info.ZFile.CRCOK = zi.Verify
-		r, size = z, z.Size()
-	}
-	kind, err := lsmt.Kind(r, size)
-	if err != nil {
-		if info.Tar == nil && info.ZFile == nil {
-			return info, fmt.Errorf("%s: not an overlaybd blob or layer file (no tar wrapper, ZFile or LSMT layer in it): %w", path, err)
-		}
-		return info, fmt.Errorf("%s: %w", path, err)
-	}
-	switch kind {
-	case lsmt.KindRWData, lsmt.KindRWIndex, lsmt.KindSparseRW:
-		// A writable layer's file: its header says what it is; its content needs the other file of the pair.
-		b := make([]byte, lsmt.HeaderSize)
-		if _, err := r.ReadAt(b, 0); err != nil {
-			return info, fmt.Errorf("%s: read LSMT header: %w", path, err)
-		}
-		h, err := lsmt.ParseHeader(b)
-		if err != nil {
-			return info, fmt.Errorf("%s: %w", path, err)
-		}
-		info.LSMT = &lsmtInfo{Kind: kind, UUID: h.UUID, ParentUUID: h.ParentUUID, VirtualSize: int64(h.VirtualSize), UserTag: h.UserTag}
-		return info, nil
-	}
-	l, err := lsmt.Open(r, size)
-	if err != nil {
-		return info, fmt.Errorf("%s: LSMT layer: %w", path, err)
-	}
-	h := l.Header()
-	info.LSMT = &lsmtInfo{
-		Kind: kind, UUID: h.UUID, ParentUUID: h.ParentUUID, VirtualSize: l.VirtualSize(),
-		IndexEntries: l.RawIndexEntries(), ValidEntries: len(l.Index()), DataBytes: l.DataSectors() * lsmt.SectorSize,
-		UserTag: h.UserTag,
-	}
-	return info, nil
-}
-
-func printBlobInfo(w io.Writer, info blobInfo) {
+func printBlobInfo(w io.Writer, info image.BlobInfo) {
 	fmt.Fprintf(w, "blob:        %s (%d bytes)\n", info.Path, info.Size)
 	if t := info.Tar; t != nil {
 		pax := ""

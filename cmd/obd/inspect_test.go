@@ -12,20 +12,21 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/lsmt"
 	"github.com/obdproject/obd/tarwrap"
 	"github.com/obdproject/obd/zfile"
 )
 
 // upstreamBlobInfo is what inspect must find in upstreamBlob (checked independently with upstream's tools).
-var upstreamBlobInfo = blobInfo{
+var upstreamBlobInfo = image.BlobInfo{
 	Size: 642560,
-	Tar:  &tarInfo{Member: "overlaybd.commit", Offset: 1536, Size: 639491, PAX: true},
-	ZFile: &zfileInfo{
+	Tar:  &image.TarInfo{Member: "overlaybd.commit", Offset: 1536, Size: 639491, PAX: true},
+	ZFile: &image.ZFileInfo{
 		Algorithm: "lz4", BlockSize: 4096, Blocks: 17463, OriginalSize: 71528448,
 		Verify: true, HeaderOverwrite: true, CRCOK: true,
 	},
-	LSMT: &lsmtInfo{
+	LSMT: &image.LSMTInfo{
 		Kind: "committed", UUID: "01BB4FCE-3EB1-B56B-05AD-F99504DAFD31", ParentUUID: "00000000-0000-0000-0000-000000000000",
 		VirtualSize: 64 << 30, IndexEntries: 768, ValidEntries: 515, DataBytes: 71507968,
 	},
@@ -51,7 +52,7 @@ func TestInspectUpstreamBlobText(t *testing.T) {
 
 func TestInspectUpstreamBlobJSON(t *testing.T) {
 	out := mustObd(t, "inspect", "--json", upstreamBlob)
-	var got blobInfo
+	var got image.BlobInfo
 	if err := json.Unmarshal([]byte(out), &got); err != nil {
 		t.Fatalf("inspect --json printed no JSON object: %v\n%s", err, out)
 	}
@@ -133,7 +134,7 @@ func TestInspectCorruptBlock(t *testing.T) {
 			if err == nil {
 				t.Fatal("inspect --json of a corrupt blob succeeded")
 			}
-			var got blobInfo
+			var got image.BlobInfo
 			if jerr := json.Unmarshal([]byte(out), &got); jerr != nil {
 				t.Fatalf("inspect --json printed no JSON object on error: %v\n%s", jerr, out)
 			}

@@ -102,10 +102,10 @@ func openLayerFile(t *testing.T, path string) *lsmt.File {
 }
 
 // inspectJSON runs `obd inspect --json path`.
-func inspectJSON(t *testing.T, path string) blobInfo {
+func inspectJSON(t *testing.T, path string) image.BlobInfo {
 	t.Helper()
 	out := mustObd(t, "inspect", "--json", path)
-	var info blobInfo
+	var info image.BlobInfo
 	if err := json.Unmarshal([]byte(out), &info); err != nil {
 		t.Fatalf("inspect --json %s: %v\n%s", path, err, out)
 	}
