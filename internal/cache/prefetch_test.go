@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -160,5 +161,59 @@ func TestDownloadTooLarge(t *testing.T) {
 	}
 	if src.calls.Load() != 0 {
 		t.Fatal("a blob that cannot fit was fetched")
+	}
+}
+
+// concurrencySrc is a memSrc that records how many reads run at once.
+type concurrencySrc struct {
+	*memSrc
+	active, peak atomic.Int64
+}
+
+func (s *concurrencySrc) ReadAt(p []byte, off int64) (int, error) {
+	n := s.active.Add(1)
+	defer s.active.Add(-1)
+	for {
+		p := s.peak.Load()
+		if n <= p || s.peak.CompareAndSwap(p, n) {
+			break
+		}
+	}
+	return s.memSrc.ReadAt(p, off)
+}
+
+// A download keeps Concurrency reads in flight; interrupted, it resumes after a restart from what is cached.
+func TestDownloadConcurrentAndResumed(t *testing.T) {
+	dir := t.TempDir()
+	c := openTest(t, dir, 1<<30, nil)
+	src := &concurrencySrc{memSrc: newSrc(16<<20, 11)}
+	src.delay = 5 * time.Millisecond
+	r := c.Reader(src.key(), int64(len(src.data)), src)
+	ctx, cancel := context.WithCancel(context.Background())
+	err := r.Download(ctx, DownloadOptions{Chunk: 1 << 20, Concurrency: 4, Progress: func(p int64) {
+		if p >= 6<<20 {
+			cancel() // the daemon stops mid-download
+		}
+	}})
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("interrupted download: %v", err)
+	}
+	if p := src.peak.Load(); p < 2 || p > 4 {
+		t.Errorf("%d source reads at once, want 2 to 4", p)
+	}
+	first := src.bytes.Load()
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	c = openTest(t, dir, 1<<30, nil)
+	defer c.Close()
+	r = c.Reader(src.key(), int64(len(src.data)), src)
+	if err := r.Download(context.Background(), DownloadOptions{Chunk: 1 << 20, Concurrency: 4}); err != nil {
+		t.Fatal(err)
+	}
+	if total := src.bytes.Load(); total != int64(len(src.data)) {
+		t.Fatalf("the download fetched %d bytes before and %d after the restart for a %d-byte blob: it started over",
+			first, total-first, len(src.data))
 	}
 }

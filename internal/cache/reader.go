@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/opencontainers/go-digest"
+	"golang.org/x/sync/errgroup"
 )
 
 // Reader reads one blob through the cache: present blocks come from disk, missing ones from the source in
@@ -455,6 +457,8 @@ type DownloadOptions struct {
 	MaxBytesPerSecond int64
 	// Chunk is the bytes of one source read (default 4 MiB).
 	Chunk int64
+	// Concurrency is the number of source reads in flight (default 1).
+	Concurrency int
 	// Demand, if set, returns the number of demand fetches in progress: the download waits while there are any.
 	Demand func() int64
 	// Progress, if set, is called after each chunk with the bytes of the blob present so far.
@@ -481,36 +485,63 @@ func (r *Reader) Download(ctx context.Context, opts DownloadOptions) error {
 		opts.Chunk = 4 << 20
 	}
 	start := time.Now()
-	var fetched int64
-	for off := int64(0); off < r.size; off += opts.Chunk {
-		for opts.Demand != nil && opts.Demand() > 0 && ctx.Err() == nil {
-			time.Sleep(5 * time.Millisecond)
-		}
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		n := min(opts.Chunk, r.size-off)
-		missing := r.missingBytes(off, n)
-		if missing > 0 {
-			if err := r.fetchEvicting(off, n); err != nil {
-				return err
-			}
-			fetched += missing
-		}
-		if opts.Progress != nil {
-			opts.Progress(r.presentBytes())
-		}
-		if opts.MaxBytesPerSecond > 0 {
-			// Sleep until the average rate is back under the bound.
-			due := start.Add(time.Duration(float64(fetched) / float64(opts.MaxBytesPerSecond) * float64(time.Second)))
-			if d := time.Until(due); d > 0 {
-				select {
-				case <-ctx.Done():
-					return ctx.Err()
-				case <-time.After(d):
+	var (
+		fetched    atomic.Int64
+		progressMu sync.Mutex
+	)
+	offs := make(chan int64)
+	g, gctx := errgroup.WithContext(ctx)
+	for range max(1, opts.Concurrency) {
+		g.Go(func() error {
+			for off := range offs {
+				for opts.Demand != nil && opts.Demand() > 0 && gctx.Err() == nil {
+					time.Sleep(5 * time.Millisecond)
+				}
+				if opts.MaxBytesPerSecond > 0 {
+					// Wait until the average rate is back under the bound.
+					due := start.Add(time.Duration(float64(fetched.Load()) / float64(opts.MaxBytesPerSecond) * float64(time.Second)))
+					if d := time.Until(due); d > 0 {
+						select {
+						case <-gctx.Done():
+						case <-time.After(d):
+						}
+					}
+				}
+				if err := gctx.Err(); err != nil {
+					return err
+				}
+				n := min(opts.Chunk, r.size-off)
+				if missing := r.missingBytes(off, n); missing > 0 {
+					if err := r.fetchEvicting(off, n); err != nil {
+						return err
+					}
+					fetched.Add(missing)
+				}
+				if opts.Progress != nil {
+					progressMu.Lock()
+					opts.Progress(r.presentBytes())
+					progressMu.Unlock()
 				}
 			}
+			return nil
+		})
+	}
+	g.Go(func() error {
+		defer close(offs)
+		for off := int64(0); off < r.size; off += opts.Chunk {
+			select {
+			case offs <- off:
+			case <-gctx.Done():
+				return nil
+			}
 		}
+		return nil
+	})
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	if err := ctx.Err(); err != nil {
+		return err
 	}
 	// Blocks that other reads were fetching when the chunk was claimed: wait for them, fetch what they failed.
 	for try := 0; r.presentBytes() != r.size; try++ {

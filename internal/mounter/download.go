@@ -80,6 +80,7 @@ func (m *Mounter) startDownload(id string, img *mounted) *download {
 			start := time.Now()
 			err := src.cache.Download(ctx, cache.DownloadOptions{
 				MaxBytesPerSecond: opts.MaxBytesPerSecond,
+				Concurrency:       opts.Concurrency,
 				Demand:            m.opts.Cache.DemandFetches,
 				Progress:          func(p int64) { ld.present.Store(p) },
 			})

@@ -49,6 +49,7 @@ type DownloadOptions struct {
 	Enable            bool
 	Delay             time.Duration
 	MaxBytesPerSecond int64 // per image; 0: unbounded
+	Concurrency       int   // range requests in flight per blob (default 1)
 }
 
 // Mounter implements snapshotter.ImageMounter.

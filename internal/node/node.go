@@ -96,6 +96,7 @@ func (s *Service) openDevices() error {
 			Enable:            cfg.Download.Enable,
 			Delay:             time.Duration(cfg.Download.DelaySeconds) * time.Second,
 			MaxBytesPerSecond: cfg.Download.MaxMBps * 1e6,
+			Concurrency:       cfg.Download.Concurrency,
 		},
 	})
 	s.ops.attach(c, m)
