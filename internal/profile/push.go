@@ -1,12 +1,12 @@
 package profile
 
 import (
-	"bytes"
 	"context"
 	"fmt"
-	"io"
+	"os"
 	"slices"
 
+	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/obdproject/obd/internal/image"
@@ -16,9 +16,12 @@ import (
 // Push pushes src (a registry reference to an overlaybd image, resolved for platform) with traceFile as its
 // acceleration layer to dst and returns the new manifest's descriptor. The layers of the image's manifest must be
 // those of want (the profiled image's overlaybd layers, bottom first), so that the trace's layer indexes name the
-// right blobs. dst may be another repository or registry: the layers are mounted from src's repository when the
+// right blobs. dst is a repository of src's registry: the layers are mounted from src's repository when the
 // registry allows it, else copied.
 func Push(ctx context.Context, rc *registry.Client, src, dst image.Ref, platform image.Platform, want []Layer, traceFile []byte) (ocispec.Descriptor, error) {
+	if dst.Host() != src.Host() {
+		return ocispec.Descriptor{}, fmt.Errorf("push %s: an accelerated image is pushed to the registry of its image (%s)", dst, src.Host())
+	}
 	source, err := image.OpenRegistrySource(ctx, rc, src, platform)
 	if err != nil {
 		return ocispec.Descriptor{}, err
@@ -56,72 +59,38 @@ func Push(ctx context.Context, rc *registry.Client, src, dst image.Ref, platform
 	if err != nil {
 		return ocispec.Descriptor{}, err
 	}
-
-	for _, l := range nm.Layers {
-		var r io.Reader
-		switch l.Digest {
-		case ldesc.Digest:
-			r = bytes.NewReader(layer)
-		default:
-			r = &lazyBlob{open: func() (io.ReadCloser, error) { return rc.FetchBlob(ctx, src.Host(), src.Repository(), l) }}
-		}
-		err := pushBlob(ctx, rc, src, dst, l, r)
-		if c, ok := r.(io.Closer); ok {
-			c.Close()
-		}
-		if err != nil {
-			return ocispec.Descriptor{}, err
-		}
-	}
-	if err := pushBlob(ctx, rc, src, dst, nm.Config, bytes.NewReader(newConfig)); err != nil {
+	tmp, err := os.CreateTemp("", "obd-accel-layer-")
+	if err != nil {
 		return ocispec.Descriptor{}, err
+	}
+	defer os.Remove(tmp.Name())
+	_, err = tmp.Write(layer)
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return ocispec.Descriptor{}, err
+	}
+	img := &image.Image{Manifest: newManifest, ManifestDesc: ocispec.Descriptor{MediaType: md.MediaType,
+		Digest: digest.FromBytes(newManifest), Size: int64(len(newManifest))}, Config: newConfig, ConfigDesc: nm.Config}
+	for _, l := range nm.Layers {
+		b := image.Blob{Desc: l, Repos: []string{src.Repository()}}
+		if l.Digest == ldesc.Digest {
+			b = image.Blob{Desc: l, Path: tmp.Name()}
+		}
+		img.Layers = append(img.Layers, b)
 	}
 	tag := dst.Tag
 	if dst.Digest != "" {
 		tag = ""
-	}
-	desc, err := rc.PushManifest(ctx, dst.Host(), dst.Repository(), tag, md.MediaType, newManifest)
-	if err != nil {
-		return ocispec.Descriptor{}, err
-	}
-	if dst.Digest != "" && dst.Digest != desc.Digest {
-		return desc, fmt.Errorf("%s: the accelerated manifest is %s, not the digest asked for", dst, desc.Digest)
-	}
-	return desc, nil
-}
-
-// pushBlob pushes one blob to dst, mounting it from src's repository when both are on one registry.
-func pushBlob(ctx context.Context, rc *registry.Client, src, dst image.Ref, desc ocispec.Descriptor, r io.Reader) error {
-	var from []string
-	if src.Host() == dst.Host() {
-		from = append(from, src.Repository())
-	}
-	return rc.PushBlob(ctx, dst.Host(), dst.Repository(), desc, r, from...)
-}
-
-// lazyBlob is a blob stream opened at its first read, so that a blob the registry already has or mounts is never
-// fetched.
-type lazyBlob struct {
-	open func() (io.ReadCloser, error)
-	rc   io.ReadCloser
-}
-
-func (b *lazyBlob) Read(p []byte) (int, error) {
-	if b.rc == nil {
-		rc, err := b.open()
-		if err != nil {
-			return 0, err
+		if dst.Digest != img.ManifestDesc.Digest {
+			return ocispec.Descriptor{}, fmt.Errorf("%s: the accelerated manifest is %s, not the digest asked for", dst, img.ManifestDesc.Digest)
 		}
-		b.rc = rc
 	}
-	return b.rc.Read(p)
-}
-
-func (b *lazyBlob) Close() error {
-	if b.rc == nil {
-		return nil
+	if err := image.NewRegistrySink(rc, dst).PutImage(ctx, img, tag, false); err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("push %s: %w", dst, err)
 	}
-	return b.rc.Close()
+	return img.ManifestDesc, nil
 }
 
 // DefaultTag returns the reference an accelerated image is pushed to when none is named: src's tag with "-accel"
