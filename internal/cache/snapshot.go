@@ -1,0 +1,268 @@
+package cache
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"math/bits"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// BlobInfo describes a blob in the cache.
+type BlobInfo struct {
+	Digest      digest.Digest
+	Size        int64
+	CachedBytes int64
+	Blocks      int64 // present blocks
+	TotalBlocks int64
+	LastUse     time.Time
+}
+
+// Blobs lists the blobs that have cached blocks, most recently used first.
+func (c *Cache) Blobs() []BlobInfo {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []BlobInfo
+	for _, b := range c.blobs {
+		b.mu.Lock()
+		if b.presentBytes > 0 {
+			var n int64
+			for _, w := range b.present {
+				n += int64(bits.OnesCount64(w))
+			}
+			out = append(out, BlobInfo{Digest: b.key, Size: b.size, CachedBytes: b.presentBytes, Blocks: n,
+				TotalBlocks: b.nblocks, LastUse: time.Unix(0, b.lastAccess.Load())})
+		}
+		b.mu.Unlock()
+	}
+	slices.SortFunc(out, func(a, b BlobInfo) int { return b.LastUse.Compare(a.LastUse) })
+	return out
+}
+
+// BlockSize returns the cache's block size: the unit of Blobs, snapshots and eviction.
+func (c *Cache) BlockSize() int64 { return c.opts.BlockSize }
+
+// EvictBlob drops the cached blocks of a blob, except those an ongoing read uses, and returns the bytes freed.
+func (c *Cache) EvictBlob(key digest.Digest) (int64, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	b := c.blobs[key]
+	if b == nil {
+		return 0, nil
+	}
+	b.mu.Lock()
+	last := b.nblocks - 1
+	b.mu.Unlock()
+	if last < 0 {
+		return 0, nil
+	}
+	freed, err := b.evict(0, last, -1, true, false)
+	c.used -= freed
+	if err != nil {
+		return freed, fmt.Errorf("cache: blob %s: %w", key, err)
+	}
+	return freed, nil
+}
+
+// ExportedBlob describes the blocks of one blob written by ExportBlob: the data that follows is the blocks listed,
+// in that order, each BlockSize bytes long but the blob's last block, which may be short.
+type ExportedBlob struct {
+	Digest    digest.Digest   `json:"digest"`
+	Size      int64           `json:"size"`
+	BlockSize int64           `json:"block_size"`
+	Blocks    []int64         `json:"blocks"`
+	Sums      []digest.Digest `json:"sums"` // sha256 of each block's bytes
+}
+
+// DataSize returns the bytes of the blocks e lists.
+func (e ExportedBlob) DataSize() int64 {
+	var n int64
+	for _, i := range e.Blocks {
+		n += min(e.BlockSize, e.Size-i*e.BlockSize)
+	}
+	return n
+}
+
+// Validate checks that e describes blocks of its blob in ascending order, one sum each.
+func (e ExportedBlob) Validate() error {
+	if err := e.Digest.Validate(); err != nil {
+		return fmt.Errorf("cache snapshot: blob %q: %w", e.Digest, err)
+	}
+	if e.Size <= 0 || e.BlockSize <= 0 || e.BlockSize > 64<<20 {
+		return fmt.Errorf("cache snapshot: blob %s: size %d, block size %d", e.Digest, e.Size, e.BlockSize)
+	}
+	if len(e.Sums) != len(e.Blocks) {
+		return fmt.Errorf("cache snapshot: blob %s: %d sums for %d blocks", e.Digest, len(e.Sums), len(e.Blocks))
+	}
+	nb := numBlocks(e.Size, e.BlockSize)
+	for k, i := range e.Blocks {
+		if i < 0 || i >= nb || k > 0 && i <= e.Blocks[k-1] {
+			return fmt.Errorf("cache snapshot: blob %s: block %d out of order or range (%d blocks)", e.Digest, i, nb)
+		}
+		if err := e.Sums[k].Validate(); err != nil || e.Sums[k].Algorithm() != digest.SHA256 {
+			return fmt.Errorf("cache snapshot: blob %s: block %d: bad sum %q", e.Digest, i, e.Sums[k])
+		}
+	}
+	return nil
+}
+
+// ExportBlob writes the cached blocks of a blob to w and returns what it wrote. It runs beside reads and evictions:
+// each block is pinned while it is read, and a block evicted meanwhile is left out, so no block is torn.
+func (c *Cache) ExportBlob(key digest.Digest, w io.Writer) (ExportedBlob, error) {
+	c.mu.Lock()
+	b := c.blobs[key]
+	c.mu.Unlock()
+	bs := c.opts.BlockSize
+	e := ExportedBlob{Digest: key, BlockSize: bs}
+	if b == nil {
+		return e, fmt.Errorf("cache: blob %s is not cached", key)
+	}
+	b.mu.Lock()
+	e.Size = b.size
+	var want []int64
+	for i := int64(0); i < b.nblocks; i++ {
+		if bitSet(b.present, i) {
+			want = append(want, i)
+		}
+	}
+	b.mu.Unlock()
+	r := &Reader{c: c, b: b, key: key, size: e.Size}
+	buf := make([]byte, bs)
+	for _, i := range want {
+		pin := pinRange{i, i}
+		b.mu.Lock()
+		if b.size != e.Size || !bitSet(b.present, i) {
+			b.mu.Unlock()
+			continue
+		}
+		b.pins = append(b.pins, pin)
+		b.mu.Unlock()
+		n := b.blockBytes(i)
+		err := r.readDisk(buf[:n], i*bs)
+		b.unpin(pin)
+		if err != nil {
+			return e, fmt.Errorf("cache: blob %s: block %d: %w", key, i, err)
+		}
+		if _, err := w.Write(buf[:n]); err != nil {
+			return e, err
+		}
+		e.Blocks = append(e.Blocks, i)
+		e.Sums = append(e.Sums, digest.Digest(fmt.Sprintf("sha256:%x", sha256.Sum256(buf[:n]))))
+	}
+	return e, nil
+}
+
+// ImportResult says what ImportBlob did.
+type ImportResult struct {
+	Imported int64 // blocks stored
+	Present  int64 // blocks that were cached already
+	Dropped  int64 // blocks whose bytes did not match their sum
+	// Full is set when the cache had no room for more blocks: the rest were not stored.
+	Full bool
+	// Verified is set when the blob is complete and matches its digest; a complete blob that does not match is
+	// dropped whole (ErrDigestMismatch).
+	Verified bool
+}
+
+// ImportBlob stores the blocks e lists, read from data, into the cache: each is checked against its sum (one that
+// fails is dropped, never stored), none evicts cached blocks (the import stops at the cache's bound), and a blob
+// that is then complete is checked against its digest.
+func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) (ImportResult, error) {
+	var res ImportResult
+	if err := e.Validate(); err != nil {
+		return res, err
+	}
+	if e.BlockSize != c.opts.BlockSize {
+		return res, fmt.Errorf("cache snapshot: blob %s: blocks of %d bytes, this cache's are %d", e.Digest, e.BlockSize, c.opts.BlockSize)
+	}
+	c.mu.Lock()
+	if b := c.blobs[e.Digest]; b != nil {
+		b.mu.Lock()
+		size := b.size
+		b.mu.Unlock()
+		if size != e.Size {
+			c.mu.Unlock()
+			return res, fmt.Errorf("cache snapshot: blob %s has %d bytes, the cache knows it with %d", e.Digest, e.Size, size)
+		}
+	}
+	c.mu.Unlock()
+	src := &importSource{blocks: map[int64][]byte{}, bs: e.BlockSize}
+	r := c.Reader(e.Digest, e.Size, src)
+	if r.b == nil {
+		return res, fmt.Errorf("cache: blob %s cannot be cached (closed cache)", e.Digest)
+	}
+	buf := make([]byte, e.BlockSize)
+	for k, i := range e.Blocks {
+		if err := ctx.Err(); err != nil {
+			return res, err
+		}
+		n := min(e.BlockSize, e.Size-i*e.BlockSize)
+		if _, err := io.ReadFull(data, buf[:n]); err != nil {
+			return res, fmt.Errorf("cache snapshot: blob %s: block %d: %w", e.Digest, i, err)
+		}
+		if res.Full {
+			continue // read past the rest
+		}
+		if digest.Digest(fmt.Sprintf("sha256:%x", sha256.Sum256(buf[:n]))) != e.Sums[k] {
+			res.Dropped++
+			continue
+		}
+		if r.missingBytes(i*e.BlockSize, n) == 0 {
+			res.Present++
+			continue
+		}
+		src.put(i, buf[:n])
+		err := r.Prefetch(i*e.BlockSize, n)
+		src.drop(i)
+		switch {
+		case errors.Is(err, ErrFull):
+			res.Full = true
+		case err != nil:
+			return res, fmt.Errorf("cache: blob %s: block %d: %w", e.Digest, i, err)
+		default:
+			res.Imported++
+		}
+	}
+	if r.presentBytes() == e.Size {
+		if err := r.Download(ctx, DownloadOptions{}); err != nil {
+			return res, err
+		}
+		res.Verified = true
+	}
+	return res, nil
+}
+
+// importSource serves the one block an import is storing; anything else is an error (nothing is fetched).
+type importSource struct {
+	mu     sync.Mutex
+	bs     int64
+	blocks map[int64][]byte
+}
+
+func (s *importSource) put(i int64, b []byte) {
+	s.mu.Lock()
+	s.blocks[i] = b
+	s.mu.Unlock()
+}
+
+func (s *importSource) drop(i int64) {
+	s.mu.Lock()
+	delete(s.blocks, i)
+	s.mu.Unlock()
+}
+
+func (s *importSource) ReadAt(p []byte, off int64) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	b, ok := s.blocks[off/s.bs]
+	if !ok || off%s.bs != 0 || len(p) > len(b) {
+		return 0, fmt.Errorf("cache import: bytes %d+%d are not in the snapshot", off, len(p))
+	}
+	return copy(p, b), nil
+}

@@ -1,0 +1,154 @@
+package cache
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/opencontainers/go-digest"
+)
+
+func TestBlobsAndEvictBlob(t *testing.T) {
+	c := openTest(t, t.TempDir(), 1<<30, nil)
+	defer c.Close()
+	a, b := newSrc(10*testBS, 21), newSrc(5*testBS+7, 22)
+	ra, rb := c.Reader(a.key(), int64(len(a.data)), a), c.Reader(b.key(), int64(len(b.data)), b)
+	checkRead(t, ra, a, 0, 3*testBS)
+	checkRead(t, rb, b, 0, len(b.data))
+	got := c.Blobs()
+	if len(got) != 2 || got[0].Digest != b.key() || got[0].Blocks != 6 || got[0].TotalBlocks != 6 || got[0].CachedBytes != int64(len(b.data)) ||
+		got[1].Digest != a.key() || got[1].Blocks != 3 || got[1].TotalBlocks != 10 {
+		t.Fatalf("Blobs = %+v", got)
+	}
+	freed, err := c.EvictBlob(a.key())
+	if err != nil || freed != 3*testBS {
+		t.Fatalf("EvictBlob freed %d, %v", freed, err)
+	}
+	if used, blobs := c.Usage(); used != int64(len(b.data)) || blobs != 1 {
+		t.Fatalf("usage after evicting a blob: %d bytes in %d blobs", used, blobs)
+	}
+	if n, err := c.EvictBlob(digest.FromString("unknown")); n != 0 || err != nil {
+		t.Fatalf("evicting an unknown blob: %d, %v", n, err)
+	}
+}
+
+// Export the cached blocks of a partly and a fully cached blob, import them into another cache: the same blocks
+// are present there, read without the source, and the complete blob is verified against its digest.
+func TestExportImport(t *testing.T) {
+	from := openTest(t, t.TempDir(), 1<<30, nil)
+	defer from.Close()
+	part, full := newSrc(20*testBS+100, 23), newSrc(4*testBS+1, 24)
+	rp, rf := from.Reader(part.key(), int64(len(part.data)), part), from.Reader(full.key(), int64(len(full.data)), full)
+	checkRead(t, rp, part, 3*testBS, 2*testBS)
+	checkRead(t, rp, part, 20*testBS, 100)
+	checkRead(t, rf, full, 0, len(full.data))
+
+	to := openTest(t, t.TempDir(), 1<<30, nil)
+	defer to.Close()
+	for _, src := range []*memSrc{part, full} {
+		var data bytes.Buffer
+		e, err := from.ExportBlob(src.key(), &data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if int64(data.Len()) != e.DataSize() || e.Validate() != nil {
+			t.Fatalf("export of %s: %d bytes for %+v", src.key(), data.Len(), e)
+		}
+		res, err := to.ImportBlob(context.Background(), e, &data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Imported != int64(len(e.Blocks)) || res.Dropped != 0 || res.Full || res.Verified != (src == full) {
+			t.Fatalf("import of %s: %+v", src.key(), res)
+		}
+	}
+	// The imported blocks read with no source read; a block that was not exported goes to the source.
+	for _, c := range []struct {
+		src       *memSrc
+		off, n    int
+		fromCache bool
+	}{{part, 3 * testBS, 2 * testBS, true}, {part, 20 * testBS, 100, true}, {full, 0, len(full.data), true}, {part, 0, 10, false}} {
+		calls := c.src.calls.Load()
+		checkRead(t, to.Reader(c.src.key(), int64(len(c.src.data)), c.src), c.src, int64(c.off), c.n)
+		if got := c.src.calls.Load() == calls; got != c.fromCache {
+			t.Errorf("read of %d+%d of %s: from the cache %v, want %v", c.off, c.n, c.src.key(), got, c.fromCache)
+		}
+	}
+	// Importing again finds everything present.
+	var data bytes.Buffer
+	e, _ := from.ExportBlob(full.key(), &data)
+	if res, err := to.ImportBlob(context.Background(), e, &data); err != nil || res.Present != int64(len(e.Blocks)) || res.Imported != 0 {
+		t.Fatalf("second import: %+v, %v", res, err)
+	}
+}
+
+// Blocks that do not match their sums are dropped; a complete blob whose bytes do not match its digest is dropped
+// whole; a snapshot never evicts cached blocks; bad descriptions are refused.
+func TestImportRejects(t *testing.T) {
+	from := openTest(t, t.TempDir(), 1<<30, nil)
+	defer from.Close()
+	src := newSrc(8*testBS, 25)
+	checkRead(t, from.Reader(src.key(), int64(len(src.data)), src), src, 0, len(src.data))
+	var data bytes.Buffer
+	e, err := from.ExportBlob(src.key(), &data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := data.Bytes()
+
+	to := openTest(t, t.TempDir(), 1<<30, nil)
+	bad := bytes.Clone(good)
+	bad[2*testBS+5] ^= 1
+	res, err := to.ImportBlob(context.Background(), e, bytes.NewReader(bad))
+	if err != nil || res.Dropped != 1 || res.Imported != 7 || res.Verified {
+		t.Fatalf("import with a damaged block: %+v, %v", res, err)
+	}
+	to.Close()
+
+	// Sums that match bytes which are not the blob's: caught by the digest once complete.
+	forged := e
+	forged.Sums = slices.Clone(e.Sums)
+	wrong := bytes.Clone(good)
+	wrong[0] ^= 1
+	forged.Sums[0] = digest.FromBytes(wrong[:testBS])
+	to = openTest(t, t.TempDir(), 1<<30, nil)
+	if _, err := to.ImportBlob(context.Background(), forged, bytes.NewReader(wrong)); !errors.Is(err, ErrDigestMismatch) {
+		t.Fatalf("import of a forged complete blob: %v, want ErrDigestMismatch", err)
+	}
+	if used, _ := to.Usage(); used != 0 {
+		t.Fatalf("%d bytes of a forged blob stay cached", used)
+	}
+	to.Close()
+
+	// The bound: a cache of 3 blocks takes 3 and says it is full.
+	small := openTest(t, t.TempDir(), 3*testBS, nil)
+	defer small.Close()
+	res, err = small.ImportBlob(context.Background(), e, bytes.NewReader(good))
+	if err != nil || !res.Full || res.Imported != 3 {
+		t.Fatalf("import into a small cache: %+v, %v", res, err)
+	}
+
+	for _, c := range []struct {
+		name string
+		mod  func(*ExportedBlob)
+		want string
+	}{
+		{"order", func(e *ExportedBlob) { e.Blocks[1], e.Blocks[2] = e.Blocks[2], e.Blocks[1] }, "out of order"},
+		{"range", func(e *ExportedBlob) { e.Blocks[7] = 8 }, "out of order or range"},
+		{"sums", func(e *ExportedBlob) { e.Sums = e.Sums[:3] }, "3 sums for 8 blocks"},
+		{"block size", func(e *ExportedBlob) { e.BlockSize = 2 * testBS }, "out of order or range"},
+		{"digest", func(e *ExportedBlob) { e.Digest = "sha256:xyz" }, "blob"},
+	} {
+		m := e
+		m.Blocks, m.Sums = slices.Clone(e.Blocks), slices.Clone(e.Sums)
+		c.mod(&m)
+		if _, err := small.ImportBlob(context.Background(), m, bytes.NewReader(good)); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want an error with %q", c.name, err, c.want)
+		}
+	}
+}
+
+func slices2[T any](s []T) []T { return append([]T(nil), s...) }
