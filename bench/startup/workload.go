@@ -43,7 +43,7 @@ var workloads = []workload{
 	},
 	{
 		name: "gcc",
-		desc: "busybox sh writes a 15-line C++ file and runs g++ -O2 -c on it (bits/stdc++.h and Boost string algorithms): the g++ driver, cc1plus (35 MB, page-faulted), as and libbfd, gcc's shared libraries (isl, mpc, mpfr, gmp, zstd, libc) and thousands of header files, across the layers",
+		desc: "busybox sh writes a 15-line C++ file and runs g++ -O2 -c on it (bits/stdc++.h and Boost string algorithms): the g++ driver, cc1plus (35 MB, page-faulted), as and libbfd, gcc's shared libraries (isl, mpc, mpfr, gmp, zstd, libc) and many header files, across the layers",
 		cmd: append([]string{"/bin/busybox", "sh", "-c",
 			`printf '%s\n' "$@" > /tmp/w.cc && g++ -O2 -c /tmp/w.cc -o /tmp/w.o && echo ready`, "sh"}, gccSource...),
 	},
