@@ -41,6 +41,12 @@ const (
 	DefaultDownloadMBps  = 100
 	// DefaultDownloadConcurrency keeps a 1 Gbit/s link with 20 ms of round trip busy with 4 MiB range requests.
 	DefaultDownloadConcurrency = 4
+	// DefaultCRIAddress is the socket of the CRI image-service proxy (kubelet's --image-service-endpoint).
+	DefaultCRIAddress = "/run/obd/cri.sock"
+	// DefaultContainerdAddress is containerd's gRPC socket, which serves the CRI the proxy forwards to.
+	DefaultContainerdAddress = "/run/containerd/containerd.sock"
+	// DefaultCRICredentialTTL is how long credentials captured from a CRI pull are kept after their last use.
+	DefaultCRICredentialTTL = "24h"
 )
 
 // Config is the part of obd.toml that obd-snapshotter reads. Other tables belong to other obd components.
@@ -52,6 +58,47 @@ type Config struct {
 	Audit       Audit       `toml:"audit"`
 	Prefetch    Prefetch    `toml:"prefetch"`
 	Download    Download    `toml:"download"`
+	CRI         CRI         `toml:"cri"`
+}
+
+// CRI is the [cri] table: Kubernetes. The CRI image-service proxy between kubelet and containerd keeps the
+// credentials of each pull for the lazy reads of that image; kubelet credential provider plugins are a credential
+// source of their own, used whether or not the proxy runs.
+type CRI struct {
+	// Enable serves the CRI image-service proxy on Address.
+	Enable bool `toml:"enable"`
+	// Address is the unix socket of the proxy: kubelet's --image-service-endpoint unix://<Address>.
+	Address string `toml:"address"`
+	// ContainerdAddress is containerd's gRPC socket, where the proxy forwards every call.
+	ContainerdAddress string `toml:"containerd_address"`
+	// CredentialTTL is how long the credentials of a pull are kept after the pull or their last use (a Go
+	// duration).
+	CredentialTTL string `toml:"credential_ttl"`
+	// CredentialProviderDir holds the executables of CredentialProviders (kubelet's
+	// --image-credential-provider-bin-dir).
+	CredentialProviderDir string `toml:"credential_provider_dir"`
+	// CredentialProviders are kubelet credential provider plugins, asked for the registries they match.
+	CredentialProviders []CredentialProvider `toml:"credential_providers"`
+}
+
+// CredentialProvider is one kubelet credential provider plugin (kubelet's CredentialProviderConfig entry).
+type CredentialProvider struct {
+	// Name is the executable in [cri] credential_provider_dir.
+	Name string `toml:"name"`
+	// MatchImages are the images it serves: "host[:port][/path]" with "*" for one part of the host name.
+	MatchImages []string `toml:"match_images"`
+	// DefaultCacheDuration is how long an answer is used when the plugin gives no cacheDuration (a Go duration).
+	DefaultCacheDuration string `toml:"default_cache_duration"`
+	// Args are passed to the executable.
+	Args []string `toml:"args"`
+	// Env is added to the environment of the executable.
+	Env map[string]string `toml:"env"`
+}
+
+// CredentialTTLDuration returns CredentialTTL as a duration (checked by Validate).
+func (c CRI) CredentialTTLDuration() time.Duration {
+	d, _ := time.ParseDuration(c.CredentialTTL)
+	return d
 }
 
 // Prefetch is the [prefetch] table: fetching a recorded start ahead of demand.
@@ -165,11 +212,12 @@ func Default() Config {
 		Audit:       Audit{SlowReadMS: DefaultSlowReadMS, HungReadMS: DefaultHungReadMS},
 		Prefetch:    Prefetch{Concurrency: DefaultPrefetchConcurrency},
 		Download:    Download{DelaySeconds: DefaultDownloadDelay, MaxMBps: DefaultDownloadMBps, Concurrency: DefaultDownloadConcurrency},
+		CRI:         CRI{Address: DefaultCRIAddress, ContainerdAddress: DefaultContainerdAddress, CredentialTTL: DefaultCRICredentialTTL},
 	}
 }
 
 // tables are the tables of obd.toml this package reads; unknown keys in them are reported.
-var tables = []string{"snapshotter", "cache", "registry", "metrics", "audit", "prefetch", "download"}
+var tables = []string{"snapshotter", "cache", "registry", "metrics", "audit", "prefetch", "download", "cri"}
 
 // Load reads path over the defaults. A missing file is an error only when the user named it (explicit). It
 // returns warnings about keys of its tables that it does not know (typos), which the caller logs or shows.
@@ -226,6 +274,35 @@ func (c Config) Validate() error {
 	}
 	if c.Download.DelaySeconds < 0 || c.Download.MaxMBps < 0 {
 		return fmt.Errorf("download.delay = %d, download.max_mbps = %d: want 0 or more", c.Download.DelaySeconds, c.Download.MaxMBps)
+	}
+	return c.CRI.validate()
+}
+
+// validate checks the [cri] table.
+func (c CRI) validate() error {
+	for key, p := range map[string]string{"cri.address": c.Address, "cri.containerd_address": c.ContainerdAddress} {
+		if !filepath.IsAbs(p) {
+			return fmt.Errorf("%s = %q: want the absolute path of a unix socket", key, p)
+		}
+	}
+	if d, err := time.ParseDuration(c.CredentialTTL); err != nil || d <= 0 {
+		return fmt.Errorf("cri.credential_ttl = %q: want a positive duration such as \"24h\"", c.CredentialTTL)
+	}
+	if len(c.CredentialProviders) > 0 && !filepath.IsAbs(c.CredentialProviderDir) {
+		return fmt.Errorf("cri.credential_provider_dir = %q: want the absolute path of the directory of the credential provider plugins", c.CredentialProviderDir)
+	}
+	for i, p := range c.CredentialProviders {
+		if p.Name == "" || strings.ContainsRune(p.Name, '/') || p.Name == "." || p.Name == ".." {
+			return fmt.Errorf("cri.credential_providers[%d].name = %q: want the name of an executable in cri.credential_provider_dir", i, p.Name)
+		}
+		if len(p.MatchImages) == 0 {
+			return fmt.Errorf("cri.credential_providers[%d] (%s): match_images is empty: want the registries it serves, such as \"*.dkr.ecr.*.amazonaws.com\"", i, p.Name)
+		}
+		if p.DefaultCacheDuration != "" {
+			if d, err := time.ParseDuration(p.DefaultCacheDuration); err != nil || d < 0 {
+				return fmt.Errorf("cri.credential_providers[%d] (%s): default_cache_duration = %q: want a duration such as \"12h\"", i, p.Name, p.DefaultCacheDuration)
+			}
+		}
 	}
 	return nil
 }

@@ -12,6 +12,7 @@ import (
 
 	"github.com/obdproject/obd/internal/cache"
 	"github.com/obdproject/obd/internal/config"
+	"github.com/obdproject/obd/internal/cri"
 	"github.com/obdproject/obd/internal/device"
 	"github.com/obdproject/obd/internal/mounter"
 	"github.com/obdproject/obd/internal/registry"
@@ -26,6 +27,10 @@ type Service struct {
 	mounter snapshotter.ImageMounter
 	cache   *cache.Cache // nil with WithImageMounter
 	clients *clientPool  // nil with WithImageMounter
+	// pulls holds the credentials of CRI pulls (the [cri] proxy) for the lazy reads of those images; providers are
+	// the kubelet credential provider plugins of [cri].
+	pulls     *cri.Store
+	providers *cri.Providers
 }
 
 // Option configures New.
@@ -63,7 +68,12 @@ func New(cfg config.Config, opts ...Option) (*Service, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Service{cfg: cfg, log: o.logger, ops: ops, mounter: o.mounter}
+	providers, err := cri.NewProviders(cfg.CRI.CredentialProviderDir, cfg.CRI.CredentialProviders)
+	if err != nil {
+		ops.close()
+		return nil, fmt.Errorf("config %s: %w", o.configPath, err)
+	}
+	s := &Service{cfg: cfg, log: o.logger, ops: ops, mounter: o.mounter, pulls: cri.NewStore(cfg.CRI.CredentialTTLDuration()), providers: providers}
 	if s.mounter == nil {
 		if err := s.openDevices(); err != nil {
 			ops.close()
@@ -84,7 +94,8 @@ func (s *Service) openDevices() error {
 		return fmt.Errorf("block cache %s: %w", cfg.Cache.Dir, err)
 	}
 	budget, _ := time.ParseDuration(cfg.Registry.RetryBudget) // checked by Validate
-	cp := &clientPool{cfg: cfg.Registry, budget: budget, logger: s.log, observer: s.ops.observeRegistry, clients: map[string]*registry.Client{}}
+	cp := &clientPool{cfg: cfg.Registry, budget: budget, logger: s.log, observer: s.ops.observeRegistry, pulls: s.pulls, providers: s.providers,
+		clients: map[string]*registry.Client{}}
 	m := mounter.New(mounter.Options{
 		Frontend:            device.NewFuseLoop(s.log, device.WithReadObserver(s.ops.reads.observe)),
 		StateDir:            filepath.Join(cfg.Snapshotter.Root, "devices"),

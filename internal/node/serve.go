@@ -57,6 +57,11 @@ func (s *Service) Serve(ctx context.Context) error {
 		return err
 	}
 	defer stop()
+	stopCRI, err := s.serveCRI()
+	if err != nil {
+		return err
+	}
+	defer stopCRI()
 	return s.serveAPI(ctx, sn, grpc.UnaryInterceptor(s.ops.unaryInterceptor))
 }
 

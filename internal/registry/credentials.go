@@ -24,6 +24,9 @@ type CredentialFunc func(ctx context.Context, host string) (username, password s
 // identityTokenUser is docker's marker username for an identity token stored as the password.
 const identityTokenUser = "<token>"
 
+// IdentityTokenUser is the username a CredentialFunc answers to mark the password as an identity (refresh) token.
+const IdentityTokenUser = identityTokenUser
+
 // StaticCredentials returns a CredentialFunc that answers user and pass for every host.
 func StaticCredentials(user, pass string) CredentialFunc {
 	return func(context.Context, string) (string, string, error) { return user, pass, nil }
