@@ -27,7 +27,8 @@ func newInstallCmd() *cobra.Command {
     checked, never overwritten;
   - registers the snapshotter in containerd's config.toml as [proxy_plugins.overlaybd] with the socket address
     from obd.toml, inserting that table and leaving the rest of the file as it is (config versions 1, 2 and 3);
-    with --cri also sets disable_snapshot_annotations = false for containerd's CRI plugin (Kubernetes);
+    with --cri also sets disable_snapshot_annotations = false and snapshotter = "overlaybd" for containerd's
+    CRI plugin (Kubernetes) and prints the kubelet flag that sends pulls through obd's CRI proxy;
   - where systemd runs, installs obd-snapshotter.service and enables and starts it.
 
 It prints each change it makes and nothing when there is nothing to change, so it is safe to run again.
@@ -56,7 +57,7 @@ containerd is not restarted unless --restart-containerd is given.`,
 	f.StringVar(&opts.ObdConfig, "obd-config", config.DefaultPath, "obd's configuration file")
 	f.StringVar(&opts.Systemd, "systemd", "auto", "install the systemd unit: auto (when systemd runs), yes or no")
 	f.StringVar(&opts.UnitDir, "unit-dir", install.DefaultUnitDir, "directory of the systemd unit")
-	f.BoolVar(&opts.CRI, "cri", false, "set disable_snapshot_annotations = false for containerd's CRI plugin (needed for Kubernetes)")
+	f.BoolVar(&opts.CRI, "cri", false, "Kubernetes: make containerd's CRI plugin pull with obd's snapshotter and pass it image annotations")
 	f.BoolVar(&opts.RestartContainerd, "restart-containerd", false, "restart containerd (through systemd) when its configuration changed")
 	f.BoolVar(&opts.DryRun, "dry-run", false, "print what would change and change nothing")
 	return cmd

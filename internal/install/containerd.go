@@ -140,35 +140,21 @@ func planContainerd(path string, data []byte, exists bool, address string, cri b
 			}
 		}
 	}
+	// With cri: disable_snapshot_annotations = false and snapshotter = "overlaybd" in the CRI table.
 	keyPath := append(slices.Clone(layout.table), annotationsKey)
+	snPath := append(slices.Clone(layout.table), "snapshotter")
 	cur, set := config.Lookup(doc, keyPath...)
 	p.annotationsPassed = set && cur == false
-	criSnippet := fmt.Sprintf("[%s]\n  %s = false\n", p.criTable, annotationsKey)
-	if cri && !p.annotationsPassed {
-		if set {
-			if _, isBool := cur.(bool); !isBool {
-				return nil, fmt.Errorf("containerd config %s:%d: %s.%s = %v is not a boolean", path, locate(items, keyPath...), p.criTable, annotationsKey, cur)
-			}
+	criSnippet := fmt.Sprintf("[%s]\n  %s = false\n  snapshotter = %q\n", p.criTable, annotationsKey, ProxyPluginName)
+	if cri {
+		criEdits, err := planCRIKeys(p, data, items, doc, layout.table, criSnippet)
+		if err != nil {
+			return nil, err
 		}
-		switch it, hdr := find(items, false, keyPath...), find(items, true, layout.table...); {
-		case it != nil:
-			if strings.TrimSpace(string(data[it.valStart:it.valEnd])) != "true" {
-				return nil, manualEditError(path, fmt.Sprintf("line %d sets %s in a form obd install does not edit", it.line, annotationsKey), criSnippet)
-			}
-			edits = append(edits, edit{at: it.valStart, end: it.valEnd, text: "false"})
-			p.changes = append(p.changes, fmt.Sprintf("set %s = false in [%s] (line %d)", annotationsKey, p.criTable, it.line))
-		case hdr != nil:
-			line := hdr.indent + "  " + annotationsKey + " = false # added by 'obd install': pass image annotations to snapshotters\n"
-			at := hdr.end
-			if at == len(data) && (at == 0 || data[at-1] != '\n') {
-				line = "\n" + line
-			}
-			edits = append(edits, edit{at: at, end: at, text: line})
-			p.changes = append(p.changes, fmt.Sprintf("set %s = false in [%s] (after line %d)", annotationsKey, p.criTable, hdr.line))
-		default:
-			appended.WriteString("\n# Pass image annotations to snapshotters on CRI (Kubernetes) pulls, added by 'obd install --cri'.\n")
-			appended.WriteString(criSnippet)
-			p.changes = append(p.changes, fmt.Sprintf("added [%s] with %s = false", p.criTable, annotationsKey))
+		edits = append(edits, criEdits.edits...)
+		if criEdits.table != "" {
+			appended.WriteString("\n# Pull CRI (Kubernetes) images with obd's snapshotter and pass it image annotations, added by 'obd install --cri'.\n")
+			appended.WriteString(criEdits.table)
 		}
 		p.annotationsPassed = true
 	}
@@ -213,15 +199,86 @@ func planContainerd(path string, data []byte, exists bool, address string, cri b
 		if v, _ := config.Lookup(after, keyPath...); v != false {
 			return nil, manualEditError(path, "the edit did not set "+annotationsKey+" as expected", snippet)
 		}
+		if v, _ := config.Lookup(after, snPath...); v != ProxyPluginName {
+			return nil, manualEditError(path, "the edit did not set snapshotter as expected", snippet)
+		}
 	}
 	before := doc
 	if !exists {
 		before = map[string]any{"version": int64(p.version)}
 	}
-	if !reflect.DeepEqual(strip(before, pluginPath, keyPath), strip(after, pluginPath, keyPath)) {
+	if !reflect.DeepEqual(strip(before, pluginPath, keyPath, snPath), strip(after, pluginPath, keyPath, snPath)) {
 		return nil, manualEditError(path, "the edit would have changed other settings", snippet)
 	}
 	return p, nil
+}
+
+// criKeyEdits is how install --cri sets the CRI keys: edits inside the file, or a table to append.
+type criKeyEdits struct {
+	edits []edit
+	table string
+}
+
+// planCRIKeys plans disable_snapshot_annotations = false and snapshotter = "overlaybd" in the CRI table: a value
+// set otherwise is replaced in place (its comment kept), a missing key is added under the table's header, or the
+// table is appended with both keys.
+func planCRIKeys(p *containerdPlan, data []byte, items []tomlItem, doc map[string]any, table []string, snippet string) (criKeyEdits, error) {
+	var out criKeyEdits
+	keys := []struct {
+		key, text, why string
+		want           any
+		literal        func(string) bool // the forms of a current value install replaces
+	}{
+		{annotationsKey, "false", "pass image annotations to snapshotters", false, func(v string) bool { return v == "true" }},
+		{"snapshotter", quoteBasic(ProxyPluginName), "pull CRI images with obd's snapshotter", ProxyPluginName, isSimpleString},
+	}
+	hdr := find(items, true, table...)
+	var underHeader strings.Builder
+	var missing []string
+	for _, k := range keys {
+		keyPath := append(slices.Clone(table), k.key)
+		cur, set := config.Lookup(doc, keyPath...)
+		if set && cur == k.want {
+			continue
+		}
+		if set && reflect.TypeOf(cur) != reflect.TypeOf(k.want) {
+			return out, fmt.Errorf("containerd config %s:%d: %s.%s = %v is not a %T", p.path, locate(items, keyPath...), p.criTable, k.key, cur, k.want)
+		}
+		switch it := find(items, false, keyPath...); {
+		case it != nil:
+			if !k.literal(strings.TrimSpace(string(data[it.valStart:it.valEnd]))) {
+				return out, manualEditError(p.path, fmt.Sprintf("line %d sets %s in a form obd install does not edit", it.line, k.key), snippet)
+			}
+			out.edits = append(out.edits, edit{at: it.valStart, end: it.valEnd, text: k.text})
+			p.changes = append(p.changes, fmt.Sprintf("set %s = %s in [%s] (line %d)", k.key, k.text, p.criTable, it.line))
+		case hdr != nil:
+			fmt.Fprintf(&underHeader, "%s  %s = %s # added by 'obd install': %s\n", hdr.indent, k.key, k.text, k.why)
+			p.changes = append(p.changes, fmt.Sprintf("set %s = %s in [%s] (after line %d)", k.key, k.text, p.criTable, hdr.line))
+		default:
+			missing = append(missing, k.key+" = "+k.text)
+		}
+	}
+	if underHeader.Len() > 0 {
+		lines, at := underHeader.String(), hdr.end
+		if at == len(data) && (at == 0 || data[at-1] != '\n') {
+			lines = "\n" + lines
+		}
+		out.edits = append(out.edits, edit{at: at, end: at, text: lines})
+	}
+	if len(missing) > 0 {
+		out.table = fmt.Sprintf("[%s]\n  %s\n", p.criTable, strings.Join(missing, "\n  "))
+		p.changes = append(p.changes, fmt.Sprintf("added [%s] with %s", p.criTable, strings.Join(missing, ", ")))
+	}
+	return out, nil
+}
+
+// isSimpleString reports whether a TOML value is a one-line basic or literal string without escapes.
+func isSimpleString(v string) bool {
+	if len(v) < 2 || strings.ContainsAny(v, "\\\n") {
+		return false
+	}
+	q := v[0]
+	return (q == '"' || q == '\'') && v[len(v)-1] == q && !strings.ContainsRune(v[1:len(v)-1], rune(q))
 }
 
 // edit replaces data[at:end] with text.

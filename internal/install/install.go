@@ -48,7 +48,8 @@ type Options struct {
 	SystemdDir string // SystemdRunDir
 	UnitDir    string // DefaultUnitDir
 	Systemctl  string // the systemctl program ("systemctl" on PATH)
-	// CRI sets disable_snapshot_annotations = false for containerd's CRI plugin (Kubernetes).
+	// CRI sets disable_snapshot_annotations = false and snapshotter = "overlaybd" for containerd's CRI plugin
+	// (Kubernetes) and tells the kubelet flag that sends pulls through obd's CRI proxy.
 	CRI bool
 	// RestartContainerd restarts containerd (through systemd) when its config changed.
 	RestartContainerd bool
@@ -218,6 +219,14 @@ func Run(ctx context.Context, opts Options) error {
 		if plan.criEnabled && plan.annotationsPassed {
 			if v, _ := snapshotterOf(plan.new, plan.version); v != ProxyPluginName {
 				r.next(fmt.Sprintf("to run Kubernetes pods from overlaybd images, set snapshotter = %q in [%s] (obd-snapshotter serves ordinary images too, as overlayfs does)", ProxyPluginName, plan.criTable))
+			}
+		}
+		if o.CRI {
+			flag := "--image-service-endpoint unix://" + cfg.CRI.Address
+			if cfg.CRI.Enable {
+				r.next(fmt.Sprintf("start kubelet with %s (its --container-runtime-endpoint stays containerd's socket), so that lazy reads of private images use the pods' image pull secrets", flag))
+			} else {
+				r.next(fmt.Sprintf("for private images, set enable = true in [cri] of %s, restart obd-snapshotter and start kubelet with %s (its --container-runtime-endpoint stays containerd's socket), so that lazy reads use the pods' image pull secrets", o.ObdConfig, flag))
 			}
 		}
 	}

@@ -350,8 +350,8 @@ func TestInstallCRI(t *testing.T) {
 	}{
 		{
 			name:   "v2 key set to true",
-			config: "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  disable_snapshot_annotations = true  # keep me\n  snapshotter = \"overlayfs\"\n",
-			want:   "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  disable_snapshot_annotations = false  # keep me\n  snapshotter = \"overlayfs\"\n",
+			config: "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  disable_snapshot_annotations = true  # keep me\n  snapshotter = \"overlayfs\" # me too\n",
+			want:   "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  disable_snapshot_annotations = false  # keep me\n  snapshotter = \"overlaybd\" # me too\n",
 			table:  []string{"plugins", "io.containerd.grpc.v1.cri", "containerd"},
 		},
 		{
@@ -359,7 +359,7 @@ func TestInstallCRI(t *testing.T) {
 			config: debianConfig + "  [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n    snapshotter = \"overlayfs\"\n",
 			want: debianConfig + "  [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n" +
 				"    disable_snapshot_annotations = false # added by 'obd install': pass image annotations to snapshotters\n" +
-				"    snapshotter = \"overlayfs\"\n",
+				"    snapshotter = \"overlaybd\"\n",
 			table: []string{"plugins", "io.containerd.grpc.v1.cri", "containerd"},
 		},
 		{
@@ -371,7 +371,7 @@ func TestInstallCRI(t *testing.T) {
 		{
 			name:   "v3 table without the key",
 			config: "version = 3\n\n[plugins.'io.containerd.cri.v1.images']\n  snapshotter = 'overlayfs'\n",
-			want:   "version = 3\n\n[plugins.'io.containerd.cri.v1.images']\n  disable_snapshot_annotations = false # added by 'obd install': pass image annotations to snapshotters\n  snapshotter = 'overlayfs'\n",
+			want:   "version = 3\n\n[plugins.'io.containerd.cri.v1.images']\n  disable_snapshot_annotations = false # added by 'obd install': pass image annotations to snapshotters\n  snapshotter = \"overlaybd\"\n",
 			table:  []string{"plugins", "io.containerd.cri.v1.images"},
 		},
 		{
@@ -381,9 +381,18 @@ func TestInstallCRI(t *testing.T) {
 			table:  []string{"plugins", "io.containerd.cri.v1.images"},
 		},
 		{
+			name:   "v2 table with neither key",
+			config: "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  default_runtime_name = \"runc\"\n",
+			want: "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n" +
+				"  disable_snapshot_annotations = false # added by 'obd install': pass image annotations to snapshotters\n" +
+				"  snapshotter = \"overlaybd\" # added by 'obd install': pull CRI images with obd's snapshotter\n" +
+				"  default_runtime_name = \"runc\"\n",
+			table: []string{"plugins", "io.containerd.grpc.v1.cri", "containerd"},
+		},
+		{
 			name:   "v1 (no version)",
 			config: "[plugins.cri.containerd]\n  snapshotter = \"overlayfs\"\n  disable_snapshot_annotations = true\n",
-			want:   "[plugins.cri.containerd]\n  snapshotter = \"overlayfs\"\n  disable_snapshot_annotations = false\n",
+			want:   "[plugins.cri.containerd]\n  snapshotter = \"overlaybd\"\n  disable_snapshot_annotations = false\n",
 			table:  []string{"plugins", "cri", "containerd"},
 		},
 	} {
@@ -395,8 +404,12 @@ func TestInstallCRI(t *testing.T) {
 			if !strings.HasPrefix(got, tc.want) {
 				t.Errorf("config:\n%s\nwant it to start with:\n%s", got, tc.want)
 			}
-			if !strings.Contains(out, "disable_snapshot_annotations = false") {
-				t.Errorf("output does not tell about the CRI setting:\n%s", out)
+			for _, want := range []string{"disable_snapshot_annotations = false", `snapshotter = "overlaybd"`,
+				"next: for private images, set enable = true in [cri] of " + n.opts.ObdConfig,
+				"kubelet with --image-service-endpoint unix:///run/obd/cri.sock"} {
+				if !strings.Contains(out, want) {
+					t.Errorf("output does not say %q:\n%s", want, out)
+				}
 			}
 			var doc map[string]any
 			if _, err := toml.Decode(got, &doc); err != nil {
@@ -405,6 +418,9 @@ func TestInstallCRI(t *testing.T) {
 			if v, _ := config.Lookup(doc, append(tc.table, annotationsKey)...); v != false {
 				t.Errorf("%s = %v, want false:\n%s", annotationsKey, v, got)
 			}
+			if v, _ := config.Lookup(doc, append(tc.table, "snapshotter")...); v != ProxyPluginName {
+				t.Errorf("snapshotter = %v, want %s:\n%s", v, ProxyPluginName, got)
+			}
 			if v, _ := config.Lookup(doc, "proxy_plugins", "overlaybd", "type"); v != "snapshot" {
 				t.Errorf("proxy plugin missing:\n%s", got)
 			}
@@ -412,6 +428,33 @@ func TestInstallCRI(t *testing.T) {
 				t.Errorf("second run printed:\n%s", out)
 			}
 		})
+	}
+}
+
+// TestInstallCRIRefusals checks that install --cri refuses values it would not edit safely and names the line.
+func TestInstallCRIRefusals(t *testing.T) {
+	for _, c := range []struct{ config, want string }{
+		{"version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = 5\n", "is not a string"},
+		{"version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"\"\"overlayfs\"\"\"\n", "line 3 sets snapshotter in a form obd install does not edit"},
+	} {
+		n := newNode(t)
+		n.write("etc/containerd/config.toml", c.config)
+		before := n.snapshot()
+		_, err := n.run(func(o *Options) { o.Systemd, o.CRI = "no", true })
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%q: error %v, want one saying %q", c.config, err, c.want)
+		}
+		assertSame(t, before, n.snapshot())
+	}
+}
+
+// TestInstallCRIEnabledProxy checks the kubelet flag printed when obd.toml already serves the CRI proxy.
+func TestInstallCRIEnabledProxy(t *testing.T) {
+	n := newNode(t)
+	n.write("etc/obd/obd.toml", "[cri]\nenable = true\naddress = \"/run/obd-test/cri.sock\"\n")
+	out := n.mustRun(func(o *Options) { o.Systemd, o.CRI = "no", true })
+	if want := "next: start kubelet with --image-service-endpoint unix:///run/obd-test/cri.sock"; !strings.Contains(out, want) {
+		t.Errorf("output does not say %q:\n%s", want, out)
 	}
 }
 
