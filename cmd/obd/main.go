@@ -31,6 +31,6 @@ read lazily from the registry so a container starts before its image is download
 		SilenceErrors: true,
 	}
 	root.AddCommand(newInspectCmd(), newExportRawCmd(), newLayerCmd(), newPullCmd(), newConvertCmd(), newVerifyCmd(), newDemoCmd(),
-		newInstallCmd(), newLoginCmd(), newCredentialsCmd(), newStatusCmd(), newHealthCmd(), newProfileCmd())
+		newInstallCmd(), newLoginCmd(), newCredentialsCmd(), newStatusCmd(), newHealthCmd(), newProfileCmd(), newCacheCmd())
 	return root
 }

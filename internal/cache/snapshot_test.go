@@ -151,4 +151,3 @@ func TestImportRejects(t *testing.T) {
 	}
 }
 
-func slices2[T any](s []T) []T { return append([]T(nil), s...) }

@@ -46,6 +46,8 @@ func (o *ops) startServers(ctx context.Context, sn *snapshotter.Snapshotter, sc 
 		}
 	})
 
+	cacheAPI{o}.register(statusMux)
+
 	socket := sc.StatusSocket()
 	sl, err := listen(socket)
 	if err != nil {

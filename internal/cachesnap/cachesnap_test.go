@@ -1,0 +1,148 @@
+package cachesnap
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"io"
+	"strings"
+	"testing"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/obdproject/obd/internal/cache"
+)
+
+// testEntry returns an entry of a blob of 3 blocks of 8 bytes (the last one 5) with blocks 0 and 2 and their data.
+func testEntry(name string) (Entry, []byte) {
+	b0, b2 := bytes.Repeat([]byte(name[:1]), 8), bytes.Repeat([]byte(name[1:2]), 5)
+	data := append(append([]byte(nil), b0...), b2...)
+	e := cache.ExportedBlob{Digest: digest.FromString(name), Size: 21, BlockSize: 8, Blocks: []int64{0, 2},
+		Sums: []digest.Digest{digest.FromBytes(b0), digest.FromBytes(b2)}}
+	return Entry{ExportedBlob: e, Data: ocispec.Descriptor{MediaType: MediaTypeBlocks, Digest: digest.FromBytes(data), Size: int64(len(data))}}, data
+}
+
+func TestTarRoundTrip(t *testing.T) {
+	e1, d1 := testEntry("ab")
+	e2, d2 := testEntry("cd")
+	data := map[digest.Digest][]byte{e1.Digest: d1, e2.Digest: d2}
+	idx := Index{Blobs: []Entry{e1, e2}}
+	var buf bytes.Buffer
+	if err := WriteTar(&buf, idx, func(e Entry) (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(data[e.Digest])), nil }); err != nil {
+		t.Fatal(err)
+	}
+	snap := buf.Bytes()
+	var got []digest.Digest
+	load := func(e Entry, r io.Reader) error {
+		vr, check := Verified(e, r)
+		if b, err := io.ReadAll(vr); err != nil || !bytes.Equal(b, data[e.Digest]) {
+			t.Errorf("data of %s: %q, %v", e.Digest, b, err)
+		}
+		got = append(got, e.Digest)
+		return check()
+	}
+	back, err := ReadTar(bytes.NewReader(snap), load)
+	if err != nil || len(back.Blobs) != 2 || len(got) != 2 || got[1] != e2.Digest {
+		t.Fatalf("read back: %+v, %v, loaded %v", back, err, got)
+	}
+
+	// A flipped data byte fails the data digest.
+	bad := bytes.Clone(snap)
+	bad[bytes.Index(bad, d2)] ^= 1
+	_, err = ReadTar(bytes.NewReader(bad), func(e Entry, r io.Reader) error {
+		vr, check := Verified(e, r)
+		io.Copy(io.Discard, vr)
+		return check()
+	})
+	if !errors.Is(err, ErrDataDigest) {
+		t.Fatalf("damaged data: %v, want ErrDataDigest", err)
+	}
+	if _, err := ReadTar(bytes.NewReader(snap[:len(snap)/2]), load); err == nil {
+		t.Fatal("a truncated snapshot was read")
+	}
+}
+
+func TestArtifact(t *testing.T) {
+	e1, _ := testEntry("ab")
+	idx := Index{Blobs: []Entry{e1}}
+	m, cfg, err := Artifact(idx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pm, err := ParseArtifact(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := ParseIndex(cfg)
+	if err != nil || pm.Config.Digest != digest.FromBytes(cfg) || CheckArtifact(pm, back) != nil {
+		t.Fatalf("artifact does not round-trip: %v", err)
+	}
+	if pm.Layers[0].Annotations[AnnotationBlob] != e1.Digest.String() {
+		t.Fatalf("layer annotations %v", pm.Layers[0].Annotations)
+	}
+	if _, _, err := Artifact(Index{}); !errors.Is(err, ErrEmpty) {
+		t.Fatalf("empty snapshot: %v", err)
+	}
+	if _, err := ParseArtifact([]byte(`{"config":{"mediaType":"x"}}`)); err == nil {
+		t.Fatal("an image manifest was taken for a snapshot")
+	}
+	other, _ := testEntry("cd")
+	if err := CheckArtifact(pm, Index{Blobs: []Entry{other}}); err == nil {
+		t.Fatal("an index naming other data was accepted")
+	}
+}
+
+func TestParseIndexRejects(t *testing.T) {
+	e, _ := testEntry("ab")
+	good, _ := Index{Blobs: []Entry{e}}.Marshal()
+	if _, err := ParseIndex(good); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name string
+		mod  func(*Index)
+		want string
+	}{
+		{"twice", func(i *Index) { i.Blobs = append(i.Blobs, i.Blobs[0]) }, "listed twice"},
+		{"data size", func(i *Index) { i.Blobs[0].Data.Size++ }, "want 13 bytes"},
+		{"data type", func(i *Index) { i.Blobs[0].Data.MediaType = "x" }, "want 13 bytes of"},
+		{"blocks", func(i *Index) { i.Blobs[0].Blocks = []int64{2, 0} }, "out of order"},
+	} {
+		i := Index{Blobs: []Entry{e}}
+		i.Blobs[0].Blocks = append([]int64(nil), e.Blocks...)
+		c.mod(&i)
+		b, _ := i.Marshal()
+		if _, err := ParseIndex(b); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want an error with %q", c.name, err, c.want)
+		}
+	}
+	if _, err := ParseIndex([]byte(`{"mediaType":"other","blobs":[]}`)); err == nil {
+		t.Error("another media type was accepted")
+	}
+}
+
+func FuzzParseIndex(f *testing.F) {
+	e, _ := testEntry("ab")
+	good, _ := Index{Blobs: []Entry{e}}.Marshal()
+	f.Add(good)
+	f.Add([]byte(`{}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		idx, err := ParseIndex(b)
+		if err != nil {
+			return
+		}
+		for _, e := range idx.Blobs {
+			if e.Validate() != nil || e.Data.Size != e.DataSize() {
+				t.Fatalf("accepted an invalid entry %+v", e)
+			}
+		}
+		again, err := json.Marshal(idx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := ParseIndex(again); err != nil {
+			t.Fatalf("re-parse of an accepted index: %v", err)
+		}
+	})
+}
