@@ -455,7 +455,8 @@ func (r *Reader) Evict(off, n int64) error {
 type DownloadOptions struct {
 	// MaxBytesPerSecond bounds the download rate (0: unbounded).
 	MaxBytesPerSecond int64
-	// Chunk is the bytes of one source read (default 4 MiB).
+	// Chunk is the bytes of one step of the download (default 1 MiB, one source read: reads are at most 1 MiB so
+	// that a demand read never waits long behind one).
 	Chunk int64
 	// Concurrency is the number of source reads in flight (default 1).
 	Concurrency int
@@ -482,7 +483,7 @@ func (r *Reader) Download(ctx context.Context, opts DownloadOptions) error {
 		return fmt.Errorf("%w: blob %s has %d bytes, the cache holds %d", ErrFull, r.key, r.size, r.c.opts.CapacityBytes)
 	}
 	if opts.Chunk <= 0 {
-		opts.Chunk = 4 << 20
+		opts.Chunk = maxAheadRun
 	}
 	start := time.Now()
 	var (

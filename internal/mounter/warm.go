@@ -107,7 +107,7 @@ func (m *Mounter) Warm(ctx context.Context, layers []snapshotter.Layer, opts War
 	}
 	conc := m.opts.Download.Concurrency
 	if conc <= 0 {
-		conc = 4
+		conc = 8
 	}
 	var errs []error
 	for i, s := range img.layers {
