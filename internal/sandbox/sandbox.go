@@ -4,7 +4,9 @@
 package sandbox
 
 import (
+	"archive/tar"
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -25,7 +27,11 @@ import (
 	"syscall"
 	"time"
 
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
 	"github.com/obdproject/obd/internal/device"
+	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/registry"
 )
 
 // Options configure Start.
@@ -39,6 +45,12 @@ type Options struct {
 	// PlainHTTP lists more registry hosts (host:port) the snapshotter reaches over plain HTTP ([registry]
 	// plain_http), e.g. the sandbox registry behind a shaped link; localhost always is plain HTTP.
 	PlainHTTP []string
+	// RegistryTOML is more keys of obd.toml's [registry] table, e.g. "docker_config = \"/path\"\n".
+	RegistryTOML string
+	// CRI turns containerd's CRI plugin on (snapshotter overlaybd, image annotations passed, host network only,
+	// no CNI) with a pod sandbox image the sandbox pushes to its registry, and serves obd-snapshotter's CRI proxy
+	// on CRISocket.
+	CRI bool
 	// Logf receives progress lines (optional).
 	Logf func(format string, args ...any)
 }
@@ -59,6 +71,11 @@ type Sandbox struct {
 	StatusSocket string
 	// Metrics is the host:port of obd-snapshotter's Prometheus metrics (GET /metrics).
 	Metrics string
+	// CRISocket is obd-snapshotter's CRI image-service proxy (with Options.CRI); containerd's socket serves the
+	// CRI runtime service.
+	CRISocket string
+	// PauseImage is the pod sandbox image (with Options.CRI), in the sandbox's registry.
+	PauseImage string
 
 	opts     Options
 	extraCfg string // more TOML for obd.toml (SetSnapshotterConfig)
@@ -130,6 +147,15 @@ http:
 	}
 	s.opts.Logf("registry serving on %s (counting proxy in front)", s.Registry)
 
+	s.Containerd = filepath.Join(s.Dir, "c.sock")
+	if s.opts.CRI {
+		s.CRISocket = filepath.Join(s.Dir, "cri.sock")
+		s.PauseImage = s.Registry + "/pause:obd"
+		if err := pushPause(ctx, s.Dir, s.PauseImage); err != nil {
+			return fmt.Errorf("pod sandbox image: %w", err)
+		}
+	}
+
 	s.SnapshotterSocket = filepath.Join(s.Dir, "sn.sock")
 	s.StatusSocket = filepath.Join(s.Dir, "sn.status.sock") // the default: the socket's name with .status.sock
 	if s.Metrics, err = freeAddr(); err != nil {
@@ -139,11 +165,14 @@ http:
 		return err
 	}
 
-	s.Containerd = filepath.Join(s.Dir, "c.sock")
+	criPlugin := `"io.containerd.grpc.v1.cri", `
+	if s.opts.CRI {
+		criPlugin = ""
+	}
 	cfg := fmt.Sprintf(`version = 2
 root = %q
 state = %q
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+disabled_plugins = [%s"io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs", "io.containerd.tracing.processor.v1.otlp",
   "io.containerd.internal.v1.tracing"]
 [grpc]
@@ -153,7 +182,24 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
 [proxy_plugins.overlaybd]
   type = "snapshot"
   address = %q
-`, filepath.Join(s.Dir, "containerd", "root"), filepath.Join(s.Dir, "containerd", "state"), s.Containerd, s.Containerd+".ttrpc", s.SnapshotterSocket)
+`, filepath.Join(s.Dir, "containerd", "root"), filepath.Join(s.Dir, "containerd", "state"), criPlugin, s.Containerd, s.Containerd+".ttrpc", s.SnapshotterSocket)
+	if s.opts.CRI {
+		// Root lacks CAP_SYS_RESOURCE here: restrict_oom_score_adj lets pods start. An empty CNI directory of the
+		// sandbox's own: pods use the host's network.
+		cfg += fmt.Sprintf(`[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = %q
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlaybd"
+    disable_snapshot_annotations = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = %q
+    conf_dir = %q
+`, s.PauseImage, filepath.Join(s.Dir, "cni", "bin"), filepath.Join(s.Dir, "cni", "conf"))
+	}
 	cfgPath := filepath.Join(s.Dir, "containerd.toml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		return err
@@ -183,7 +229,11 @@ func (s *Sandbox) StartSnapshotter(ctx context.Context) error {
 		}
 		cfg += "plain_http = [" + strings.Join(hosts, ", ") + "]\n"
 	}
+	cfg += s.opts.RegistryTOML
 	cfg += fmt.Sprintf("[metrics]\naddress = %q\n", s.Metrics) // a port of its own: sandboxes may run side by side
+	if s.opts.CRI {
+		cfg += fmt.Sprintf("[cri]\nenable = true\naddress = %q\ncontainerd_address = %q\n", s.CRISocket, s.Containerd)
+	}
 	cfg += s.extraCfg
 	cfgPath := s.ConfigFile()
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
@@ -196,7 +246,7 @@ func (s *Sandbox) StartSnapshotter(ctx context.Context) error {
 }
 
 // SetSnapshotterConfig sets more TOML tables (other than the ones StartSnapshotter writes: snapshotter, cache,
-// registry, metrics) that are appended to obd.toml from the next StartSnapshotter on, e.g. "[download]\nenable = true\n".
+// registry, metrics, and cri with Options.CRI) that are appended to obd.toml from the next StartSnapshotter on, e.g. "[download]\nenable = true\n".
 func (s *Sandbox) SetSnapshotterConfig(toml string) {
 	if toml != "" && !strings.HasSuffix(toml, "\n") {
 		toml += "\n"
@@ -401,6 +451,55 @@ func waitFor(ctx context.Context, p *proc, ready func() bool) error {
 		}
 	}
 	return nil
+}
+
+// pushPause builds a pod sandbox image that sleeps forever (busybox-static, the only file) and pushes it to ref,
+// so that pods start without a registry on the internet.
+func pushPause(ctx context.Context, dir, ref string) error {
+	bb, err := exec.LookPath("busybox")
+	if err != nil {
+		return err
+	}
+	body, err := os.ReadFile(bb)
+	if err != nil {
+		return err
+	}
+	var layer bytes.Buffer
+	tw := tar.NewWriter(&layer)
+	for _, h := range []*tar.Header{
+		{Name: "bin/", Typeflag: tar.TypeDir, Mode: 0o755},
+		{Name: "bin/busybox", Typeflag: tar.TypeReg, Mode: 0o755, Size: int64(len(body))},
+	} {
+		h.ModTime = time.Unix(1700000000, 0)
+		if err := tw.WriteHeader(h); err != nil {
+			return err
+		}
+	}
+	if _, err := tw.Write(body); err != nil {
+		return err
+	}
+	if err := tw.Close(); err != nil {
+		return err
+	}
+	lay, err := image.CreateLayout(filepath.Join(dir, "pause"))
+	if err != nil {
+		return err
+	}
+	var cfg ocispec.Image
+	cfg.Config.Entrypoint = []string{"/bin/busybox", "sleep", "2147483647"}
+	if _, err := lay.WriteImage("obd", [][]byte{layer.Bytes()}, "", cfg); err != nil {
+		return err
+	}
+	r, err := image.ParseRef(ref)
+	if err != nil {
+		return err
+	}
+	c, err := registry.New(registry.Options{PlainHTTP: true})
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	return image.PushLayout(ctx, c, lay, "obd", r)
 }
 
 // startProxy puts a reverse proxy that counts blob bytes in front of the registry.
