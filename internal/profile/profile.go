@@ -176,7 +176,7 @@ func Record(ctx context.Context, c *client.Client, img client.Image, opts Option
 		return nil, nil, fmt.Errorf("profile %s: %w", img.Name(), err)
 	}
 	tracePath := filepath.Join(dir, "trace")
-	if err := os.WriteFile(tracePath, nil, 0o666); err != nil {
+	if err := os.WriteFile(tracePath, nil, 0o644); err != nil {
 		return nil, nil, fmt.Errorf("profile %s: %w", img.Name(), err)
 	}
 
