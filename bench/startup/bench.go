@@ -28,6 +28,7 @@ import (
 	"github.com/containerd/errdefs"
 
 	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/profile"
 	"github.com/obdproject/obd/internal/pull"
 	"github.com/obdproject/obd/internal/registry"
 	"github.com/obdproject/obd/internal/sandbox"
@@ -40,6 +41,7 @@ const (
 	caseOverlayCold = "overlayfs-cold"
 	caseOBDCold     = "obd-lazy-cold"
 	caseOBDDownload = "obd-download-cold"
+	caseOBDAccel    = "obd-accel-cold"
 	caseOBDWarm     = "obd-warm"
 	caseOverlayWarm = "overlayfs-warm"
 	caseOBDMeta     = "obd-metadata-pull"
@@ -71,6 +73,7 @@ const downloadConfig = "[download]\nenable = true\ndelay = 0\nmax_mbps = 0\n"
 var cases = []benchCase{
 	{key: caseOverlayCold, title: "overlayfs: pull + unpack + run", cold: true, run: (*bench).overlayCold},
 	{key: caseOBDCold, title: "obd lazy: obd pull + run", cold: true, obd: true, run: (*bench).obdCold},
+	{key: caseOBDAccel, title: "obd lazy + acceleration layer (recorded start)", cold: true, obd: true, setup: (*bench).recordStart, run: (*bench).obdAccel},
 	{key: caseOBDDownload, title: "obd lazy + background download", cold: true, obd: true, obdConfig: downloadConfig, run: (*bench).obdDownload},
 	{key: caseOBDWarm, title: "obd warm: run (block cache filled)", after: caseOBDCold, obd: true,
 		run: func(b *bench) (sample, error) { return b.runOnly(snapshotter.Name, b.obdRef) }},
@@ -129,6 +132,7 @@ type bench struct {
 	im   *builtImage
 	// image references: through the shaped link, and the obd image on loopback
 	plainRef, obdRef, obdLoopRef string
+	accelRef                     string // the obd image with the acceleration layer recordStart made, through the link
 	results                      map[string][]sample
 	calib                        calibration
 	seq                          int
@@ -338,18 +342,60 @@ func (b *bench) overlayCold() (sample, error) {
 	return sample{Seconds: (pulled + ready).Seconds(), PullSeconds: pulled.Seconds(), RunSeconds: ready.Seconds()}, nil
 }
 
-func (b *bench) obdCold() (sample, error) {
+func (b *bench) obdCold() (sample, error) { return b.obdStart(b.obdRef) }
+
+// obdStart pulls ref lazily through the link and runs the workload.
+func (b *bench) obdStart(ref string) (sample, error) {
 	start := time.Now()
-	if _, err := pull.Pull(b.ctx, b.c, b.obdRef, pull.Options{PlainHTTP: true, Credentials: noCredentials}); err != nil {
+	if _, err := pull.Pull(b.ctx, b.c, ref, pull.Options{PlainHTTP: true, Credentials: noCredentials}); err != nil {
 		return sample{}, err
 	}
 	pulled := time.Since(start)
-	ready, err := b.runContainer(snapshotter.Name, b.obdRef)
+	ready, err := b.runContainer(snapshotter.Name, ref)
 	if err != nil {
 		return sample{}, err
 	}
 	return sample{Seconds: (pulled + ready).Seconds(), PullSeconds: pulled.Seconds(), RunSeconds: ready.Seconds()}, nil
 }
+
+// recordStart records the workload's start with obd profile's code, over loopback, and pushes the image with the
+// acceleration layer; obdAccel then pulls that image through the link.
+func (b *bench) recordStart() error {
+	if err := b.reset(true); err != nil {
+		return err
+	}
+	res, err := pull.Pull(b.ctx, b.c, b.obdLoopRef, pull.Options{PlainHTTP: true, Credentials: noCredentials})
+	if err != nil {
+		return err
+	}
+	p, tf, err := profile.Record(b.ctx, b.c, res.Image, profile.Options{Args: b.cfg.workload.cmd, ReadyLine: "ready", Timeout: 5 * time.Minute})
+	if err != nil {
+		return err
+	}
+	if p.End != profile.EndReady {
+		return fmt.Errorf("the recorded start ended by %s, not by its ready line", p.End)
+	}
+	rc, err := registry.New(registry.Options{PlainHTTP: true, UserAgent: "obd-bench", Credentials: noCredentials})
+	if err != nil {
+		return err
+	}
+	defer rc.Close()
+	src, err := image.ParseRef(b.obdLoopRef)
+	if err != nil {
+		return err
+	}
+	dst := src
+	dst.Tag = tagAccel
+	if _, err := profile.Push(b.ctx, rc, src, dst, image.DefaultPlatform(), p.Layers, tf); err != nil {
+		return err
+	}
+	b.accelRef = b.link.Addr + "/bench/app:" + tagAccel
+	logf("recorded the start: %d reads, %s of %d layers", len(p.Reads), units.Bytes(p.ReadBytes), len(p.Layers))
+	return nil
+}
+
+// obdAccel is obdCold of the image with the acceleration layer.
+func (b *bench) obdAccel() (sample, error) { return b.obdStart(b.accelRef) }
 
 // obdDownload is obdCold with the background download on: the time to ready, then the time until every layer
 // blob of the image is downloaded and verified, as obd-snapshotter's status endpoint reports it.

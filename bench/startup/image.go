@@ -42,6 +42,7 @@ var layerRoots = [][]string{
 const (
 	tagPlain = "plain"
 	tagOBD   = "obd"
+	tagAccel = "obd-accel"
 )
 
 // builtImage is the benchmark image, plain and converted, in an OCI layout; info.json beside it keeps what was

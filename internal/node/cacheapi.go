@@ -81,22 +81,18 @@ func (a cacheAPI) evict(w http.ResponseWriter, r *http.Request) {
 	if !readJSON(w, r, &req) {
 		return
 	}
-	var res status.EvictResult
+	var keys []digest.Digest
 	for _, s := range req.Digests {
 		d, err := digest.Parse(s)
 		if err != nil {
 			http.Error(w, fmt.Sprintf("blob %q: %v", s, err), http.StatusBadRequest)
 			return
 		}
-		freed, err := c.EvictBlob(d)
-		res.FreedBytes += freed
-		if freed > 0 {
-			res.Blobs++
-		}
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusInternalServerError)
-			return
-		}
+		keys = append(keys, d)
+	}
+	res, ok := evictBlobs(w, c, keys)
+	if !ok {
+		return
 	}
 	a.o.log.Info("evicted blobs from the cache", "blobs", res.Blobs, "bytes", res.FreedBytes)
 	writeJSON(w, res)
@@ -115,23 +111,35 @@ func (a cacheAPI) prune(w http.ResponseWriter, r *http.Request) {
 	for _, s := range req.Keep {
 		keep[digest.Digest(s)] = nil
 	}
-	var res status.EvictResult
+	var drop []digest.Digest
 	for _, b := range c.Blobs() {
-		if _, ok := keep[b.Digest]; ok {
-			continue
+		if _, ok := keep[b.Digest]; !ok {
+			drop = append(drop, b.Digest)
 		}
-		freed, err := c.EvictBlob(b.Digest)
+	}
+	res, ok := evictBlobs(w, c, drop)
+	if !ok {
+		return
+	}
+	a.o.log.Info("pruned the cache", "blobs", res.Blobs, "bytes", res.FreedBytes)
+	writeJSON(w, res)
+}
+
+// evictBlobs evicts keys from c; on an error it answers 500 and reports false.
+func evictBlobs(w http.ResponseWriter, c *cache.Cache, keys []digest.Digest) (status.EvictResult, bool) {
+	var res status.EvictResult
+	for _, k := range keys {
+		freed, err := c.EvictBlob(k)
 		res.FreedBytes += freed
 		if freed > 0 {
 			res.Blobs++
 		}
 		if err != nil {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
-			return
+			return res, false
 		}
 	}
-	a.o.log.Info("pruned the cache", "blobs", res.Blobs, "bytes", res.FreedBytes)
-	writeJSON(w, res)
+	return res, true
 }
 
 func (a cacheAPI) warm(w http.ResponseWriter, r *http.Request) {

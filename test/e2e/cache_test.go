@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/obdproject/obd/internal/sandbox"
 	"github.com/obdproject/obd/internal/status"
@@ -40,11 +39,7 @@ func mustCache(t *testing.T, sb *sandbox.Sandbox, args ...string) string {
 func TestCacheLifecycle(t *testing.T) {
 	a := startSandbox(t)
 	ctx := context.Background()
-	src := filepath.Join(t.TempDir(), "src")
-	appImage(t, src)
-	plain, lazy := a.Registry+"/app:v1", a.Registry+"/app:obd"
-	pushLayout(t, src, "v1", plain)
-	obd(t, a, "convert", "--vsize", "8", plain, lazy)
+	lazy := convertedApp(t, a)
 	m := manifestOf(t, lazy)
 	obd(t, a, "pull", lazy)
 
@@ -122,19 +117,7 @@ func TestCacheLifecycle(t *testing.T) {
 	}
 	run(t, b.Ctr(ctx, "images", "rm", lazy))
 	// containerd's garbage collection removes the image's snapshots, and with them its device, shortly after.
-	sc := status.NewClient(b.StatusSocket, 5*time.Second)
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
-		st, err := sc.Status(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if len(st.Images) == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("images still known 30s after their removal: %+v", st.Images)
-		}
-	}
+	waitStatus(t, b, "without images", func(st *status.Status) bool { return len(st.Images) == 0 })
 	if out := mustCache(t, b, "prune"); strings.Contains(out, "pruned 0 blobs") {
 		t.Errorf("prune after the image was removed: %s", out)
 	}

@@ -31,11 +31,7 @@ import (
 func TestProfileRecordAndReplay(t *testing.T) {
 	sb := startSandbox(t)
 	ctx := context.Background()
-	src := filepath.Join(t.TempDir(), "src")
-	appImage(t, src)
-	plain, lazy := sb.Registry+"/app:v1", sb.Registry+"/app:obd"
-	pushLayout(t, src, "v1", plain)
-	obd(t, sb, "convert", "--vsize", "8", plain, lazy)
+	lazy := convertedApp(t, sb)
 
 	profFile := filepath.Join(t.TempDir(), "profile.json")
 	out := obd(t, sb, "profile", lazy, "--address", sb.Containerd, "--namespace", sb.Namespace, "--config", sb.ConfigFile(),
@@ -70,23 +66,14 @@ func TestProfileRecordAndReplay(t *testing.T) {
 		// containerd removes a deleted container's snapshot in its garbage collection, shortly after the delete:
 		// wait for it, or the restarted daemon would attach the image again for that snapshot (and start its
 		// prefetch before the test looks).
-		sc := status.NewClient(sb.StatusSocket, 5*time.Second)
-		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
-			st, err := sc.Status(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
-			inUse := 0
+		waitStatus(t, sb, "no snapshot in use", func(st *status.Status) bool {
 			for _, im := range st.Images {
-				inUse += len(im.Snapshots)
+				if len(im.Snapshots) > 0 {
+					return false
+				}
 			}
-			if inUse == 0 {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("snapshots still in use 30s after their containers were deleted: %+v", st.Images)
-			}
-		}
+			return true
+		})
 		if err := sb.KillSnapshotter(); err != nil {
 			t.Fatal(err)
 		}
@@ -215,11 +202,7 @@ func sumBytes(m map[string]int64) int64 {
 func TestPullDownload(t *testing.T) {
 	sb := startSandbox(t)
 	ctx := context.Background()
-	src := filepath.Join(t.TempDir(), "src")
-	appImage(t, src)
-	plain, lazy := sb.Registry+"/app:v1", sb.Registry+"/app:obd"
-	pushLayout(t, src, "v1", plain)
-	obd(t, sb, "convert", "--vsize", "8", plain, lazy)
+	lazy := convertedApp(t, sb)
 	m := manifestOf(t, lazy)
 
 	sb.ResetCounters()
@@ -264,4 +247,33 @@ func manifestOf(t *testing.T, ref string) ocispec.Manifest {
 		t.Fatal(err)
 	}
 	return m
+}
+
+// convertedApp pushes appImage to the sandbox's registry as app:v1, converts it to app:obd and returns that.
+func convertedApp(t *testing.T, sb *sandbox.Sandbox) string {
+	t.Helper()
+	src := filepath.Join(t.TempDir(), "src")
+	appImage(t, src)
+	plain, lazy := sb.Registry+"/app:v1", sb.Registry+"/app:obd"
+	pushLayout(t, src, "v1", plain)
+	obd(t, sb, "convert", "--vsize", "8", plain, lazy)
+	return lazy
+}
+
+// waitStatus waits up to 30 seconds for the sandbox daemon's status to satisfy ok.
+func waitStatus(t *testing.T, sb *sandbox.Sandbox, what string, ok func(*status.Status) bool) {
+	t.Helper()
+	sc := status.NewClient(sb.StatusSocket, 5*time.Second)
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		st, err := sc.Status(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ok(st) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after 30s still not %s: %+v", what, st.Images)
+		}
+	}
 }
