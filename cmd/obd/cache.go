@@ -1,7 +1,6 @@
 package main
 
 import (
-	"archive/tar"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -9,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -463,16 +461,7 @@ func (f *cacheFlags) startTrace(cmd *cobra.Command, il *imageLayers, profileFile
 		if err != nil {
 			return nil, fmt.Errorf("acceleration layer of %s: %w", il.ref, err)
 		}
-		tr := tar.NewReader(bytes.NewReader(b))
-		for {
-			h, err := tr.Next()
-			if err != nil {
-				return nil, fmt.Errorf("acceleration layer of %s: no %s file: %w", il.ref, profile.TraceName, err)
-			}
-			if h.Name == profile.TraceName || h.Name == "./"+profile.TraceName {
-				return io.ReadAll(io.LimitReader(tr, 64<<20))
-			}
-		}
+		return profile.TraceOfLayer(b)
 	}
 	cfg, _, err := obdconfig.Load(f.df.config, cmd.Flags().Changed("config"))
 	if err != nil {
@@ -497,90 +486,28 @@ func snapshotFile(s string) (string, bool) {
 // writeSnapshot writes the snapshot read from r to dst and returns its data bytes and index.
 func writeSnapshot(ctx context.Context, rf *registryFlags, dst string, r io.Reader) (int64, cachesnap.Index, error) {
 	if path, ok := snapshotFile(dst); ok {
-		tmp := filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".tmp")
-		f, err := os.Create(tmp)
-		if err != nil {
-			return 0, cachesnap.Index{}, err
-		}
-		defer os.Remove(tmp)
-		var n int64
-		// Read it back as it is written: the daemon's answer must be a whole, valid snapshot.
-		idx, err := cachesnap.ReadTar(io.TeeReader(r, f), func(e cachesnap.Entry, d io.Reader) error {
-			vr, check := cachesnap.Verified(e, d)
-			m, err := io.Copy(io.Discard, vr)
-			n += m
-			if err != nil {
-				return err
-			}
-			return check()
-		})
-		if cerr := f.Close(); err == nil {
-			err = cerr
-		}
-		if err == nil {
-			err = os.Rename(tmp, path)
-		}
-		return n, idx, err
+		return cachesnap.WriteFile(r, path)
 	}
 	ref, err := image.ParseRef(dst)
 	if err != nil {
 		return 0, cachesnap.Index{}, err
 	}
-	var sink image.Sink
+	tag := ref.Tag
+	if tag == "" {
+		tag = "latest"
+	}
 	switch ref.Transport {
 	case image.TransportOCI:
-		sink = image.NewLayoutSink(ref.Path)
+		return cachesnap.WriteArtifact(ctx, r, image.NewLayoutSink(ref.Path), tag)
 	case image.TransportRegistry:
 		rc, err := rf.client(ref.Host())
 		if err != nil {
 			return 0, cachesnap.Index{}, err
 		}
 		defer rc.Close()
-		sink = image.NewRegistrySink(rc, ref)
-	default:
-		return 0, cachesnap.Index{}, fmt.Errorf("%s: write a snapshot to a file, oci:DIR[:TAG] or a registry", dst)
+		return cachesnap.WriteArtifact(ctx, r, image.NewRegistrySink(rc, ref), tag)
 	}
-	dir, err := os.MkdirTemp("", "obd-cache-snapshot-")
-	if err != nil {
-		return 0, cachesnap.Index{}, err
-	}
-	defer os.RemoveAll(dir)
-	var n int64
-	idx, err := cachesnap.ReadTar(r, func(e cachesnap.Entry, d io.Reader) error {
-		f, err := os.Create(filepath.Join(dir, e.Data.Digest.Encoded()))
-		if err != nil {
-			return err
-		}
-		vr, check := cachesnap.Verified(e, d)
-		m, err := io.Copy(f, vr)
-		n += m
-		if cerr := f.Close(); err == nil {
-			err = cerr
-		}
-		if err != nil {
-			return err
-		}
-		return check()
-	})
-	if err != nil {
-		return n, idx, err
-	}
-	manifest, config, err := cachesnap.Artifact(idx)
-	if err != nil {
-		return n, idx, err
-	}
-	img := &image.Image{Manifest: manifest, Config: config,
-		ManifestDesc: ocispec.Descriptor{MediaType: ocispec.MediaTypeImageManifest, Digest: digest.FromBytes(manifest), Size: int64(len(manifest)),
-			ArtifactType: cachesnap.MediaTypeIndex},
-		ConfigDesc: ocispec.Descriptor{MediaType: cachesnap.MediaTypeIndex, Digest: digest.FromBytes(config), Size: int64(len(config))}}
-	for _, e := range idx.Blobs {
-		img.Layers = append(img.Layers, image.Blob{Desc: e.Data, Path: filepath.Join(dir, e.Data.Digest.Encoded())})
-	}
-	tag := ref.Tag
-	if tag == "" {
-		tag = "latest"
-	}
-	return n, idx, sink.PutImage(ctx, img, tag, false)
+	return 0, cachesnap.Index{}, fmt.Errorf("%s: write a snapshot to a file, oci:DIR[:TAG] or a registry", dst)
 }
 
 // readSnapshot opens a snapshot source as a snapshot file stream.
@@ -592,12 +519,6 @@ func readSnapshot(ctx context.Context, rf *registryFlags, src string) (io.ReadCl
 	if err != nil {
 		return nil, err
 	}
-	var (
-		manifest []byte
-		read     func(ocispec.Descriptor) ([]byte, error)
-		open     func(ocispec.Descriptor) (io.ReadCloser, error)
-		done     = func() {}
-	)
 	switch ref.Transport {
 	case image.TransportOCI:
 		lay, err := image.OpenLayout(ref.Path)
@@ -608,75 +529,28 @@ func readSnapshot(ctx context.Context, rf *registryFlags, src string) (io.ReadCl
 		if err != nil {
 			return nil, err
 		}
-		if manifest, err = lay.ReadBlob(d); err != nil {
+		manifest, err := lay.ReadBlob(d)
+		if err != nil {
 			return nil, err
 		}
-		read = lay.ReadBlob
-		open = func(d ocispec.Descriptor) (io.ReadCloser, error) { return lay.OpenBlob(d) }
+		return cachesnap.OpenArtifact(manifest, func(d ocispec.Descriptor) (io.ReadCloser, error) { return lay.OpenBlob(d) }, func() {})
 	case image.TransportRegistry:
 		rc, err := rf.client(ref.Host())
 		if err != nil {
 			return nil, err
 		}
-		done = func() { rc.Close() }
 		sel := ref.Tag
 		if ref.Digest != "" {
 			sel = ref.Digest.String()
 		}
-		if _, manifest, err = rc.Resolve(ctx, ref.Host(), ref.Repository(), sel); err != nil {
-			done()
+		_, manifest, err := rc.Resolve(ctx, ref.Host(), ref.Repository(), sel)
+		if err != nil {
+			rc.Close()
 			return nil, err
 		}
-		open = func(d ocispec.Descriptor) (io.ReadCloser, error) {
+		return cachesnap.OpenArtifact(manifest, func(d ocispec.Descriptor) (io.ReadCloser, error) {
 			return rc.FetchBlob(ctx, ref.Host(), ref.Repository(), d)
-		}
-		read = func(d ocispec.Descriptor) ([]byte, error) {
-			r, err := open(d)
-			if err != nil {
-				return nil, err
-			}
-			defer r.Close()
-			return io.ReadAll(io.LimitReader(r, 64<<20))
-		}
-	default:
-		return nil, fmt.Errorf("%s: read a snapshot from a file, oci:DIR[:TAG] or a registry", src)
+		}, func() { rc.Close() })
 	}
-	idx, m, err := snapshotIndex(manifest, read)
-	if err != nil {
-		done()
-		return nil, fmt.Errorf("%s: %w", src, err)
-	}
-	pr, pw := io.Pipe()
-	go func() {
-		defer done()
-		pw.CloseWithError(cachesnap.WriteTar(pw, idx, func(e cachesnap.Entry) (io.ReadCloser, error) {
-			for _, l := range m.Layers {
-				if l.Digest == e.Data.Digest {
-					return open(l)
-				}
-			}
-			return nil, fmt.Errorf("no layer for the data of blob %s", e.Digest)
-		}))
-	}()
-	return pr, nil
-}
-
-// snapshotIndex checks a snapshot artifact's manifest, reads its index with read and checks the two agree.
-func snapshotIndex(manifest []byte, read func(ocispec.Descriptor) ([]byte, error)) (cachesnap.Index, ocispec.Manifest, error) {
-	m, err := cachesnap.ParseArtifact(manifest)
-	if err != nil {
-		return cachesnap.Index{}, m, err
-	}
-	config, err := read(m.Config)
-	if err != nil {
-		return cachesnap.Index{}, m, err
-	}
-	if digest.FromBytes(config) != m.Config.Digest {
-		return cachesnap.Index{}, m, errors.New("the snapshot's index does not match its digest")
-	}
-	idx, err := cachesnap.ParseIndex(config)
-	if err != nil {
-		return idx, m, err
-	}
-	return idx, m, cachesnap.CheckArtifact(m, idx)
+	return nil, fmt.Errorf("%s: read a snapshot from a file, oci:DIR[:TAG] or a registry", src)
 }

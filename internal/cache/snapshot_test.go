@@ -150,4 +150,3 @@ func TestImportRejects(t *testing.T) {
 		}
 	}
 }
-

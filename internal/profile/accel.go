@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -127,6 +128,31 @@ func Accelerate(manifest, config []byte, layer ocispec.Descriptor) (newManifest,
 		return nil, nil, err
 	}
 	return newManifest, newConfig, nil
+}
+
+// TraceOfLayer returns the trace file an acceleration layer (an uncompressed tar, obd's or upstream's) holds.
+func TraceOfLayer(layer []byte) ([]byte, error) {
+	tr := tar.NewReader(bytes.NewReader(layer))
+	for {
+		h, err := tr.Next()
+		if err != nil {
+			return nil, fmt.Errorf("acceleration layer: no %s file: %w", TraceName, err)
+		}
+		if h.Typeflag != tar.TypeReg || (h.Name != TraceName && h.Name != "./"+TraceName) {
+			continue
+		}
+		if h.Size > 64<<20 {
+			return nil, fmt.Errorf("acceleration layer: %s of %d bytes", TraceName, h.Size)
+		}
+		b, err := io.ReadAll(tr)
+		if err != nil {
+			return nil, fmt.Errorf("acceleration layer: %w", err)
+		}
+		if _, err := trace.Decode(b); err != nil {
+			return nil, fmt.Errorf("acceleration layer: %w", err)
+		}
+		return b, nil
+	}
 }
 
 // ErrNoTrace means a recording produced no trace: the container read nothing from the image's layers.

@@ -187,3 +187,34 @@ func TestLineWatcher(t *testing.T) {
 		t.Fatalf("output copied as %q", out.String())
 	}
 }
+
+func TestTraceOfLayer(t *testing.T) {
+	tf := testTrace(t, trace.Record{Op: trace.Read, Layer: 0, Count: 4096, Offset: 0})
+	layer, _, err := AccelerationLayer(tf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := TraceOfLayer(layer); err != nil || !bytes.Equal(got, tf) {
+		t.Fatalf("trace of the layer: %v", err)
+	}
+	if _, err := TraceOfLayer([]byte("not a tar")); err == nil {
+		t.Fatal("a non-tar was read")
+	}
+}
+
+func FuzzTraceOfLayer(f *testing.F) {
+	var b bytes.Buffer
+	trace.Encode(&b, []trace.Record{{Op: trace.Read, Count: 512}})
+	layer, _, _ := AccelerationLayer(b.Bytes())
+	f.Add(layer)
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, in []byte) {
+		tf, err := TraceOfLayer(in)
+		if err != nil {
+			return
+		}
+		if _, err := trace.Decode(tf); err != nil {
+			t.Fatalf("returned a trace that does not decode: %v", err)
+		}
+	})
+}
