@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/obdproject/obd/internal/config"
+	"github.com/obdproject/obd/internal/iocount"
 	"github.com/obdproject/obd/internal/registry"
 )
 
@@ -361,8 +362,7 @@ func runProvider(ctx context.Context, p *provider, stdin []byte) ([]byte, error)
 	cmd := exec.CommandContext(ctx, p.path, p.args...)
 	cmd.Env = append(os.Environ(), p.env...)
 	cmd.Stdin = bytes.NewReader(stdin)
-	var stdout, stderr limitedBuffer
-	stdout.limit, stderr.limit = maxProviderOutput, 4<<10
+	stdout, stderr := iocount.LimitedBuffer{Limit: maxProviderOutput}, iocount.LimitedBuffer{Limit: 4 << 10}
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	cmd.WaitDelay = 5 * time.Second
 	if err := cmd.Run(); err != nil {
@@ -377,26 +377,8 @@ func runProvider(ctx context.Context, p *provider, stdin []byte) ([]byte, error)
 		}
 		return nil, fmt.Errorf("%s: %w", p.path, err)
 	}
-	if stdout.truncated {
+	if stdout.Truncated {
 		return nil, fmt.Errorf("%s printed more than %d bytes", p.path, maxProviderOutput)
 	}
 	return stdout.Bytes(), nil
-}
-
-// limitedBuffer keeps the first limit bytes written to it and drops the rest.
-type limitedBuffer struct {
-	bytes.Buffer
-	limit     int
-	truncated bool
-}
-
-func (b *limitedBuffer) Write(p []byte) (int, error) {
-	if room := b.limit - b.Len(); len(p) > room {
-		b.truncated = true
-		if room > 0 {
-			b.Buffer.Write(p[:room])
-		}
-		return len(p), nil
-	}
-	return b.Buffer.Write(p)
 }

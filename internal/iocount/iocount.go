@@ -1,7 +1,10 @@
 // Package iocount counts the bytes that pass through a reader or a writer.
 package iocount
 
-import "io"
+import (
+	"bytes"
+	"io"
+)
 
 // Writer counts the bytes written to W.
 type Writer struct {
@@ -25,4 +28,22 @@ func (r *Reader) Read(p []byte) (int, error) {
 	n, err := r.R.Read(p)
 	r.N += int64(n)
 	return n, err
+}
+
+// LimitedBuffer keeps the first Limit bytes written to it and drops the rest, setting Truncated.
+type LimitedBuffer struct {
+	bytes.Buffer
+	Limit     int
+	Truncated bool
+}
+
+func (b *LimitedBuffer) Write(p []byte) (int, error) {
+	if room := b.Limit - b.Len(); len(p) > room {
+		b.Truncated = true
+		if room > 0 {
+			b.Buffer.Write(p[:room])
+		}
+		return len(p), nil
+	}
+	return b.Buffer.Write(p)
 }

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/obdproject/obd/internal/iocount"
 )
 
 // Token helpers are commands that print a short-lived registry token ("gcloud auth print-access-token", "aws ecr
@@ -317,8 +319,7 @@ func runHelper(ctx context.Context, command string) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, helperTimeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "/bin/sh", "-c", command)
-	var stdout, stderr limitedBuffer
-	stdout.limit, stderr.limit = maxHelperOutput, 4<<10
+	stdout, stderr := iocount.LimitedBuffer{Limit: maxHelperOutput}, iocount.LimitedBuffer{Limit: 4 << 10}
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	cmd.WaitDelay = 5 * time.Second
 	if err := cmd.Run(); err != nil {
@@ -333,7 +334,7 @@ func runHelper(ctx context.Context, command string) (string, error) {
 		}
 		return "", fmt.Errorf("%q: %w", command, err)
 	}
-	if stdout.truncated {
+	if stdout.Truncated {
 		return "", fmt.Errorf("%q printed more than %d bytes", command, maxHelperOutput)
 	}
 	tok := strings.TrimSpace(stdout.String())
@@ -344,22 +345,4 @@ func runHelper(ctx context.Context, command string) (string, error) {
 		return "", fmt.Errorf("%q printed more than one line: want only the token", command)
 	}
 	return tok, nil
-}
-
-// limitedBuffer keeps the first limit bytes written to it and drops the rest.
-type limitedBuffer struct {
-	bytes.Buffer
-	limit     int
-	truncated bool
-}
-
-func (b *limitedBuffer) Write(p []byte) (int, error) {
-	if room := b.limit - b.Len(); len(p) > room {
-		b.truncated = true
-		if room > 0 {
-			b.Buffer.Write(p[:room])
-		}
-		return len(p), nil
-	}
-	return b.Buffer.Write(p)
 }
