@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"io"
 	"io/fs"
 	"net/http"
@@ -343,6 +344,9 @@ func grepTree(t *testing.T, dir string, needles []string) int {
 	}
 	n := 0
 	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil // removed meanwhile (a stopped container's files)
+		}
 		if err != nil {
 			return err
 		}
@@ -374,6 +378,9 @@ func grepTree(t *testing.T, dir string, needles []string) int {
 func fileContains(t *testing.T, path, needle string) bool {
 	t.Helper()
 	f, err := os.Open(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false // removed meanwhile (a stopped container's files)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
