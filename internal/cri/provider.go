@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/obdproject/obd/internal/config"
-	"github.com/obdproject/obd/internal/iocount"
 	"github.com/obdproject/obd/internal/registry"
 )
 
@@ -357,28 +356,9 @@ func (ps *Providers) Refresh(host string) bool {
 // runProvider runs the plugin with the request on its standard input and returns its standard output. Its
 // standard error is kept for the error message; its output, which holds credentials, never goes into one.
 func runProvider(ctx context.Context, p *provider, stdin []byte) ([]byte, error) {
-	ctx, cancel := context.WithTimeout(ctx, providerTimeout)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, p.path, p.args...)
-	cmd.Env = append(os.Environ(), p.env...)
-	cmd.Stdin = bytes.NewReader(stdin)
-	stdout, stderr := iocount.LimitedBuffer{Limit: maxProviderOutput}, iocount.LimitedBuffer{Limit: 4 << 10}
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	cmd.WaitDelay = 5 * time.Second
-	if err := cmd.Run(); err != nil {
-		if ctx.Err() != nil {
-			err = fmt.Errorf("%w (limit %s)", ctx.Err(), providerTimeout)
-		}
-		if msg := strings.Join(strings.Fields(stderr.String()), " "); msg != "" {
-			if len(msg) > 300 {
-				msg = msg[:300] + "…"
-			}
-			return nil, fmt.Errorf("%s: %w: %s", p.path, err, msg)
-		}
-		return nil, fmt.Errorf("%s: %w", p.path, err)
-	}
-	if stdout.Truncated {
-		return nil, fmt.Errorf("%s printed more than %d bytes", p.path, maxProviderOutput)
-	}
-	return stdout.Bytes(), nil
+	return registry.RunCredentialCommand(ctx, p.path, providerTimeout, maxProviderOutput, stdin, func(ctx context.Context) *exec.Cmd {
+		cmd := exec.CommandContext(ctx, p.path, p.args...)
+		cmd.Env = append(os.Environ(), p.env...)
+		return cmd
+	})
 }

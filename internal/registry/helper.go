@@ -313,31 +313,47 @@ func (h *HelperCredentials) current() (map[string]Helper, error) {
 	return helpers, nil
 }
 
-// runHelper runs command with /bin/sh -c and returns what it printed, trimmed. Its standard error is kept for the
-// error message; its standard output, which holds the token, never goes into one.
-func runHelper(ctx context.Context, command string) (string, error) {
-	ctx, cancel := context.WithTimeout(ctx, helperTimeout)
+// RunCredentialCommand runs the command newCmd makes (name labels its errors) with stdin, within timeout, and
+// returns its standard output, of at most maxOut bytes. That output holds a secret and never goes into an error;
+// the first 4 KiB of its standard error do.
+func RunCredentialCommand(ctx context.Context, name string, timeout time.Duration, maxOut int, stdin []byte,
+	newCmd func(context.Context) *exec.Cmd) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "/bin/sh", "-c", command)
-	stdout, stderr := iocount.LimitedBuffer{Limit: maxHelperOutput}, iocount.LimitedBuffer{Limit: 4 << 10}
+	cmd := newCmd(ctx)
+	if stdin != nil {
+		cmd.Stdin = bytes.NewReader(stdin)
+	}
+	stdout, stderr := iocount.LimitedBuffer{Limit: maxOut}, iocount.LimitedBuffer{Limit: 4 << 10}
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	cmd.WaitDelay = 5 * time.Second
 	if err := cmd.Run(); err != nil {
 		if ctx.Err() != nil {
-			err = fmt.Errorf("%w (limit %s)", ctx.Err(), helperTimeout)
+			err = fmt.Errorf("%w (limit %s)", ctx.Err(), timeout)
 		}
 		if msg := strings.Join(strings.Fields(stderr.String()), " "); msg != "" {
 			if len(msg) > 300 {
 				msg = msg[:300] + "…"
 			}
-			return "", fmt.Errorf("%q: %w: %s", command, err, msg)
+			return nil, fmt.Errorf("%s: %w: %s", name, err, msg)
 		}
-		return "", fmt.Errorf("%q: %w", command, err)
+		return nil, fmt.Errorf("%s: %w", name, err)
 	}
 	if stdout.Truncated {
-		return "", fmt.Errorf("%q printed more than %d bytes", command, maxHelperOutput)
+		return nil, fmt.Errorf("%s printed more than %d bytes", name, maxOut)
 	}
-	tok := strings.TrimSpace(stdout.String())
+	return stdout.Bytes(), nil
+}
+
+// runHelper runs command with /bin/sh -c and returns what it printed, trimmed. Its standard error is kept for the
+// error message; its standard output, which holds the token, never goes into one.
+func runHelper(ctx context.Context, command string) (string, error) {
+	out, err := RunCredentialCommand(ctx, fmt.Sprintf("%q", command), helperTimeout, maxHelperOutput, nil,
+		func(ctx context.Context) *exec.Cmd { return exec.CommandContext(ctx, "/bin/sh", "-c", command) })
+	if err != nil {
+		return "", err
+	}
+	tok := strings.TrimSpace(string(out))
 	switch {
 	case tok == "":
 		return "", fmt.Errorf("%q printed no token", command)
