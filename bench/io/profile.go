@@ -33,9 +33,9 @@ type profileSummary struct {
 // pathStages are the stages of the obd read path, as functions whose inclusive (cum) time is reported. Nested
 // stages are indented; "other" rows are derived by subtraction.
 var pathStages = []struct{ name, fn, what string }{
-	{"fuse: read requests from /dev/fuse", "github.com/hanwen/go-fuse/v2/fuse.(*fuseFD).readRequest", "read(2) on /dev/fuse, incl. waiting in the kernel"},
-	{"fuse: write replies to /dev/fuse", "github.com/hanwen/go-fuse/v2/fuse.(*fuseFD).write", "writev(2) of the data back to the kernel"},
-	{"backend: diskFS.Read", "github.com/obdproject/obd/internal/device.(*diskFS).Read", "everything below the FUSE server"},
+	{"fuse: read requests from /dev/fuse", "golang.org/x/sys/unix.Read", "read(2) on /dev/fuse, incl. waiting in the kernel"},
+	{"fuse: write replies to /dev/fuse", "github.com/obdproject/obd/internal/device.(*fuseServer).write", "write(2) of the reply back to the kernel"},
+	{"backend: diskFS.read", "github.com/obdproject/obd/internal/device.(*diskFS).read", "everything below the FUSE server"},
 	{"  lsmt: Stack.ReadAt", "github.com/obdproject/obd/lsmt.(*Stack).ReadAt", "index lookup + the layer reads below"},
 	{"    zfile: Reader.ReadAt", "github.com/obdproject/obd/zfile.(*Reader).ReadAt", "compressed block fetch + CRC + decompress"},
 	{"      cache: Reader.ReadAt", "github.com/obdproject/obd/internal/cache.(*Reader).ReadAt", "block cache lookup + data file read"},

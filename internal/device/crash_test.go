@@ -25,9 +25,11 @@ type serveRequest struct {
 	StateDir string
 	Image    string
 	IDs      []string
+	Holder   string // the holder socket, if the devices are to outlive the child
 }
 
 func TestMain(m *testing.M) {
+	RunHolderIfAsked()
 	if req := os.Getenv(serveEnv); req != "" {
 		os.Exit(serveForTest(req))
 	}
@@ -52,7 +54,11 @@ func serveForTest(req string) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 2
 	}
-	f := NewFuseLoop(nil)
+	var opts []FuseLoopOption
+	if r.Holder != "" {
+		opts = append(opts, WithHolder(NewHolder(r.Holder, nil)))
+	}
+	f := NewFuseLoop(nil, opts...)
 	ctx := context.Background()
 	for _, id := range r.IDs {
 		dev, err := f.Attach(ctx, id, fileBackend{File: img, size: st.Size()}, AttachOptions{ReadOnly: true, StateDir: r.StateDir})

@@ -5,7 +5,6 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/hanwen/go-fuse/v2/fuse"
 )
 
 // shortBackend returns fewer bytes than asked for, without an error, past limit.
@@ -27,34 +26,31 @@ func TestDiskFSRead(t *testing.T) {
 		data[i] = byte(i)
 	}
 	log, logs := testLogger(t)
-	fs := &diskFS{RawFileSystem: fuse.NewDefaultRawFileSystem(), id: "disk-1", b: &memBackend{data: data}, log: log}
-	read := func(off uint64, n int) ([]byte, fuse.Status) {
-		res, st := fs.Read(nil, &fuse.ReadIn{Offset: off, Size: uint32(n)}, make([]byte, n))
-		if !st.Ok() {
-			return nil, st
-		}
-		b, _ := res.Bytes(nil)
-		return b, st
+	fs := &diskFS{id: "disk-1", b: &memBackend{data: data}, log: log}
+	read := func(off int64, n int) ([]byte, syscall.Errno) {
+		b := make([]byte, n)
+		n, errno := fs.read(off, b)
+		return b[:n], errno
 	}
-	if b, st := read(4096, 4096); !st.Ok() || string(b) != string(data[4096:]) {
+	if b, st := read(4096, 4096); st != 0 || string(b) != string(data[4096:]) {
 		t.Errorf("read at 4096: %v, %d bytes", st, len(b))
 	}
 	// The end of the disk: io.EOF with a full read is fine, and reads past the end are empty.
-	if b, st := read(8000, 4096); !st.Ok() || string(b) != string(data[8000:]) {
+	if b, st := read(8000, 4096); st != 0 || string(b) != string(data[8000:]) {
 		t.Errorf("read across the end: %v, %d bytes", st, len(b))
 	}
-	if b, st := read(1<<20, 4096); !st.Ok() || len(b) != 0 {
+	if b, st := read(1<<20, 4096); st != 0 || len(b) != 0 {
 		t.Errorf("read past the end: %v, %d bytes", st, len(b))
 	}
 
 	fs.b = &shortBackend{memBackend: memBackend{data: data}, limit: 6000}
-	if _, st := read(4096, 4096); st != fuse.EIO {
+	if _, st := read(4096, 4096); st != syscall.EIO {
 		t.Errorf("short backend read: %v, want EIO", st)
 	}
 	fs.b = &failingBackend{Backend: &memBackend{data: data}}
 	fs.b.(*failingBackend).fail.Store(true)
 	for range 100 {
-		if _, st := read(0, 512); st != fuse.EIO {
+		if _, st := read(0, 512); st != syscall.EIO {
 			t.Fatalf("failing backend read: %v, want EIO", st)
 		}
 	}
@@ -69,27 +65,29 @@ func TestDiskFSRead(t *testing.T) {
 func TestDiskFSOpenWrite(t *testing.T) {
 	b := &memBackend{data: make([]byte, 4096)}
 	log, _ := testLogger(t)
-	ro := &diskFS{RawFileSystem: fuse.NewDefaultRawFileSystem(), id: "ro", b: b, log: log}
-	var out fuse.OpenOut
-	if st := ro.Open(nil, &fuse.OpenIn{InHeader: fuse.InHeader{NodeId: fuse.FUSE_ROOT_ID}, Flags: syscall.O_RDWR}, &out); st != fuse.Status(syscall.EROFS) {
+	ro := &diskFS{id: "ro", b: b, log: log}
+	if _, st := ro.open(fuseRootID, syscall.O_RDWR); st != syscall.EROFS {
 		t.Errorf("open read-only disk for writing: %v, want EROFS", st)
 	}
-	if st := ro.Open(nil, &fuse.OpenIn{InHeader: fuse.InHeader{NodeId: fuse.FUSE_ROOT_ID}}, &out); !st.Ok() || out.OpenFlags&fuse.FOPEN_DIRECT_IO == 0 {
-		t.Errorf("open read-only disk: %v, flags %#x", st, out.OpenFlags)
+	if _, st := ro.open(fuseRootID+1, syscall.O_RDONLY); st != syscall.ENOENT {
+		t.Errorf("open another inode: %v, want ENOENT", st)
 	}
-	if _, st := ro.Write(nil, &fuse.WriteIn{}, []byte("x")); st != fuse.Status(syscall.EROFS) {
+	if out, st := ro.open(fuseRootID, syscall.O_RDONLY); st != 0 || ne.Uint32(out[8:])&fopenDirectIO == 0 {
+		t.Errorf("open read-only disk: %v, reply %x", st, out)
+	}
+	if _, st := ro.write(0, []byte("x")); st != syscall.EROFS {
 		t.Errorf("write to read-only disk: %v", st)
 	}
 
-	rw := &diskFS{RawFileSystem: fuse.NewDefaultRawFileSystem(), id: "rw", b: b, w: b, log: log}
-	if n, st := rw.Writev(nil, &fuse.WriteIn{Offset: 100}, [][]byte{[]byte("ab"), []byte("cd")}); !st.Ok() || n != 4 || string(b.data[100:104]) != "abcd" {
-		t.Errorf("writev: %d, %v, disk holds %q", n, st, b.data[100:104])
+	rw := &diskFS{id: "rw", b: b, w: b, log: log}
+	if n, st := rw.write(100, []byte("abcd")); st != 0 || n != 4 || string(b.data[100:104]) != "abcd" {
+		t.Errorf("write: %d, %v, disk holds %q", n, st, b.data[100:104])
 	}
-	if _, st := rw.Write(nil, &fuse.WriteIn{Offset: 4095}, []byte("xy")); st != fuse.Status(syscall.ENOSPC) {
+	if _, st := rw.write(4095, []byte("xy")); st != syscall.ENOSPC {
 		t.Errorf("write past the end: %v, want ENOSPC", st)
 	}
-	var attr fuse.AttrOut
-	if st := rw.GetAttr(nil, &fuse.GetAttrIn{InHeader: fuse.InHeader{NodeId: fuse.FUSE_ROOT_ID}}, &attr); !st.Ok() || attr.Size != 4096 || attr.Mode != syscall.S_IFREG|0o600 {
-		t.Errorf("getattr: %v, %+v", st, attr.Attr)
+	out, st := rw.getattr(fuseRootID)
+	if st != 0 || len(out) != attrOutSize || ne.Uint64(out[16+8:]) != 4096 || ne.Uint32(out[16+60:]) != syscall.S_IFREG|0o600 {
+		t.Errorf("getattr: %v, %x", st, out)
 	}
 }

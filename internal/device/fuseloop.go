@@ -10,10 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
-	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 )
 
@@ -44,8 +42,9 @@ import (
 // (FUSE_NOTIFY_RESEND); go-fuse's server can only start on a connection that has not been initialised yet, so
 // that needs a FUSE request loop of our own and is not done.
 type FuseLoop struct {
-	log *slog.Logger
-	obs ReadObserver // nil: reads are not observed
+	log    *slog.Logger
+	obs    ReadObserver // nil: reads are not observed
+	holder *Holder      // nil: connections end with this process
 
 	mu        sync.Mutex
 	slots     map[string]*slot    // by device id
@@ -62,7 +61,8 @@ type slot struct {
 // attachment is a device served by this FuseLoop.
 type attachment struct {
 	dev    *Device
-	served chan struct{} // closed when the server's Serve loop has returned
+	srv    *fuseServer
+	served chan struct{} // closed when the server's loop has returned
 }
 
 // running reports whether the FUSE server of a is still serving.
@@ -100,6 +100,12 @@ type ReadObserver func(id string, off, length int64) (done func(n int, err error
 // (for metrics and the audit log of slow reads).
 func WithReadObserver(obs ReadObserver) FuseLoopOption {
 	return func(f *FuseLoop) { f.obs = obs }
+}
+
+// WithHolder makes the devices outlive this process: h keeps their FUSE connections, and Attach resumes a held
+// connection whose server died instead of replacing the device (see Holder).
+func WithHolder(h *Holder) FuseLoopOption {
+	return func(f *FuseLoop) { f.holder = h }
 }
 
 var _ Frontend = (*FuseLoop)(nil)
@@ -165,6 +171,12 @@ func (f *FuseLoop) Attach(ctx context.Context, id string, b Backend, opts Attach
 		s.att = nil
 	}
 	disk := filepath.Join(dir, diskName)
+	if a, err := f.resumeHeld(ctx, id, disk, b, w); err != nil {
+		return nil, fmt.Errorf("attach %s: %w", id, err)
+	} else if a != nil {
+		s.att = a
+		return a.dev, nil
+	}
 	st, err := inspect(disk)
 	if err != nil {
 		return nil, fmt.Errorf("attach %s: %w", id, err)
@@ -204,8 +216,71 @@ func (f *FuseLoop) Attach(ctx context.Context, id string, b Backend, opts Attach
 		return nil, fmt.Errorf("attach %s: %w", id, err)
 	}
 	f.log.Info("attached device", "device", id, "loop", a.dev.Path, "size", size, "read_only", opts.ReadOnly, "direct_io", dio)
+	f.hold(id, a)
 	s.att = a
 	return a.dev, nil
+}
+
+// hold gives the connection of a new device to the holder, if there is one and the kernel can re-send requests to
+// a new server (FUSE_NOTIFY_RESEND, Linux 6.9): without that, the requests a dead server had read would wait
+// forever, so the device is better off failing with EIO when its server dies.
+func (f *FuseLoop) hold(id string, a *attachment) {
+	if f.holder == nil {
+		return
+	}
+	var resend bool
+	select {
+	case resend = <-a.srv.hasResend:
+	default: // INIT was answered before the loop device could open the file
+	}
+	if !resend {
+		f.log.Warn("the kernel cannot resend FUSE requests (Linux 6.9 and newer can): the device fails with EIO if this process dies", "device", id)
+		return
+	}
+	if err := f.holder.Put(id, a.srv.fd, HeldDevice{Size: a.dev.Size, ReadOnly: a.dev.ReadOnly}); err != nil {
+		f.log.Error("cannot hand the device's connection to the holder: the device fails with EIO if this process dies", "device", id, "err", err)
+	}
+}
+
+// resumeHeld takes over the device at disk if the holder holds its connection: the server that served it died
+// (this process restarted), its loop device and mounts are still there, and requests wait in the kernel. It
+// returns nil, nil if there is nothing to resume; a held connection of another size or mode, or that no longer
+// serves the disk, is dropped (the device is then stale and replaced).
+func (f *FuseLoop) resumeHeld(ctx context.Context, id, disk string, b Backend, w WritableBackend) (*attachment, error) {
+	if f.holder == nil {
+		return nil, nil
+	}
+	fd, meta, err := f.holder.Get(id)
+	if err != nil || fd < 0 {
+		return nil, err
+	}
+	if meta.Size != b.Size() || meta.ReadOnly != (w == nil) {
+		unix.Close(fd)
+		f.log.Warn("the held device has another size or mode than the image attached now: replacing it", "device", id,
+			"held_size", meta.Size, "size", b.Size(), "held_read_only", meta.ReadOnly)
+		return nil, f.holder.Delete(id)
+	}
+	a, err := f.resume(id, disk, fd, b, w)
+	if err == nil && a.dev.Path == "" {
+		// The previous server died between mounting the file and attaching the loop device.
+		_, err = a.attachLoop(ctx)
+	}
+	if err != nil {
+		f.log.Warn("cannot resume the held device: replacing it", "device", id, "err", err)
+		if derr := f.holder.Delete(id); derr != nil {
+			return nil, derr
+		}
+		if a != nil {
+			// Without the holder's descriptor, unmounting the file ends the connection and the server.
+			if terr := unmountFUSE(disk); terr != nil {
+				return nil, terr
+			}
+			<-a.served
+		}
+		return nil, nil
+	}
+	f.log.Info("resumed device whose server had died", "device", id, "loop", a.dev.Path, "size", a.dev.Size, "read_only", a.dev.ReadOnly)
+	return a, nil
 }
 
 // diskName is the name of the FUSE-served file in a device's directory.
@@ -216,84 +291,56 @@ const fuseType = "fuse.obd"
 
 // serve mounts a FUSE filesystem serving b at disk and starts its server.
 func (f *FuseLoop) serve(id, disk string, b Backend, w WritableBackend) (*attachment, error) {
-	fs := &diskFS{RawFileSystem: fuse.NewDefaultRawFileSystem(), id: id, b: b, log: f.log, obs: f.obs}
+	fs := &diskFS{id: id, b: b, log: f.log, obs: f.obs}
 	flags := uintptr(unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC)
 	if w != nil {
 		fs.w = w
 	} else {
 		flags |= unix.MS_RDONLY
 	}
-	opts := &fuse.MountOptions{
-		FsName:            "obd",
-		Name:              "obd",
-		DirectMount:       true,
-		DirectMountStrict: true, // we are root: never fall back to fusermount
-		DirectMountFlags:  flags,
-		// Also max_read. Measured here with loop direct I/O: 128 KiB requests read 2.9-3.3 GB/s sequentially, 1 MiB
-		// ones 2.3-2.4 GB/s: the kernel splits a large read into requests served in parallel. Small buffers also
-		// keep an idle device small (each server goroutine waiting for a request holds one).
-		MaxWrite: 128 << 10,
-		// Loop's direct I/O is asynchronous; FUSE queues async requests as background requests, at most
-		// MaxBackground in flight, so this is the queue depth the backend sees.
-		MaxBackground: 128,
-		// Without ASYNC_DIO the kernel serves the loop device's asynchronous direct I/O synchronously, one request
-		// at a time per loop worker; measured here, 4 KiB random reads at depth 32 went from ~25k to ~70k IOPS.
-		ExtraCapabilities: fuse.CAP_ASYNC_DIO,
-		// Each request being read or served holds a buffer of MaxWrite plus a header, whatever its size; this bounds
-		// that memory per device (about 200 requests in flight) and pushes back on the kernel beyond it.
-		MaxInflightRequestBytes: 32 << 20,
-		DisableXAttrs:           true,
-		// Splicing only pays for file-descriptor results; ours are byte slices, written with writev.
-		DisableSplice: true,
-		Logger:        slog.NewLogLogger(f.log.With("device", id).Handler(), slog.LevelWarn),
-	}
-	// go-fuse opens /dev/fuse without O_CLOEXEC when it mounts directly. A child process that inherited it would keep
-	// the connection open after this process dies, and reads would hang instead of failing. Hold ForkLock so that
-	// nothing is exec'd before the descriptor is marked close-on-exec.
-	syscall.ForkLock.RLock()
-	server, err := fuse.NewServer(fs, disk, opts)
-	if err == nil {
-		err = closeFUSEOnExec()
-	}
-	syscall.ForkLock.RUnlock()
+	// O_CLOEXEC: a child process that inherited the descriptor would keep the connection open after this process
+	// dies (reads would hang instead of failing); only a Holder keeps it, on purpose.
+	fd, err := unix.Open("/dev/fuse", unix.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("serve %s with FUSE: %w", disk, err)
 	}
-	a := &attachment{
-		dev:    &Device{ID: id, Size: b.Size(), ReadOnly: w == nil, BackingFile: disk},
-		served: make(chan struct{}),
+	opts := fmt.Sprintf("fd=%d,rootmode=%o,user_id=%d,group_id=%d,max_read=%d", fd, unix.S_IFREG, os.Geteuid(), os.Getegid(), fuseMaxWrite)
+	if err := unix.Mount("obd", disk, fuseType, flags, opts); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("serve %s with FUSE: mount: %w", disk, err)
 	}
-	// The goroutine ends when the FUSE connection ends: Detach unmounts it (see teardown).
-	go func() {
-		defer close(a.served)
-		server.Serve()
-	}()
-	return a, nil
+	srv := newFUSEServer(fd, fs, f.log)
+	if err := srv.start(false); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	return &attachment{dev: &Device{ID: id, Size: b.Size(), ReadOnly: w == nil, BackingFile: disk}, srv: srv, served: srv.served}, nil
 }
 
-// closeFUSEOnExec sets FD_CLOEXEC on every open /dev/fuse descriptor of the process.
-func closeFUSEOnExec() error {
-	ents, err := os.ReadDir("/proc/self/fd")
+// resume serves b on fd, the held connection of the device at disk whose server died (see Holder), and finds its
+// loop device. On error the server may be running: the caller tears the device down.
+func (f *FuseLoop) resume(id, disk string, fd int, b Backend, w WritableBackend) (*attachment, error) {
+	fs := &diskFS{id: id, b: b, log: f.log, obs: f.obs}
+	if w != nil {
+		fs.w = w
+	}
+	srv := newFUSEServer(fd, fs, f.log)
+	if err := srv.start(true); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	a := &attachment{dev: &Device{ID: id, Size: b.Size(), ReadOnly: w == nil, BackingFile: disk}, srv: srv, served: srv.served}
+	st, err := inspect(disk)
 	if err != nil {
-		return err
+		return a, err
 	}
-	for _, e := range ents {
-		fd, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if target, err := os.Readlink("/proc/self/fd/" + e.Name()); err != nil || target != "/dev/fuse" {
-			continue
-		}
-		flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
-		if err != nil || flags&unix.FD_CLOEXEC != 0 {
-			continue
-		}
-		if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFD, flags|unix.FD_CLOEXEC); err != nil {
-			return fmt.Errorf("set close-on-exec on /dev/fuse descriptor %d: %w", fd, err)
-		}
+	if !st.served {
+		return a, fmt.Errorf("the held connection does not serve %s", disk)
 	}
-	return nil
+	if len(st.loops) > 0 {
+		a.dev.Path = loopPath(st.loops[0])
+	}
+	return a, nil
 }
 
 // attachLoop puts a new loop device on top of the served file and reports whether it does direct I/O.
@@ -333,9 +380,17 @@ func (f *FuseLoop) Detach(ctx context.Context, id string) error {
 		if err := teardown(ctx, a.dev.BackingFile, []int{idx}, a.served); err != nil {
 			return fmt.Errorf("detach %s: %w", id, err)
 		}
+		if f.holder != nil {
+			if err := f.holder.Delete(id); err != nil {
+				f.log.Warn("the holder still holds the connection of a detached device", "device", id, "err", err)
+			}
+		}
 		s.att = nil
 		f.log.Info("detached device", "device", id, "loop", a.dev.Path)
 		return nil
+	}
+	if err := f.dropHeld(id); err != nil {
+		return fmt.Errorf("detach %s: %w", id, err)
 	}
 	f.mu.Lock()
 	dirs := make([]string, 0, len(f.stateDirs))
@@ -603,6 +658,22 @@ func (f *FuseLoop) Reconcile(ctx context.Context, stateDir string) ([]AttachedIn
 	f.mu.Lock()
 	f.stateDirs[filepath.Clean(stateDir)] = struct{}{}
 	f.mu.Unlock()
+	if f.holder != nil {
+		held, err := f.holder.List()
+		if err != nil {
+			return nil, fmt.Errorf("reconcile: %w", err)
+		}
+		for id := range held {
+			s := f.lock(id)
+			if s.att == nil || !s.att.running() {
+				err = f.dropHeld(id)
+			}
+			f.unlock(id, s)
+			if err != nil {
+				return nil, fmt.Errorf("reconcile: %w", err)
+			}
+		}
+	}
 	found, err := ListAttached(stateDir)
 	if err != nil {
 		return nil, err
@@ -626,6 +697,15 @@ func (f *FuseLoop) Reconcile(ctx context.Context, stateDir string) ([]AttachedIn
 		}
 	}
 	return remain, errors.Join(errs...)
+}
+
+// dropHeld makes the holder close the connection it holds for a device that this FuseLoop does not serve, so that
+// the device is stale (failing with EIO) instead of waiting for a server, and can be removed.
+func (f *FuseLoop) dropHeld(id string) error {
+	if f.holder == nil {
+		return nil
+	}
+	return f.holder.Delete(id)
 }
 
 // detachStale detaches the stale device described by info unless this FuseLoop attached its id meanwhile.

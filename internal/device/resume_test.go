@@ -1,0 +1,173 @@
+package device
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// startServer starts the test binary as a process serving the devices of req (see serveForTest) and returns the
+// loop device of each id and the process.
+func startServer(t *testing.T, req serveRequest) (map[string]string, *exec.Cmd, <-chan struct{}) {
+	t.Helper()
+	b, _ := json.Marshal(req)
+	child := exec.Command(os.Args[0], "-test.run=^$")
+	child.Env = append(os.Environ(), serveEnv+"="+string(b))
+	child.Stderr = os.Stderr
+	stdin, err := child.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := child.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := child.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() {
+		defer close(exited)
+		child.Wait()
+	}()
+	t.Cleanup(func() {
+		stdin.Close()
+		child.Process.Kill()
+		<-exited
+	})
+	paths := map[string]string{}
+	sc := bufio.NewScanner(stdout)
+	withTimeout(t, 30*time.Second, "the serving child process", func() {
+		for sc.Scan() && sc.Text() != "ready" {
+			id, path, _ := strings.Cut(sc.Text(), "\t")
+			paths[id] = path
+		}
+	})
+	if len(paths) != len(req.IDs) {
+		t.Fatalf("child attached %v, want %d devices", paths, len(req.IDs))
+	}
+	return paths, child, exited
+}
+
+// TestResumeAfterCrash kills the process serving a device held by a Holder while readers check its content with
+// direct I/O, and lets a new FuseLoop take the device over: no read fails or returns wrong data, the reads that
+// were waiting complete once the new server runs, and the loop device and its mount stay.
+func TestResumeAfterCrash(t *testing.T) {
+	mkfs := needSystem(t)
+	files := testFiles(5)
+	img := makeImage(t, mkfs, files, 32)
+	want, err := os.ReadFile(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	state := t.TempDir()
+	socket := filepath.Join(t.TempDir(), "holder.sock")
+	t.Cleanup(func() {
+		if err := StopHolder(socket); err != nil {
+			t.Error(err)
+		}
+	})
+	id := uniqueID(t, 0)
+	paths, child, exited := startServer(t, serveRequest{StateDir: state, Image: img, IDs: []string{id}, Holder: socket})
+	loop := paths[id]
+	target := mountDev(t, &Device{ID: id, Path: loop, ReadOnly: true})
+
+	// Readers of the loop device, bypassing every cache, and of the mounted files.
+	fd, err := unix.Open(loop, unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	var (
+		stop            atomic.Bool
+		reads, failures atomic.Int64
+		mu              sync.Mutex
+		firstErr        error
+		longest         time.Duration
+		wg              sync.WaitGroup
+	)
+	fail := func(err error) {
+		failures.Add(1)
+		mu.Lock()
+		if firstErr == nil {
+			firstErr = err
+		}
+		mu.Unlock()
+	}
+	for g := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := rand.New(rand.NewPCG(uint64(g), 2))
+			buf := alignedBuffer(128 << 10)
+			for !stop.Load() {
+				n := (1 + r.IntN(32)) * 4096
+				off := int64(r.IntN(len(want)-n)) &^ 4095
+				start := time.Now()
+				got, err := unix.Pread(fd, buf[:n], off)
+				d := time.Since(start)
+				mu.Lock()
+				longest = max(longest, d)
+				mu.Unlock()
+				reads.Add(1)
+				switch {
+				case err != nil:
+					fail(err)
+				case got != n || !bytes.Equal(buf[:n], want[off:off+int64(n)]):
+					fail(os.ErrInvalid)
+				}
+			}
+		}()
+	}
+	time.Sleep(200 * time.Millisecond)
+	if err := child.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	<-exited
+	killed := time.Now()
+	before := reads.Load()
+	// The device waits for a server: reads neither fail nor complete.
+	time.Sleep(300 * time.Millisecond)
+	if n := reads.Load() - before; n > 4 {
+		t.Errorf("%d reads completed with no server", n)
+	}
+
+	f := NewFuseLoop(nil, WithHolder(NewHolder(socket, nil)))
+	dev, err := f.Attach(context.Background(), id, openFileBackend(t, img), AttachOptions{ReadOnly: true, StateDir: state})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := f.Detach(context.Background(), id); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	resumed := time.Since(killed)
+	if dev.Path != loop {
+		t.Errorf("resumed device is %s, want the same loop device %s", dev.Path, loop)
+	}
+	time.Sleep(300 * time.Millisecond)
+	stop.Store(true)
+	wg.Wait()
+	if failures.Load() > 0 {
+		t.Fatalf("%d of %d reads failed across the crash; first: %v", failures.Load(), reads.Load(), firstErr)
+	}
+	if reads.Load() <= before+4 {
+		t.Fatalf("reads did not go on after the resume: %d before, %d after", before, reads.Load())
+	}
+	checkFiles(t, target, files)
+	t.Logf("%d reads, none failed; resumed %v after the kill, longest read %v", reads.Load(), resumed.Round(time.Millisecond), longest.Round(time.Millisecond))
+}
