@@ -22,10 +22,12 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/obdproject/obd/internal/config"
+	"github.com/obdproject/obd/internal/device"
 	"github.com/obdproject/obd/internal/node"
 )
 
 func main() {
+	device.RunHolderIfAsked()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := newRootCmd().ExecuteContext(ctx)
 	stop()
@@ -80,7 +82,7 @@ metrics. Device reads slower than [audit] slow_read_ms are written to the audit 
 			}
 			level.Set(l)
 			node.RouteContainerdLog(logger)
-			svc, err := node.New(cfg, node.WithLogger(logger), node.WithConfigPath(configPath))
+			svc, err := node.New(cfg, node.WithLogger(logger), node.WithConfigPath(configPath), node.WithDeviceHolder())
 			if err != nil {
 				return err
 			}

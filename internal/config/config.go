@@ -141,7 +141,14 @@ type Snapshotter struct {
 	// StatusAddress is the unix socket of the status endpoint (GET /status, /healthz, /metrics) that 'obd status'
 	// and 'obd health' ask; empty means next to Address (see StatusSocket).
 	StatusAddress string `toml:"status_address"`
+	// KeepDevices keeps the devices of overlaybd images working across a crash, kill or upgrade of the daemon: a
+	// small holder process keeps their FUSE connections, reads wait while no daemon runs, and the next daemon
+	// resumes them (Linux 6.9 or newer). With false, reads fail with EIO once the daemon is gone.
+	KeepDevices bool `toml:"keep_devices"`
 }
+
+// HolderSocket is the socket of the device holder process (see KeepDevices), in Root.
+func (s Snapshotter) HolderSocket() string { return filepath.Join(s.Root, "holder.sock") }
 
 // StatusSocket returns the status endpoint's socket: StatusAddress, or Address with ".sock" replaced by
 // ".status.sock" (/run/obd/snapshotter.sock → /run/obd/snapshotter.status.sock).
@@ -206,7 +213,7 @@ func (a Audit) HungRead() time.Duration { return time.Duration(a.HungReadMS) * t
 // Default returns the configuration used when obd.toml is missing.
 func Default() Config {
 	return Config{
-		Snapshotter: Snapshotter{Root: DefaultRoot, Address: DefaultAddress, LogLevel: DefaultLogLevel},
+		Snapshotter: Snapshotter{Root: DefaultRoot, Address: DefaultAddress, LogLevel: DefaultLogLevel, KeepDevices: true},
 		Cache:       Cache{Dir: DefaultCacheDir, SizeGB: DefaultCacheGB, BlockSizeKB: DefaultBlockKB},
 		Registry:    Registry{RetryBudget: DefaultRetryBudget, CredentialHelpers: DefaultCredentialHelpers},
 		Metrics:     Metrics{Address: DefaultMetricsAddress},

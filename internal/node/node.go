@@ -31,6 +31,7 @@ type Service struct {
 	// the kubelet credential provider plugins of [cri].
 	pulls     *cri.Store
 	providers *cri.Providers
+	holder    *device.Holder // nil: devices end with this process
 }
 
 // Option configures New.
@@ -40,6 +41,7 @@ type options struct {
 	logger     *slog.Logger
 	configPath string
 	mounter    snapshotter.ImageMounter
+	holder     bool
 }
 
 // WithLogger sets the daemon's logger (default slog.Default()).
@@ -52,6 +54,11 @@ func WithConfigPath(path string) Option { return func(o *options) { o.configPath
 // WithImageMounter serves overlaybd images with m instead of the daemon's own block cache, registry clients and
 // FUSE + loop device mounter, which New then does not open (tests fake the device stack with it).
 func WithImageMounter(m snapshotter.ImageMounter) Option { return func(o *options) { o.mounter = m } }
+
+// WithDeviceHolder lets the devices of overlaybd images outlive the daemon when [snapshotter] keep_devices is set:
+// their FUSE connections are kept by a holder process, which is this program started again (see device.Holder),
+// so the program must call device.RunHolderIfAsked first thing in main.
+func WithDeviceHolder() Option { return func(o *options) { o.holder = true } }
 
 // New checks cfg, builds the metrics and opens the audit log, the block cache and the image mounter that serves
 // overlaybd images through FUSE + loop. Close releases them.
@@ -74,6 +81,9 @@ func New(cfg config.Config, opts ...Option) (*Service, error) {
 		return nil, fmt.Errorf("config %s: %w", o.configPath, err)
 	}
 	s := &Service{cfg: cfg, log: o.logger, ops: ops, mounter: o.mounter, pulls: cri.NewStore(cfg.CRI.CredentialTTLDuration()), providers: providers}
+	if o.holder && cfg.Snapshotter.KeepDevices {
+		s.holder = device.NewHolder(cfg.Snapshotter.HolderSocket(), o.logger)
+	}
 	if s.mounter == nil {
 		if err := s.openDevices(); err != nil {
 			ops.close()
@@ -96,8 +106,12 @@ func (s *Service) openDevices() error {
 	budget, _ := time.ParseDuration(cfg.Registry.RetryBudget) // checked by Validate
 	cp := &clientPool{cfg: cfg.Registry, budget: budget, logger: s.log, observer: s.ops.observeRegistry, pulls: s.pulls, providers: s.providers,
 		clients: map[string]*registry.Client{}}
+	fopts := []device.FuseLoopOption{device.WithReadObserver(s.ops.reads.observe)}
+	if s.holder != nil {
+		fopts = append(fopts, device.WithHolder(s.holder))
+	}
 	m := mounter.New(mounter.Options{
-		Frontend:            device.NewFuseLoop(s.log, device.WithReadObserver(s.ops.reads.observe)),
+		Frontend:            device.NewFuseLoop(s.log, fopts...),
 		StateDir:            filepath.Join(cfg.Snapshotter.Root, "devices"),
 		Cache:               c,
 		Registry:            cp.get,
@@ -123,6 +137,9 @@ func (s *Service) Close() error {
 	}
 	if s.cache != nil {
 		errs = append(errs, s.cache.Close())
+	}
+	if s.holder != nil {
+		errs = append(errs, s.holder.Close())
 	}
 	return errors.Join(append(errs, s.ops.close())...)
 }

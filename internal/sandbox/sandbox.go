@@ -29,6 +29,7 @@ import (
 
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/obdproject/obd/internal/config"
 	"github.com/obdproject/obd/internal/device"
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/registry"
@@ -327,7 +328,12 @@ func (s *Sandbox) Close() error {
 // cleanMounts unmounts everything under the sandbox directory (deepest first) and detaches its loop devices.
 func (s *Sandbox) cleanMounts() error {
 	var errs []error
-	stateDir := filepath.Join(s.Dir, "snapshotter", "devices")
+	// The devices outlive obd-snapshotter in its holder process: end them, so that they are stale and go.
+	root := filepath.Join(s.Dir, "snapshotter")
+	if err := device.StopHolder(config.Snapshotter{Root: root}.HolderSocket()); err != nil {
+		errs = append(errs, err)
+	}
+	stateDir := filepath.Join(root, "devices")
 	if _, err := device.NewFuseLoop(slog.New(slog.DiscardHandler)).Reconcile(context.Background(), stateDir); err != nil {
 		errs = append(errs, err)
 	}

@@ -204,39 +204,49 @@ func appImage(t *testing.T, dir string) {
 	}
 	big := make([]byte, 32<<20)
 	rand.Read(big)
-	type ent struct {
-		name, body, link string
-		mode             int64
-	}
-	mk := func(ents []ent) []byte {
-		var buf bytes.Buffer
-		tw := tar.NewWriter(&buf)
-		for _, e := range ents {
-			h := &tar.Header{Name: e.name, Mode: e.mode, ModTime: time.Unix(1700000000, 0), Typeflag: tar.TypeReg, Size: int64(len(e.body))}
-			switch {
-			case e.link != "":
-				h.Typeflag, h.Linkname, h.Size = tar.TypeSymlink, e.link, 0
-			case strings.HasSuffix(e.name, "/"):
-				h.Typeflag, h.Size = tar.TypeDir, 0
-			}
-			if h.Mode == 0 {
-				h.Mode = 0o644
-			}
-			if err := tw.WriteHeader(h); err != nil {
-				t.Fatal(err)
-			}
-			tw.Write([]byte(e.body))
-		}
-		tw.Close()
-		return buf.Bytes()
-	}
 	layers := [][]byte{
-		mk([]ent{{name: "bin/", mode: 0o755}, {name: "bin/busybox", body: string(bb), mode: 0o755},
-			{name: "bin/sh", link: "busybox"}, {name: "bin/cat", link: "busybox"}, {name: "etc/motd", body: "motd from layer 1\n"}}),
-		mk([]ent{{name: "app/", mode: 0o755}, {name: "app/data.txt", body: "data from layer 2\n"}, {name: "app/big.bin", body: string(big)}}),
-		mk([]ent{{name: "app/run.sh", body: "cat /etc/motd /app/data.txt\necho script from layer 3\n", mode: 0o755}}),
+		tarOf(t, []tarEntry{{name: "bin/", mode: 0o755}, {name: "bin/busybox", body: bb, mode: 0o755},
+			{name: "bin/sh", link: "busybox"}, {name: "bin/cat", link: "busybox"}, {name: "etc/motd", body: []byte("motd from layer 1\n")}}),
+		tarOf(t, []tarEntry{{name: "app/", mode: 0o755}, {name: "app/data.txt", body: []byte("data from layer 2\n")}, {name: "app/big.bin", body: big}}),
+		tarOf(t, []tarEntry{{name: "app/run.sh", body: []byte("cat /etc/motd /app/data.txt\necho script from layer 3\n"), mode: 0o755}}),
 	}
 	writeLayout(t, dir, "v1", layers)
+}
+
+// tarEntry is a file of a test layer: directories end in "/", symbolic links have a link.
+type tarEntry struct {
+	name, link string
+	body       []byte
+	mode       int64 // 0: 0644
+}
+
+// tarOf returns a layer tar of the entries.
+func tarOf(t *testing.T, ents []tarEntry) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	for _, e := range ents {
+		h := &tar.Header{Name: e.name, Mode: e.mode, ModTime: time.Unix(1700000000, 0), Typeflag: tar.TypeReg, Size: int64(len(e.body))}
+		switch {
+		case e.link != "":
+			h.Typeflag, h.Linkname, h.Size = tar.TypeSymlink, e.link, 0
+		case strings.HasSuffix(e.name, "/"):
+			h.Typeflag, h.Size = tar.TypeDir, 0
+		}
+		if h.Mode == 0 {
+			h.Mode = 0o644
+		}
+		if err := tw.WriteHeader(h); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tw.Write(e.body); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
 }
 
 func writeLayout(t *testing.T, dir, tag string, layers [][]byte) {
