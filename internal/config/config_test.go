@@ -94,7 +94,7 @@ size = "10GiB"
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Snapshotter{Root: "/srv/obd", Address: DefaultAddress, LogLevel: "debug"}
+	want := Snapshotter{Root: "/srv/obd", Address: DefaultAddress, LogLevel: "debug", KeepDevices: true}
 	if cfg.Snapshotter != want {
 		t.Errorf("config %+v, want %+v", cfg.Snapshotter, want)
 	}

@@ -4,7 +4,6 @@ import (
 	"strings"
 	"syscall"
 	"testing"
-
 )
 
 // shortBackend returns fewer bytes than asked for, without an error, past limit.

@@ -109,7 +109,7 @@ func initReply(body []byte, maxWrite, maxBackground int) (out []byte, hasResend 
 	ne.PutUint16(out[16:], uint16(maxBackground))
 	ne.PutUint16(out[18:], uint16(maxBackground*3/4)) // congestion threshold
 	ne.PutUint32(out[20:], uint32(maxWrite))
-	ne.PutUint32(out[24:], 1)                       // time granularity (ns)
+	ne.PutUint32(out[24:], 1)                     // time granularity (ns)
 	ne.PutUint16(out[28:], uint16(maxWrite/4096)) // max pages per request
 	return out, hasResend, nil
 }

@@ -34,10 +34,11 @@ ExecStart=%s --config %s
 Restart=always
 RestartSec=1
 # KillMode=process: on stop or restart systemd signals the obd-snapshotter process alone instead of killing
-# every process of the unit's control group at once (the default, KillMode=control-group). What the daemon
-# starts to outlive it, such as a process keeping a /dev/fuse connection open for the restarted daemon to take
-# over, is left alone, so the FUSE-served devices of running containers are not all killed together. (Today the
-# FUSE servers run inside the daemon: its devices fail while it is down; see docs/install.md.)
+# every process of the unit's control group at once (the default, KillMode=control-group). The device holder
+# process the daemon starts keeps the /dev/fuse connections of the running containers' image devices open
+# ([snapshotter] keep_devices): their reads wait while the daemon is down and the restarted daemon takes them
+# over. Killed with the daemon, it would fail them all with EIO. systemd logs it as a left-over process when the
+# unit starts again; that is expected.
 KillMode=process
 # The daemon serves containers' root filesystems: the OOM killer should pick it last.
 OOMScoreAdjust=-999
