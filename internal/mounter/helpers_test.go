@@ -71,6 +71,11 @@ type fakeRegistry struct {
 	corrupted atomic.Int64 // responses that carried the flipped byte
 	covering  atomic.Int64 // responses that covered corruptAt (corrupted or not)
 
+	// hang, if set, makes requests for the repository "hang/hello" (an alias of repo) wait until it is closed;
+	// hanging counts the requests that waited.
+	hang    chan struct{}
+	hanging atomic.Int64
+
 	mu     sync.Mutex
 	ranges []string
 }
@@ -114,6 +119,15 @@ func (f *fakeRegistry) serve(w http.ResponseWriter, r *http.Request) {
 		f.unavail.Add(1)
 		http.Error(w, "registry is down", http.StatusServiceUnavailable)
 		return
+	}
+	if f.hang != nil && strings.HasPrefix(r.URL.Path, "/v2/hang/hello/") {
+		f.hanging.Add(1)
+		select {
+		case <-f.hang:
+		case <-r.Context().Done():
+			return
+		}
+		r.URL.Path = "/v2/" + f.repo + "/" + strings.TrimPrefix(r.URL.Path, "/v2/hang/hello/")
 	}
 	switch r.URL.Path {
 	case "/v2/", "/v2":

@@ -54,10 +54,64 @@ type DownloadOptions struct {
 
 // Mounter implements snapshotter.ImageMounter.
 type Mounter struct {
-	opts   Options
-	mu     sync.Mutex
+	opts Options
+	// locks serializes the Mount and Unmount calls of each image, which wait for registries; images of different
+	// ids never wait for each other.
+	locks  imageLocks
+	mu     sync.Mutex          // guards images, never held across I/O
 	images map[string]*mounted // by image id
 	track  tracker             // what Images reports; never waits for mu
+}
+
+// imageLocks is a lock per image id, kept while someone holds or waits for it.
+type imageLocks struct {
+	mu    sync.Mutex
+	locks map[string]*imageLock
+}
+
+type imageLock struct {
+	mu   sync.Mutex
+	refs int // guarded by imageLocks.mu
+}
+
+// lock locks id and returns its unlock function.
+func (l *imageLocks) lock(id string) (unlock func()) {
+	l.mu.Lock()
+	if l.locks == nil {
+		l.locks = map[string]*imageLock{}
+	}
+	k := l.locks[id]
+	if k == nil {
+		k = &imageLock{}
+		l.locks[id] = k
+	}
+	k.refs++
+	l.mu.Unlock()
+	k.mu.Lock()
+	return func() {
+		k.mu.Unlock()
+		l.mu.Lock()
+		if k.refs--; k.refs == 0 {
+			delete(l.locks, id)
+		}
+		l.mu.Unlock()
+	}
+}
+
+func (m *Mounter) image(id string) *mounted {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.images[id]
+}
+
+func (m *Mounter) setImage(id string, img *mounted) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if img == nil {
+		delete(m.images, id)
+	} else {
+		m.images[id] = img
+	}
 }
 
 type mounted struct {
@@ -96,9 +150,8 @@ var _ snapshotter.TraceMounter = (*Mounter)(nil)
 // MountTrace is Mount with a trace file, taken when the image's device is attached (see snapshotter.TraceMounter):
 // an empty file records the image's layer reads into it, a trace file is prefetched into the cache at once.
 func (m *Mounter) MountTrace(ctx context.Context, id string, layers []snapshotter.Layer, target, traceFile string) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	img := m.images[id]
+	defer m.locks.lock(id)()
+	img := m.image(id)
 	if img == nil {
 		m.track.attaching(id, layers)
 		var err error
@@ -106,7 +159,7 @@ func (m *Mounter) MountTrace(ctx context.Context, id string, layers []snapshotte
 			m.track.failed(id, err)
 			return err
 		}
-		m.images[id] = img
+		m.setImage(id, img)
 	}
 	err := os.MkdirAll(target, 0o755)
 	if err == nil {
@@ -117,7 +170,7 @@ func (m *Mounter) MountTrace(ctx context.Context, id string, layers []snapshotte
 	if err != nil {
 		if len(img.targets) == 0 {
 			// Mounted nowhere: do not keep the device attached for an Unmount that may never come.
-			delete(m.images, id)
+			m.setImage(id, nil)
 			if derr := m.opts.Frontend.Detach(context.WithoutCancel(ctx), id); derr != nil {
 				m.opts.Logger.Warn("detaching an image after its mount failed", "image", id, "err", derr)
 			}
@@ -268,12 +321,11 @@ func (m *Mounter) openLayer(ctx context.Context, img *mounted, l snapshotter.Lay
 
 // Unmount unmounts target and, when the image has no mount left, detaches its device.
 func (m *Mounter) Unmount(ctx context.Context, id string, target string) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	defer m.locks.lock(id)()
 	if err := device.Unmount(target); err != nil {
 		return fmt.Errorf("image %s: %w", id, err)
 	}
-	img := m.images[id]
+	img := m.image(id)
 	if img == nil {
 		// Not attached by this process (e.g. before a restart): detach whatever the frontend still has.
 		m.track.remove(id)
@@ -284,7 +336,7 @@ func (m *Mounter) Unmount(ctx context.Context, id string, target string) error {
 		m.track.attached(id, img)
 		return nil
 	}
-	delete(m.images, id)
+	m.setImage(id, nil)
 	m.track.remove(id)
 	err := m.opts.Frontend.Detach(ctx, id)
 	img.close()

@@ -461,3 +461,67 @@ func TestMountNotExt4(t *testing.T) {
 	}
 	assertNothingLeft(t, s.root)
 }
+
+// TestHungRegistryDelaysOnlyItsImage attaches an image while the registry of another image hangs: the mounter
+// locks per image, so the hung attach does not delay it, and completes once the registry answers.
+func TestHungRegistryDelaysOnlyItsImage(t *testing.T) {
+	s := newSetup(t)
+	blob, err := os.ReadFile(blobPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := newFakeRegistry(t, blob)
+	reg.hang = make(chan struct{})
+	released := false
+	defer func() {
+		if !released {
+			close(reg.hang)
+		}
+	}()
+	// No cache: the two images share their blob, and the cache would make the second wait for the first's fetch.
+	m := s.newMounter(mounterOptions{registry: reg})
+	hung := reg.layer()
+	hung.ImageRef = reg.host() + "/hang/hello:obd"
+	errc := make(chan error, 1)
+	go func() { errc <- s.mount(m, "hung", []snapshotter.Layer{hung}, filepath.Join(s.root, "hung")) }()
+	for deadline := time.Now().Add(10 * time.Second); reg.hanging.Load() == 0; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the hung image never asked its registry")
+		}
+	}
+
+	target := filepath.Join(s.root, "ok")
+	withDeadline(t, 10*time.Second, "attaching an image while another image's registry hangs", func() {
+		if err := s.mount(m, "ok", []snapshotter.Layer{reg.layer()}, target); err != nil {
+			t.Error(err)
+		}
+	})
+	if got, err := os.ReadFile(filepath.Join(target, "hello")); err != nil || !bytes.Equal(got, helloBinary(t)) {
+		t.Fatalf("read the attached image: %v", err)
+	}
+	select {
+	case err := <-errc:
+		t.Fatalf("the hung image's attach returned before its registry answered: %v", err)
+	default:
+	}
+	close(reg.hang)
+	released = true
+	if err := <-errc; err != nil {
+		t.Fatalf("the hung image's attach, once its registry answered: %v", err)
+	}
+}
+
+// withDeadline runs f and fails the test if it does not return within d.
+func withDeadline(t *testing.T, d time.Duration, what string, f func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f()
+	}()
+	select {
+	case <-done:
+	case <-time.After(d):
+		t.Fatalf("%s did not return within %v", what, d)
+	}
+}
