@@ -70,6 +70,9 @@ func (fs *diskFS) open(node uint64, flags uint32) ([]byte, syscall.Errno) {
 // read serves a read of len(buf) bytes at off from the backend; it returns the bytes read, fewer only at the end
 // of the disk. Any backend error becomes EIO, logged with the device id, range and cause.
 func (fs *diskFS) read(off int64, buf []byte) (int, syscall.Errno) {
+	if off < 0 {
+		return 0, syscall.EINVAL // an offset beyond 2^63 in the request
+	}
 	want := min(int64(len(buf)), max(fs.b.Size()-off, 0))
 	if want == 0 {
 		return 0, 0
@@ -100,6 +103,9 @@ func (fs *diskFS) read(off int64, buf []byte) (int, syscall.Errno) {
 func (fs *diskFS) write(off int64, data []byte) (int, syscall.Errno) {
 	if fs.w == nil {
 		return 0, syscall.EROFS
+	}
+	if off < 0 {
+		return 0, syscall.EINVAL
 	}
 	if off+int64(len(data)) > fs.b.Size() {
 		fs.logError("device write beyond the end of the disk, returning ENOSPC", "offset", off, "length", len(data), "size", fs.b.Size())

@@ -666,6 +666,7 @@ func (f *FuseLoop) Reconcile(ctx context.Context, stateDir string) ([]AttachedIn
 		for id := range held {
 			s := f.lock(id)
 			if s.att == nil || !s.att.running() {
+				f.log.Warn("dropping the held connection of a device nobody attached again", "device", id)
 				err = f.dropHeld(id)
 			}
 			f.unlock(id, s)

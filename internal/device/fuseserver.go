@@ -54,6 +54,9 @@ type fuseServer struct {
 
 const bufLen = fuseMaxWrite + 4096 // a WRITE request of fuseMaxWrite with its headers; a READ reply
 
+// maxReadSize bounds the READ requests served: the kernel sends at most max_read (fuseMaxWrite) bytes.
+const maxReadSize = 1 << 20
+
 func newFUSEServer(fd int, fs *diskFS, log *slog.Logger) *fuseServer {
 	s := &fuseServer{fd: fd, fs: fs, log: log, hasResend: make(chan bool, 1), served: make(chan struct{})}
 	s.bufs.New = func() any { b := make([]byte, bufLen); return &b }
@@ -169,7 +172,7 @@ func (s *fuseServer) handle(req, buf []byte) {
 		s.reply(h.unique, errno, out)
 	case opRead:
 		in, err := parseReadIn(body)
-		if err != nil {
+		if err != nil || in.size > maxReadSize {
 			s.reply(h.unique, syscall.EINVAL, nil)
 			return
 		}

@@ -171,3 +171,61 @@ func TestResumeAfterCrash(t *testing.T) {
 	checkFiles(t, target, files)
 	t.Logf("%d reads, none failed; resumed %v after the kill, longest read %v", reads.Load(), resumed.Round(time.Millisecond), longest.Round(time.Millisecond))
 }
+
+// TestReconcileDropsHeldDevices kills the process serving two held devices; a new FuseLoop resumes one and
+// reconciles: the other's held connection is dropped and the device removed with its mount (nothing hangs), the
+// resumed one stays.
+func TestReconcileDropsHeldDevices(t *testing.T) {
+	mkfs := needSystem(t)
+	files := testFiles(6)
+	img := makeImage(t, mkfs, files, 32)
+	state := t.TempDir()
+	socket := filepath.Join(t.TempDir(), "holder.sock")
+	t.Cleanup(func() {
+		if err := StopHolder(socket); err != nil {
+			t.Error(err)
+		}
+	})
+	ids := []string{uniqueID(t, 0), uniqueID(t, 1)}
+	paths, child, exited := startServer(t, serveRequest{StateDir: state, Image: img, IDs: ids, Holder: socket})
+	targets := []string{mountDev(t, &Device{ID: ids[0], Path: paths[ids[0]], ReadOnly: true}), mountDev(t, &Device{ID: ids[1], Path: paths[ids[1]], ReadOnly: true})}
+	if err := child.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	<-exited
+
+	f := NewFuseLoop(nil, WithHolder(NewHolder(socket, nil)))
+	t.Cleanup(func() {
+		for _, id := range ids {
+			if err := f.Detach(context.Background(), id); err != nil {
+				t.Errorf("cleanup: %v", err)
+			}
+		}
+	})
+	if _, err := f.Attach(context.Background(), ids[0], openFileBackend(t, img), AttachOptions{ReadOnly: true, StateDir: state}); err != nil {
+		t.Fatal(err)
+	}
+	var remain []AttachedInfo
+	withTimeout(t, 30*time.Second, "Reconcile", func() {
+		var err error
+		if remain, err = f.Reconcile(context.Background(), state); err != nil {
+			t.Error(err)
+		}
+	})
+	if len(remain) != 1 || remain[0].ID != ids[0] || !remain[0].Served {
+		t.Fatalf("Reconcile left %+v, want only %s, served", remain, ids[0])
+	}
+	if isMounted(t, targets[1]) || !loopFree(t, paths[ids[1]]) {
+		t.Fatalf("the dropped device %s is still mounted or bound", paths[ids[1]])
+	}
+	h := NewHolder(socket, nil)
+	defer h.Close()
+	held, err := h.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := held[ids[1]]; ok || len(held) != 1 {
+		t.Fatalf("the holder holds %v, want only %s", held, ids[0])
+	}
+	checkFiles(t, targets[0], files)
+}

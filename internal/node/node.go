@@ -31,7 +31,8 @@ type Service struct {
 	// the kubelet credential provider plugins of [cri].
 	pulls     *cri.Store
 	providers *cri.Providers
-	holder    *device.Holder // nil: devices end with this process
+	holder    *device.Holder   // nil: devices end with this process
+	fuse      *device.FuseLoop // nil with WithImageMounter
 }
 
 // Option configures New.
@@ -110,9 +111,10 @@ func (s *Service) openDevices() error {
 	if s.holder != nil {
 		fopts = append(fopts, device.WithHolder(s.holder))
 	}
+	s.fuse = device.NewFuseLoop(s.log, fopts...)
 	m := mounter.New(mounter.Options{
-		Frontend:            device.NewFuseLoop(s.log, fopts...),
-		StateDir:            filepath.Join(cfg.Snapshotter.Root, "devices"),
+		Frontend:            s.fuse,
+		StateDir:            s.stateDir(),
 		Cache:               c,
 		Registry:            cp.get,
 		Logger:              s.log,
@@ -128,6 +130,9 @@ func (s *Service) openDevices() error {
 	s.cache, s.clients, s.mounter = c, cp, m
 	return nil
 }
+
+// stateDir is where the devices' FUSE files are mounted.
+func (s *Service) stateDir() string { return filepath.Join(s.cfg.Snapshotter.Root, "devices") }
 
 // Close closes the registry clients, the block cache and the audit log.
 func (s *Service) Close() error {

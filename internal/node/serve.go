@@ -41,7 +41,9 @@ func (s *Service) Serve(ctx context.Context) error {
 		defer close(reconciled)
 		if err := sn.Reconcile(rctx); err != nil {
 			s.log.Warn("some containers' overlaybd images could not be mounted again; their Mounts calls will retry", "error", err)
+			return
 		}
+		s.removeStaleDevices(rctx)
 	}()
 	defer func() {
 		cancel()
@@ -63,6 +65,21 @@ func (s *Service) Serve(ctx context.Context) error {
 	}
 	defer stopCRI()
 	return s.serveAPI(ctx, sn, grpc.UnaryInterceptor(s.ops.unaryInterceptor))
+}
+
+// removeStaleDevices removes the devices that an earlier daemon left and that no snapshot uses any more (their
+// images were not attached again by Reconcile), with their mounts and loop devices; the device frontend logs each.
+// It runs only after every image in use was attached again: a device whose image could not be attached is kept,
+// its reads waiting, for the next try.
+func (s *Service) removeStaleDevices(ctx context.Context) {
+	if s.fuse == nil {
+		return
+	}
+	remain, err := s.fuse.Reconcile(ctx, s.stateDir())
+	if err != nil {
+		s.log.Warn("cannot remove every device left by an earlier daemon", "error", err)
+	}
+	s.log.Info("devices checked after start", "in_use", len(remain))
 }
 
 // serveAPI serves the snapshots gRPC API for sn on the unix socket [snapshotter] address until ctx is cancelled.
