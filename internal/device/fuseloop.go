@@ -242,6 +242,35 @@ func (f *FuseLoop) hold(id string, a *attachment) {
 	}
 }
 
+// Suspend stops serving every device this FuseLoop serves, for a process about to exit while its Holder keeps the
+// devices: the requests being served are answered (until ctx ends), later ones wait in the kernel for the next
+// process, which resumes the devices (Attach). Without a Holder it does nothing. The FuseLoop must not be used
+// afterwards.
+func (f *FuseLoop) Suspend(ctx context.Context) {
+	if f.holder == nil {
+		return
+	}
+	f.mu.Lock()
+	ids := make([]string, 0, len(f.slots))
+	for id := range f.slots {
+		ids = append(ids, id)
+	}
+	f.mu.Unlock()
+	var srvs []*fuseServer
+	for _, id := range ids {
+		s := f.lock(id)
+		if a := s.att; a != nil {
+			srvs = append(srvs, a.srv)
+		}
+		f.unlock(id, s)
+	}
+	var wg sync.WaitGroup
+	for _, srv := range srvs {
+		wg.Go(func() { srv.pause(ctx) })
+	}
+	wg.Wait()
+}
+
 // resumeHeld takes over the device at disk if the holder holds its connection: the server that served it died
 // (this process restarted), its loop device and mounts are still there, and requests wait in the kernel. It
 // returns nil, nil if there is nothing to resume; a held connection of another size or mode, or that no longer

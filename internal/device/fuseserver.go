@@ -1,6 +1,7 @@
 package device
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -44,8 +45,11 @@ type fuseServer struct {
 	bufs sync.Pool // *[]byte of bufLen
 
 	mu      sync.Mutex
-	readers int // goroutines in the loop
-	idle    int // of those, the ones waiting for a request
+	readers int  // goroutines in the loop
+	idle    int  // of those, the ones waiting for a request
+	active  int  // requests being served
+	paused  bool // requests read are left unanswered, for the next server (see pause)
+	drained *sync.Cond
 	stopErr error
 
 	hasResend chan bool     // receives, once, whether the kernel can re-send requests (from INIT)
@@ -60,6 +64,7 @@ const maxReadSize = 1 << 20
 func newFUSEServer(fd int, fs *diskFS, log *slog.Logger) *fuseServer {
 	s := &fuseServer{fd: fd, fs: fs, log: log, hasResend: make(chan bool, 1), served: make(chan struct{})}
 	s.bufs.New = func() any { b := make([]byte, bufLen); return &b }
+	s.drained = sync.NewCond(&s.mu)
 	return s
 }
 
@@ -97,7 +102,13 @@ func (s *fuseServer) loop() {
 			return
 		}
 		s.mu.Lock()
+		if s.paused {
+			// Left in the kernel's list of requests being processed: the next server has them sent again.
+			s.mu.Unlock()
+			continue
+		}
 		s.idle--
+		s.active++
 		if s.idle == 0 && s.readers < fuseMaxReaders {
 			s.readers++
 			s.idle++
@@ -108,6 +119,9 @@ func (s *fuseServer) loop() {
 		s.handle((*bp)[:n], *bp)
 
 		s.mu.Lock()
+		if s.active--; s.active == 0 {
+			s.drained.Broadcast()
+		}
 		if s.idle >= fuseIdleReaders {
 			s.readers--
 			s.mu.Unlock()
@@ -115,6 +129,25 @@ func (s *fuseServer) loop() {
 		}
 		s.idle++
 		s.mu.Unlock()
+	}
+}
+
+// pause stops serving: requests read from now on are left unanswered (a server that resumes the connection has
+// the kernel send them again), and pause returns once the requests being served are answered, or when ctx ends.
+// It is for a process that exits while a Holder keeps its devices: what it still serves is finished, nothing
+// else is started.
+func (s *fuseServer) pause(ctx context.Context) {
+	stop := context.AfterFunc(ctx, func() {
+		s.mu.Lock()
+		s.drained.Broadcast()
+		s.mu.Unlock()
+	})
+	defer stop()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.paused = true
+	for s.active > 0 && ctx.Err() == nil {
+		s.drained.Wait()
 	}
 }
 

@@ -4,6 +4,7 @@
 package node
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -134,9 +135,17 @@ func (s *Service) openDevices() error {
 // stateDir is where the devices' FUSE files are mounted.
 func (s *Service) stateDir() string { return filepath.Join(s.cfg.Snapshotter.Root, "devices") }
 
-// Close closes the registry clients, the block cache and the audit log.
+// Close stops serving the kept devices (see WithDeviceHolder), and closes the registry clients, the block cache
+// and the audit log.
 func (s *Service) Close() error {
 	var errs []error
+	if s.fuse != nil {
+		// With kept devices, finish the reads being served before the registry clients and the cache close;
+		// later ones wait for the next daemon. (Without, the devices end with this process anyway.)
+		ctx, cancel := context.WithTimeout(context.Background(), StopGrace)
+		s.fuse.Suspend(ctx)
+		cancel()
+	}
 	if s.clients != nil {
 		s.clients.close()
 	}

@@ -282,6 +282,19 @@ func (s *Sandbox) KillSnapshotter() error {
 	return nil
 }
 
+// StopSnapshotter stops obd-snapshotter with SIGTERM, as systemctl stop does, and waits for it to exit.
+func (s *Sandbox) StopSnapshotter() error {
+	p := s.procs["snapshotter"]
+	if p == nil {
+		return errors.New("snapshotter is not running")
+	}
+	delete(s.procs, "snapshotter")
+	return stop(p)
+}
+
+// SetSnapshotterBinary makes the next StartSnapshotter run path (an upgrade, when it is a new build).
+func (s *Sandbox) SetSnapshotterBinary(path string) { s.opts.Snapshotter = path }
+
 // Ctr returns a ctr command talking to the sandbox's containerd.
 func (s *Sandbox) Ctr(ctx context.Context, args ...string) *exec.Cmd {
 	cmd := exec.CommandContext(ctx, "ctr", append([]string{"--address", s.Containerd, "--namespace", s.Namespace}, args...)...)

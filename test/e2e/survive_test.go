@@ -17,8 +17,9 @@ import (
 )
 
 // TestDaemonCrashUnderLoad kills obd-snapshotter with SIGKILL while a container reads its lazily pulled image, and
-// starts it again: the container's reads wait while no daemon runs and go on, none fails, the data is right, and
-// the image keeps its loop device. A second daemon on the same root refuses to start.
+// starts it again; later it upgrades it (stop, then start another build) the same way: the container's reads wait
+// while no daemon runs and go on, none fails, and the data is right. A second daemon on the same root refuses to
+// start.
 func TestDaemonCrashUnderLoad(t *testing.T) {
 	sb := startSandbox(t)
 	ctx := context.Background()
@@ -96,6 +97,20 @@ done; busybox md5sum /data.bin`
 	if err := sb.StartSnapshotter(ctx); err != nil {
 		t.Fatal(err)
 	}
+	for next("reads after the restart") != "MiB 10" {
+	}
+
+	// An upgrade: the daemon stops (SIGTERM) and a new build starts; the holder process is the old build's.
+	upgraded := filepath.Join(t.TempDir(), "obd-snapshotter-new")
+	run(t, exec.Command("cp", bins.snapshotter, upgraded))
+	if err := sb.StopSnapshotter(); err != nil {
+		t.Fatal(err)
+	}
+	sb.SetSnapshotterBinary(upgraded)
+	time.Sleep(500 * time.Millisecond)
+	if err := sb.StartSnapshotter(ctx); err != nil {
+		t.Fatal(err)
+	}
 	for {
 		l := next("the rest of the reads")
 		if strings.Contains(l, "data.bin") {
@@ -114,9 +129,9 @@ done; busybox md5sum /data.bin`
 		t.Fatalf("container read other data: want %q in\n%s", want, text)
 	}
 	if log := sb.Log("snapshotter"); !strings.Contains(log, "resumed device whose server had died") {
-		t.Errorf("the restarted daemon did not resume the device; its log:\n%s", log)
+		t.Errorf("the upgraded daemon did not resume the device; its log:\n%s", log)
 	}
-	t.Logf("the container read 24 MiB across a daemon crash with 1s down, no read failed; longest pause between its lines %v (%v without a crash), done %v after the kill",
+	t.Logf("the container read 24 MiB across a daemon crash with 1s down and an upgrade with 0.5s down, no read failed; longest pause between its lines %v (%v without a crash), done %v after the kill",
 		longest.Round(time.Millisecond), (16 * 20 * time.Millisecond), resumed.Round(time.Millisecond))
 
 	t.Run("second daemon on the same root refuses", func(t *testing.T) {
