@@ -20,12 +20,19 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/obdproject/obd/internal/device"
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/node"
 	"github.com/obdproject/obd/internal/snapshotter"
 	"github.com/obdproject/obd/internal/status"
 	"github.com/obdproject/obd/internal/testenv"
 )
+
+// TestMain lets the daemon run in this test binary start its device holder process (this binary again).
+func TestMain(m *testing.M) {
+	device.RunHolderIfAsked()
+	os.Exit(m.Run())
+}
 
 // TestDaemon runs the command as main does, with a config file and flag overrides, talks to it through
 // containerd's snapshots proxy and shuts it down.

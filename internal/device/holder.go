@@ -85,7 +85,7 @@ func (h *Holder) Put(id string, fd int, meta HeldDevice) error {
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if _, err := h.call(holderRequest{Op: "put", ID: id, Meta: meta}, dup); err != nil {
+	if _, _, err := h.roundTrip(holderRequest{Op: "put", ID: id, Meta: meta}, dup, true); err != nil {
 		unix.Close(dup)
 		return fmt.Errorf("device holder: put %s: %w", id, err)
 	}
@@ -100,7 +100,10 @@ func (h *Holder) Put(id string, fd int, meta HeldDevice) error {
 func (h *Holder) Get(id string) (fd int, meta HeldDevice, err error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	rep, fd, err := h.callFD(holderRequest{Op: "get", ID: id})
+	rep, fd, err := h.roundTrip(holderRequest{Op: "get", ID: id}, -1, false)
+	if errors.Is(err, errNoHolder) {
+		return -1, HeldDevice{}, nil
+	}
 	if err != nil {
 		return -1, HeldDevice{}, fmt.Errorf("device holder: get %s: %w", id, err)
 	}
@@ -122,7 +125,7 @@ func (h *Holder) Delete(id string) error {
 		unix.Close(old.fd)
 		delete(h.put, id)
 	}
-	if _, err := h.call(holderRequest{Op: "delete", ID: id}, -1); err != nil {
+	if _, err := h.call(holderRequest{Op: "delete", ID: id}, -1); err != nil && !errors.Is(err, errNoHolder) {
 		return fmt.Errorf("device holder: delete %s: %w", id, err)
 	}
 	return nil
@@ -133,6 +136,9 @@ func (h *Holder) List() (map[string]HeldDevice, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	rep, err := h.call(holderRequest{Op: "list"}, -1)
+	if errors.Is(err, errNoHolder) {
+		return nil, nil
+	}
 	if err != nil {
 		return nil, fmt.Errorf("device holder: list: %w", err)
 	}
@@ -169,24 +175,25 @@ func StopHolder(socket string) error {
 	return nil
 }
 
+// call is roundTrip for requests that need no holder process started and carry no descriptor back.
 func (h *Holder) call(req holderRequest, fd int) (holderReply, error) {
-	rep, rfd, err := h.roundTrip(req, fd)
+	rep, rfd, err := h.roundTrip(req, fd, false)
 	if rfd >= 0 {
 		unix.Close(rfd)
 	}
 	return rep, err
 }
 
-func (h *Holder) callFD(req holderRequest) (holderReply, int, error) {
-	return h.roundTrip(req, -1)
-}
+// errNoHolder is returned for requests that find no holder process: it holds nothing.
+var errNoHolder = errors.New("no device holder process")
 
-// roundTrip sends req (with fd, if not negative) and returns the reply, connecting first (and starting the holder
-// process) if needed. A connection that broke is made again once, after which what this process put is put again.
-func (h *Holder) roundTrip(req holderRequest, fd int) (holderReply, int, error) {
+// roundTrip sends req (with fd, if not negative) and returns the reply, connecting first if needed; with start,
+// it starts the holder process if none serves the socket, else it returns errNoHolder. A connection that broke is
+// made again once, after which what this process put is put again.
+func (h *Holder) roundTrip(req holderRequest, fd int, start bool) (holderReply, int, error) {
 	for attempt := 0; ; attempt++ {
 		if h.conn == nil {
-			if err := h.connect(); err != nil {
+			if err := h.connect(start || len(h.put) > 0); err != nil {
 				return holderReply{}, -1, err
 			}
 		}
@@ -208,9 +215,12 @@ func (h *Holder) roundTrip(req holderRequest, fd int) (holderReply, int, error) 
 
 // connect connects to the holder process, starting it if nobody serves the socket, and puts again what this
 // process had put (the holder process may be a new one).
-func (h *Holder) connect() error {
+func (h *Holder) connect(start bool) error {
 	c, err := dialHolder(h.socket)
 	if err != nil {
+		if !start {
+			return errNoHolder
+		}
 		if err := startHolder(h.socket); err != nil {
 			return err
 		}
@@ -255,7 +265,9 @@ func startHolder(socket string) error {
 	if err := os.MkdirAll(filepath.Dir(socket), 0o700); err != nil {
 		return fmt.Errorf("start the device holder process: %w", err)
 	}
-	cmd := exec.Command(exe)
+	// The argument is for programs that do not call RunHolderIfAsked (a test binary, say): they refuse it and exit,
+	// instead of running as whatever they are.
+	cmd := exec.Command(exe, "-obd-device-holder")
 	cmd.Env = append(os.Environ(), HolderEnv+"="+socket)
 	cmd.Dir = "/"
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
