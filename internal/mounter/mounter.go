@@ -187,6 +187,7 @@ func (m *Mounter) MountTrace(ctx context.Context, id string, layers []snapshotte
 // attach opens the layers and attaches their stack as a device; with a trace file it starts recording into it or
 // prefetching it (see MountTrace).
 func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.Layer, traceFile string) (*mounted, error) {
+	start := time.Now()
 	img := &mounted{targets: map[string]bool{}}
 	replay, record := m.readTraceFile(id, traceFile)
 	if record {
@@ -218,7 +219,8 @@ func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.La
 		m.opts.Logger.Error("cannot attach device of overlaybd image", "image", id, "ref", imageRefOf(layers), "err", err)
 		return nil, fmt.Errorf("image %s: attach device: %w", id, err)
 	}
-	m.opts.Logger.Info("attached overlaybd image", "image", id, "device", img.dev.Path, "layers", len(layers), "virtual_size", stack.VirtualSize())
+	m.opts.Logger.Info("attached overlaybd image", "image", id, "device", img.dev.Path, "layers", len(layers), "virtual_size", stack.VirtualSize(),
+		"attach_ms", time.Since(start).Milliseconds())
 	if len(replay) > 0 {
 		img.prefetch = m.startPrefetch(id, img, opened, replay)
 	}
