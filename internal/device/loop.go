@@ -54,7 +54,10 @@ func loopAttach(ctx context.Context, fd int, readOnly bool, name string) (idx in
 		if err := ctx.Err(); err != nil {
 			return 0, false, err
 		}
-		idx, err = unix.IoctlRetInt(ctl, unix.LOOP_CTL_GET_FREE)
+		idx, err = getFreeLoop(ctl)
+		if errors.Is(err, unix.ENOSPC) || errors.Is(err, unix.ENODEV) {
+			return 0, false, fmt.Errorf("no free loop device: the kernel's limit is reached (detach unused loop devices, see 'losetup -a', or raise the loop module's max_loop): LOOP_CTL_GET_FREE: %w", err)
+		}
 		if err != nil {
 			return 0, false, fmt.Errorf("LOOP_CTL_GET_FREE: %w", err)
 		}
@@ -74,6 +77,9 @@ func loopAttach(ctx context.Context, fd int, readOnly bool, name string) (idx in
 	}
 	return 0, false, fmt.Errorf("no free loop device after %d attempts (others keep taking them): %w", attempts, unix.EBUSY)
 }
+
+// getFreeLoop asks loop-control for a free loop device (a variable for tests of exhaustion).
+var getFreeLoop = func(ctl int) (int, error) { return unix.IoctlRetInt(ctl, unix.LOOP_CTL_GET_FREE) }
 
 // loopConfigure opens loop device idx and applies cfg to it.
 func loopConfigure(idx int, cfg *unix.LoopConfig) error {

@@ -229,3 +229,47 @@ func TestReconcileDropsHeldDevices(t *testing.T) {
 	}
 	checkFiles(t, targets[0], files)
 }
+
+// TestLoopExhaustion attaches when the kernel has no free loop device: a clear error, and nothing half-attached (no
+// FUSE mount, no device directory, nothing held).
+func TestLoopExhaustion(t *testing.T) {
+	mkfs := needSystem(t)
+	img := makeImage(t, mkfs, testFiles(7), 32)
+	state := t.TempDir()
+	socket := filepath.Join(t.TempDir(), "holder.sock")
+	t.Cleanup(func() {
+		if err := StopHolder(socket); err != nil {
+			t.Error(err)
+		}
+	})
+	saved := getFreeLoop
+	getFreeLoop = func(int) (int, error) { return 0, unix.ENOSPC }
+	defer func() { getFreeLoop = saved }()
+	h := NewHolder(socket, nil)
+	defer h.Close()
+	f := NewFuseLoop(nil, WithHolder(h))
+	id := uniqueID(t, 0)
+	_, err := f.Attach(context.Background(), id, openFileBackend(t, img), AttachOptions{ReadOnly: true, StateDir: state})
+	if err == nil || !strings.Contains(err.Error(), "no free loop device") {
+		t.Fatalf("Attach without a free loop device: %v", err)
+	}
+	if ents, _ := os.ReadDir(state); len(ents) > 0 {
+		t.Errorf("left in the state directory: %v", ents)
+	}
+	mounts, err := readMountInfo()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range mounts {
+		if strings.HasPrefix(m.mountPoint, state+"/") {
+			t.Errorf("left mounted: %s", m.mountPoint)
+		}
+	}
+	if held, err := h.List(); err != nil || len(held) > 0 {
+		t.Errorf("the holder holds %v (%v)", held, err)
+	}
+	// Once loop devices are free again, the same id attaches.
+	getFreeLoop = saved
+	dev := attach(t, f, id, openFileBackend(t, img), AttachOptions{ReadOnly: true, StateDir: state})
+	mountDev(t, dev)
+}
