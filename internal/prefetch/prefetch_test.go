@@ -128,21 +128,27 @@ func TestStopCancels(t *testing.T) {
 	}
 }
 
-// Workers wait for demand fetches before they start a range.
-func TestYieldsToDemand(t *testing.T) {
-	fc := &fakeCache{}
+// While demand fetches are in progress, at most DemandShare prefetch requests run; without, Concurrency.
+func TestSharesTheLinkWithDemand(t *testing.T) {
+	fc := &fakeCache{delay: 20 * time.Millisecond}
 	var demand atomic.Int64
 	demand.Store(1)
-	recs := []trace.Record{{Op: trace.Read, Count: 4096}}
+	var recs []trace.Record
+	for i := range 40 {
+		recs = append(recs, trace.Record{Op: trace.Read, Offset: int64(i) * 4 << 20, Count: 4096})
+	}
 	j := Start(context.Background(), []Layer{{BlobRange: identity, Cache: fc}}, recs,
-		Options{Demand: demand.Load, Logger: quiet()})
+		Options{Concurrency: 8, Demand: demand.Load, Logger: quiet()})
 	time.Sleep(MaxYield / 4)
-	if fc.calls.Load() != 0 {
-		t.Fatal("a prefetch started while a demand fetch was in progress")
+	if m := fc.maxInflight.Load(); m > DemandShare || fc.calls.Load() == 0 {
+		t.Fatalf("while a demand fetch ran: %d prefetches, %d at once; want some, at most %d at once", fc.calls.Load(), m, DemandShare)
 	}
 	demand.Store(0)
 	j.Wait()
-	if fc.calls.Load() != 1 {
-		t.Fatalf("%d prefetches, want 1", fc.calls.Load())
+	if n := fc.calls.Load(); n != 40 {
+		t.Fatalf("%d prefetches, want 40", n)
+	}
+	if m := fc.maxInflight.Load(); m <= DemandShare {
+		t.Fatalf("without demand at most %d prefetches ran at once, want up to 8", m)
 	}
 }
