@@ -158,7 +158,7 @@ func runBench(ctx context.Context, cfg *config) (err error) {
 			return fmt.Errorf("--pigz: %w", err)
 		}
 	}
-	im, err := prepareImage(ctx, cfg.work, cfg.rebuild, cfg.zfileAlgo, logf)
+	im, err := prepareImage(ctx, cfg.work, cfg.rebuild, cfg.zfile, logf)
 	if err != nil {
 		return fmt.Errorf("image: %w", err)
 	}

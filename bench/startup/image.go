@@ -76,7 +76,7 @@ type layerInfo struct {
 
 // prepareImage returns the benchmark image from the cache under root, building and converting it when the
 // cache has no image of the current package set (or rebuild is set).
-func prepareImage(ctx context.Context, root string, rebuild bool, algo zfile.Algorithm, logf func(string, ...any)) (*builtImage, error) {
+func prepareImage(ctx context.Context, root string, rebuild bool, zopts zfile.Options, logf func(string, ...any)) (*builtImage, error) {
 	var layers [][]string
 	have := map[string]bool{}
 	for i, roots := range layerRoots {
@@ -94,7 +94,10 @@ func prepareImage(ctx context.Context, root string, rebuild bool, algo zfile.Alg
 		layers = append(layers, l)
 	}
 	h := sha256.New()
-	fmt.Fprintf(h, "obd bench/startup image v2\n%s\nzfile %d\n", appScript, algo)
+	fmt.Fprintf(h, "obd bench/startup image v2\n%s\nzfile %d\n", appScript, zopts.Algorithm)
+	if zopts.BlockSize != 4096 {
+		fmt.Fprintf(h, "zfile block %d\n", zopts.BlockSize)
+	}
 	for _, l := range layers {
 		fmt.Fprintf(h, "%s\n", strings.Join(l, " "))
 	}
@@ -113,7 +116,7 @@ func prepareImage(ctx context.Context, root string, rebuild bool, algo zfile.Alg
 		return nil, err
 	}
 	defer os.RemoveAll(tmp)
-	im, err := buildImage(ctx, tmp, layers, algo, logf)
+	im, err := buildImage(ctx, tmp, layers, zopts, logf)
 	if err != nil {
 		return nil, err
 	}
@@ -147,7 +150,7 @@ func loadImage(dir string) (*builtImage, error) {
 	return im, nil
 }
 
-func buildImage(ctx context.Context, dir string, layers [][]string, algo zfile.Algorithm, logf func(string, ...any)) (*builtImage, error) {
+func buildImage(ctx context.Context, dir string, layers [][]string, zopts zfile.Options, logf func(string, ...any)) (*builtImage, error) {
 	start := time.Now()
 	spec := testimage.Spec{Name: "startup", Layers: layers}
 	n := 0
@@ -159,7 +162,7 @@ func buildImage(ctx context.Context, dir string, layers [][]string, algo zfile.A
 	if err != nil {
 		return nil, err
 	}
-	im := &builtImage{Dir: dir, Info: imageInfo{Packages: layers, Versions: ti.Versions, ConvertedThisTime: true, ZFile: algoName(algo)}}
+	im := &builtImage{Dir: dir, Info: imageInfo{Packages: layers, Versions: ti.Versions, ConvertedThisTime: true, ZFile: zfileName(zopts)}}
 	lay, err := image.OpenLayout(dir)
 	if err != nil {
 		return nil, err
@@ -187,7 +190,7 @@ func buildImage(ctx context.Context, dir string, layers [][]string, algo zfile.A
 		return nil, err
 	}
 	defer src.Close()
-	zopts := zfile.Options{Algorithm: algo, Workers: runtime.NumCPU()}
+	zopts.Workers = runtime.NumCPU()
 	res, err := convert.ConvertImage(ctx, src, convert.ImageOptions{WorkDir: filepath.Dir(dir), ZFile: zopts, Progress: func(p convert.Progress) {
 		if p.Stage == "done" {
 			logf("converted layer %d/%d: %s", p.Layer+1, p.Layers, units.Bytes(p.Bytes))
@@ -333,9 +336,14 @@ func dependencyClosure(ctx context.Context, roots []string) ([]string, error) {
 	return pkgs, nil
 }
 
-func algoName(a zfile.Algorithm) string {
-	if a == zfile.AlgoZSTD {
-		return "zstd"
+// zfileName names the ZFile options of the image: lz4 or zstd, with the block size when it is not 4 KiB.
+func zfileName(o zfile.Options) string {
+	name := "lz4"
+	if o.Algorithm == zfile.AlgoZSTD {
+		name = "zstd"
 	}
-	return "lz4"
+	if o.BlockSize != 4096 {
+		name += fmt.Sprintf(", %d KiB blocks", o.BlockSize>>10)
+	}
+	return name
 }

@@ -44,7 +44,7 @@ type config struct {
 	pigz             bool
 	cases            map[string]bool
 	workload         *workload
-	zfileAlgo        zfile.Algorithm
+	zfile            zfile.Options // Algorithm and BlockSize of the converted layers
 	logs             string
 	args             []string
 }
@@ -66,7 +66,8 @@ func main() {
 	flag.StringVar(&c.name, "name", "", "base name of the result files in --out (NAME.json, NAME.svg; default startup, with .WORKLOAD for a workload other than python and .BANDWIDTH for a bandwidth other than 100mbit)")
 	flag.BoolVar(&c.pigz, "pigz", false, "give the sandbox's containerd pigz (from the Debian package, on its PATH only) to unpack gzip layers with unpigz")
 	flag.StringVar(&c.logs, "logs", "", "copy the registry's, containerd's and obd-snapshotter's logs into this directory at the end")
-	algo := flag.String("zfile", "lz4", "compression of the overlaybd layer blobs: lz4 (obd's and upstream's default) or zstd")
+	algo := flag.String("zfile", "zstd", "compression of the overlaybd layer blobs: zstd (obd convert's default) or lz4 (upstream's)")
+	zfileBlockKB := flag.Int("zfile-block-kb", 64, "ZFile block size of the overlaybd layer blobs in KiB: 4 (upstream's default), 8, 16, 32 or 64 (obd convert's)")
 	casesFlag := flag.String("cases", strings.Join(caseKeys(), ","), "cases to measure, comma-separated (a warm case needs its cold case)")
 	workloadFlag := flag.String("workload", "python", "what the container runs until it prints ready: python (import numpy, scipy) or gcc (g++ -O2 -c of a C++ file)")
 	replotFile := flag.String("replot", "", "only recompute the derived figures of a result file (e.g. bench/results/startup.json), rewrite it and its SVG chart, and exit")
@@ -91,11 +92,18 @@ func main() {
 	}
 	switch *algo {
 	case "lz4":
-		c.zfileAlgo = zfile.AlgoLZ4
+		c.zfile.Algorithm = zfile.AlgoLZ4
 	case "zstd":
-		c.zfileAlgo = zfile.AlgoZSTD
+		c.zfile.Algorithm = zfile.AlgoZSTD
 	default:
 		fmt.Fprintf(os.Stderr, "startup: --zfile %q: want lz4 or zstd\n", *algo)
+		os.Exit(2)
+	}
+	switch *zfileBlockKB {
+	case 4, 8, 16, 32, 64:
+		c.zfile.BlockSize = *zfileBlockKB << 10
+	default:
+		fmt.Fprintf(os.Stderr, "startup: --zfile-block-kb %d: want 4, 8, 16, 32 or 64\n", *zfileBlockKB)
 		os.Exit(2)
 	}
 	if c.workload, err = findWorkload(*workloadFlag); err != nil {

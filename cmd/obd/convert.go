@@ -157,7 +157,7 @@ subject is the source's manifest (index), its artifactType
 	cmd.Flags().StringVar(&platform, "platform", "", "os/arch[/variant] to convert from a multi-platform image (default: this machine's), or all")
 	cmd.Flags().StringVar(&workDir, "work-dir", "", "directory for scratch files (default: the system temp dir)")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the result as JSON, no progress")
-	zf.register(cmd)
+	zf.register(cmd, convert.DefaultZFile)
 	rf.register(cmd)
 	dbf.register(cmd)
 	return cmd

@@ -31,9 +31,17 @@ type zfileFlags struct {
 	threads   int
 }
 
-func (z *zfileFlags) register(cmd *cobra.Command) {
-	cmd.Flags().StringVar(&z.algorithm, "algorithm", "lz4", "compression: lz4 or zstd")
-	cmd.Flags().IntVar(&z.blockSize, "block-size", 4096, "ZFile block size in bytes: 4096, 8192, 16384, 32768 or 65536")
+// register adds the flags, defaulting to def (the zero Options: LZ4 in 4 KiB blocks, upstream's defaults).
+func (z *zfileFlags) register(cmd *cobra.Command, def zfile.Options) {
+	algo, bs := "lz4", 4096
+	if def.Algorithm == zfile.AlgoZSTD {
+		algo = "zstd"
+	}
+	if def.BlockSize != 0 {
+		bs = def.BlockSize
+	}
+	cmd.Flags().StringVar(&z.algorithm, "algorithm", algo, "compression: lz4 or zstd")
+	cmd.Flags().IntVar(&z.blockSize, "block-size", bs, "ZFile block size in bytes: 4096, 8192, 16384, 32768 or 65536")
 	cmd.Flags().IntVar(&z.threads, "threads", 2, "compression workers (output is identical for any number)")
 }
 
@@ -147,7 +155,7 @@ func newLayerCommitCmd() *cobra.Command {
 	cmd.Flags().StringVar(&uuid, "uuid", "", "UUID of the committed layer (default: null UUID, like upstream)")
 	cmd.Flags().StringVar(&parent, "parent-uuid", "", "parent UUID (default: the writable layer's parent)")
 	cmd.Flags().StringVarP(&tag, "message", "m", "", "commit message stored in the layer header (≤256 bytes)")
-	zf.register(cmd)
+	zf.register(cmd, zfile.Options{})
 	return cmd
 }
 
@@ -177,7 +185,7 @@ func newLayerZfileCmd() *cobra.Command {
 		},
 	}
 	cmd.Flags().BoolVarP(&wrap, "tar", "t", false, "wrap in tar (an image layer blob)")
-	zf.register(cmd)
+	zf.register(cmd, zfile.Options{})
 	return cmd
 }
 

@@ -84,7 +84,7 @@ func Run(ctx context.Context, w io.Writer, snapshotterBin string) error {
 	if err != nil {
 		return err
 	}
-	res, err := convert.ConvertImage(ctx, source, convert.ImageOptions{VirtualSize: 8 << 30, WorkDir: work,
+	res, err := convert.ConvertImage(ctx, source, convert.ImageOptions{VirtualSize: 8 << 30, WorkDir: work, ZFile: convert.DefaultZFile,
 		Progress: func(p convert.Progress) { fmt.Fprintln(w, p) }})
 	if err != nil {
 		return err
