@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/obdproject/obd/internal/testenv"
 )
 
 // serveEnv names the environment variable that turns the test binary into a device server for TestCrashRecovery.
@@ -74,18 +76,13 @@ func serveForTest(req string) int {
 	return 0
 }
 
-// TestCrashRecovery kills the process serving two devices with SIGKILL, checks that reads fail with EIO instead
-// of hanging, then lets a new FuseLoop attach one device again and reconcile the other away.
-func TestCrashRecovery(t *testing.T) {
-	mkfs := needSystem(t)
-	files := testFiles(4)
-	img := makeImage(t, mkfs, files, 32)
-	state := t.TempDir()
-	ids := []string{uniqueID(t, 0), uniqueID(t, 1)}
-	req, _ := json.Marshal(serveRequest{StateDir: state, Image: img, IDs: ids})
-
+// startServer starts the test binary as a process serving the devices of req (see serveForTest) and returns the
+// loop device of each id and the process.
+func startServer(t *testing.T, req serveRequest) (map[string]string, *exec.Cmd, <-chan struct{}) {
+	t.Helper()
+	b, _ := json.Marshal(req)
 	child := exec.Command(os.Args[0], "-test.run=^$")
-	child.Env = append(os.Environ(), serveEnv+"="+string(req))
+	child.Env = append(os.Environ(), serveEnv+"="+string(b))
 	child.Stderr = os.Stderr
 	stdin, err := child.StdinPipe()
 	if err != nil {
@@ -103,12 +100,37 @@ func TestCrashRecovery(t *testing.T) {
 		defer close(exited)
 		child.Wait()
 	}()
-	recovered := NewFuseLoop(nil)
 	t.Cleanup(func() {
 		stdin.Close()
 		child.Process.Kill()
 		<-exited
-		// Whatever the test reached, leave no device behind.
+	})
+	paths := map[string]string{}
+	sc := bufio.NewScanner(stdout)
+	testenv.Within(t, 30*time.Second, "the serving child process", func() {
+		for sc.Scan() && sc.Text() != "ready" {
+			id, path, _ := strings.Cut(sc.Text(), "\t")
+			paths[id] = path
+		}
+	})
+	if len(paths) != len(req.IDs) {
+		t.Fatalf("child attached %v, want %d devices", paths, len(req.IDs))
+	}
+	return paths, child, exited
+}
+
+// TestCrashRecovery kills the process serving two devices with SIGKILL, checks that reads fail with EIO instead
+// of hanging, then lets a new FuseLoop attach one device again and reconcile the other away.
+func TestCrashRecovery(t *testing.T) {
+	mkfs := needSystem(t)
+	files := testFiles(4)
+	img := makeImage(t, mkfs, files, 32)
+	state := t.TempDir()
+	ids := []string{uniqueID(t, 0), uniqueID(t, 1)}
+	recovered := NewFuseLoop(nil)
+	// Registered before startServer's cleanup, so it runs after the child is gone: whatever the test reached, no
+	// device is left behind.
+	t.Cleanup(func() {
 		if _, err := recovered.Reconcile(context.Background(), state); err != nil {
 			t.Errorf("cleanup: %v", err)
 		}
@@ -118,18 +140,7 @@ func TestCrashRecovery(t *testing.T) {
 			}
 		}
 	})
-
-	paths := map[string]string{}
-	sc := bufio.NewScanner(stdout)
-	withTimeout(t, 30*time.Second, "the serving child process", func() {
-		for sc.Scan() && sc.Text() != "ready" {
-			id, path, _ := strings.Cut(sc.Text(), "\t")
-			paths[id] = path
-		}
-	})
-	if len(paths) != len(ids) {
-		t.Fatalf("child attached %v, want %d devices", paths, len(ids))
-	}
+	paths, child, exited := startServer(t, serveRequest{StateDir: state, Image: img, IDs: ids})
 	devs := make([]*Device, len(ids))
 	targets := make([]string, len(ids))
 	for i, id := range ids {
@@ -153,13 +164,13 @@ func TestCrashRecovery(t *testing.T) {
 	<-exited
 
 	// The file has not been read before, so reading it needs the dead server.
-	withTimeout(t, 30*time.Second, "read after the server died", func() {
+	testenv.Within(t, 30*time.Second, "read after the server died", func() {
 		_, err := os.ReadFile(filepath.Join(targets[0], "dir0/file6"))
 		if !errors.Is(err, syscall.EIO) {
 			t.Errorf("read after the server died: %v, want EIO", err)
 		}
 	})
-	withTimeout(t, 30*time.Second, "O_DIRECT device read after the server died", func() {
+	testenv.Within(t, 30*time.Second, "O_DIRECT device read after the server died", func() {
 		fd, err := unix.Open(paths[ids[1]], unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
 		if err != nil {
 			t.Error(err)

@@ -13,8 +13,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/obdproject/obd/internal/testenv"
 	"golang.org/x/sys/unix"
+
+	"github.com/obdproject/obd/internal/testenv"
 )
 
 func TestAttachMountReadDetach(t *testing.T) {
@@ -178,13 +179,13 @@ func TestBackendErrorsBecomeEIO(t *testing.T) {
 
 	b.fail.Store(true)
 	// Nothing of the file has been read yet, so the read reaches the backend.
-	withTimeout(t, 30*time.Second, "read of a file on a failing disk", func() {
+	testenv.Within(t, 30*time.Second, "read of a file on a failing disk", func() {
 		_, err := os.ReadFile(filepath.Join(target, "dir1/file7"))
 		if !errors.Is(err, syscall.EIO) {
 			t.Errorf("read on a failing disk: %v, want EIO", err)
 		}
 	})
-	withTimeout(t, 30*time.Second, "O_DIRECT read of a failing device", func() {
+	testenv.Within(t, 30*time.Second, "O_DIRECT read of a failing device", func() {
 		fd, err := unix.Open(dev.Path, unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
 		if err != nil {
 			t.Error(err)
@@ -381,7 +382,7 @@ func TestDeadRangeNeverServesWrongData(t *testing.T) {
 	b := &deadRangeBackend{Backend: loadImage(t, img), lo: lo, hi: hi}
 	dev := attach(t, NewFuseLoop(log), uniqueID(t, 0), b, AttachOptions{ReadOnly: true, StateDir: t.TempDir()})
 
-	withTimeout(t, 60*time.Second, "reads across a dead range", func() {
+	testenv.Within(t, 60*time.Second, "reads across a dead range", func() {
 		fd, err := unix.Open(dev.Path, unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
 		if err != nil {
 			t.Error(err)

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/obdproject/obd/internal/testenv"
 )
 
 // readLog records the calls of a ReadObserver.
@@ -53,7 +55,7 @@ func TestReadObserver(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Close(fd)
-	withTimeout(t, 30*time.Second, "O_DIRECT reads", func() {
+	testenv.Within(t, 30*time.Second, "O_DIRECT reads", func() {
 		if _, err := unix.Pread(fd, alignedBuffer(8192), 1<<20); err != nil {
 			t.Errorf("read: %v", err)
 		}

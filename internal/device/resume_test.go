@@ -1,13 +1,10 @@
 package device
 
 import (
-	"bufio"
 	"bytes"
 	"context"
-	"encoding/json"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -17,50 +14,9 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-)
 
-// startServer starts the test binary as a process serving the devices of req (see serveForTest) and returns the
-// loop device of each id and the process.
-func startServer(t *testing.T, req serveRequest) (map[string]string, *exec.Cmd, <-chan struct{}) {
-	t.Helper()
-	b, _ := json.Marshal(req)
-	child := exec.Command(os.Args[0], "-test.run=^$")
-	child.Env = append(os.Environ(), serveEnv+"="+string(b))
-	child.Stderr = os.Stderr
-	stdin, err := child.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := child.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := child.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() {
-		defer close(exited)
-		child.Wait()
-	}()
-	t.Cleanup(func() {
-		stdin.Close()
-		child.Process.Kill()
-		<-exited
-	})
-	paths := map[string]string{}
-	sc := bufio.NewScanner(stdout)
-	withTimeout(t, 30*time.Second, "the serving child process", func() {
-		for sc.Scan() && sc.Text() != "ready" {
-			id, path, _ := strings.Cut(sc.Text(), "\t")
-			paths[id] = path
-		}
-	})
-	if len(paths) != len(req.IDs) {
-		t.Fatalf("child attached %v, want %d devices", paths, len(req.IDs))
-	}
-	return paths, child, exited
-}
+	"github.com/obdproject/obd/internal/testenv"
+)
 
 // TestResumeAfterCrash kills the process serving a device held by a Holder while readers check its content with
 // direct I/O, and lets a new FuseLoop take the device over: no read fails or returns wrong data, the reads that
@@ -206,7 +162,7 @@ func TestReconcileDropsHeldDevices(t *testing.T) {
 		t.Fatal(err)
 	}
 	var remain []AttachedInfo
-	withTimeout(t, 30*time.Second, "Reconcile", func() {
+	testenv.Within(t, 30*time.Second, "Reconcile", func() {
 		var err error
 		if remain, err = f.Reconcile(context.Background(), state); err != nil {
 			t.Error(err)

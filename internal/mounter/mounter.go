@@ -16,6 +16,7 @@ import (
 	"github.com/obdproject/obd/internal/cache"
 	"github.com/obdproject/obd/internal/device"
 	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/keylock"
 	"github.com/obdproject/obd/internal/prefetch"
 	"github.com/obdproject/obd/internal/registry"
 	"github.com/obdproject/obd/internal/snapshotter"
@@ -57,45 +58,10 @@ type Mounter struct {
 	opts Options
 	// locks serializes the Mount and Unmount calls of each image, which wait for registries; images of different
 	// ids never wait for each other.
-	locks  imageLocks
+	locks  keylock.Locks
 	mu     sync.Mutex          // guards images, never held across I/O
 	images map[string]*mounted // by image id
 	track  tracker             // what Images reports; never waits for mu
-}
-
-// imageLocks is a lock per image id, kept while someone holds or waits for it.
-type imageLocks struct {
-	mu    sync.Mutex
-	locks map[string]*imageLock
-}
-
-type imageLock struct {
-	mu   sync.Mutex
-	refs int // guarded by imageLocks.mu
-}
-
-// lock locks id and returns its unlock function.
-func (l *imageLocks) lock(id string) (unlock func()) {
-	l.mu.Lock()
-	if l.locks == nil {
-		l.locks = map[string]*imageLock{}
-	}
-	k := l.locks[id]
-	if k == nil {
-		k = &imageLock{}
-		l.locks[id] = k
-	}
-	k.refs++
-	l.mu.Unlock()
-	k.mu.Lock()
-	return func() {
-		k.mu.Unlock()
-		l.mu.Lock()
-		if k.refs--; k.refs == 0 {
-			delete(l.locks, id)
-		}
-		l.mu.Unlock()
-	}
 }
 
 func (m *Mounter) image(id string) *mounted {
@@ -150,7 +116,7 @@ var _ snapshotter.TraceMounter = (*Mounter)(nil)
 // MountTrace is Mount with a trace file, taken when the image's device is attached (see snapshotter.TraceMounter):
 // an empty file records the image's layer reads into it, a trace file is prefetched into the cache at once.
 func (m *Mounter) MountTrace(ctx context.Context, id string, layers []snapshotter.Layer, target, traceFile string) error {
-	defer m.locks.lock(id)()
+	defer m.locks.Lock(id)()
 	img := m.image(id)
 	if img == nil {
 		m.track.attaching(id, layers)
@@ -323,7 +289,7 @@ func (m *Mounter) openLayer(ctx context.Context, img *mounted, l snapshotter.Lay
 
 // Unmount unmounts target and, when the image has no mount left, detaches its device.
 func (m *Mounter) Unmount(ctx context.Context, id string, target string) error {
-	defer m.locks.lock(id)()
+	defer m.locks.Lock(id)()
 	if err := device.Unmount(target); err != nil {
 		return fmt.Errorf("image %s: %w", id, err)
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/obdproject/obd/internal/cache"
 	"github.com/obdproject/obd/internal/registry"
 	"github.com/obdproject/obd/internal/snapshotter"
+	"github.com/obdproject/obd/internal/testenv"
 	"github.com/obdproject/obd/lsmt"
 	"github.com/obdproject/obd/tarwrap"
 	"github.com/obdproject/obd/zfile"
@@ -491,7 +492,7 @@ func TestHungRegistryDelaysOnlyItsImage(t *testing.T) {
 	}
 
 	target := filepath.Join(s.root, "ok")
-	withDeadline(t, 10*time.Second, "attaching an image while another image's registry hangs", func() {
+	testenv.Within(t, 10*time.Second, "attaching an image while another image's registry hangs", func() {
 		if err := s.mount(m, "ok", []snapshotter.Layer{reg.layer()}, target); err != nil {
 			t.Error(err)
 		}
@@ -508,20 +509,5 @@ func TestHungRegistryDelaysOnlyItsImage(t *testing.T) {
 	released = true
 	if err := <-errc; err != nil {
 		t.Fatalf("the hung image's attach, once its registry answered: %v", err)
-	}
-}
-
-// withDeadline runs f and fails the test if it does not return within d.
-func withDeadline(t *testing.T, d time.Duration, what string, f func()) {
-	t.Helper()
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		f()
-	}()
-	select {
-	case <-done:
-	case <-time.After(d):
-		t.Fatalf("%s did not return within %v", what, d)
 	}
 }

@@ -36,6 +36,7 @@ import (
 	"github.com/moby/sys/mountinfo"
 
 	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/keylock"
 )
 
 // Name is the snapshotter's name in containerd (proxy_plugins.overlaybd), the same as upstream's.
@@ -47,8 +48,8 @@ type Snapshotter struct {
 	ms      *storage.MetaStore
 	inner   overlaySnapshotter // containerd's overlayfs snapshotter on the same metadata store and directories
 	mounter ImageMounter
-	locks   keyLocks // per image mount id: a mount never races its removal
-	lock    *os.File // root/lock, held while open
+	locks   keylock.Locks // per image mount id: a mount never races its removal
+	lock    *os.File      // root/lock, held while open
 	log     *slog.Logger
 	// profiles is the directory of registered startup profiles ("": none); see WithProfiles.
 	profiles string
@@ -224,7 +225,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		plan.trace = labels[LabelRecordTracePath]
 	}
 
-	unlock := s.locks.lock(plan.id)
+	unlock := s.locks.Lock(plan.id)
 	defer unlock()
 	inner, err := create(ctx, key, parent, opts...)
 	if err != nil {
@@ -309,7 +310,7 @@ func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, er
 	if plan == nil {
 		return s.inner.Mounts(ctx, key)
 	}
-	unlock := s.locks.lock(plan.id)
+	unlock := s.locks.Lock(plan.id)
 	defer unlock()
 	inner, err := s.inner.Mounts(ctx, key)
 	if err != nil {
@@ -336,7 +337,7 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	if err != nil || info.Kind != snapshots.KindCommitted {
 		return s.inner.Remove(ctx, key)
 	}
-	unlock := s.locks.lock(id)
+	unlock := s.locks.Lock(id)
 	defer unlock()
 	if _, err := os.Stat(s.blockPath(id)); err != nil {
 		return s.inner.Remove(ctx, key)
@@ -456,7 +457,7 @@ func (s *Snapshotter) Reconcile(ctx context.Context) error {
 		if err := ctx.Err(); err != nil {
 			return errors.Join(append(errs, err)...)
 		}
-		unlock := s.locks.lock(id)
+		unlock := s.locks.Lock(id)
 		_, err := s.attach(ctx, plan)
 		unlock()
 		l := s.log.With("image", plan.imageRef, "mount-id", id, "mountpoint", s.mountpoint(id), "snapshots", count[id])

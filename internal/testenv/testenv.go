@@ -260,3 +260,19 @@ func WaitSocket(t testing.TB, address string, exited <-chan error) {
 		}
 	}
 }
+
+// Within runs f and fails the test if it does not return within d: a hang shows up as a failure instead of a stuck
+// test binary (the stuck goroutine is left behind in that case only).
+func Within(t testing.TB, d time.Duration, what string, f func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f()
+	}()
+	select {
+	case <-done:
+	case <-time.After(d):
+		t.Fatalf("%s did not return within %v", what, d)
+	}
+}

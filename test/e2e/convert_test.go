@@ -736,7 +736,7 @@ func TestConvertPushFailsMidway(t *testing.T) {
 		t.Errorf("registry has tags %v after failed pushes", tags)
 	}
 	// The index's entries did reach the registry, by digest: only the tag is missing.
-	if status, _ := crGet(t, host, "app/manifests/sha256:4c8af4c8fcbb39e6d909c5ef28feed03a42a6126059db062d140024668d4f527"); status != http.StatusOK {
+	if status, _ := crGet(t, host, "app/manifests/sha256:2ae55c0ee9327cafe6a64486522c7fbc791789b723a777e804ca7eab40df2ece"); status != http.StatusOK {
 		t.Errorf("the converted amd64 manifest is not in the registry by digest: %d", status)
 	}
 }
