@@ -309,6 +309,10 @@ func (f *FuseLoop) resumeHeld(ctx context.Context, id, disk string, b Backend, w
 		return nil, nil
 	}
 	f.log.Info("resumed device whose server had died", "device", id, "loop", a.dev.Path, "size", a.dev.Size, "read_only", a.dev.ReadOnly)
+	// Put it again through this process's Holder, which then hands it to a new holder process if this one dies.
+	if err := f.holder.Put(id, a.srv.fd, meta); err != nil {
+		f.log.Error("cannot hand the resumed device's connection to the holder", "device", id, "err", err)
+	}
 	return a, nil
 }
 
