@@ -551,7 +551,7 @@ func (b *bench) reset(clearCache bool) error {
 	// The image mounts go when their snapshots are removed; wait for that before stopping the snapshotter.
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		m, err := mountsUnder(filepath.Join(b.sb.Dir, "snapshotter"))
+		m, err := sandbox.MountsUnder(filepath.Join(b.sb.Dir, "snapshotter"))
 		if err != nil {
 			return err
 		}
@@ -622,22 +622,6 @@ func removeSnapshots(ctx context.Context, ss snapshots.Snapshotter) error {
 		}
 	}
 	return errors.New("snapshots remain after 100 rounds of removal")
-}
-
-// mountsUnder lists the mount points under dir.
-func mountsUnder(dir string) ([]string, error) {
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return nil, err
-	}
-	var out []string
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) > 4 && strings.HasPrefix(f[4], dir+"/") {
-			out = append(out, f[4])
-		}
-	}
-	return out, nil
 }
 
 func sum(m map[string]int64) int64 {

@@ -353,10 +353,7 @@ func (f *FuseLoop) serve(id, disk string, b Backend, w WritableBackend) (*attach
 // resume serves b on fd, the held connection of the device at disk whose server died (see Holder), and finds its
 // loop device. On error the server may be running: the caller tears the device down.
 func (f *FuseLoop) resume(id, disk string, fd int, b Backend, w WritableBackend) (*attachment, error) {
-	fs := &diskFS{id: id, b: b, log: f.log, obs: f.obs}
-	if w != nil {
-		fs.w = w
-	}
+	fs := &diskFS{id: id, b: b, w: w, log: f.log, obs: f.obs}
 	srv := newFUSEServer(fd, fs, f.log)
 	if err := srv.start(true); err != nil {
 		unix.Close(fd)

@@ -350,7 +350,7 @@ func (s *Sandbox) cleanMounts() error {
 	if _, err := device.NewFuseLoop(slog.New(slog.DiscardHandler)).Reconcile(context.Background(), stateDir); err != nil {
 		errs = append(errs, err)
 	}
-	mounts, err := mountsUnder(s.Dir)
+	mounts, err := MountsUnder(s.Dir)
 	if err != nil {
 		return err
 	}
@@ -362,8 +362,8 @@ func (s *Sandbox) cleanMounts() error {
 	return errors.Join(errs...)
 }
 
-// mountsUnder lists mount points under dir, deepest first.
-func mountsUnder(dir string) ([]string, error) {
+// MountsUnder lists the mount points under dir (as this process sees them), deepest first.
+func MountsUnder(dir string) ([]string, error) {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
 		return nil, err

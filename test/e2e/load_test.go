@@ -18,6 +18,7 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
+	"github.com/obdproject/obd/internal/sandbox"
 	"github.com/obdproject/obd/internal/status"
 	"github.com/obdproject/obd/internal/testenv"
 )
@@ -146,8 +147,8 @@ func TestManyImages(t *testing.T) {
 	if loops := loopsOf(t, sb.Dir); len(loops) > 0 {
 		t.Errorf("loop devices left: %v", loops)
 	}
-	if m := mountsOf(t, filepath.Join(sb.Dir, "snapshotter", "devices")); len(m) > 0 {
-		t.Errorf("device mounts left: %v", m)
+	if m, err := sandbox.MountsUnder(filepath.Join(sb.Dir, "snapshotter", "devices")); err != nil || len(m) > 0 {
+		t.Errorf("device mounts left: %v (%v)", m, err)
 	}
 	// What a device leaves would be descriptors of its files and goroutines of its server. Idle registry connections
 	// (descriptors that are sockets, with two goroutines each) stay in the client's bounded pool: they are counted
@@ -227,12 +228,11 @@ func goroutines(t *testing.T, addr string) int {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := regexp.MustCompile(`(?m)^go_goroutines (\d+)`).FindSubmatch(b)
-	if m == nil {
+	n, ok := parseMetrics(string(b))["go_goroutines"]
+	if !ok {
 		t.Fatal("no go_goroutines in the metrics")
 	}
-	n, _ := strconv.Atoi(string(m[1]))
-	return n
+	return int(n)
 }
 
 // attachLatencies returns the attach_ms of every "attached overlaybd image" line of the daemon's log.
@@ -265,22 +265,6 @@ func loopsOf(t *testing.T, dir string) []string {
 		b, err := os.ReadFile(e)
 		if err == nil && strings.HasPrefix(strings.TrimSpace(string(b)), dir+"/") {
 			out = append(out, e)
-		}
-	}
-	return out
-}
-
-// mountsOf lists the mount points under dir.
-func mountsOf(t *testing.T, dir string) []string {
-	t.Helper()
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []string
-	for _, l := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(l); len(f) > 4 && strings.HasPrefix(f[4], dir+"/") {
-			out = append(out, f[4])
 		}
 	}
 	return out
