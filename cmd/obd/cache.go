@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"strings"
 	"text/tabwriter"
@@ -278,7 +277,7 @@ per layer blob, so snapshots of images sharing layers share them.`,
 				return f.df.notRunningHint(err)
 			}
 			defer body.Close()
-			n, idx, err := writeSnapshot(cmd.Context(), &f.rf, to, body)
+			n, idx, err := cachesnap.Write(cmd.Context(), to, body, f.rf.client)
 			if err != nil {
 				return err
 			}
@@ -303,53 +302,54 @@ func newCacheImportCmd() *cobra.Command {
 		Short: "Load a cache snapshot into the daemon's cache, checking every block; blocks that fail are dropped",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			r, err := readSnapshot(cmd.Context(), &f.rf, args[0])
-			if err != nil {
-				return err
-			}
-			defer r.Close()
 			sc, err := f.client(cmd)
 			if err != nil {
 				return err
 			}
-			body, err := sc.Stream(cmd.Context(), "POST", status.PathCacheImport, r)
-			if err != nil {
-				return f.df.notRunningHint(err)
-			}
-			defer body.Close()
-			var res []status.ImportedBlob
-			if err := json.NewDecoder(body).Decode(&res); err != nil {
-				return fmt.Errorf("import: %w", err)
-			}
-			var imported, present, dropped int64
-			var verified, full, failed int
-			for _, b := range res {
-				imported, present, dropped = imported+b.Imported, present+b.Present, dropped+b.Dropped
-				if b.Verified {
-					verified++
-				}
-				if b.Full {
-					full++
-				}
-				if b.Error != "" {
-					failed++
-					fmt.Fprintf(cmd.ErrOrStderr(), "blob %s: %s\n", b.Digest, b.Error)
-				}
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "imported %d blobs: %d blocks stored, %d present already, %d dropped (bad sums); %d blobs complete and verified\n",
-				len(res), imported, present, dropped, verified)
-			switch {
-			case full > 0:
-				return fmt.Errorf("the cache filled up: %d blobs were not imported whole (raise [cache] size_gb)", full)
-			case failed > 0 || dropped > 0:
-				return fmt.Errorf("%d blobs failed their digest and %d blocks their sums: those were dropped, never served", failed, dropped)
-			}
-			return nil
+			return f.df.notRunningHint(importSnapshot(cmd, sc, &f.rf, args[0]))
 		},
 	}
 	f.register(cmd)
 	f.rf.register(cmd)
 	return cmd
+}
+
+// importSnapshot loads the snapshot at src into the daemon's cache and prints what it did; it fails when any block
+// failed its check or did not fit.
+func importSnapshot(cmd *cobra.Command, sc *status.Client, rf *registryFlags, src string) error {
+	r, err := cachesnap.Open(cmd.Context(), src, rf.client)
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	res, err := sc.Import(cmd.Context(), src, r)
+	if err != nil {
+		return err
+	}
+	var imported, present, dropped int64
+	var verified, full, failed int
+	for _, b := range res {
+		imported, present, dropped = imported+b.Imported, present+b.Present, dropped+b.Dropped
+		if b.Verified {
+			verified++
+		}
+		if b.Full {
+			full++
+		}
+		if b.Error != "" {
+			failed++
+			fmt.Fprintf(cmd.ErrOrStderr(), "blob %s: %s\n", b.Digest, b.Error)
+		}
+	}
+	fmt.Fprintf(cmd.OutOrStdout(), "imported %d blobs from %s: %d blocks stored, %d present already, %d dropped (bad sums); %d blobs complete and verified\n",
+		len(res), src, imported, present, dropped, verified)
+	switch {
+	case full > 0:
+		return fmt.Errorf("the cache filled up: %d blobs were not imported whole (raise [cache] size_gb)", full)
+	case failed > 0 || dropped > 0:
+		return fmt.Errorf("%d blobs failed their digest and %d blocks their sums: those were dropped, never served", failed, dropped)
+	}
+	return nil
 }
 
 // imageLayers are the overlaybd layers of an image in containerd.
@@ -473,84 +473,4 @@ func (f *cacheFlags) startTrace(cmd *cobra.Command, il *imageLayers, profileFile
 		return nil, fmt.Errorf("%s has no acceleration layer and no profile registered on this node (%s): give --profile FILE or --all", il.ref, path)
 	}
 	return b, nil
-}
-
-// snapshotFile says whether a snapshot destination or source is a file, and its path.
-func snapshotFile(s string) (string, bool) {
-	if p, ok := strings.CutPrefix(s, "file:"); ok {
-		return p, true
-	}
-	return s, strings.HasSuffix(s, ".tar") || strings.HasPrefix(s, "/") || strings.HasPrefix(s, ".")
-}
-
-// writeSnapshot writes the snapshot read from r to dst and returns its data bytes and index.
-func writeSnapshot(ctx context.Context, rf *registryFlags, dst string, r io.Reader) (int64, cachesnap.Index, error) {
-	if path, ok := snapshotFile(dst); ok {
-		return cachesnap.WriteFile(r, path)
-	}
-	ref, err := image.ParseRef(dst)
-	if err != nil {
-		return 0, cachesnap.Index{}, err
-	}
-	tag := ref.Tag
-	if tag == "" {
-		tag = "latest"
-	}
-	switch ref.Transport {
-	case image.TransportOCI:
-		return cachesnap.WriteArtifact(ctx, r, image.NewLayoutSink(ref.Path), tag)
-	case image.TransportRegistry:
-		rc, err := rf.client(ref.Host())
-		if err != nil {
-			return 0, cachesnap.Index{}, err
-		}
-		defer rc.Close()
-		return cachesnap.WriteArtifact(ctx, r, image.NewRegistrySink(rc, ref), tag)
-	}
-	return 0, cachesnap.Index{}, fmt.Errorf("%s: write a snapshot to a file, oci:DIR[:TAG] or a registry", dst)
-}
-
-// readSnapshot opens a snapshot source as a snapshot file stream.
-func readSnapshot(ctx context.Context, rf *registryFlags, src string) (io.ReadCloser, error) {
-	if path, ok := snapshotFile(src); ok {
-		return os.Open(path)
-	}
-	ref, err := image.ParseRef(src)
-	if err != nil {
-		return nil, err
-	}
-	switch ref.Transport {
-	case image.TransportOCI:
-		lay, err := image.OpenLayout(ref.Path)
-		if err != nil {
-			return nil, err
-		}
-		d, err := lay.Resolve(ref)
-		if err != nil {
-			return nil, err
-		}
-		manifest, err := lay.ReadBlob(d)
-		if err != nil {
-			return nil, err
-		}
-		return cachesnap.OpenArtifact(manifest, func(d ocispec.Descriptor) (io.ReadCloser, error) { return lay.OpenBlob(d) }, func() {})
-	case image.TransportRegistry:
-		rc, err := rf.client(ref.Host())
-		if err != nil {
-			return nil, err
-		}
-		sel := ref.Tag
-		if ref.Digest != "" {
-			sel = ref.Digest.String()
-		}
-		_, manifest, err := rc.Resolve(ctx, ref.Host(), ref.Repository(), sel)
-		if err != nil {
-			rc.Close()
-			return nil, err
-		}
-		return cachesnap.OpenArtifact(manifest, func(d ocispec.Descriptor) (io.ReadCloser, error) {
-			return rc.FetchBlob(ctx, ref.Host(), ref.Repository(), d)
-		}, func() { rc.Close() })
-	}
-	return nil, fmt.Errorf("%s: read a snapshot from a file, oci:DIR[:TAG] or a registry", src)
 }

@@ -6,17 +6,22 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/obdproject/obd/internal/config"
 	"github.com/obdproject/obd/internal/install"
+	"github.com/obdproject/obd/internal/status"
 )
 
 func newInstallCmd() *cobra.Command {
 	var (
-		opts   install.Options
-		prefix string
+		opts      install.Options
+		prefix    string
+		cacheFrom string
+		rf        registryFlags
+		wait      time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "install",
@@ -29,13 +34,17 @@ func newInstallCmd() *cobra.Command {
     from obd.toml, inserting that table and leaving the rest of the file as it is (config versions 1, 2 and 3);
     with --cri also sets disable_snapshot_annotations = false and snapshotter = "overlaybd" for containerd's
     CRI plugin (Kubernetes) and prints the kubelet flag that sends pulls through obd's CRI proxy;
-  - where systemd runs, installs obd-snapshotter.service and enables and starts it.
+  - where systemd runs, installs obd-snapshotter.service and enables and starts it;
+  - with --cache-from, waits for obd-snapshotter and imports a cache snapshot ('obd cache export') into its block
+    cache, every block checked, so this node starts the snapshot's images without reading their blocks from the
+    registry.
 
 It prints each change it makes and nothing when there is nothing to change, so it is safe to run again.
 containerd is not restarted unless --restart-containerd is given.`,
 		Example: `  obd install --dry-run    # show what would change
   obd install              # as root
-  obd install --cri --restart-containerd`,
+  obd install --cri --restart-containerd
+  obd install --cache-from registry.example.com/obd/cache:gpu-images`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			bin, err := snapshotterBinary(prefix)
@@ -48,7 +57,14 @@ containerd is not restarted unless --restart-containerd is given.`,
 			if errors.Is(err, fs.ErrPermission) && os.Geteuid() != 0 {
 				return fmt.Errorf("%w (run obd install as root)", err)
 			}
-			return err
+			if err != nil || cacheFrom == "" {
+				return err
+			}
+			if opts.DryRun {
+				fmt.Fprintf(cmd.OutOrStdout(), "would import the cache snapshot %s once obd-snapshotter answers\n", cacheFrom)
+				return nil
+			}
+			return installCache(cmd, opts.ObdConfig, cacheFrom, &rf, wait)
 		},
 	}
 	f := cmd.Flags()
@@ -60,7 +76,30 @@ containerd is not restarted unless --restart-containerd is given.`,
 	f.BoolVar(&opts.CRI, "cri", false, "Kubernetes: make containerd's CRI plugin pull with obd's snapshotter and pass it image annotations")
 	f.BoolVar(&opts.RestartContainerd, "restart-containerd", false, "restart containerd (through systemd) when its configuration changed")
 	f.BoolVar(&opts.DryRun, "dry-run", false, "print what would change and change nothing")
+	f.StringVar(&cacheFrom, "cache-from", "", "import this cache snapshot (FILE, oci:DIR[:TAG] or REGISTRY/REPO:TAG of 'obd cache export') into obd-snapshotter's cache")
+	f.DurationVar(&wait, "cache-wait", 2*time.Minute, "with --cache-from: how long to wait for obd-snapshotter to answer")
+	rf.register(cmd)
 	return cmd
+}
+
+// installCache waits until the daemon of obdConfig serves its cache, then imports the snapshot at src.
+func installCache(cmd *cobra.Command, obdConfig, src string, rf *registryFlags, wait time.Duration) error {
+	cfg, _, err := config.Load(obdConfig, true)
+	if err != nil {
+		return err
+	}
+	sock := cfg.Snapshotter.StatusSocket()
+	sc := status.NewClient(sock, 10*time.Second)
+	for deadline := time.Now().Add(wait); ; time.Sleep(500 * time.Millisecond) {
+		_, err = sc.CacheBlobs(cmd.Context())
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) || cmd.Context().Err() != nil {
+			return fmt.Errorf("the cache snapshot %s was not imported: %w — start obd-snapshotter, then run 'obd cache import %s'", src, err, src)
+		}
+	}
+	return importSnapshot(cmd, sc, rf, src)
 }
 
 // snapshotterBinary returns the obd-snapshotter the unit runs: PREFIX/bin/obd-snapshotter, else the one next to

@@ -155,6 +155,9 @@ func Run(ctx context.Context, opts Options) []Result {
 	out = append(out, checkContainerdConfig(opts.ContainerdConfig, opts.SnapshotterAddress))
 	out = append(out, checkContainerd(ctx, opts.ContainerdAddress, opts.Timeout))
 	out = append(out, checkCache(opts.CacheDir, cfg.Cache.SizeGB<<30, opts.MinFreeBytes, st))
+	if r, ok := checkCacheImports(st); ok {
+		out = append(out, r)
+	}
 	out = append(out, checkDevices(st, opts.StatusSocket))
 	return out
 }
@@ -516,6 +519,44 @@ func diskUsage(dir string) (int64, error) {
 		return nil
 	})
 	return total, err
+}
+
+// checkCacheImports reports whether the cache snapshots imported on the node still match it: their blobs cached,
+// and layers of images pulled on the node. It has no result on a node that imported none.
+func checkCacheImports(st *status.Status) (Result, bool) {
+	if st == nil || len(st.Cache.Imports) == 0 {
+		return Result{}, false
+	}
+	r := Result{Check: "cache snapshots"}
+	var evicted, stray []string
+	for _, im := range st.Cache.Imports {
+		n := len(im.Blobs)
+		r.Details = append(r.Details, fmt.Sprintf("%s (imported %s): %d blobs, %d blocks, %d dropped; %d cached, %d layers of images here",
+			im.Source, im.Time.Format(time.DateTime), n, im.Blocks, im.Dropped, im.CachedBlobs, im.ImageBlobs))
+		if im.CachedBlobs < n {
+			evicted = append(evicted, fmt.Sprintf("%s (%d of %d blobs)", im.Source, n-im.CachedBlobs, n))
+		}
+		if im.ImageBlobs < n {
+			stray = append(stray, fmt.Sprintf("%s (%d of %d blobs)", im.Source, n-im.ImageBlobs, n))
+		}
+	}
+	r.Message = fmt.Sprintf("%d imported", len(st.Cache.Imports))
+	switch {
+	case len(stray) > 0:
+		r.Level = Warn
+		r.Message += "; blobs of no image pulled on this node: " + strings.Join(stray, ", ")
+		r.Fix = "pull the images the snapshot was taken of ('obd pull'), or drop their blocks with 'obd cache prune'"
+		if len(evicted) > 0 {
+			r.Message += "; evicted since: " + strings.Join(evicted, ", ")
+		}
+	case len(evicted) > 0:
+		r.Level = Warn
+		r.Message += "; evicted since: " + strings.Join(evicted, ", ")
+		r.Fix = "import the snapshot again ('obd cache import'), or raise cache.size_gb if the cache evicts them for lack of room"
+	default:
+		r.Message += ", every blob cached and a layer of an image on this node"
+	}
+	return r, true
 }
 
 // checkDevices reports the image devices and their state, from the status endpoint.

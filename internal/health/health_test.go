@@ -191,6 +191,27 @@ func TestDevices(t *testing.T) {
 	wantResult(t, checkDevices(st, "/run/x.sock"), Fail, "r/app:bad (layer sha256:ab: 401 unauthorized)", "obd status --socket /run/x.sock")
 }
 
+func TestCacheImports(t *testing.T) {
+	if _, ok := checkCacheImports(&status.Status{}); ok {
+		t.Error("a node that imported no snapshot has a cache snapshots check")
+	}
+	if _, ok := checkCacheImports(nil); ok {
+		t.Error("a node whose status does not answer has a cache snapshots check")
+	}
+	im := status.CacheImport{Source: "r/cache:app", Blobs: []string{"sha256:a", "sha256:b"}, Blocks: 10, CachedBlobs: 2, ImageBlobs: 2}
+	st := &status.Status{Cache: status.Cache{Imports: []status.CacheImport{im}}}
+	r, _ := checkCacheImports(st)
+	wantResult(t, r, OK, "1 imported, every blob cached", "")
+
+	st.Cache.Imports[0].CachedBlobs = 1
+	r, _ = checkCacheImports(st)
+	wantResult(t, r, Warn, "evicted since: r/cache:app (1 of 2 blobs)", "obd cache import")
+
+	st.Cache.Imports[0].ImageBlobs = 0
+	r, _ = checkCacheImports(st)
+	wantResult(t, r, Warn, "blobs of no image pulled on this node: r/cache:app (2 of 2 blobs)", "obd pull")
+}
+
 func TestContainerdConfig(t *testing.T) {
 	dir := t.TempDir()
 	const addr = "/run/obd/snapshotter.sock"

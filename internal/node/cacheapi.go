@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"slices"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -299,7 +300,14 @@ func (a cacheAPI) importSnapshot(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	a.o.log.Info("imported cache snapshot", "blobs", len(out))
+	source := r.URL.Query().Get("source")
+	if source == "" {
+		source = "(unnamed)"
+	}
+	if err := a.o.imports.record(source, time.Now(), out); err != nil {
+		a.o.log.Warn("cache import not recorded", "source", source, "err", err)
+	}
+	a.o.log.Info("imported cache snapshot", "source", source, "blobs", len(out))
 	writeJSON(w, out)
 }
 

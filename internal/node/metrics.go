@@ -42,11 +42,13 @@ type ops struct {
 
 	cache   *cache.Cache     // nil until attach
 	mounter *mounter.Mounter // nil until attach
+	imports *importLog
 }
 
 // newOps builds the metrics and opens the audit log.
 func newOps(cfg config.Config, configFile string, logger *slog.Logger) (*ops, error) {
-	o := &ops{cfg: cfg, configFile: configFile, started: time.Now(), log: logger, reg: prometheus.NewRegistry()}
+	o := &ops{cfg: cfg, configFile: configFile, started: time.Now(), log: logger, reg: prometheus.NewRegistry(),
+		imports: &importLog{path: filepath.Join(cfg.Cache.Dir, importsFile)}}
 	audit := logger.With("audit", true)
 	if p := cfg.Audit.Path; p != "" {
 		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {

@@ -131,6 +131,11 @@ func (o *ops) status(ctx context.Context, sn *snapshotter.Snapshotter) status.St
 		if r := status.HitRatio(s.Hits, s.Misses); r != nil {
 			st.Cache.HitRatio = *r
 		}
+		imports, err := o.importsStatus(ctx, sn)
+		if err != nil {
+			st.Warnings = append(st.Warnings, fmt.Sprintf("cannot read the cache's import log: %v", err))
+		}
+		st.Cache.Imports = imports
 	}
 	o.reads.forget()
 	perImage, all := o.reads.counts()

@@ -537,7 +537,14 @@ func (s *Sandbox) startProxy(regAddr string) error {
 		}
 		return nil
 	}
-	s.proxy = &http.Server{Handler: rp, ReadHeaderTimeout: 10 * time.Second}
+	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if s.counter.refuse() {
+			http.Error(w, "registry down (sandbox)", http.StatusServiceUnavailable)
+			return
+		}
+		rp.ServeHTTP(w, r)
+	})
+	s.proxy = &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second}
 	go s.proxy.Serve(l)
 	s.Registry = l.Addr().String()
 	return nil
@@ -547,6 +554,28 @@ type counter struct {
 	mu       sync.Mutex
 	bytes    map[string]int64
 	requests map[string]int64
+	down     bool
+	refused  int64
+}
+
+// refuse counts a request and reports whether the registry is down.
+func (c *counter) refuse() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.down {
+		c.refused++
+	}
+	return c.down
+}
+
+// SetRegistryDown makes the registry answer every request with 503 (down) or serve again; it returns the number
+// of requests refused since the last call.
+func (s *Sandbox) SetRegistryDown(down bool) int64 {
+	s.counter.mu.Lock()
+	defer s.counter.mu.Unlock()
+	n := s.counter.refused
+	s.counter.down, s.counter.refused = down, 0
+	return n
 }
 
 func (c *counter) request(key string) {

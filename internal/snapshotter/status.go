@@ -9,6 +9,7 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/errdefs"
+	"github.com/opencontainers/go-digest"
 
 	"github.com/obdproject/obd/internal/image"
 )
@@ -161,4 +162,22 @@ func downloadReason(labels map[string]string) string {
 			"), so containerd downloaded and unpacked the layers; pull with 'obd pull', or for CRI pulls set disable_snapshot_annotations = false in containerd's config"
 	}
 	return "containerd downloaded and unpacked the layers"
+}
+
+// LayerBlobs returns the overlaybd layer blobs of the images pulled on this node: the blob digests of its
+// committed snapshots.
+func (s *Snapshotter) LayerBlobs(ctx context.Context) (map[digest.Digest]bool, error) {
+	blobs := map[digest.Digest]bool{}
+	err := s.inner.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
+		if info.Kind == snapshots.KindCommitted {
+			if dg, _, err := blobLabels(info.Labels); err == nil {
+				blobs[dg] = true
+			}
+		}
+		return nil
+	})
+	if err != nil && !errdefs.IsNotFound(err) {
+		return nil, fmt.Errorf("snapshotter: list layers: %w", err)
+	}
+	return blobs, nil
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"time"
 )
 
@@ -17,7 +18,7 @@ const (
 	PathCachePrune  = "/cache/prune"  // POST PruneRequest: EvictResult
 	PathCacheWarm   = "/cache/warm"   // POST WarmRequest: WarmProgress lines (JSON), the last with Done or Error
 	PathCacheExport = "/cache/export" // GET ?digest=D (repeated; none: all): a snapshot file (cachesnap tar)
-	PathCacheImport = "/cache/import" // POST a snapshot file: []ImportedBlob
+	PathCacheImport = "/cache/import" // POST a snapshot file (?source=WHERE names it in the import log): []ImportedBlob
 )
 
 // CacheBlob is a blob in the node's block cache.
@@ -82,6 +83,34 @@ type ImportedBlob struct {
 	Full     bool   `json:"full,omitempty"`
 	Verified bool   `json:"verified,omitempty"`
 	Error    string `json:"error,omitempty"`
+}
+
+// CacheImport is a cache snapshot imported on this node (the last import of each source), and how it matches
+// what the node holds now.
+type CacheImport struct {
+	Source string    `json:"source"`
+	Time   time.Time `json:"time"`
+	Blobs  []string  `json:"blobs"`
+	// Blocks were stored or present already; Dropped failed their sums.
+	Blocks  int64 `json:"blocks"`
+	Dropped int64 `json:"dropped_blocks"`
+	// CachedBlobs of Blobs are in the cache now; ImageBlobs are layers of images pulled on the node.
+	CachedBlobs int `json:"cached_blobs"`
+	ImageBlobs  int `json:"image_blobs"`
+}
+
+// Import streams a snapshot file to the daemon's cache; source names it in the node's import log.
+func (c *Client) Import(ctx context.Context, source string, snapshot io.Reader) ([]ImportedBlob, error) {
+	body, err := c.Stream(ctx, http.MethodPost, PathCacheImport+"?source="+url.QueryEscape(source), snapshot)
+	if err != nil {
+		return nil, err
+	}
+	defer body.Close()
+	var res []ImportedBlob
+	if err := json.NewDecoder(body).Decode(&res); err != nil {
+		return nil, fmt.Errorf("status endpoint %s: import: %w", c.Socket, err)
+	}
+	return res, nil
 }
 
 // CacheBlobs lists the node's cached blobs.

@@ -73,6 +73,8 @@ type Cache struct {
 	Evictions     int64   `json:"evictions"`
 	FetchedBytes  int64   `json:"fetched_bytes"`
 	StoreFailures int64   `json:"store_failures"`
+	// Imports are the cache snapshots imported on the node ('obd cache import', 'obd install --cache-from').
+	Imports []CacheImport `json:"imports,omitempty"`
 }
 
 // Reads counts the device reads of all images since the daemon started.
