@@ -99,6 +99,34 @@ func TestProfileRecordAndReplay(t *testing.T) {
 		obd(t, sb, "pull", accel)
 		replay(t, sb, accel, "replay-accel")
 	})
+	// A node's cache warmed with only the recorded start, exported, and imported on a cold node: the app reads
+	// nothing from the registry, and the snapshot holds only the start's blocks.
+	t.Run("profile-warm cache snapshot", func(t *testing.T) {
+		cold(t)
+		t.Log(mustCache(t, sb, "warm", lazy, "--profile", profFile))
+		snap := filepath.Join(t.TempDir(), "start.tar")
+		t.Log(mustCache(t, sb, "export", lazy, "--to", snap))
+		var blobs []status.CacheBlob
+		if err := json.Unmarshal([]byte(mustCache(t, sb, "ls", "--json")), &blobs); err != nil {
+			t.Fatal(err)
+		}
+		var cached, size int64
+		for _, b := range blobs {
+			cached, size = cached+b.CachedBytes, size+b.Size
+		}
+		if cached == 0 || cached >= size {
+			t.Errorf("a profile warm cached %d of %d bytes", cached, size)
+		}
+		cold(t)
+		t.Log(mustCache(t, sb, "import", snap))
+		sb.ResetCounters()
+		if out := run(t, sb.Ctr(ctx, "run", "--rm", "--snapshotter", snapshotter.Name, lazy, "profile-warm", "/bin/sh", "/app/run.sh")); out != appOutput {
+			t.Fatalf("container printed %q, want %q", out, appOutput)
+		}
+		if n := sumBytes(sb.BlobBytes()); n != 0 {
+			t.Errorf("the app fetched %d bytes outside the imported start (%d of %d bytes): %v", n, cached, size, sb.BlobBytes())
+		}
+	})
 	t.Run("installed profile", func(t *testing.T) {
 		cold(t)
 		out := obd(t, sb, "profile", lazy, "--address", sb.Containerd, "--namespace", sb.Namespace, "--config", sb.ConfigFile(),
