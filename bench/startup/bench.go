@@ -45,6 +45,7 @@ const (
 	caseOBDWarm     = "obd-warm"
 	caseOverlayWarm = "overlayfs-warm"
 	caseOBDMeta     = "obd-metadata-pull"
+	caseOBDImported = "obd-imported-cache"
 )
 
 // benchCase is one measured case. Once the images are pushed and the link is calibrated, setup (optional) runs
@@ -79,6 +80,8 @@ var cases = []benchCase{
 		run: func(b *bench) (sample, error) { return b.runOnly(snapshotter.Name, b.obdRef) }},
 	{key: caseOverlayWarm, title: "overlayfs warm: run (unpacked)", after: caseOverlayCold,
 		run: func(b *bench) (sample, error) { return b.runOnly("overlayfs", b.plainRef) }},
+	{key: caseOBDImported, title: "obd from an imported cache: run (after import + obd pull)", cold: true, obd: true,
+		setup: (*bench).exportSnapshot, run: (*bench).obdImported},
 	{key: caseOBDMeta, title: "obd pull only, loopback", cold: true, loopback: true, run: (*bench).obdMeta},
 }
 
@@ -107,8 +110,10 @@ type sample struct {
 	// LocalSeconds (background download case): from the start of the pull until every layer blob of the image was
 	// downloaded and verified.
 	LocalSeconds float64 `json:"localSeconds,omitempty"`
-	Bytes        int64   `json:"bytes"`    // blob bytes the registry served during the case
-	Requests     int64   `json:"requests"` // blob GET requests the registry answered
+	// ImportSeconds (imported-cache case): obd cache import of the snapshot, before the pull.
+	ImportSeconds float64 `json:"importSeconds,omitempty"`
+	Bytes         int64   `json:"bytes"`    // blob bytes the registry served during the case
+	Requests      int64   `json:"requests"` // blob GET requests the registry answered
 	// ReadyBytes and ReadyRequests (background download case): what the registry had served when the container
 	// exited after printing ready.
 	ReadyBytes    int64 `json:"readyBytes,omitempty"`
@@ -135,6 +140,8 @@ type bench struct {
 	accelRef                     string // the obd image with the acceleration layer recordStart made, through the link
 	results                      map[string][]sample
 	calib                        calibration
+	snapshot                     string    // the cache snapshot exportSnapshot wrote
+	move                         cacheMove // how fast the cache moves
 	seq                          int
 }
 
@@ -319,6 +326,9 @@ func (b *bench) measureCase(c *benchCase) error {
 	extra := ""
 	if smp.LocalSeconds > 0 {
 		extra = fmt.Sprintf("; local after %.2f s (%s in %d requests by ready)", smp.LocalSeconds, units.Bytes(smp.ReadyBytes), smp.ReadyRequests)
+	}
+	if smp.ImportSeconds > 0 {
+		extra += fmt.Sprintf("; cache import %.2f s", smp.ImportSeconds)
 	}
 	if c.obd {
 		extra += fmt.Sprintf("; daemon CPU %.2f s, peak RSS %s", smp.DaemonCPUSeconds, units.Bytes(smp.DaemonPeakRSS))

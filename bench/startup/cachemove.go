@@ -1,0 +1,158 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"time"
+
+	"github.com/obdproject/obd/bench/internal/measure"
+	"github.com/obdproject/obd/internal/cachesnap"
+	"github.com/obdproject/obd/internal/pull"
+	"github.com/obdproject/obd/internal/status"
+	"github.com/obdproject/obd/internal/units"
+)
+
+// cacheMove is how fast a warm cache moves between nodes: obd cache export and import against tar of the cache
+// directory (export: tar -c of the directory; import: tar -x into an empty one), each from a cold page cache.
+type cacheMove struct {
+	SnapshotBytes int64   `json:"snapshotBytes"` // the snapshot file of the whole image
+	CacheDirBytes int64   `json:"cacheDirBytes"` // the tar of the cache directory
+	ExportMBps    float64 `json:"exportMBps"`    // MB (10⁶ bytes) of snapshot per second, median of 3
+	TarMBps       float64 `json:"tarMBps"`       // MB of cache-directory tar per second, median of 3
+	UntarMBps     float64 `json:"untarMBps"`     // median of 3
+	ImportMBps    float64 `json:"importMBps"`    // median over the runs of the imported-cache case
+}
+
+// exportSnapshot fills a fresh node's cache with the whole image (over loopback), exports it to a snapshot file
+// and tars the cache directory, timing both; obdImported imports that snapshot on a fresh node in every run.
+func (b *bench) exportSnapshot() error {
+	if err := b.reset(true); err != nil {
+		return err
+	}
+	res, err := pull.Pull(b.ctx, b.c, b.obdLoopRef, pull.Options{PlainHTTP: true, Credentials: noCredentials})
+	if err != nil {
+		return err
+	}
+	req := status.WarmRequest{ImageRef: res.Image.Name(), All: true}
+	for _, l := range b.im.Info.OBDLayers {
+		req.Layers = append(req.Layers, status.WarmLayer{Digest: l.Digest, Size: l.Size})
+	}
+	sc := status.NewClient(b.sb.StatusSocket, time.Minute)
+	last, err := sc.Warm(b.ctx, req, nil)
+	if err == nil && last.Error != "" {
+		err = fmt.Errorf("%s", last.Error)
+	}
+	if err != nil {
+		return fmt.Errorf("warm the cache: %w", err)
+	}
+	dir := filepath.Join(b.sb.Dir, "cache-move")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	b.snapshot = filepath.Join(dir, "snapshot.tar")
+	cacheTar := filepath.Join(dir, "cache-dir.tar")
+	var export, tarc, untar []float64
+	for range 3 {
+		d, err := timed(func() error {
+			body, err := sc.Stream(b.ctx, "GET", status.PathCacheExport, nil)
+			if err != nil {
+				return err
+			}
+			defer body.Close()
+			_, _, err = cachesnap.WriteFile(body, b.snapshot)
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("export: %w", err)
+		}
+		export = append(export, d)
+		// GNU tar with --sparse: the cache's data files may have holes.
+		d, err = timed(func() error { return runQuiet("tar", "--sparse", "-cf", cacheTar, "-C", b.sb.CacheDir(), ".") })
+		if err != nil {
+			return err
+		}
+		tarc = append(tarc, d)
+		into := filepath.Join(dir, "untar")
+		if err := os.RemoveAll(into); err != nil {
+			return err
+		}
+		if err := os.MkdirAll(into, 0o755); err != nil {
+			return err
+		}
+		d, err = timed(func() error { return runQuiet("tar", "-xf", cacheTar, "-C", into) })
+		if err != nil {
+			return err
+		}
+		untar = append(untar, d)
+	}
+	b.move.SnapshotBytes, b.move.CacheDirBytes = fileSize(b.snapshot), fileSize(cacheTar)
+	b.move.ExportMBps = float64(b.move.SnapshotBytes) / 1e6 / median(export)
+	b.move.TarMBps = float64(b.move.CacheDirBytes) / 1e6 / median(tarc)
+	b.move.UntarMBps = float64(b.move.CacheDirBytes) / 1e6 / median(untar)
+	logf("cache snapshot %s: export %.0f MB/s (tar of the cache directory, %s: %.0f MB/s); tar -x %.0f MB/s",
+		units.Bytes(b.move.SnapshotBytes), b.move.ExportMBps, units.Bytes(b.move.CacheDirBytes), b.move.TarMBps, b.move.UntarMBps)
+	return nil
+}
+
+// obdImported runs on a fresh node (empty cache, daemon restarted): it imports the snapshot, pulls the image's
+// metadata through the link and runs the workload. Its time to ready is the run's, as for the warm cases; the
+// import and the pull are reported beside it.
+func (b *bench) obdImported() (sample, error) {
+	sc := status.NewClient(b.sb.StatusSocket, time.Minute)
+	var res []status.ImportedBlob
+	d, err := timed(func() error {
+		f, err := os.Open(b.snapshot)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		res, err = sc.Import(b.ctx, b.snapshot, f)
+		return err
+	})
+	if err != nil {
+		return sample{}, fmt.Errorf("import: %w", err)
+	}
+	for _, r := range res {
+		if r.Error != "" || r.Dropped > 0 || !r.Verified {
+			return sample{}, fmt.Errorf("import: blob %s: %+v", r.Digest, r)
+		}
+	}
+	// The import is not part of the start: the case starts from a warm cache and a cold page cache.
+	if err := measure.DropCaches(); err != nil {
+		return sample{}, err
+	}
+	smp, err := b.obdStart(b.obdRef)
+	if err != nil {
+		return smp, err
+	}
+	smp.Seconds = smp.RunSeconds
+	smp.ImportSeconds = d
+	return smp, nil
+}
+
+func timed(f func() error) (float64, error) {
+	if err := measure.DropCaches(); err != nil {
+		return 0, err
+	}
+	start := time.Now()
+	err := f()
+	return time.Since(start).Seconds(), err
+}
+
+func runQuiet(name string, args ...string) error {
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s: %w\n%s", name, err, out)
+	}
+	return nil
+}
+
+func fileSize(path string) int64 {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return 0
+	}
+	return fi.Size()
+}
