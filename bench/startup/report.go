@@ -267,7 +267,7 @@ func (r *report) derive() {
 			cr.BoundSeconds = atRate(cr.Median.Bytes)
 			cr.ReadyBoundSeconds = atRate(cr.Median.ReadyBytes)
 		}
-		if c.cold && cr.Median.DaemonCPUSeconds > 0 && cr.Median.Bytes > 0 {
+		if c.cold && c.key != caseOBDImported && cr.Median.DaemonCPUSeconds > 0 && cr.Median.Bytes > 0 {
 			cr.DaemonCPUmsPerMB = cr.Median.DaemonCPUSeconds * 1000 / (float64(cr.Median.Bytes) / 1e6)
 		}
 		if !slices.ContainsFunc(cr.LayerBytes, func(n int64) bool { return n > 0 }) {

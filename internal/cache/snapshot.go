@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"math/bits"
 	"slices"
@@ -89,6 +90,9 @@ func (e ExportedBlob) DataSize() int64 {
 	return n
 }
 
+// Whole reports whether e holds every block of its blob.
+func (e ExportedBlob) Whole() bool { return int64(len(e.Blocks)) == numBlocks(e.Size, e.BlockSize) }
+
 // Validate checks that e describes blocks of its blob in ascending order, one sum each.
 func (e ExportedBlob) Validate() error {
 	if err := e.Digest.Validate(); err != nil {
@@ -133,7 +137,10 @@ func (c *Cache) ExportBlob(key digest.Digest, w io.Writer) (ExportedBlob, error)
 	}
 	b.mu.Unlock()
 	r := &Reader{c: c, b: b, key: key, size: e.Size}
-	buf := make([]byte, bs)
+	// The blocks' sums are hashed on another goroutine while w takes the bytes (and may hash them too).
+	var sums []digest.Digest
+	p := newHashPipe(bs, func(buf []byte) { sums = append(sums, digest.Digest(fmt.Sprintf("sha256:%x", sha256.Sum256(buf)))) })
+	defer p.close()
 	for _, i := range want {
 		pin := pinRange{i, i}
 		b.mu.Lock()
@@ -144,18 +151,62 @@ func (c *Cache) ExportBlob(key digest.Digest, w io.Writer) (ExportedBlob, error)
 		b.pins = append(b.pins, pin)
 		b.mu.Unlock()
 		n := b.blockBytes(i)
-		err := r.readDisk(buf[:n], i*bs)
+		buf := p.buffer()[:n]
+		err := r.readDisk(buf, i*bs)
 		b.unpin(pin)
 		if err != nil {
+			p.release(buf)
 			return e, fmt.Errorf("cache: blob %s: block %d: %w", key, i, err)
 		}
-		if _, err := w.Write(buf[:n]); err != nil {
+		p.hash(buf)
+		if _, err := w.Write(buf); err != nil {
 			return e, err
 		}
 		e.Blocks = append(e.Blocks, i)
-		e.Sums = append(e.Sums, digest.Digest(fmt.Sprintf("sha256:%x", sha256.Sum256(buf[:n]))))
 	}
+	p.close()
+	e.Sums = sums
 	return e, nil
+}
+
+// hashPipe hashes buffers on a goroutine of its own, in order, while the caller goes on with them: the caller
+// takes a buffer, fills it and hands it to hash, and may go on reading it until it takes the next buffer.
+type hashPipe struct {
+	free chan []byte
+	in   chan []byte
+	done chan struct{}
+}
+
+// hashPipeDepth is the number of buffers: the hasher may be this many minus one behind.
+const hashPipeDepth = 3
+
+func newHashPipe(size int64, hash func([]byte)) *hashPipe {
+	p := &hashPipe{free: make(chan []byte, hashPipeDepth), in: make(chan []byte, hashPipeDepth), done: make(chan struct{})}
+	for range hashPipeDepth {
+		p.free <- make([]byte, size)
+	}
+	go func() {
+		defer close(p.done)
+		for buf := range p.in {
+			hash(buf)
+			p.free <- buf[:cap(buf)]
+		}
+	}()
+	return p
+}
+
+func (p *hashPipe) buffer() []byte     { return <-p.free }
+func (p *hashPipe) release(buf []byte) { p.free <- buf[:cap(buf)] }
+func (p *hashPipe) hash(buf []byte)    { p.in <- buf }
+
+// close waits for the hashing of every buffer handed over; it may be called again.
+func (p *hashPipe) close() {
+	select {
+	case <-p.done:
+	default:
+		close(p.in)
+		<-p.done
+	}
 }
 
 // ImportResult says what ImportBlob did.
@@ -197,14 +248,32 @@ func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) 
 	if r.b == nil {
 		return res, fmt.Errorf("cache: blob %s cannot be cached (closed cache)", e.Digest)
 	}
+	// A snapshot of the whole blob is hashed as it streams, on another goroutine: when every block is stored from
+	// it, that hash verifies the blob without reading it back.
+	nb := numBlocks(e.Size, e.BlockSize)
+	var (
+		p         *hashPipe
+		wholeHash hash.Hash
+	)
+	if e.Whole() {
+		wholeHash = e.Digest.Algorithm().Hash()
+		p = newHashPipe(e.BlockSize, func(buf []byte) { wholeHash.Write(buf) })
+		defer p.close()
+	}
 	buf := make([]byte, e.BlockSize)
 	for k, i := range e.Blocks {
 		if err := ctx.Err(); err != nil {
 			return res, err
 		}
 		n := min(e.BlockSize, e.Size-i*e.BlockSize)
+		if p != nil {
+			buf = p.buffer()
+		}
 		if _, err := io.ReadFull(data, buf[:n]); err != nil {
 			return res, fmt.Errorf("cache snapshot: blob %s: block %d: %w", e.Digest, i, err)
+		}
+		if p != nil {
+			p.hash(buf[:n])
 		}
 		if res.Full {
 			continue // read past the rest
@@ -229,12 +298,20 @@ func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) 
 			res.Imported++
 		}
 	}
-	if r.presentBytes() == e.Size {
-		if err := r.Download(ctx, DownloadOptions{}); err != nil {
-			return res, err
-		}
-		res.Verified = true
+	if r.presentBytes() != e.Size {
+		return res, nil
 	}
+	if p != nil && res.Imported == nb {
+		// Every block in the cache is a block just hashed.
+		p.close()
+		if got := digest.NewDigest(e.Digest.Algorithm(), wholeHash); got != e.Digest {
+			_ = r.Evict(0, e.Size)
+			return res, fmt.Errorf("%w: blob %s hashes to %s; its cached blocks were dropped", ErrDigestMismatch, e.Digest, got)
+		}
+	} else if err := r.Download(ctx, DownloadOptions{}); err != nil {
+		return res, err
+	}
+	res.Verified = true
 	return res, nil
 }
 

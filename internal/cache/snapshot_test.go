@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
+	"log/slog"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 )
@@ -149,4 +152,52 @@ func TestImportRejects(t *testing.T) {
 			t.Errorf("%s: %v, want an error with %q", c.name, err, c.want)
 		}
 	}
+}
+
+// BenchmarkSnapshot measures export and import of a whole 64 MiB blob in 256 KiB blocks (obd cache export/import
+// of a warm image), against the page cache.
+func BenchmarkSnapshot(b *testing.B) {
+	const bs, size = 256 << 10, 64 << 20
+	open := func(dir string) *Cache {
+		c, err := Open(Options{Dir: dir, CapacityBytes: 1 << 30, BlockSize: bs, Logger: slog.New(slog.DiscardHandler), flushInterval: time.Hour})
+		if err != nil {
+			b.Fatal(err)
+		}
+		return c
+	}
+	src := newSrc(size, 7)
+	from := open(b.TempDir())
+	defer from.Close()
+	r := from.Reader(src.key(), size, src)
+	if err := r.Download(context.Background(), DownloadOptions{}); err != nil {
+		b.Fatal(err)
+	}
+	var data bytes.Buffer
+	e, err := from.ExportBlob(src.key(), &data)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Run("export", func(b *testing.B) {
+		b.SetBytes(size)
+		for b.Loop() {
+			if _, err := from.ExportBlob(src.key(), io.Discard); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("import", func(b *testing.B) {
+		b.SetBytes(size)
+		for b.Loop() {
+			b.StopTimer()
+			to := open(b.TempDir())
+			b.StartTimer()
+			res, err := to.ImportBlob(context.Background(), e, bytes.NewReader(data.Bytes()))
+			if err != nil || !res.Verified {
+				b.Fatalf("%+v %v", res, err)
+			}
+			b.StopTimer()
+			to.Close()
+			b.StartTimer()
+		}
+	})
 }

@@ -275,6 +275,10 @@ func (a cacheAPI) importSnapshot(w http.ResponseWriter, r *http.Request) {
 	var out []status.ImportedBlob
 	_, err := cachesnap.ReadTar(r.Body, func(e cachesnap.Entry, data io.Reader) error {
 		vr, check := cachesnap.Verified(e, data)
+		if e.Whole() && e.Data.Digest == e.Digest {
+			// The data is the blob itself: ImportBlob checks it against the blob's digest as it streams.
+			vr, check = io.LimitReader(data, e.Data.Size), func() error { return nil }
+		}
 		res, err := c.ImportBlob(r.Context(), e.ExportedBlob, vr)
 		if err == nil || errors.Is(err, cache.ErrDigestMismatch) {
 			// Damaged blocks failed their sums and were dropped; the data digest tells the same of the whole.
