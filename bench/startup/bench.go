@@ -110,6 +110,10 @@ type sample struct {
 	// LocalSeconds (background download case): from the start of the pull until every layer blob of the image was
 	// downloaded and verified.
 	LocalSeconds float64 `json:"localSeconds,omitempty"`
+	// PrefetchSeconds is how long the prefetch of the recorded start took (it starts when the container's root
+	// filesystem is prepared), PrefetchBytes what it fetched (cases with an acceleration layer).
+	PrefetchSeconds float64 `json:"prefetchSeconds,omitempty"`
+	PrefetchBytes   int64   `json:"prefetchBytes,omitempty"`
 	// ImportSeconds (imported-cache case): obd cache import of the snapshot, before the pull.
 	ImportSeconds float64 `json:"importSeconds,omitempty"`
 	Bytes         int64   `json:"bytes"`    // blob bytes the registry served during the case
@@ -327,6 +331,9 @@ func (b *bench) measureCase(c *benchCase) error {
 	if smp.LocalSeconds > 0 {
 		extra = fmt.Sprintf("; local after %.2f s (%s in %d requests by ready)", smp.LocalSeconds, units.Bytes(smp.ReadyBytes), smp.ReadyRequests)
 	}
+	if smp.PrefetchSeconds > 0 {
+		extra += fmt.Sprintf("; prefetch %s in %.2f s", units.Bytes(smp.PrefetchBytes), smp.PrefetchSeconds)
+	}
 	if smp.ImportSeconds > 0 {
 		extra += fmt.Sprintf("; cache import %.2f s", smp.ImportSeconds)
 	}
@@ -365,7 +372,16 @@ func (b *bench) obdStart(ref string) (sample, error) {
 	if err != nil {
 		return sample{}, err
 	}
-	return sample{Seconds: (pulled + ready).Seconds(), PullSeconds: pulled.Seconds(), RunSeconds: ready.Seconds()}, nil
+	smp := sample{Seconds: (pulled + ready).Seconds(), PullSeconds: pulled.Seconds(), RunSeconds: ready.Seconds()}
+	// The recorded start's prefetch, if the image has one: how long it took, against the run.
+	if st, err := status.NewClient(b.sb.StatusSocket, 10*time.Second).Status(b.ctx); err == nil {
+		for _, im := range st.Images {
+			if pf := im.Prefetch; pf != nil && !pf.Running {
+				smp.PrefetchSeconds, smp.PrefetchBytes = pf.Seconds, pf.DoneBytes
+			}
+		}
+	}
+	return smp, nil
 }
 
 // recordStart records the workload's start with obd profile's code, over loopback, and pushes the image with the

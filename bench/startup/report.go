@@ -309,6 +309,8 @@ func medianSample(ss []sample) sample {
 		RunSeconds:       m(func(s sample) float64 { return s.RunSeconds }),
 		LocalSeconds:     m(func(s sample) float64 { return s.LocalSeconds }),
 		ImportSeconds:    m(func(s sample) float64 { return s.ImportSeconds }),
+		PrefetchSeconds:  m(func(s sample) float64 { return s.PrefetchSeconds }),
+		PrefetchBytes:    int64(m(func(s sample) float64 { return float64(s.PrefetchBytes) })),
 		Bytes:            int64(m(func(s sample) float64 { return float64(s.Bytes) })),
 		Requests:         int64(m(func(s sample) float64 { return float64(s.Requests) })),
 		ReadyBytes:       int64(m(func(s sample) float64 { return float64(s.ReadyBytes) })),

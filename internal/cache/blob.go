@@ -32,6 +32,7 @@ type blob struct {
 	pins         []pinRange       // block ranges of ongoing reads: never evicted
 	file         *os.File         // data file, nil until needed
 	ahead        []uint64         // blocks fetched by Prefetch or readahead and not read since (in memory only)
+	aheadRA      []uint64         // those of ahead that readahead fetched
 	streams      [4]stream        // recent sequential readers, for readahead
 }
 
@@ -303,24 +304,32 @@ func (b *blob) resetLocked(size int64) {
 	}
 	b.size, b.nblocks = size, numBlocks(size, b.c.opts.BlockSize)
 	b.present = make([]uint64, (b.nblocks+63)/64)
-	b.ahead, b.streams = nil, [4]stream{}
+	b.ahead, b.aheadRA, b.streams = nil, nil, [4]stream{}
 }
 
-// setAhead marks block i as fetched ahead of its readers. b.mu is held.
-func (b *blob) setAhead(i int64) {
+// setAhead marks block i as fetched ahead of its readers, by readahead or by Prefetch. b.mu is held.
+func (b *blob) setAhead(i int64, readahead bool) {
 	if b.ahead == nil {
-		b.ahead = make([]uint64, (b.nblocks+63)/64)
+		b.ahead, b.aheadRA = make([]uint64, (b.nblocks+63)/64), make([]uint64, (b.nblocks+63)/64)
 	}
 	b.ahead[i/64] |= 1 << (i % 64)
+	if readahead {
+		b.aheadRA[i/64] |= 1 << (i % 64)
+	} else {
+		b.aheadRA[i/64] &^= 1 << (i % 64)
+	}
 }
 
-// takeAhead clears the fetched-ahead mark of block i and reports whether it was set. b.mu is held.
-func (b *blob) takeAhead(i int64) bool {
+// takeAhead clears the fetched-ahead marks of block i and reports whether it was fetched ahead, and whether by
+// readahead. b.mu is held.
+func (b *blob) takeAhead(i int64) (ahead, byReadahead bool) {
 	if b.ahead == nil || !bitSet(b.ahead, i) {
-		return false
+		return false, false
 	}
 	b.ahead[i/64] &^= 1 << (i % 64)
-	return true
+	byReadahead = bitSet(b.aheadRA, i)
+	b.aheadRA[i/64] &^= 1 << (i % 64)
+	return true, byReadahead
 }
 
 // touch records an access now.

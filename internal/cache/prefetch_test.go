@@ -93,6 +93,38 @@ func TestReadahead(t *testing.T) {
 	}
 }
 
+// A reader going through blocks that Prefetch brought (a recorded start) fetches nothing beyond them: readahead
+// follows readers that miss, and starts when the reader leaves the prefetched blocks.
+func TestReadaheadSkipsPrefetched(t *testing.T) {
+	c := openTest(t, t.TempDir(), 1<<30, nil)
+	defer c.Close()
+	src := newSrc(400*testBS, 8)
+	r := c.Reader(src.key(), int64(len(src.data)), src)
+	if err := r.Prefetch(0, 100*testBS); err != nil {
+		t.Fatal(err)
+	}
+	calls := src.calls.Load()
+	for off := int64(0); off < 100*testBS; off += 2 * testBS {
+		checkRead(t, r, src, off, 2*testBS)
+	}
+	if n := src.calls.Load() - calls; n != 0 {
+		t.Fatalf("reading 100 prefetched blocks made %d source reads", n)
+	}
+	if st := c.Stats(); st.ReadAhead != 0 {
+		t.Fatalf("reads of prefetched blocks fetched ahead: %+v", st)
+	}
+	// Past them, the sequential reader misses and readahead follows it.
+	for off := int64(100 * testBS); off < 400*testBS; off += 2 * testBS {
+		checkRead(t, r, src, off, 2*testBS)
+	}
+	if n := src.calls.Load() - calls; n > 40 {
+		t.Fatalf("%d source reads for a sequential read of 300 blocks in 150 reads", n)
+	}
+	if st := c.Stats(); st.ReadAhead == 0 {
+		t.Fatalf("no readahead after the prefetched blocks: %+v", st)
+	}
+}
+
 func TestReadaheadOff(t *testing.T) {
 	c, err := Open(Options{Dir: t.TempDir(), CapacityBytes: 1 << 30, BlockSize: testBS, ReadaheadBytes: -1,
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), flushInterval: time.Hour})

@@ -147,22 +147,31 @@ func (r *Reader) readCached(p []byte, off int64) error {
 		return r.readSrc(p, off)
 	}
 	b.pins = append(b.pins, pin)
+	// follow: the read continues what readahead is for, a reader missing the cache (a block not present, or one
+	// readahead fetched). A read of blocks brought otherwise — by Prefetch of a recorded start, an import, a
+	// download, earlier reads — does not move readahead: what a recorded start needs is fetched already, and
+	// fetching beyond it would spend the link on blocks the start never reads.
+	follow := false
 	for i := first; i <= last; i++ {
 		var f *fetch
 		switch g := b.inflight[i]; {
 		case bitSet(b.present, i):
 			hits++
-			if b.takeAhead(i) {
+			ahead, ra := b.takeAhead(i)
+			if ahead {
 				aheadHits++
 			}
+			follow = follow || ra
 		case g != nil:
 			f = g
 			misses++
-			if b.takeAhead(i) {
+			if ahead, _ := b.takeAhead(i); ahead {
 				aheadHits++
 			}
+			follow = follow || g.kind != fetchPrefetch
 		default:
 			misses++
+			follow = true
 			b.takeAhead(i) // fetched ahead, then lost: it did not help
 			if k := len(own) - 1; k >= 0 && own[k].last == i-1 && (i-own[k].first+1)*bs <= maxRun {
 				f = own[k]
@@ -179,7 +188,10 @@ func (r *Reader) readCached(p []byte, off int64) error {
 			segs = append(segs, segment{i, i, f})
 		}
 	}
-	ahead := r.readaheadLocked(first, last)
+	var ahead []*fetch
+	if follow {
+		ahead = r.readaheadLocked(first, last)
+	}
 	b.mu.Unlock()
 	defer b.unpin(pin)
 	b.touch()
@@ -280,7 +292,7 @@ func (r *Reader) claimLocked(first, last int64, kind fetchKind) []*fetch {
 			own = append(own, &fetch{first: i, last: i, kind: kind, done: make(chan struct{})})
 		}
 		b.inflight[i] = own[len(own)-1]
-		b.setAhead(i)
+		b.setAhead(i, kind == fetchReadahead)
 	}
 	return own
 }

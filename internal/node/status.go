@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"sync"
 	"time"
@@ -47,6 +48,10 @@ func (o *ops) startServers(ctx context.Context, sn *snapshotter.Snapshotter, sc 
 	})
 
 	cacheAPI{o}.register(statusMux)
+	// Go's profiler, for root on the node only (the socket is root's): curl --unix-socket SOCKET
+	// http://obd/debug/pprof/profile?seconds=10 > cpu.pprof
+	statusMux.HandleFunc("GET /debug/pprof/", pprof.Index)
+	statusMux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
 
 	socket := sc.StatusSocket()
 	sl, err := listen(socket)
