@@ -177,7 +177,7 @@ func runBench(ctx context.Context, cfg *config) (err error) {
 	if err != nil {
 		return err
 	}
-	sb, err := sandbox.Start(ctx, sandbox.Options{Snapshotter: cfg.snapshotter, CacheBlockKB: cfg.blockKB, PlainHTTP: []string{link.Addr},
+	sb, err := sandbox.Start(ctx, sandbox.Options{Snapshotter: cfg.snapshotter, CacheBlockKB: cfg.blockKB, CacheFetchKB: cfg.fetchKB, PlainHTTP: []string{link.Addr},
 		CacheSizeGB: 8, Logf: logf})
 	if err != nil {
 		return err

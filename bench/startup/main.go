@@ -28,16 +28,16 @@ import (
 )
 
 type config struct {
-	bandwidth   string
-	rateBits    int64
-	rtt         time.Duration
-	cc          string
-	runs        int
-	blockKB     int
-	out         string
-	work        string
-	rebuild     bool
-	snapshotter string
+	bandwidth        string
+	rateBits         int64
+	rtt              time.Duration
+	cc               string
+	runs             int
+	fetchKB, blockKB int
+	out              string
+	work             string
+	rebuild          bool
+	snapshotter      string
 	// snapshotterGiven: --snapshotter named a binary (else it was built from the tree)
 	snapshotterGiven bool
 	name             string
@@ -59,6 +59,7 @@ func main() {
 	flag.StringVar(&c.cc, "cc", "cubic", "TCP congestion control of the registry side, the sender of every download (cubic, bbr, reno: net.ipv4.tcp_available_congestion_control)")
 	flag.IntVar(&c.runs, "runs", 3, "measured runs of each case; the table shows medians")
 	flag.IntVar(&c.blockKB, "block-kb", 0, "obd-snapshotter's cache block size in KiB ([cache] block_size_kb; 0: its default, 256)")
+	flag.IntVar(&c.fetchKB, "fetch-kb", 0, "the least a cache miss of obd-snapshotter fetches, in KiB ([cache] fetch_kb; 0: its default)")
 	flag.StringVar(&c.out, "out", filepath.Join("bench", "results"), "directory for the result files NAME.json and NAME.svg ('' for none)")
 	flag.StringVar(&c.work, "work", filepath.Join(os.TempDir(), "obd-bench-startup"), "cache of the built and converted image")
 	flag.BoolVar(&c.rebuild, "rebuild", false, "build and convert the image again even if the cache has it")

@@ -47,6 +47,7 @@ type environment struct {
 	Snapshotter string `json:"snapshotter"`
 	Git         string `json:"git,omitempty"`
 	BlockSizeKB int    `json:"obdCacheBlockSizeKB"`
+	FetchKB     int    `json:"obdCacheFetchKB,omitempty"`
 	DropCaches  string `json:"dropCaches"`
 }
 
@@ -111,7 +112,7 @@ func (b *bench) report(ctx context.Context) *report {
 		Date:    time.Now().UTC().Format(time.RFC3339),
 		Environment: environment{
 			Kernel: readTrim("/proc/sys/kernel/osrelease"), CPU: cpuModel(), CPUs: runtime.NumCPU(), MemoryGiB: memGiB(),
-			OS: osName(), Containerd: commandOutput("containerd", "--version"), Go: runtime.Version(), BlockSizeKB: b.cfg.blockKB,
+			OS: osName(), Containerd: commandOutput("containerd", "--version"), Go: runtime.Version(), BlockSizeKB: b.cfg.blockKB, FetchKB: b.cfg.fetchKB,
 			DropCaches: "sync; echo 3 > /proc/sys/vm/drop_caches before every measured run",
 		},
 		Link: linkReport{Description: b.link.Describe(), RateBits: b.link.RateBits, RTTms: float64(b.link.RTT) / 1e6, Measured: b.calib,
@@ -374,7 +375,8 @@ func (r *report) printTable(w io.Writer) {
 		}
 		fmt.Fprintln(w)
 	}
-	fmt.Fprintf(w, "\npigz: %s; obd cache block size: %d KiB\n", r.Environment.Pigz, r.Environment.BlockSizeKB)
+	fmt.Fprintf(w, "\npigz: %s; obd cache block size: %d KiB, fetch unit: %d KiB\n", r.Environment.Pigz, r.Environment.BlockSizeKB,
+		max(r.Environment.FetchKB, r.Environment.BlockSizeKB))
 }
 
 // replot recomputes the derived figures of a JSON result file (derive) and rewrites it and its SVG chart

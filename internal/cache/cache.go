@@ -28,9 +28,14 @@ import (
 type Options struct {
 	Dir           string // cache directory, created if missing
 	CapacityBytes int64  // bound on the bytes of present blocks
-	BlockSize     int64  // refill unit in bytes (default 256 KiB)
+	BlockSize     int64  // unit in which blocks are cached, and Prefetch fetches, in bytes (default 256 KiB)
+	// FetchBytes is the least a demand miss fetches (a multiple of BlockSize; default BlockSize): the missing
+	// blocks of the FetchBytes-aligned run around the read come with it in one request. Smaller blocks than fetch
+	// units let a prefetch fetch just the blocks a recorded start reads while a miss still costs one request per
+	// unit.
+	FetchBytes int64
 	// ReadaheadBytes bounds the window fetched ahead of a sequential reader of a blob (default 4 MiB; negative:
-	// no readahead). The window starts at two blocks and doubles with each sequential read.
+	// no readahead). The window starts at two fetch units and doubles with each sequential read.
 	ReadaheadBytes int64
 	Logger         *slog.Logger // default slog.Default()
 
@@ -100,6 +105,12 @@ func Open(opts Options) (*Cache, error) {
 	}
 	if opts.ReadaheadBytes == 0 {
 		opts.ReadaheadBytes = defaultReadahead
+	}
+	if opts.FetchBytes < opts.BlockSize || opts.FetchBytes%opts.BlockSize != 0 {
+		if opts.FetchBytes != 0 {
+			return nil, fmt.Errorf("cache: fetch unit of %d bytes is not a multiple of the block size, %d", opts.FetchBytes, opts.BlockSize)
+		}
+		opts.FetchBytes = opts.BlockSize
 	}
 	c := &Cache{opts: opts, log: opts.Logger, blobs: map[digest.Digest]*blob{}}
 	if c.log == nil {
@@ -195,8 +206,12 @@ func (c *Cache) loadBlob(key digest.Digest) {
 		return
 	}
 	if st.blockSize != c.opts.BlockSize {
-		drop("state recorded with another block size", fmt.Errorf("block size %d, configured %d", st.blockSize, c.opts.BlockSize))
-		return
+		if st.blockSize%c.opts.BlockSize != 0 {
+			drop("state recorded with another block size", fmt.Errorf("block size %d, configured %d", st.blockSize, c.opts.BlockSize))
+			return
+		}
+		st = st.split(c.opts.BlockSize) // a smaller block size configured since: each block becomes several
+		b.dirty = true
 	}
 	fi, err := os.Stat(b.dataPath)
 	if err != nil || fi.Size() != st.size {

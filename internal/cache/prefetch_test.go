@@ -125,6 +125,36 @@ func TestReadaheadSkipsPrefetched(t *testing.T) {
 	}
 }
 
+// A demand miss fetches the missing blocks of its fetch unit in the same request; Prefetch fetches single blocks.
+func TestFetchUnit(t *testing.T) {
+	c, err := Open(Options{Dir: t.TempDir(), CapacityBytes: 1 << 30, BlockSize: testBS, FetchBytes: 4 * testBS, ReadaheadBytes: -1,
+		Logger: slog.New(slog.DiscardHandler), flushInterval: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	src := newSrc(10*testBS, 9)
+	r := c.Reader(src.key(), int64(len(src.data)), src)
+	if err := r.Prefetch(4*testBS, 1); err != nil { // block 4 only
+		t.Fatal(err)
+	}
+	checkRead(t, r, src, 5*testBS+10, 100) // a miss in block 5: blocks 5-7 come with it
+	for _, i := range []int64{4, 6, 7} {
+		checkRead(t, r, src, i*testBS, testBS)
+	}
+	if n := src.calls.Load(); n != 2 {
+		t.Fatalf("%d source reads, want 2 (the prefetch of block 4, the miss with blocks 5-7)", n)
+	}
+	checkRead(t, r, src, 9*testBS, testBS) // the last unit is short: blocks 8-9
+	checkRead(t, r, src, 8*testBS, testBS)
+	if n := src.calls.Load(); n != 3 {
+		t.Fatalf("%d source reads after the last unit, want 3", n)
+	}
+	if _, err := Open(Options{Dir: t.TempDir(), CapacityBytes: 1 << 30, BlockSize: testBS, FetchBytes: testBS + 1}); err == nil {
+		t.Error("a fetch unit that is no multiple of the block size was accepted")
+	}
+}
+
 func TestReadaheadOff(t *testing.T) {
 	c, err := Open(Options{Dir: t.TempDir(), CapacityBytes: 1 << 30, BlockSize: testBS, ReadaheadBytes: -1,
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), flushInterval: time.Hour})

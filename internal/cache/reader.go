@@ -188,6 +188,22 @@ func (r *Reader) readCached(p []byte, off int64) error {
 			segs = append(segs, segment{i, i, f})
 		}
 	}
+	// A miss fetches the missing blocks of its fetch unit with it.
+	if u := r.c.opts.FetchBytes / bs; u > 1 {
+		for _, f := range own {
+			lo, hi := f.first/u*u, min((f.last/u+1)*u-1, b.nblocks-1)
+			for f.first > lo && !bitSet(b.present, f.first-1) && b.inflight[f.first-1] == nil {
+				f.first--
+				b.inflight[f.first] = f
+				b.setAhead(f.first, true)
+			}
+			for f.last < hi && !bitSet(b.present, f.last+1) && b.inflight[f.last+1] == nil {
+				f.last++
+				b.inflight[f.last] = f
+				b.setAhead(f.last, true)
+			}
+		}
+	}
 	var ahead []*fetch
 	if follow {
 		ahead = r.readaheadLocked(first, last)
@@ -267,7 +283,7 @@ func (r *Reader) readaheadLocked(first, last int64) []*fetch {
 	if last+1 < s.aheadEnd-s.window/2 {
 		return nil // enough is on its way
 	}
-	s.window = min(max(2*s.window, 2), maxWin)
+	s.window = min(max(2*s.window, 2*r.c.opts.FetchBytes/bs), maxWin)
 	from := max(s.aheadEnd, last+1)
 	to := min(last+s.window, b.nblocks-1)
 	if from > to {

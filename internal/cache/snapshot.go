@@ -229,8 +229,9 @@ func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) 
 	if err := e.Validate(); err != nil {
 		return res, err
 	}
-	if e.BlockSize != c.opts.BlockSize {
-		return res, fmt.Errorf("cache snapshot: blob %s: blocks of %d bytes, this cache's are %d", e.Digest, e.BlockSize, c.opts.BlockSize)
+	if e.BlockSize%c.opts.BlockSize != 0 {
+		return res, fmt.Errorf("cache snapshot: blob %s: blocks of %d bytes, which this cache's blocks of %d do not divide", e.Digest,
+			e.BlockSize, c.opts.BlockSize)
 	}
 	c.mu.Lock()
 	if b := c.blobs[e.Digest]; b != nil {
@@ -251,6 +252,7 @@ func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) 
 	// A snapshot of the whole blob is hashed as it streams, on another goroutine: when every block is stored from
 	// it, that hash verifies the blob without reading it back.
 	nb := numBlocks(e.Size, e.BlockSize)
+	partial := false
 	var (
 		p         *hashPipe
 		wholeHash hash.Hash
@@ -282,9 +284,12 @@ func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) 
 			res.Dropped++
 			continue
 		}
-		if r.missingBytes(i*e.BlockSize, n) == 0 {
+		switch missing := r.missingBytes(i*e.BlockSize, n); {
+		case missing == 0:
 			res.Present++
 			continue
+		case missing < n:
+			partial = true // some of the cache's smaller blocks were there: not all bytes come from the stream
 		}
 		src.put(i, buf[:n])
 		err := r.Prefetch(i*e.BlockSize, n)
@@ -301,7 +306,7 @@ func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) 
 	if r.presentBytes() != e.Size {
 		return res, nil
 	}
-	if p != nil && res.Imported == nb {
+	if p != nil && res.Imported == nb && !partial {
 		// Every block in the cache is a block just hashed.
 		p.close()
 		if got := digest.NewDigest(e.Digest.Algorithm(), wholeHash); got != e.Digest {
@@ -338,8 +343,9 @@ func (s *importSource) ReadAt(p []byte, off int64) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	b, ok := s.blocks[off/s.bs]
-	if !ok || off%s.bs != 0 || len(p) > len(b) {
+	start := off % s.bs
+	if !ok || start+int64(len(p)) > int64(len(b)) {
 		return 0, fmt.Errorf("cache import: bytes %d+%d are not in the snapshot", off, len(p))
 	}
-	return copy(p, b), nil
+	return copy(p, b[start:]), nil
 }

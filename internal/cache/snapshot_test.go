@@ -201,3 +201,64 @@ func BenchmarkSnapshot(b *testing.B) {
 		}
 	})
 }
+
+// A cache with smaller blocks than the snapshot's imports it, and one reopened with a smaller block size keeps
+// what it held.
+func TestSmallerBlocks(t *testing.T) {
+	open := func(dir string, bs int64) *Cache {
+		c, err := Open(Options{Dir: dir, CapacityBytes: 1 << 30, BlockSize: bs, Logger: slog.New(slog.DiscardHandler), flushInterval: time.Hour})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	dir := t.TempDir()
+	from := open(dir, 4*testBS)
+	src := newSrc(10*testBS+5, 31)
+	r := from.Reader(src.key(), int64(len(src.data)), src)
+	checkRead(t, r, src, 0, 2*testBS)          // block 0 of 4 testBS
+	checkRead(t, r, src, 8*testBS, 2*testBS+5) // block 2, short
+	var data bytes.Buffer
+	e, err := from.ExportBlob(src.key(), &data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := from.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	to := open(t.TempDir(), testBS)
+	defer to.Close()
+	if res, err := to.ImportBlob(context.Background(), e, bytes.NewReader(data.Bytes())); err != nil || res.Imported != 2 {
+		t.Fatalf("import of 4-block blocks into 1-block blocks: %+v, %v", res, err)
+	}
+	reopened := open(dir, testBS)
+	defer reopened.Close()
+	for _, c := range []*Cache{to, reopened} {
+		calls := src.calls.Load()
+		rr := c.Reader(src.key(), int64(len(src.data)), src)
+		checkRead(t, rr, src, 0, 4*testBS)
+		checkRead(t, rr, src, 8*testBS, 2*testBS+5)
+		if n := src.calls.Load() - calls; n != 0 {
+			t.Errorf("%d source reads of blocks held in larger blocks", n)
+		}
+		checkRead(t, rr, src, 4*testBS, testBS) // never cached
+		if n := src.calls.Load() - calls; n != 1 {
+			t.Errorf("%d source reads, want 1 for the block never cached", n)
+		}
+	}
+	// Whole, then imported into smaller blocks that are partly there: verified by reading back.
+	full := newSrc(8*testBS, 32)
+	from2 := open(t.TempDir(), 4*testBS)
+	defer from2.Close()
+	checkRead(t, from2.Reader(full.key(), int64(len(full.data)), full), full, 0, len(full.data))
+	data.Reset()
+	e2, err := from2.ExportBlob(full.key(), &data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkRead(t, to.Reader(full.key(), int64(len(full.data)), full), full, testBS, 10)
+	if res, err := to.ImportBlob(context.Background(), e2, bytes.NewReader(data.Bytes())); err != nil || !res.Verified {
+		t.Fatalf("import of a whole blob partly present in smaller blocks: %+v, %v", res, err)
+	}
+}

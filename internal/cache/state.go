@@ -104,6 +104,20 @@ func decodeState(buf []byte) (*state, error) {
 	return s, nil
 }
 
+// split returns s in blocks of bs, a divisor of its block size.
+func (s *state) split(bs int64) *state {
+	k := s.blockSize / bs
+	out := &state{blockSize: bs, size: s.size, lastAccess: s.lastAccess}
+	nb := numBlocks(s.size, bs)
+	out.present = make([]uint64, (nb+63)/64)
+	for i := range nb {
+		if bitSet(s.present, i/k) {
+			out.present[i/64] |= 1 << (i % 64)
+		}
+	}
+	return out
+}
+
 // presentBytes sums the sizes of the present blocks of s.
 func (s *state) presentBytes() int64 {
 	var count int64

@@ -165,8 +165,10 @@ type Cache struct {
 	Dir string `toml:"dir"`
 	// SizeGB bounds the cache's data in GiB.
 	SizeGB int64 `toml:"size_gb"`
-	// BlockSizeKB is the unit, in KiB, in which missing data is fetched and cached.
+	// BlockSizeKB is the unit, in KiB, in which data is cached and a recorded start is prefetched.
 	BlockSizeKB int64 `toml:"block_size_kb"`
+	// FetchKB is the least, in KiB, that a cache miss fetches: a multiple of BlockSizeKB (0: BlockSizeKB).
+	FetchKB int64 `toml:"fetch_kb"`
 }
 
 // Registry is the [registry] table: how blobs are read lazily from registries.
@@ -256,6 +258,9 @@ func (c Config) Validate() error {
 	}
 	if b := c.Cache.BlockSizeKB; b < 4 || b > 4096 || b&(b-1) != 0 {
 		return fmt.Errorf("cache.block_size_kb = %d: want a power of two from 4 to 4096", b)
+	}
+	if f, b := c.Cache.FetchKB, c.Cache.BlockSizeKB; f != 0 && (f < b || f > 8192 || f%b != 0) {
+		return fmt.Errorf("cache.fetch_kb = %d: want a multiple of block_size_kb (%d) up to 8192, or 0 for block_size_kb", f, b)
 	}
 	if d, err := time.ParseDuration(c.Registry.RetryBudget); err != nil || d <= 0 {
 		return fmt.Errorf("registry.retry_budget = %q: want a positive duration such as \"60s\"", c.Registry.RetryBudget)

@@ -100,7 +100,7 @@ func New(cfg config.Config, opts ...Option) (*Service, error) {
 func (s *Service) openDevices() error {
 	cfg := s.cfg
 	c, err := cache.Open(cache.Options{
-		Dir: cfg.Cache.Dir, CapacityBytes: cfg.Cache.SizeGB << 30, BlockSize: cfg.Cache.BlockSizeKB << 10, Logger: s.log,
+		Dir: cfg.Cache.Dir, CapacityBytes: cfg.Cache.SizeGB << 30, BlockSize: cfg.Cache.BlockSizeKB << 10, FetchBytes: cfg.Cache.FetchKB << 10, Logger: s.log,
 	})
 	if err != nil {
 		return fmt.Errorf("block cache %s: %w", cfg.Cache.Dir, err)

@@ -41,8 +41,9 @@ type Options struct {
 	Snapshotter string
 	// CacheSizeGB bounds the snapshotter's block cache (default 4).
 	CacheSizeGB int
-	// CacheBlockKB is the snapshotter's refill unit ([cache] block_size_kb); 0 keeps the snapshotter's default.
-	CacheBlockKB int
+	// CacheBlockKB is the snapshotter's cache block ([cache] block_size_kb) and CacheFetchKB its least fetch
+	// ([cache] fetch_kb); 0 keeps the snapshotter's default.
+	CacheBlockKB, CacheFetchKB int
 	// PlainHTTP lists more registry hosts (host:port) the snapshotter reaches over plain HTTP ([registry]
 	// plain_http), e.g. the sandbox registry behind a shaped link; localhost always is plain HTTP.
 	PlainHTTP []string
@@ -221,6 +222,9 @@ func (s *Sandbox) StartSnapshotter(ctx context.Context) error {
 		filepath.Join(s.Dir, "snapshotter"), s.SnapshotterSocket, s.CacheDir(), s.opts.CacheSizeGB)
 	if s.opts.CacheBlockKB != 0 {
 		cfg += fmt.Sprintf("block_size_kb = %d\n", s.opts.CacheBlockKB)
+	}
+	if s.opts.CacheFetchKB != 0 {
+		cfg += fmt.Sprintf("fetch_kb = %d\n", s.opts.CacheFetchKB)
 	}
 	cfg += "[registry]\nretry_budget = \"20s\"\n"
 	if len(s.opts.PlainHTTP) > 0 {
