@@ -46,6 +46,7 @@ const (
 	caseOverlayWarm = "overlayfs-warm"
 	caseOBDMeta     = "obd-metadata-pull"
 	caseOBDImported = "obd-imported-cache"
+	caseOBDPullDL   = "obd-pull-download"
 )
 
 // benchCase is one measured case. Once the images are pushed and the link is calibrated, setup (optional) runs
@@ -76,6 +77,7 @@ var cases = []benchCase{
 	{key: caseOBDCold, title: "obd lazy: obd pull + run", cold: true, obd: true, run: (*bench).obdCold},
 	{key: caseOBDAccel, title: "obd lazy + acceleration layer (recorded start)", cold: true, obd: true, setup: (*bench).recordStart, run: (*bench).obdAccel},
 	{key: caseOBDDownload, title: "obd lazy + background download", cold: true, obd: true, obdConfig: downloadConfig, run: (*bench).obdDownload},
+	{key: caseOBDPullDL, title: "obd pull --download + run (every blob fetched first)", cold: true, obd: true, run: (*bench).obdPullDownload},
 	{key: caseOBDWarm, title: "obd warm: run (block cache filled)", after: caseOBDCold, obd: true,
 		run: func(b *bench) (sample, error) { return b.runOnly(snapshotter.Name, b.obdRef) }},
 	{key: caseOverlayWarm, title: "overlayfs warm: run (unpacked)", after: caseOverlayCold,
@@ -302,7 +304,7 @@ func (b *bench) runOnce() error {
 
 func (b *bench) measureCase(c *benchCase) error {
 	if c.cold {
-		b.sb.SetSnapshotterConfig(c.obdConfig)
+		b.sb.SetSnapshotterConfig(c.obdConfig + b.cfg.obdTOML)
 		if err := b.reset(true); err != nil {
 			return err
 		}
@@ -437,6 +439,30 @@ func (b *bench) obdDownload() (sample, error) {
 	}
 	smp.LocalSeconds = time.Since(start).Seconds()
 	return smp, nil
+}
+
+// obdPullDownload is 'obd pull --download': every overlaybd blob is fetched at pull time, in parallel range
+// requests, into containerd's content store (which checks the digests), then the workload runs on local files.
+func (b *bench) obdPullDownload() (sample, error) {
+	rc, err := registry.New(registry.Options{PlainHTTP: true, UserAgent: "obd-bench", Credentials: noCredentials})
+	if err != nil {
+		return sample{}, err
+	}
+	defer rc.Close()
+	start := time.Now()
+	res, err := pull.Pull(b.ctx, b.c, b.obdRef, pull.Options{PlainHTTP: true, Credentials: noCredentials, Download: true, Registry: rc})
+	if err != nil {
+		return sample{}, err
+	}
+	pulled := time.Since(start)
+	if res.Lazy != 0 {
+		return sample{}, fmt.Errorf("pull --download %s: %d layers left lazy", b.obdRef, res.Lazy)
+	}
+	ready, err := b.runContainer(snapshotter.Name, b.obdRef)
+	if err != nil {
+		return sample{}, err
+	}
+	return sample{Seconds: (pulled + ready).Seconds(), PullSeconds: pulled.Seconds(), RunSeconds: ready.Seconds()}, nil
 }
 
 // waitLocal polls obd-snapshotter's status until an image has layers blobs in its background download, all of

@@ -34,6 +34,7 @@ type config struct {
 	cc               string
 	runs             int
 	fetchKB, blockKB int
+	obdTOML          string // more obd.toml for every case
 	out              string
 	work             string
 	rebuild          bool
@@ -59,6 +60,7 @@ func main() {
 	flag.StringVar(&c.cc, "cc", "cubic", "TCP congestion control of the registry side, the sender of every download (cubic, bbr, reno: net.ipv4.tcp_available_congestion_control)")
 	flag.IntVar(&c.runs, "runs", 3, "measured runs of each case; the table shows medians")
 	flag.IntVar(&c.blockKB, "block-kb", 0, "obd-snapshotter's cache block size in KiB ([cache] block_size_kb; 0: its default, 256)")
+	flag.StringVar(&c.obdTOML, "obd-toml", "", "more obd.toml for obd-snapshotter in every case: tables other than [snapshotter], [cache] and [registry], e.g. '[prefetch]\\nconcurrency = 4'")
 	flag.IntVar(&c.fetchKB, "fetch-kb", 0, "the least a cache miss of obd-snapshotter fetches, in KiB ([cache] fetch_kb; 0: its default)")
 	flag.StringVar(&c.out, "out", filepath.Join("bench", "results"), "directory for the result files NAME.json and NAME.svg ('' for none)")
 	flag.StringVar(&c.work, "work", filepath.Join(os.TempDir(), "obd-bench-startup"), "cache of the built and converted image")
@@ -77,6 +79,9 @@ func main() {
 		flag.PrintDefaults()
 	}
 	flag.Parse()
+	if c.obdTOML != "" {
+		c.obdTOML = strings.ReplaceAll(c.obdTOML, `\n`, "\n") + "\n"
+	}
 	if *replotFile != "" {
 		if err := replot(*replotFile); err != nil {
 			fmt.Fprintln(os.Stderr, "startup:", err)

@@ -230,8 +230,19 @@ func (b *bench) report(ctx context.Context) *report {
 		}
 		r.Derived["lazyRequestsTimesRTTSeconds"] = float64(lc.Requests) * b.link.RTT.Seconds()
 	}
+	if d := med[caseOBDPullDL]; d.PullSeconds > 0 && b.link.RateBits > 0 {
+		mbits := float64(d.Bytes) * 8 / d.PullSeconds / 1e6
+		r.Derived["pullDownloadMbits"] = mbits
+		r.Targets = append(r.Targets, target{Name: "pull --download rate", Goal: "obd pull --download ≥ 90% of the link's rate (bytes over the whole pull)",
+			Measured: mbits * 1e6 / float64(b.link.RateBits), Limit: 0.9, Met: mbits*1e6 >= 0.9*float64(b.link.RateBits)})
+	}
 	if d := med[caseOBDDownload]; d.LocalSeconds > 0 {
 		r.Derived["downloadMbitsUntilLocal"] = float64(d.Bytes) * 8 / d.LocalSeconds / 1e6
+		if b.link.RateBits > 0 {
+			r.Targets = append(r.Targets, target{Name: "background download rate", Goal: "background download ≥ 90% of the link's rate (bytes until every blob is local)",
+				Measured: float64(d.Bytes) * 8 / d.LocalSeconds / float64(b.link.RateBits), Limit: 0.9,
+				Met: float64(d.Bytes)*8/d.LocalSeconds >= 0.9*float64(b.link.RateBits)})
+		}
 		if b.im.Info.OBDBytes > 0 {
 			r.Derived["downloadBytesOverOBDBlobs"] = float64(d.Bytes) / float64(b.im.Info.OBDBytes)
 		}
