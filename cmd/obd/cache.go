@@ -25,6 +25,7 @@ import (
 	obdconfig "github.com/obdproject/obd/internal/config"
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/profile"
+	"github.com/obdproject/obd/internal/progress"
 	"github.com/obdproject/obd/internal/snapshotter"
 	"github.com/obdproject/obd/internal/status"
 	"github.com/obdproject/obd/internal/units"
@@ -205,10 +206,7 @@ is cached already is not fetched again; nothing cached is evicted, and it says s
 			if err != nil {
 				return err
 			}
-			var bar func(done, total int64)
-			if w := progressWriter(cmd.ErrOrStderr()); w != nil {
-				bar = downloadBar(w)
-			}
+			bar := progress.Bar(progress.Terminal(cmd.ErrOrStderr()))
 			last, err := sc.Warm(cmd.Context(), req, func(p status.WarmProgress) {
 				if bar != nil && p.TotalBytes > 0 && !p.Done {
 					bar(p.DoneBytes, p.TotalBytes)

@@ -2,11 +2,9 @@ package main
 
 import (
 	"fmt"
-	"io"
 	"os"
 	"sort"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/obdproject/obd/internal/units"
@@ -16,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/progress"
 	"github.com/obdproject/obd/internal/pull"
 	"github.com/obdproject/obd/internal/snapshotter"
 )
@@ -77,9 +76,7 @@ pulled and unpacked as usual. Run containers with 'ctr run --snapshotter overlay
 				}
 				defer rc.Close()
 				opts.Registry = rc
-				if w := progressWriter(cmd.ErrOrStderr()); w != nil {
-					opts.Progress = downloadBar(w)
-				}
+				opts.Progress = progress.Bar(progress.Terminal(cmd.ErrOrStderr()))
 			}
 			c, err := cf.connect()
 			if err != nil {
@@ -109,29 +106,4 @@ pulled and unpacked as usual. Run containers with 'ctr run --snapshotter overlay
 	rf.register(cmd)
 	cmd.Flags().StringVar(&snapshotterName, "snapshotter", snapshotter.Name, "containerd snapshotter to unpack into")
 	return cmd
-}
-
-// downloadBar returns a progress callback that draws a bar on the terminal w, at most 5 times a second.
-func downloadBar(w io.Writer) func(done, total int64) {
-	var (
-		mu    sync.Mutex
-		start = time.Now()
-		last  time.Time
-	)
-	return func(done, total int64) {
-		mu.Lock()
-		defer mu.Unlock()
-		if total <= 0 || done < total && time.Since(last) < 200*time.Millisecond {
-			return
-		}
-		last = time.Now()
-		const width = 30
-		full := int(int64(width) * done / total)
-		rate := float64(done) / time.Since(start).Seconds()
-		fmt.Fprintf(w, "\rdownload [%s%s] %3d%% %s of %s, %s/s ", strings.Repeat("#", full), strings.Repeat(".", width-full),
-			100*done/total, units.Bytes(done), units.Bytes(total), units.Bytes(int64(rate)))
-		if done == total {
-			fmt.Fprintln(w)
-		}
-	}
 }
