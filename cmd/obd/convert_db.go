@@ -3,12 +3,11 @@ package main
 import (
 	"fmt"
 	"io"
-	"strconv"
-	"strings"
 
 	"github.com/spf13/cobra"
 
 	"github.com/obdproject/obd/internal/convert"
+	"github.com/obdproject/obd/internal/units"
 )
 
 // dbFlags select the conversion database.
@@ -34,7 +33,7 @@ func (f *dbFlags) open(warn io.Writer) (*convert.DB, error) {
 		}
 		return nil, nil
 	}
-	maxSize, err := parseSize(f.maxSize)
+	maxSize, err := units.ParseBytes(f.maxSize)
 	if err != nil {
 		return nil, fmt.Errorf("--db-max-size: %w", err)
 	}
@@ -50,25 +49,4 @@ func (f *dbFlags) open(warn io.Writer) (*convert.DB, error) {
 		fmt.Fprintf(warn, "warning: converting without a conversion database: %v\n", err)
 	}
 	return db, nil
-}
-
-// parseSize parses a byte count: a whole number with an optional binary unit (K, M, G, T, with or without "iB"/"B").
-func parseSize(s string) (int64, error) {
-	num := strings.TrimSpace(s)
-	mult := int64(1)
-	upper := strings.ToUpper(num)
-	for _, u := range []struct {
-		suffix string
-		mult   int64
-	}{{"TIB", 1 << 40}, {"GIB", 1 << 30}, {"MIB", 1 << 20}, {"KIB", 1 << 10}, {"TB", 1 << 40}, {"GB", 1 << 30}, {"MB", 1 << 20}, {"KB", 1 << 10}, {"T", 1 << 40}, {"G", 1 << 30}, {"M", 1 << 20}, {"K", 1 << 10}, {"B", 1}} {
-		if strings.HasSuffix(upper, u.suffix) {
-			num, mult = strings.TrimSpace(num[:len(num)-len(u.suffix)]), u.mult
-			break
-		}
-	}
-	n, err := strconv.ParseInt(num, 10, 64)
-	if err != nil || n < 0 || n > (1<<62)/mult {
-		return 0, fmt.Errorf("%q: want a size such as 10GiB, 500MiB or 0", s)
-	}
-	return n * mult, nil
 }
