@@ -1,35 +1,20 @@
 package main
 
 import (
-	"bytes"
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
-	"strings"
-	"text/tabwriter"
-	"time"
 
-	"github.com/containerd/containerd/v2/client"
-	"github.com/containerd/containerd/v2/core/content"
-	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
-	"github.com/containerd/platforms"
 	"github.com/opencontainers/go-digest"
-	"github.com/opencontainers/image-spec/identity"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/spf13/cobra"
 
+	"github.com/obdproject/obd/internal/cacheclient"
 	"github.com/obdproject/obd/internal/cachesnap"
 	obdconfig "github.com/obdproject/obd/internal/config"
-	"github.com/obdproject/obd/internal/image"
-	"github.com/obdproject/obd/internal/profile"
 	"github.com/obdproject/obd/internal/progress"
-	"github.com/obdproject/obd/internal/snapshotter"
 	"github.com/obdproject/obd/internal/status"
 	"github.com/obdproject/obd/internal/units"
-	"github.com/obdproject/obd/trace"
 )
 
 // cacheFlags are the flags of the obd cache commands: the daemon to ask, and containerd for image names.
@@ -51,6 +36,27 @@ func (f *cacheFlags) client(cmd *cobra.Command) (*status.Client, error) {
 		return nil, err
 	}
 	return status.NewClient(sock, f.df.timeout), nil
+}
+
+// images reads the overlaybd layers of the named images from containerd; done closes the connection they read
+// their acceleration layers through.
+func (f *cacheFlags) images(cmd *cobra.Command, refs []string) (ims []*cacheclient.Image, done func(), err error) {
+	if len(refs) == 0 {
+		return nil, func() {}, nil
+	}
+	c, err := f.cf.connect()
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, ref := range refs {
+		im, err := cacheclient.Layers(namespaces.WithNamespace(cmd.Context(), f.cf.namespace), c, ref)
+		if err != nil {
+			c.Close()
+			return nil, nil, err
+		}
+		ims = append(ims, im)
+	}
+	return ims, func() { c.Close() }, nil
 }
 
 func newCacheCmd() *cobra.Command {
@@ -89,17 +95,7 @@ func newCacheLsCmd() *cobra.Command {
 				enc.SetIndent("", "  ")
 				return enc.Encode(blobs)
 			}
-			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "BLOB\tCACHED\tSIZE\tBLOCKS\tLAST USE\tIMAGES")
-			for _, b := range blobs {
-				images := strings.Join(b.Images, ",")
-				if images == "" {
-					images = "-"
-				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%d/%d\t%s\t%s\n", b.Digest, units.Bytes(b.CachedBytes), units.Bytes(b.Size), b.Blocks,
-					b.TotalBlocks, b.LastUse.Format(time.DateTime), images)
-			}
-			return tw.Flush()
+			return cacheclient.WriteBlobs(cmd.OutOrStdout(), blobs)
 		},
 	}
 	f.df.register(cmd)
@@ -120,13 +116,12 @@ func newCacheEvictCmd() *cobra.Command {
 					req.Digests = append(req.Digests, d.String())
 					continue
 				}
-				layers, err := f.imageLayers(cmd, a)
+				ims, done, err := f.images(cmd, []string{a})
 				if err != nil {
 					return err
 				}
-				for _, l := range layers.blocks {
-					req.Digests = append(req.Digests, l.BlobDigest.String())
-				}
+				done()
+				req.Digests = append(req.Digests, ims[0].Digests()...)
 			}
 			sc, err := f.client(cmd)
 			if err != nil {
@@ -151,7 +146,12 @@ func newCachePruneCmd() *cobra.Command {
 		Short: "Drop the cached blobs of images that are no longer on the node (in no containerd namespace)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			keep, err := f.allLayers(cmd)
+			c, err := f.cf.connect()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			keep, err := cacheclient.AllLayers(cmd.Context(), c)
 			if err != nil {
 				return err
 			}
@@ -189,19 +189,22 @@ is cached already is not fetched again; nothing cached is evicted, and it says s
 			if all && profileFile != "" {
 				return errors.New("--all and --profile: give one")
 			}
-			layers, err := f.imageLayers(cmd, args[0])
+			ims, done, err := f.images(cmd, args[:1])
 			if err != nil {
 				return err
 			}
-			req := status.WarmRequest{ImageRef: layers.ref, All: all}
-			for _, l := range layers.blocks {
-				req.Layers = append(req.Layers, status.WarmLayer{Digest: l.BlobDigest.String(), Size: l.BlobSize})
-			}
+			defer done()
+			var trace []byte
 			if !all {
-				if req.Trace, err = f.startTrace(cmd, layers, profileFile); err != nil {
+				profilesDir := func() (string, error) {
+					cfg, _, err := obdconfig.Load(f.df.config, cmd.Flags().Changed("config"))
+					return cfg.ProfilesDir(), err
+				}
+				if trace, err = ims[0].StartTrace(namespaces.WithNamespace(cmd.Context(), f.cf.namespace), profileFile, profilesDir); err != nil {
 					return err
 				}
 			}
+			req := ims[0].WarmRequest(all, trace)
 			sc, err := f.client(cmd)
 			if err != nil {
 				return err
@@ -215,19 +218,7 @@ is cached already is not fetched again; nothing cached is evicted, and it says s
 			if err != nil {
 				return f.df.notRunningHint(err)
 			}
-			what := "its recorded start"
-			if all {
-				what = fmt.Sprintf("all of it (%d of %d blobs verified)", last.Verified, len(req.Layers))
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "warmed %s: %s: %s of %s cached\n", layers.ref, what, units.Bytes(last.DoneBytes), units.Bytes(last.TotalBytes))
-			if last.Full {
-				return fmt.Errorf("the cache is full: %s of %s did not fit (raise [cache] size_gb, or evict or prune other images)",
-					units.Bytes(last.TotalBytes-last.DoneBytes), units.Bytes(last.TotalBytes))
-			}
-			if last.Error != "" {
-				return errors.New(last.Error)
-			}
-			return nil
+			return cacheclient.WarmResult(cmd.OutOrStdout(), req, last)
 		},
 	}
 	f.register(cmd)
@@ -252,25 +243,16 @@ per layer blob, so snapshots of images sharing layers share them.`,
 			if to == "" {
 				return errors.New("--to: where to write the snapshot")
 			}
-			q := ""
-			for i, a := range args {
-				layers, err := f.imageLayers(cmd, a)
-				if err != nil {
-					return err
-				}
-				for j, l := range layers.blocks {
-					sep := "&"
-					if i == 0 && j == 0 {
-						sep = "?"
-					}
-					q += sep + "digest=" + l.BlobDigest.String()
-				}
+			ims, done, err := f.images(cmd, args)
+			if err != nil {
+				return err
 			}
+			done()
 			sc, err := f.client(cmd)
 			if err != nil {
 				return err
 			}
-			body, err := sc.Stream(cmd.Context(), "GET", status.PathCacheExport+q, nil)
+			body, err := sc.Stream(cmd.Context(), "GET", cacheclient.ExportPath(ims), nil)
 			if err != nil {
 				return f.df.notRunningHint(err)
 			}
@@ -279,11 +261,7 @@ per layer blob, so snapshots of images sharing layers share them.`,
 			if err != nil {
 				return err
 			}
-			var blocks int
-			for _, e := range idx.Blobs {
-				blocks += len(e.Blocks)
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "exported %d blobs, %d blocks, %s to %s\n", len(idx.Blobs), blocks, units.Bytes(n), to)
+			fmt.Fprintf(cmd.OutOrStdout(), "exported %d blobs, %d blocks, %s to %s\n", len(idx.Blobs), idx.Blocks(), units.Bytes(n), to)
 			return nil
 		},
 	}
@@ -304,171 +282,10 @@ func newCacheImportCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return f.df.notRunningHint(importSnapshot(cmd, sc, &f.rf, args[0]))
+			return f.df.notRunningHint(cacheclient.Import(cmd.Context(), sc, args[0], f.rf.client, cmd.OutOrStdout(), cmd.ErrOrStderr()))
 		},
 	}
 	f.register(cmd)
 	f.rf.register(cmd)
 	return cmd
-}
-
-// importSnapshot loads the snapshot at src into the daemon's cache and prints what it did; it fails when any block
-// failed its check or did not fit.
-func importSnapshot(cmd *cobra.Command, sc *status.Client, rf *registryFlags, src string) error {
-	r, err := cachesnap.Open(cmd.Context(), src, rf.client)
-	if err != nil {
-		return err
-	}
-	defer r.Close()
-	res, err := sc.Import(cmd.Context(), src, r)
-	if err != nil {
-		return err
-	}
-	var imported, present, dropped int64
-	var verified, full, failed int
-	for _, b := range res {
-		imported, present, dropped = imported+b.Imported, present+b.Present, dropped+b.Dropped
-		if b.Verified {
-			verified++
-		}
-		if b.Full {
-			full++
-		}
-		if b.Error != "" {
-			failed++
-			fmt.Fprintf(cmd.ErrOrStderr(), "blob %s: %s\n", b.Digest, b.Error)
-		}
-	}
-	fmt.Fprintf(cmd.OutOrStdout(), "imported %d blobs from %s: %d blocks stored, %d present already, %d dropped (bad sums); %d blobs complete and verified\n",
-		len(res), src, imported, present, dropped, verified)
-	switch {
-	case full > 0:
-		return fmt.Errorf("the cache filled up: %d blobs were not imported whole (raise [cache] size_gb)", full)
-	case failed > 0 || dropped > 0:
-		return fmt.Errorf("%d blobs failed their digest and %d blocks their sums: those were dropped, never served", failed, dropped)
-	}
-	return nil
-}
-
-// imageLayers are the overlaybd layers of an image in containerd.
-type imageLayers struct {
-	ref     string
-	blocks  []image.BlockLayer
-	accel   *ocispec.Descriptor // the acceleration layer, if any
-	chainID digest.Digest
-	store   content.Store
-}
-
-// imageLayers reads the overlaybd layers of a pulled image from containerd.
-func (f *cacheFlags) imageLayers(cmd *cobra.Command, ref string) (*imageLayers, error) {
-	c, err := f.cf.connect()
-	if err != nil {
-		return nil, err
-	}
-	defer c.Close()
-	ctx := namespaces.WithNamespace(cmd.Context(), f.cf.namespace)
-	img, err := c.GetImage(ctx, ref)
-	if err != nil {
-		return nil, fmt.Errorf("image %s: %w (pull it first with 'obd pull')", ref, err)
-	}
-	return layersOf(ctx, c, img)
-}
-
-func layersOf(ctx context.Context, c *client.Client, img client.Image) (*imageLayers, error) {
-	m, err := images.Manifest(ctx, c.ContentStore(), img.Target(), platforms.Default())
-	if err != nil {
-		return nil, fmt.Errorf("image %s: %w", img.Name(), err)
-	}
-	blocks, err := image.BlockLayers(m)
-	if err != nil {
-		return nil, fmt.Errorf("image %s: %w", img.Name(), err)
-	}
-	il := &imageLayers{ref: img.Name(), blocks: blocks, store: c.ContentStore()}
-	diffIDs, err := img.RootFS(ctx)
-	if err != nil || len(diffIDs) != len(m.Layers) {
-		return nil, fmt.Errorf("image %s: its config's diff_ids do not match its layers (%v)", img.Name(), err)
-	}
-	var blockDiffs []digest.Digest
-	for i, l := range m.Layers {
-		if l.Annotations[image.AnnotationAccelerationLayer] == "yes" {
-			il.accel = &m.Layers[i]
-			continue
-		}
-		blockDiffs = append(blockDiffs, diffIDs[i])
-	}
-	il.chainID = identity.ChainID(blockDiffs)
-	return il, nil
-}
-
-// allLayers lists the overlaybd layer blobs of every image in every containerd namespace.
-func (f *cacheFlags) allLayers(cmd *cobra.Command) ([]string, error) {
-	c, err := f.cf.connect()
-	if err != nil {
-		return nil, err
-	}
-	defer c.Close()
-	nss, err := c.NamespaceService().List(cmd.Context())
-	if err != nil {
-		return nil, err
-	}
-	var keep []string
-	for _, ns := range nss {
-		ctx := namespaces.WithNamespace(cmd.Context(), ns)
-		imgs, err := c.ListImages(ctx)
-		if err != nil {
-			return nil, err
-		}
-		for _, img := range imgs {
-			il, err := layersOf(ctx, c, img)
-			if err != nil {
-				continue // not an overlaybd image, or not complete
-			}
-			for _, l := range il.blocks {
-				keep = append(keep, l.BlobDigest.String())
-			}
-		}
-	}
-	return keep, nil
-}
-
-// startTrace returns the trace to warm: --profile, the image's acceleration layer, or its registered profile.
-func (f *cacheFlags) startTrace(cmd *cobra.Command, il *imageLayers, profileFile string) ([]byte, error) {
-	if profileFile != "" {
-		b, err := os.ReadFile(profileFile)
-		if err != nil {
-			return nil, err
-		}
-		if _, err := trace.Decode(b); err == nil {
-			return b, nil
-		}
-		var p profile.Profile
-		if err := json.Unmarshal(b, &p); err != nil || len(p.Reads) == 0 {
-			return nil, fmt.Errorf("--profile %s: neither a trace file nor a profile with reads", profileFile)
-		}
-		recs := make([]trace.Record, len(p.Reads))
-		for i, r := range p.Reads {
-			recs[i] = trace.Record{Op: trace.Read, Layer: r.Layer, Count: r.Length, Offset: r.Offset}
-		}
-		var buf bytes.Buffer
-		err = trace.Encode(&buf, recs)
-		return buf.Bytes(), err
-	}
-	if il.accel != nil {
-		ctx := namespaces.WithNamespace(cmd.Context(), f.cf.namespace)
-		b, err := content.ReadBlob(ctx, il.store, *il.accel)
-		if err != nil {
-			return nil, fmt.Errorf("acceleration layer of %s: %w", il.ref, err)
-		}
-		return profile.TraceOfLayer(b)
-	}
-	cfg, _, err := obdconfig.Load(f.df.config, cmd.Flags().Changed("config"))
-	if err != nil {
-		return nil, err
-	}
-	path := snapshotter.ProfilePath(cfg.ProfilesDir(), il.chainID.String())
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("%s has no acceleration layer and no profile registered on this node (%s): give --profile FILE or --all", il.ref, path)
-	}
-	return b, nil
 }

@@ -2,9 +2,7 @@ package main
 
 import (
 	"fmt"
-	"os"
 	"sort"
-	"strings"
 	"time"
 
 	"github.com/obdproject/obd/internal/units"
@@ -29,20 +27,7 @@ func (f *containerdFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVarP(&f.namespace, "namespace", "n", "default", "containerd namespace")
 }
 
-func (f *containerdFlags) connect() (*client.Client, error) {
-	// client.New connects lazily: without this check a missing socket surfaces only 10s later, in the first call,
-	// as a bare gRPC "dial ... timeout".
-	if path, ok := strings.CutPrefix(f.address, "unix://"); ok || !strings.Contains(f.address, "://") {
-		if _, err := os.Stat(path); err != nil {
-			return nil, fmt.Errorf("connect to containerd at %s: %w (is containerd running? set --address)", f.address, err)
-		}
-	}
-	c, err := client.New(f.address, client.WithTimeout(10*time.Second))
-	if err != nil {
-		return nil, fmt.Errorf("connect to containerd at %s: %w (is containerd running? set --address)", f.address, err)
-	}
-	return c, nil
-}
+func (f *containerdFlags) connect() (*client.Client, error) { return pull.Connect(f.address) }
 
 func newPullCmd() *cobra.Command {
 	var (

@@ -1,0 +1,254 @@
+// Package cacheclient is the client side of 'obd cache': the overlaybd layers of the images in containerd that
+// name what to warm, evict, keep or export, the recorded start to warm, the cache listing, and the import of a
+// cache snapshot into the daemon (also 'obd install --cache-from').
+package cacheclient
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/platforms"
+	"github.com/opencontainers/go-digest"
+	"github.com/opencontainers/image-spec/identity"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/obdproject/obd/internal/cachesnap"
+	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/profile"
+	"github.com/obdproject/obd/internal/snapshotter"
+	"github.com/obdproject/obd/internal/status"
+	"github.com/obdproject/obd/internal/units"
+)
+
+// Image is a pulled overlaybd image in containerd: its overlaybd layers, and what names its recorded start.
+type Image struct {
+	Ref     string
+	Blocks  []image.BlockLayer
+	Accel   *ocispec.Descriptor // the acceleration layer, if any
+	ChainID digest.Digest       // of the overlaybd layers: the key of a profile registered on the node
+	store   content.Store
+}
+
+// Layers reads the overlaybd layers of the pulled image ref from containerd; ctx names the namespace. The image
+// reads its acceleration layer through c: keep c open while it is used.
+func Layers(ctx context.Context, c *client.Client, ref string) (*Image, error) {
+	img, err := c.GetImage(ctx, ref)
+	if err != nil {
+		return nil, fmt.Errorf("image %s: %w (pull it first with 'obd pull')", ref, err)
+	}
+	return layersOf(ctx, c, img)
+}
+
+func layersOf(ctx context.Context, c *client.Client, img client.Image) (*Image, error) {
+	m, err := images.Manifest(ctx, c.ContentStore(), img.Target(), platforms.Default())
+	if err != nil {
+		return nil, fmt.Errorf("image %s: %w", img.Name(), err)
+	}
+	blocks, err := image.BlockLayers(m)
+	if err != nil {
+		return nil, fmt.Errorf("image %s: %w", img.Name(), err)
+	}
+	im := &Image{Ref: img.Name(), Blocks: blocks, store: c.ContentStore()}
+	diffIDs, err := img.RootFS(ctx)
+	if err != nil || len(diffIDs) != len(m.Layers) {
+		return nil, fmt.Errorf("image %s: its config's diff_ids do not match its layers (%v)", img.Name(), err)
+	}
+	var blockDiffs []digest.Digest
+	for i, l := range m.Layers {
+		if l.Annotations[image.AnnotationAccelerationLayer] == "yes" {
+			im.Accel = &m.Layers[i]
+			continue
+		}
+		blockDiffs = append(blockDiffs, diffIDs[i])
+	}
+	im.ChainID = identity.ChainID(blockDiffs)
+	return im, nil
+}
+
+// Digests returns the blob digests of the image's overlaybd layers, bottom first.
+func (im *Image) Digests() []string {
+	ds := make([]string, len(im.Blocks))
+	for i, l := range im.Blocks {
+		ds[i] = l.BlobDigest.String()
+	}
+	return ds
+}
+
+// AllLayers lists the overlaybd layer blobs of every image in every containerd namespace.
+func AllLayers(ctx context.Context, c *client.Client) ([]string, error) {
+	nss, err := c.NamespaceService().List(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var keep []string
+	for _, ns := range nss {
+		ctx := namespaces.WithNamespace(ctx, ns)
+		imgs, err := c.ListImages(ctx)
+		if err != nil {
+			return nil, err
+		}
+		for _, img := range imgs {
+			im, err := layersOf(ctx, c, img)
+			if err != nil {
+				continue // not an overlaybd image, or not complete
+			}
+			keep = append(keep, im.Digests()...)
+		}
+	}
+	return keep, nil
+}
+
+// WarmRequest asks to warm the image: all of it with all, else the ranges of the trace file trace.
+func (im *Image) WarmRequest(all bool, trace []byte) status.WarmRequest {
+	req := status.WarmRequest{ImageRef: im.Ref, All: all, Trace: trace}
+	for _, l := range im.Blocks {
+		req.Layers = append(req.Layers, status.WarmLayer{Digest: l.BlobDigest.String(), Size: l.BlobSize})
+	}
+	return req
+}
+
+// StartTrace returns the trace file of the image's recorded start: profileFile (a trace file or a profile) when
+// given, else its acceleration layer (ctx names the namespace), else the profile registered on the node in the
+// profiles directory profilesDir returns.
+func (im *Image) StartTrace(ctx context.Context, profileFile string, profilesDir func() (string, error)) ([]byte, error) {
+	if profileFile != "" {
+		b, err := os.ReadFile(profileFile)
+		if err != nil {
+			return nil, err
+		}
+		tf, err := profile.TraceFile(b)
+		if err != nil {
+			return nil, fmt.Errorf("--profile %s: neither a trace file nor a profile with reads", profileFile)
+		}
+		return tf, nil
+	}
+	if im.Accel != nil {
+		b, err := content.ReadBlob(ctx, im.store, *im.Accel)
+		if err != nil {
+			return nil, fmt.Errorf("acceleration layer of %s: %w", im.Ref, err)
+		}
+		return profile.TraceOfLayer(b)
+	}
+	dir, err := profilesDir()
+	if err != nil {
+		return nil, err
+	}
+	path := snapshotter.ProfilePath(dir, im.ChainID.String())
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("%s has no acceleration layer and no profile registered on this node (%s): give --profile FILE or --all", im.Ref, path)
+	}
+	return b, nil
+}
+
+// WarmResult says what a warm of req did (last is the daemon's last progress line), and fails when the cache
+// filled up or the warm failed.
+func WarmResult(w io.Writer, req status.WarmRequest, last status.WarmProgress) error {
+	what := "its recorded start"
+	if req.All {
+		what = fmt.Sprintf("all of it (%d of %d blobs verified)", last.Verified, len(req.Layers))
+	}
+	fmt.Fprintf(w, "warmed %s: %s: %s of %s cached\n", req.ImageRef, what, units.Bytes(last.DoneBytes), units.Bytes(last.TotalBytes))
+	if last.Full {
+		return fmt.Errorf("the cache is full: %s of %s did not fit (raise [cache] size_gb, or evict or prune other images)",
+			units.Bytes(last.TotalBytes-last.DoneBytes), units.Bytes(last.TotalBytes))
+	}
+	if last.Error != "" {
+		return errors.New(last.Error)
+	}
+	return nil
+}
+
+// ExportPath is the daemon's export path for the blobs of images (every cached blob when there is none).
+func ExportPath(images []*Image) string {
+	q := ""
+	for _, im := range images {
+		for _, d := range im.Digests() {
+			sep := "&"
+			if q == "" {
+				sep = "?"
+			}
+			q += sep + "digest=" + d
+		}
+	}
+	return status.PathCacheExport + q
+}
+
+// WriteBlobs writes the cached blobs as a table.
+func WriteBlobs(w io.Writer, blobs []status.CacheBlob) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "BLOB\tCACHED\tSIZE\tBLOCKS\tLAST USE\tIMAGES")
+	for _, b := range blobs {
+		images := strings.Join(b.Images, ",")
+		if images == "" {
+			images = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d/%d\t%s\t%s\n", b.Digest, units.Bytes(b.CachedBytes), units.Bytes(b.Size), b.Blocks,
+			b.TotalBlocks, b.LastUse.Format(time.DateTime), images)
+	}
+	return tw.Flush()
+}
+
+// Import loads the snapshot at src (a file, oci:DIR[:TAG] or REGISTRY/REPO:TAG; rc gives registry clients) into
+// the daemon's cache, and writes what it did to out and each blob that failed to errw. It fails when any block
+// failed its check or did not fit.
+func Import(ctx context.Context, sc *status.Client, src string, rc cachesnap.RegistryClient, out, errw io.Writer) error {
+	r, err := cachesnap.Open(ctx, src, rc)
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	res, err := sc.Import(ctx, src, r)
+	if err != nil {
+		return err
+	}
+	var imported, present, dropped int64
+	var verified, full, failed int
+	for _, b := range res {
+		imported, present, dropped = imported+b.Imported, present+b.Present, dropped+b.Dropped
+		if b.Verified {
+			verified++
+		}
+		if b.Full {
+			full++
+		}
+		if b.Error != "" {
+			failed++
+			fmt.Fprintf(errw, "blob %s: %s\n", b.Digest, b.Error)
+		}
+	}
+	fmt.Fprintf(out, "imported %d blobs from %s: %d blocks stored, %d present already, %d dropped (bad sums); %d blobs complete and verified\n",
+		len(res), src, imported, present, dropped, verified)
+	switch {
+	case full > 0:
+		return fmt.Errorf("the cache filled up: %d blobs were not imported whole (raise [cache] size_gb)", full)
+	case failed > 0 || dropped > 0:
+		return fmt.Errorf("%d blobs failed their digest and %d blocks their sums: those were dropped, never served", failed, dropped)
+	}
+	return nil
+}
+
+// WaitAndImport waits up to wait until the daemon of sc serves its cache, then imports the snapshot at src
+// (Import).
+func WaitAndImport(ctx context.Context, sc *status.Client, wait time.Duration, src string, rc cachesnap.RegistryClient, out, errw io.Writer) error {
+	for deadline := time.Now().Add(wait); ; time.Sleep(500 * time.Millisecond) {
+		_, err := sc.CacheBlobs(ctx)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("the cache snapshot %s was not imported: %w — start obd-snapshotter, then run 'obd cache import %s'", src, err, src)
+		}
+	}
+	return Import(ctx, sc, src, rc, out, errw)
+}
