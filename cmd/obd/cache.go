@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 
@@ -91,9 +90,7 @@ func newCacheLsCmd() *cobra.Command {
 				return f.df.notRunningHint(err)
 			}
 			if asJSON {
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				return enc.Encode(blobs)
+				return printJSON(cmd.OutOrStdout(), blobs)
 			}
 			return cacheclient.WriteBlobs(cmd.OutOrStdout(), blobs)
 		},

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 
@@ -40,9 +39,7 @@ Paths come from obd.toml; every one can be overridden by a flag. The exit status
 			opts.ConfigExplicit = cmd.Flags().Changed("config")
 			results := health.Run(cmd.Context(), opts)
 			if asJSON {
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				if err := enc.Encode(results); err != nil {
+				if err := printJSON(cmd.OutOrStdout(), results); err != nil {
 					return err
 				}
 			} else {

@@ -1,8 +1,6 @@
 package main
 
 import (
-	"encoding/json"
-
 	"github.com/spf13/cobra"
 
 	"github.com/obdproject/obd/internal/image"
@@ -20,9 +18,7 @@ func newInspectCmd() *cobra.Command {
 				if err != nil {
 					info.Error = err.Error()
 				}
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				if eerr := enc.Encode(info); eerr != nil {
+				if eerr := printJSON(cmd.OutOrStdout(), info); eerr != nil {
 					return eerr
 				}
 			} else {

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"time"
@@ -73,9 +72,7 @@ shows the daemon's version, uptime, configuration and cache usage. --json prints
 				return df.notRunningHint(err)
 			}
 			if asJSON {
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				return enc.Encode(st)
+				return printJSON(cmd.OutOrStdout(), st)
 			}
 			status.WriteText(cmd.OutOrStdout(), st)
 			return nil
