@@ -28,11 +28,9 @@ IMAGE is an OCI layout reference, e.g. oci:testdata/upstream/hello-world-oci:amd
 			if err != nil {
 				return err
 			}
-			plat := image.DefaultPlatform()
-			if platform != "" {
-				if plat, err = image.ParsePlatform(platform); err != nil {
-					return err
-				}
+			plat, err := image.PlatformOrDefault(platform)
+			if err != nil {
+				return err
 			}
 			img, err := image.OpenLocal(ref, plat)
 			if err != nil {

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -48,7 +47,7 @@ containerd is not restarted unless --restart-containerd is given.`,
   obd install --cache-from registry.example.com/obd/cache:gpu-images`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			bin, err := snapshotterBinary(prefix)
+			bin, err := install.SnapshotterBinary(prefix)
 			if err != nil {
 				return err
 			}
@@ -86,24 +85,4 @@ containerd is not restarted unless --restart-containerd is given.`,
 	f.DurationVar(&wait, "cache-wait", 2*time.Minute, "with --cache-from: how long to wait for obd-snapshotter to answer")
 	rf.register(cmd)
 	return cmd
-}
-
-// snapshotterBinary returns the obd-snapshotter the unit runs: PREFIX/bin/obd-snapshotter, else the one next to
-// the running obd.
-func snapshotterBinary(prefix string) (string, error) {
-	if prefix != "" {
-		abs, err := filepath.Abs(prefix)
-		if err != nil {
-			return "", fmt.Errorf("--prefix: %w", err)
-		}
-		return filepath.Join(abs, "bin", "obd-snapshotter"), nil
-	}
-	self, err := os.Executable()
-	if err != nil {
-		return "", fmt.Errorf("cannot tell where obd is (%w): pass --prefix", err)
-	}
-	if resolved, err := filepath.EvalSymlinks(self); err == nil {
-		self = resolved
-	}
-	return filepath.Join(filepath.Dir(self), "obd-snapshotter"), nil
 }

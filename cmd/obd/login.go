@@ -1,17 +1,12 @@
 package main
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
-	"io"
-	"os"
-	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
-	"golang.org/x/term"
 
 	"github.com/obdproject/obd/internal/config"
 	"github.com/obdproject/obd/internal/install"
@@ -71,7 +66,7 @@ its other entries are kept. Run it as root for the daemon (which runs as root) t
 			if err != nil {
 				return err
 			}
-			user, pass, err := readLogin(cmd, username, passwordStdin)
+			user, pass, err := install.ReadLogin(cmd.InOrStdin(), cmd.ErrOrStderr(), username, passwordStdin)
 			if err != nil {
 				return err
 			}
@@ -115,51 +110,6 @@ func (f *verifyFlags) registerReach(fl *pflag.FlagSet) {
 	fl.BoolVar(&f.reach.PlainHTTP, "plain-http", false, "talk HTTP to the registry (always so for localhost; see also [registry] plain_http)")
 	fl.BoolVar(&f.reach.Insecure, "insecure", false, "do not verify the registry's TLS certificate (see also [registry] insecure)")
 	fl.DurationVar(&f.reach.Timeout, "timeout", 15*time.Second, "how long to try to reach a registry")
-}
-
-// readLogin gets the user name and the password: the password from standard input with passwordStdin, else from
-// a terminal prompt without echo. It never prints the password.
-func readLogin(cmd *cobra.Command, username string, passwordStdin bool) (string, string, error) {
-	in := cmd.InOrStdin()
-	f, isFile := in.(*os.File)
-	tty := isFile && term.IsTerminal(int(f.Fd()))
-	prompt := cmd.ErrOrStderr()
-	if username == "" {
-		if passwordStdin || !tty {
-			return "", "", errors.New("no user name: pass -u USER")
-		}
-		fmt.Fprint(prompt, "Username: ")
-		line, err := bufio.NewReader(io.LimitReader(in, 4096)).ReadString('\n')
-		if err != nil && !errors.Is(err, io.EOF) {
-			return "", "", fmt.Errorf("reading the user name: %w", err)
-		}
-		if username = strings.TrimSpace(line); username == "" {
-			return "", "", errors.New("no user name given")
-		}
-	}
-	var pass string
-	switch {
-	case passwordStdin:
-		b, err := io.ReadAll(io.LimitReader(in, 64<<10))
-		if err != nil {
-			return "", "", fmt.Errorf("reading the password from standard input: %w", err)
-		}
-		pass = strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r")
-	case tty:
-		fmt.Fprint(prompt, "Password: ")
-		b, err := term.ReadPassword(int(f.Fd()))
-		fmt.Fprintln(prompt)
-		if err != nil {
-			return "", "", fmt.Errorf("reading the password: %w", err)
-		}
-		pass = string(b)
-	default:
-		return "", "", errors.New("standard input is not a terminal, so the password cannot be asked for without echo: pipe it in with --password-stdin (e.g. obd login REGISTRY -u USER --password-stdin < file)")
-	}
-	if pass == "" {
-		return "", "", errors.New("empty password")
-	}
-	return username, pass, nil
 }
 
 func newCredentialsCmd() *cobra.Command {
@@ -209,7 +159,7 @@ the token is older than --ttl or the registry refuses it. set runs CMD once to c
 				if cmd.Flags().Changed("ttl") {
 					return errors.New("--ttl goes with --helper")
 				}
-				user, pass, err := readLogin(cmd, username, passwordStdin)
+				user, pass, err := install.ReadLogin(cmd.InOrStdin(), cmd.ErrOrStderr(), username, passwordStdin)
 				if err != nil {
 					return err
 				}

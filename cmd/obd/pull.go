@@ -2,10 +2,7 @@ package main
 
 import (
 	"fmt"
-	"sort"
 	"time"
-
-	"github.com/obdproject/obd/internal/units"
 
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
@@ -74,15 +71,7 @@ pulled and unpacked as usual. Run containers with 'ctr run --snapshotter overlay
 			if err != nil {
 				return err
 			}
-			var fetched int64
-			digests := make([]string, 0, len(res.Fetched))
-			for d, n := range res.Fetched {
-				fetched += n
-				digests = append(digests, d)
-			}
-			sort.Strings(digests)
-			fmt.Fprintf(cmd.OutOrStdout(), "pulled %s in %s: %d layers, %d lazy (not downloaded); fetched %d blobs, %s\n",
-				res.Image.Name(), time.Since(start).Round(time.Millisecond), res.Layers, res.Lazy, len(digests), units.Bytes(fetched))
+			fmt.Fprintln(cmd.OutOrStdout(), res.Summary(time.Since(start)))
 			return nil
 		},
 	}

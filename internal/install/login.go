@@ -1,17 +1,21 @@
 package install
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"os/user"
 	"path/filepath"
 	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"golang.org/x/term"
 
 	"github.com/obdproject/obd/internal/config"
 	"github.com/obdproject/obd/internal/registry"
@@ -307,4 +311,47 @@ func (cf CredFiles) checkResult(host string, err error, helper bool) string {
 		return "not a registry: GET /v2/ answered 404"
 	}
 	return "failed: " + err.Error()
+}
+
+// ReadLogin gets the user name (username, else asked for on prompt and read from in when in is a terminal) and
+// the password: from in with passwordStdin, else from a terminal prompt without echo. It never prints the
+// password.
+func ReadLogin(in io.Reader, prompt io.Writer, username string, passwordStdin bool) (name, pass string, err error) {
+	f, isFile := in.(*os.File)
+	tty := isFile && term.IsTerminal(int(f.Fd()))
+	if username == "" {
+		if passwordStdin || !tty {
+			return "", "", errors.New("no user name: pass -u USER")
+		}
+		fmt.Fprint(prompt, "Username: ")
+		line, err := bufio.NewReader(io.LimitReader(in, 4096)).ReadString('\n')
+		if err != nil && !errors.Is(err, io.EOF) {
+			return "", "", fmt.Errorf("reading the user name: %w", err)
+		}
+		if username = strings.TrimSpace(line); username == "" {
+			return "", "", errors.New("no user name given")
+		}
+	}
+	switch {
+	case passwordStdin:
+		b, err := io.ReadAll(io.LimitReader(in, 64<<10))
+		if err != nil {
+			return "", "", fmt.Errorf("reading the password from standard input: %w", err)
+		}
+		pass = strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r")
+	case tty:
+		fmt.Fprint(prompt, "Password: ")
+		b, err := term.ReadPassword(int(f.Fd()))
+		fmt.Fprintln(prompt)
+		if err != nil {
+			return "", "", fmt.Errorf("reading the password: %w", err)
+		}
+		pass = string(b)
+	default:
+		return "", "", errors.New("standard input is not a terminal, so the password cannot be asked for without echo: pipe it in with --password-stdin (e.g. obd login REGISTRY -u USER --password-stdin < file)")
+	}
+	if pass == "" {
+		return "", "", errors.New("empty password")
+	}
+	return username, pass, nil
 }

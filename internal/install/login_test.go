@@ -169,3 +169,27 @@ func TestCredFilesVerify(t *testing.T) {
 		t.Errorf("Verify an unreachable registry: %v\n%s", err, out.String())
 	}
 }
+
+func TestReadLogin(t *testing.T) {
+	var prompt strings.Builder
+	if u, p, err := ReadLogin(strings.NewReader("s3cret\r\n"), &prompt, "alice", true); err != nil || u != "alice" || p != "s3cret" {
+		t.Errorf("password from stdin: %q %q %v", u, p, err)
+	}
+	for _, tc := range []struct {
+		in, user string
+		stdin    bool
+		err      string
+	}{
+		{"pw\n", "", true, "no user name: pass -u USER"},
+		{"pw\n", "", false, "no user name: pass -u USER"},
+		{"\n", "alice", true, "empty password"},
+		{"pw\n", "alice", false, "standard input is not a terminal"},
+	} {
+		if _, _, err := ReadLogin(strings.NewReader(tc.in), &prompt, tc.user, tc.stdin); err == nil || !strings.Contains(err.Error(), tc.err) {
+			t.Errorf("ReadLogin(%q, %q, %v): %v, want %q", tc.in, tc.user, tc.stdin, err, tc.err)
+		}
+	}
+	if prompt.Len() != 0 {
+		t.Errorf("prompted without a terminal: %q", prompt.String())
+	}
+}

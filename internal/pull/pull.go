@@ -10,6 +10,7 @@ import (
 	"maps"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/images"
@@ -21,6 +22,7 @@ import (
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/registry"
 	"github.com/obdproject/obd/internal/snapshotter"
+	"github.com/obdproject/obd/internal/units"
 )
 
 // Options configure Pull.
@@ -53,6 +55,16 @@ type Result struct {
 	// Layers counts all layers.
 	Layers int
 	mu     sync.Mutex
+}
+
+// Summary says in one line what the pull did; elapsed is how long it took.
+func (r *Result) Summary(elapsed time.Duration) string {
+	var fetched int64
+	for _, n := range r.Fetched {
+		fetched += n
+	}
+	return fmt.Sprintf("pulled %s in %s: %d layers, %d lazy (not downloaded); fetched %d blobs, %s",
+		r.Image.Name(), elapsed.Round(time.Millisecond), r.Layers, r.Lazy, len(r.Fetched), units.Bytes(fetched))
 }
 
 // Pull pulls ref (host[:port]/repo:tag) into containerd and unpacks it with the overlaybd snapshotter.
