@@ -4,12 +4,9 @@ import (
 	"errors"
 	"fmt"
 
-	"github.com/containerd/containerd/v2/pkg/namespaces"
-	"github.com/opencontainers/go-digest"
 	"github.com/spf13/cobra"
 
 	"github.com/obdproject/obd/internal/cacheclient"
-	"github.com/obdproject/obd/internal/cachesnap"
 	obdconfig "github.com/obdproject/obd/internal/config"
 	"github.com/obdproject/obd/internal/progress"
 	"github.com/obdproject/obd/internal/status"
@@ -28,34 +25,13 @@ func (f *cacheFlags) register(cmd *cobra.Command) {
 	f.cf.register(cmd)
 }
 
-// client returns a status client without a per-request timeout beyond --timeout for short calls.
-func (f *cacheFlags) client(cmd *cobra.Command) (*status.Client, error) {
+// client returns the cache client: the daemon's status socket, with --timeout for short calls, and containerd.
+func (f *cacheFlags) client(cmd *cobra.Command) (*cacheclient.Client, error) {
 	sock, err := f.df.statusSocket(cmd)
 	if err != nil {
 		return nil, err
 	}
-	return status.NewClient(sock, f.df.timeout), nil
-}
-
-// images reads the overlaybd layers of the named images from containerd; done closes the connection they read
-// their acceleration layers through.
-func (f *cacheFlags) images(cmd *cobra.Command, refs []string) (ims []*cacheclient.Image, done func(), err error) {
-	if len(refs) == 0 {
-		return nil, func() {}, nil
-	}
-	c, err := f.cf.connect()
-	if err != nil {
-		return nil, nil, err
-	}
-	for _, ref := range refs {
-		im, err := cacheclient.Layers(namespaces.WithNamespace(cmd.Context(), f.cf.namespace), c, ref)
-		if err != nil {
-			c.Close()
-			return nil, nil, err
-		}
-		ims = append(ims, im)
-	}
-	return ims, func() { c.Close() }, nil
+	return &cacheclient.Client{Status: status.NewClient(sock, f.df.timeout), Containerd: f.cf.connect, Namespace: f.cf.namespace}, nil
 }
 
 func newCacheCmd() *cobra.Command {
@@ -85,7 +61,7 @@ func newCacheLsCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			blobs, err := sc.CacheBlobs(cmd.Context())
+			blobs, err := sc.Status.CacheBlobs(cmd.Context())
 			if err != nil {
 				return f.df.notRunningHint(err)
 			}
@@ -107,24 +83,11 @@ func newCacheEvictCmd() *cobra.Command {
 		Short: "Drop the cached blocks of blobs, or of an image's overlaybd layers (blocks being read stay)",
 		Args:  cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var req status.EvictRequest
-			for _, a := range args {
-				if d, err := digest.Parse(a); err == nil {
-					req.Digests = append(req.Digests, d.String())
-					continue
-				}
-				ims, done, err := f.images(cmd, []string{a})
-				if err != nil {
-					return err
-				}
-				done()
-				req.Digests = append(req.Digests, ims[0].Digests()...)
-			}
-			sc, err := f.client(cmd)
+			cc, err := f.client(cmd)
 			if err != nil {
 				return err
 			}
-			res, err := sc.Evict(cmd.Context(), req)
+			res, err := cc.Evict(cmd.Context(), args)
 			if err != nil {
 				return f.df.notRunningHint(err)
 			}
@@ -143,20 +106,11 @@ func newCachePruneCmd() *cobra.Command {
 		Short: "Drop the cached blobs of images that are no longer on the node (in no containerd namespace)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := f.cf.connect()
+			cc, err := f.client(cmd)
 			if err != nil {
 				return err
 			}
-			defer c.Close()
-			keep, err := cacheclient.AllLayers(cmd.Context(), c)
-			if err != nil {
-				return err
-			}
-			sc, err := f.client(cmd)
-			if err != nil {
-				return err
-			}
-			res, err := sc.Prune(cmd.Context(), status.PruneRequest{Keep: keep})
+			res, err := cc.Prune(cmd.Context())
 			if err != nil {
 				return f.df.notRunningHint(err)
 			}
@@ -186,36 +140,16 @@ is cached already is not fetched again; nothing cached is evicted, and it says s
 			if all && profileFile != "" {
 				return errors.New("--all and --profile: give one")
 			}
-			ims, done, err := f.images(cmd, args[:1])
+			cc, err := f.client(cmd)
 			if err != nil {
 				return err
 			}
-			defer done()
-			var trace []byte
-			if !all {
-				profilesDir := func() (string, error) {
-					cfg, _, err := obdconfig.Load(f.df.config, cmd.Flags().Changed("config"))
-					return cfg.ProfilesDir(), err
-				}
-				if trace, err = ims[0].StartTrace(namespaces.WithNamespace(cmd.Context(), f.cf.namespace), profileFile, profilesDir); err != nil {
-					return err
-				}
-			}
-			req := ims[0].WarmRequest(all, trace)
-			sc, err := f.client(cmd)
-			if err != nil {
-				return err
+			profilesDir := func() (string, error) {
+				cfg, _, err := obdconfig.Load(f.df.config, cmd.Flags().Changed("config"))
+				return cfg.ProfilesDir(), err
 			}
 			bar := progress.Bar(progress.Terminal(cmd.ErrOrStderr()))
-			last, err := sc.Warm(cmd.Context(), req, func(p status.WarmProgress) {
-				if bar != nil && p.TotalBytes > 0 && !p.Done {
-					bar(p.DoneBytes, p.TotalBytes)
-				}
-			})
-			if err != nil {
-				return f.df.notRunningHint(err)
-			}
-			return cacheclient.WarmResult(cmd.OutOrStdout(), req, last)
+			return f.df.notRunningHint(cc.Warm(cmd.Context(), cmd.OutOrStdout(), args[0], all, profileFile, profilesDir, bar))
 		},
 	}
 	f.register(cmd)
@@ -240,26 +174,11 @@ per layer blob, so snapshots of images sharing layers share them.`,
 			if to == "" {
 				return errors.New("--to: where to write the snapshot")
 			}
-			ims, done, err := f.images(cmd, args)
+			cc, err := f.client(cmd)
 			if err != nil {
 				return err
 			}
-			done()
-			sc, err := f.client(cmd)
-			if err != nil {
-				return err
-			}
-			body, err := sc.Stream(cmd.Context(), "GET", cacheclient.ExportPath(ims), nil)
-			if err != nil {
-				return f.df.notRunningHint(err)
-			}
-			defer body.Close()
-			n, idx, err := cachesnap.Write(cmd.Context(), to, body, f.rf.client)
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "exported %d blobs, %d blocks, %s to %s\n", len(idx.Blobs), idx.Blocks(), units.Bytes(n), to)
-			return nil
+			return f.df.notRunningHint(cc.Export(cmd.Context(), cmd.OutOrStdout(), args, to, f.rf.client))
 		},
 	}
 	f.register(cmd)
@@ -279,7 +198,7 @@ func newCacheImportCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return f.df.notRunningHint(cacheclient.Import(cmd.Context(), sc, args[0], f.rf.client, cmd.OutOrStdout(), cmd.ErrOrStderr()))
+			return f.df.notRunningHint(cacheclient.Import(cmd.Context(), sc.Status, args[0], f.rf.client, cmd.OutOrStdout(), cmd.ErrOrStderr()))
 		},
 	}
 	f.register(cmd)

@@ -252,3 +252,111 @@ func WaitAndImport(ctx context.Context, sc *status.Client, wait time.Duration, s
 	}
 	return Import(ctx, sc, src, rc, out, errw)
 }
+
+// Client runs the 'obd cache' commands against the daemon's cache API, naming images through containerd.
+type Client struct {
+	Status *status.Client
+	// Containerd connects to containerd, only when an image is named.
+	Containerd func() (*client.Client, error)
+	Namespace  string // containerd namespace of the images named
+}
+
+// images reads the overlaybd layers of the named images from containerd; done closes the connection they read
+// their acceleration layers through.
+func (c *Client) images(ctx context.Context, refs []string) (ims []*Image, done func(), err error) {
+	if len(refs) == 0 {
+		return nil, func() {}, nil
+	}
+	cc, err := c.Containerd()
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, ref := range refs {
+		im, err := Layers(namespaces.WithNamespace(ctx, c.Namespace), cc, ref)
+		if err != nil {
+			cc.Close()
+			return nil, nil, err
+		}
+		ims = append(ims, im)
+	}
+	return ims, func() { cc.Close() }, nil
+}
+
+// Evict drops the cached blocks of blobs: each arg is a blob digest or an image whose overlaybd layers to drop.
+func (c *Client) Evict(ctx context.Context, args []string) (status.EvictResult, error) {
+	var req status.EvictRequest
+	for _, a := range args {
+		if d, err := digest.Parse(a); err == nil {
+			req.Digests = append(req.Digests, d.String())
+			continue
+		}
+		ims, done, err := c.images(ctx, []string{a})
+		if err != nil {
+			return status.EvictResult{}, err
+		}
+		done()
+		req.Digests = append(req.Digests, ims[0].Digests()...)
+	}
+	return c.Status.Evict(ctx, req)
+}
+
+// Prune drops the cached blobs of images that are in no containerd namespace.
+func (c *Client) Prune(ctx context.Context) (status.EvictResult, error) {
+	cc, err := c.Containerd()
+	if err != nil {
+		return status.EvictResult{}, err
+	}
+	defer cc.Close()
+	keep, err := AllLayers(ctx, cc)
+	if err != nil {
+		return status.EvictResult{}, err
+	}
+	return c.Status.Prune(ctx, status.PruneRequest{Keep: keep})
+}
+
+// Warm fills the cache with the blocks of the image ref: all of them with all, else the ranges of its recorded
+// start (Image.StartTrace). bar, when set, sees the progress. It writes what it did to w (WarmResult).
+func (c *Client) Warm(ctx context.Context, w io.Writer, ref string, all bool, profileFile string, profilesDir func() (string, error), bar func(done, total int64)) error {
+	ims, done, err := c.images(ctx, []string{ref})
+	if err != nil {
+		return err
+	}
+	defer done()
+	var trace []byte
+	if !all {
+		if trace, err = ims[0].StartTrace(namespaces.WithNamespace(ctx, c.Namespace), profileFile, profilesDir); err != nil {
+			return err
+		}
+	}
+	req := ims[0].WarmRequest(all, trace)
+	last, err := c.Status.Warm(ctx, req, func(p status.WarmProgress) {
+		if bar != nil && p.TotalBytes > 0 && !p.Done {
+			bar(p.DoneBytes, p.TotalBytes)
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return WarmResult(w, req, last)
+}
+
+// Export snapshots the cached blocks of the images refs (of every cached blob when there is none) to to (a file,
+// oci:DIR[:TAG] or REGISTRY/REPO:TAG; rc gives registry clients), and writes what it did to w.
+func (c *Client) Export(ctx context.Context, w io.Writer, refs []string, to string, rc cachesnap.RegistryClient) error {
+	ims, done, err := c.images(ctx, refs)
+	if err != nil {
+		return err
+	}
+	done()
+	body, err := c.Status.Stream(ctx, "GET", ExportPath(ims), nil)
+	if err != nil {
+		return err
+	}
+	defer body.Close()
+	n, idx, err := cachesnap.Write(ctx, to, body, rc)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "exported %d blobs, %d blocks, %s to %s\n", len(idx.Blobs), idx.Blocks(), units.Bytes(n), to)
+	return nil
+}

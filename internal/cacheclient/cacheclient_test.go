@@ -12,8 +12,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containerd/containerd/v2/client"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/obdproject/obd/internal/cachesnap"
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/profile"
 	"github.com/obdproject/obd/internal/snapshotter"
@@ -137,5 +139,47 @@ func TestImport(t *testing.T) {
 	err = WaitAndImport(context.Background(), status.NewClient(filepath.Join(dir, "missing.sock"), time.Second), 0, snap, nil, &out, &errw)
 	if err == nil || !strings.Contains(err.Error(), "was not imported") {
 		t.Errorf("WaitAndImport without a daemon: %v", err)
+	}
+}
+
+func TestClient(t *testing.T) {
+	dir := testenv.SocketDir(t)
+	socket := filepath.Join(dir, "status.sock")
+	var evicted status.EvictRequest
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST "+status.PathCacheEvict, func(w http.ResponseWriter, r *http.Request) {
+		json.NewDecoder(r.Body).Decode(&evicted)
+		json.NewEncoder(w).Encode(status.EvictResult{Blobs: len(evicted.Digests), FreedBytes: 4096})
+	})
+	mux.HandleFunc("GET "+status.PathCacheExport, func(w http.ResponseWriter, r *http.Request) {
+		if err := cachesnap.WriteTar(w, cachesnap.Index{MediaType: cachesnap.MediaTypeIndex}, nil); err != nil {
+			t.Error(err)
+		}
+	})
+	testenv.ServeUnix(t, socket, mux)
+	noContainerd := errors.New("no containerd here")
+	c := &Client{Status: status.NewClient(socket, 5*time.Second), Namespace: "default",
+		Containerd: func() (*client.Client, error) { return nil, noContainerd }}
+	ctx := context.Background()
+
+	a := digest.FromString("a").String()
+	res, err := c.Evict(ctx, []string{a})
+	if err != nil || res.Blobs != 1 || len(evicted.Digests) != 1 || evicted.Digests[0] != a {
+		t.Errorf("Evict(%s) = %+v, %v (asked %v)", a, res, err, evicted)
+	}
+	if _, err := c.Evict(ctx, []string{a, "r/app:obd"}); !errors.Is(err, noContainerd) {
+		t.Errorf("Evict of an image without containerd: %v", err)
+	}
+	if _, err := c.Prune(ctx); !errors.Is(err, noContainerd) {
+		t.Errorf("Prune without containerd: %v", err)
+	}
+	if err := c.Warm(ctx, io.Discard, "r/app:obd", true, "", nil, nil); !errors.Is(err, noContainerd) {
+		t.Errorf("Warm without containerd: %v", err)
+	}
+
+	var out strings.Builder
+	to := filepath.Join(t.TempDir(), "snap.tar")
+	if err := c.Export(ctx, &out, nil, to, nil); err != nil || out.String() != "exported 0 blobs, 0 blocks, 0 B to "+to+"\n" {
+		t.Errorf("Export: %q, %v", out.String(), err)
 	}
 }
