@@ -17,6 +17,7 @@ import (
 	"github.com/containerd/containerd/v2/core/remotes"
 	"github.com/containerd/containerd/v2/core/remotes/docker"
 	dockerconfig "github.com/containerd/containerd/v2/core/remotes/docker/config"
+	"github.com/containerd/errdefs"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/obdproject/obd/internal/image"
@@ -55,6 +56,24 @@ type Result struct {
 	// Layers counts all layers.
 	Layers int
 	mu     sync.Mutex
+}
+
+// Unpacked returns the image ref when containerd has it unpacked with snapshotter, else nil.
+func Unpacked(ctx context.Context, c *client.Client, ref, snapshotter string) (client.Image, error) {
+	img, err := c.GetImage(ctx, ref)
+	unpacked := false
+	if err == nil {
+		unpacked, err = img.IsUnpacked(ctx, snapshotter)
+	}
+	switch {
+	case errdefs.IsNotFound(err):
+		return nil, nil
+	case err != nil:
+		return nil, err
+	case !unpacked:
+		return nil, nil
+	}
+	return img, nil
 }
 
 // Summary says in one line what the pull did; elapsed is how long it took.
