@@ -70,22 +70,7 @@ its other entries are kept. Run it as root for the daemon (which runs as root) t
 			if err != nil {
 				return err
 			}
-			out := cmd.OutOrStdout()
-			if !vf.noVerify {
-				err := files.Ping(cmd.Context(), host, vf.reach, registry.StaticCredentials(user, pass), nil)
-				switch {
-				case errors.Is(err, registry.ErrUnauthorized):
-					return fmt.Errorf("login %s: the registry refused user %q: %s; nothing was saved", host, user, registry.Cause(err))
-				case err != nil:
-					return fmt.Errorf("login %s: %w; nothing was saved (--no-verify saves without asking the registry)", host, err)
-				}
-			}
-			if err := files.SaveLogin(out, host, user, pass); err != nil {
-				return err
-			}
-			fmt.Fprintf(out, "Login succeeded: credentials of %s for %s saved in %s\n", user, host, files.Docker)
-			files.NoteDaemonFile(out)
-			return nil
+			return files.Login(cmd.Context(), cmd.OutOrStdout(), host, user, pass, !vf.noVerify, vf.reach)
 		},
 	}
 	cf.register(cmd.Flags(), false)
@@ -163,12 +148,7 @@ the token is older than --ttl or the registry refuses it. set runs CMD once to c
 				if err != nil {
 					return err
 				}
-				if err := files.SaveLogin(out, host, user, pass); err != nil {
-					return err
-				}
-				fmt.Fprintf(out, "saved credentials of %s for %s in %s\n", user, host, files.Docker)
-				files.NoteDaemonFile(out)
-				return nil
+				return files.SaveLogin(out, host, user, pass)
 			}
 			if passwordStdin {
 				return errors.New("--password-stdin and --helper exclude each other: the helper prints the token")

@@ -70,15 +70,46 @@ func (cf CredFiles) DaemonDockerConfig() string {
 	return filepath.Join(home, ".docker", "config.json")
 }
 
-// SaveLogin stores user and pass for host in the docker config file, writing to w what it changed.
+// Login checks user and pass against host (Ping) when verify is set, then stores them in the docker config file
+// ('obd login'), writing to w what it did.
+func (cf CredFiles) Login(ctx context.Context, w io.Writer, host, user, pass string, verify bool, reach Reach) error {
+	if verify {
+		err := cf.Ping(ctx, host, reach, registry.StaticCredentials(user, pass), nil)
+		switch {
+		case errors.Is(err, registry.ErrUnauthorized):
+			return fmt.Errorf("login %s: the registry refused user %q: %s; nothing was saved", host, user, registry.Cause(err))
+		case err != nil:
+			return fmt.Errorf("login %s: %w; nothing was saved (--no-verify saves without asking the registry)", host, err)
+		}
+	}
+	if err := cf.saveLogin(w, host, user, pass); err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "Login succeeded: credentials of %s for %s saved in %s\n", user, host, cf.Docker)
+	cf.noteDaemonFile(w)
+	return nil
+}
+
+// SaveLogin stores user and pass for host in the docker config file without asking the registry ('obd
+// credentials set'), writing to w what it did.
 func (cf CredFiles) SaveLogin(w io.Writer, host, user, pass string) error {
+	if err := cf.saveLogin(w, host, user, pass); err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "saved credentials of %s for %s in %s\n", user, host, cf.Docker)
+	cf.noteDaemonFile(w)
+	return nil
+}
+
+// saveLogin stores user and pass for host in the docker config file, writing to w what it changed.
+func (cf CredFiles) saveLogin(w io.Writer, host, user, pass string) error {
 	notes, err := SetDockerLogin(cf.Docker, host, user, pass)
 	printNotes(w, notes)
 	return err
 }
 
-// NoteDaemonFile tells the user on w when the docker config file is not the one obd-snapshotter reads.
-func (cf CredFiles) NoteDaemonFile(w io.Writer) {
+// noteDaemonFile tells the user on w when the docker config file is not the one obd-snapshotter reads.
+func (cf CredFiles) noteDaemonFile(w io.Writer) {
 	daemon := cf.DaemonDockerConfig()
 	if filepath.Clean(cf.Docker) == filepath.Clean(daemon) {
 		return

@@ -58,12 +58,12 @@ func TestFindCredFiles(t *testing.T) {
 		t.Errorf("flags first: %+v, %v", flags, err)
 	}
 	var b strings.Builder
-	flags.NoteDaemonFile(&b)
+	flags.noteDaemonFile(&b)
 	if !strings.Contains(b.String(), "note: obd-snapshotter reads "+cf.Docker+", not /x/config.json") {
 		t.Errorf("note: %q", b.String())
 	}
 	b.Reset()
-	cf.NoteDaemonFile(&b)
+	cf.noteDaemonFile(&b)
 	if b.Len() != 0 {
 		t.Errorf("note about the daemon's own file: %q", b.String())
 	}
@@ -92,8 +92,8 @@ func TestRegistryHost(t *testing.T) {
 func TestCredFilesSaveListRemove(t *testing.T) {
 	cf := credFiles(t)
 	var out strings.Builder
-	if err := cf.SaveLogin(&out, "reg.test", "alice", "pw"); err != nil {
-		t.Fatal(err)
+	if err := cf.SaveLogin(&out, "reg.test", "alice", "pw"); err != nil || !strings.Contains(out.String(), "saved credentials of alice for reg.test in "+cf.Docker+"\n") {
+		t.Fatalf("SaveLogin: %q, %v", out.String(), err)
 	}
 	h := registry.Helper{Command: "echo token", TTL: "30m"}
 	if err := cf.SaveHelper(context.Background(), &out, "reg.test", h, true); err != nil {
@@ -141,7 +141,7 @@ func TestCredFilesVerify(t *testing.T) {
 	good, bad := basicRegistry(t, "alice", "pw"), basicRegistry(t, "bob", "other")
 	var out strings.Builder
 	for _, host := range []string{good, bad} {
-		if err := cf.SaveLogin(&out, host, "alice", "pw"); err != nil {
+		if err := cf.saveLogin(&out, host, "alice", "pw"); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -149,6 +149,13 @@ func TestCredFilesVerify(t *testing.T) {
 	ctx := context.Background()
 	if err := cf.Ping(ctx, good, reach, registry.StaticCredentials("alice", "pw"), nil); err != nil {
 		t.Errorf("Ping with good credentials: %v", err)
+	}
+	out.Reset()
+	if err := cf.Login(ctx, &out, good, "alice", "pw", true, reach); err != nil || !strings.HasPrefix(out.String(), "Login succeeded: credentials of alice for "+good+" saved in "+cf.Docker) {
+		t.Errorf("Login: %q, %v", out.String(), err)
+	}
+	if err := cf.Login(ctx, &out, good, "alice", "wrong", true, reach); err == nil || !strings.Contains(err.Error(), `the registry refused user "alice"`) {
+		t.Errorf("Login with a wrong password: %v", err)
 	}
 
 	out.Reset()
