@@ -30,18 +30,18 @@ import (
 	"github.com/obdproject/obd/internal/units"
 )
 
-// Image is a pulled overlaybd image in containerd: its overlaybd layers, and what names its recorded start.
-type Image struct {
-	Ref     string
-	Blocks  []image.BlockLayer
-	Accel   *ocispec.Descriptor // the acceleration layer, if any
-	ChainID digest.Digest       // of the overlaybd layers: the key of a profile registered on the node
+// pulledImage is a pulled overlaybd image in containerd: its overlaybd layers, and what names its recorded start.
+type pulledImage struct {
+	ref     string
+	blocks  []image.BlockLayer
+	accel   *ocispec.Descriptor // the acceleration layer, if any
+	chainID digest.Digest       // of the overlaybd layers: the key of a profile registered on the node
 	store   content.Store
 }
 
-// Layers reads the overlaybd layers of the pulled image ref from containerd; ctx names the namespace. The image
+// layers reads the overlaybd layers of the pulled image ref from containerd; ctx names the namespace. The image
 // reads its acceleration layer through c: keep c open while it is used.
-func Layers(ctx context.Context, c *client.Client, ref string) (*Image, error) {
+func layers(ctx context.Context, c *client.Client, ref string) (*pulledImage, error) {
 	img, err := c.GetImage(ctx, ref)
 	if err != nil {
 		return nil, fmt.Errorf("image %s: %w (pull it first with 'obd pull')", ref, err)
@@ -49,7 +49,7 @@ func Layers(ctx context.Context, c *client.Client, ref string) (*Image, error) {
 	return layersOf(ctx, c, img)
 }
 
-func layersOf(ctx context.Context, c *client.Client, img client.Image) (*Image, error) {
+func layersOf(ctx context.Context, c *client.Client, img client.Image) (*pulledImage, error) {
 	m, err := images.Manifest(ctx, c.ContentStore(), img.Target(), platforms.Default())
 	if err != nil {
 		return nil, fmt.Errorf("image %s: %w", img.Name(), err)
@@ -58,7 +58,7 @@ func layersOf(ctx context.Context, c *client.Client, img client.Image) (*Image, 
 	if err != nil {
 		return nil, fmt.Errorf("image %s: %w", img.Name(), err)
 	}
-	im := &Image{Ref: img.Name(), Blocks: blocks, store: c.ContentStore()}
+	im := &pulledImage{ref: img.Name(), blocks: blocks, store: c.ContentStore()}
 	diffIDs, err := img.RootFS(ctx)
 	if err != nil || len(diffIDs) != len(m.Layers) {
 		return nil, fmt.Errorf("image %s: its config's diff_ids do not match its layers (%v)", img.Name(), err)
@@ -66,26 +66,26 @@ func layersOf(ctx context.Context, c *client.Client, img client.Image) (*Image, 
 	var blockDiffs []digest.Digest
 	for i, l := range m.Layers {
 		if l.Annotations[image.AnnotationAccelerationLayer] == "yes" {
-			im.Accel = &m.Layers[i]
+			im.accel = &m.Layers[i]
 			continue
 		}
 		blockDiffs = append(blockDiffs, diffIDs[i])
 	}
-	im.ChainID = identity.ChainID(blockDiffs)
+	im.chainID = identity.ChainID(blockDiffs)
 	return im, nil
 }
 
-// Digests returns the blob digests of the image's overlaybd layers, bottom first.
-func (im *Image) Digests() []string {
-	ds := make([]string, len(im.Blocks))
-	for i, l := range im.Blocks {
+// digests returns the blob digests of the image's overlaybd layers, bottom first.
+func (im *pulledImage) digests() []string {
+	ds := make([]string, len(im.blocks))
+	for i, l := range im.blocks {
 		ds[i] = l.BlobDigest.String()
 	}
 	return ds
 }
 
-// AllLayers lists the overlaybd layer blobs of every image in every containerd namespace.
-func AllLayers(ctx context.Context, c *client.Client) ([]string, error) {
+// allLayers lists the overlaybd layer blobs of every image in every containerd namespace.
+func allLayers(ctx context.Context, c *client.Client) ([]string, error) {
 	nss, err := c.NamespaceService().List(ctx)
 	if err != nil {
 		return nil, err
@@ -102,25 +102,25 @@ func AllLayers(ctx context.Context, c *client.Client) ([]string, error) {
 			if err != nil {
 				continue // not an overlaybd image, or not complete
 			}
-			keep = append(keep, im.Digests()...)
+			keep = append(keep, im.digests()...)
 		}
 	}
 	return keep, nil
 }
 
-// WarmRequest asks to warm the image: all of it with all, else the ranges of the trace file trace.
-func (im *Image) WarmRequest(all bool, trace []byte) status.WarmRequest {
-	req := status.WarmRequest{ImageRef: im.Ref, All: all, Trace: trace}
-	for _, l := range im.Blocks {
+// warmRequest asks to warm the image: all of it with all, else the ranges of the trace file trace.
+func (im *pulledImage) warmRequest(all bool, trace []byte) status.WarmRequest {
+	req := status.WarmRequest{ImageRef: im.ref, All: all, Trace: trace}
+	for _, l := range im.blocks {
 		req.Layers = append(req.Layers, status.WarmLayer{Digest: l.BlobDigest.String(), Size: l.BlobSize})
 	}
 	return req
 }
 
-// StartTrace returns the trace file of the image's recorded start: profileFile (a trace file or a profile) when
+// startTrace returns the trace file of the image's recorded start: profileFile (a trace file or a profile) when
 // given, else its acceleration layer (ctx names the namespace), else the profile registered on the node in the
 // profiles directory profilesDir returns.
-func (im *Image) StartTrace(ctx context.Context, profileFile string, profilesDir func() (string, error)) ([]byte, error) {
+func (im *pulledImage) startTrace(ctx context.Context, profileFile string, profilesDir func() (string, error)) ([]byte, error) {
 	if profileFile != "" {
 		b, err := os.ReadFile(profileFile)
 		if err != nil {
@@ -132,10 +132,10 @@ func (im *Image) StartTrace(ctx context.Context, profileFile string, profilesDir
 		}
 		return tf, nil
 	}
-	if im.Accel != nil {
-		b, err := content.ReadBlob(ctx, im.store, *im.Accel)
+	if im.accel != nil {
+		b, err := content.ReadBlob(ctx, im.store, *im.accel)
 		if err != nil {
-			return nil, fmt.Errorf("acceleration layer of %s: %w", im.Ref, err)
+			return nil, fmt.Errorf("acceleration layer of %s: %w", im.ref, err)
 		}
 		return profile.TraceOfLayer(b)
 	}
@@ -143,17 +143,17 @@ func (im *Image) StartTrace(ctx context.Context, profileFile string, profilesDir
 	if err != nil {
 		return nil, err
 	}
-	path := snapshotter.ProfilePath(dir, im.ChainID.String())
+	path := snapshotter.ProfilePath(dir, im.chainID.String())
 	b, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("%s has no acceleration layer and no profile registered on this node (%s): give --profile FILE or --all", im.Ref, path)
+		return nil, fmt.Errorf("%s has no acceleration layer and no profile registered on this node (%s): give --profile FILE or --all", im.ref, path)
 	}
 	return b, nil
 }
 
-// WarmResult says what a warm of req did (last is the daemon's last progress line), and fails when the cache
+// warmResult says what a warm of req did (last is the daemon's last progress line), and fails when the cache
 // filled up or the warm failed.
-func WarmResult(w io.Writer, req status.WarmRequest, last status.WarmProgress) error {
+func warmResult(w io.Writer, req status.WarmRequest, last status.WarmProgress) error {
 	what := "its recorded start"
 	if req.All {
 		what = fmt.Sprintf("all of it (%d of %d blobs verified)", last.Verified, len(req.Layers))
@@ -169,11 +169,11 @@ func WarmResult(w io.Writer, req status.WarmRequest, last status.WarmProgress) e
 	return nil
 }
 
-// ExportPath is the daemon's export path for the blobs of images (every cached blob when there is none).
-func ExportPath(images []*Image) string {
+// exportPath is the daemon's export path for the blobs of images (every cached blob when there is none).
+func exportPath(images []*pulledImage) string {
 	q := ""
 	for _, im := range images {
-		for _, d := range im.Digests() {
+		for _, d := range im.digests() {
 			sep := "&"
 			if q == "" {
 				sep = "?"
@@ -263,7 +263,7 @@ type Client struct {
 
 // images reads the overlaybd layers of the named images from containerd; done closes the connection they read
 // their acceleration layers through.
-func (c *Client) images(ctx context.Context, refs []string) (ims []*Image, done func(), err error) {
+func (c *Client) images(ctx context.Context, refs []string) (ims []*pulledImage, done func(), err error) {
 	if len(refs) == 0 {
 		return nil, func() {}, nil
 	}
@@ -272,7 +272,7 @@ func (c *Client) images(ctx context.Context, refs []string) (ims []*Image, done 
 		return nil, nil, err
 	}
 	for _, ref := range refs {
-		im, err := Layers(namespaces.WithNamespace(ctx, c.Namespace), cc, ref)
+		im, err := layers(namespaces.WithNamespace(ctx, c.Namespace), cc, ref)
 		if err != nil {
 			cc.Close()
 			return nil, nil, err
@@ -295,7 +295,7 @@ func (c *Client) Evict(ctx context.Context, args []string) (status.EvictResult, 
 			return status.EvictResult{}, err
 		}
 		done()
-		req.Digests = append(req.Digests, ims[0].Digests()...)
+		req.Digests = append(req.Digests, ims[0].digests()...)
 	}
 	return c.Status.Evict(ctx, req)
 }
@@ -307,7 +307,7 @@ func (c *Client) Prune(ctx context.Context) (status.EvictResult, error) {
 		return status.EvictResult{}, err
 	}
 	defer cc.Close()
-	keep, err := AllLayers(ctx, cc)
+	keep, err := allLayers(ctx, cc)
 	if err != nil {
 		return status.EvictResult{}, err
 	}
@@ -315,7 +315,7 @@ func (c *Client) Prune(ctx context.Context) (status.EvictResult, error) {
 }
 
 // Warm fills the cache with the blocks of the image ref: all of them with all, else the ranges of its recorded
-// start (Image.StartTrace). bar, when set, sees the progress. It writes what it did to w (WarmResult).
+// start (startTrace). bar, when set, sees the progress. It writes what it did to w (warmResult).
 func (c *Client) Warm(ctx context.Context, w io.Writer, ref string, all bool, profileFile string, profilesDir func() (string, error), bar func(done, total int64)) error {
 	ims, done, err := c.images(ctx, []string{ref})
 	if err != nil {
@@ -324,11 +324,11 @@ func (c *Client) Warm(ctx context.Context, w io.Writer, ref string, all bool, pr
 	defer done()
 	var trace []byte
 	if !all {
-		if trace, err = ims[0].StartTrace(namespaces.WithNamespace(ctx, c.Namespace), profileFile, profilesDir); err != nil {
+		if trace, err = ims[0].startTrace(namespaces.WithNamespace(ctx, c.Namespace), profileFile, profilesDir); err != nil {
 			return err
 		}
 	}
-	req := ims[0].WarmRequest(all, trace)
+	req := ims[0].warmRequest(all, trace)
 	last, err := c.Status.Warm(ctx, req, func(p status.WarmProgress) {
 		if bar != nil && p.TotalBytes > 0 && !p.Done {
 			bar(p.DoneBytes, p.TotalBytes)
@@ -337,7 +337,7 @@ func (c *Client) Warm(ctx context.Context, w io.Writer, ref string, all bool, pr
 	if err != nil {
 		return err
 	}
-	return WarmResult(w, req, last)
+	return warmResult(w, req, last)
 }
 
 // Export snapshots the cached blocks of the images refs (of every cached blob when there is none) to to (a file,
@@ -348,7 +348,7 @@ func (c *Client) Export(ctx context.Context, w io.Writer, refs []string, to stri
 		return err
 	}
 	done()
-	body, err := c.Status.Stream(ctx, "GET", ExportPath(ims), nil)
+	body, err := c.Status.Stream(ctx, "GET", exportPath(ims), nil)
 	if err != nil {
 		return err
 	}

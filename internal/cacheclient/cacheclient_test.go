@@ -24,36 +24,36 @@ import (
 	"github.com/obdproject/obd/trace"
 )
 
-func testImage() *Image {
-	return &Image{Ref: "r/app:obd", ChainID: digest.FromString("chain"), Blocks: []image.BlockLayer{
+func testImage() *pulledImage {
+	return &pulledImage{ref: "r/app:obd", chainID: digest.FromString("chain"), blocks: []image.BlockLayer{
 		{BlobDigest: digest.FromString("a"), BlobSize: 10}, {BlobDigest: digest.FromString("b"), BlobSize: 20}}}
 }
 
 func TestRequests(t *testing.T) {
 	im := testImage()
 	a, b := digest.FromString("a").String(), digest.FromString("b").String()
-	if got := ExportPath(nil); got != status.PathCacheExport {
-		t.Errorf("ExportPath() = %q", got)
+	if got := exportPath(nil); got != status.PathCacheExport {
+		t.Errorf("exportPath() = %q", got)
 	}
-	if got, want := ExportPath([]*Image{{}, im}), status.PathCacheExport+"?digest="+a+"&digest="+b; got != want {
+	if got, want := exportPath([]*pulledImage{{}, im}), status.PathCacheExport+"?digest="+a+"&digest="+b; got != want {
 		t.Errorf("ExportPath = %q, want %q", got, want)
 	}
-	req := im.WarmRequest(true, nil)
-	if req.ImageRef != im.Ref || !req.All || len(req.Layers) != 2 || req.Layers[1] != (status.WarmLayer{Digest: b, Size: 20}) {
+	req := im.warmRequest(true, nil)
+	if req.ImageRef != im.ref || !req.All || len(req.Layers) != 2 || req.Layers[1] != (status.WarmLayer{Digest: b, Size: 20}) {
 		t.Errorf("WarmRequest = %+v", req)
 	}
 
 	var out strings.Builder
-	if err := WarmResult(&out, req, status.WarmProgress{DoneBytes: 30, TotalBytes: 30, Verified: 2, Done: true}); err != nil ||
+	if err := warmResult(&out, req, status.WarmProgress{DoneBytes: 30, TotalBytes: 30, Verified: 2, Done: true}); err != nil ||
 		out.String() != "warmed r/app:obd: all of it (2 of 2 blobs verified): 30 B of 30 B cached\n" {
 		t.Errorf("WarmResult: %q, %v", out.String(), err)
 	}
 	out.Reset()
-	err := WarmResult(&out, im.WarmRequest(false, []byte("t")), status.WarmProgress{DoneBytes: 10, TotalBytes: 30, Full: true})
+	err := warmResult(&out, im.warmRequest(false, []byte("t")), status.WarmProgress{DoneBytes: 10, TotalBytes: 30, Full: true})
 	if err == nil || !strings.Contains(err.Error(), "the cache is full: 20 B of 30 B did not fit") || !strings.Contains(out.String(), "its recorded start") {
 		t.Errorf("WarmResult of a full cache: %q, %v", out.String(), err)
 	}
-	if err := WarmResult(io.Discard, req, status.WarmProgress{Error: "boom"}); err == nil || err.Error() != "boom" {
+	if err := warmResult(io.Discard, req, status.WarmProgress{Error: "boom"}); err == nil || err.Error() != "boom" {
 		t.Errorf("WarmResult of a failed warm: %v", err)
 	}
 
@@ -80,25 +80,25 @@ func TestStartTrace(t *testing.T) {
 	}
 	pf := filepath.Join(dir, "app.profile.json")
 	os.WriteFile(pf, p, 0o644)
-	if got, err := im.StartTrace(ctx, pf, noDir); err != nil || string(got) != tf.String() {
+	if got, err := im.startTrace(ctx, pf, noDir); err != nil || string(got) != tf.String() {
 		t.Errorf("StartTrace of a profile: %v", err)
 	}
 	os.WriteFile(pf, []byte("{}"), 0o644)
-	if _, err := im.StartTrace(ctx, pf, noDir); err == nil || !strings.Contains(err.Error(), "neither a trace file nor a profile with reads") {
+	if _, err := im.startTrace(ctx, pf, noDir); err == nil || !strings.Contains(err.Error(), "neither a trace file nor a profile with reads") {
 		t.Errorf("StartTrace of an empty profile: %v", err)
 	}
 
-	if _, err := im.StartTrace(ctx, "", noDir); err == nil || err.Error() != "no profiles dir" {
+	if _, err := im.startTrace(ctx, "", noDir); err == nil || err.Error() != "no profiles dir" {
 		t.Errorf("StartTrace without a profiles dir: %v", err)
 	}
 	profiles := func() (string, error) { return dir, nil }
-	if _, err := im.StartTrace(ctx, "", profiles); err == nil || !strings.Contains(err.Error(), "no acceleration layer and no profile registered") {
+	if _, err := im.startTrace(ctx, "", profiles); err == nil || !strings.Contains(err.Error(), "no acceleration layer and no profile registered") {
 		t.Errorf("StartTrace without a registered profile: %v", err)
 	}
-	path := snapshotter.ProfilePath(dir, im.ChainID.String())
+	path := snapshotter.ProfilePath(dir, im.chainID.String())
 	os.MkdirAll(filepath.Dir(path), 0o755)
 	os.WriteFile(path, []byte(tf.String()), 0o644)
-	if got, err := im.StartTrace(ctx, "", profiles); err != nil || string(got) != tf.String() {
+	if got, err := im.startTrace(ctx, "", profiles); err != nil || string(got) != tf.String() {
 		t.Errorf("StartTrace of a registered profile: %v", err)
 	}
 }
