@@ -1,20 +1,12 @@
 package main
 
 import (
-	"encoding/json"
-	"errors"
 	"fmt"
-	"os"
-	"strings"
-	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/obdproject/obd/internal/convert"
-	"github.com/obdproject/obd/internal/ext4"
-	"github.com/obdproject/obd/internal/image"
-	"github.com/obdproject/obd/internal/registry"
 )
 
 func newConvertCmd() *cobra.Command {
@@ -59,39 +51,11 @@ subject is the source's manifest (index), its artifactType
   obd convert --referrer 127.0.0.1:5000/app:v1 127.0.0.1:5000/app`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			src, err := image.ParseRef(args[0])
+			job, err := convert.NewJob(args[0], args[1], platform, referrer)
 			if err != nil {
 				return err
 			}
-			dst, err := image.ParseRef(args[1])
-			if err != nil {
-				return err
-			}
-			if dst.Transport == image.TransportDockerArchive {
-				return fmt.Errorf("destination %s: write to a registry or an OCI layout (oci:DIR[:TAG])", dst)
-			}
-			if referrer && src.Transport == image.TransportDockerArchive {
-				return fmt.Errorf("--referrer: the source must be a registry image or an OCI layout (a docker-archive's manifest is not stored anywhere a referrer could point to)")
-			}
-			job := &convert.Job{Src: src, Dst: dst, Tag: dst.Tag, Platform: image.DefaultPlatform(), Client: rf.client}
-			if dst.Digest != "" {
-				if dst.Transport != image.TransportRegistry {
-					return fmt.Errorf("destination %s: name a tag, not a digest (the digest is the result's)", dst)
-				}
-				job.Tag = ""
-			}
-			if referrer && !explicitSelector(args[1], dst) {
-				job.Tag = "" // a referrer is found through its subject: no tag needed
-			}
-			switch platform {
-			case "":
-			case "all":
-				job.AllPlatforms = true
-			default:
-				if job.Platform, err = image.ParsePlatform(platform); err != nil {
-					return err
-				}
-			}
+			job.Client = rf.client
 			zopts, err := zf.options()
 			if err != nil {
 				return err
@@ -103,50 +67,18 @@ subject is the source's manifest (index), its artifactType
 			if !asJSON {
 				job.Log = cmd.ErrOrStderr()
 			}
-			if job.Options.DB, err = dbf.open(cmd.ErrOrStderr()); err != nil {
+			if job.Options.DB, err = convert.OpenDBFor(dbf.path, dbf.off, dbf.maxSize, cmd.ErrOrStderr()); err != nil {
 				return err
 			}
 			start := time.Now()
 			res, err := job.Run(cmd.Context())
 			if err != nil {
-				return withHint(err, workDir)
+				return convert.WithHint(err, workDir)
 			}
 			if asJSON {
-				out := struct {
-					Manifest  string                   `json:"manifest"`
-					MediaType string                   `json:"mediaType"`
-					Config    string                   `json:"config,omitempty"`
-					Layers    []string                 `json:"layers"`
-					Reused    []string                 `json:"reused,omitempty"`
-					Platforms []convert.ConvertedImage `json:"platforms,omitempty"`
-					Seconds   float64                  `json:"seconds"`
-					Stages    map[string]float64       `json:"stageSeconds"`
-				}{Manifest: res.Top.Digest.String(), MediaType: res.Top.MediaType, Seconds: time.Since(start).Seconds(), Stages: res.Timings}
-				for _, ci := range res.Images {
-					out.Layers = append(out.Layers, ci.Layers...)
-					out.Reused = append(out.Reused, ci.Reused...)
-				}
-				if job.AllPlatforms && len(res.Images) > 0 && res.Images[0].Platform != nil {
-					out.Platforms = res.Images
-				} else if len(res.Images) == 1 {
-					out.Config = res.Images[0].Config
-				}
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				return enc.Encode(out)
+				return printJSON(cmd.OutOrStdout(), job.Output(res, time.Since(start)))
 			}
-			what := fmt.Sprintf("manifest %s, %d layers", res.Top.Digest, len(res.Images[0].Layers))
-			if len(res.Images) > 1 || res.Images[0].Platform != nil {
-				what = fmt.Sprintf("index %s, %d platforms", res.Top.Digest, len(res.Images))
-			}
-			reused := 0
-			for _, ci := range res.Images {
-				reused += len(ci.Reused)
-			}
-			if reused > 0 {
-				what += fmt.Sprintf(" (%d reused)", reused)
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "converted %s → %s: %s, %s\n", src, destName(dst, job.Tag), what, time.Since(start).Round(time.Millisecond))
+			fmt.Fprintln(cmd.OutOrStdout(), job.Summary(res, time.Since(start)))
 			return nil
 		},
 	}
@@ -161,49 +93,4 @@ subject is the source's manifest (index), its artifactType
 	rf.register(cmd)
 	dbf.register(cmd)
 	return cmd
-}
-
-// destName formats where the result went: the reference, by digest when untagged.
-func destName(dst image.Ref, tag string) string {
-	if tag != "" || dst.Digest != "" {
-		return dst.String()
-	}
-	dst.Tag = ""
-	return dst.String() + " (untagged)"
-}
-
-// explicitSelector reports whether an image reference argument names a tag or digest (ParseRef fills in "latest"
-// when it does not).
-func explicitSelector(arg string, ref image.Ref) bool {
-	if ref.Digest != "" {
-		return true
-	}
-	s := arg
-	if ref.Transport != image.TransportRegistry {
-		s = strings.TrimPrefix(arg, string(ref.Transport)+":")
-		i := strings.LastIndex(s, ":")
-		return i >= 0 && !strings.Contains(s[i:], "/")
-	}
-	return strings.LastIndex(s, ":") > strings.LastIndex(s, "/")
-}
-
-// withHint says what to do about a full work dir, or how to pass credentials when a registry refused the request.
-func withHint(err error, workDir string) error {
-	if errors.Is(err, convert.ErrDiskFull) || errors.Is(err, ext4.ErrXattrNoSpace) {
-		return err // the image's own filesystem is full, not the work dir's: the error says what to do
-	}
-	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
-		if workDir == "" {
-			workDir = os.TempDir()
-		}
-		return fmt.Errorf("%w (the work dir %s holds every layer of the image, uncompressed and compressed, until the conversion ends: free space there or pass --work-dir on a larger filesystem)", err, workDir)
-	}
-	if !errors.Is(err, registry.ErrUnauthorized) {
-		return err
-	}
-	how := "pass --creds USER:PASSWORD, or store credentials for the registry in the docker config file (e.g. 'docker login HOST')"
-	if msg := err.Error(); !strings.Contains(msg, "401") && !strings.Contains(msg, "403") {
-		return fmt.Errorf("%w: the registry answered 401 Unauthorized and obd has no credentials for it; %s", err, how)
-	}
-	return fmt.Errorf("%w; %s", err, how)
 }

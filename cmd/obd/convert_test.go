@@ -2,15 +2,10 @@ package main
 
 import (
 	"encoding/json"
-	"errors"
-	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
-
-	"github.com/obdproject/obd/internal/convert"
 )
 
 // convertResult is what `obd convert --json` prints.
@@ -139,17 +134,5 @@ func TestConvertErrors(t *testing.T) {
 				}
 			}
 		})
-	}
-}
-
-func TestWithHint(t *testing.T) {
-	workFull := fmt.Errorf("layer 1: write: %w", syscall.ENOSPC)
-	if err := withHint(workFull, "/scratch"); !errors.Is(err, syscall.ENOSPC) || !strings.Contains(err.Error(), "the work dir /scratch") {
-		t.Errorf("a full work dir: %v, want the work-dir hint", err)
-	}
-	// A full virtual disk is an ENOSPC of the image's filesystem too: its error says what to do, not the hint.
-	diskFull := fmt.Errorf("layer 1: %w: no free block (%w); convert with a larger --vsize (GiB)", convert.ErrDiskFull, syscall.ENOSPC)
-	if err := withHint(diskFull, "/scratch"); err != diskFull {
-		t.Errorf("a full virtual disk: %v, want the error as it is", err)
 	}
 }

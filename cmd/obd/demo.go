@@ -1,16 +1,9 @@
 package main
 
 import (
-	"errors"
-	"fmt"
-	"os"
-	"os/exec"
-	"path/filepath"
-
 	"github.com/spf13/cobra"
 
 	"github.com/obdproject/obd/internal/demo"
-	"github.com/obdproject/obd/internal/sandbox"
 )
 
 func newDemoCmd() *cobra.Command {
@@ -24,22 +17,11 @@ convert the image to overlaybd, push it, pull it lazily and run a container from
 and how long each step took, and clean everything up. Needs root and the packages 'make deps' installs.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if os.Geteuid() != 0 {
-				return errors.New("the demo mounts filesystems and runs containers: run it as root")
+			bin, err := demo.Check(snapshotterBin)
+			if err != nil {
+				return err
 			}
-			if snapshotterBin == "" {
-				exe, err := os.Executable()
-				if err != nil {
-					return err
-				}
-				snapshotterBin = filepath.Join(filepath.Dir(exe), "obd-snapshotter")
-			}
-			for _, tool := range append([]string{snapshotterBin, "apt-get", "dpkg-deb"}, sandbox.Required...) {
-				if _, err := exec.LookPath(tool); err != nil {
-					return fmt.Errorf("%s is missing: run 'make deps' (Debian packages) and 'make build' first", tool)
-				}
-			}
-			return demo.Run(cmd.Context(), cmd.OutOrStdout(), snapshotterBin)
+			return demo.Run(cmd.Context(), cmd.OutOrStdout(), bin)
 		},
 	}
 	cmd.Flags().StringVar(&snapshotterBin, "snapshotter", "", "obd-snapshotter binary (default: next to obd)")

@@ -1,11 +1,7 @@
 package main
 
 import (
-	"context"
 	"fmt"
-	"io"
-	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/obdproject/obd/internal/units"
@@ -13,7 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/obdproject/obd/internal/image"
-	"github.com/obdproject/obd/lsmt"
+	"github.com/obdproject/obd/internal/progress"
 )
 
 func newExportRawCmd() *cobra.Command {
@@ -32,11 +28,9 @@ IMAGE is an OCI layout reference, e.g. oci:testdata/upstream/hello-world-oci:amd
 			if err != nil {
 				return err
 			}
-			plat := image.DefaultPlatform()
-			if platform != "" {
-				if plat, err = image.ParsePlatform(platform); err != nil {
-					return err
-				}
+			plat, err := image.PlatformOrDefault(platform)
+			if err != nil {
+				return err
 			}
 			img, err := image.OpenLocal(ref, plat)
 			if err != nil {
@@ -44,7 +38,7 @@ IMAGE is an OCI layout reference, e.g. oci:testdata/upstream/hello-world-oci:amd
 			}
 			defer img.Close()
 			start := time.Now()
-			n, err := exportRaw(cmd.Context(), img.Stack, args[1], progressWriter(cmd.ErrOrStderr()))
+			n, err := image.ExportRawFile(cmd.Context(), img.Stack, args[1], progress.Count(progress.Terminal(cmd.ErrOrStderr()), "export"))
 			if err != nil {
 				return err
 			}
@@ -55,55 +49,4 @@ IMAGE is an OCI layout reference, e.g. oci:testdata/upstream/hello-world-oci:amd
 	}
 	cmd.Flags().StringVar(&platform, "platform", "", "os/arch[/variant] to pick from a multi-platform image (default: this machine's)")
 	return cmd
-}
-
-// exportRaw writes the stack's virtual disk to path as a sparse file, through a temporary file renamed at the end
-// so that a failure never leaves a partial disk under the final name. It returns the data bytes written.
-func exportRaw(ctx context.Context, s *lsmt.Stack, path string, progress io.Writer) (int64, error) {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return 0, err
-	}
-	defer os.Remove(tmp.Name())
-	defer tmp.Close()
-	if err := tmp.Truncate(s.VirtualSize()); err != nil {
-		return 0, fmt.Errorf("%s: %w", path, err)
-	}
-	var report func(done, total int64)
-	if progress != nil {
-		last := time.Now()
-		report = func(done, total int64) {
-			if time.Since(last) > time.Second || done == total {
-				fmt.Fprintf(progress, "\rexport: %s of %s", units.Bytes(done), units.Bytes(total))
-				last = time.Now()
-			}
-			if done == total {
-				fmt.Fprintln(progress)
-			}
-		}
-	}
-	n, err := image.ExportRaw(ctx, s, tmp, report)
-	if err != nil {
-		return n, fmt.Errorf("%s: %w", path, err)
-	}
-	if err := tmp.Sync(); err != nil {
-		return n, fmt.Errorf("%s: %w", path, err)
-	}
-	if err := tmp.Close(); err != nil {
-		return n, fmt.Errorf("%s: %w", path, err)
-	}
-	return n, os.Rename(tmp.Name(), path)
-}
-
-// progressWriter returns w when it is a terminal, else nil (no progress lines in logs and pipes).
-func progressWriter(w io.Writer) io.Writer {
-	f, ok := w.(*os.File)
-	if !ok {
-		return nil
-	}
-	st, err := f.Stat()
-	if err != nil || st.Mode()&os.ModeCharDevice == 0 {
-		return nil
-	}
-	return w
 }

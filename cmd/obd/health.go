@@ -1,11 +1,8 @@
 package main
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"text/tabwriter"
 
 	"github.com/spf13/cobra"
 
@@ -42,15 +39,13 @@ Paths come from obd.toml; every one can be overridden by a flag. The exit status
 			opts.ConfigExplicit = cmd.Flags().Changed("config")
 			results := health.Run(cmd.Context(), opts)
 			if asJSON {
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				if err := enc.Encode(results); err != nil {
+				if err := printJSON(cmd.OutOrStdout(), results); err != nil {
 					return err
 				}
 			} else {
-				printHealth(cmd.OutOrStdout(), results, verbose)
+				health.WriteText(cmd.OutOrStdout(), results, verbose)
 			}
-			if failed := countLevel(results, health.Fail); failed > 0 {
+			if failed := health.Count(results, health.Fail); failed > 0 {
 				return fmt.Errorf("%w: %d of %d checks failed", errUnhealthy, failed, len(results))
 			}
 			return nil
@@ -72,38 +67,4 @@ Paths come from obd.toml; every one can be overridden by a flag. The exit status
 	f.StringVar(&opts.LoopControl, "loop-control", health.DefaultLoopControl, "the loop control device")
 	f.DurationVar(&opts.Timeout, "timeout", 0, "how long to wait for each daemon (default 5s)")
 	return cmd
-}
-
-func countLevel(results []health.Result, l health.Level) int {
-	n := 0
-	for _, r := range results {
-		if r.Level == l {
-			n++
-		}
-	}
-	return n
-}
-
-// printHealth prints one line per check, its fix below it when it is not OK, and with verbose what it looked at.
-func printHealth(w io.Writer, results []health.Result, verbose bool) {
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	counts := map[health.Level]int{}
-	for _, r := range results {
-		counts[r.Level]++
-		fmt.Fprintf(tw, "%s\t%s\t%s\n", r.Level, r.Check, r.Message)
-		if r.Fix != "" && r.Level >= health.Warn {
-			fmt.Fprintf(tw, "\t\tfix: %s\n", r.Fix)
-		}
-		if verbose {
-			for _, d := range r.Details {
-				fmt.Fprintf(tw, "\t\t· %s\n", d)
-			}
-		}
-	}
-	tw.Flush()
-	fmt.Fprintf(w, "\n%d ok, %d warnings, %d failed", counts[health.OK], counts[health.Warn], counts[health.Fail])
-	if counts[health.Skip] > 0 {
-		fmt.Fprintf(w, ", %d skipped", counts[health.Skip])
-	}
-	fmt.Fprintln(w)
 }

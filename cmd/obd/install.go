@@ -5,11 +5,11 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/obdproject/obd/internal/cacheclient"
 	"github.com/obdproject/obd/internal/config"
 	"github.com/obdproject/obd/internal/install"
 	"github.com/obdproject/obd/internal/status"
@@ -47,7 +47,7 @@ containerd is not restarted unless --restart-containerd is given.`,
   obd install --cache-from registry.example.com/obd/cache:gpu-images`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			bin, err := snapshotterBinary(prefix)
+			bin, err := install.SnapshotterBinary(prefix)
 			if err != nil {
 				return err
 			}
@@ -64,7 +64,12 @@ containerd is not restarted unless --restart-containerd is given.`,
 				fmt.Fprintf(cmd.OutOrStdout(), "would import the cache snapshot %s once obd-snapshotter answers\n", cacheFrom)
 				return nil
 			}
-			return installCache(cmd, opts.ObdConfig, cacheFrom, &rf, wait)
+			cfg, _, err := config.Load(opts.ObdConfig, true)
+			if err != nil {
+				return err
+			}
+			sc := status.NewClient(cfg.Snapshotter.StatusSocket(), 10*time.Second)
+			return cacheclient.WaitAndImport(cmd.Context(), sc, wait, cacheFrom, rf.client, cmd.OutOrStdout(), cmd.ErrOrStderr())
 		},
 	}
 	f := cmd.Flags()
@@ -80,44 +85,4 @@ containerd is not restarted unless --restart-containerd is given.`,
 	f.DurationVar(&wait, "cache-wait", 2*time.Minute, "with --cache-from: how long to wait for obd-snapshotter to answer")
 	rf.register(cmd)
 	return cmd
-}
-
-// installCache waits until the daemon of obdConfig serves its cache, then imports the snapshot at src.
-func installCache(cmd *cobra.Command, obdConfig, src string, rf *registryFlags, wait time.Duration) error {
-	cfg, _, err := config.Load(obdConfig, true)
-	if err != nil {
-		return err
-	}
-	sock := cfg.Snapshotter.StatusSocket()
-	sc := status.NewClient(sock, 10*time.Second)
-	for deadline := time.Now().Add(wait); ; time.Sleep(500 * time.Millisecond) {
-		_, err = sc.CacheBlobs(cmd.Context())
-		if err == nil {
-			break
-		}
-		if time.Now().After(deadline) || cmd.Context().Err() != nil {
-			return fmt.Errorf("the cache snapshot %s was not imported: %w — start obd-snapshotter, then run 'obd cache import %s'", src, err, src)
-		}
-	}
-	return importSnapshot(cmd, sc, rf, src)
-}
-
-// snapshotterBinary returns the obd-snapshotter the unit runs: PREFIX/bin/obd-snapshotter, else the one next to
-// the running obd.
-func snapshotterBinary(prefix string) (string, error) {
-	if prefix != "" {
-		abs, err := filepath.Abs(prefix)
-		if err != nil {
-			return "", fmt.Errorf("--prefix: %w", err)
-		}
-		return filepath.Join(abs, "bin", "obd-snapshotter"), nil
-	}
-	self, err := os.Executable()
-	if err != nil {
-		return "", fmt.Errorf("cannot tell where obd is (%w): pass --prefix", err)
-	}
-	if resolved, err := filepath.EvalSymlinks(self); err == nil {
-		self = resolved
-	}
-	return filepath.Join(filepath.Dir(self), "obd-snapshotter"), nil
 }

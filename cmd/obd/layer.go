@@ -2,9 +2,6 @@ package main
 
 import (
 	"fmt"
-	"io"
-	"os"
-	"path/filepath"
 	"strconv"
 
 	"github.com/spf13/cobra"
@@ -12,7 +9,6 @@ import (
 	"github.com/obdproject/obd/internal/convert"
 	"github.com/obdproject/obd/internal/lz4c"
 	"github.com/obdproject/obd/lsmt"
-	"github.com/obdproject/obd/tarwrap"
 	"github.com/obdproject/obd/zfile"
 )
 
@@ -76,27 +72,7 @@ func newLayerCreateCmd() *cobra.Command {
 			if err != nil || gb <= 0 || gb > 1<<14 {
 				return fmt.Errorf("virtual size %q: want a whole number of GiB between 1 and 16384", args[2])
 			}
-			data, err := os.OpenFile(args[0], os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
-			if err != nil {
-				return err
-			}
-			defer data.Close()
-			index, err := os.OpenFile(args[1], os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
-			if err != nil {
-				os.Remove(args[0])
-				return err
-			}
-			defer index.Close()
-			rw, err := lsmt.CreateRW(data, index, gb<<30, lsmt.CreateOptions{UUID: uuid, ParentUUID: parent, Sparse: sparse})
-			if err == nil {
-				err = rw.Close()
-			}
-			if err != nil {
-				os.Remove(args[0])
-				os.Remove(args[1])
-				return err
-			}
-			return nil
+			return convert.CreateLayerFiles(args[0], args[1], gb<<30, lsmt.CreateOptions{UUID: uuid, ParentUUID: parent, Sparse: sparse})
 		},
 	}
 	cmd.Flags().BoolVarP(&sparse, "sparse", "s", false, "sparse data file (payload at its LBA) instead of append-only")
@@ -123,30 +99,7 @@ func newLayerCommitCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			data, err := os.OpenFile(args[0], os.O_RDWR, 0)
-			if err != nil {
-				return err
-			}
-			defer data.Close()
-			index, err := os.OpenFile(args[1], os.O_RDWR, 0)
-			if err != nil {
-				return err
-			}
-			defer index.Close()
-			rw, err := lsmt.OpenRW(data, index)
-			if err != nil {
-				return fmt.Errorf("%s, %s: %w", args[0], args[1], err)
-			}
-			defer rw.Close()
-			if seal {
-				_, err := rw.Seal()
-				return err
-			}
-			committed, err := lsmt.NewCommitReader(rw, lsmt.CommitOptions{UUID: uuid, ParentUUID: parent, UserTag: tag})
-			if err != nil {
-				return err
-			}
-			return writeLayerFile(args[2], committed, compress, wrap, zopts)
+			return convert.CommitLayerFiles(args[0], args[1], args[2], seal, lsmt.CommitOptions{UUID: uuid, ParentUUID: parent, UserTag: tag}, compress, wrap, zopts)
 		},
 	}
 	cmd.Flags().BoolVarP(&compress, "compress", "z", false, "compress into a ZFile")
@@ -171,17 +124,7 @@ func newLayerZfileCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			in, err := os.Open(args[0])
-			if err != nil {
-				return err
-			}
-			defer in.Close()
-			if st, err := in.Stat(); err != nil {
-				return err
-			} else if st.IsDir() {
-				return fmt.Errorf("%s is a directory, not a layer file", args[0])
-			}
-			return writeLayerFile(args[1], in, true, wrap, zopts)
+			return convert.CompressLayerFile(args[0], args[1], wrap, zopts)
 		},
 	}
 	cmd.Flags().BoolVarP(&wrap, "tar", "t", false, "wrap in tar (an image layer blob)")
@@ -195,64 +138,7 @@ func newLayerUnzfileCmd() *cobra.Command {
 		Short: "Decompress a ZFile (tar-wrapped or not) back into the layer file",
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			in, err := os.Open(args[0])
-			if err != nil {
-				return err
-			}
-			defer in.Close()
-			st, err := in.Stat()
-			if err != nil {
-				return err
-			}
-			sr, err := tarwrap.Open(in, st.Size())
-			if err != nil {
-				return fmt.Errorf("%s: %w", args[0], err)
-			}
-			z, err := zfile.Open(sr, sr.Size(), true)
-			if err != nil {
-				return fmt.Errorf("%s: %w", args[0], err)
-			}
-			return writeLayerFile(args[1], errorPrefix{io.NewSectionReader(z, 0, z.Size()), args[0]}, false, false, zfile.Options{})
+			return convert.DecompressLayerFile(args[0], args[1])
 		},
 	}
-}
-
-// writeLayerFile writes the layer file src reads to path (convert.WriteLayer): compressed into a ZFile and/or
-// tar-wrapped as asked. It writes a temporary file beside path, renamed to path once complete.
-func writeLayerFile(path string, src io.Reader, compress, wrap bool, zopts zfile.Options) error {
-	if st, err := os.Stat(path); err == nil && st.IsDir() {
-		return fmt.Errorf("%s is a directory; give the path of the file to write", path)
-	}
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
-	if err != nil {
-		return err
-	}
-	_, err = convert.WriteLayer(f, src, compress, wrap, zopts)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Chmod(f.Name(), 0o644)
-	}
-	if err == nil {
-		err = os.Rename(f.Name(), path)
-	}
-	if err != nil {
-		os.Remove(f.Name())
-	}
-	return err
-}
-
-// errorPrefix prefixes the errors of a reader with the name of what it reads.
-type errorPrefix struct {
-	r    io.Reader
-	name string
-}
-
-func (e errorPrefix) Read(p []byte) (int, error) {
-	n, err := e.r.Read(p)
-	if err != nil && err != io.EOF {
-		err = fmt.Errorf("%s: %w", e.name, err)
-	}
-	return n, err
 }

@@ -1,23 +1,12 @@
 package main
 
 import (
-	"bufio"
-	"context"
 	"errors"
 	"fmt"
-	"io"
-	"log/slog"
-	"os"
-	"os/user"
-	"path/filepath"
-	"slices"
-	"strings"
-	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
-	"golang.org/x/term"
 
 	"github.com/obdproject/obd/internal/config"
 	"github.com/obdproject/obd/internal/install"
@@ -39,68 +28,19 @@ func (f *credFlags) register(fl *pflag.FlagSet, helpers bool) {
 	fl.StringVar(&f.obdConfig, "obd-config", config.DefaultPath, "obd's configuration file")
 }
 
-// credFiles are the resolved credentials files and the node configuration.
-type credFiles struct {
-	docker, helpers string
-	cfg             config.Config
-	obdConfig       string
+// files finds the credentials files: flags first, then obd.toml, then docker's defaults.
+func (f *credFlags) files(cmd *cobra.Command) (install.CredFiles, error) {
+	return install.FindCredFiles(f.configFile, f.helpersFile, f.obdConfig, cmd.Flags().Changed("obd-config"))
 }
 
-// resolve finds the files: flags first, then obd.toml, then docker's defaults.
-func (f *credFlags) resolve(cmd *cobra.Command) (credFiles, error) {
-	cfg, _, err := config.Load(f.obdConfig, cmd.Flags().Changed("obd-config"))
+// registryAndFiles checks the REGISTRY argument and finds the credentials files.
+func (f *credFlags) registryAndFiles(cmd *cobra.Command, arg string) (string, install.CredFiles, error) {
+	host, err := install.RegistryHost(arg)
 	if err != nil {
-		return credFiles{}, err
+		return "", install.CredFiles{}, err
 	}
-	cf := credFiles{docker: f.configFile, helpers: f.helpersFile, cfg: cfg, obdConfig: f.obdConfig}
-	if cf.docker == "" {
-		cf.docker = cfg.Registry.DockerConfig
-	}
-	if cf.docker == "" {
-		cf.docker = registry.DefaultDockerConfigPath()
-	}
-	if cf.docker == "" {
-		return credFiles{}, errors.New("no home directory to find ~/.docker/config.json in: pass --config-file")
-	}
-	if cf.helpers == "" {
-		cf.helpers = cfg.Registry.CredentialHelpers
-	}
-	if cf.helpers == "" {
-		cf.helpers = registry.DefaultHelperFile
-	}
-	return cf, nil
-}
-
-// daemonDockerConfig returns the docker config file obd-snapshotter reads: [registry] docker_config, else root's
-// ~/.docker/config.json (the unit runs it as root with HOME set).
-func (cf credFiles) daemonDockerConfig() string {
-	if cf.cfg.Registry.DockerConfig != "" {
-		return cf.cfg.Registry.DockerConfig
-	}
-	home := "/root"
-	if u, err := user.LookupId("0"); err == nil && u.HomeDir != "" {
-		home = u.HomeDir
-	}
-	return filepath.Join(home, ".docker", "config.json")
-}
-
-// saveLogin stores user and pass for host in the docker config file, printing what it changed.
-func (cf credFiles) saveLogin(w io.Writer, host, user, pass string) error {
-	notes, err := install.SetDockerLogin(cf.docker, host, user, pass)
-	for _, n := range notes {
-		fmt.Fprintln(w, n)
-	}
-	return err
-}
-
-// noteDaemonFile tells the user when the file written is not the one obd-snapshotter reads.
-func (cf credFiles) noteDaemonFile(w io.Writer) {
-	daemon := cf.daemonDockerConfig()
-	if filepath.Clean(cf.docker) == filepath.Clean(daemon) {
-		return
-	}
-	fmt.Fprintf(w, "note: obd-snapshotter reads %s, not %s: for lazy pulls to use these credentials, run this as root without --config-file, or set docker_config = %q in the [registry] table of %s\n",
-		daemon, cf.docker, cf.docker, cf.obdConfig)
+	files, err := f.files(cmd)
+	return host, files, err
 }
 
 func newLoginCmd() *cobra.Command {
@@ -126,26 +66,11 @@ its other entries are kept. Run it as root for the daemon (which runs as root) t
 			if err != nil {
 				return err
 			}
-			user, pass, err := readLogin(cmd, username, passwordStdin)
+			user, pass, err := install.ReadLogin(cmd.InOrStdin(), cmd.ErrOrStderr(), username, passwordStdin)
 			if err != nil {
 				return err
 			}
-			out := cmd.OutOrStdout()
-			if !vf.noVerify {
-				err := vf.ping(cmd.Context(), host, files.cfg, registry.StaticCredentials(user, pass), nil)
-				switch {
-				case errors.Is(err, registry.ErrUnauthorized):
-					return fmt.Errorf("login %s: the registry refused user %q: %s; nothing was saved", host, user, cause(err))
-				case err != nil:
-					return fmt.Errorf("login %s: %w; nothing was saved (--no-verify saves without asking the registry)", host, err)
-				}
-			}
-			if err := files.saveLogin(out, host, user, pass); err != nil {
-				return err
-			}
-			fmt.Fprintf(out, "Login succeeded: credentials of %s for %s saved in %s\n", user, host, files.docker)
-			files.noteDaemonFile(out)
-			return nil
+			return files.Login(cmd.Context(), cmd.OutOrStdout(), host, user, pass, !vf.noVerify, vf.reach)
 		},
 	}
 	cf.register(cmd.Flags(), false)
@@ -157,9 +82,8 @@ its other entries are kept. Run it as root for the daemon (which runs as root) t
 
 // verifyFlags say how to reach registries to check credentials.
 type verifyFlags struct {
-	noVerify            bool
-	plainHTTP, insecure bool
-	timeout             time.Duration
+	noVerify bool
+	reach    install.Reach
 }
 
 func (f *verifyFlags) register(fl *pflag.FlagSet) {
@@ -168,112 +92,9 @@ func (f *verifyFlags) register(fl *pflag.FlagSet) {
 }
 
 func (f *verifyFlags) registerReach(fl *pflag.FlagSet) {
-	fl.BoolVar(&f.plainHTTP, "plain-http", false, "talk HTTP to the registry (always so for localhost; see also [registry] plain_http)")
-	fl.BoolVar(&f.insecure, "insecure", false, "do not verify the registry's TLS certificate (see also [registry] insecure)")
-	fl.DurationVar(&f.timeout, "timeout", 15*time.Second, "how long to try to reach a registry")
-}
-
-// ping checks creds against host.
-func (f *verifyFlags) ping(ctx context.Context, host string, cfg config.Config, creds registry.CredentialFunc, refresh func(string) bool) error {
-	c, err := registry.New(registry.Options{
-		PlainHTTP:          f.plainHTTP || registry.IsLocalhost(host) || slices.Contains(cfg.Registry.PlainHTTP, host),
-		Insecure:           f.insecure || slices.Contains(cfg.Registry.Insecure, host),
-		Credentials:        creds,
-		RefreshCredentials: refresh,
-		RetryBudget:        f.timeout,
-		RequestTimeout:     min(f.timeout, 10*time.Second),
-		UserAgent:          "obd",
-		Logger:             slog.New(slog.NewTextHandler(io.Discard, nil)),
-	})
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	return c.Ping(ctx, pingHost(host))
-}
-
-// cause returns the cause of a registry error without its operation and hint.
-func cause(err error) string {
-	var re *registry.Error
-	if errors.As(err, &re) && re.Err != nil {
-		return re.Err.Error()
-	}
-	return err.Error()
-}
-
-// registryAndFiles checks the REGISTRY argument and finds the credential files.
-func (f *credFlags) registryAndFiles(cmd *cobra.Command, arg string) (string, credFiles, error) {
-	host, err := registryArg(arg)
-	if err != nil {
-		return "", credFiles{}, err
-	}
-	files, err := f.resolve(cmd)
-	return host, files, err
-}
-
-// registryArg turns a REGISTRY argument (host[:port], or a URL) into the host key credentials are stored under.
-func registryArg(s string) (string, error) {
-	h := registry.HostKey(s)
-	if h == "" || strings.ContainsAny(h, " \t@") {
-		return "", fmt.Errorf("registry %q: want a host name such as registry.example.com or localhost:5000", s)
-	}
-	if h == "index.docker.io" {
-		return "docker.io", nil
-	}
-	return h, nil
-}
-
-// pingHost is the registry name to ask for a host key.
-func pingHost(host string) string {
-	if host == "index.docker.io" {
-		return "docker.io"
-	}
-	return host
-}
-
-// readLogin gets the user name and the password: the password from standard input with passwordStdin, else from
-// a terminal prompt without echo. It never prints the password.
-func readLogin(cmd *cobra.Command, username string, passwordStdin bool) (string, string, error) {
-	in := cmd.InOrStdin()
-	f, isFile := in.(*os.File)
-	tty := isFile && term.IsTerminal(int(f.Fd()))
-	prompt := cmd.ErrOrStderr()
-	if username == "" {
-		if passwordStdin || !tty {
-			return "", "", errors.New("no user name: pass -u USER")
-		}
-		fmt.Fprint(prompt, "Username: ")
-		line, err := bufio.NewReader(io.LimitReader(in, 4096)).ReadString('\n')
-		if err != nil && !errors.Is(err, io.EOF) {
-			return "", "", fmt.Errorf("reading the user name: %w", err)
-		}
-		if username = strings.TrimSpace(line); username == "" {
-			return "", "", errors.New("no user name given")
-		}
-	}
-	var pass string
-	switch {
-	case passwordStdin:
-		b, err := io.ReadAll(io.LimitReader(in, 64<<10))
-		if err != nil {
-			return "", "", fmt.Errorf("reading the password from standard input: %w", err)
-		}
-		pass = strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r")
-	case tty:
-		fmt.Fprint(prompt, "Password: ")
-		b, err := term.ReadPassword(int(f.Fd()))
-		fmt.Fprintln(prompt)
-		if err != nil {
-			return "", "", fmt.Errorf("reading the password: %w", err)
-		}
-		pass = string(b)
-	default:
-		return "", "", errors.New("standard input is not a terminal, so the password cannot be asked for without echo: pipe it in with --password-stdin (e.g. obd login REGISTRY -u USER --password-stdin < file)")
-	}
-	if pass == "" {
-		return "", "", errors.New("empty password")
-	}
-	return username, pass, nil
+	fl.BoolVar(&f.reach.PlainHTTP, "plain-http", false, "talk HTTP to the registry (always so for localhost; see also [registry] plain_http)")
+	fl.BoolVar(&f.reach.Insecure, "insecure", false, "do not verify the registry's TLS certificate (see also [registry] insecure)")
+	fl.DurationVar(&f.reach.Timeout, "timeout", 15*time.Second, "how long to try to reach a registry")
 }
 
 func newCredentialsCmd() *cobra.Command {
@@ -323,16 +144,11 @@ the token is older than --ttl or the registry refuses it. set runs CMD once to c
 				if cmd.Flags().Changed("ttl") {
 					return errors.New("--ttl goes with --helper")
 				}
-				user, pass, err := readLogin(cmd, username, passwordStdin)
+				user, pass, err := install.ReadLogin(cmd.InOrStdin(), cmd.ErrOrStderr(), username, passwordStdin)
 				if err != nil {
 					return err
 				}
-				if err := files.saveLogin(out, host, user, pass); err != nil {
-					return err
-				}
-				fmt.Fprintf(out, "saved credentials of %s for %s in %s\n", user, host, files.docker)
-				files.noteDaemonFile(out)
-				return nil
+				return files.SaveLogin(out, host, user, pass)
 			}
 			if passwordStdin {
 				return errors.New("--password-stdin and --helper exclude each other: the helper prints the token")
@@ -344,23 +160,7 @@ the token is older than --ttl or the registry refuses it. set runs CMD once to c
 			if err := h.Validate(); err != nil {
 				return fmt.Errorf("--helper/--ttl: %w", err)
 			}
-			if !noVerify {
-				if _, err := h.Token(cmd.Context()); err != nil {
-					return fmt.Errorf("token helper: %w; nothing was saved (--no-verify saves it anyway)", err)
-				}
-			}
-			notes, err := install.SetTokenHelper(files.helpers, host, h)
-			for _, n := range notes {
-				fmt.Fprintln(out, n)
-			}
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(out, "saved token helper for %s in %s: user %s, token from %q, renewed every %s\n", host, files.helpers, h.User(), h.Command, shortDuration(h.Lifetime()))
-			if first, _, _ := strings.Cut(strings.TrimSpace(helper), " "); !strings.HasPrefix(first, "/") {
-				fmt.Fprintln(out, "note: obd-snapshotter runs the helper with systemd's PATH and root's HOME: if the command lives elsewhere or needs your login, give its absolute path and check it works as root")
-			}
-			return nil
+			return files.SaveHelper(cmd.Context(), out, host, h, !noVerify)
 		},
 	}
 	f := cmd.Flags()
@@ -382,56 +182,9 @@ func newCredentialsRemoveCmd(cf *credFlags) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			out := cmd.OutOrStdout()
-			removedLogin, notes, err := install.RemoveDockerLogin(files.docker, host)
-			for _, n := range notes {
-				fmt.Fprintln(out, n)
-			}
-			if err != nil {
-				return err
-			}
-			if removedLogin {
-				fmt.Fprintf(out, "removed the credentials for %s from %s\n", host, files.docker)
-			}
-			removedHelper, notes, err := install.RemoveTokenHelper(files.helpers, host)
-			for _, n := range notes {
-				fmt.Fprintln(out, n)
-			}
-			if err != nil {
-				return err
-			}
-			if removedHelper {
-				fmt.Fprintf(out, "removed the token helper for %s from %s\n", host, files.helpers)
-			}
-			if !removedLogin && !removedHelper {
-				return fmt.Errorf("no credentials for %s in %s or %s", host, files.docker, files.helpers)
-			}
-			return nil
+			return files.Remove(cmd.OutOrStdout(), host)
 		},
 	}
-}
-
-// allCredentials finds the credential files and lists the entries of both, printing what is wrong with them as
-// warnings; helpers come first for a host that has both (they win).
-func (f *credFlags) allCredentials(cmd *cobra.Command) (credFiles, []install.Credential, error) {
-	files, err := f.resolve(cmd)
-	if err != nil {
-		return files, nil, err
-	}
-	helpers, warnings, err := install.ListTokenHelpers(files.helpers)
-	if err != nil {
-		return files, nil, err
-	}
-	logins, w, err := install.ListDockerLogins(files.docker)
-	if err != nil {
-		return files, nil, err
-	}
-	for _, w := range append(warnings, w...) {
-		fmt.Fprintln(cmd.ErrOrStderr(), "warning:", w)
-	}
-	all := append(helpers, logins...)
-	slices.SortStableFunc(all, func(a, b install.Credential) int { return strings.Compare(a.Host, b.Host) })
-	return files, all, nil
 }
 
 func newCredentialsListCmd(cf *credFlags) *cobra.Command {
@@ -440,29 +193,15 @@ func newCredentialsListCmd(cf *credFlags) *cobra.Command {
 		Short: "List the registries with credentials and their users (never passwords)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			files, all, err := cf.allCredentials(cmd)
+			files, err := cf.files(cmd)
 			if err != nil {
 				return err
 			}
-			out := cmd.OutOrStdout()
-			if len(all) == 0 {
-				fmt.Fprintf(out, "no credentials in %s or %s\n", files.docker, files.helpers)
-				return nil
+			all, err := files.List(cmd.ErrOrStderr())
+			if err != nil {
+				return err
 			}
-			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "REGISTRY\tUSER\tFROM")
-			seen := map[string]bool{}
-			for _, c := range all {
-				from := c.Source
-				if c.Helper != nil {
-					from = fmt.Sprintf("token helper %q (renewed every %s) in %s", c.Helper.Command, shortDuration(c.Helper.Lifetime()), files.helpers)
-				} else if seen[c.Host] {
-					from += " (not used: the token helper wins)"
-				}
-				seen[c.Host] = true
-				fmt.Fprintf(tw, "%s\t%s\t%s\n", c.Registry, c.User, from)
-			}
-			return tw.Flush()
+			return files.WriteList(cmd.OutOrStdout(), all)
 		},
 	}
 }
@@ -476,102 +215,13 @@ func newCredentialsVerifyCmd(cf *credFlags) *cobra.Command {
 registry's token exchange), using the credentials obd-snapshotter would use, and prints which work: OK,
 unauthorized (with what to do) or unreachable. It fails when any does not work.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			files, all, err := cf.allCredentials(cmd)
+			files, err := cf.files(cmd)
 			if err != nil {
 				return err
 			}
-			docker, err := registry.LoadDockerConfig(files.docker)
-			if err != nil {
-				return err
-			}
-			creds, err := registry.NewHelperCredentials(files.helpers, docker)
-			if err != nil {
-				return err
-			}
-			type target struct{ host, user string }
-			var targets []target
-			users := map[string]string{}
-			for _, c := range all {
-				if _, ok := users[c.Host]; !ok {
-					users[c.Host] = c.User
-					targets = append(targets, target{c.Host, c.User})
-				}
-			}
-			if len(args) > 0 {
-				targets = nil
-				for _, a := range args {
-					h, err := registryArg(a)
-					if err != nil {
-						return err
-					}
-					u, ok := users[registry.HostKey(h)]
-					if !ok {
-						u = "(anonymous)"
-					}
-					targets = append(targets, target{h, u})
-				}
-			}
-			out := cmd.OutOrStdout()
-			if len(targets) == 0 {
-				fmt.Fprintf(out, "no credentials in %s or %s: nothing to verify\n", files.docker, files.helpers)
-				return nil
-			}
-			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "REGISTRY\tUSER\tRESULT")
-			failed := 0
-			for _, t := range targets {
-				err := vf.ping(cmd.Context(), t.host, files.cfg, creds.Credential, creds.Refresh)
-				var result string
-				switch {
-				case err == nil:
-					result = "OK"
-				case errors.Is(err, registry.ErrUnauthorized):
-					fix := fmt.Sprintf("run 'obd login %s' to store working credentials in %s", t.host, files.docker)
-					if creds.Has(t.host) {
-						fix = fmt.Sprintf("check the token helper (obd credentials list); set it again with 'obd credentials set %s --helper CMD'", t.host)
-					}
-					result = fmt.Sprintf("unauthorized (%s) — %s", cause(err), fix)
-				case errors.Is(err, registry.ErrUnavailable):
-					result = "unreachable: " + cause(err)
-					var re *registry.Error
-					if errors.As(err, &re) && re.Hint != "" {
-						result += " — " + re.Hint
-					}
-				case errors.Is(err, registry.ErrNotFound):
-					result = "not a registry: GET /v2/ answered 404"
-				default:
-					result = "failed: " + err.Error()
-				}
-				if err != nil {
-					failed++
-				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\n", t.host, t.user, result)
-			}
-			if err := tw.Flush(); err != nil {
-				return err
-			}
-			if failed > 0 {
-				noun := "registries"
-				if len(targets) == 1 {
-					noun = "registry"
-				}
-				return fmt.Errorf("%d of %d %s failed the check", failed, len(targets), noun)
-			}
-			return nil
+			return files.Verify(cmd.Context(), cmd.OutOrStdout(), cmd.ErrOrStderr(), args, vf.reach)
 		},
 	}
 	vf.registerReach(cmd.Flags())
 	return cmd
-}
-
-// shortDuration formats d without zero units: 30m, 6h, 1h30m.
-func shortDuration(d time.Duration) string {
-	s := d.String()
-	if strings.HasSuffix(s, "m0s") {
-		s = strings.TrimSuffix(s, "0s")
-	}
-	if strings.HasSuffix(s, "h0m") {
-		s = strings.TrimSuffix(s, "0m")
-	}
-	return s
 }

@@ -3,7 +3,9 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"syscall"
@@ -33,4 +35,11 @@ read lazily from the registry so a container starts before its image is download
 	root.AddCommand(newInspectCmd(), newExportRawCmd(), newLayerCmd(), newPullCmd(), newConvertCmd(), newVerifyCmd(), newDemoCmd(),
 		newInstallCmd(), newLoginCmd(), newCredentialsCmd(), newStatusCmd(), newHealthCmd(), newProfileCmd(), newCacheCmd())
 	return root
+}
+
+// printJSON prints v as indented JSON.
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
 }

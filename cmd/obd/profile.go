@@ -1,13 +1,10 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
-	"os"
 	"time"
 
 	"github.com/containerd/containerd/v2/pkg/namespaces"
-	"github.com/containerd/errdefs"
 	"github.com/spf13/cobra"
 
 	obdconfig "github.com/obdproject/obd/internal/config"
@@ -16,7 +13,6 @@ import (
 	"github.com/obdproject/obd/internal/pull"
 	"github.com/obdproject/obd/internal/snapshotter"
 	"github.com/obdproject/obd/internal/status"
-	"github.com/obdproject/obd/internal/units"
 )
 
 func newProfileCmd() *cobra.Command {
@@ -46,12 +42,9 @@ cached, so that the profile's timings and bytes are those of a cold start.`,
   obd profile registry.example.com/app:obd --no-push --install`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			ref, err := image.ParseRef(args[0])
+			ref, dst, err := profile.Targets(args[0], push)
 			if err != nil {
 				return err
-			}
-			if ref.Transport != image.TransportRegistry {
-				return fmt.Errorf("%s: profile needs a registry reference (host[:port]/repo:tag)", args[0])
 			}
 			opts.Args = args[1:]
 			if shell != "" {
@@ -59,15 +52,6 @@ cached, so that the profile's timings and bytes are those of a cold start.`,
 					return fmt.Errorf("--cmd and a command after the image: give one")
 				}
 				opts.Args = []string{"/bin/sh", "-c", shell}
-			}
-			dst := profile.DefaultTag(ref)
-			if push != "" {
-				if dst, err = image.ParseRef(push); err != nil {
-					return fmt.Errorf("--push: %w", err)
-				}
-				if dst.Transport != image.TransportRegistry {
-					return fmt.Errorf("--push %s: want a registry reference", push)
-				}
 			}
 			plat, err := image.ParsePlatform(platform)
 			if err != nil {
@@ -91,16 +75,12 @@ cached, so that the profile's timings and bytes are those of a cold start.`,
 			}
 			defer c.Close()
 			ctx := namespaces.WithNamespace(cmd.Context(), cf.namespace)
-			img, err := c.GetImage(ctx, ref.String())
-			var pullTime time.Duration
-			unpacked := false
-			if err == nil {
-				unpacked, err = img.IsUnpacked(ctx, opts.Snapshotter)
-			}
-			switch {
-			case err != nil && !errdefs.IsNotFound(err):
+			img, err := pull.Unpacked(ctx, c, ref.String(), opts.Snapshotter)
+			if err != nil {
 				return err
-			case !unpacked:
+			}
+			var pullTime time.Duration
+			if img == nil {
 				creds, _, err := rf.credentials()
 				if err != nil {
 					return err
@@ -120,17 +100,9 @@ cached, so that the profile's timings and bytes are those of a cold start.`,
 			}
 			p.Phases.Pull = pullTime.Seconds()
 			w := cmd.OutOrStdout()
-			fmt.Fprintf(w, "recorded the start of %s (%s): %d reads, %s of %d layers; attach %.2fs, first read %.3fs after it, %s %.2fs after the start\n",
-				ref, p.End, len(p.Reads), units.Bytes(p.ReadBytes), len(p.Layers), p.Phases.Attach, p.Phases.FirstRead, p.End, p.Phases.Ready)
-			if p.Fetched != nil {
-				fmt.Fprintf(w, "fetched from the registry while recording: %s in %d requests\n", units.Bytes(p.Fetched.Bytes), p.Fetched.Requests)
-			}
+			p.WriteSummary(w, ref)
 			if out != "" {
-				b, err := json.MarshalIndent(p, "", "  ")
-				if err != nil {
-					return err
-				}
-				if err := os.WriteFile(out, append(b, '\n'), 0o644); err != nil {
+				if err := p.Save(out); err != nil {
 					return err
 				}
 				fmt.Fprintf(w, "profile written to %s\n", out)

@@ -2,20 +2,14 @@ package main
 
 import (
 	"fmt"
-	"io"
-	"os"
-	"sort"
-	"strings"
-	"sync"
 	"time"
-
-	"github.com/obdproject/obd/internal/units"
 
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/spf13/cobra"
 
 	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/progress"
 	"github.com/obdproject/obd/internal/pull"
 	"github.com/obdproject/obd/internal/snapshotter"
 )
@@ -30,20 +24,7 @@ func (f *containerdFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVarP(&f.namespace, "namespace", "n", "default", "containerd namespace")
 }
 
-func (f *containerdFlags) connect() (*client.Client, error) {
-	// client.New connects lazily: without this check a missing socket surfaces only 10s later, in the first call,
-	// as a bare gRPC "dial ... timeout".
-	if path, ok := strings.CutPrefix(f.address, "unix://"); ok || !strings.Contains(f.address, "://") {
-		if _, err := os.Stat(path); err != nil {
-			return nil, fmt.Errorf("connect to containerd at %s: %w (is containerd running? set --address)", f.address, err)
-		}
-	}
-	c, err := client.New(f.address, client.WithTimeout(10*time.Second))
-	if err != nil {
-		return nil, fmt.Errorf("connect to containerd at %s: %w (is containerd running? set --address)", f.address, err)
-	}
-	return c, nil
-}
+func (f *containerdFlags) connect() (*client.Client, error) { return pull.Connect(f.address) }
 
 func newPullCmd() *cobra.Command {
 	var (
@@ -77,9 +58,7 @@ pulled and unpacked as usual. Run containers with 'ctr run --snapshotter overlay
 				}
 				defer rc.Close()
 				opts.Registry = rc
-				if w := progressWriter(cmd.ErrOrStderr()); w != nil {
-					opts.Progress = downloadBar(w)
-				}
+				opts.Progress = progress.Bar(progress.Terminal(cmd.ErrOrStderr()))
 			}
 			c, err := cf.connect()
 			if err != nil {
@@ -92,15 +71,7 @@ pulled and unpacked as usual. Run containers with 'ctr run --snapshotter overlay
 			if err != nil {
 				return err
 			}
-			var fetched int64
-			digests := make([]string, 0, len(res.Fetched))
-			for d, n := range res.Fetched {
-				fetched += n
-				digests = append(digests, d)
-			}
-			sort.Strings(digests)
-			fmt.Fprintf(cmd.OutOrStdout(), "pulled %s in %s: %d layers, %d lazy (not downloaded); fetched %d blobs, %s\n",
-				res.Image.Name(), time.Since(start).Round(time.Millisecond), res.Layers, res.Lazy, len(digests), units.Bytes(fetched))
+			fmt.Fprintln(cmd.OutOrStdout(), res.Summary(time.Since(start)))
 			return nil
 		},
 	}
@@ -109,29 +80,4 @@ pulled and unpacked as usual. Run containers with 'ctr run --snapshotter overlay
 	rf.register(cmd)
 	cmd.Flags().StringVar(&snapshotterName, "snapshotter", snapshotter.Name, "containerd snapshotter to unpack into")
 	return cmd
-}
-
-// downloadBar returns a progress callback that draws a bar on the terminal w, at most 5 times a second.
-func downloadBar(w io.Writer) func(done, total int64) {
-	var (
-		mu    sync.Mutex
-		start = time.Now()
-		last  time.Time
-	)
-	return func(done, total int64) {
-		mu.Lock()
-		defer mu.Unlock()
-		if total <= 0 || done < total && time.Since(last) < 200*time.Millisecond {
-			return
-		}
-		last = time.Now()
-		const width = 30
-		full := int(int64(width) * done / total)
-		rate := float64(done) / time.Since(start).Seconds()
-		fmt.Fprintf(w, "\rdownload [%s%s] %3d%% %s of %s, %s/s ", strings.Repeat("#", full), strings.Repeat(".", width-full),
-			100*done/total, units.Bytes(done), units.Bytes(total), units.Bytes(int64(rate)))
-		if done == total {
-			fmt.Fprintln(w)
-		}
-	}
 }

@@ -1,9 +1,6 @@
 package main
 
 import (
-	"fmt"
-	"strings"
-
 	"github.com/spf13/cobra"
 
 	"github.com/obdproject/obd/internal/registry"
@@ -23,16 +20,7 @@ func (f *registryFlags) register(cmd *cobra.Command) {
 
 // credentials returns --creds, or the docker config file's credentials.
 func (f *registryFlags) credentials() (registry.CredentialFunc, string, error) {
-	if f.creds != "" {
-		user, pass, ok := strings.Cut(f.creds, ":")
-		if !ok || user == "" {
-			return nil, "", fmt.Errorf("--creds: want user:password")
-		}
-		return registry.StaticCredentials(user, pass), "--creds", nil
-	}
-	path := registry.DefaultDockerConfigPath()
-	c, err := registry.LoadDockerConfig(path)
-	return c, path, err
+	return registry.UserCredentials(f.creds)
 }
 
 // client returns a registry client for host.

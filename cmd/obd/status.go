@@ -2,14 +2,9 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"text/tabwriter"
 	"time"
-
-	"github.com/obdproject/obd/internal/units"
 
 	"github.com/spf13/cobra"
 
@@ -77,106 +72,13 @@ shows the daemon's version, uptime, configuration and cache usage. --json prints
 				return df.notRunningHint(err)
 			}
 			if asJSON {
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				return enc.Encode(st)
+				return printJSON(cmd.OutOrStdout(), st)
 			}
-			printStatus(cmd.OutOrStdout(), st)
+			status.WriteText(cmd.OutOrStdout(), st)
 			return nil
 		},
 	}
 	df.register(cmd)
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
-}
-
-// printStatus prints a status as a header and a table of images.
-func printStatus(w io.Writer, st *status.Status) {
-	up := (time.Duration(st.UptimeSeconds) * time.Second).String()
-	fmt.Fprintf(w, "obd-snapshotter %s (pid %d), up %s, config %s\n", st.Version, st.PID, up, st.Config.File)
-	metrics := "metrics only on the status socket"
-	if st.Config.MetricsAddress != "" {
-		metrics = "metrics http://" + st.Config.MetricsAddress + "/metrics"
-	}
-	fmt.Fprintf(w, "  socket %s, status %s, %s\n", st.Config.Address, st.Config.StatusAddress, metrics)
-	c := st.Cache
-	fmt.Fprintf(w, "  cache %s: %s of %s (%.0f%%), %d blobs, hit ratio %s\n", c.Dir, units.Bytes(c.UsedBytes), units.Bytes(c.CapacityBytes),
-		100*float64(c.UsedBytes)/float64(max(c.CapacityBytes, 1)), c.Blobs, ratio(status.HitRatio(c.Hits, c.Misses)))
-	r := st.Reads
-	fmt.Fprintf(w, "  device reads %d: %d failed, %d slow (≥ %d ms), %d in flight, %d hung\n", r.Total, r.Errors, r.Slow, st.Config.SlowReadMS, r.InFlight, r.Hung)
-	for _, warning := range st.Warnings {
-		fmt.Fprintf(w, "  warning: %s\n", warning)
-	}
-	fmt.Fprintln(w)
-	if len(st.Images) == 0 {
-		fmt.Fprintln(w, "No images in use.")
-		return
-	}
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tIMAGE\tMODE\tSTATE\tLAYERS\tFETCHED\tCACHE HITS\tREADS\tSNAPSHOTS")
-	for _, img := range st.Images {
-		ref := img.ImageRef
-		if ref == "" {
-			ref = "-"
-		}
-		layers, fetched, hits, reads := "-", "-", "-", "-"
-		if img.Mode != status.ModeOverlayfs && img.Mode != status.ModeInvalid {
-			layers = layerSummary(img.Layers)
-			fetched = units.Bytes(img.BytesFetched)
-			hits = ratio(img.CacheHitRatio)
-			reads = fmt.Sprint(img.Reads)
-			if img.HungReads > 0 {
-				reads += fmt.Sprintf(" (%d hung)", img.HungReads)
-			}
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\n", img.ID, ref, img.Mode, img.State, layers, fetched, hits, reads, len(img.Snapshots))
-	}
-	tw.Flush()
-	fmt.Fprintln(w)
-	for _, img := range st.Images {
-		fmt.Fprintf(w, "%s: %s\n", img.ID, img.Reason)
-		if img.Error != "" {
-			fmt.Fprintf(w, "%s: error: %s\n", img.ID, img.Error)
-		}
-		if p := img.Prefetch; p != nil {
-			state := "done"
-			switch {
-			case p.Running:
-				state = "running"
-			case p.Error != "":
-				state = "stopped: " + p.Error
-			}
-			fmt.Fprintf(w, "%s: prefetch of its recorded start %s: %d of %d ranges, %s of %s in %.1f s\n", img.ID, state,
-				p.DoneRanges, p.Ranges, units.Bytes(p.DoneBytes), units.Bytes(p.Bytes), p.Seconds)
-		}
-		if img.Recording != "" {
-			fmt.Fprintf(w, "%s: recording its reads into %s\n", img.ID, img.Recording)
-		}
-	}
-}
-
-// layerSummary says how many layers an image has and where they are read from.
-func layerSummary(layers []status.Layer) string {
-	local := 0
-	for _, l := range layers {
-		if l.Source == "local" {
-			local++
-		}
-	}
-	switch {
-	case len(layers) == 0:
-		return "-"
-	case local == 0:
-		return fmt.Sprintf("%d remote", len(layers))
-	case local == len(layers):
-		return fmt.Sprintf("%d local", len(layers))
-	}
-	return fmt.Sprintf("%d remote, %d local", len(layers)-local, local)
-}
-
-func ratio(r *float64) string {
-	if r == nil {
-		return "-"
-	}
-	return fmt.Sprintf("%.1f%%", 100**r)
 }

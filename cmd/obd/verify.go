@@ -21,12 +21,9 @@ symlink target, device numbers, xattrs and hardlink groups. /lost+found, made by
 SRC is oci:DIR[:TAG] or docker-archive:FILE[:TAG]; CONVERTED is oci:DIR[:TAG].`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			plat := image.DefaultPlatform()
-			if platform != "" {
-				var err error
-				if plat, err = image.ParsePlatform(platform); err != nil {
-					return err
-				}
+			plat, err := image.PlatformOrDefault(platform)
+			if err != nil {
+				return err
 			}
 			srcRef, err := image.ParseRef(args[0])
 			if err != nil {
@@ -36,32 +33,17 @@ SRC is oci:DIR[:TAG] or docker-archive:FILE[:TAG]; CONVERTED is oci:DIR[:TAG].`,
 			if err != nil {
 				return err
 			}
-			src, err := image.OpenLocalSource(srcRef, plat)
+			diffs, paths, err := verify.Images(cmd.Context(), srcRef, dstRef, plat)
 			if err != nil {
 				return err
 			}
-			defer src.Close()
-			want, err := verify.FromSource(cmd.Context(), src)
-			if err != nil {
-				return fmt.Errorf("%s: %w", srcRef, err)
-			}
-			img, err := image.OpenLocal(dstRef, plat)
-			if err != nil {
-				return err
-			}
-			defer img.Close()
-			got, err := verify.FromStack(img.Stack)
-			if err != nil {
-				return fmt.Errorf("%s: %w", dstRef, err)
-			}
-			diffs := verify.Compare(want, got, verify.Options{IgnoreExtra: []string{"/lost+found"}})
 			for _, d := range diffs {
 				fmt.Fprintln(cmd.OutOrStdout(), d)
 			}
 			if len(diffs) > 0 {
 				return fmt.Errorf("%d differences between %s and %s", len(diffs), srcRef, dstRef)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "%s and %s hold the same %d paths\n", srcRef, dstRef, len(want))
+			fmt.Fprintf(cmd.OutOrStdout(), "%s and %s hold the same %d paths\n", srcRef, dstRef, paths)
 			return nil
 		},
 	}

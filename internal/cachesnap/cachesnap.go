@@ -39,6 +39,15 @@ type Index struct {
 	Blobs     []Entry `json:"blobs"`
 }
 
+// Blocks counts the blocks of every blob of the snapshot.
+func (idx Index) Blocks() int {
+	n := 0
+	for _, e := range idx.Blobs {
+		n += len(e.Blocks)
+	}
+	return n
+}
+
 // Entry is one blob of a snapshot: which of its blocks the data holds, and the data blob's descriptor.
 type Entry struct {
 	cache.ExportedBlob

@@ -146,3 +146,10 @@ func FuzzParseIndex(f *testing.F) {
 		}
 	})
 }
+
+func TestIndexBlocks(t *testing.T) {
+	idx := Index{Blobs: []Entry{{ExportedBlob: cache.ExportedBlob{Blocks: []int64{0, 1}}}, {ExportedBlob: cache.ExportedBlob{Blocks: []int64{7}}}}}
+	if n := idx.Blocks(); n != 3 {
+		t.Errorf("Blocks() = %d, want 3", n)
+	}
+}

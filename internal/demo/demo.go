@@ -6,6 +6,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -26,6 +27,27 @@ import (
 	"github.com/obdproject/obd/internal/testimage"
 	"github.com/obdproject/obd/internal/units"
 )
+
+// Check checks that the demo can run here: as root, with the tools it needs and snapshotterBin (default: the
+// obd-snapshotter next to the running binary), which it returns.
+func Check(snapshotterBin string) (string, error) {
+	if os.Geteuid() != 0 {
+		return "", errors.New("the demo mounts filesystems and runs containers: run it as root")
+	}
+	if snapshotterBin == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return "", err
+		}
+		snapshotterBin = filepath.Join(filepath.Dir(exe), "obd-snapshotter")
+	}
+	for _, tool := range append([]string{snapshotterBin, "apt-get", "dpkg-deb"}, sandbox.Required...) {
+		if _, err := exec.LookPath(tool); err != nil {
+			return "", fmt.Errorf("%s is missing: run 'make deps' (Debian packages) and 'make build' first", tool)
+		}
+	}
+	return snapshotterBin, nil
+}
 
 // Run runs the demo, printing each step on w: it builds a sample image, starts a sandbox (registry, containerd,
 // snapshotterBin), converts and pushes the image, pulls it lazily and runs a container from it, then cleans up.

@@ -5,6 +5,8 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
 
 	"github.com/obdproject/obd/lsmt"
 )
@@ -70,4 +72,30 @@ func writeNonZero(w io.WriterAt, b []byte, off int64) (int64, error) {
 		i = j
 	}
 	return written, nil
+}
+
+// ExportRawFile writes the stack's virtual disk to path as a sparse file (ExportRaw), through a temporary file
+// renamed at the end so that a failure never leaves a partial disk under the final name. progress is as for
+// ExportRaw. It returns the data bytes written.
+func ExportRawFile(ctx context.Context, s *lsmt.Stack, path string, progress func(done, total int64)) (int64, error) {
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return 0, err
+	}
+	defer os.Remove(tmp.Name())
+	defer tmp.Close()
+	if err := tmp.Truncate(s.VirtualSize()); err != nil {
+		return 0, fmt.Errorf("%s: %w", path, err)
+	}
+	n, err := ExportRaw(ctx, s, tmp, progress)
+	if err != nil {
+		return n, fmt.Errorf("%s: %w", path, err)
+	}
+	if err := tmp.Sync(); err != nil {
+		return n, fmt.Errorf("%s: %w", path, err)
+	}
+	if err := tmp.Close(); err != nil {
+		return n, fmt.Errorf("%s: %w", path, err)
+	}
+	return n, os.Rename(tmp.Name(), path)
 }

@@ -194,3 +194,15 @@ func FuzzParseRef(f *testing.F) {
 		}
 	})
 }
+
+func TestPlatformOrDefault(t *testing.T) {
+	if p, err := PlatformOrDefault(""); err != nil || p != DefaultPlatform() {
+		t.Errorf("PlatformOrDefault(\"\") = %v, %v", p, err)
+	}
+	if p, err := PlatformOrDefault("linux/arm64/v8"); err != nil || p != (Platform{OS: "linux", Architecture: "arm64", Variant: "v8"}) {
+		t.Errorf("PlatformOrDefault(linux/arm64/v8) = %v, %v", p, err)
+	}
+	if _, err := PlatformOrDefault("linux"); err == nil {
+		t.Error("PlatformOrDefault(linux) succeeded")
+	}
+}

@@ -148,6 +148,14 @@ func ParsePlatform(s string) (Platform, error) {
 	return p, nil
 }
 
+// PlatformOrDefault parses s as ParsePlatform does; "" is DefaultPlatform.
+func PlatformOrDefault(s string) (Platform, error) {
+	if s == "" {
+		return DefaultPlatform(), nil
+	}
+	return ParsePlatform(s)
+}
+
 func (p Platform) String() string {
 	s := p.OS + "/" + p.Architecture
 	if p.Variant != "" {

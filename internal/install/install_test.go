@@ -609,3 +609,14 @@ func TestParseContainerdMajor(t *testing.T) {
 		}
 	}
 }
+
+func TestSnapshotterBinary(t *testing.T) {
+	dir := t.TempDir()
+	if got, err := SnapshotterBinary(dir); err != nil || got != filepath.Join(dir, "bin", "obd-snapshotter") {
+		t.Errorf("SnapshotterBinary(%s) = %q, %v", dir, got, err)
+	}
+	got, err := SnapshotterBinary("")
+	if err != nil || filepath.Base(got) != "obd-snapshotter" || !filepath.IsAbs(got) {
+		t.Errorf("SnapshotterBinary() = %q, %v", got, err)
+	}
+}

@@ -3,7 +3,9 @@ package install
 import (
 	"context"
 	"fmt"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 )
 
@@ -80,4 +82,24 @@ func (s systemctl) run(ctx context.Context, args ...string) error {
 // query runs a systemctl query (is-enabled, is-active) and reports whether it answered yes (exit 0).
 func (s systemctl) query(ctx context.Context, args ...string) bool {
 	return exec.CommandContext(ctx, s.path, args...).Run() == nil
+}
+
+// SnapshotterBinary returns the obd-snapshotter the unit runs: PREFIX/bin/obd-snapshotter, else the one next to
+// the running obd.
+func SnapshotterBinary(prefix string) (string, error) {
+	if prefix != "" {
+		abs, err := filepath.Abs(prefix)
+		if err != nil {
+			return "", fmt.Errorf("--prefix: %w", err)
+		}
+		return filepath.Join(abs, "bin", "obd-snapshotter"), nil
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return "", fmt.Errorf("cannot tell where obd is (%w): pass --prefix", err)
+	}
+	if resolved, err := filepath.EvalSymlinks(self); err == nil {
+		self = resolved
+	}
+	return filepath.Join(filepath.Dir(self), "obd-snapshotter"), nil
 }

@@ -218,3 +218,22 @@ func FuzzTraceOfLayer(f *testing.F) {
 		}
 	})
 }
+
+func TestTraceFile(t *testing.T) {
+	tf := testTrace(t, trace.Record{Op: trace.Read, Layer: 1, Offset: 4096, Count: 8192})
+	if got, err := TraceFile(tf); err != nil || !bytes.Equal(got, tf) {
+		t.Errorf("TraceFile of a trace file: %v", err)
+	}
+	p, err := json.Marshal(Profile{Reads: []Read{{Layer: 1, Offset: 4096, Length: 8192, AtMS: 3}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := TraceFile(p); err != nil || !bytes.Equal(got, tf) {
+		t.Errorf("TraceFile of a profile = %x, %v; want %x", got, err, tf)
+	}
+	for _, bad := range []string{"", "not json", `{"reads": []}`} {
+		if _, err := TraceFile([]byte(bad)); err == nil {
+			t.Errorf("TraceFile(%q) succeeded", bad)
+		}
+	}
+}

@@ -11,6 +11,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -390,4 +392,28 @@ func (l *lineWatcher) Write(p []byte) (int, error) {
 	}
 	_, _ = l.w.Write(p)
 	return len(p), nil
+}
+
+// TraceFile returns the trace file (upstream's format) that data is, or the one a profile (the JSON Record
+// returns, 'obd profile --out') records; it fails when data is neither or the profile has no reads.
+func TraceFile(data []byte) ([]byte, error) {
+	if _, err := trace.Decode(data); err == nil {
+		return data, nil
+	}
+	var p Profile
+	if err := json.Unmarshal(data, &p); err != nil {
+		return nil, fmt.Errorf("neither a trace file nor a profile: %w", err)
+	}
+	if len(p.Reads) == 0 {
+		return nil, errors.New("a profile without reads")
+	}
+	recs := make([]trace.Record, len(p.Reads))
+	for i, r := range p.Reads {
+		recs[i] = trace.Record{Op: trace.Read, Layer: r.Layer, Count: r.Length, Offset: r.Offset}
+	}
+	var buf bytes.Buffer
+	if err := trace.Encode(&buf, recs); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
 }

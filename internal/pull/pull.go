@@ -10,17 +10,20 @@ import (
 	"maps"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/core/remotes"
 	"github.com/containerd/containerd/v2/core/remotes/docker"
 	dockerconfig "github.com/containerd/containerd/v2/core/remotes/docker/config"
+	"github.com/containerd/errdefs"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/registry"
 	"github.com/obdproject/obd/internal/snapshotter"
+	"github.com/obdproject/obd/internal/units"
 )
 
 // Options configure Pull.
@@ -53,6 +56,34 @@ type Result struct {
 	// Layers counts all layers.
 	Layers int
 	mu     sync.Mutex
+}
+
+// Unpacked returns the image ref when containerd has it unpacked with snapshotter, else nil.
+func Unpacked(ctx context.Context, c *client.Client, ref, snapshotter string) (client.Image, error) {
+	img, err := c.GetImage(ctx, ref)
+	unpacked := false
+	if err == nil {
+		unpacked, err = img.IsUnpacked(ctx, snapshotter)
+	}
+	switch {
+	case errdefs.IsNotFound(err):
+		return nil, nil
+	case err != nil:
+		return nil, err
+	case !unpacked:
+		return nil, nil
+	}
+	return img, nil
+}
+
+// Summary says in one line what the pull did; elapsed is how long it took.
+func (r *Result) Summary(elapsed time.Duration) string {
+	var fetched int64
+	for _, n := range r.Fetched {
+		fetched += n
+	}
+	return fmt.Sprintf("pulled %s in %s: %d layers, %d lazy (not downloaded); fetched %d blobs, %s",
+		r.Image.Name(), elapsed.Round(time.Millisecond), r.Layers, r.Lazy, len(r.Fetched), units.Bytes(fetched))
 }
 
 // Pull pulls ref (host[:port]/repo:tag) into containerd and unpacks it with the overlaybd snapshotter.

@@ -290,3 +290,18 @@ func normalizeRegistryHost(s string) string {
 	}
 	return s
 }
+
+// UserCredentials returns the credentials of creds (user:password, from a --creds flag) and "--creds" as their
+// source, or when creds is "" those of the default docker config file and its path.
+func UserCredentials(creds string) (CredentialFunc, string, error) {
+	if creds != "" {
+		user, pass, ok := strings.Cut(creds, ":")
+		if !ok || user == "" {
+			return nil, "", fmt.Errorf("--creds: want user:password")
+		}
+		return StaticCredentials(user, pass), "--creds", nil
+	}
+	path := DefaultDockerConfigPath()
+	c, err := LoadDockerConfig(path)
+	return c, path, err
+}

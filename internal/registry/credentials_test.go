@@ -218,3 +218,22 @@ func TestIsLocalhost(t *testing.T) {
 		}
 	}
 }
+
+func TestUserCredentials(t *testing.T) {
+	creds, source, err := UserCredentials("alice:pa:ss")
+	if err != nil || source != "--creds" {
+		t.Fatalf("UserCredentials(alice:pa:ss) source %q, %v", source, err)
+	}
+	if u, p, err := creds(context.Background(), "r.test"); u != "alice" || p != "pa:ss" || err != nil {
+		t.Errorf("credentials %q %q %v", u, p, err)
+	}
+	for _, bad := range []string{"alice", ":pw"} {
+		if _, _, err := UserCredentials(bad); err == nil || err.Error() != "--creds: want user:password" {
+			t.Errorf("UserCredentials(%q): %v", bad, err)
+		}
+	}
+	t.Setenv("DOCKER_CONFIG", t.TempDir())
+	if _, source, err := UserCredentials(""); err != nil || source != DefaultDockerConfigPath() {
+		t.Errorf("UserCredentials() source %q, %v", source, err)
+	}
+}

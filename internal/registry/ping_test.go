@@ -3,6 +3,7 @@ package registry
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -63,5 +64,15 @@ func TestPingNotARegistry(t *testing.T) {
 	err := c.Ping(context.Background(), strings.TrimPrefix(srv.URL, "http://"))
 	if !errors.Is(err, ErrNotFound) {
 		t.Fatalf("Ping of a web server without /v2/: got %v, want ErrNotFound", err)
+	}
+}
+
+func TestCause(t *testing.T) {
+	err := fmt.Errorf("login: %w", &Error{Op: "registry r ping", Err: errors.New("401 Unauthorized"), Kind: ErrUnauthorized, Hint: "run obd login"})
+	if got := Cause(err); got != "401 Unauthorized" {
+		t.Errorf("Cause = %q", got)
+	}
+	if got := Cause(errors.New("plain")); got != "plain" {
+		t.Errorf("Cause of a plain error = %q", got)
 	}
 }

@@ -341,3 +341,12 @@ func attemptErr(ctx context.Context, err error) error {
 	}
 	return err
 }
+
+// Cause returns the cause of a registry error without its operation and hint; any other error as it is.
+func Cause(err error) string {
+	var re *Error
+	if errors.As(err, &re) && re.Err != nil {
+		return re.Err.Error()
+	}
+	return err.Error()
+}

@@ -136,3 +136,28 @@ func FromSource(ctx context.Context, src image.Source) (Tree, error) {
 	}
 	return t, nil
 }
+
+// Images compares the files of the local image src (an OCI layout or docker archive: its layers applied in order)
+// with those of its overlaybd conversion dst (an OCI layout: the merged filesystem), ignoring /lost+found. It
+// returns the differences and the number of paths src holds.
+func Images(ctx context.Context, src, dst image.Ref, platform image.Platform) ([]Difference, int, error) {
+	s, err := image.OpenLocalSource(src, platform)
+	if err != nil {
+		return nil, 0, err
+	}
+	defer s.Close()
+	want, err := FromSource(ctx, s)
+	if err != nil {
+		return nil, 0, fmt.Errorf("%s: %w", src, err)
+	}
+	img, err := image.OpenLocal(dst, platform)
+	if err != nil {
+		return nil, 0, err
+	}
+	defer img.Close()
+	got, err := FromStack(img.Stack)
+	if err != nil {
+		return nil, 0, fmt.Errorf("%s: %w", dst, err)
+	}
+	return Compare(want, got, Options{IgnoreExtra: []string{"/lost+found"}}), len(want), nil
+}

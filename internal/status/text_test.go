@@ -1,0 +1,64 @@
+package status
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestWriteText(t *testing.T) {
+	hit := 0.5
+	st := &Status{
+		Version: "v1", PID: 9, UptimeSeconds: 90,
+		Config: Config{File: "/etc/obd/obd.toml", Address: "/run/obd/s.sock", StatusAddress: "/run/obd/s.status.sock", SlowReadMS: 500},
+		Cache:  Cache{Dir: "/cache", UsedBytes: 1 << 20, CapacityBytes: 4 << 20, Blobs: 1, Hits: 1, Misses: 1},
+		Reads:  Reads{Total: 10, Slow: 1},
+		Images: []Image{
+			{ID: "5", ImageRef: "r/app:obd", Mode: ModeMixed, State: StateAttached, Reason: "why", CacheHitRatio: &hit, Reads: 3, HungReads: 1,
+				Layers:    []Layer{{Source: "local"}, {Source: "remote"}},
+				Prefetch:  &Prefetch{Ranges: 4, DoneRanges: 2, Bytes: 2 << 20, DoneBytes: 1 << 20, Running: true, Seconds: 1.25},
+				Recording: "/tmp/trace"},
+			{ID: "n", Mode: ModeOverlayfs, Reason: "plain", Error: "boom"},
+		},
+		Warnings: []string{"metadata unreadable"},
+	}
+	var b strings.Builder
+	WriteText(&b, st)
+	out := b.String()
+	for _, want := range []string{
+		"obd-snapshotter v1 (pid 9), up 1m30s, config /etc/obd/obd.toml\n",
+		"metrics only on the status socket",
+		"cache /cache: 1.0 MiB of 4.0 MiB (25%), 1 blobs, hit ratio 50.0%",
+		"device reads 10: 0 failed, 1 slow (≥ 500 ms)",
+		"  warning: metadata unreadable\n",
+		"1 remote, 1 local", "3 (1 hung)",
+		"5: why\n", "n: plain\n", "n: error: boom\n",
+		"5: prefetch of its recorded start running: 2 of 4 ranges, 1.0 MiB of 2.0 MiB in 1.2 s",
+		"5: recording its reads into /tmp/trace\n",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("WriteText wrote\n%s\nwithout %q", out, want)
+		}
+	}
+
+	b.Reset()
+	WriteText(&b, &Status{Version: "v1"})
+	if !strings.HasSuffix(b.String(), "\nNo images in use.\n") {
+		t.Errorf("no images: %q", b.String())
+	}
+}
+
+func TestLayerSummary(t *testing.T) {
+	for _, tc := range []struct {
+		layers []Layer
+		want   string
+	}{
+		{nil, "-"},
+		{[]Layer{{Source: "remote"}, {Source: "remote"}}, "2 remote"},
+		{[]Layer{{Source: "local"}}, "1 local"},
+		{[]Layer{{Source: "local"}, {Source: "remote"}, {Source: "remote"}}, "2 remote, 1 local"},
+	} {
+		if got := layerSummary(tc.layers); got != tc.want {
+			t.Errorf("layerSummary(%v) = %q, want %q", tc.layers, got, tc.want)
+		}
+	}
+}
