@@ -244,69 +244,122 @@ func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) 
 		}
 	}
 	c.mu.Unlock()
-	src := &importSource{blocks: map[int64][]byte{}, bs: e.BlockSize}
+	src := &importSource{}
 	r := c.Reader(e.Digest, e.Size, src)
 	if r.b == nil {
 		return res, fmt.Errorf("cache: blob %s cannot be cached (closed cache)", e.Digest)
 	}
-	// A snapshot of the whole blob is hashed as it streams, on another goroutine: when every block is stored from
-	// it, that hash verifies the blob without reading it back.
+	// Blocks are stored in runs of consecutive blocks, up to importRun bytes each. A snapshot of the whole blob is
+	// hashed as it streams, run by run on another goroutine: when every block is stored from it, that hash
+	// verifies the blob without reading it back.
 	nb := numBlocks(e.Size, e.BlockSize)
-	partial := false
+	runCap := max(e.BlockSize, importRun/e.BlockSize*e.BlockSize)
+	all := e.Whole() // every block stored from the stream, so far
 	var (
 		p         *hashPipe
 		wholeHash hash.Hash
+		run       []byte
+		runOff    int64
 	)
-	if e.Whole() {
+	if all {
 		wholeHash = e.Digest.Algorithm().Hash()
-		p = newHashPipe(e.BlockSize, func(buf []byte) { wholeHash.Write(buf) })
+		p = newHashPipe(runCap, func(buf []byte) { wholeHash.Write(buf) })
 		defer p.close()
+	} else {
+		run = make([]byte, 0, runCap)
 	}
-	buf := make([]byte, e.BlockSize)
+	// flush stores the run, and fails when the import cannot go on.
+	flush := func() error {
+		if len(run) == 0 {
+			return nil
+		}
+		if p != nil {
+			p.hash(run)
+		}
+		src.set(runOff, run)
+		err := r.Prefetch(runOff, int64(len(run)))
+		stored := numBlocks(int64(len(run)), e.BlockSize)
+		if err != nil {
+			stored = 0
+		}
+		if errors.Is(err, ErrFull) && len(run) > int(e.BlockSize) {
+			// Near the bound: store what fits, block by block.
+			for o := int64(0); o < int64(len(run)); o += e.BlockSize {
+				if err = r.Prefetch(runOff+o, min(e.BlockSize, int64(len(run))-o)); err != nil {
+					break
+				}
+				stored++
+			}
+		}
+		src.set(0, nil)
+		run = run[:0]
+		if p != nil {
+			run = p.buffer()[:0]
+		}
+		res.Imported += stored
+		switch {
+		case errors.Is(err, ErrFull):
+			res.Full, all = true, false
+		case err != nil:
+			return fmt.Errorf("cache: blob %s: blocks at %d: %w", e.Digest, runOff, err)
+		}
+		return nil
+	}
+	if p != nil {
+		run = p.buffer()[:0]
+	}
+	skip := make([]byte, e.BlockSize)
 	for k, i := range e.Blocks {
 		if err := ctx.Err(); err != nil {
 			return res, err
 		}
-		n := min(e.BlockSize, e.Size-i*e.BlockSize)
-		if p != nil {
-			buf = p.buffer()
-		}
-		if _, err := io.ReadFull(data, buf[:n]); err != nil {
-			return res, fmt.Errorf("cache snapshot: blob %s: block %d: %w", e.Digest, i, err)
-		}
-		if p != nil {
-			p.hash(buf[:n])
+		off, n := i*e.BlockSize, min(e.BlockSize, e.Size-i*e.BlockSize)
+		if len(run) > 0 && (runOff+int64(len(run)) != off || int64(len(run))+n > runCap) {
+			if err := flush(); err != nil {
+				return res, err
+			}
 		}
 		if res.Full {
-			continue // read past the rest
-		}
-		if digest.Digest(fmt.Sprintf("sha256:%x", sha256.Sum256(buf[:n]))) != e.Sums[k] {
-			res.Dropped++
+			if _, err := io.ReadFull(data, skip[:n]); err != nil { // read past the rest
+				return res, fmt.Errorf("cache snapshot: blob %s: block %d: %w", e.Digest, i, err)
+			}
 			continue
 		}
-		switch missing := r.missingBytes(i*e.BlockSize, n); {
+		if len(run) == 0 {
+			runOff = off
+		}
+		blk := run[len(run) : len(run)+int(n)]
+		if _, err := io.ReadFull(data, blk); err != nil {
+			return res, fmt.Errorf("cache snapshot: blob %s: block %d: %w", e.Digest, i, err)
+		}
+		if digest.Digest(fmt.Sprintf("sha256:%x", sha256.Sum256(blk))) != e.Sums[k] {
+			res.Dropped++
+			all = false
+			if err := flush(); err != nil {
+				return res, err
+			}
+			continue
+		}
+		switch missing := r.missingBytes(off, n); {
 		case missing == 0:
 			res.Present++
+			all = false
+			if err := flush(); err != nil {
+				return res, err
+			}
 			continue
 		case missing < n:
-			partial = true // some of the cache's smaller blocks were there: not all bytes come from the stream
+			all = false // some of the cache's smaller blocks were there: not all bytes come from the stream
 		}
-		src.put(i, buf[:n])
-		err := r.Prefetch(i*e.BlockSize, n)
-		src.drop(i)
-		switch {
-		case errors.Is(err, ErrFull):
-			res.Full = true
-		case err != nil:
-			return res, fmt.Errorf("cache: blob %s: block %d: %w", e.Digest, i, err)
-		default:
-			res.Imported++
-		}
+		run = run[:len(run)+int(n)]
+	}
+	if err := flush(); err != nil {
+		return res, err
 	}
 	if r.presentBytes() != e.Size {
 		return res, nil
 	}
-	if p != nil && res.Imported == nb && !partial {
+	if all && res.Imported == nb {
 		// Every block in the cache is a block just hashed.
 		p.close()
 		if got := digest.NewDigest(e.Digest.Algorithm(), wholeHash); got != e.Digest {
@@ -320,32 +373,27 @@ func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) 
 	return res, nil
 }
 
-// importSource serves the one block an import is storing; anything else is an error (nothing is fetched).
+// importRun bounds the bytes of consecutive blocks an import stores at once.
+const importRun = 1 << 20
+
+// importSource serves the run of blocks an import is storing; anything else is an error (nothing is fetched).
 type importSource struct {
-	mu     sync.Mutex
-	bs     int64
-	blocks map[int64][]byte
+	mu  sync.Mutex
+	off int64
+	buf []byte
 }
 
-func (s *importSource) put(i int64, b []byte) {
+func (s *importSource) set(off int64, buf []byte) {
 	s.mu.Lock()
-	s.blocks[i] = b
-	s.mu.Unlock()
-}
-
-func (s *importSource) drop(i int64) {
-	s.mu.Lock()
-	delete(s.blocks, i)
+	s.off, s.buf = off, buf
 	s.mu.Unlock()
 }
 
 func (s *importSource) ReadAt(p []byte, off int64) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	b, ok := s.blocks[off/s.bs]
-	start := off % s.bs
-	if !ok || start+int64(len(p)) > int64(len(b)) {
+	if off < s.off || off+int64(len(p)) > s.off+int64(len(s.buf)) {
 		return 0, fmt.Errorf("cache import: bytes %d+%d are not in the snapshot", off, len(p))
 	}
-	return copy(p, b[start:]), nil
+	return copy(p, s.buf[off-s.off:]), nil
 }
