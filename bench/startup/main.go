@@ -59,7 +59,7 @@ func main() {
 	flag.DurationVar(&c.rtt, "rtt", 20*time.Millisecond, "round-trip time of the shaped link (each forwarded packet is held for half of it; 0: no delay)")
 	flag.StringVar(&c.cc, "cc", "cubic", "TCP congestion control of the registry side, the sender of every download (cubic, bbr, reno: net.ipv4.tcp_available_congestion_control)")
 	flag.IntVar(&c.runs, "runs", 3, "measured runs of each case; the table shows medians")
-	flag.IntVar(&c.blockKB, "block-kb", 0, "obd-snapshotter's cache block size in KiB ([cache] block_size_kb; 0: its default, 256)")
+	flag.IntVar(&c.blockKB, "block-kb", 0, "obd-snapshotter's cache block size in KiB ([cache] block_size_kb; 0: its default)")
 	flag.StringVar(&c.obdTOML, "obd-toml", "", "more obd.toml for obd-snapshotter in every case: tables other than [snapshotter], [cache] and [registry], e.g. '[prefetch]\\nconcurrency = 4'")
 	flag.IntVar(&c.fetchKB, "fetch-kb", 0, "the least a cache miss of obd-snapshotter fetches, in KiB ([cache] fetch_kb; 0: its default)")
 	flag.StringVar(&c.out, "out", filepath.Join("bench", "results"), "directory for the result files NAME.json and NAME.svg ('' for none)")

@@ -16,6 +16,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	obdconfig "github.com/obdproject/obd/internal/config"
 	"github.com/obdproject/obd/internal/units"
 )
 
@@ -129,7 +130,10 @@ func (b *bench) report(ctx context.Context) *report {
 		Derived:     map[string]float64{},
 	}
 	if r.Environment.BlockSizeKB == 0 {
-		r.Environment.BlockSizeKB = 256
+		r.Environment.BlockSizeKB = obdconfig.DefaultBlockKB
+	}
+	if r.Environment.FetchKB == 0 {
+		r.Environment.FetchKB = obdconfig.DefaultFetchKB
 	}
 	switch _, err := exec.LookPath("unpigz"); {
 	case b.cfg.pigz:

@@ -29,7 +29,7 @@ type Options struct {
 	Dir           string // cache directory, created if missing
 	CapacityBytes int64  // bound on the bytes of present blocks
 	BlockSize     int64  // unit in which blocks are cached, and Prefetch fetches, in bytes (default 256 KiB)
-	// FetchBytes is the least a demand miss fetches (a multiple of BlockSize; default BlockSize): the missing
+	// FetchBytes is the least a demand miss fetches (a multiple of BlockSize; at most BlockSize: BlockSize): the missing
 	// blocks of the FetchBytes-aligned run around the read come with it in one request. Smaller blocks than fetch
 	// units let a prefetch fetch just the blocks a recorded start reads while a miss still costs one request per
 	// unit.
@@ -106,11 +106,10 @@ func Open(opts Options) (*Cache, error) {
 	if opts.ReadaheadBytes == 0 {
 		opts.ReadaheadBytes = defaultReadahead
 	}
-	if opts.FetchBytes < opts.BlockSize || opts.FetchBytes%opts.BlockSize != 0 {
-		if opts.FetchBytes != 0 {
-			return nil, fmt.Errorf("cache: fetch unit of %d bytes is not a multiple of the block size, %d", opts.FetchBytes, opts.BlockSize)
-		}
+	if opts.FetchBytes <= opts.BlockSize {
 		opts.FetchBytes = opts.BlockSize
+	} else if opts.FetchBytes%opts.BlockSize != 0 {
+		return nil, fmt.Errorf("cache: fetch unit of %d bytes is not a multiple of the block size, %d", opts.FetchBytes, opts.BlockSize)
 	}
 	c := &Cache{opts: opts, log: opts.Logger, blobs: map[digest.Digest]*blob{}}
 	if c.log == nil {

@@ -23,7 +23,8 @@ const (
 	DefaultLogLevel    = "info"
 	DefaultCacheDir    = "/var/lib/obd/cache"
 	DefaultCacheGB     = 4
-	DefaultBlockKB     = 256
+	DefaultBlockKB     = 64
+	DefaultFetchKB     = 256
 	DefaultRetryBudget = "60s"
 	// DefaultCredentialHelpers is obd's token helpers file (registry.DefaultHelperFile).
 	DefaultCredentialHelpers = "/etc/obd/credential-helpers.json"
@@ -167,7 +168,8 @@ type Cache struct {
 	SizeGB int64 `toml:"size_gb"`
 	// BlockSizeKB is the unit, in KiB, in which data is cached and a recorded start is prefetched.
 	BlockSizeKB int64 `toml:"block_size_kb"`
-	// FetchKB is the least, in KiB, that a cache miss fetches: a multiple of BlockSizeKB (0: BlockSizeKB).
+	// FetchKB is the least, in KiB, that a cache miss fetches: a multiple of BlockSizeKB, or at most BlockSizeKB
+	// for BlockSizeKB.
 	FetchKB int64 `toml:"fetch_kb"`
 }
 
@@ -216,7 +218,7 @@ func (a Audit) HungRead() time.Duration { return time.Duration(a.HungReadMS) * t
 func Default() Config {
 	return Config{
 		Snapshotter: Snapshotter{Root: DefaultRoot, Address: DefaultAddress, LogLevel: DefaultLogLevel, KeepDevices: true},
-		Cache:       Cache{Dir: DefaultCacheDir, SizeGB: DefaultCacheGB, BlockSizeKB: DefaultBlockKB},
+		Cache:       Cache{Dir: DefaultCacheDir, SizeGB: DefaultCacheGB, BlockSizeKB: DefaultBlockKB, FetchKB: DefaultFetchKB},
 		Registry:    Registry{RetryBudget: DefaultRetryBudget, CredentialHelpers: DefaultCredentialHelpers},
 		Metrics:     Metrics{Address: DefaultMetricsAddress},
 		Audit:       Audit{SlowReadMS: DefaultSlowReadMS, HungReadMS: DefaultHungReadMS},
@@ -259,8 +261,8 @@ func (c Config) Validate() error {
 	if b := c.Cache.BlockSizeKB; b < 4 || b > 4096 || b&(b-1) != 0 {
 		return fmt.Errorf("cache.block_size_kb = %d: want a power of two from 4 to 4096", b)
 	}
-	if f, b := c.Cache.FetchKB, c.Cache.BlockSizeKB; f != 0 && (f < b || f > 8192 || f%b != 0) {
-		return fmt.Errorf("cache.fetch_kb = %d: want a multiple of block_size_kb (%d) up to 8192, or 0 for block_size_kb", f, b)
+	if f, b := c.Cache.FetchKB, c.Cache.BlockSizeKB; f < 0 || f > 8192 || f > b && f%b != 0 {
+		return fmt.Errorf("cache.fetch_kb = %d: want a multiple of block_size_kb (%d) up to 8192, or at most block_size_kb for block_size_kb", f, b)
 	}
 	if d, err := time.ParseDuration(c.Registry.RetryBudget); err != nil || d <= 0 {
 		return fmt.Errorf("registry.retry_budget = %q: want a positive duration such as \"60s\"", c.Registry.RetryBudget)

@@ -59,7 +59,7 @@ func TestValidate(t *testing.T) {
 		{func(c *Config) { c.Audit.HungReadMS = 0 }, "audit.hung_read_ms"},
 		{func(c *Config) { c.Cache.BlockSizeKB = 3 }, "cache.block_size_kb"},
 		{func(c *Config) { c.Cache.BlockSizeKB, c.Cache.FetchKB = 64, 96 }, "cache.fetch_kb"},
-		{func(c *Config) { c.Cache.FetchKB = 128 }, "cache.fetch_kb"},
+		{func(c *Config) { c.Cache.FetchKB = -1 }, "cache.fetch_kb"},
 		{func(c *Config) { c.Registry.RetryBudget = "soon" }, "registry.retry_budget"},
 	} {
 		c := Default()
