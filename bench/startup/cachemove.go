@@ -112,7 +112,7 @@ func (b *bench) obdImported() (sample, error) {
 	sc := status.NewClient(b.sb.StatusSocket, time.Minute)
 	var res []status.ImportedBlob
 	d, err := timed(func() error {
-		f, err := os.Open(b.snapshot)
+		f, err := cachesnap.Open(b.ctx, b.snapshot, nil) // as obd cache import FILE does
 		if err != nil {
 			return err
 		}

@@ -30,6 +30,7 @@ func newHealthCmd() *cobra.Command {
   snapshotter  its gRPC socket exists and accepts connections; its status endpoint answers /healthz
   containerd   its config registers [proxy_plugins.overlaybd] (type "snapshot", the same address); it answers
   cache        free space under the cache directory and how full the cache is
+  cache snapshots  on a node that imported some: whether their blobs are still cached and layers of its images
   devices      the state of each image device (lazy, downloaded, failed, hung reads)
 
 Paths come from obd.toml; every one can be overridden by a flag. The exit status is 1 when any check fails.`,
