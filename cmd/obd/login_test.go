@@ -9,26 +9,9 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-)
 
-// basicRegistry is a registry API root that accepts one user and password with basic auth.
-func basicRegistry(t *testing.T, user, pass string) string {
-	t.Helper()
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path != "/v2/" {
-			http.NotFound(w, r)
-			return
-		}
-		if u, p, ok := r.BasicAuth(); !ok || u != user || p != pass {
-			w.Header().Set("WWW-Authenticate", `Basic realm="test"`)
-			http.Error(w, `{"errors":[{"code":"UNAUTHORIZED"}]}`, http.StatusUnauthorized)
-			return
-		}
-		w.WriteHeader(http.StatusOK)
-	}))
-	t.Cleanup(srv.Close)
-	return strings.TrimPrefix(srv.URL, "http://")
-}
+	"github.com/obdproject/obd/internal/testenv"
+)
 
 // credEnv is a temporary set of credentials files for the login and credentials commands.
 type credEnv struct {
@@ -75,7 +58,7 @@ func noSecret(t *testing.T, text, user, pass string) {
 }
 
 func TestLogin(t *testing.T) {
-	host := basicRegistry(t, "alice", "pa55-word")
+	host := testenv.BasicAuthRegistry(t, "alice", "pa55-word")
 	e := newCredEnv(t)
 
 	// A wrong password is refused and nothing is saved.
@@ -126,7 +109,7 @@ func TestLogin(t *testing.T) {
 }
 
 func TestLoginMergesAndFixesMode(t *testing.T) {
-	host := basicRegistry(t, "alice", "pw1")
+	host := testenv.BasicAuthRegistry(t, "alice", "pw1")
 	e := newCredEnv(t)
 	if err := os.MkdirAll(filepath.Dir(e.docker), 0o755); err != nil {
 		t.Fatal(err)
@@ -164,7 +147,7 @@ func TestLoginMergesAndFixesMode(t *testing.T) {
 }
 
 func TestLoginMalformedFile(t *testing.T) {
-	host := basicRegistry(t, "alice", "pw")
+	host := testenv.BasicAuthRegistry(t, "alice", "pw")
 	e := newCredEnv(t)
 	if err := os.MkdirAll(filepath.Dir(e.docker), 0o700); err != nil {
 		t.Fatal(err)
@@ -183,8 +166,8 @@ func TestLoginMalformedFile(t *testing.T) {
 }
 
 func TestCredentialsVerify(t *testing.T) {
-	good := basicRegistry(t, "alice", "right")
-	refusing := basicRegistry(t, "carol", "other")
+	good := testenv.BasicAuthRegistry(t, "alice", "right")
+	refusing := testenv.BasicAuthRegistry(t, "carol", "other")
 	closed := httptest.NewServer(http.NotFoundHandler())
 	down := strings.TrimPrefix(closed.URL, "http://")
 	closed.Close()
@@ -232,7 +215,7 @@ func TestCredentialsVerify(t *testing.T) {
 }
 
 func TestCredentialsHelper(t *testing.T) {
-	host := basicRegistry(t, "oauth2accesstoken", "tok-from-helper")
+	host := testenv.BasicAuthRegistry(t, "oauth2accesstoken", "tok-from-helper")
 	e := newCredEnv(t)
 	script := filepath.Join(e.dir, "helper.sh")
 	if err := os.WriteFile(script, []byte("#!/bin/sh\necho tok-from-helper\n"), 0o755); err != nil {

@@ -2,8 +2,6 @@ package install
 
 import (
 	"context"
-	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -11,26 +9,8 @@ import (
 	"time"
 
 	"github.com/obdproject/obd/internal/registry"
+	"github.com/obdproject/obd/internal/testenv"
 )
-
-// basicRegistry is a registry API root that accepts one user and password with basic auth.
-func basicRegistry(t *testing.T, user, pass string) string {
-	t.Helper()
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path != "/v2/" {
-			http.NotFound(w, r)
-			return
-		}
-		if u, p, ok := r.BasicAuth(); !ok || u != user || p != pass {
-			w.Header().Set("WWW-Authenticate", `Basic realm="test"`)
-			http.Error(w, `{"errors":[{"code":"UNAUTHORIZED"}]}`, http.StatusUnauthorized)
-			return
-		}
-		w.WriteHeader(http.StatusOK)
-	}))
-	t.Cleanup(srv.Close)
-	return strings.TrimPrefix(srv.URL, "http://")
-}
 
 // credFiles writes an obd.toml naming a docker config and a token helpers file in a temporary directory.
 func credFiles(t *testing.T) CredFiles {
@@ -138,7 +118,7 @@ func TestCredFilesSaveListRemove(t *testing.T) {
 
 func TestCredFilesVerify(t *testing.T) {
 	cf := credFiles(t)
-	good, bad := basicRegistry(t, "alice", "pw"), basicRegistry(t, "bob", "other")
+	good, bad := testenv.BasicAuthRegistry(t, "alice", "pw"), testenv.BasicAuthRegistry(t, "bob", "other")
 	var out strings.Builder
 	for _, host := range []string{good, bad} {
 		if err := cf.saveLogin(&out, host, "alice", "pw"); err != nil {
