@@ -7,6 +7,8 @@ import (
 	"slices"
 
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/obdproject/obd/internal/atomicfile"
 )
 
 // Top returns the descriptor (with its media type) and bytes of what ref names in the layout: an image manifest
@@ -68,7 +70,7 @@ func (l *Layout) AddManifest(desc ocispec.Descriptor) error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(filepath.Join(l.Dir, ocispec.ImageIndexFile), b)
+	return atomicfile.Write(filepath.Join(l.Dir, ocispec.ImageIndexFile), b, 0o644)
 }
 
 // TagManifest points tag at desc in index.json, like Tag, and drops untagged entries of the same digest (listed by
@@ -92,5 +94,5 @@ func (l *Layout) TagManifest(tag string, desc ocispec.Descriptor) error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(filepath.Join(l.Dir, ocispec.ImageIndexFile), b)
+	return atomicfile.Write(filepath.Join(l.Dir, ocispec.ImageIndexFile), b, 0o644)
 }

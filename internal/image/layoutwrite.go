@@ -13,6 +13,8 @@ import (
 	digest "github.com/opencontainers/go-digest"
 	"github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/obdproject/obd/internal/atomicfile"
 )
 
 // CreateLayout opens dir as an OCI image layout for writing, creating it when it does not exist.
@@ -26,12 +28,12 @@ func CreateLayout(dir string) (*Layout, error) {
 		return nil, fmt.Errorf("create OCI layout: %w", err)
 	}
 	b, _ := json.Marshal(ocispec.ImageLayout{Version: ocispec.ImageLayoutVersion})
-	if err := writeFileAtomic(filepath.Join(dir, ocispec.ImageLayoutFile), b); err != nil {
+	if err := atomicfile.Write(filepath.Join(dir, ocispec.ImageLayoutFile), b, 0o644); err != nil {
 		return nil, fmt.Errorf("create OCI layout: %w", err)
 	}
 	if _, err := os.Stat(filepath.Join(dir, ocispec.ImageIndexFile)); os.IsNotExist(err) {
 		b, _ := json.MarshalIndent(ocispec.Index{Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: ocispec.MediaTypeImageIndex, Manifests: []ocispec.Descriptor{}}, "", "  ")
-		if err := writeFileAtomic(filepath.Join(dir, ocispec.ImageIndexFile), b); err != nil {
+		if err := atomicfile.Write(filepath.Join(dir, ocispec.ImageIndexFile), b, 0o644); err != nil {
 			return nil, fmt.Errorf("create OCI layout: %w", err)
 		}
 	}
@@ -44,7 +46,7 @@ func (l *Layout) PutBlobBytes(mediaType string, b []byte) (ocispec.Descriptor, e
 	if _, err := os.Stat(l.BlobPath(d.Digest)); err == nil {
 		return d, nil
 	}
-	return d, writeFileAtomic(l.BlobPath(d.Digest), b)
+	return d, atomicfile.Write(l.BlobPath(d.Digest), b, 0o644)
 }
 
 // PutBlobFile moves (or, across filesystems, copies) the file at path into the layout as a blob of the given digest
@@ -104,26 +106,7 @@ func (l *Layout) Tag(tag string, desc ocispec.Descriptor) error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(filepath.Join(l.Dir, ocispec.ImageIndexFile), b)
-}
-
-func writeFileAtomic(path string, b []byte) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(b); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	if err := os.Chmod(tmp.Name(), 0o644); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
+	return atomicfile.Write(filepath.Join(l.Dir, ocispec.ImageIndexFile), b, 0o644)
 }
 
 // WriteImage stores an image made of uncompressed layer tars under tag: each layer gzip'd with the given media type

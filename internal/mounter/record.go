@@ -6,11 +6,11 @@ import (
 	"errors"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/obdproject/obd/internal/atomicfile"
 	"github.com/obdproject/obd/trace"
 )
 
@@ -74,12 +74,12 @@ func (rc *recording) write() {
 		var buf bytes.Buffer
 		err := trace.Encode(&buf, recs)
 		if err == nil {
-			err = writeAtomic(rc.path, buf.Bytes())
+			err = atomicfile.Write(rc.path, buf.Bytes(), 0o644)
 		}
 		if err == nil {
 			var times []byte
 			if times, err = json.Marshal(trace.NewTimes(rc.r.Started(), at, dropped)); err == nil {
-				err = writeAtomic(rc.path+trace.TimesSuffix, times)
+				err = atomicfile.Write(rc.path+trace.TimesSuffix, times, 0o644)
 			}
 		}
 		if err == nil {
@@ -91,13 +91,4 @@ func (rc *recording) write() {
 		}
 		rc.log.Info("recorded trace written", "trace", rc.path, "records", len(recs), "dropped", dropped)
 	})
-}
-
-// writeAtomic writes b to a temporary file beside path and renames it over path.
-func writeAtomic(path string, b []byte) error {
-	tmp := filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".tmp")
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
 }

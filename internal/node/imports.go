@@ -13,6 +13,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/obdproject/obd/internal/atomicfile"
 	"github.com/obdproject/obd/internal/snapshotter"
 	"github.com/obdproject/obd/internal/status"
 )
@@ -64,11 +65,7 @@ func (l *importLog) add(ci status.CacheImport) error {
 	if err != nil {
 		return err
 	}
-	tmp := l.path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return fmt.Errorf("import log: %w", err)
-	}
-	if err := os.Rename(tmp, l.path); err != nil {
+	if err := atomicfile.Write(l.path, b, 0o600); err != nil {
 		return fmt.Errorf("import log: %w", err)
 	}
 	return nil
