@@ -36,23 +36,76 @@ type blob struct {
 	streams      [4]stream        // recent sequential readers, for readahead
 }
 
-// stream is a sequential reader of a blob: the block its next read should start at, the end of what was fetched
-// ahead of it, and its readahead window in blocks.
+// stream is a sequential reader of a blob: the byte offset where its last read ended, the end of what was fetched
+// ahead of it (a block index), and its readahead window in blocks.
 type stream struct {
-	next, aheadEnd, window int64
-	used                   int64 // a counter value: the least recently used stream is replaced
+	end, aheadEnd, window int64
+	used                  int64 // a counter value: the least recently used stream is replaced
 }
 
 // pinRange is the inclusive block range of one ongoing read.
 type pinRange struct{ first, last int64 }
 
-// fetch is one coalesced source read of blocks [first, last], shared by every reader that needs them.
+// fetch is one coalesced source read of blocks [first, last], shared by every reader that needs them. Its blocks
+// are served as they arrive: a reader waits for the blocks it needs, not for the whole read.
 type fetch struct {
-	first, last int64
+	first, last int64 // fixed once another reader can see the fetch
 	kind        fetchKind
-	done        chan struct{} // closed when buf/err are set
-	buf         []byte        // the bytes of the blocks, from first*BlockSize
-	err         error
+
+	mu    sync.Mutex
+	buf   []byte        // the bytes of the blocks, from first*BlockSize; set before the first block is ready
+	ready int64         // blocks of buf that hold their bytes, from first
+	ended bool          // the source read is over; err says how
+	err   error         // why the blocks from first+ready on never arrive
+	wake  chan struct{} // closed and replaced when ready or ended changes
+}
+
+func newFetch(first, last int64, kind fetchKind) *fetch {
+	return &fetch{first: first, last: last, kind: kind, wake: make(chan struct{})}
+}
+
+// arrived records that the first n bytes of buf hold their bytes (bs: the block size) and wakes the readers
+// when a block is complete.
+func (f *fetch) arrived(n, bs int64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	blocks := n / bs
+	if n == int64(len(f.buf)) {
+		blocks = f.last - f.first + 1
+	}
+	if blocks > f.ready {
+		f.ready = blocks
+		close(f.wake)
+		f.wake = make(chan struct{})
+	}
+}
+
+// end records that the source read is over, with err when it failed, and wakes the readers.
+func (f *fetch) end(err error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.ended, f.err = true, err
+	close(f.wake)
+	f.wake = make(chan struct{})
+}
+
+// wait waits until block i of the fetch has arrived and returns buf, or the error that stopped it from arriving.
+func (f *fetch) wait(i int64) ([]byte, error) {
+	for {
+		f.mu.Lock()
+		ready, ended, err, wake := f.ready, f.ended, f.err, f.wake
+		buf := f.buf
+		f.mu.Unlock()
+		switch {
+		case i-f.first < ready:
+			return buf, nil
+		case ended && err != nil:
+			return nil, err
+		case ended:
+			return nil, errors.New("cache: internal error: a fetch ended without its blocks")
+		}
+		<-wake
+	}
 }
 
 // blockBytes returns the size of block i (the last one may be short). b.size must be stable.

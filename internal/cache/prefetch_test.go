@@ -1,6 +1,7 @@
 package cache
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -277,5 +278,85 @@ func TestDownloadConcurrentAndResumed(t *testing.T) {
 	if total := src.bytes.Load(); total != int64(len(src.data)) {
 		t.Fatalf("the download fetched %d bytes before and %d after the restart for a %d-byte blob: it started over",
 			first, total-first, len(src.data))
+	}
+}
+
+// streamSrc delivers a range read block by block through ReadAtProgress, holding the rest until release is
+// closed, and then fails when failRest is set.
+type streamSrc struct {
+	*memSrc
+	release  chan struct{}
+	failRest bool
+}
+
+func (s *streamSrc) ReadAtProgress(p []byte, off int64, progress func(n int)) (int, error) {
+	n := copy(p[:testBS], s.data[off:])
+	progress(n)
+	<-s.release
+	if s.failRest {
+		return n, errors.New("connection reset")
+	}
+	n += copy(p[n:], s.data[off+int64(n):])
+	progress(n)
+	return n, nil
+}
+
+// A read waiting for a block of a range fetch in flight gets it as soon as the block has arrived, not when the
+// whole range has; when the rest of the range fails, readers of the blocks that arrived are served and readers
+// of the others get the error.
+func TestFetchServesBlocksAsTheyArrive(t *testing.T) {
+	for _, fail := range []bool{false, true} {
+		c := openTest(t, t.TempDir(), 1<<30, nil)
+		src := &streamSrc{memSrc: newSrc(64*testBS, 7), release: make(chan struct{}), failRest: fail}
+		r := c.Reader(src.key(), int64(len(src.data)), src)
+		done := make(chan error, 1)
+		go func() { done <- r.Prefetch(0, 16*testBS) }()
+		first := make(chan error, 1)
+		go func() {
+			// The prefetch claims its blocks first: wait until block 0 is in flight, then read it.
+			for {
+				r.b.mu.Lock()
+				busy := r.b.inflight[0] != nil
+				r.b.mu.Unlock()
+				if busy {
+					break
+				}
+				time.Sleep(time.Millisecond)
+			}
+			p := make([]byte, 100)
+			_, err := r.ReadAt(p, 10)
+			if err == nil && !bytes.Equal(p, src.data[10:110]) {
+				err = errors.New("wrong bytes")
+			}
+			first <- err
+		}()
+		select {
+		case err := <-first:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("a read of the first block waited for the whole range")
+		}
+		late := make(chan error, 1)
+		misses := c.Stats().Misses
+		go func() { _, err := r.ReadAt(make([]byte, 100), 8*testBS); late <- err }()
+		for c.Stats().Misses == misses { // the read waits for the prefetch's block 8
+			time.Sleep(time.Millisecond)
+		}
+		close(src.release)
+		err := <-late
+		if fail && err == nil {
+			t.Fatal("a block that never arrived was served")
+		}
+		if !fail && err != nil {
+			t.Fatal(err)
+		}
+		if perr := <-done; (perr != nil) != fail {
+			t.Fatalf("prefetch: %v (failing source: %v)", perr, fail)
+		}
+		src.failRest = false
+		checkRead(t, r, src.memSrc, 0, 64*testBS)
+		c.Close()
 	}
 }

@@ -103,9 +103,31 @@ func (r *Reader) ReadAt(p []byte, off int64) (int, error) {
 	return n, nil
 }
 
+// ProgressReaderAt is a source that tells how a range read progresses (registry.Blob): the cache then serves the
+// blocks of a fetch to the readers waiting for them as they arrive, not when the whole range has.
+type ProgressReaderAt interface {
+	// ReadAtProgress is ReadAt that calls progress(n), in order and with n growing, when the first n bytes of p
+	// hold their bytes; they are not written again.
+	ReadAtProgress(p []byte, off int64, progress func(n int)) (int, error)
+}
+
 // readSrc fills p from the source.
 func (r *Reader) readSrc(p []byte, off int64) error {
-	m, err := r.src.ReadAt(p, off)
+	return r.readSrcProgress(p, off, nil)
+}
+
+// readSrcProgress is readSrc that calls progress as ProgressReaderAt does (once at the end for other sources).
+func (r *Reader) readSrcProgress(p []byte, off int64, progress func(n int)) error {
+	var m int
+	var err error
+	if ps, ok := r.src.(ProgressReaderAt); ok && progress != nil {
+		m, err = ps.ReadAtProgress(p, off, progress)
+	} else {
+		m, err = r.src.ReadAt(p, off)
+		if m == len(p) && progress != nil {
+			progress(m)
+		}
+	}
 	r.c.bytesFetched.Add(int64(m))
 	if m == len(p) {
 		return nil
@@ -177,7 +199,7 @@ func (r *Reader) readCached(p []byte, off int64) error {
 				f = own[k]
 				f.last = i
 			} else {
-				f = &fetch{first: i, last: i, done: make(chan struct{})}
+				f = newFetch(i, i, fetchDemand)
 				own = append(own, f)
 			}
 			b.inflight[i] = f
@@ -206,7 +228,7 @@ func (r *Reader) readCached(p []byte, off int64) error {
 	}
 	var ahead []*fetch
 	if follow {
-		ahead = r.readaheadLocked(first, last)
+		ahead = r.readaheadLocked(off, off+int64(len(p)))
 	}
 	b.mu.Unlock()
 	defer b.unpin(pin)
@@ -243,21 +265,23 @@ func (r *Reader) readCached(p []byte, off int64) error {
 			}
 			continue
 		}
-		<-s.f.done
-		if s.f.err != nil {
-			return s.f.err
+		buf, err := s.f.wait(s.last)
+		if err != nil {
+			return err
 		}
-		copy(dst, s.f.buf[lo-s.f.first*bs:])
+		copy(dst, buf[lo-s.f.first*bs:])
 	}
 	return nil
 }
 
-// readaheadLocked follows the sequential readers of the blob. When the read of blocks [first, last] continues one
-// (it starts at or just before the block where that reader's previous read ended) and has consumed half of what
+// readaheadLocked follows the sequential readers of the blob. When the read of bytes [off, end) continues one (it
+// starts where that reader's previous read ended, or less than a block after; a read of bytes read before, such as
+// a second open of a layer reading its header again, continues none) and has consumed half of what
 // was fetched ahead of it, the reader's window doubles (from two blocks up to Options.ReadaheadBytes) and the
 // missing blocks of the next window are claimed; the caller fetches them in the background. b.mu is held.
-func (r *Reader) readaheadLocked(first, last int64) []*fetch {
+func (r *Reader) readaheadLocked(off, end int64) []*fetch {
 	b, bs := r.b, r.c.opts.BlockSize
+	last := (end - 1) / bs
 	maxWin := r.c.opts.ReadaheadBytes / bs
 	if maxWin <= 0 {
 		return nil
@@ -268,7 +292,7 @@ func (r *Reader) readaheadLocked(first, last int64) []*fetch {
 	for i := range b.streams {
 		st := &b.streams[i]
 		clock = max(clock, st.used)
-		if st.window >= 0 && st.used > 0 && (first == st.next || first == st.next-1) {
+		if st.window >= 0 && st.used > 0 && off >= st.end && off < st.end+bs {
 			s = st
 		}
 		if st.used < lru.used {
@@ -276,10 +300,10 @@ func (r *Reader) readaheadLocked(first, last int64) []*fetch {
 		}
 	}
 	if s == nil {
-		*lru = stream{next: last + 1, aheadEnd: last + 1, used: clock + 1}
+		*lru = stream{end: end, aheadEnd: last + 1, used: clock + 1}
 		return nil
 	}
-	s.used, s.next = clock+1, last+1
+	s.used, s.end = clock+1, end
 	if last+1 < s.aheadEnd-s.window/2 {
 		return nil // enough is on its way
 	}
@@ -305,7 +329,7 @@ func (r *Reader) claimLocked(first, last int64, kind fetchKind) []*fetch {
 		if k := len(own) - 1; k >= 0 && own[k].last == i-1 && (i-own[k].first+1)*bs <= maxAheadRun {
 			own[k].last = i
 		} else {
-			own = append(own, &fetch{first: i, last: i, kind: kind, done: make(chan struct{})})
+			own = append(own, newFetch(i, i, kind))
 		}
 		b.inflight[i] = own[len(own)-1]
 		b.setAhead(i, kind == fetchReadahead)
@@ -392,7 +416,10 @@ func (r *Reader) fill(f *fetch) error {
 	b, bs := r.b, r.c.opts.BlockSize
 	start := f.first * bs
 	buf := make([]byte, min((f.last+1)*bs, r.size)-start)
-	err := r.readSrc(buf, start)
+	f.mu.Lock()
+	f.buf = buf
+	f.mu.Unlock()
+	err := r.readSrcProgress(buf, start, func(n int) { f.arrived(int64(n), bs) })
 	var stored bool
 	if err == nil {
 		stored = r.store(f, buf, start)
@@ -409,8 +436,7 @@ func (r *Reader) fill(f *fetch) error {
 		delete(b.inflight, i)
 	}
 	b.mu.Unlock()
-	f.buf, f.err = buf, err
-	close(f.done)
+	f.end(err)
 	if err == nil && !stored && f.kind == fetchPrefetch {
 		return ErrFull
 	}

@@ -109,6 +109,9 @@ type Prefetch struct {
 	Concurrency int `toml:"concurrency"`
 	// ProfilesDir holds the startup profiles registered on the node ("": <snapshotter root>/profiles).
 	ProfilesDir string `toml:"profiles_dir"`
+	// OnPull starts an image's prefetch (and opens its layers) when a pull has committed its layers, instead of
+	// when its first container is created.
+	OnPull bool `toml:"on_pull"`
 }
 
 // ProfilesDir returns the directory of registered startup profiles.
@@ -222,7 +225,7 @@ func Default() Config {
 		Registry:    Registry{RetryBudget: DefaultRetryBudget, CredentialHelpers: DefaultCredentialHelpers},
 		Metrics:     Metrics{Address: DefaultMetricsAddress},
 		Audit:       Audit{SlowReadMS: DefaultSlowReadMS, HungReadMS: DefaultHungReadMS},
-		Prefetch:    Prefetch{Concurrency: DefaultPrefetchConcurrency},
+		Prefetch:    Prefetch{Concurrency: DefaultPrefetchConcurrency, OnPull: true},
 		Download:    Download{DelaySeconds: DefaultDownloadDelay, MaxMBps: DefaultDownloadMBps, Concurrency: DefaultDownloadConcurrency},
 		CRI:         CRI{Address: DefaultCRIAddress, ContainerdAddress: DefaultContainerdAddress, CredentialTTL: DefaultCRICredentialTTL},
 	}

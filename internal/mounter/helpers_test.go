@@ -221,6 +221,7 @@ type mounterOptions struct {
 	refresh        func(host string) bool
 	cache          *cache.Cache // nil: read straight from the registry
 	download       bool         // background download, at once and unbounded
+	preload        bool         // Options.Preload
 }
 
 // newMounter returns a Mounter with its own FuseLoop and a registry client for reg.
@@ -257,6 +258,7 @@ func (s *setup) newMounter(o mounterOptions) *Mounter {
 		StateDir: s.stateDir,
 		Cache:    o.cache,
 		Download: DownloadOptions{Enable: o.download},
+		Preload:  o.preload,
 		Registry: func(host string) (*registry.Client, error) {
 			if client == nil || host != o.host {
 				t.Errorf("Mounter asked for a client of registry %q", host)

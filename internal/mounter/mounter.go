@@ -39,6 +39,9 @@ type Options struct {
 	// PrefetchConcurrency is the number of range requests in flight while a recorded start is prefetched
 	// (default prefetch.DefaultConcurrency).
 	PrefetchConcurrency int
+	// Preload, when set, makes Preload open a pulled image's layers and prefetch its recorded start before a
+	// container asks for the image (see snapshotter.Preloader).
+	Preload bool
 	// Download, when Enable is set, downloads the blobs of each attached image into the cache in the background
 	// (after the prefetch of its recorded start, if any, and Delay), each checked against its digest.
 	Download DownloadOptions
@@ -61,7 +64,9 @@ type Mounter struct {
 	locks  keylock.Locks
 	mu     sync.Mutex          // guards images, never held across I/O
 	images map[string]*mounted // by image id
-	track  tracker             // what Images reports; never waits for mu
+	// preloads are the preloads of images not attached yet, by image id; guarded by mu.
+	preloads map[string]*preload
+	track    tracker // what Images reports; never waits for mu
 }
 
 func (m *Mounter) image(id string) *mounted {
@@ -83,6 +88,7 @@ func (m *Mounter) setImage(id string, img *mounted) {
 type mounted struct {
 	dev     *device.Device
 	targets map[string]bool
+	openMu  sync.Mutex // guards files and blobs while the layers are opened
 	files   []io.Closer
 	blobs   []*registry.Blob
 	layers  []layerSource // per layer, bottom first: where its bytes come from (for Images)
@@ -100,7 +106,7 @@ func New(opts Options) *Mounter {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	return &Mounter{opts: opts, images: map[string]*mounted{}}
+	return &Mounter{opts: opts, images: map[string]*mounted{}, preloads: map[string]*preload{}}
 }
 
 var _ snapshotter.ImageMounter = (*Mounter)(nil)
@@ -156,23 +162,32 @@ func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.La
 	start := time.Now()
 	img := &mounted{targets: map[string]bool{}}
 	replay, record := m.readTraceFile(id, traceFile)
+	pre := m.takePreload(id)
+	if pre != nil {
+		<-pre.opened
+		if pre.job != nil && len(replay) > 0 {
+			img.prefetch = pre.job // the attach's trace is the one the preload read: the image's
+		} else if pre.job != nil {
+			pre.job.Stop() // the container records a trace, or has none
+		}
+	}
 	if record {
 		img.rec = newRecording(traceFile, m.opts.Logger.With("image", id))
 	}
+	var observe func(i int) func(off, n int64)
+	if img.rec != nil {
+		observe = func(i int) func(off, n int64) { return func(off, n int64) { img.rec.r.Read(i, off, n) } }
+	}
+	opened, i, err := m.openLayers(ctx, img, layers, observe)
+	if err != nil {
+		img.close()
+		l := layers[i]
+		m.opts.Logger.Error("cannot open layer of overlaybd image", "image", id, "ref", l.ImageRef, "layer", layerName(l), "index", i, "err", err)
+		return nil, fmt.Errorf("image %s: layer %d (%s): %w", id, i, layerName(l), err)
+	}
 	files := make([]*lsmt.File, len(layers))
-	opened := make([]*image.Layer, len(layers))
-	for i, l := range layers {
-		var observe func(off, n int64)
-		if img.rec != nil {
-			observe = func(off, n int64) { img.rec.r.Read(i, off, n) }
-		}
-		ol, err := m.openLayer(ctx, img, l, observe)
-		if err != nil {
-			img.close()
-			m.opts.Logger.Error("cannot open layer of overlaybd image", "image", id, "ref", l.ImageRef, "layer", layerName(l), "index", i, "err", err)
-			return nil, fmt.Errorf("image %s: layer %d (%s): %w", id, i, layerName(l), err)
-		}
-		files[i], opened[i] = ol.File, ol
+	for i, ol := range opened {
+		files[i] = ol.File
 	}
 	stack, err := lsmt.NewStack(files, nil)
 	if err != nil {
@@ -187,8 +202,8 @@ func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.La
 	}
 	m.opts.Logger.Info("attached overlaybd image", "image", id, "device", img.dev.Path, "layers", len(layers), "virtual_size", stack.VirtualSize(),
 		"attach_ms", time.Since(start).Milliseconds())
-	if len(replay) > 0 {
-		img.prefetch = m.startPrefetch(id, img, opened, replay)
+	if len(replay) > 0 && img.prefetch == nil {
+		img.prefetch = m.startPrefetch(context.Background(), id, img, opened, replay)
 	}
 	// Upstream does not download while it records a trace: the trace would miss what the download brought.
 	if m.opts.Download.Enable && img.rec == nil && m.opts.Cache != nil {
@@ -221,7 +236,7 @@ func (m *Mounter) readTraceFile(id, path string) (replay []trace.Record, record 
 
 // startPrefetch starts prefetching recs into the cache for the layers of img (remote layers only: local ones have
 // nothing to fetch).
-func (m *Mounter) startPrefetch(id string, img *mounted, opened []*image.Layer, recs []trace.Record) *prefetch.Job {
+func (m *Mounter) startPrefetch(ctx context.Context, id string, img *mounted, opened []*image.Layer, recs []trace.Record) *prefetch.Job {
 	layers := make([]prefetch.Layer, len(opened))
 	for i, ol := range opened {
 		layers[i] = prefetch.Layer{BlobRange: ol.BlobRange, Cache: noPrefetch{}}
@@ -234,7 +249,7 @@ func (m *Mounter) startPrefetch(id string, img *mounted, opened []*image.Layer, 
 		opts.Demand = m.opts.Cache.DemandFetches
 	}
 	m.opts.Logger.Info("prefetching the image's recorded start", "image", id, "records", len(recs))
-	return prefetch.Start(context.Background(), layers, recs, opts)
+	return prefetch.Start(ctx, layers, recs, opts)
 }
 
 // noPrefetch is the prefetch target of a layer without a cache (local, or no cache configured): nothing to do.
@@ -242,20 +257,54 @@ type noPrefetch struct{}
 
 func (noPrefetch) Prefetch(int64, int64) error { return nil }
 
-// openLayer opens one layer: the local file when it was downloaded, else the registry blob through the cache.
-// observe, if set, sees the layer's reads once it is open.
-func (m *Mounter) openLayer(ctx context.Context, img *mounted, l snapshotter.Layer, observe func(off, n int64)) (*image.Layer, error) {
+// maxOpening bounds the layers of one image opened at once.
+const maxOpening = 8
+
+// openLayers opens the layers of an image, several at once (on a cold cache each open waits for a round trip or
+// two: the layer's header, then its index), and sets img.layers. observe, if set, returns the observer of layer
+// i's reads (see openLayer). On failure it returns the index of a layer that failed and its error.
+func (m *Mounter) openLayers(ctx context.Context, img *mounted, layers []snapshotter.Layer, observe func(i int) func(off, n int64)) ([]*image.Layer, int, error) {
+	img.layers = make([]layerSource, len(layers))
+	opened := make([]*image.Layer, len(layers))
+	errs := make([]error, len(layers))
+	sem := make(chan struct{}, maxOpening)
+	var wg sync.WaitGroup
+	for i, l := range layers {
+		var obs func(off, n int64)
+		if observe != nil {
+			obs = observe(i)
+		}
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			opened[i], errs[i] = m.openLayer(ctx, img, i, l, obs)
+		})
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			return nil, i, err
+		}
+	}
+	return opened, 0, nil
+}
+
+// openLayer opens layer i of img: the local file when it was downloaded, else the registry blob through the
+// cache. observe, if set, sees the layer's reads once it is open.
+func (m *Mounter) openLayer(ctx context.Context, img *mounted, i int, l snapshotter.Layer, observe func(off, n int64)) (*image.Layer, error) {
 	if l.LocalPath != "" {
 		f, err := os.Open(l.LocalPath)
 		if err != nil {
 			return nil, err
 		}
+		img.openMu.Lock()
 		img.files = append(img.files, f)
+		img.openMu.Unlock()
 		st, err := f.Stat()
 		if err != nil {
 			return nil, err
 		}
-		img.layers = append(img.layers, layerSource{layer: l})
+		img.layers[i] = layerSource{layer: l}
 		return image.OpenLayer(annotate(f, l), st.Size(), image.LayerOptions{Observe: observe})
 	}
 	if l.ImageRef == "" {
@@ -276,20 +325,25 @@ func (m *Mounter) openLayer(ctx context.Context, img *mounted, l snapshotter.Lay
 	if err != nil {
 		return nil, err
 	}
+	img.openMu.Lock()
 	img.blobs = append(img.blobs, blob)
+	img.openMu.Unlock()
 	var r io.ReaderAt = refetcher{blob}
 	src := layerSource{layer: l, blob: blob}
 	if m.opts.Cache != nil {
 		src.cache = m.opts.Cache.Reader(l.Digest, blob.Size(), blob)
 		r = src.cache
 	}
-	img.layers = append(img.layers, src)
+	img.layers[i] = src
 	return image.OpenLayer(annotate(r, l), blob.Size(), image.LayerOptions{Verify: true, Observe: observe})
 }
 
 // Unmount unmounts target and, when the image has no mount left, detaches its device.
 func (m *Mounter) Unmount(ctx context.Context, id string, target string) error {
 	defer m.locks.Lock(id)()
+	if pre := m.takePreload(id); pre != nil {
+		pre.stop()
+	}
 	if err := device.Unmount(target); err != nil {
 		return fmt.Errorf("image %s: %w", id, err)
 	}

@@ -111,4 +111,58 @@ func TestRecordAndReplayTrace(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
+
+	// A pull's preload opens the layers and prefetches the trace before any container; the attach then takes the
+	// prefetch over and reads nothing from the registry, nor does the start.
+	t.Run("preload", func(t *testing.T) {
+		s := newSetup(t)
+		reg := newFakeRegistry(t, blob)
+		m := s.newMounter(mounterOptions{registry: reg, cache: s.openCacheReadahead(16<<10, -1), preload: true})
+		layers := []snapshotter.Layer{reg.layer()}
+		m.Preload("pre", layers, tracePath)
+		m.Preload("pre", layers, tracePath) // a second commit of the chain: nothing more
+		m.mu.Lock()
+		pre := m.preloads["pre"]
+		m.mu.Unlock()
+		if pre == nil {
+			t.Fatal("no preload")
+		}
+		<-pre.opened
+		if pre.job == nil {
+			t.Fatal("the preload of an image with a trace does not prefetch it")
+		}
+		pre.job.Wait()
+		before := reg.requests.Load()
+		target := filepath.Join(s.root, "mnt")
+		if err := m.MountTrace(context.Background(), "pre", layers, target, tracePath); err != nil {
+			t.Fatal(err)
+		}
+		m.mu.Lock()
+		adopted := m.images["pre"].prefetch == pre.job && len(m.preloads) == 0
+		m.mu.Unlock()
+		if !adopted {
+			t.Fatal("the attach did not take the preload's prefetch over")
+		}
+		if b, err := readWithin(t, filepath.Join(target, "hello"), time.Minute); err != nil || !bytes.Equal(b, want) {
+			t.Fatalf("read /hello: %v", err)
+		}
+		if n := reg.requests.Load() - before; n != 0 {
+			t.Fatalf("attach and start after the preload made %d registry requests", n)
+		}
+		if err := m.Unmount(context.Background(), "pre", target); err != nil {
+			t.Fatal(err)
+		}
+
+		// Removing an image that was pulled but never attached stops its preload.
+		m.Preload("gone", layers, tracePath)
+		if err := m.Unmount(context.Background(), "gone", filepath.Join(s.root, "never-mounted")); err != nil {
+			t.Fatal(err)
+		}
+		m.mu.Lock()
+		left := len(m.preloads)
+		m.mu.Unlock()
+		if left != 0 {
+			t.Fatalf("%d preloads left after Unmount", left)
+		}
+	})
 }

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/obdproject/obd/internal/cache"
-	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/prefetch"
 	"github.com/obdproject/obd/internal/snapshotter"
 	"github.com/obdproject/obd/trace"
@@ -44,16 +43,14 @@ func (m *Mounter) Warm(ctx context.Context, layers []snapshotter.Layer, opts War
 	}
 	img := &mounted{}
 	defer img.close()
-	opened := make([]*image.Layer, len(layers))
 	for i, l := range layers {
 		if l.LocalPath != "" {
 			return res, fmt.Errorf("layer %d (%s) is a local file: nothing to warm", i, layerName(l))
 		}
-		ol, err := m.openLayer(ctx, img, l, nil)
-		if err != nil {
-			return res, fmt.Errorf("layer %d (%s): %w", i, layerName(l), err)
-		}
-		opened[i] = ol
+	}
+	opened, i, err := m.openLayers(ctx, img, layers, nil)
+	if err != nil {
+		return res, fmt.Errorf("layer %d (%s): %w", i, layerName(layers[i]), err)
 	}
 	progress := opts.Progress
 	if progress == nil {

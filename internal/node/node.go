@@ -120,6 +120,7 @@ func (s *Service) openDevices() error {
 		Registry:            cp.get,
 		Logger:              s.log,
 		PrefetchConcurrency: cfg.Prefetch.Concurrency,
+		Preload:             cfg.Prefetch.OnPull,
 		Download: mounter.DownloadOptions{
 			Enable:            cfg.Download.Enable,
 			Delay:             time.Duration(cfg.Download.DelaySeconds) * time.Second,

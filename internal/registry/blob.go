@@ -83,8 +83,18 @@ func (b *Blob) ReadAt(p []byte, off int64) (int, error) {
 	return b.ReadAtContext(context.Background(), p, off)
 }
 
+// ReadAtProgress is ReadAt that calls progress(n) each time more of p holds its bytes: the first n bytes, which are
+// not written again (a retried attempt asks only for the rest).
+func (b *Blob) ReadAtProgress(p []byte, off int64, progress func(n int)) (int, error) {
+	return b.readAt(context.Background(), p, off, progress)
+}
+
 // ReadAtContext is ReadAt that stops when ctx ends.
 func (b *Blob) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
+	return b.readAt(ctx, p, off, nil)
+}
+
+func (b *Blob) readAt(ctx context.Context, p []byte, off int64, progress func(n int)) (int, error) {
 	if off < 0 {
 		return 0, fmt.Errorf("registry %s repo %s blob %s: negative offset %d", b.host, b.repo, b.dg, off)
 	}
@@ -98,7 +108,7 @@ func (b *Blob) ReadAtContext(ctx context.Context, p []byte, off int64) (int, err
 	if n == 0 {
 		return 0, nil
 	}
-	if err := b.readRange(ctx, p[:n], off); err != nil {
+	if err := b.readRange(ctx, p[:n], off, progress); err != nil {
 		return 0, err
 	}
 	if n < len(p) {
@@ -107,8 +117,9 @@ func (b *Blob) ReadAtContext(ctx context.Context, p []byte, off int64) (int, err
 	return n, nil
 }
 
-// readRange fills p with the bytes at off, which lie inside the blob. A dead blob fails at once (see Blob).
-func (b *Blob) readRange(ctx context.Context, p []byte, off int64) error {
+// readRange fills p with the bytes at off, which lie inside the blob, calling progress (if set) as they arrive. A
+// dead blob fails at once (see Blob).
+func (b *Blob) readRange(ctx context.Context, p []byte, off int64, progress func(n int)) error {
 	last := off + int64(len(p)) - 1
 	op := func() string {
 		return fmt.Sprintf("registry %s repo %s blob %s bytes %d-%d", b.host, b.repo, b.dg, off, last)
@@ -117,7 +128,7 @@ func (b *Blob) readRange(ctx context.Context, p []byte, off int64) error {
 	if err != nil {
 		return err
 	}
-	err = b.fetchRange(ctx, p, off, last, op, probe)
+	err = b.fetchRange(ctx, p, off, last, op, probe, progress)
 	b.settle(err, probe)
 	return err
 }
@@ -159,11 +170,13 @@ func (b *Blob) settle(err error, probe bool) {
 }
 
 // fetchRange asks the registry for bytes off..last into p: within the retry budget, or with one attempt for a probe.
-func (b *Blob) fetchRange(ctx context.Context, p []byte, off, last int64, op func() string, probe bool) error {
-	rng := fmt.Sprintf("bytes=%d-%d", off, last)
+// An attempt that fails after some bytes arrived is followed by one for the rest.
+func (b *Blob) fetchRange(ctx context.Context, p []byte, off, last int64, op func() string, probe bool, progress func(n int)) error {
+	got := 0 // bytes of p received, by earlier attempts too
 	r := &retrier{c: b.c, host: b.host, stats: &b.stats, op: op, once: probe}
 	return r.do(ctx, func(ctx context.Context, timeout time.Duration) error {
-		resp, err := b.c.openBlob(ctx, timeout, http.MethodGet, b.host, b.repo, b.dg, rng)
+		from := off + int64(got)
+		resp, err := b.c.openBlob(ctx, timeout, http.MethodGet, b.host, b.repo, b.dg, fmt.Sprintf("bytes=%d-%d", from, last))
 		if err != nil {
 			return err
 		}
@@ -174,28 +187,41 @@ func (b *Blob) fetchRange(ctx context.Context, p []byte, off, last int64, op fun
 			cr := resp.Header.Get("Content-Range")
 			first, end, total, err := parseContentRange(cr)
 			if err != nil {
-				return invalidf("asked for bytes %d-%d: %v", off, last, err)
+				return invalidf("asked for bytes %d-%d: %v", from, last, err)
 			}
 			if total >= 0 && total != b.size {
 				return fmt.Errorf("%w: the registry says the blob has %d bytes, expected %d", ErrDigestMismatch, total, b.size)
 			}
-			if first != off || end != last {
-				return invalidf("asked for bytes %d-%d, got Content-Range %q", off, last, cr)
+			if first != from || end != last {
+				return invalidf("asked for bytes %d-%d, got Content-Range %q", from, last, cr)
 			}
-			if resp.ContentLength >= 0 && resp.ContentLength != int64(len(p)) {
-				return invalidf("asked for %d bytes, got Content-Length %d", len(p), resp.ContentLength)
+			if resp.ContentLength >= 0 && resp.ContentLength != last-from+1 {
+				return invalidf("asked for %d bytes, got Content-Length %d", last-from+1, resp.ContentLength)
 			}
 		case http.StatusOK:
 			// The server ignored the range: accept it only when it sends exactly the whole blob.
 			if resp.ContentLength >= 0 && resp.ContentLength != b.size {
-				return invalidf("asked for bytes %d-%d, got 200 with %d bytes for a blob of %d", off, last, resp.ContentLength, b.size)
+				return invalidf("asked for bytes %d-%d, got 200 with %d bytes for a blob of %d", from, last, resp.ContentLength, b.size)
 			}
-			if _, err := io.CopyN(io.Discard, body, off); err != nil {
-				return shortBody(err, "skipping to", off)
+			if _, err := io.CopyN(io.Discard, body, from); err != nil {
+				return shortBody(err, "skipping to", from)
 			}
 		}
-		if m, err := io.ReadFull(body, p); err != nil {
-			return shortBody(err, "body", int64(m))
+		for got < len(p) {
+			m, err := body.Read(p[got:])
+			got += m
+			if m > 0 && progress != nil {
+				progress(got)
+			}
+			if got == len(p) {
+				break
+			}
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			if err != nil {
+				return shortBody(err, "body", int64(got)-(from-off))
+			}
 		}
 		return nil
 	})

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -114,6 +115,7 @@ func TestBlobSizeLookup(t *testing.T) {
 }
 
 func TestRetryThenSuccess(t *testing.T) {
+	var prefix []byte // the start of the blob: what a server that ignores the range sends first
 	for _, tc := range []struct {
 		name  string
 		fault func(w http.ResponseWriter)
@@ -143,12 +145,13 @@ func TestRetryThenSuccess(t *testing.T) {
 		}},
 		{"partial 200", func(w http.ResponseWriter) {
 			w.WriteHeader(http.StatusOK)
-			_, _ = w.Write(make([]byte, 4096))
+			_, _ = w.Write(prefix)
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := newFakeRegistry(t)
 			data, dg := f.addBlob(70000)
+			prefix = data[:4096]
 			f.configure(func() {
 				f.blobHook = func(w http.ResponseWriter, r *http.Request, n int) bool {
 					if n <= 2 {
@@ -194,7 +197,8 @@ func TestPersistentFaultsFailWithErrUnavailable(t *testing.T) {
 			}
 		}},
 		{"stalled body", "no answer within the request timeout", func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Set("Content-Range", "bytes 0-4095/70000")
+			// The range asked for: an attempt after a stall asks only for the bytes not received yet.
+			w.Header().Set("Content-Range", strings.Replace(r.Header.Get("Range"), "=", " ", 1)+"/70000")
 			w.WriteHeader(http.StatusPartialContent)
 			_, _ = w.Write(make([]byte, 10))
 			w.(http.Flusher).Flush()
@@ -791,5 +795,43 @@ func TestDeadBlobFailsFastUntilAProbeGetsThrough(t *testing.T) {
 	}
 	if _, err := b.ReadAt(buf, 8192); err != nil || !bytes.Equal(buf, data[8192:8192+len(buf)]) {
 		t.Fatalf("read of a revived blob: %v", err)
+	}
+}
+
+// A range read reports its progress as bytes arrive, and an attempt after a body that broke off asks only for
+// the bytes not received yet.
+func TestReadResumesAndReportsProgress(t *testing.T) {
+	f := newFakeRegistry(t)
+	data, dg := f.addBlob(70000)
+	var ranges []string
+	f.configure(func() {
+		f.blobHook = func(w http.ResponseWriter, r *http.Request, n int) bool {
+			ranges = append(ranges, r.Header.Get("Range"))
+			if n > 1 {
+				return false
+			}
+			w.Header().Set("Content-Range", "bytes 100-4195/70000")
+			w.Header().Set("Content-Length", "4096")
+			w.WriteHeader(http.StatusPartialContent)
+			_, _ = w.Write(data[100:1100])
+			w.(http.Flusher).Flush()
+			panic(http.ErrAbortHandler)
+		}
+	})
+	c := testClient(t, nil)
+	b := mustBlob(t, c, f.host(), "app", dg, int64(len(data)))
+	p := make([]byte, 4096)
+	var seen []int
+	if _, err := b.ReadAtProgress(p, 100, func(n int) { seen = append(seen, n) }); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(p, data[100:4196]) {
+		t.Fatal("wrong bytes")
+	}
+	if len(ranges) != 2 || ranges[0] != "bytes=100-4195" || ranges[1] != "bytes=1100-4195" {
+		t.Fatalf("ranges asked for: %q; want the whole range, then the rest after byte 1000", ranges)
+	}
+	if len(seen) == 0 || seen[len(seen)-1] != 4096 || !slices.IsSorted(seen) {
+		t.Fatalf("progress %v: want growing counts ending at 4096", seen)
 	}
 }

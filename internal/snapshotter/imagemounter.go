@@ -39,3 +39,13 @@ type TraceMounter interface {
 	ImageMounter
 	MountTrace(ctx context.Context, id string, layers []Layer, target, traceFile string) error
 }
+
+// Preloader is an ImageMounter that can start what attaching an image will need as soon as a pull has committed
+// its layers, before any container asks for it: the layers opened (their headers and indexes fetched into the
+// cache) and, with a trace file, the recorded start prefetched. The snapshotter calls Preload after each commit of
+// a snapshot over an overlaybd chain; it must return at once. An attach of id takes over what a preload of id
+// started, and Unmount of id stops it.
+type Preloader interface {
+	ImageMounter
+	Preload(id string, layers []Layer, traceFile string)
+}

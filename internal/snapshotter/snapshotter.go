@@ -157,7 +157,26 @@ func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters .
 
 // Commit commits the active snapshot key as name.
 func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
-	return s.inner.Commit(ctx, name, key, opts...)
+	if err := s.inner.Commit(ctx, name, key, opts...); err != nil {
+		return err
+	}
+	s.preload(ctx, name)
+	return nil
+}
+
+// preload lets the mounter start, in the background, what attaching the image whose chain ends at the committed
+// snapshot name will need (see Preloader): during a pull, the image's layers are committed one after another and
+// its acceleration layer last.
+func (s *Snapshotter) preload(ctx context.Context, name string) {
+	pl, ok := s.mounter.(Preloader)
+	if !ok {
+		return
+	}
+	plan, err := s.planChain(ctx, name)
+	if err != nil || plan == nil {
+		return
+	}
+	pl.Preload(plan.id, plan.layers, plan.trace)
 }
 
 // Cleanup removes the directories of removed snapshots.
@@ -422,6 +441,7 @@ func (s *Snapshotter) commitRemote(ctx context.Context, key, parent string, labe
 	if !existed {
 		s.log.Info("committed remote overlaybd layer", "target", target, "key", key, "image", imageRef(labels),
 			"blob", labels[image.AnnotationBlobDigest])
+		s.preload(ctx, target)
 	}
 	return alreadyExists
 }

@@ -705,3 +705,73 @@ func TestTraceFiles(t *testing.T) {
 		t.Errorf("profile file name %s", registered)
 	}
 }
+
+// preloadMounter is a traceMounter that records the Preload calls.
+type preloadMounter struct {
+	traceMounter
+	preloads      []string // "id layers base-name-of-trace"
+	preloadTraces []string
+}
+
+func (f *preloadMounter) Preload(id string, layers []Layer, traceFile string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.preloads = append(f.preloads, fmt.Sprintf("%s %d %s", id, len(layers), filepath.Base(traceFile)))
+	f.preloadTraces = append(f.preloadTraces, traceFile)
+}
+
+// A pull preloads each chain as its layers are committed, the last one with the trace of the image's acceleration
+// layer, under the mount id that the container's attach uses.
+func TestPullPreloads(t *testing.T) {
+	testenv.Root(t)
+	root := t.TempDir()
+	f := &preloadMounter{}
+	sn, err := New(root, f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := sn.Close(); err != nil {
+			t.Error(err)
+		}
+		testenv.UnmountUnder(t, root)
+	})
+	ctx := context.Background()
+	const ref = "registry.test/app:v1"
+	l1, l2 := "sha256:00000000000000000000000000000000000000000000000000000000000000a1", "sha256:00000000000000000000000000000000000000000000000000000000000000a2"
+	pullRemote(t, ctx, sn, l1, "", ref)
+	pullRemote(t, ctx, sn, l2, l1, ref)
+	accel := "sha256:00000000000000000000000000000000000000000000000000000000000000a3"
+	labels := snapshots.WithLabels(map[string]string{LabelTargetRef: accel, image.AnnotationAccelerationLayer: "yes"})
+	ms, err := sn.Prepare(ctx, "extract-accel", l2, labels)
+	if err != nil {
+		t.Fatal(err)
+	}
+	withMounted(t, ms, func(dir string) {
+		if err := os.WriteFile(filepath.Join(dir, traceFile), []byte("a trace"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if err := sn.Commit(ctx, accel, "extract-accel", labels); err != nil { // as containerd's unpacker does
+		t.Fatal(err)
+	}
+	if _, err := sn.Prepare(ctx, "c1", accel); err != nil {
+		t.Fatal(err)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if len(f.mounts) != 1 || len(f.preloads) != 3 {
+		t.Fatalf("mounts %+v, preloads %q: want one mount, three preloads", f.mounts, f.preloads)
+	}
+	id := f.mounts[0].id
+	var id1 string
+	if _, err := fmt.Sscan(f.preloads[0], &id1); err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{id1 + " 1 .", id + " 2 .", id + " 2 " + traceFile}; !slices.Equal(f.preloads, want) {
+		t.Fatalf("preloads %q, want %q", f.preloads, want)
+	}
+	if f.traces[0] != f.preloadTraces[2] {
+		t.Fatalf("the attach took trace %q, the preload another", f.traces[0])
+	}
+}
