@@ -35,6 +35,8 @@ const (
 	DefaultSlowReadMS = 500
 	// DefaultHungReadMS is the age from which a device read that has not finished counts as hung.
 	DefaultHungReadMS = 10000
+	// DefaultReadAheadKB is the read-ahead of the images' devices: the kernel's default for a block device.
+	DefaultReadAheadKB = 128
 	// DefaultPrefetchConcurrency is the number of range requests in flight while a trace is prefetched.
 	DefaultPrefetchConcurrency = 8
 	// DefaultDownloadDelay and DefaultDownloadMBps are upstream's background download defaults (off by default).
@@ -149,6 +151,9 @@ type Snapshotter struct {
 	// small holder process keeps their FUSE connections, reads wait while no daemon runs, and the next daemon
 	// resumes them (Linux 6.9 or newer). With false, reads fail with EIO once the daemon is gone.
 	KeepDevices bool `toml:"keep_devices"`
+	// ReadAheadKB is the read_ahead_kb of the images' loop devices: the most the kernel reads ahead on an image's
+	// filesystem, every byte of which a cold image fetches (0: leave the device's own).
+	ReadAheadKB int `toml:"read_ahead_kb"`
 }
 
 // HolderSocket is the socket of the device holder process (see KeepDevices), in Root.
@@ -220,7 +225,7 @@ func (a Audit) HungRead() time.Duration { return time.Duration(a.HungReadMS) * t
 // Default returns the configuration used when obd.toml is missing.
 func Default() Config {
 	return Config{
-		Snapshotter: Snapshotter{Root: DefaultRoot, Address: DefaultAddress, LogLevel: DefaultLogLevel, KeepDevices: true},
+		Snapshotter: Snapshotter{Root: DefaultRoot, Address: DefaultAddress, LogLevel: DefaultLogLevel, KeepDevices: true, ReadAheadKB: DefaultReadAheadKB},
 		Cache:       Cache{Dir: DefaultCacheDir, SizeGB: DefaultCacheGB, BlockSizeKB: DefaultBlockKB, FetchKB: DefaultFetchKB},
 		Registry:    Registry{RetryBudget: DefaultRetryBudget, CredentialHelpers: DefaultCredentialHelpers},
 		Metrics:     Metrics{Address: DefaultMetricsAddress},
@@ -258,6 +263,9 @@ func Load(path string, explicit bool) (cfg Config, warnings []string, err error)
 
 // Validate checks the values that have a fixed range; each error names the key and what it wants.
 func (c Config) Validate() error {
+	if r := c.Snapshotter.ReadAheadKB; r < 0 || r > 16384 {
+		return fmt.Errorf("snapshotter.read_ahead_kb = %d: want 0 (the device's own) to 16384 KiB", r)
+	}
 	if c.Cache.SizeGB <= 0 {
 		return fmt.Errorf("cache.size_gb = %d: want a positive number of GiB", c.Cache.SizeGB)
 	}

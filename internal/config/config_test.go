@@ -96,7 +96,7 @@ size = "10GiB"
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Snapshotter{Root: "/srv/obd", Address: DefaultAddress, LogLevel: "debug", KeepDevices: true}
+	want := Snapshotter{Root: "/srv/obd", Address: DefaultAddress, LogLevel: "debug", KeepDevices: true, ReadAheadKB: DefaultReadAheadKB}
 	if cfg.Snapshotter != want {
 		t.Errorf("config %+v, want %+v", cfg.Snapshotter, want)
 	}

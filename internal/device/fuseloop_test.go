@@ -46,6 +46,9 @@ func TestAttachMountReadDetach(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("%s: loop direct I/O %v, backing file %s", dev.Path, loopDirectIO(idx), loopBackingFile(idx))
+	if ra, err := readAhead(idx); err != nil || ra != DefaultReadAheadKB {
+		t.Errorf("read_ahead_kb of %s = %d, %v; want %d", dev.Path, ra, err, DefaultReadAheadKB)
+	}
 
 	// A child process must not inherit the /dev/fuse descriptor: it would keep the connection open after a crash.
 	out, err := exec.Command("ls", "-l", "/proc/self/fd/").CombinedOutput()
@@ -434,4 +437,30 @@ func TestDeadRangeNeverServesWrongData(t *testing.T) {
 			t.Error("no buffered read failed: the dead range was read as if it were fine")
 		}
 	})
+}
+
+// The read-ahead of an attached loop device is the configured one, whatever the device had before.
+func TestReadAheadIsSet(t *testing.T) {
+	mkfs := needSystem(t)
+	b := loadImage(t, makeImage(t, mkfs, testFiles(1), 32))
+	log, _ := testLogger(t)
+	for _, kb := range []int{2560, 48} {
+		f := NewFuseLoop(log, WithReadAhead(kb))
+		id := uniqueID(t, kb)
+		dev, err := f.Attach(context.Background(), id, b, AttachOptions{ReadOnly: true, StateDir: t.TempDir()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		idx, err := loopIndex(dev.Path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ra, err := readAhead(idx)
+		if derr := f.Detach(context.Background(), id); derr != nil {
+			t.Fatal(derr)
+		}
+		if err != nil || ra != kb {
+			t.Fatalf("read_ahead_kb of %s = %d, %v; want %d", dev.Path, ra, err, kb)
+		}
+	}
 }

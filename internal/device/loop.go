@@ -91,6 +91,24 @@ func loopConfigure(idx int, cfg *unix.LoopConfig) error {
 	return unix.IoctlLoopConfigure(lfd, cfg)
 }
 
+// setReadAhead sets the read_ahead_kb of loop device idx.
+func setReadAhead(idx, kb int) error {
+	p := fmt.Sprintf("/sys/block/loop%d/queue/read_ahead_kb", idx)
+	if err := os.WriteFile(p, []byte(strconv.Itoa(kb)), 0); err != nil {
+		return fmt.Errorf("set the read-ahead of %s: %w", loopPath(idx), err)
+	}
+	return nil
+}
+
+// readAhead returns the read_ahead_kb of loop device idx.
+func readAhead(idx int) (int, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/sys/block/loop%d/queue/read_ahead_kb", idx))
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(strings.TrimSpace(string(b)))
+}
+
 // loopDirectIO reports whether loop device idx does direct I/O on its backing file.
 func loopDirectIO(idx int) bool {
 	b, err := os.ReadFile(fmt.Sprintf("/sys/block/loop%d/loop/dio", idx))

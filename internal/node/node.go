@@ -108,7 +108,7 @@ func (s *Service) openDevices() error {
 	budget, _ := time.ParseDuration(cfg.Registry.RetryBudget) // checked by Validate
 	cp := &clientPool{cfg: cfg.Registry, budget: budget, logger: s.log, observer: s.ops.observeRegistry, pulls: s.pulls, providers: s.providers,
 		clients: map[string]*registry.Client{}}
-	fopts := []device.FuseLoopOption{device.WithReadObserver(s.ops.reads.observe)}
+	fopts := []device.FuseLoopOption{device.WithReadObserver(s.ops.reads.observe), device.WithReadAhead(cfg.Snapshotter.ReadAheadKB)}
 	if s.holder != nil {
 		fopts = append(fopts, device.WithHolder(s.holder))
 	}
