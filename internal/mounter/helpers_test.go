@@ -76,6 +76,11 @@ type fakeRegistry struct {
 	hang    chan struct{}
 	hanging atomic.Int64
 
+	// delay, if set before the first request, holds every blob answer that long; inflight counts the requests
+	// being answered and maxInflight the most at once.
+	delay                 time.Duration
+	inflight, maxInflight atomic.Int64
+
 	mu     sync.Mutex
 	ranges []string
 }
@@ -143,6 +148,11 @@ func (f *fakeRegistry) serve(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	f.requests.Add(1)
+	n := f.inflight.Add(1)
+	defer f.inflight.Add(-1)
+	for m := f.maxInflight.Load(); n > m && !f.maxInflight.CompareAndSwap(m, n); m = f.maxInflight.Load() {
+	}
+	time.Sleep(f.delay)
 	data := f.blob
 	if rng := r.Header.Get("Range"); rng != "" {
 		f.mu.Lock()

@@ -257,6 +257,10 @@ type noPrefetch struct{}
 
 func (noPrefetch) Prefetch(int64, int64) error { return nil }
 
+// openTail is the end of a layer blob fetched while the layer is opened: the ZFile trailer and jump table and the
+// LSMT index of layers up to a few GiB.
+const openTail = 512 << 10
+
 // maxOpening bounds the layers of one image opened at once.
 const maxOpening = 8
 
@@ -333,6 +337,9 @@ func (m *Mounter) openLayer(ctx context.Context, img *mounted, i int, l snapshot
 	if m.opts.Cache != nil {
 		src.cache = m.opts.Cache.Reader(l.Digest, blob.Size(), blob)
 		r = src.cache
+		// Opening reads the blob's header, then its index at the end: fetch the end meanwhile, so that a cold
+		// open waits for one round trip, not two.
+		go src.cache.Prefetch(max(0, blob.Size()-openTail), openTail)
 	}
 	img.layers[i] = src
 	return image.OpenLayer(annotate(r, l), blob.Size(), image.LayerOptions{Verify: true, Observe: observe})

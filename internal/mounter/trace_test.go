@@ -166,3 +166,30 @@ func TestRecordAndReplayTrace(t *testing.T) {
 		}
 	})
 }
+
+// A cold open fetches the end of the layer blob (its index) while it reads the header, instead of one after the
+// other.
+func TestColdOpenFetchesHeaderAndIndexAtOnce(t *testing.T) {
+	blob, err := os.ReadFile(blobPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(blob) <= openTail {
+		t.Fatalf("the test blob has %d bytes: its header and its end are one range", len(blob))
+	}
+	s := newSetup(t)
+	reg := newFakeRegistry(t, blob)
+	reg.delay = 200 * time.Millisecond
+	// No readahead: its requests would overlap the open's.
+	m := s.newMounter(mounterOptions{registry: reg, cache: s.openCacheReadahead(16<<10, -1)})
+	target := filepath.Join(s.root, "mnt")
+	if err := m.Mount(context.Background(), "cold", []snapshotter.Layer{reg.layer()}, target); err != nil {
+		t.Fatal(err)
+	}
+	if n := reg.maxInflight.Load(); n < 2 {
+		t.Errorf("at most %d request in flight while the layer was opened; want its header and end at once", n)
+	}
+	if err := m.Unmount(context.Background(), "cold", target); err != nil {
+		t.Fatal(err)
+	}
+}
