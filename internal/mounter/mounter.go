@@ -257,8 +257,8 @@ type noPrefetch struct{}
 
 func (noPrefetch) Prefetch(int64, int64) error { return nil }
 
-// openTail is the end of a layer blob fetched while the layer is opened: the ZFile trailer and jump table and the
-// LSMT index of layers up to a few GiB.
+// openTail bounds the end of a layer blob fetched while the layer is opened (a 16th of the blob, at least 64 KiB):
+// the ZFile trailer and jump table and the LSMT index of layers up to a few GiB.
 const openTail = 512 << 10
 
 // maxOpening bounds the layers of one image opened at once.
@@ -339,7 +339,8 @@ func (m *Mounter) openLayer(ctx context.Context, img *mounted, i int, l snapshot
 		r = src.cache
 		// Opening reads the blob's header, then its index at the end: fetch the end meanwhile, so that a cold
 		// open waits for one round trip, not two.
-		go src.cache.Prefetch(max(0, blob.Size()-openTail), openTail)
+		tail := min(openTail, max(64<<10, blob.Size()/16))
+		go src.cache.Prefetch(max(0, blob.Size()-tail), tail)
 	}
 	img.layers[i] = src
 	return image.OpenLayer(annotate(r, l), blob.Size(), image.LayerOptions{Verify: true, Observe: observe})
