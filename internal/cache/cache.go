@@ -28,7 +28,7 @@ import (
 type Options struct {
 	Dir           string // cache directory, created if missing
 	CapacityBytes int64  // bound on the bytes of present blocks
-	BlockSize     int64  // unit in which blocks are cached, and Prefetch fetches, in bytes (default 256 KiB)
+	BlockSize     int64  // unit in which blocks are cached, and Prefetch fetches, in bytes (default 64 KiB)
 	// FetchBytes is the least a demand miss fetches (a multiple of BlockSize; at most BlockSize: BlockSize): the missing
 	// blocks of the FetchBytes-aligned run around the read come with it in one request. Smaller blocks than fetch
 	// units let a prefetch fetch just the blocks a recorded start reads while a miss still costs one request per
@@ -43,7 +43,7 @@ type Options struct {
 }
 
 const (
-	defaultBlockSize = 256 << 10
+	defaultBlockSize = 64 << 10
 	// maxRun bounds the bytes of one coalesced source read of a demand miss.
 	maxRun = 8 << 20
 	// maxAheadRun bounds the bytes of one source read of readahead or Prefetch (at least one block).

@@ -23,7 +23,7 @@ const (
 	DefaultLogLevel    = "info"
 	DefaultCacheDir    = "/var/lib/obd/cache"
 	DefaultCacheGB     = 4
-	DefaultBlockKB     = 256
+	DefaultBlockKB     = 64
 	DefaultFetchKB     = 256
 	DefaultRetryBudget = "60s"
 	// DefaultCredentialHelpers is obd's token helpers file (registry.DefaultHelperFile).
