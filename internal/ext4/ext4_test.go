@@ -74,6 +74,7 @@ func TestMkfs64GiB(t *testing.T) {
 		if strings.Contains(out, "has_journal") {
 			t.Errorf("journal created:\n%s", out)
 		}
+		checkFirst128K(t, out)
 	}
 	if hashes[0] != hashes[1] {
 		t.Error("two Mkfs runs with the same options wrote different bytes")
@@ -379,5 +380,28 @@ func TestIndexedDirectory(t *testing.T) {
 	}
 	if _, err := f.Lstat("/d/entry-with-a-long-name-0000"); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("removed entry: %v", err)
+	}
+}
+
+// checkFirst128K checks, in debugfs's stats of a filesystem, that no bitmap and no inode table lies in the first
+// 128 KiB (blocks 0-31), which must hold only the superblock and the group descriptors, primary and reserved (see
+// mke2fsConf): upstream's overlaybd-apply corrupts a filesystem with metadata written as whole blocks there.
+func checkFirst128K(t *testing.T, stats string) {
+	t.Helper()
+	if m := regexp.MustCompile(`Reserved GDT blocks: +(\d+)`).FindStringSubmatch(stats); m == nil || m[1] == "0" {
+		t.Errorf("no reserved group descriptor blocks:\n%s", stats)
+	}
+	groups := regexp.MustCompile(`Group +(\d+): block bitmap at (\d+), inode bitmap at (\d+), inode table at (\d+)`).FindAllStringSubmatch(stats, -1)
+	if len(groups) == 0 {
+		t.Fatalf("no group descriptors in debugfs stats:\n%s", stats)
+	}
+	for _, g := range groups {
+		for i, what := range []string{"block bitmap", "inode bitmap", "inode table"} {
+			var blk int64
+			fmt.Sscan(g[2+i], &blk)
+			if blk < 32 {
+				t.Errorf("group %s: %s at block %d, inside the first 128 KiB", g[1], what, blk)
+			}
+		}
 	}
 }

@@ -43,8 +43,18 @@ type MkfsOptions struct {
 
 // mke2fsConf pins every default mke2fs would otherwise take from the
 // system's mke2fs.conf. No journal: images are mounted read-only.
+//
+// resize_inode reserves group descriptor blocks after the primary ones
+// (1,024 on a 64 GiB disk, as on upstream's base layer), which puts the
+// block and inode bitmaps and the inode tables after block 1,032: the
+// first 128 KiB hold only the superblock and the group descriptors.
+// Upstream's userspace overlaybd-apply caches aligned 4 KiB writes in
+// 128 KiB blocks and writes the superblock and the descriptors directly;
+// with bitmaps in blocks 9-40 (no resize_inode), it later wrote a stale
+// cached copy of the first 128 KiB over the superblock and descriptors it
+// had just written, and e2fsck found wrong group counts and checksums.
 const mke2fsConf = `[defaults]
-	base_features = sparse_super,large_file,filetype,dir_index,ext_attr,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
+	base_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
 	default_mntopts = acl,user_xattr
 	enable_periodic_fsck = 0
 	blocksize = 4096
