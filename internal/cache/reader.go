@@ -422,6 +422,7 @@ func (r *Reader) fill(f *fetch) error {
 	err := r.readSrcProgress(buf, start, func(n int) { f.arrived(int64(n), bs) })
 	var stored bool
 	if err == nil {
+		f.arrived(int64(len(buf)), bs) // whatever the source reported
 		stored = r.store(f, buf, start)
 		blocks := f.last - f.first + 1
 		switch f.kind {

@@ -65,23 +65,31 @@ func (p *Proxy) ImageFsInfo(ctx context.Context, r *runtimeapi.ImageFsInfoReques
 	return p.next.ImageFsInfo(ctx, r)
 }
 
-// PullImage forwards to containerd and, when the pull succeeded with credentials, stores them for the image's
-// repository. Credentials of a failed pull are not kept: they could only shadow working ones.
+// PullImage stores the pull's credentials for the image's repository, then forwards the pull to containerd: the
+// snapshotter reads the image's layers while containerd pulls it (it opens them, and prefetches a recorded start).
+// The credentials of a failed pull are taken back: they could only shadow working ones.
 func (p *Proxy) PullImage(ctx context.Context, r *runtimeapi.PullImageRequest) (*runtimeapi.PullImageResponse, error) {
 	start := time.Now()
 	ref := r.GetImage().GetImage()
+	var undo func()
+	var putErr error
+	if user, pass, ok := authCredentials(r.GetAuth(), ref); ok {
+		undo, putErr = p.store.Put(ref, user, pass)
+	}
 	resp, err := p.next.PullImage(ctx, r)
 	args := []any{"image", ref, "with_credentials", r.GetAuth() != nil, "duration", time.Since(start).Round(time.Millisecond)}
 	if err != nil {
+		if undo != nil {
+			undo()
+		}
 		p.log.Warn("CRI pull failed", append(args, "error", err)...)
 		return nil, err
 	}
-	if user, pass, ok := authCredentials(r.GetAuth(), ref); ok {
-		if err := p.store.Put(ref, user, pass); err != nil {
-			p.log.Warn("CRI pull: credentials not kept for lazy reads", append(args, "error", err)...)
-		} else {
-			args = append(args, "credentials_kept", true)
-		}
+	switch {
+	case putErr != nil:
+		p.log.Warn("CRI pull: credentials not kept for lazy reads", append(args, "error", putErr)...)
+	case undo != nil:
+		args = append(args, "credentials_kept", true)
 	}
 	p.log.Info("CRI pull", args...)
 	return resp, nil

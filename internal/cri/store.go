@@ -40,20 +40,35 @@ func NewStore(ttl time.Duration) *Store {
 func repoKey(host, repo string) string { return registry.HostKey(host) + "/" + repo }
 
 // Put stores the credentials for the repository of the registry image reference ref (a tag or digest in it is
-// ignored), replacing older ones. user registry.IdentityTokenUser marks pass as an identity token.
-func (s *Store) Put(ref, user, pass string) error {
+// ignored), replacing older ones. user registry.IdentityTokenUser marks pass as an identity token. undo puts back
+// what the repository had before, unless another Put replaced these credentials since.
+func (s *Store) Put(ref, user, pass string) (undo func(), err error) {
 	r, err := image.ParseRef(ref)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if r.Transport != image.TransportRegistry {
-		return fmt.Errorf("image reference %s: not a registry reference", ref)
+		return nil, fmt.Errorf("image reference %s: not a registry reference", ref)
 	}
+	key := repoKey(r.Host(), r.Repository())
+	e := &storeEntry{user: user, pass: pass, expires: s.now().Add(s.ttl)}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.expire()
-	s.entries[repoKey(r.Host(), r.Repository())] = &storeEntry{user: user, pass: pass, expires: s.now().Add(s.ttl)}
-	return nil
+	prev := s.entries[key]
+	s.entries[key] = e
+	return func() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if s.entries[key] != e {
+			return
+		}
+		if prev != nil {
+			s.entries[key] = prev
+		} else {
+			delete(s.entries, key)
+		}
+	}, nil
 }
 
 // Get returns the unexpired credentials of host/repo and extends their life by the store's ttl.

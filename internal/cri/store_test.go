@@ -32,7 +32,7 @@ func TestStoreKeysByRepository(t *testing.T) {
 		{"reg.example.com:5000/team/lib@sha256:" + strings.Repeat("a", 64), "lib"},
 		{"docker.io/library/nginx:latest", "hub"}, // as kubelet normalizes it
 	} {
-		if err := s.Put(c.ref, c.user, "pw-"+c.user); err != nil {
+		if _, err := s.Put(c.ref, c.user, "pw-"+c.user); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -53,14 +53,14 @@ func TestStoreKeysByRepository(t *testing.T) {
 			t.Errorf("Get(%s, %s) = %q, %v; want %q, %v", c.host, c.repo, user, ok, c.user, c.ok)
 		}
 	}
-	if err := s.Put("oci:/some/dir:tag", "u", "p"); err == nil {
+	if _, err := s.Put("oci:/some/dir:tag", "u", "p"); err == nil {
 		t.Error("Put of a layout reference succeeded")
 	}
 }
 
 func TestStoreExpiry(t *testing.T) {
 	s, clock := newClockedStore(time.Hour)
-	if err := s.Put("r.io/app:v1", "u", "p"); err != nil {
+	if _, err := s.Put("r.io/app:v1", "u", "p"); err != nil {
 		t.Fatal(err)
 	}
 	clock.add(50 * time.Minute)
@@ -76,7 +76,7 @@ func TestStoreExpiry(t *testing.T) {
 		t.Fatalf("credentials unused for the ttl are still there (%d entries)", s.Len())
 	}
 	// A new pull stores them again.
-	if err := s.Put("r.io/app:v2", "u", "p2"); err != nil {
+	if _, err := s.Put("r.io/app:v2", "u", "p2"); err != nil {
 		t.Fatal(err)
 	}
 	if _, pass, ok := s.Get("r.io", "app"); !ok || pass != "p2" {
@@ -88,7 +88,7 @@ func TestStoreExpiry(t *testing.T) {
 // for other repositories, and that neither the store's errors nor its formatting reveals a password.
 func TestStoreCredentials(t *testing.T) {
 	s, _ := newClockedStore(time.Hour)
-	if err := s.Put("r.io/app:v1", "alice", "hunter2-secret"); err != nil {
+	if _, err := s.Put("r.io/app:v1", "alice", "hunter2-secret"); err != nil {
 		t.Fatal(err)
 	}
 	next := func(context.Context, string) (string, string, error) { return "node", "node-pw", nil }
@@ -105,7 +105,7 @@ func TestStoreCredentials(t *testing.T) {
 	}
 	var buf bytes.Buffer
 	slog.New(slog.NewTextHandler(&buf, nil)).Info("store", "store", s, "printed", fmt.Sprintf("%v %+v %s", s, s, s))
-	if err := s.Put("not a ref::", "alice", "hunter2-secret"); err != nil {
+	if _, err := s.Put("not a ref::", "alice", "hunter2-secret"); err != nil {
 		buf.WriteString(err.Error())
 	}
 	if strings.Contains(buf.String(), "hunter2") {
@@ -118,4 +118,34 @@ func TestStoreCredentials(t *testing.T) {
 func scopedContext(t *testing.T, host, repo string) context.Context {
 	t.Helper()
 	return auth.AppendRepositoryScope(context.Background(), orasregistry.Reference{Registry: host, Repository: repo}, auth.ActionPull)
+}
+
+// Undoing a Put (the credentials of a pull that failed) puts back what the repository had, unless a later Put
+// replaced them.
+func TestStorePutUndo(t *testing.T) {
+	s := NewStore(time.Hour)
+	if _, err := s.Put("r.io/app:v1", "old", "p1"); err != nil {
+		t.Fatal(err)
+	}
+	undo, err := s.Put("r.io/app:v2", "new", "p2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	undo()
+	if user, _, ok := s.Get("r.io", "app"); !ok || user != "old" {
+		t.Fatalf("after undo: user %q, %v; want the older credentials", user, ok)
+	}
+	undo, _ = s.Put("r.io/other:v1", "x", "p3")
+	undo()
+	if _, _, ok := s.Get("r.io", "other"); ok {
+		t.Fatal("undo of the first Put of a repository left credentials")
+	}
+	undo, _ = s.Put("r.io/app:v3", "third", "p4")
+	if _, err := s.Put("r.io/app:v4", "fourth", "p5"); err != nil {
+		t.Fatal(err)
+	}
+	undo()
+	if user, _, _ := s.Get("r.io", "app"); user != "fourth" {
+		t.Fatalf("an undo replaced newer credentials: user %q", user)
+	}
 }

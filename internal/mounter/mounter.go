@@ -22,6 +22,7 @@ import (
 	"github.com/obdproject/obd/internal/snapshotter"
 	"github.com/obdproject/obd/lsmt"
 	"github.com/obdproject/obd/trace"
+	"github.com/opencontainers/go-digest"
 )
 
 // Options configure a Mounter.
@@ -88,7 +89,8 @@ func (m *Mounter) setImage(id string, img *mounted) {
 type mounted struct {
 	dev     *device.Device
 	targets map[string]bool
-	openMu  sync.Mutex // guards files and blobs while the layers are opened
+	openMu  sync.Mutex                       // guards files and blobs while the layers are opened
+	reuse   map[digest.Digest]*registry.Blob // registry blobs to open the layers with (a preload's), by digest
 	files   []io.Closer
 	blobs   []*registry.Blob
 	layers  []layerSource // per layer, bottom first: where its bytes come from (for Images)
@@ -165,10 +167,15 @@ func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.La
 	pre := m.takePreload(id)
 	if pre != nil {
 		<-pre.opened
-		if pre.job != nil && len(replay) > 0 {
-			img.prefetch = pre.job // the attach's trace is the one the preload read: the image's
+		// The attach reads the layers through the preload's registry blobs: its traffic counts as the image's.
+		img.reuse = map[digest.Digest]*registry.Blob{}
+		for _, b := range pre.img.blobs {
+			img.reuse[b.Digest()] = b
+		}
+		if pre.job != nil && len(replay) > 0 && pre.trace == traceFile {
+			img.prefetch = pre.job
 		} else if pre.job != nil {
-			pre.job.Stop() // the container records a trace, or has none
+			pre.job.Stop() // the container records a trace, or names another
 		}
 	}
 	if record {
@@ -325,9 +332,11 @@ func (m *Mounter) openLayer(ctx context.Context, img *mounted, i int, l snapshot
 	if err != nil {
 		return nil, err
 	}
-	blob, err := client.Blob(ctx, ref.Host(), ref.Repository(), l.Digest, l.Size)
-	if err != nil {
-		return nil, err
+	blob := img.reuse[l.Digest]
+	if blob == nil {
+		if blob, err = client.Blob(ctx, ref.Host(), ref.Repository(), l.Digest, l.Size); err != nil {
+			return nil, err
+		}
 	}
 	img.openMu.Lock()
 	img.blobs = append(img.blobs, blob)

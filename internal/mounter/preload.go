@@ -14,7 +14,8 @@ var _ snapshotter.Preloader = (*Mounter)(nil)
 type preload struct {
 	cancel context.CancelFunc
 	trace  string        // the trace file it was given, or ""
-	opened chan struct{} // closed when the layers are opened (or failed to) and job is set
+	opened chan struct{} // closed when the layers are opened (or failed to) and img and job are set
+	img    *mounted      // what the preload opened (its registry blobs count the preload's traffic)
 	job    *prefetch.Job // the prefetch of the image's recorded start, or nil
 }
 
@@ -66,6 +67,7 @@ func (m *Mounter) Preload(id string, layers []snapshotter.Layer, traceFile strin
 			layers = layers[len(layers)-1:]
 		}
 		img := &mounted{}
+		p.img = img
 		opened, i, err := m.openLayers(ctx, img, layers, nil)
 		if err != nil {
 			m.opts.Logger.Debug("preload: cannot open a layer; the attach will try again", "image", id, "index", i, "err", err)

@@ -55,7 +55,7 @@ func TestClientPoolCredentialOrder(t *testing.T) {
 		t.Fatal(err)
 	}
 	pulls := cri.NewStore(time.Hour)
-	if err := pulls.Put(host+"/team/app:v1", "pod", "pw"); err != nil {
+	if _, err := pulls.Put(host+"/team/app:v1", "pod", "pw"); err != nil {
 		t.Fatal(err)
 	}
 	cfg := config.Default().Registry

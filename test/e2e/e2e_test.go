@@ -117,15 +117,20 @@ func TestLazyPullAndRun(t *testing.T) {
 		total += l.Size
 	}
 
-	t.Run("pull fetches no layer", func(t *testing.T) {
+	// The pull itself fetches no layer; the snapshotter opens each layer as the pull commits it ([prefetch]
+	// on_pull), which reads its header and its index: at most the first 256 KiB and the last 512 KiB.
+	t.Run("pull fetches layer headers and indexes only", func(t *testing.T) {
 		sb.ResetCounters()
 		start := time.Now()
 		out := obd(t, sb, "pull", lazy)
 		t.Logf("%s(pull took %s)", out, time.Since(start).Round(time.Millisecond))
+		time.Sleep(time.Second) // the layer opens run in the background
 		fetched := sb.BlobBytes()
 		for _, l := range m.Layers {
-			if n := fetched[l.Digest.String()]; n > 0 {
-				t.Errorf("pull fetched %d bytes of layer %s", n, l.Digest)
+			n := fetched[l.Digest.String()]
+			t.Logf("layer %s: %d of %d bytes fetched", l.Digest, n, l.Size)
+			if n > 768<<10 && n > l.Size/2 {
+				t.Errorf("pull fetched %d bytes of layer %s (%d bytes)", n, l.Digest, l.Size)
 			}
 		}
 		if fetched[m.Config.Digest.String()] != m.Config.Size {
