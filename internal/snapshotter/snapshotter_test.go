@@ -80,9 +80,17 @@ func (f *fakeMounter) calls() (mounts, unmounts []mountCall) {
 
 func newTestSnapshotter(t *testing.T) (context.Context, *Snapshotter, *fakeMounter, string) {
 	t.Helper()
-	root := t.TempDir()
 	f := &fakeMounter{}
-	sn, err := New(root, f)
+	sn, root := openSnapshotter(t, f)
+	return context.Background(), sn, f, root
+}
+
+// openSnapshotter opens a Snapshotter on a new root with mounter m, closed (and its mounts undone) when the test
+// ends.
+func openSnapshotter(t *testing.T, m ImageMounter, opts ...Option) (*Snapshotter, string) {
+	t.Helper()
+	root := t.TempDir()
+	sn, err := New(root, m, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -94,7 +102,7 @@ func newTestSnapshotter(t *testing.T) (context.Context, *Snapshotter, *fakeMount
 			testenv.UnmountUnder(t, root)
 		}
 	})
-	return context.Background(), sn, f, root
+	return sn, root
 }
 
 func remoteLabels(target string, dg digest.Digest, size int64, ref string) map[string]string {
@@ -658,18 +666,9 @@ func (f *traceMounter) MountTrace(ctx context.Context, id string, layers []Layer
 // An image's trace file: none; a profile registered for its chain; the record-trace labels over both.
 func TestTraceFiles(t *testing.T) {
 	testenv.Root(t)
-	root, profiles := t.TempDir(), t.TempDir()
+	profiles := t.TempDir()
 	f := &traceMounter{}
-	sn, err := New(root, f, WithProfiles(profiles))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := sn.Close(); err != nil {
-			t.Error(err)
-		}
-		testenv.UnmountUnder(t, root)
-	})
+	sn, _ := openSnapshotter(t, f, WithProfiles(profiles))
 	ctx := context.Background()
 	const ref = "registry.test/app:v1"
 	pullRemote(t, ctx, sn, "sha256:0000000000000000000000000000000000000000000000000000000000000001", "", ref)
@@ -724,18 +723,8 @@ func (f *preloadMounter) Preload(id string, layers []Layer, traceFile string) {
 // layer, under the mount id that the container's attach uses.
 func TestPullPreloads(t *testing.T) {
 	testenv.Root(t)
-	root := t.TempDir()
 	f := &preloadMounter{}
-	sn, err := New(root, f)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := sn.Close(); err != nil {
-			t.Error(err)
-		}
-		testenv.UnmountUnder(t, root)
-	})
+	sn, _ := openSnapshotter(t, f)
 	ctx := context.Background()
 	const ref = "registry.test/app:v1"
 	l1, l2 := "sha256:00000000000000000000000000000000000000000000000000000000000000a1", "sha256:00000000000000000000000000000000000000000000000000000000000000a2"
