@@ -32,8 +32,9 @@ func (p *preload) stop() {
 // and with a trace file (an acceleration layer's or a registered profile) starts prefetching the recorded start,
 // as an attach would (see snapshotter.Preloader). It does nothing when Options.Preload is off, when the node has
 // no cache, or when id is attached or preloading already (unless this call brings a trace file the running preload
-// lacks: a pull commits an image's acceleration layer after its last overlaybd layer). An attach of id takes the prefetch over; Unmount of id
-// stops it. A failure is only logged: the attach opens the layers again and reports it.
+// lacks: a pull commits an image's acceleration layer after its last overlaybd layer). An attach of id takes the
+// prefetch over; Unmount of id stops it. A failure is only logged: the attach opens the layers again and reports
+// it.
 func (m *Mounter) Preload(id string, layers []snapshotter.Layer, traceFile string) {
 	if !m.opts.Preload || m.opts.Cache == nil {
 		return
