@@ -139,7 +139,9 @@ func (c *Cache) ExportBlob(key digest.Digest, w io.Writer) (ExportedBlob, error)
 	r := &Reader{c: c, b: b, key: key, size: e.Size}
 	// The blocks' sums are hashed on another goroutine while w takes the bytes (and may hash them too).
 	var sums []digest.Digest
-	p := newHashPipe(bs, func(buf []byte) { sums = append(sums, digest.Digest(fmt.Sprintf("sha256:%x", sha256.Sum256(buf)))) })
+	p := newBufPipe(bs, func(_ int64, buf []byte) {
+		sums = append(sums, digest.Digest(fmt.Sprintf("sha256:%x", sha256.Sum256(buf))))
+	})
 	defer p.close()
 	for _, i := range want {
 		pin := pinRange{i, i}
@@ -158,7 +160,7 @@ func (c *Cache) ExportBlob(key digest.Digest, w io.Writer) (ExportedBlob, error)
 			p.release(buf)
 			return e, fmt.Errorf("cache: blob %s: block %d: %w", key, i, err)
 		}
-		p.hash(buf)
+		p.send(0, buf)
 		if _, err := w.Write(buf); err != nil {
 			return e, err
 		}
@@ -169,38 +171,44 @@ func (c *Cache) ExportBlob(key digest.Digest, w io.Writer) (ExportedBlob, error)
 	return e, nil
 }
 
-// hashPipe hashes buffers on a goroutine of its own, in order, while the caller goes on with them: the caller
-// takes a buffer, fills it and hands it to hash, and may go on reading it until it takes the next buffer.
-type hashPipe struct {
+// bufPipe works on buffers on a goroutine of its own, in order, while the caller goes on: the caller takes a
+// buffer, fills it and sends it (with an offset) to the work function, and may go on reading it until it takes the
+// next buffer. The buffer is taken back once the work on it is done.
+type bufPipe struct {
 	free chan []byte
-	in   chan []byte
+	in   chan pipeJob
 	done chan struct{}
 }
 
-// hashPipeDepth is the number of buffers: the hasher may be this many minus one behind.
-const hashPipeDepth = 3
+type pipeJob struct {
+	off int64
+	buf []byte
+}
 
-func newHashPipe(size int64, hash func([]byte)) *hashPipe {
-	p := &hashPipe{free: make(chan []byte, hashPipeDepth), in: make(chan []byte, hashPipeDepth), done: make(chan struct{})}
-	for range hashPipeDepth {
+// bufPipeDepth is the number of buffers: the work may be this many minus one behind.
+const bufPipeDepth = 3
+
+func newBufPipe(size int64, work func(off int64, buf []byte)) *bufPipe {
+	p := &bufPipe{free: make(chan []byte, bufPipeDepth), in: make(chan pipeJob, bufPipeDepth), done: make(chan struct{})}
+	for range bufPipeDepth {
 		p.free <- make([]byte, size)
 	}
 	go func() {
 		defer close(p.done)
-		for buf := range p.in {
-			hash(buf)
-			p.free <- buf[:cap(buf)]
+		for j := range p.in {
+			work(j.off, j.buf)
+			p.free <- j.buf[:cap(j.buf)]
 		}
 	}()
 	return p
 }
 
-func (p *hashPipe) buffer() []byte     { return <-p.free }
-func (p *hashPipe) release(buf []byte) { p.free <- buf[:cap(buf)] }
-func (p *hashPipe) hash(buf []byte)    { p.in <- buf }
+func (p *bufPipe) buffer() []byte             { return <-p.free }
+func (p *bufPipe) release(buf []byte)         { p.free <- buf[:cap(buf)] }
+func (p *bufPipe) send(off int64, buf []byte) { p.in <- pipeJob{off, buf} }
 
-// close waits for the hashing of every buffer handed over; it may be called again.
-func (p *hashPipe) close() {
+// close waits for the work on every buffer sent; it may be called again.
+func (p *bufPipe) close() {
 	select {
 	case <-p.done:
 	default:
@@ -249,35 +257,26 @@ func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) 
 	if r.b == nil {
 		return res, fmt.Errorf("cache: blob %s cannot be cached (closed cache)", e.Digest)
 	}
-	// Blocks are stored in runs of consecutive blocks, up to importRun bytes each. A snapshot of the whole blob is
-	// hashed as it streams, run by run on another goroutine: when every block is stored from it, that hash
-	// verifies the blob without reading it back.
+	// Blocks are stored in runs of consecutive blocks, up to importRun bytes each, on another goroutine while the
+	// next run is read and its blocks checked. A snapshot of the whole blob is hashed there too, run by run: when
+	// every block is stored from the stream, that hash verifies the blob without reading it back.
 	nb := numBlocks(e.Size, e.BlockSize)
 	runCap := max(e.BlockSize, importRun/e.BlockSize*e.BlockSize)
 	all := e.Whole() // every block stored from the stream, so far
-	var (
-		p         *hashPipe
-		wholeHash hash.Hash
-		run       []byte
-		runOff    int64
-	)
+	var wholeHash hash.Hash
 	if all {
 		wholeHash = e.Digest.Algorithm().Hash()
-		p = newHashPipe(runCap, func(buf []byte) { wholeHash.Write(buf) })
-		defer p.close()
-	} else {
-		run = make([]byte, 0, runCap)
 	}
-	// flush stores the run, and fails when the import cannot go on.
-	flush := func() error {
-		if len(run) == 0 {
-			return nil
+	var st importState
+	p := newBufPipe(runCap, func(off int64, run []byte) {
+		if wholeHash != nil {
+			wholeHash.Write(run)
 		}
-		if p != nil {
-			p.hash(run)
+		if full, err := st.get(); full || err != nil {
+			return
 		}
-		src.set(runOff, run)
-		err := r.Prefetch(runOff, int64(len(run)))
+		src.set(off, run)
+		err := r.Prefetch(off, int64(len(run)))
 		stored := numBlocks(int64(len(run)), e.BlockSize)
 		if err != nil {
 			stored = 0
@@ -285,28 +284,28 @@ func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) 
 		if errors.Is(err, ErrFull) && len(run) > int(e.BlockSize) {
 			// Near the bound: store what fits, block by block.
 			for o := int64(0); o < int64(len(run)); o += e.BlockSize {
-				if err = r.Prefetch(runOff+o, min(e.BlockSize, int64(len(run))-o)); err != nil {
+				if err = r.Prefetch(off+o, min(e.BlockSize, int64(len(run))-o)); err != nil {
 					break
 				}
 				stored++
 			}
 		}
 		src.set(0, nil)
-		run = run[:0]
-		if p != nil {
+		if err != nil && !errors.Is(err, ErrFull) {
+			err = fmt.Errorf("cache: blob %s: blocks at %d: %w", e.Digest, off, err)
+		}
+		st.add(stored, err)
+	})
+	defer p.close()
+	run, runOff := p.buffer()[:0], int64(0)
+	// flush hands the run over to be stored, and fails when the import cannot go on.
+	flush := func() error {
+		if len(run) > 0 {
+			p.send(runOff, run)
 			run = p.buffer()[:0]
 		}
-		res.Imported += stored
-		switch {
-		case errors.Is(err, ErrFull):
-			res.Full, all = true, false
-		case err != nil:
-			return fmt.Errorf("cache: blob %s: blocks at %d: %w", e.Digest, runOff, err)
-		}
-		return nil
-	}
-	if p != nil {
-		run = p.buffer()[:0]
+		_, err := st.get()
+		return err
 	}
 	skip := make([]byte, e.BlockSize)
 	for k, i := range e.Blocks {
@@ -319,7 +318,7 @@ func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) 
 				return res, err
 			}
 		}
-		if res.Full {
+		if full, _ := st.get(); full {
 			if _, err := io.ReadFull(data, skip[:n]); err != nil { // read past the rest
 				return res, fmt.Errorf("cache snapshot: blob %s: block %d: %w", e.Digest, i, err)
 			}
@@ -356,12 +355,22 @@ func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) 
 	if err := flush(); err != nil {
 		return res, err
 	}
+	p.close()
+	full, err := st.get()
+	st.mu.Lock()
+	res.Imported, res.Full = st.imported, full
+	st.mu.Unlock()
+	if err != nil {
+		return res, err
+	}
+	if full {
+		all = false
+	}
 	if r.presentBytes() != e.Size {
 		return res, nil
 	}
 	if all && res.Imported == nb {
 		// Every block in the cache is a block just hashed.
-		p.close()
 		if got := digest.NewDigest(e.Digest.Algorithm(), wholeHash); got != e.Digest {
 			_ = r.Evict(0, e.Size)
 			return res, fmt.Errorf("%w: blob %s hashes to %s; its cached blocks were dropped", ErrDigestMismatch, e.Digest, got)
@@ -375,6 +384,33 @@ func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) 
 
 // importRun bounds the bytes of consecutive blocks an import stores at once.
 const importRun = 1 << 20
+
+// importState is what the storing goroutine of an import tells the reading one.
+type importState struct {
+	mu       sync.Mutex
+	imported int64 // blocks stored
+	full     bool  // the cache had no room for a block: nothing more is stored
+	err      error // a failure that ends the import
+}
+
+func (s *importState) get() (full bool, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.full, s.err
+}
+
+// add counts stored blocks and records how the storing of a run ended.
+func (s *importState) add(stored int64, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.imported += stored
+	switch {
+	case errors.Is(err, ErrFull):
+		s.full = true
+	case err != nil && s.err == nil:
+		s.err = err
+	}
+}
 
 // importSource serves the run of blocks an import is storing; anything else is an error (nothing is fetched).
 type importSource struct {
