@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -239,8 +240,16 @@ func TestCRIPullSecret(t *testing.T) {
 		if err := pull(lazy, secret); err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(time.Second) // the snapshotter opens the layers in the background of the pull
-		reqs := rec.take()
+		// The snapshotter opens the layers in the background of the pull: wait for its first authorized read.
+		var reqs []blobRequest
+		for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+			reqs = append(reqs, rec.take()...)
+			if slices.ContainsFunc(reqs, func(r blobRequest) bool { return r.authorized && r.status < 300 && r.bytes > 0 }) {
+				break
+			}
+		}
+		time.Sleep(500 * time.Millisecond)
+		reqs = append(reqs, rec.take()...)
 		// The snapshotter opens each layer as the pull commits it ([prefetch] on_pull): its header and index,
 		// read with the pull's credentials.
 		authorized := 0
