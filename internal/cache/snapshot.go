@@ -6,10 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"hash"
+	"hash/crc32"
 	"io"
 	"math/bits"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -74,11 +76,24 @@ func (c *Cache) EvictBlob(key digest.Digest) (int64, error) {
 // ExportedBlob describes the blocks of one blob written by ExportBlob: the data that follows is the blocks listed,
 // in that order, each BlockSize bytes long but the blob's last block, which may be short.
 type ExportedBlob struct {
-	Digest    digest.Digest   `json:"digest"`
-	Size      int64           `json:"size"`
-	BlockSize int64           `json:"block_size"`
-	Blocks    []int64         `json:"blocks"`
-	Sums      []digest.Digest `json:"sums"` // sha256 of each block's bytes
+	Digest    digest.Digest `json:"digest"`
+	Size      int64         `json:"size"`
+	BlockSize int64         `json:"block_size"`
+	Blocks    []int64       `json:"blocks"`
+	// CRCs are the CRC32C (Castagnoli) of each block's bytes: they guard the snapshot's transport, the blob's
+	// digest its content. Snapshots written before had Sums (sha256 of each block) instead; both are read.
+	CRCs []uint32        `json:"crc32c,omitempty"`
+	Sums []digest.Digest `json:"sums,omitempty"`
+}
+
+var crcTable = crc32.MakeTable(crc32.Castagnoli)
+
+// blockOK reports whether the k-th block listed, blk, matches its CRC or sum.
+func (e ExportedBlob) blockOK(k int, blk []byte) bool {
+	if e.CRCs != nil {
+		return crc32.Checksum(blk, crcTable) == e.CRCs[k]
+	}
+	return digest.Digest(fmt.Sprintf("sha256:%x", sha256.Sum256(blk))) == e.Sums[k]
 }
 
 // DataSize returns the bytes of the blocks e lists.
@@ -101,13 +116,21 @@ func (e ExportedBlob) Validate() error {
 	if e.Size <= 0 || e.BlockSize <= 0 || e.BlockSize > 64<<20 {
 		return fmt.Errorf("cache snapshot: blob %s: size %d, block size %d", e.Digest, e.Size, e.BlockSize)
 	}
-	if len(e.Sums) != len(e.Blocks) {
+	switch {
+	case e.CRCs != nil && e.Sums != nil:
+		return fmt.Errorf("cache snapshot: blob %s: both crc32c and sums", e.Digest)
+	case e.CRCs != nil && len(e.CRCs) != len(e.Blocks):
+		return fmt.Errorf("cache snapshot: blob %s: %d CRCs for %d blocks", e.Digest, len(e.CRCs), len(e.Blocks))
+	case e.CRCs == nil && len(e.Sums) != len(e.Blocks):
 		return fmt.Errorf("cache snapshot: blob %s: %d sums for %d blocks", e.Digest, len(e.Sums), len(e.Blocks))
 	}
 	nb := numBlocks(e.Size, e.BlockSize)
 	for k, i := range e.Blocks {
 		if i < 0 || i >= nb || k > 0 && i <= e.Blocks[k-1] {
 			return fmt.Errorf("cache snapshot: blob %s: block %d out of order or range (%d blocks)", e.Digest, i, nb)
+		}
+		if e.Sums == nil {
+			continue
 		}
 		if err := e.Sums[k].Validate(); err != nil || e.Sums[k].Algorithm() != digest.SHA256 {
 			return fmt.Errorf("cache snapshot: blob %s: block %d: bad sum %q", e.Digest, i, e.Sums[k])
@@ -137,13 +160,24 @@ func (c *Cache) ExportBlob(key digest.Digest, w io.Writer) (ExportedBlob, error)
 	}
 	b.mu.Unlock()
 	r := &Reader{c: c, b: b, key: key, size: e.Size}
-	// The blocks' sums are hashed on another goroutine while w takes the bytes (and may hash them too).
-	var sums []digest.Digest
+	// The blocks' CRCs are computed, and w takes the bytes (and may hash them), on another goroutine while the
+	// next block is read.
+	crcs := []uint32{}
+	var werr error
+	var failed atomic.Bool
 	p := newBufPipe(bs, func(_ int64, buf []byte) {
-		sums = append(sums, digest.Digest(fmt.Sprintf("sha256:%x", sha256.Sum256(buf))))
+		crcs = append(crcs, crc32.Checksum(buf, crcTable))
+		if werr == nil {
+			if _, werr = w.Write(buf); werr != nil {
+				failed.Store(true)
+			}
+		}
 	})
 	defer p.close()
 	for _, i := range want {
+		if failed.Load() {
+			break
+		}
 		pin := pinRange{i, i}
 		b.mu.Lock()
 		if b.size != e.Size || !bitSet(b.present, i) {
@@ -161,13 +195,13 @@ func (c *Cache) ExportBlob(key digest.Digest, w io.Writer) (ExportedBlob, error)
 			return e, fmt.Errorf("cache: blob %s: block %d: %w", key, i, err)
 		}
 		p.send(0, buf)
-		if _, err := w.Write(buf); err != nil {
-			return e, err
-		}
 		e.Blocks = append(e.Blocks, i)
 	}
 	p.close()
-	e.Sums = sums
+	if werr != nil {
+		return e, werr
+	}
+	e.CRCs = crcs
 	return e, nil
 }
 
@@ -229,7 +263,7 @@ type ImportResult struct {
 	Verified bool
 }
 
-// ImportBlob stores the blocks e lists, read from data, into the cache: each is checked against its sum (one that
+// ImportBlob stores the blocks e lists, read from data, into the cache: each is checked against its CRC (one that
 // fails is dropped, never stored), none evicts cached blocks (the import stops at the cache's bound), and a blob
 // that is then complete is checked against its digest.
 func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) (ImportResult, error) {
@@ -331,7 +365,7 @@ func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) 
 		if _, err := io.ReadFull(data, blk); err != nil {
 			return res, fmt.Errorf("cache snapshot: blob %s: block %d: %w", e.Digest, i, err)
 		}
-		if digest.Digest(fmt.Sprintf("sha256:%x", sha256.Sum256(blk))) != e.Sums[k] {
+		if !e.blockOK(k, blk) {
 			res.Dropped++
 			all = false
 			if err := flush(); err != nil {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"log/slog"
 	"slices"
@@ -89,7 +90,7 @@ func TestExportImport(t *testing.T) {
 	}
 }
 
-// Blocks that do not match their sums are dropped; a complete blob whose bytes do not match its digest is dropped
+// Blocks that do not match their CRCs (or sums) are dropped; a complete blob whose bytes do not match its digest is dropped
 // whole; a snapshot never evicts cached blocks; bad descriptions are refused.
 func TestImportRejects(t *testing.T) {
 	from := openTest(t, t.TempDir(), 1<<30, nil)
@@ -112,12 +113,30 @@ func TestImportRejects(t *testing.T) {
 	}
 	to.Close()
 
-	// Sums that match bytes which are not the blob's: caught by the digest once complete.
+	// A snapshot written with sha256 sums (before CRCs) imports, and its damaged block is dropped too.
+	sums := e
+	sums.CRCs = nil
+	for k, i := range e.Blocks {
+		sums.Sums = append(sums.Sums, digest.FromBytes(good[k*testBS:min(len(good), (k+1)*testBS)]))
+		if i != int64(k) {
+			t.Fatal("the blob is not whole")
+		}
+	}
+	to = openTest(t, t.TempDir(), 1<<30, nil)
+	if res, err := to.ImportBlob(context.Background(), sums, bytes.NewReader(bad)); err != nil || res.Dropped != 1 || res.Imported != 7 {
+		t.Fatalf("import of a snapshot with sums, a damaged block: %+v, %v", res, err)
+	}
+	if res, err := to.ImportBlob(context.Background(), sums, bytes.NewReader(good)); err != nil || res.Imported != 1 || !res.Verified {
+		t.Fatalf("import of a snapshot with sums: %+v, %v", res, err)
+	}
+	to.Close()
+
+	// CRCs that match bytes which are not the blob's: caught by the digest once complete.
 	forged := e
-	forged.Sums = slices.Clone(e.Sums)
+	forged.CRCs = slices.Clone(e.CRCs)
 	wrong := bytes.Clone(good)
 	wrong[0] ^= 1
-	forged.Sums[0] = digest.FromBytes(wrong[:testBS])
+	forged.CRCs[0] = crc32.Checksum(wrong[:testBS], crcTable)
 	to = openTest(t, t.TempDir(), 1<<30, nil)
 	if _, err := to.ImportBlob(context.Background(), forged, bytes.NewReader(wrong)); !errors.Is(err, ErrDigestMismatch) {
 		t.Fatalf("import of a forged complete blob: %v, want ErrDigestMismatch", err)
@@ -142,12 +161,15 @@ func TestImportRejects(t *testing.T) {
 	}{
 		{"order", func(e *ExportedBlob) { e.Blocks[1], e.Blocks[2] = e.Blocks[2], e.Blocks[1] }, "out of order"},
 		{"range", func(e *ExportedBlob) { e.Blocks[7] = 8 }, "out of order or range"},
-		{"sums", func(e *ExportedBlob) { e.Sums = e.Sums[:3] }, "3 sums for 8 blocks"},
+		{"crcs", func(e *ExportedBlob) { e.CRCs = e.CRCs[:3] }, "3 CRCs for 8 blocks"},
+		{"no crcs", func(e *ExportedBlob) { e.CRCs = nil }, "0 sums for 8 blocks"},
+		{"both", func(e *ExportedBlob) { e.Sums = sums.Sums }, "both crc32c and sums"},
+		{"bad sum", func(e *ExportedBlob) { e.CRCs, e.Sums = nil, slices.Clone(sums.Sums); e.Sums[2] = "md5:00" }, "block 2: bad sum"},
 		{"block size", func(e *ExportedBlob) { e.BlockSize = 2 * testBS }, "out of order or range"},
 		{"digest", func(e *ExportedBlob) { e.Digest = "sha256:xyz" }, "blob"},
 	} {
 		m := e
-		m.Blocks, m.Sums = slices.Clone(e.Blocks), slices.Clone(e.Sums)
+		m.Blocks, m.CRCs = slices.Clone(e.Blocks), slices.Clone(e.CRCs)
 		c.mod(&m)
 		if _, err := small.ImportBlob(context.Background(), m, bytes.NewReader(good)); err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%s: %v, want an error with %q", c.name, err, c.want)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"hash/crc32"
 	"io"
 	"strings"
 	"testing"
@@ -19,7 +20,7 @@ func testEntry(name string) (Entry, []byte) {
 	b0, b2 := bytes.Repeat([]byte(name[:1]), 8), bytes.Repeat([]byte(name[1:2]), 5)
 	data := append(append([]byte(nil), b0...), b2...)
 	e := cache.ExportedBlob{Digest: digest.FromString(name), Size: 21, BlockSize: 8, Blocks: []int64{0, 2},
-		Sums: []digest.Digest{digest.FromBytes(b0), digest.FromBytes(b2)}}
+		CRCs: []uint32{crc32.Checksum(b0, crc32.MakeTable(crc32.Castagnoli)), crc32.Checksum(b2, crc32.MakeTable(crc32.Castagnoli))}}
 	return Entry{ExportedBlob: e, Data: ocispec.Descriptor{MediaType: MediaTypeBlocks, Digest: digest.FromBytes(data), Size: int64(len(data))}}, data
 }
 

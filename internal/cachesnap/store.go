@@ -1,6 +1,7 @@
 package cachesnap
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -25,8 +26,9 @@ func WriteFile(r io.Reader, path string) (int64, Index, error) {
 	}
 	defer os.Remove(tmp)
 	var n int64
-	idx, err := ReadTar(io.TeeReader(r, f), func(e Entry, d io.Reader) error {
-		m, err := io.Copy(io.Discard, d)
+	bw := bufio.NewWriterSize(f, 1<<20)
+	idx, err := ReadTar(io.TeeReader(r, bw), func(e Entry, d io.Reader) error {
+		m, err := copyData(io.Discard, d)
 		n += m
 		if err == nil && m != e.Data.Size {
 			err = fmt.Errorf("cache snapshot: data of blob %s: %d of %d bytes", e.Digest, m, e.Data.Size)
@@ -35,7 +37,10 @@ func WriteFile(r io.Reader, path string) (int64, Index, error) {
 	})
 	if err == nil {
 		// The tar's end: its two zero blocks and padding.
-		_, err = io.Copy(f, r)
+		_, err = io.Copy(bw, r)
+	}
+	if err == nil {
+		err = bw.Flush()
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
@@ -61,7 +66,7 @@ func WriteArtifact(ctx context.Context, r io.Reader, sink image.Sink, tag string
 			return err
 		}
 		vr, check := Verified(e, d)
-		m, err := io.Copy(f, vr)
+		m, err := copyData(f, vr)
 		n += m
 		if cerr := f.Close(); err == nil {
 			err = cerr

@@ -57,7 +57,7 @@ func metric(t *testing.T, o *ops, series string) float64 {
 	return 0
 }
 
-func testOps(t *testing.T, mod func(*config.Config)) (*ops, *testenv.Buffer) {
+func testOps(t testing.TB, mod func(*config.Config)) (*ops, *testenv.Buffer) {
 	t.Helper()
 	cfg := config.Default()
 	cfg.Audit.SlowReadMS, cfg.Audit.HungReadMS = 20, 100

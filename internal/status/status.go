@@ -207,6 +207,8 @@ func NewClient(socket string, timeout time.Duration) *Client {
 			return d.DialContext(ctx, "unix", socket)
 		},
 		DisableKeepAlives: true,
+		// Cache snapshots stream through the socket: large buffers, few system calls.
+		ReadBufferSize: 1 << 20, WriteBufferSize: 1 << 20,
 	}
 	return &Client{Socket: socket, http: &http.Client{Transport: tr, Timeout: timeout}}
 }
