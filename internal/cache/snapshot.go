@@ -139,70 +139,76 @@ func (e ExportedBlob) Validate() error {
 	return nil
 }
 
-// ExportBlob writes the cached blocks of a blob to w and returns what it wrote. It runs beside reads and evictions:
-// each block is pinned while it is read, and a block evicted meanwhile is left out, so no block is torn.
-func (c *Cache) ExportBlob(key digest.Digest, w io.Writer) (ExportedBlob, error) {
+// ExportBlob writes up to limit cached blocks of a blob (all of them when limit < 0) to w, and returns what it wrote
+// and the digest of those bytes. Before the first byte it calls begin, if not nil, with their number (a tar header
+// needs it ahead); a blob without cached blocks writes nothing. It runs beside reads and evictions: the blob's
+// blocks are pinned while it runs, so none is evicted meanwhile and no block is torn.
+func (c *Cache) ExportBlob(key digest.Digest, w io.Writer, limit int, begin func(size int64) error) (ExportedBlob, digest.Digest, error) {
 	c.mu.Lock()
 	b := c.blobs[key]
 	c.mu.Unlock()
 	bs := c.opts.BlockSize
 	e := ExportedBlob{Digest: key, BlockSize: bs}
 	if b == nil {
-		return e, fmt.Errorf("cache: blob %s is not cached", key)
+		return e, "", fmt.Errorf("cache: blob %s is not cached", key)
 	}
 	b.mu.Lock()
 	e.Size = b.size
-	var want []int64
-	for i := int64(0); i < b.nblocks; i++ {
+	pin := pinRange{0, b.nblocks - 1}
+	b.pins = append(b.pins, pin)
+	for i := int64(0); i < b.nblocks && (limit < 0 || len(e.Blocks) < limit); i++ {
 		if bitSet(b.present, i) {
-			want = append(want, i)
+			e.Blocks = append(e.Blocks, i)
 		}
 	}
 	b.mu.Unlock()
+	defer b.unpin(pin)
+	if len(e.Blocks) == 0 {
+		return e, "", nil
+	}
+	if begin != nil {
+		if err := begin(e.DataSize()); err != nil {
+			return e, "", err
+		}
+	}
 	r := &Reader{c: c, b: b, key: key, size: e.Size}
-	// The blocks' CRCs are computed, and w takes the bytes (and may hash them), on another goroutine while the
-	// next block is read.
-	crcs := []uint32{}
+	// Runs of consecutive blocks, up to importRun bytes, are read with one system call each. On another goroutine,
+	// the blocks' CRCs are computed and w takes the run while a third hashes it; meanwhile the next run is read.
+	e.CRCs = make([]uint32, 0, len(e.Blocks))
+	h := sha256.New()
 	var werr error
 	var failed atomic.Bool
-	p := newBufPipe(bs, func(_ int64, buf []byte) {
-		crcs = append(crcs, crc32.Checksum(buf, crcTable))
+	p := newBufPipe(max(bs, importRun/bs*bs), func(_ int64, run []byte) {
+		var hashing sync.WaitGroup
+		hashing.Go(func() { h.Write(run) })
+		defer hashing.Wait()
+		for o := 0; o < len(run); o += int(bs) {
+			e.CRCs = append(e.CRCs, crc32.Checksum(run[o:min(len(run), o+int(bs))], crcTable))
+		}
 		if werr == nil {
-			if _, werr = w.Write(buf); werr != nil {
+			if _, werr = w.Write(run); werr != nil {
 				failed.Store(true)
 			}
 		}
 	})
 	defer p.close()
-	for _, i := range want {
-		if failed.Load() {
-			break
+	for k := 0; k < len(e.Blocks) && !failed.Load(); {
+		first := e.Blocks[k]
+		run := p.buffer()[:0]
+		for ; k < len(e.Blocks) && e.Blocks[k] == first+int64(len(run))/bs && int64(len(run))+bs <= int64(cap(run)); k++ {
+			run = run[:len(run)+int(b.blockBytes(e.Blocks[k]))]
 		}
-		pin := pinRange{i, i}
-		b.mu.Lock()
-		if b.size != e.Size || !bitSet(b.present, i) {
-			b.mu.Unlock()
-			continue
+		if err := r.readDisk(run, first*bs); err != nil {
+			p.release(run)
+			return e, "", fmt.Errorf("cache: blob %s: blocks from %d: %w", key, first, err)
 		}
-		b.pins = append(b.pins, pin)
-		b.mu.Unlock()
-		n := b.blockBytes(i)
-		buf := p.buffer()[:n]
-		err := r.readDisk(buf, i*bs)
-		b.unpin(pin)
-		if err != nil {
-			p.release(buf)
-			return e, fmt.Errorf("cache: blob %s: block %d: %w", key, i, err)
-		}
-		p.send(0, buf)
-		e.Blocks = append(e.Blocks, i)
+		p.send(0, run)
 	}
 	p.close()
 	if werr != nil {
-		return e, werr
+		return e, "", werr
 	}
-	e.CRCs = crcs
-	return e, nil
+	return e, digest.NewDigest(digest.SHA256, h), nil
 }
 
 // bufPipe works on buffers on a goroutine of its own, in order, while the caller goes on: the caller takes a
@@ -303,9 +309,13 @@ func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) 
 	}
 	var st importState
 	p := newBufPipe(runCap, func(off int64, run []byte) {
+		// The run is hashed on a goroutine of its own while it is stored: on two cores, hashing and storing in turn
+		// made this goroutine the import's bottleneck.
+		var hashing sync.WaitGroup
 		if wholeHash != nil {
-			wholeHash.Write(run)
+			hashing.Go(func() { wholeHash.Write(run) })
 		}
+		defer hashing.Wait()
 		if full, err := st.get(); full || err != nil {
 			return
 		}

@@ -40,6 +40,38 @@ func TestBlobsAndEvictBlob(t *testing.T) {
 	}
 }
 
+// An export announces its size before its first byte, stops at its limit, returns the digest of what it wrote, and
+// keeps its blocks from eviction until it ends.
+func TestExportBlobPinsAndLimits(t *testing.T) {
+	c := openTest(t, t.TempDir(), 1<<30, nil)
+	defer c.Close()
+	src := newSrc(6*testBS+3, 23)
+	checkRead(t, c.Reader(src.key(), int64(len(src.data)), src), src, 0, len(src.data))
+	var data bytes.Buffer
+	var announced int64 = -1
+	e, dg, err := c.ExportBlob(src.key(), &data, 4, func(n int64) error {
+		announced = n
+		// Evicting the blob while it is exported drops none of its blocks from under the export.
+		if freed, err := c.EvictBlob(src.key()); err != nil || freed != 0 {
+			t.Errorf("evicting an exported blob freed %d, %v", freed, err)
+		}
+		return nil
+	})
+	if err != nil || len(e.Blocks) != 4 || announced != 4*testBS || int64(data.Len()) != announced {
+		t.Fatalf("export of 4 blocks: %+v, announced %d, wrote %d, %v", e.Blocks, announced, data.Len(), err)
+	}
+	if dg != digest.FromBytes(src.data[:4*testBS]) || !bytes.Equal(data.Bytes(), src.data[:4*testBS]) {
+		t.Fatalf("export of 4 blocks: digest %s, bytes differ: %v", dg, !bytes.Equal(data.Bytes(), src.data[:4*testBS]))
+	}
+	if freed, err := c.EvictBlob(src.key()); err != nil || freed != int64(len(src.data)) {
+		t.Fatalf("evicting the blob after its export freed %d, %v", freed, err)
+	}
+	called := false
+	if e, _, err := c.ExportBlob(src.key(), &data, -1, func(int64) error { called = true; return nil }); err != nil || len(e.Blocks) != 0 || called {
+		t.Fatalf("export of an evicted blob: %+v, %v, begin called %v", e, err, called)
+	}
+}
+
 // Export the cached blocks of a partly and a fully cached blob, import them into another cache: the same blocks
 // are present there, read without the source, and the complete blob is verified against its digest.
 func TestExportImport(t *testing.T) {
@@ -55,7 +87,7 @@ func TestExportImport(t *testing.T) {
 	defer to.Close()
 	for _, src := range []*memSrc{part, full} {
 		var data bytes.Buffer
-		e, err := from.ExportBlob(src.key(), &data)
+		e, _, err := from.ExportBlob(src.key(), &data, -1, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -84,7 +116,7 @@ func TestExportImport(t *testing.T) {
 	}
 	// Importing again finds everything present.
 	var data bytes.Buffer
-	e, _ := from.ExportBlob(full.key(), &data)
+	e, _, _ := from.ExportBlob(full.key(), &data, -1, nil)
 	if res, err := to.ImportBlob(context.Background(), e, &data); err != nil || res.Present != int64(len(e.Blocks)) || res.Imported != 0 {
 		t.Fatalf("second import: %+v, %v", res, err)
 	}
@@ -98,7 +130,7 @@ func TestImportRejects(t *testing.T) {
 	src := newSrc(8*testBS, 25)
 	checkRead(t, from.Reader(src.key(), int64(len(src.data)), src), src, 0, len(src.data))
 	var data bytes.Buffer
-	e, err := from.ExportBlob(src.key(), &data)
+	e, _, err := from.ExportBlob(src.key(), &data, -1, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -202,14 +234,14 @@ func benchmarkSnapshot(b *testing.B, bs int64) {
 		b.Fatal(err)
 	}
 	var data bytes.Buffer
-	e, err := from.ExportBlob(src.key(), &data)
+	e, _, err := from.ExportBlob(src.key(), &data, -1, nil)
 	if err != nil {
 		b.Fatal(err)
 	}
 	b.Run("export", func(b *testing.B) {
 		b.SetBytes(size)
 		for b.Loop() {
-			if _, err := from.ExportBlob(src.key(), io.Discard); err != nil {
+			if _, _, err := from.ExportBlob(src.key(), io.Discard, -1, nil); err != nil {
 				b.Fatal(err)
 			}
 		}
@@ -248,7 +280,7 @@ func TestSmallerBlocks(t *testing.T) {
 	checkRead(t, r, src, 0, 2*testBS)          // block 0 of 4 testBS
 	checkRead(t, r, src, 8*testBS, 2*testBS+5) // block 2, short
 	var data bytes.Buffer
-	e, err := from.ExportBlob(src.key(), &data)
+	e, _, err := from.ExportBlob(src.key(), &data, -1, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -282,7 +314,7 @@ func TestSmallerBlocks(t *testing.T) {
 	defer from2.Close()
 	checkRead(t, from2.Reader(full.key(), int64(len(full.data)), full), full, 0, len(full.data))
 	data.Reset()
-	e2, err := from2.ExportBlob(full.key(), &data)
+	e2, _, err := from2.ExportBlob(full.key(), &data, -1, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

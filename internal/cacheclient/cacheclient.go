@@ -8,7 +8,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/url"
 	"os"
+	"path/filepath"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -169,19 +171,15 @@ func warmResult(w io.Writer, req status.WarmRequest, last status.WarmProgress) e
 	return nil
 }
 
-// exportPath is the daemon's export path for the blobs of images (every cached blob when there is none).
-func exportPath(images []*pulledImage) string {
-	q := ""
+// exportQuery selects the blobs of images for the daemon's export (every cached blob when there is none).
+func exportQuery(images []*pulledImage) url.Values {
+	q := url.Values{}
 	for _, im := range images {
 		for _, d := range im.digests() {
-			sep := "&"
-			if q == "" {
-				sep = "?"
-			}
-			q += sep + "digest=" + d
+			q.Add("digest", d)
 		}
 	}
-	return status.PathCacheExport + q
+	return q
 }
 
 // WriteBlobs writes the cached blobs as a table.
@@ -348,7 +346,17 @@ func (c *Client) Export(ctx context.Context, w io.Writer, refs []string, to stri
 		return err
 	}
 	done()
-	body, err := c.Status.Stream(ctx, "GET", exportPath(ims), nil)
+	if path, ok := cachesnap.IsFile(to); ok {
+		res, err := c.exportFile(ctx, exportQuery(ims), path)
+		if err == nil {
+			fmt.Fprintf(w, "exported %d blobs, %d blocks, %s to %s\n", res.Blobs, res.Blocks, units.Bytes(res.DataBytes), to)
+			return nil
+		}
+		if !errors.Is(err, status.ErrNotShared) {
+			return err
+		}
+	}
+	body, err := c.Status.Stream(ctx, "GET", status.PathCacheExport+"?"+exportQuery(ims).Encode(), nil)
 	if err != nil {
 		return err
 	}
@@ -359,4 +367,27 @@ func (c *Client) Export(ctx context.Context, w io.Writer, refs []string, to stri
 	}
 	fmt.Fprintf(w, "exported %d blobs, %d blocks, %s to %s\n", len(idx.Blobs), idx.Blocks(), units.Bytes(n), to)
 	return nil
+}
+
+// exportFile has the daemon write the snapshot into a new file that then replaces path; it fails with
+// status.ErrNotShared when the daemon does not see the file.
+func (c *Client) exportFile(ctx context.Context, query url.Values, path string) (status.ExportResult, error) {
+	path, err := filepath.Abs(path)
+	if err != nil {
+		return status.ExportResult{}, err
+	}
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
+	if err != nil {
+		return status.ExportResult{}, err
+	}
+	defer os.Remove(f.Name())
+	defer f.Close()
+	res, err := c.Status.ExportFile(ctx, query, f)
+	if err == nil {
+		err = f.Chmod(0o644)
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), path)
+	}
+	return res, err
 }

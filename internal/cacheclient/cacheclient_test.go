@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -32,11 +33,11 @@ func testImage() *pulledImage {
 func TestRequests(t *testing.T) {
 	im := testImage()
 	a, b := digest.FromString("a").String(), digest.FromString("b").String()
-	if got := exportPath(nil); got != status.PathCacheExport {
-		t.Errorf("exportPath() = %q", got)
+	if got := exportQuery(nil); len(got) != 0 {
+		t.Errorf("exportQuery() = %v", got)
 	}
-	if got, want := exportPath([]*pulledImage{{}, im}), status.PathCacheExport+"?digest="+a+"&digest="+b; got != want {
-		t.Errorf("ExportPath = %q, want %q", got, want)
+	if got := exportQuery([]*pulledImage{{}, im}); !slices.Equal(got["digest"], []string{a, b}) || len(got) != 1 {
+		t.Errorf("exportQuery = %v, want digests %s and %s", got, a, b)
 	}
 	req := im.warmRequest(true, nil)
 	if req.ImageRef != im.ref || !req.All || len(req.Layers) != 2 || req.Layers[1] != (status.WarmLayer{Digest: b, Size: 20}) {

@@ -96,9 +96,6 @@ func WriteTar(w io.Writer, idx Index, open func(Entry) (io.ReadCloser, error)) e
 		return err
 	}
 	tw := tar.NewWriter(w)
-	hdr := func(name string, size int64) *tar.Header {
-		return &tar.Header{Name: name, Mode: 0o644, Size: size, Typeflag: tar.TypeReg, ModTime: time.Unix(0, 0), Format: tar.FormatPAX}
-	}
 	if err := tw.WriteHeader(hdr(indexName, int64(len(ib)))); err != nil {
 		return err
 	}
@@ -127,6 +124,11 @@ func WriteTar(w io.Writer, idx Index, open func(Entry) (io.ReadCloser, error)) e
 func copyData(dst io.Writer, src io.Reader) (int64, error) {
 	// The structs hide ReadFrom and WriteTo, which would pick their own small buffers.
 	return io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, make([]byte, 1<<20))
+}
+
+// hdr is the tar header of a member of a snapshot file.
+func hdr(name string, size int64) *tar.Header {
+	return &tar.Header{Name: name, Mode: 0o644, Size: size, Typeflag: tar.TypeReg, ModTime: time.Unix(0, 0), Format: tar.FormatPAX}
 }
 
 func dataName(d digest.Digest) string { return "blobs/" + d.Algorithm().String() + "/" + d.Encoded() }

@@ -6,6 +6,9 @@ import (
 	"errors"
 	"hash/crc32"
 	"io"
+	"os"
+	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -152,5 +155,79 @@ func TestIndexBlocks(t *testing.T) {
 	idx := Index{Blobs: []Entry{{ExportedBlob: cache.ExportedBlob{Blocks: []int64{0, 1}}}, {ExportedBlob: cache.ExportedBlob{Blocks: []int64{7}}}}}
 	if n := idx.Blocks(); n != 3 {
 		t.Errorf("Blocks() = %d, want 3", n)
+	}
+}
+
+// A snapshot written in one pass into a file reads back like one written by WriteTar: the index in its room, each
+// data member named after its digest; a blob without blocks is left out, and an export that writes other than it
+// announced fails.
+func TestWriteSeekable(t *testing.T) {
+	e1, d1 := testEntry("ab")
+	e2, d2 := testEntry("cd")
+	blobs := []struct {
+		e    Entry
+		data []byte
+	}{{e1, d1}, {Entry{}, nil}, {e2, d2}}
+	export := func(short bool) func(k int) ExportFunc {
+		return func(k int) ExportFunc {
+			return func(begin func(int64) (io.Writer, error)) (cache.ExportedBlob, digest.Digest, error) {
+				b := blobs[k]
+				if b.data == nil {
+					return cache.ExportedBlob{}, "", nil
+				}
+				w, err := begin(int64(len(b.data)))
+				if err != nil {
+					return b.e.ExportedBlob, "", err
+				}
+				data := b.data
+				if short {
+					data = data[1:]
+				}
+				_, err = w.Write(data)
+				return b.e.ExportedBlob, digest.FromBytes(b.data), err
+			}
+		}
+	}
+	f, err := os.Create(filepath.Join(t.TempDir(), "snap.tar"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	idx, n, err := WriteSeekable(f, []int{2, 0, 2}, export(false))
+	if err != nil || n != int64(len(d1)+len(d2)) || len(idx.Blobs) != 2 {
+		t.Fatalf("WriteSeekable: %+v, %d bytes, %v", idx, n, err)
+	}
+	f.Seek(0, io.SeekStart)
+	var got [][]byte
+	back, err := ReadTar(f, func(e Entry, r io.Reader) error {
+		vr, check := Verified(e, r)
+		b, err := io.ReadAll(vr)
+		got = append(got, b)
+		if err != nil {
+			return err
+		}
+		return check()
+	})
+	if err != nil || !reflect.DeepEqual(back, idx) || len(got) != 2 || !bytes.Equal(got[0], d1) || !bytes.Equal(got[1], d2) {
+		t.Fatalf("read back: %+v (wrote %+v), %v", back, idx, err)
+	}
+	if rest, _ := io.ReadAll(f); len(rest) == 0 || bytes.ContainsFunc(rest, func(r rune) bool { return r != 0 }) {
+		t.Fatalf("the tar's end: %d bytes, not all zero", len(rest))
+	}
+
+	g, err := os.Create(filepath.Join(t.TempDir(), "short.tar"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	if _, _, err := WriteSeekable(g, []int{2, 0, 2}, export(true)); err == nil || !strings.Contains(err.Error(), "written for") {
+		t.Fatalf("an export short of what it announced: %v", err)
+	}
+	if _, _, err := WriteSeekable(g, []int{0, 0, 0}, func(int) ExportFunc {
+		return func(func(int64) (io.Writer, error)) (cache.ExportedBlob, digest.Digest, error) {
+			return cache.ExportedBlob{}, "", nil
+		}
+	}); !errors.Is(err, ErrEmpty) {
+		t.Fatalf("nothing to export: %v, want ErrEmpty", err)
 	}
 }

@@ -1,6 +1,7 @@
 package node
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -8,11 +9,13 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"path/filepath"
 	"slices"
+	"strconv"
+	"syscall"
 	"time"
 
 	"github.com/opencontainers/go-digest"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/obdproject/obd/internal/cache"
 	"github.com/obdproject/obd/internal/cachesnap"
@@ -34,7 +37,9 @@ func (a cacheAPI) register(mux *http.ServeMux) {
 	mux.HandleFunc("POST "+status.PathCachePrune, a.prune)
 	mux.HandleFunc("POST "+status.PathCacheWarm, a.warm)
 	mux.HandleFunc("GET "+status.PathCacheExport, a.export)
+	mux.HandleFunc("GET "+status.PathCacheExportFile, a.export)
 	mux.HandleFunc("POST "+status.PathCacheImport, a.importSnapshot)
+	mux.HandleFunc("POST "+status.PathCacheImportFile, a.importSnapshot)
 }
 
 // ready answers 503 when the node has no cache (yet); it reports whether the request can go on.
@@ -208,13 +213,27 @@ func (a cacheAPI) export(w http.ResponseWriter, r *http.Request) {
 			keys = append(keys, b.Digest)
 		}
 	}
-	dir, err := os.MkdirTemp("", "obd-cache-export-")
+	// The snapshot is written in one pass into the caller's file when the daemon sees it, else into a temporary
+	// file streamed as the answer.
+	var f *os.File
+	var into string
+	var err error
+	if r.URL.Path == status.PathCacheExportFile {
+		f, into, err = sharedFile(r, os.O_WRONLY)
+	}
 	if err != nil {
-		http.Error(w, err.Error(), http.StatusInternalServerError)
+		http.Error(w, err.Error(), sharedFileStatus(err))
 		return
 	}
-	defer os.RemoveAll(dir)
-	idx, files, err := exportBlobs(r.Context(), c, keys, dir)
+	if f == nil {
+		if f, err = os.CreateTemp("", "obd-cache-export-"); err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		defer os.Remove(f.Name())
+	}
+	defer f.Close()
+	idx, n, err := exportSnapshot(r.Context(), c, keys, f)
 	if err != nil {
 		status := http.StatusInternalServerError
 		if errors.Is(err, cachesnap.ErrEmpty) {
@@ -223,48 +242,89 @@ func (a cacheAPI) export(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), status)
 		return
 	}
+	a.o.log.Info("exported cache snapshot", "blobs", len(idx.Blobs), "file", into)
+	if into != "" {
+		writeJSON(w, status.ExportResult{Blobs: len(idx.Blobs), Blocks: idx.Blocks(), DataBytes: n})
+		return
+	}
 	w.Header().Set("Content-Type", "application/x-tar")
-	err = cachesnap.WriteTar(w, idx, func(e cachesnap.Entry) (io.ReadCloser, error) { return os.Open(files[e.Digest]) })
+	if _, err := f.Seek(0, io.SeekStart); err == nil {
+		_, err = io.Copy(w, f)
+	}
 	if err != nil {
 		// The answer is under way: cut it, so the client sees a broken snapshot, never a short one.
 		a.o.log.Warn("cache export failed", "err", err)
 		panic(http.ErrAbortHandler)
 	}
-	a.o.log.Info("exported cache snapshot", "blobs", len(idx.Blobs))
 }
 
-// exportBlobs writes the cached blocks of keys to files in dir, each taken while reads and evictions go on.
-func exportBlobs(ctx context.Context, c *cache.Cache, keys []digest.Digest, dir string) (cachesnap.Index, map[digest.Digest]string, error) {
-	idx := cachesnap.Index{MediaType: cachesnap.MediaTypeIndex}
-	files := map[digest.Digest]string{}
-	for _, k := range keys {
-		if err := ctx.Err(); err != nil {
-			return idx, nil, err
-		}
-		path := fmt.Sprintf("%s/%d", dir, len(files))
-		f, err := os.Create(path)
-		if err != nil {
-			return idx, nil, err
-		}
-		dg := digest.Canonical.Digester()
-		e, err := c.ExportBlob(k, io.MultiWriter(f, dg.Hash()))
-		if cerr := f.Close(); err == nil {
-			err = cerr
-		}
-		if err != nil {
-			return idx, nil, err
-		}
-		if len(e.Blocks) == 0 {
-			continue // evicted meanwhile
-		}
-		files[k] = path
-		idx.Blobs = append(idx.Blobs, cachesnap.Entry{ExportedBlob: e,
-			Data: ocispec.Descriptor{MediaType: cachesnap.MediaTypeBlocks, Digest: dg.Digest(), Size: e.DataSize()}})
+// exportSnapshot writes a snapshot file of the cached blocks of keys into f, each blob taken while reads and
+// evictions go on, and returns its index and data bytes.
+func exportSnapshot(ctx context.Context, c *cache.Cache, keys []digest.Digest, f *os.File) (cachesnap.Index, int64, error) {
+	if err := f.Truncate(0); err != nil {
+		return cachesnap.Index{}, 0, err
 	}
-	if len(idx.Blobs) == 0 {
-		return idx, nil, cachesnap.ErrEmpty
+	cached := map[digest.Digest]int{}
+	for _, b := range c.Blobs() {
+		cached[b.Digest] = int(b.Blocks)
 	}
-	return idx, files, nil
+	limits := make([]int, len(keys))
+	for k, d := range keys {
+		limits[k] = cached[d] // a blob cached since is exported as it was when the export began
+	}
+	return cachesnap.WriteSeekable(f, limits, func(k int) cachesnap.ExportFunc {
+		return func(begin func(int64) (io.Writer, error)) (cache.ExportedBlob, digest.Digest, error) {
+			if err := ctx.Err(); err != nil {
+				return cache.ExportedBlob{}, "", err
+			}
+			if limits[k] == 0 {
+				return cache.ExportedBlob{}, "", nil
+			}
+			var w io.Writer
+			e, dg, err := c.ExportBlob(keys[k], writerFunc(func(p []byte) (int, error) { return w.Write(p) }), limits[k],
+				func(n int64) (err error) {
+					w, err = begin(n)
+					return err
+				})
+			return e, dg, err
+		}
+	})
+}
+
+// sharedFileStatus is the answer's status for an error of sharedFile: 409 tells the caller to stream the file.
+func sharedFileStatus(err error) int {
+	if errors.Is(err, status.ErrNotShared) {
+		return http.StatusConflict
+	}
+	return http.StatusBadRequest
+}
+
+// writerFunc is a function as an io.Writer.
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+// sharedFile opens the file a request names (?file=PATH&dev=D&ino=I: a file of the caller's, which the daemon reads
+// or writes directly instead of streaming it through the socket) with flag, and returns it and its path. It fails when the daemon does not see that very file there (a caller in another
+// mount namespace): the caller then streams it.
+func sharedFile(r *http.Request, flag int) (*os.File, string, error) {
+	q := r.URL.Query()
+	path := q.Get("file")
+	dev, err1 := strconv.ParseUint(q.Get("dev"), 10, 64)
+	ino, err2 := strconv.ParseUint(q.Get("ino"), 10, 64)
+	if err := errors.Join(err1, err2); err != nil || !filepath.IsAbs(path) {
+		return nil, "", fmt.Errorf("file %q, dev %q, ino %q: want an absolute path and its device and inode numbers", path, q.Get("dev"), q.Get("ino"))
+	}
+	f, err := os.OpenFile(path, flag|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, "", fmt.Errorf("%w: %w", status.ErrNotShared, err)
+	}
+	var st syscall.Stat_t
+	if err := syscall.Fstat(int(f.Fd()), &st); err != nil || st.Dev != dev || st.Ino != ino || st.Mode&syscall.S_IFMT != syscall.S_IFREG {
+		f.Close()
+		return nil, "", fmt.Errorf("%w: %s is another file here", status.ErrNotShared, path)
+	}
+	return f, path, nil
 }
 
 func (a cacheAPI) importSnapshot(w http.ResponseWriter, r *http.Request) {
@@ -272,8 +332,23 @@ func (a cacheAPI) importSnapshot(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
+	body := io.Reader(r.Body)
+	var f *os.File
+	var from string
+	var err error
+	if r.URL.Path == status.PathCacheImportFile {
+		f, from, err = sharedFile(r, os.O_RDONLY)
+	}
+	if err != nil {
+		http.Error(w, err.Error(), sharedFileStatus(err))
+		return
+	}
+	if f != nil {
+		defer f.Close()
+		body = bufio.NewReaderSize(f, 1<<20)
+	}
 	var out []status.ImportedBlob
-	_, err := cachesnap.ReadTar(r.Body, func(e cachesnap.Entry, data io.Reader) error {
+	_, err = cachesnap.ReadTar(body, func(e cachesnap.Entry, data io.Reader) error {
 		vr, check := cachesnap.Verified(e, data)
 		if e.Whole() && e.Data.Digest == e.Digest {
 			// The data is the blob itself: ImportBlob checks it against the blob's digest as it streams.
@@ -311,7 +386,7 @@ func (a cacheAPI) importSnapshot(w http.ResponseWriter, r *http.Request) {
 	if err := a.o.imports.record(source, time.Now(), out); err != nil {
 		a.o.log.Warn("cache import not recorded", "source", source, "err", err)
 	}
-	a.o.log.Info("imported cache snapshot", "source", source, "blobs", len(out))
+	a.o.log.Info("imported cache snapshot", "source", source, "blobs", len(out), "file", from)
 	writeJSON(w, out)
 }
 

@@ -4,10 +4,16 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"net/url"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
 	"time"
 )
 
@@ -19,7 +25,22 @@ const (
 	PathCacheWarm   = "/cache/warm"   // POST WarmRequest: WarmProgress lines (JSON), the last with Done or Error
 	PathCacheExport = "/cache/export" // GET ?digest=D (repeated; none: all): a snapshot file (cachesnap tar)
 	PathCacheImport = "/cache/import" // POST a snapshot file (?source=WHERE names it in the import log): []ImportedBlob
+	// The same with a file of the caller's that the daemon sees too, named by ?file=PATH&dev=D&ino=I: the daemon
+	// writes the snapshot into it (ExportResult) or reads it (no body). 409: the daemon does not see that file.
+	PathCacheExportFile = "/cache/export-file"
+	PathCacheImportFile = "/cache/import-file"
 )
+
+// ErrNotShared means the daemon does not see a caller's file at its path (it runs in another mount namespace, or
+// predates the file paths): the caller streams the file instead.
+var ErrNotShared = errors.New("the daemon does not see the file")
+
+// ExportResult says what an export into a file wrote.
+type ExportResult struct {
+	Blobs     int   `json:"blobs"`
+	Blocks    int   `json:"blocks"`
+	DataBytes int64 `json:"data_bytes"`
+}
 
 // CacheBlob is a blob in the node's block cache.
 type CacheBlob struct {
@@ -99,9 +120,23 @@ type CacheImport struct {
 	ImageBlobs  int `json:"image_blobs"`
 }
 
-// Import streams a snapshot file to the daemon's cache; source names it in the node's import log.
+// Import loads a snapshot file into the daemon's cache: the daemon reads it directly when it sees the same file,
+// else it is streamed. source names it in the node's import log.
 func (c *Client) Import(ctx context.Context, source string, snapshot io.Reader) ([]ImportedBlob, error) {
-	body, err := c.Stream(ctx, http.MethodPost, PathCacheImport+"?source="+url.QueryEscape(source), snapshot)
+	query := "?source=" + url.QueryEscape(source)
+	var body io.ReadCloser
+	var err error
+	if f, ok := snapshot.(*os.File); ok {
+		if q, qerr := fileQuery(f); qerr == nil {
+			body, err = c.Stream(ctx, http.MethodPost, PathCacheImportFile+query+"&"+q, http.NoBody)
+			if errors.Is(err, ErrNotShared) {
+				body, err = nil, nil
+			}
+		}
+	}
+	if body == nil && err == nil {
+		body, err = c.Stream(ctx, http.MethodPost, PathCacheImport+query, snapshot)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -111,6 +146,42 @@ func (c *Client) Import(ctx context.Context, source string, snapshot io.Reader) 
 		return nil, fmt.Errorf("status endpoint %s: import: %w", c.Socket, err)
 	}
 	return res, nil
+}
+
+// ExportFile asks the daemon to write a snapshot file into f, an empty file it sees too; query selects the blobs
+// (PathCacheExport's). It fails with ErrNotShared when the daemon does not see f: stream the export then.
+func (c *Client) ExportFile(ctx context.Context, query url.Values, f *os.File) (ExportResult, error) {
+	q, err := fileQuery(f)
+	if err != nil {
+		return ExportResult{}, err
+	}
+	path := PathCacheExportFile + "?" + q
+	if len(query) > 0 {
+		path += "&" + query.Encode()
+	}
+	body, err := c.Stream(ctx, http.MethodGet, path, nil)
+	if err != nil {
+		return ExportResult{}, err
+	}
+	defer body.Close()
+	var res ExportResult
+	if err := json.NewDecoder(body).Decode(&res); err != nil {
+		return res, fmt.Errorf("status endpoint %s: export: %w", c.Socket, err)
+	}
+	return res, nil
+}
+
+// fileQuery names a file to the daemon: its absolute path, device and inode.
+func fileQuery(f *os.File) (string, error) {
+	path, err := filepath.Abs(f.Name())
+	if err != nil {
+		return "", err
+	}
+	var st syscall.Stat_t
+	if err := syscall.Fstat(int(f.Fd()), &st); err != nil {
+		return "", err
+	}
+	return url.Values{"file": {path}, "dev": {strconv.FormatUint(st.Dev, 10)}, "ino": {strconv.FormatUint(st.Ino, 10)}}.Encode(), nil
 }
 
 // CacheBlobs lists the node's cached blobs.
@@ -185,6 +256,10 @@ func (c *Client) Stream(ctx context.Context, method, path string, body io.Reader
 	if resp.StatusCode != http.StatusOK {
 		defer resp.Body.Close()
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		if (resp.StatusCode == http.StatusConflict || resp.StatusCode == http.StatusNotFound) &&
+			(strings.HasPrefix(path, PathCacheExportFile+"?") || strings.HasPrefix(path, PathCacheImportFile+"?")) {
+			return nil, fmt.Errorf("%w: %s", ErrNotShared, bytesTrim(b))
+		}
 		return nil, fmt.Errorf("status endpoint %s: %s %s: %s: %s", c.Socket, method, path, resp.Status, bytesTrim(b))
 	}
 	return resp.Body, nil
