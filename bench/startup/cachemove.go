@@ -3,12 +3,14 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"time"
 
 	"github.com/obdproject/obd/bench/internal/measure"
+	"github.com/obdproject/obd/internal/cacheclient"
 	"github.com/obdproject/obd/internal/cachesnap"
 	"github.com/obdproject/obd/internal/pull"
 	"github.com/obdproject/obd/internal/status"
@@ -56,14 +58,8 @@ func (b *bench) exportSnapshot() error {
 	cacheTar := filepath.Join(dir, "cache-dir.tar")
 	var export, tarc, untar []float64
 	for range 3 {
-		d, err := timed(func() error {
-			body, err := sc.Stream(b.ctx, "GET", status.PathCacheExport, nil)
-			if err != nil {
-				return err
-			}
-			defer body.Close()
-			_, _, err = cachesnap.WriteFile(body, b.snapshot)
-			return err
+		d, err := timed(func() error { // as obd cache export --to FILE does
+			return (&cacheclient.Client{Status: sc}).Export(b.ctx, io.Discard, nil, b.snapshot, nil)
 		})
 		if err != nil {
 			return fmt.Errorf("export: %w", err)
