@@ -760,3 +760,37 @@ func TestCompressedRange(t *testing.T) {
 		t.Fatalf("range past the end: %d bytes", n)
 	}
 }
+
+// The pieces of a block that reads use only part of are decoded once while the block is among the last ones
+// decoded so: a piece read after the block's bytes went bad still comes from the first decoding, until enough
+// other blocks were decoded after it.
+func TestPartialReadsDecodeOnce(t *testing.T) {
+	src := randomData(4<<20, 9)
+	zf := compressBytes(t, src, Options{Algorithm: AlgoZSTD, BlockSize: 64 << 10}, false)
+	z := openBytes(t, zf, false)
+	const bs, blk = 64 << 10, 3
+	piece := func(b, off, n int) []byte {
+		t.Helper()
+		p := make([]byte, n)
+		if _, err := z.ReadAt(p, int64(b*bs+off)); err != nil && !errors.Is(err, ErrCorrupt) {
+			t.Fatal(err)
+		}
+		return p
+	}
+	if p := piece(blk, 100, 1024); !bytes.Equal(p, src[blk*bs+100:][:1024]) {
+		t.Fatal("first piece differs")
+	}
+	off, l := recordOffset(t, zf, blk)
+	for i := off; i < off+l-4; i++ {
+		zf[i] ^= 0x55 // the reader reads these bytes again for every read of the block
+	}
+	if p := piece(blk, 5000, 2048); !bytes.Equal(p, src[blk*bs+5000:][:2048]) {
+		t.Fatal("a second piece of the block was decoded again from its damaged bytes")
+	}
+	for b := 10; b < 10+blockCacheSlots; b++ {
+		piece(b, 1, 10)
+	}
+	if p := piece(blk, 5000, 2048); bytes.Equal(p, src[blk*bs+5000:][:2048]) {
+		t.Fatal("the block stayed decoded after more blocks than the cache holds")
+	}
+}
