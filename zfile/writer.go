@@ -33,6 +33,12 @@ type Options struct {
 	LZ4Batch func(raw []byte, bs int, dst []byte, gap int, lens []int32) (int, bool)
 }
 
+// Validate reports whether a compressor accepts o: a supported algorithm and block size.
+func (o Options) Validate() error {
+	_, err := o.normalize()
+	return err
+}
+
 // normalize fills in defaults and validates o.
 func (o Options) normalize() (Options, error) {
 	if o.Algorithm == AlgoMiniLZO {

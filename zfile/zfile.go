@@ -42,6 +42,17 @@ func (a Algorithm) String() string {
 	return fmt.Sprintf("algo(%d)", uint8(a))
 }
 
+// ParseAlgorithm returns the algorithm a name ("lz4" or "zstd", as String prints them) names.
+func ParseAlgorithm(name string) (Algorithm, error) {
+	switch name {
+	case "lz4":
+		return AlgoLZ4, nil
+	case "zstd":
+		return AlgoZSTD, nil
+	}
+	return 0, errorf(ErrUnsupported, "compression %q: want lz4 or zstd", name)
+}
+
 // Flag bits of the header/trailer flags field.
 const (
 	FlagHeader          uint64 = 1 << 0 // slot is a header (1) or trailer (0)

@@ -96,13 +96,8 @@ func main() {
 		fmt.Fprintln(os.Stderr, "startup:", err)
 		os.Exit(2)
 	}
-	switch *algo {
-	case "lz4":
-		c.zfile.Algorithm = zfile.AlgoLZ4
-	case "zstd":
-		c.zfile.Algorithm = zfile.AlgoZSTD
-	default:
-		fmt.Fprintf(os.Stderr, "startup: --zfile %q: want lz4 or zstd\n", *algo)
+	if c.zfile.Algorithm, err = zfile.ParseAlgorithm(*algo); err != nil {
+		fmt.Fprintln(os.Stderr, "startup: --zfile:", err)
 		os.Exit(2)
 	}
 	switch *zfileBlockKB {

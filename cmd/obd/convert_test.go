@@ -108,8 +108,8 @@ func TestConvertErrors(t *testing.T) {
 	}{
 		{"vsize 0", []string{"--vsize", "0", "oci:" + src + ":amd64"}, "--vsize 0"},
 		{"vsize too large", []string{"--vsize", "20000", "oci:" + src + ":amd64"}, "--vsize 20000"},
-		{"bad algorithm", []string{"--algorithm", "foo", "oci:" + src + ":amd64"}, `--algorithm "foo"`},
-		{"bad block size", []string{"--block-size", "1000", "oci:" + src + ":amd64"}, "--block-size 1000"},
+		{"bad algorithm", []string{"--algorithm", "foo", "oci:" + src + ":amd64"}, `--algorithm: zfile: compression "foo"`},
+		{"bad block size", []string{"--block-size", "1000", "oci:" + src + ":amd64"}, "--block-size: zfile: block size 1000 not supported"},
 		{"missing tag", []string{"--vsize", "1", "oci:" + src + ":nope"}, "nope"},
 		{"docker-archive destination", []string{"oci:" + src + ":amd64", "docker-archive:" + filepath.Join(t.TempDir(), "x.tar")}, "destination"},
 	}

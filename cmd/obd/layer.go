@@ -42,21 +42,15 @@ func (z *zfileFlags) register(cmd *cobra.Command, def zfile.Options) {
 }
 
 func (z *zfileFlags) options() (zfile.Options, error) {
-	var algo zfile.Algorithm
-	switch z.algorithm {
-	case "lz4":
-		algo = zfile.AlgoLZ4
-	case "zstd":
-		algo = zfile.AlgoZSTD
-	default:
-		return zfile.Options{}, fmt.Errorf("--algorithm %q: want lz4 or zstd", z.algorithm)
+	algo, err := zfile.ParseAlgorithm(z.algorithm)
+	if err != nil {
+		return zfile.Options{}, fmt.Errorf("--algorithm: %w", err)
 	}
-	switch z.blockSize {
-	case 4096, 8192, 16384, 32768, 65536:
-	default:
-		return zfile.Options{}, fmt.Errorf("--block-size %d: want 4096, 8192, 16384, 32768 or 65536", z.blockSize)
+	o := zfile.Options{Algorithm: algo, BlockSize: z.blockSize, Workers: z.threads, LZ4Batch: lz4c.Batch}
+	if err := o.Validate(); err != nil {
+		return o, fmt.Errorf("--block-size: %w", err)
 	}
-	return zfile.Options{Algorithm: algo, BlockSize: z.blockSize, Workers: z.threads, LZ4Batch: lz4c.Batch}, nil
+	return o, nil
 }
 
 func newLayerCreateCmd() *cobra.Command {

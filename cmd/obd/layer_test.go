@@ -323,10 +323,10 @@ func TestLayerErrors(t *testing.T) {
 		out     string   // output path given explicitly in args; "" = a fresh path appended to args
 		wantErr string
 	}{
-		{"commit bad algorithm", []string{"layer", "commit", "-z", "--algorithm", "foo", data, index}, "", `--algorithm "foo": want lz4 or zstd`},
-		{"commit bad block size", []string{"layer", "commit", "-z", "--block-size", "1000", data, index}, "", "--block-size 1000: want 4096"},
-		{"zfile bad algorithm", []string{"layer", "zfile", "--algorithm", "gzip", plain}, "", `--algorithm "gzip"`},
-		{"zfile bad block size", []string{"layer", "zfile", "--block-size", "1000", plain}, "", "--block-size 1000"},
+		{"commit bad algorithm", []string{"layer", "commit", "-z", "--algorithm", "foo", data, index}, "", `--algorithm: zfile: compression "foo": want lz4 or zstd`},
+		{"commit bad block size", []string{"layer", "commit", "-z", "--block-size", "1000", data, index}, "", "--block-size: zfile: block size 1000 not supported"},
+		{"zfile bad algorithm", []string{"layer", "zfile", "--algorithm", "gzip", plain}, "", `compression "gzip"`},
+		{"zfile bad block size", []string{"layer", "zfile", "--block-size", "1000", plain}, "", "block size 1000 not supported"},
 		{"commit missing data", []string{"layer", "commit", filepath.Join(dir, "nope"), index}, "", "nope"},
 		{"commit index as data", []string{"layer", "commit", index, index}, "", index},
 		{"unzfile not a zfile", []string{"layer", "unzfile", plain}, "", "zfile"},
