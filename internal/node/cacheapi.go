@@ -248,7 +248,7 @@ func (a cacheAPI) export(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.Header().Set("Content-Type", "application/x-tar")
-	if _, err := f.Seek(0, io.SeekStart); err == nil {
+	if _, err = f.Seek(0, io.SeekStart); err == nil {
 		_, err = io.Copy(w, f)
 	}
 	if err != nil {
