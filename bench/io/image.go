@@ -20,6 +20,7 @@ import (
 
 	"github.com/obdproject/obd/internal/convert"
 	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/iocount"
 	"github.com/obdproject/obd/lsmt"
 	"github.com/obdproject/obd/zfile"
 )
@@ -171,7 +172,7 @@ func writeSourceLayout(dir string, params imageParams, img *builtImage) (image.R
 	defer os.Remove(tmp.Name())
 	defer tmp.Close()
 	h := sha256.New()
-	cw := &countWriter{w: io.MultiWriter(tmp, h)}
+	cw := &iocount.Writer{W: io.MultiWriter(tmp, h)}
 	if err := writeLayerTar(cw, params, img); err != nil {
 		return image.Ref{}, err
 	}
@@ -179,8 +180,8 @@ func writeSourceLayout(dir string, params imageParams, img *builtImage) (image.R
 		return image.Ref{}, err
 	}
 	layerDigest := digest.NewDigest(digest.SHA256, h)
-	img.TarBytes = cw.n
-	if err := lay.PutBlobFile(tmp.Name(), layerDigest, cw.n); err != nil {
+	img.TarBytes = cw.N
+	if err := lay.PutBlobFile(tmp.Name(), layerDigest, cw.N); err != nil {
 		return image.Ref{}, err
 	}
 	created := time.Date(2024, 1, 2, 3, 4, 5, 0, time.UTC)
@@ -201,7 +202,7 @@ func writeSourceLayout(dir string, params imageParams, img *builtImage) (image.R
 	m := ocispec.Manifest{
 		MediaType: ocispec.MediaTypeImageManifest,
 		Config:    cd,
-		Layers:    []ocispec.Descriptor{{MediaType: ocispec.MediaTypeImageLayer, Digest: layerDigest, Size: cw.n}},
+		Layers:    []ocispec.Descriptor{{MediaType: ocispec.MediaTypeImageLayer, Digest: layerDigest, Size: cw.N}},
 	}
 	m.SchemaVersion = 2
 	mb, err := json.Marshal(m)
@@ -259,17 +260,6 @@ func writeLayerTar(w io.Writer, params imageParams, img *builtImage) error {
 	}
 	img.BigSHA256 = hex.EncodeToString(h.Sum(nil))
 	return tw.Close()
-}
-
-type countWriter struct {
-	w io.Writer
-	n int64
-}
-
-func (c *countWriter) Write(p []byte) (int, error) {
-	n, err := c.w.Write(p)
-	c.n += int64(n)
-	return n, err
 }
 
 // exportRaw writes the disk of the layer stack in blobs to path as a sparse file (image.ExportRaw) and returns the

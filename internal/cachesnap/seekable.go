@@ -12,6 +12,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/obdproject/obd/internal/cache"
+	"github.com/obdproject/obd/internal/iocount"
 )
 
 // ExportFunc exports the data of one blob of a snapshot: it calls begin with the data's size before it writes the
@@ -36,7 +37,7 @@ func WriteSeekable(f FileWriter, maxBlocks []int, export func(k int) ExportFunc)
 	if err != nil {
 		return idx, 0, err
 	}
-	w := &offsetWriter{w: f}
+	w := &iocount.Writer{W: f}
 	ih, err := headerBytes(indexName, room)
 	if err != nil {
 		return idx, 0, err
@@ -44,11 +45,11 @@ func WriteSeekable(f FileWriter, maxBlocks []int, export func(k int) ExportFunc)
 	if _, err := w.Write(ih); err != nil {
 		return idx, 0, err
 	}
-	indexAt := w.n
+	indexAt := w.N
 	if _, err := io.Copy(w, io.LimitReader(spaces{}, room)); err != nil {
 		return idx, 0, err
 	}
-	if err := w.pad(); err != nil {
+	if err := pad(w); err != nil {
 		return idx, 0, err
 	}
 	placeholder := digest.NewDigestFromEncoded(digest.SHA256, strings.Repeat("0", 64))
@@ -61,7 +62,7 @@ func WriteSeekable(f FileWriter, maxBlocks []int, export func(k int) ExportFunc)
 			if h, herr = headerBytes(dataName(placeholder), n); herr != nil {
 				return nil, herr
 			}
-			hdrAt, size = w.n, n
+			hdrAt, size = w.N, n
 			_, herr = w.Write(h)
 			return w, herr
 		})
@@ -71,11 +72,11 @@ func WriteSeekable(f FileWriter, maxBlocks []int, export func(k int) ExportFunc)
 		if hdrAt < 0 {
 			continue
 		}
-		if got := w.n - hdrAt - int64(len(h)); got != size || len(e.Blocks) > maxBlocks[k] {
+		if got := w.N - hdrAt - int64(len(h)); got != size || len(e.Blocks) > maxBlocks[k] {
 			return idx, 0, fmt.Errorf("cache snapshot: blob %s: %d bytes in %d blocks written for %d bytes in at most %d blocks",
 				e.Digest, got, len(e.Blocks), size, maxBlocks[k])
 		}
-		if err := w.pad(); err != nil {
+		if err := pad(w); err != nil {
 			return idx, 0, err
 		}
 		named, err := headerBytes(dataName(dg), size)
@@ -140,20 +141,9 @@ func headerBytes(name string, size int64) ([]byte, error) {
 	return b.Bytes(), nil
 }
 
-// offsetWriter counts what it writes and pads members to tar's 512-byte blocks.
-type offsetWriter struct {
-	w io.Writer
-	n int64
-}
-
-func (o *offsetWriter) Write(p []byte) (int, error) {
-	n, err := o.w.Write(p)
-	o.n += int64(n)
-	return n, err
-}
-
-func (o *offsetWriter) pad() error {
-	_, err := o.Write(make([]byte, (512-o.n%512)%512))
+// pad ends a tar member: zeros up to the next 512-byte block.
+func pad(w *iocount.Writer) error {
+	_, err := w.Write(make([]byte, (512-w.N%512)%512))
 	return err
 }
 
