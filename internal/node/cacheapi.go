@@ -305,8 +305,9 @@ type writerFunc func([]byte) (int, error)
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 
 // sharedFile opens the file a request names (?file=PATH&dev=D&ino=I: a file of the caller's, which the daemon reads
-// or writes directly instead of streaming it through the socket) with flag, and returns it and its path. It fails when the daemon does not see that very file there (a caller in another
-// mount namespace): the caller then streams it.
+// or writes directly instead of streaming it through the socket) with flag, and returns it and its path. It fails
+// when the daemon does not see that very regular file there (a caller in another mount namespace): the caller then
+// streams it.
 func sharedFile(r *http.Request, flag int) (*os.File, string, error) {
 	q := r.URL.Query()
 	path := q.Get("file")
@@ -315,7 +316,8 @@ func sharedFile(r *http.Request, flag int) (*os.File, string, error) {
 	if err := errors.Join(err1, err2); err != nil || !filepath.IsAbs(path) {
 		return nil, "", fmt.Errorf("file %q, dev %q, ino %q: want an absolute path and its device and inode numbers", path, q.Get("dev"), q.Get("ino"))
 	}
-	f, err := os.OpenFile(path, flag|syscall.O_NOFOLLOW, 0)
+	// O_NONBLOCK: a FIFO put at the path must not hold the open; it is refused below, as anything but the file.
+	f, err := os.OpenFile(path, flag|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, "", fmt.Errorf("%w: %w", status.ErrNotShared, err)
 	}

@@ -9,9 +9,12 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -127,6 +130,20 @@ func TestCacheSnapshotFiles(t *testing.T) {
 	if err != nil || len(res) != 2 || res[0].Verified == res[1].Verified || res[0].Imported+res[1].Imported != 21 {
 		t.Fatalf("import of a file the daemon does not see: %+v, %v", res, err)
 	}
+	fifo := filepath.Join(t.TempDir(), "fifo")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(fifo, &st); err != nil {
+		t.Fatal(err)
+	}
+	q := url.Values{"file": {fifo}, "dev": {strconv.FormatUint(st.Dev, 10)}, "ino": {strconv.FormatUint(st.Ino, 10)}}
+	testenv.Within(t, 5*time.Second, "the import of a FIFO", func() {
+		if _, err := other.sc.Stream(ctx, http.MethodPost, status.PathCacheImportFile+"?"+q.Encode(), http.NoBody); !errors.Is(err, status.ErrNotShared) {
+			t.Errorf("import of a FIFO: %v, want ErrNotShared", err)
+		}
+	})
 	if _, err := other.sc.Stream(ctx, http.MethodPost, status.PathCacheImportFile+"?file=rel&dev=1&ino=2", http.NoBody); err == nil ||
 		errors.Is(err, status.ErrNotShared) || !strings.Contains(err.Error(), "want an absolute path") {
 		t.Errorf("import of a relative path: %v", err)
