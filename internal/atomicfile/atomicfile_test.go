@@ -1,6 +1,7 @@
 package atomicfile
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"
@@ -26,5 +27,28 @@ func TestWrite(t *testing.T) {
 	}
 	if err := Write(filepath.Join(dir, "missing", "f"), nil, 0o644); err == nil {
 		t.Error("a write into a missing directory succeeded")
+	}
+}
+
+// A fill that fails leaves the file as it was and no temporary file behind.
+func TestReplaceFailing(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "f")
+	if err := Write(path, []byte("old"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	boom := errors.New("boom")
+	err := Replace(path, 0o644, func(f *os.File) error {
+		f.WriteString("half of the new")
+		return boom
+	})
+	if !errors.Is(err, boom) {
+		t.Fatalf("Replace: %v, want the fill's error", err)
+	}
+	if b, _ := os.ReadFile(path); string(b) != "old" {
+		t.Errorf("the file holds %q after a failed replace", b)
+	}
+	if entries, _ := os.ReadDir(dir); len(entries) != 1 {
+		t.Errorf("%d files in the directory, want the old one only", len(entries))
 	}
 }

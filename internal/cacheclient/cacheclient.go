@@ -24,6 +24,7 @@ import (
 	"github.com/opencontainers/image-spec/identity"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/obdproject/obd/internal/atomicfile"
 	"github.com/obdproject/obd/internal/cachesnap"
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/profile"
@@ -376,18 +377,10 @@ func (c *Client) exportFile(ctx context.Context, query url.Values, path string) 
 	if err != nil {
 		return status.ExportResult{}, err
 	}
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
-	if err != nil {
-		return status.ExportResult{}, err
-	}
-	defer os.Remove(f.Name())
-	defer f.Close()
-	res, err := c.Status.ExportFile(ctx, query, f)
-	if err == nil {
-		err = f.Chmod(0o644)
-	}
-	if err == nil {
-		err = os.Rename(f.Name(), path)
-	}
+	var res status.ExportResult
+	err = atomicfile.Replace(path, 0o644, func(f *os.File) (err error) {
+		res, err = c.Status.ExportFile(ctx, query, f)
+		return err
+	})
 	return res, err
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/obdproject/obd/internal/atomicfile"
 	"github.com/obdproject/obd/internal/image"
 )
 
@@ -19,35 +20,28 @@ import (
 // answer leaves no file), and returns its data bytes and index. The data's digests are checked where the snapshot
 // is read: by import, block by block.
 func WriteFile(r io.Reader, path string) (int64, Index, error) {
-	tmp := filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".tmp")
-	f, err := os.Create(tmp)
-	if err != nil {
-		return 0, Index{}, err
-	}
-	defer os.Remove(tmp)
 	var n int64
-	bw := bufio.NewWriterSize(f, 1<<20)
-	idx, err := ReadTar(io.TeeReader(r, bw), func(e Entry, d io.Reader) error {
-		m, err := copyData(io.Discard, d)
-		n += m
-		if err == nil && m != e.Data.Size {
-			err = fmt.Errorf("cache snapshot: data of blob %s: %d of %d bytes", e.Digest, m, e.Data.Size)
+	var idx Index
+	err := atomicfile.Replace(path, 0o644, func(f *os.File) error {
+		bw := bufio.NewWriterSize(f, 1<<20)
+		var err error
+		idx, err = ReadTar(io.TeeReader(r, bw), func(e Entry, d io.Reader) error {
+			m, err := copyData(io.Discard, d)
+			n += m
+			if err == nil && m != e.Data.Size {
+				err = fmt.Errorf("cache snapshot: data of blob %s: %d of %d bytes", e.Digest, m, e.Data.Size)
+			}
+			return err
+		})
+		if err != nil {
+			return err
 		}
-		return err
-	})
-	if err == nil {
 		// The tar's end: its two zero blocks and padding.
-		_, err = io.Copy(bw, r)
-	}
-	if err == nil {
-		err = bw.Flush()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
+		if _, err := io.Copy(bw, r); err != nil {
+			return err
+		}
+		return bw.Flush()
+	})
 	return n, idx, err
 }
 

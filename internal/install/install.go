@@ -21,6 +21,7 @@ import (
 
 	"github.com/BurntSushi/toml"
 
+	"github.com/obdproject/obd/internal/atomicfile"
 	"github.com/obdproject/obd/internal/config"
 )
 
@@ -379,34 +380,17 @@ func writeFileAtomic(path string, data []byte, perm fs.FileMode) error {
 		perm = st.Mode().Perm()
 		uid, gid = statOwner(st)
 	}
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".obd-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp) // after a successful rename there is nothing left to remove
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Chmod(perm); err != nil {
-		f.Close()
-		return err
-	}
-	if uid >= 0 && os.Geteuid() == 0 {
-		if err := f.Chown(uid, gid); err != nil {
-			f.Close()
+	return atomicfile.Replace(path, perm, func(f *os.File) error {
+		if _, err := f.Write(data); err != nil {
 			return err
 		}
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
+		if uid >= 0 && os.Geteuid() == 0 {
+			if err := f.Chown(uid, gid); err != nil {
+				return err
+			}
+		}
+		return f.Sync()
+	})
 }
 
 // statOwner returns the owner of a file, or -1, -1 where the system does not say.

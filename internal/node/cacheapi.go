@@ -208,23 +208,13 @@ func (a cacheAPI) export(w http.ResponseWriter, r *http.Request) {
 		}
 		keys = append(keys, d)
 	}
-	if len(keys) == 0 {
-		for _, b := range c.Blobs() {
-			keys = append(keys, b.Digest)
-		}
-	}
 	// The snapshot is written in one pass into the caller's file when the daemon sees it, else into a temporary
 	// file streamed as the answer.
-	var f *os.File
-	var into string
-	var err error
-	if r.URL.Path == status.PathCacheExportFile {
-		f, into, err = sharedFile(r, os.O_WRONLY)
-	}
-	if err != nil {
-		http.Error(w, err.Error(), sharedFileStatus(err))
+	f, into, ok := sharedFile(w, r, status.PathCacheExportFile, os.O_WRONLY)
+	if !ok {
 		return
 	}
+	var err error
 	if f == nil {
 		if f, err = os.CreateTemp("", "obd-cache-export-"); err != nil {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
@@ -258,15 +248,19 @@ func (a cacheAPI) export(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// exportSnapshot writes a snapshot file of the cached blocks of keys into f, each blob taken while reads and
+// exportSnapshot writes a snapshot file of the cached blocks of keys (of every cached blob when there is none) into f, each blob taken while reads and
 // evictions go on, and returns its index and data bytes.
 func exportSnapshot(ctx context.Context, c *cache.Cache, keys []digest.Digest, f *os.File) (cachesnap.Index, int64, error) {
 	if err := f.Truncate(0); err != nil {
 		return cachesnap.Index{}, 0, err
 	}
 	cached := map[digest.Digest]int{}
+	all := len(keys) == 0
 	for _, b := range c.Blobs() {
 		cached[b.Digest] = int(b.Blocks)
+		if all {
+			keys = append(keys, b.Digest)
+		}
 	}
 	limits := make([]int, len(keys))
 	for k, d := range keys {
@@ -291,42 +285,42 @@ func exportSnapshot(ctx context.Context, c *cache.Cache, keys []digest.Digest, f
 	})
 }
 
-// sharedFileStatus is the answer's status for an error of sharedFile: 409 tells the caller to stream the file.
-func sharedFileStatus(err error) int {
-	if errors.Is(err, status.ErrNotShared) {
-		return http.StatusConflict
-	}
-	return http.StatusBadRequest
-}
-
 // writerFunc is a function as an io.Writer.
 type writerFunc func([]byte) (int, error)
 
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 
-// sharedFile opens the file a request names (?file=PATH&dev=D&ino=I: a file of the caller's, which the daemon reads
-// or writes directly instead of streaming it through the socket) with flag, and returns it and its path. It fails
-// when the daemon does not see that very regular file there (a caller in another mount namespace): the caller then
-// streams it.
-func sharedFile(r *http.Request, flag int) (*os.File, string, error) {
+// sharedFile opens, with flag, the file a request to filePath names (?file=PATH&dev=D&ino=I: a file of the
+// caller's, which the daemon reads or writes directly instead of streaming it through the socket), and returns it
+// and its path; no file for a request to another path. When it cannot, it answers the request and reports false:
+// 409 when the daemon does not see that very regular file there (a caller in another mount namespace), so that the
+// caller streams it instead, 400 for a bad request.
+func sharedFile(w http.ResponseWriter, r *http.Request, filePath string, flag int) (*os.File, string, bool) {
+	if r.URL.Path != filePath {
+		return nil, "", true
+	}
 	q := r.URL.Query()
 	path := q.Get("file")
 	dev, err1 := strconv.ParseUint(q.Get("dev"), 10, 64)
 	ino, err2 := strconv.ParseUint(q.Get("ino"), 10, 64)
 	if err := errors.Join(err1, err2); err != nil || !filepath.IsAbs(path) {
-		return nil, "", fmt.Errorf("file %q, dev %q, ino %q: want an absolute path and its device and inode numbers", path, q.Get("dev"), q.Get("ino"))
+		http.Error(w, fmt.Sprintf("file %q, dev %q, ino %q: want an absolute path and its device and inode numbers", path,
+			q.Get("dev"), q.Get("ino")), http.StatusBadRequest)
+		return nil, "", false
 	}
 	// O_NONBLOCK: a FIFO put at the path must not hold the open; it is refused below, as anything but the file.
 	f, err := os.OpenFile(path, flag|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
 	if err != nil {
-		return nil, "", fmt.Errorf("%w: %w", status.ErrNotShared, err)
+		http.Error(w, fmt.Sprintf("%v: %v", status.ErrNotShared, err), http.StatusConflict)
+		return nil, "", false
 	}
 	var st syscall.Stat_t
 	if err := syscall.Fstat(int(f.Fd()), &st); err != nil || st.Dev != dev || st.Ino != ino || st.Mode&syscall.S_IFMT != syscall.S_IFREG {
 		f.Close()
-		return nil, "", fmt.Errorf("%w: %s is another file here", status.ErrNotShared, path)
+		http.Error(w, fmt.Sprintf("%v: %s is another file here", status.ErrNotShared, path), http.StatusConflict)
+		return nil, "", false
 	}
-	return f, path, nil
+	return f, path, true
 }
 
 func (a cacheAPI) importSnapshot(w http.ResponseWriter, r *http.Request) {
@@ -335,14 +329,8 @@ func (a cacheAPI) importSnapshot(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	body := io.Reader(r.Body)
-	var f *os.File
-	var from string
-	var err error
-	if r.URL.Path == status.PathCacheImportFile {
-		f, from, err = sharedFile(r, os.O_RDONLY)
-	}
-	if err != nil {
-		http.Error(w, err.Error(), sharedFileStatus(err))
+	f, from, ok := sharedFile(w, r, status.PathCacheImportFile, os.O_RDONLY)
+	if !ok {
 		return
 	}
 	if f != nil {
@@ -350,7 +338,7 @@ func (a cacheAPI) importSnapshot(w http.ResponseWriter, r *http.Request) {
 		body = bufio.NewReaderSize(f, 1<<20)
 	}
 	var out []status.ImportedBlob
-	_, err = cachesnap.ReadTar(body, func(e cachesnap.Entry, data io.Reader) error {
+	_, err := cachesnap.ReadTar(body, func(e cachesnap.Entry, data io.Reader) error {
 		vr, check := cachesnap.Verified(e, data)
 		if e.Whole() && e.Data.Digest == e.Digest {
 			// The data is the blob itself: ImportBlob checks it against the blob's digest as it streams.
