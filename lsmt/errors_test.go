@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -187,6 +188,98 @@ func TestSparseOSFile(t *testing.T) {
 	idx := w2.Index()
 	if len(idx) < 2 || idx[0].Offset != (1<<20+64<<10)/SectorSize || idx[len(idx)-1].End() != (6<<20+4096)/SectorSize {
 		t.Fatalf("rebuilt index %v", idx)
+	}
+}
+
+// TestSparseDiscardIndex: a sparse layer with an index file keeps its discards across a reopen, so a discarded
+// range stacked over a lower layer still reads as zeros, and data written after a discard wins over it.
+func TestSparseDiscardIndex(t *testing.T) {
+	dir := t.TempDir()
+	const vsize = 4 << 20
+	lw, _, _ := newMemRW(t, vsize, CreateOptions{})
+	lower := pattern(7, vsize)
+	lw.WriteAt(lower, 0)
+	lb := commitBytes(t, lw, CommitOptions{})
+	lf, err := Open(bytes.NewReader(lb), int64(len(lb)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	open := func(name string) *os.File {
+		f, err := os.OpenFile(filepath.Join(dir, name), os.O_RDWR|os.O_CREATE, 0o600)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		return f
+	}
+	data, index := open("data"), open("index")
+	w, err := CreateRW(data, index, 0, CreateOptions{Sparse: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := NewStack([]*File{lf}, w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := append([]byte(nil), lower...)
+	p := pattern(9, 256<<10)
+	s.WriteAt(p, 1<<20)
+	copy(want[1<<20:], p)
+	s.Discard(1<<20, 128<<10) // over the upper's own data
+	clear(want[1<<20 : 1<<20+128<<10])
+	s.Discard(2<<20, 64<<10) // over the lower's data only
+	clear(want[2<<20 : 2<<20+64<<10])
+	s.Discard(3<<20, 64<<10)
+	clear(want[3<<20 : 3<<20+64<<10])
+	s.WriteAt(p[:8192], 3<<20+4096) // data after a discard wins
+	copy(want[3<<20+4096:], p[:8192])
+	if err := w.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	// Reopen, as after a crash following the sync: no Close.
+	w2, err := OpenRW(data, index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w2.VirtualSize() != vsize {
+		t.Fatalf("virtual size %d", w2.VirtualSize())
+	}
+	s2, err := NewStack([]*File{lf}, w2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, vsize)
+	if _, err := s2.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if i := firstDiff(got, want); i >= 0 {
+		t.Fatalf("reopened stack differs at %d", i)
+	}
+	st, err := data.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if blocks := st.Sys().(*syscall.Stat_t).Blocks * 512; blocks > 512<<10 {
+		t.Errorf("sparse data file holds %d bytes for 136 KiB of live data", blocks)
+	}
+	// Sealed, the layer keeps the discards.
+	n, err := w2.Seal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sf, err := Open(data, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s3, err := NewStack([]*File{lf, sf}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s3.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if i := firstDiff(got, want); i >= 0 {
+		t.Fatalf("sealed stack differs at %d", i)
 	}
 }
 

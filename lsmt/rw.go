@@ -43,7 +43,10 @@ type HoleFile interface {
 type CreateOptions struct {
 	UUID       string // "" writes the null UUID
 	ParentUUID string // "" writes the null UUID
-	Sparse     bool   // sparse data file (payload at 4096+LBA, no index file)
+	// Sparse makes a sparse data file (payload at 4096+LBA). Its index is rebuilt from the data file's extents;
+	// an index file, if given, records only discarded ranges (zeroed entries), so that they still read as zeros
+	// after the layer is opened again instead of showing the lower layers' data through the punched hole.
+	Sparse bool
 }
 
 // ErrClosed is returned by operations on a closed or sealed RW layer.
@@ -51,7 +54,7 @@ var ErrClosed = errors.New("lsmt: RW layer is closed")
 
 // RW is a writable layer: upstream's append layer (writable_data + writable_index, every write
 // appended to the data file and its entry to the index file) or sparse layer (payload at
-// 4096+LBA of the data file, index rebuilt from its extents). Its in-memory index is a B-tree
+// 4096+LBA of the data file, index rebuilt from its extents, optional index file of discards). Its in-memory index is a B-tree
 // with upstream's split-on-overlap semantics. Index entries are appended to the index file in
 // 4 KiB batches and on Sync, Close and Seal (upstream appends each one at once): after a crash the
 // latest entries may be missing, leaving their data as unreferenced garbage in the data file,
@@ -59,7 +62,7 @@ var ErrClosed = errors.New("lsmt: RW layer is closed")
 type RW struct {
 	mu      sync.RWMutex
 	data    WriteAtFile
-	index   WriteAtFile // nil when sparse
+	index   WriteAtFile // nil for a sparse layer without an index file
 	holes   HoleFile    // sparse only
 	header  Header      // data file header
 	vsize   uint64
@@ -100,6 +103,9 @@ func CreateRW(data, index WriteAtFile, vsize int64, opts CreateOptions) (*RW, er
 	} else if index == nil {
 		return nil, errors.New("lsmt: an append RW layer needs an index file")
 	}
+	if index != nil {
+		w.index, w.idxEnd = index, HeaderSize
+	}
 	w.header = newHeader(flags)
 	w.header.VirtualSize = uint64(vsize)
 	w.header.UUID, w.header.ParentUUID = opts.UUID, opts.ParentUUID
@@ -113,6 +119,8 @@ func CreateRW(data, index WriteAtFile, vsize int64, opts CreateOptions) (*RW, er
 		if err := data.Truncate(int64(HeaderSize) + vsize); err != nil {
 			return nil, fmt.Errorf("lsmt: sizing sparse data file: %w", err)
 		}
+	}
+	if index == nil {
 		return w, nil
 	}
 	ih := w.header
@@ -121,7 +129,6 @@ func CreateRW(data, index WriteAtFile, vsize int64, opts CreateOptions) (*RW, er
 	if err := writeSlot(index, ih, 0, true); err != nil {
 		return nil, err
 	}
-	w.index, w.idxEnd = index, HeaderSize
 	return w, nil
 }
 
@@ -152,8 +159,8 @@ func fileSize(f WriteAtFile) (int64, error) {
 
 // OpenRW opens an existing writable layer, replaying its index: entries are applied in order,
 // later ones win and partially overlapped ones are split; padding entries are skipped. For a
-// sparse layer (flag in the data header) index may be nil and the index is rebuilt from the
-// data file's extents (split at MaxSegmentLength sectors).
+// sparse layer (flag in the data header) the index is rebuilt from the data file's extents
+// (split at MaxSegmentLength sectors) over the discarded ranges of its index file, which may be nil.
 func OpenRW(data, index WriteAtFile) (*RW, error) {
 	dsize, err := fileSize(data)
 	if err != nil {
@@ -171,6 +178,14 @@ func OpenRW(data, index WriteAtFile) (*RW, error) {
 		if w.holes, err = holeFile(data); err != nil {
 			return nil, err
 		}
+		if index != nil {
+			// Discarded ranges first: data written after a discard lies in the data file and wins.
+			w.index = index
+			if err := w.replay(dsize, true); err != nil {
+				return nil, err
+			}
+			w.vsize = hdr.VirtualSize
+		}
 		if err := w.loadSparse(dsize); err != nil {
 			return nil, err
 		}
@@ -181,14 +196,14 @@ func OpenRW(data, index WriteAtFile) (*RW, error) {
 	}
 	w.index = index
 	w.dataEnd = (dsize + SectorSize - 1) / SectorSize * SectorSize
-	if err := w.replay(dsize); err != nil {
+	if err := w.replay(dsize, false); err != nil {
 		return nil, err
 	}
 	return w, nil
 }
 
-// replay loads the append index file.
-func (w *RW) replay(dataSize int64) error {
+// replay loads the index file; zeroedOnly keeps only its discarded ranges (a sparse layer's).
+func (w *RW) replay(dataSize int64, zeroedOnly bool) error {
 	isize, err := fileSize(w.index)
 	if err != nil {
 		return err
@@ -218,7 +233,7 @@ func (w *RW) replay(dataSize int64) error {
 		}
 		for j := 0; j < len(chunk); j += EntrySize {
 			m := unpack(binary.LittleEndian.Uint64(chunk[j:]), binary.LittleEndian.Uint64(chunk[j+8:]))
-			if !m.invalid() {
+			if !m.invalid() && (!zeroedOnly || m.zeroed()) {
 				m = m.withTag(0)
 				if err := v.checkRange(int(i), m); err != nil {
 					return err
@@ -338,7 +353,8 @@ func (w *RW) WriteAt(p []byte, off int64) (int, error) {
 }
 
 // Discard records n bytes at off (multiples of 512) as zeroed, masking lower layers. In a sparse
-// layer the range is also punched out of the data file.
+// layer the range is also punched out of the data file and, if it has an index file, recorded there at once
+// (a reopened layer then still reads zeros there).
 func (w *RW) Discard(off, n int64) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -349,9 +365,17 @@ func (w *RW) Discard(off, n int64) error {
 		step := min(n, MaxSegmentLength*SectorSize)
 		lba := uint64(off) / SectorSize
 		if w.holes != nil {
-			w.insert(pack(lba, uint32(step/SectorSize), lba+HeaderSize/SectorSize, true, 0))
+			m := pack(lba, uint32(step/SectorSize), lba+HeaderSize/SectorSize, true, 0)
+			w.insert(m)
 			if err := w.holes.PunchHole(HeaderSize+off, step); err != nil {
 				return fmt.Errorf("lsmt: punching hole: %w", err)
+			}
+			// At once, not batched: nothing else records that the hole is not the lower layers' data.
+			if err := w.appendIndex(m); err != nil {
+				return err
+			}
+			if err := w.flushIndex(); err != nil {
+				return err
 			}
 		} else {
 			m := pack(lba, uint32(step/SectorSize), uint64(w.dataEnd)/SectorSize, true, 0)
@@ -368,6 +392,9 @@ func (w *RW) Discard(off, n int64) error {
 
 // appendIndex buffers an index entry for the index file.
 func (w *RW) appendIndex(m mapping) error {
+	if w.index == nil {
+		return nil
+	}
 	w.pending = m.append(w.pending)
 	if len(w.pending) >= indexFlushSize {
 		return w.flushIndex()

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
+
+	"github.com/obdproject/obd/internal/units"
 )
 
 // Defaults of obd.toml.
@@ -154,6 +156,26 @@ type Snapshotter struct {
 	// ReadAheadKB is the read_ahead_kb of the images' loop devices: the most the kernel reads ahead on an image's
 	// filesystem, every byte of which a cold image fetches (0: leave the device's own).
 	ReadAheadKB int `toml:"read_ahead_kb"`
+	// RWMode is how containers over overlaybd images write (upstream's rwMode): "overlayfs" (an overlayfs upper
+	// directory over the image's read-only mount), "dir" (a writable block layer on the image's layers, its
+	// filesystem mounted read-write for the container) or "dev" (the same layer handed to the runtime as a block
+	// device). The snapshot label containerd.io/snapshot/overlaybd.writable chooses per container.
+	RWMode string `toml:"rw_mode"`
+	// RootfsQuota bounds what a container in "dir" or "dev" mode may write, such as "20GiB" (empty: the image
+	// disk's free space). The label containerd.io/snapshot/disk_quota chooses per container.
+	RootfsQuota string `toml:"rootfs_quota"`
+}
+
+// Quota returns RootfsQuota in bytes (0: none).
+func (s Snapshotter) Quota() (int64, error) {
+	if s.RootfsQuota == "" {
+		return 0, nil
+	}
+	q, err := units.ParseBytes(s.RootfsQuota)
+	if err != nil {
+		return 0, fmt.Errorf("snapshotter.rootfs_quota = %w", err)
+	}
+	return q, nil
 }
 
 // HolderSocket is the socket of the device holder process (see KeepDevices), in Root.
@@ -225,7 +247,7 @@ func (a Audit) HungRead() time.Duration { return time.Duration(a.HungReadMS) * t
 // Default returns the configuration used when obd.toml is missing.
 func Default() Config {
 	return Config{
-		Snapshotter: Snapshotter{Root: DefaultRoot, Address: DefaultAddress, LogLevel: DefaultLogLevel, KeepDevices: true, ReadAheadKB: DefaultReadAheadKB},
+		Snapshotter: Snapshotter{Root: DefaultRoot, Address: DefaultAddress, LogLevel: DefaultLogLevel, KeepDevices: true, ReadAheadKB: DefaultReadAheadKB, RWMode: "overlayfs"},
 		Cache:       Cache{Dir: DefaultCacheDir, SizeGB: DefaultCacheGB, BlockSizeKB: DefaultBlockKB, FetchKB: DefaultFetchKB},
 		Registry:    Registry{RetryBudget: DefaultRetryBudget, CredentialHelpers: DefaultCredentialHelpers},
 		Metrics:     Metrics{Address: DefaultMetricsAddress},
@@ -265,6 +287,12 @@ func Load(path string, explicit bool) (cfg Config, warnings []string, err error)
 func (c Config) Validate() error {
 	if r := c.Snapshotter.ReadAheadKB; r < 0 || r > 16384 {
 		return fmt.Errorf("snapshotter.read_ahead_kb = %d: want 0 (the device's own) to 16384 KiB", r)
+	}
+	if m := c.Snapshotter.RWMode; m != "overlayfs" && m != "dir" && m != "dev" {
+		return fmt.Errorf("snapshotter.rw_mode = %q: want \"overlayfs\", \"dir\" or \"dev\"", m)
+	}
+	if _, err := c.Snapshotter.Quota(); err != nil {
+		return err
 	}
 	if c.Cache.SizeGB <= 0 {
 		return fmt.Errorf("cache.size_gb = %d: want a positive number of GiB", c.Cache.SizeGB)

@@ -1,6 +1,7 @@
 package device
 
 import (
+	"bytes"
 	"strings"
 	"syscall"
 	"testing"
@@ -88,5 +89,34 @@ func TestDiskFSOpenWrite(t *testing.T) {
 	out, st := rw.getattr(fuseRootID)
 	if st != 0 || len(out) != attrOutSize || ne.Uint64(out[16+8:]) != 4096 || ne.Uint32(out[16+60:]) != syscall.S_IFREG|0o600 {
 		t.Errorf("getattr: %v, %x", st, out)
+	}
+}
+
+func TestDiskFSFallocate(t *testing.T) {
+	b := &memBackend{data: bytes.Repeat([]byte{1}, 8192)}
+	log, _ := testLogger(t)
+	if st := (&diskFS{id: "ro", b: b, log: log}).fallocate(fallocIn{offset: 0, length: 512, mode: 3}); st != syscall.EOPNOTSUPP {
+		t.Errorf("punch on a read-only disk: %v", st)
+	}
+	rw := &diskFS{id: "rw", b: b, w: b, log: log}
+	if st := rw.fallocate(fallocIn{offset: 1024, length: 2048, mode: 3}); st != 0 {
+		t.Fatalf("punch hole: %v", st)
+	}
+	if !bytes.Equal(b.data[1024:3072], make([]byte, 2048)) || b.data[1023] != 1 || b.data[3072] != 1 {
+		t.Error("punch hole did not discard exactly its range")
+	}
+	if st := rw.fallocate(fallocIn{offset: 4096, length: 512, mode: 0x10}); st != 0 || b.data[4096] != 0 {
+		t.Errorf("zero range: %v", st)
+	}
+	for _, in := range []fallocIn{
+		{offset: 0, length: 512, mode: 0},           // allocate
+		{offset: 0, length: 512, mode: 0x08},        // collapse range
+		{offset: 100, length: 512, mode: 3},         // unaligned
+		{offset: 7680, length: 1024, mode: 3},       // past the end
+		{offset: 1 << 63, length: 1 << 62, mode: 3}, // overflows int64
+	} {
+		if st := rw.fallocate(in); st == 0 {
+			t.Errorf("fallocate %+v accepted", in)
+		}
 	}
 }

@@ -119,6 +119,34 @@ func (fs *diskFS) write(off int64, data []byte) (int, syscall.Errno) {
 	return n, 0
 }
 
+// Discarder is a WritableBackend that can discard ranges: they read as zeros afterwards and need no space. The
+// loop device turns a discard (and a write of zeros) into a hole punched in the FUSE file, which reaches Discard.
+type Discarder interface {
+	Discard(off, n int64) error
+}
+
+// fallocate serves the hole punches and zero ranges the loop device makes of discards and writes of zeros; both
+// become a Discard of the backend. Other modes (allocation, which a disk file does not need) are refused.
+func (fs *diskFS) fallocate(in fallocIn) syscall.Errno {
+	d, ok := fs.w.(Discarder)
+	if !ok {
+		return syscall.EOPNOTSUPP
+	}
+	const keepSize, punchHole, zeroRange = 0x01, 0x02, 0x10
+	if in.mode&^(keepSize|punchHole|zeroRange) != 0 || in.mode&(punchHole|zeroRange) == 0 {
+		return syscall.EOPNOTSUPP
+	}
+	off, n := int64(in.offset), int64(in.length)
+	if off < 0 || n < 0 || off%512 != 0 || n%512 != 0 || off > fs.b.Size()-n {
+		return syscall.EINVAL
+	}
+	if err := d.Discard(off, n); err != nil {
+		fs.logError("device discard failed, returning EIO", "offset", off, "length", n, "err", err)
+		return syscall.EIO
+	}
+	return 0
+}
+
 // fsync calls the backend's Sync method if it has one.
 func (fs *diskFS) fsync() syscall.Errno {
 	s, ok := fs.b.(interface{ Sync() error })

@@ -24,6 +24,7 @@ const (
 	opInterrupt   = 36
 	opDestroy     = 38
 	opBatchForget = 42
+	opFallocate   = 43
 )
 
 const (
@@ -31,6 +32,7 @@ const (
 	outHeaderSize = 16 // struct fuse_out_header
 	readInSize    = 40 // struct fuse_read_in
 	writeInSize   = 40 // struct fuse_write_in
+	fallocInSize  = 32 // struct fuse_fallocate_in
 	initInSize    = 16 // struct fuse_init_in up to flags (kernels since 7.36 send 64 bytes)
 	initOutSize   = 64 // struct fuse_init_out
 	attrOutSize   = 104
@@ -137,6 +139,19 @@ func parseWriteIn(body []byte) (off uint64, data []byte, err error) {
 		return 0, nil, fmt.Errorf("FUSE WRITE of %d bytes carries %d", size, len(body)-writeInSize)
 	}
 	return ne.Uint64(body[8:]), body[writeInSize : writeInSize+int(size)], nil
+}
+
+// fallocIn is struct fuse_fallocate_in.
+type fallocIn struct {
+	offset, length uint64
+	mode           uint32
+}
+
+func parseFallocIn(body []byte) (fallocIn, error) {
+	if len(body) < fallocInSize {
+		return fallocIn{}, fmt.Errorf("FUSE FALLOCATE of %d bytes, want %d", len(body), fallocInSize)
+	}
+	return fallocIn{offset: ne.Uint64(body[8:]), length: ne.Uint64(body[16:]), mode: ne.Uint32(body[24:])}, nil
 }
 
 // parseOpenFlags returns the open(2) flags of an OPEN request.

@@ -232,6 +232,13 @@ func (s *fuseServer) handle(req, buf []byte) {
 			return
 		}
 		s.reply(h.unique, 0, writeOut(n))
+	case opFallocate:
+		in, err := parseFallocIn(body)
+		if err != nil {
+			s.reply(h.unique, syscall.EINVAL, nil)
+			return
+		}
+		s.reply(h.unique, s.fs.fallocate(in), nil)
 	case opStatfs:
 		// statfs always reaches the server (the kernel does not cache it): it probes whether a device is served.
 		s.reply(h.unique, 0, statfsOut(s.fs.b.Size()))

@@ -90,6 +90,13 @@ func (m *memBackend) ReadAt(p []byte, off int64) (int, error) {
 	return n, nil
 }
 
+func (m *memBackend) Discard(off, n int64) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	clear(m.data[off : off+n])
+	return nil
+}
+
 func (m *memBackend) WriteAt(p []byte, off int64) (int, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()

@@ -3,6 +3,7 @@ package mounter
 import (
 	"fmt"
 	"io"
+	"path/filepath"
 	"maps"
 	"slices"
 	"sort"
@@ -40,6 +41,17 @@ type ImageInfo struct {
 	Prefetch *prefetch.Progress
 	// Recording is the trace file its layer reads are recorded into, "" when they are not.
 	Recording string
+	// Writable describes a container's writable layer on top (MountWritable), nil for a read-only image.
+	Writable *WritableInfo
+}
+
+// WritableInfo describes a container's writable layer.
+type WritableInfo struct {
+	Dir string // holds writable_data and writable_index
+	// DataBytes is the space its data file takes on disk: the container's live writes.
+	DataBytes int64
+	// Quota is the quota it was created with (0: none).
+	Quota int64
 }
 
 // LayerInfo describes one layer of an image, bottom first.
@@ -97,6 +109,7 @@ type tracked struct {
 	job     *prefetch.Job // when attached with a prefetch
 	dl      *download     // when attached with a background download
 	rec     *recording    // when attached with a recording
+	upper   *upper        // when attached with a writable layer
 }
 
 func (t *tracker) get(id string) *tracked {
@@ -123,7 +136,7 @@ func (t *tracker) attaching(id string, layers []snapshotter.Layer) {
 	defer t.mu.Unlock()
 	e := t.get(id)
 	t.set(e, StateAttaching)
-	e.info.Error, e.info.Device, e.info.Targets, e.sources, e.job, e.dl, e.rec = "", "", nil, nil, nil, nil, nil
+	e.info.Error, e.info.Device, e.info.Targets, e.sources, e.job, e.dl, e.rec, e.upper = "", "", nil, nil, nil, nil, nil, nil
 	e.info.ImageRef = imageRefOf(layers)
 	e.info.Layers = make([]LayerInfo, len(layers))
 	for i, l := range layers {
@@ -141,7 +154,7 @@ func (t *tracker) attached(id string, img *mounted) {
 	e.info.Device = img.dev.Path
 	e.info.Targets = slices.Sorted(maps.Keys(img.targets))
 	e.sources = slices.Clone(img.layers)
-	e.job, e.dl, e.rec = img.prefetch, img.download, img.rec
+	e.job, e.dl, e.rec, e.upper = img.prefetch, img.download, img.rec, img.upper
 	layers := make([]snapshotter.Layer, len(img.layers))
 	for i, s := range img.layers {
 		layers[i] = s.layer
@@ -155,7 +168,7 @@ func (t *tracker) failed(id string, err error) {
 	defer t.mu.Unlock()
 	e := t.get(id)
 	t.set(e, StateFailed)
-	e.info.Error, e.info.Device, e.info.Targets, e.sources, e.job, e.dl, e.rec = err.Error(), "", nil, nil, nil, nil, nil
+	e.info.Error, e.info.Device, e.info.Targets, e.sources, e.job, e.dl, e.rec, e.upper = err.Error(), "", nil, nil, nil, nil, nil, nil
 	var failed []*tracked
 	for _, e := range t.images {
 		if e.info.State == StateFailed {
@@ -202,6 +215,9 @@ func (t *tracker) list() []ImageInfo {
 		}
 		if e.rec != nil && !e.rec.written() {
 			info.Recording = e.rec.path
+		}
+		if u := e.upper; u != nil {
+			info.Writable = &WritableInfo{Dir: filepath.Dir(u.data.Name()), DataBytes: u.allocated(), Quota: u.quota}
 		}
 		out = append(out, info)
 	}

@@ -95,6 +95,7 @@ type mounted struct {
 	blobs   []*registry.Blob
 	layers  []layerSource // per layer, bottom first: where its bytes come from (for Images)
 
+	upper    *upper        // a container's writable layer on top, or nil (read-only)
 	prefetch *prefetch.Job // the prefetch of its recorded start, or nil
 	rec      *recording    // the recording of its layer reads, or nil
 	download *download     // the background download of its blobs, or nil
@@ -129,7 +130,7 @@ func (m *Mounter) MountTrace(ctx context.Context, id string, layers []snapshotte
 	if img == nil {
 		m.track.attaching(id, layers)
 		var err error
-		if img, err = m.attach(ctx, id, layers, traceFile); err != nil {
+		if img, err = m.attach(ctx, id, layers, traceFile, nil); err != nil {
 			m.track.failed(id, err)
 			return err
 		}
@@ -158,9 +159,9 @@ func (m *Mounter) MountTrace(ctx context.Context, id string, layers []snapshotte
 	return nil
 }
 
-// attach opens the layers and attaches their stack as a device; with a trace file it starts recording into it or
-// prefetching it (see MountTrace).
-func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.Layer, traceFile string) (*mounted, error) {
+// attach opens the layers and attaches their stack as a device, read-only, or writable with wl on top; with a trace
+// file it starts recording into it or prefetching it (see MountTrace).
+func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.Layer, traceFile string, wl *snapshotter.WritableLayer) (*mounted, error) {
 	start := time.Now()
 	img := &mounted{targets: map[string]bool{}}
 	replay, record := m.readTraceFile(id, traceFile)
@@ -196,16 +197,38 @@ func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.La
 	for i, ol := range opened {
 		files[i] = ol.File
 	}
-	stack, err := lsmt.NewStack(files, nil)
+	var rw *lsmt.RW
+	if wl != nil {
+		if img.upper, err = openUpper(wl.Dir, true); err != nil {
+			img.close()
+			return nil, fmt.Errorf("container layer %s: %w", id, err)
+		}
+		img.upper.quota = wl.Quota
+		rw = img.upper.rw
+	}
+	stack, err := lsmt.NewStack(files, rw)
 	if err != nil {
 		img.close()
 		return nil, fmt.Errorf("image %s: %w", id, err)
 	}
-	img.dev, err = m.opts.Frontend.Attach(ctx, id, stackBackend{Stack: stack, id: id, layers: layers}, device.AttachOptions{ReadOnly: true, StateDir: m.opts.StateDir})
+	var backend device.Backend = stackBackend{Stack: stack, id: id, layers: layers}
+	if img.upper != nil {
+		backend = writableBackend{stackBackend{Stack: stack, id: id, layers: layers}, img.upper}
+	}
+	img.dev, err = m.opts.Frontend.Attach(ctx, id, backend, device.AttachOptions{ReadOnly: img.upper == nil, StateDir: m.opts.StateDir})
 	if err != nil {
 		img.close()
 		m.opts.Logger.Error("cannot attach device of overlaybd image", "image", id, "ref", imageRefOf(layers), "err", err)
 		return nil, fmt.Errorf("image %s: attach device: %w", id, err)
+	}
+	if img.upper != nil {
+		if err := prepareFS(ctx, img.dev.Path, stack, wl.Quota > 0); err != nil {
+			if derr := m.opts.Frontend.Detach(context.WithoutCancel(ctx), id); derr != nil {
+				m.opts.Logger.Warn("detaching a container layer after its preparation failed", "id", id, "err", derr)
+			}
+			img.close()
+			return nil, fmt.Errorf("container layer %s on %s: %w", id, img.dev.Path, err)
+		}
 	}
 	m.opts.Logger.Info("attached overlaybd image", "image", id, "device", img.dev.Path, "layers", len(layers), "virtual_size", stack.VirtualSize(),
 		"attach_ms", time.Since(start).Milliseconds())
@@ -361,8 +384,10 @@ func (m *Mounter) Unmount(ctx context.Context, id string, target string) error {
 	if pre := m.takePreload(id); pre != nil {
 		pre.stop()
 	}
-	if err := device.Unmount(target); err != nil {
-		return fmt.Errorf("image %s: %w", id, err)
+	if target != "" {
+		if err := device.Unmount(target); err != nil {
+			return fmt.Errorf("image %s: %w", id, err)
+		}
 	}
 	img := m.image(id)
 	if img == nil {
@@ -378,7 +403,10 @@ func (m *Mounter) Unmount(ctx context.Context, id string, target string) error {
 	m.setImage(id, nil)
 	m.track.remove(id)
 	err := m.opts.Frontend.Detach(ctx, id)
-	img.close()
+	if cerr := img.close(); cerr != nil {
+		m.opts.Logger.Error("detached a container layer that did not close cleanly", "id", id, "err", cerr)
+		err = errors.Join(err, cerr)
+	}
 	m.opts.Logger.Info("detached overlaybd image", "image", id)
 	return err
 }
@@ -402,8 +430,9 @@ func (m *Mounter) Stats() map[string]registry.BlobStats {
 	return out
 }
 
-// close stops the image's download and prefetch, writes its recorded trace and closes its files.
-func (img *mounted) close() {
+// close stops the image's download and prefetch, writes its recorded trace and closes its files; it returns the
+// error of closing a writable layer (whose writes are then not all durable).
+func (img *mounted) close() error {
 	if img.download != nil {
 		img.download.stop()
 	}
@@ -413,9 +442,16 @@ func (img *mounted) close() {
 	if img.rec != nil {
 		img.rec.finish()
 	}
+	var err error
+	if img.upper != nil {
+		if err = img.upper.close(); err != nil {
+			err = fmt.Errorf("close writable layer %s: %w", img.upper.data.Name(), err)
+		}
+	}
 	for _, f := range img.files {
 		f.Close()
 	}
+	return err
 }
 
 // stackBackend serves a layer stack to a device frontend; its read errors name the image (see ReadAt).

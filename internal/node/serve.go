@@ -25,7 +25,12 @@ const StopGrace = 10 * time.Second
 // until ctx is cancelled; then it shuts down within about StopGrace and returns nil.
 func (s *Service) Serve(ctx context.Context) error {
 	sc := s.cfg.Snapshotter
-	sn, err := snapshotter.New(sc.Root, s.mounter, snapshotter.WithLogger(s.log), snapshotter.WithProfiles(s.cfg.ProfilesDir()))
+	quota, err := sc.Quota()
+	if err != nil {
+		return err
+	}
+	sn, err := snapshotter.New(sc.Root, s.mounter, snapshotter.WithLogger(s.log), snapshotter.WithProfiles(s.cfg.ProfilesDir()),
+		snapshotter.WithWritable(sc.RWMode, quota))
 	if err != nil {
 		return err
 	}

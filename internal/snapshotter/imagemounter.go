@@ -49,3 +49,34 @@ type Preloader interface {
 	ImageMounter
 	Preload(id string, layers []Layer, traceFile string)
 }
+
+// The files of a writable layer in WritableLayer.Dir (upstream's names).
+const (
+	WritableDataFile  = "writable_data"
+	WritableIndexFile = "writable_index"
+)
+
+// WritableLayer is a container's writable block layer (rw_mode dir or dev): an LSMT writable layer stacked on the
+// image's layers, so that the container writes to the image's own filesystem instead of an overlayfs upper
+// directory.
+type WritableLayer struct {
+	// Dir holds the layer's files, WritableDataFile and WritableIndexFile; they are created on first use.
+	Dir string
+	// Quota bounds, in bytes, how much the container may add to the filesystem when the layer is created (0: the
+	// disk's free space); writes past it get ENOSPC.
+	Quota int64
+}
+
+// WritableMounter is an ImageMounter that can also attach an image with a container's writable layer on top. The
+// snapshotter calls it for the active snapshots of containers in rw_mode dir or dev, with the snapshot's id as id,
+// and Unmount(id, target) when the snapshot is removed or committed.
+type WritableMounter interface {
+	ImageMounter
+	// MountWritable attaches layers with w on top as a writable device (idempotent) and returns the device's path.
+	// With a target it also mounts the device's filesystem read-write there (dir mode); without one the device is
+	// left for the runtime to use (dev mode). traceFile is as for TraceMounter ("" for none).
+	MountWritable(ctx context.Context, id string, layers []Layer, traceFile string, w WritableLayer, target string) (string, error)
+	// SealWritable unmounts and detaches the device of id and turns w's layer into a read-only overlaybd layer
+	// file at dst, an LSMT file that stacks on layers.
+	SealWritable(ctx context.Context, id string, layers []Layer, w WritableLayer, dst string) error
+}

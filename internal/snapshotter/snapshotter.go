@@ -53,6 +53,9 @@ type Snapshotter struct {
 	log     *slog.Logger
 	// profiles is the directory of registered startup profiles ("": none); see WithProfiles.
 	profiles string
+	// rwMode and quota are the node's writable mode and quota for containers; see WithWritable.
+	rwMode string
+	quota  int64
 }
 
 var _ snapshots.Snapshotter = (*Snapshotter)(nil)
@@ -145,9 +148,19 @@ func (s *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpath
 	return s.inner.Update(ctx, info, fieldpaths...)
 }
 
-// Usage returns the disk usage of a snapshot; a remote snapshot's is its (empty) directory.
+// Usage returns the disk usage of a snapshot; a remote snapshot's is its (empty) directory, a writable layer's
+// (RWDir, RWDev) the space of its files.
 func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, error) {
-	return s.inner.Usage(ctx, key)
+	u, err := s.inner.Usage(ctx, key)
+	if err != nil {
+		return u, err
+	}
+	if id, info, err := s.snapshotID(ctx, key); err == nil {
+		if _, _, ok := writableInfo(info); ok {
+			u.Add(s.writableUsage(id))
+		}
+	}
+	return u, nil
 }
 
 // Walk calls fn for the snapshots matching filters.
@@ -155,8 +168,14 @@ func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters .
 	return s.inner.Walk(ctx, fn, filters...)
 }
 
-// Commit commits the active snapshot key as name.
+// Commit commits the active snapshot key as name. A writable layer (RWDir, RWDev) is sealed into an overlaybd
+// layer file first.
 func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
+	if id, info, err := s.snapshotID(ctx, key); err == nil {
+		if _, quota, ok := writableInfo(info); ok {
+			return s.commitWritable(ctx, id, info, name, key, quota, opts)
+		}
+	}
 	if err := s.inner.Commit(ctx, name, key, opts...); err != nil {
 		return err
 	}
@@ -243,6 +262,25 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	if labels[LabelRecordTrace] == "yes" && labels[LabelRecordTracePath] != "" {
 		plan.trace = labels[LabelRecordTracePath]
 	}
+	if kind == snapshots.KindActive {
+		mode, quota, err := s.writableOf(labels)
+		if err != nil {
+			return nil, fmt.Errorf("prepare snapshot %q: %w", key, err)
+		}
+		if mode != RWOverlayfs && len(plan.uppers) > 0 {
+			// Normal layers above the image's (an image built FROM it) have no place in a block device.
+			s.log.Warn("image has normal layers above its overlaybd layers: the container gets an overlayfs upper directory, not a writable layer",
+				"key", key, "image", plan.imageRef, "mode", mode)
+			mode = RWOverlayfs
+		}
+		if mode != RWOverlayfs {
+			wm, err := s.writableMounter()
+			if err != nil {
+				return nil, fmt.Errorf("prepare snapshot %q: %w", key, err)
+			}
+			return s.createWritable(ctx, wm, key, parent, plan, mode, quota, opts)
+		}
+	}
 
 	unlock := s.locks.Lock(plan.id)
 	defer unlock()
@@ -318,9 +356,12 @@ func (s *Snapshotter) attach(ctx context.Context, plan *imagePlan) (string, erro
 // Mounts returns the mounts of the active or view snapshot key. Over an overlaybd chain it first mounts the image
 // again if needed (after a reboot or a crash of the device service).
 func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, error) {
-	info, err := s.inner.Stat(ctx, key)
+	id, info, err := s.snapshotID(ctx, key)
 	if err != nil || info.Kind == snapshots.KindCommitted || info.Parent == "" || isLayerUnpack(info.Labels) {
 		return s.inner.Mounts(ctx, key)
+	}
+	if mode, quota, ok := writableInfo(info); ok {
+		return s.mountsWritable(ctx, id, info, mode, quota)
 	}
 	plan, err := s.planChain(ctx, info.Parent)
 	if err != nil {
@@ -353,6 +394,9 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 		id, info, _, err = storage.GetInfo(ctx, key)
 		return err
 	})
+	if mode, _, ok := writableInfo(info); err == nil && ok {
+		return s.removeWritable(ctx, id, key, mode)
+	}
 	if err != nil || info.Kind != snapshots.KindCommitted {
 		return s.inner.Remove(ctx, key)
 	}
@@ -462,7 +506,15 @@ func (s *Snapshotter) Reconcile(ctx context.Context) error {
 	plans := map[string]*imagePlan{}
 	count := map[string]int{}
 	var errs []error
+	writable := 0
 	for _, u := range users {
+		if mode, quota, ok := writableInfo(u); ok {
+			writable++
+			if err := s.reconcileWritable(ctx, u, mode, quota); err != nil {
+				errs = append(errs, err)
+			}
+			continue
+		}
 		plan, err := s.planChain(ctx, u.Parent)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("snapshot %q: %w", u.Name, err))
@@ -488,6 +540,6 @@ func (s *Snapshotter) Reconcile(ctx context.Context) error {
 		}
 		l.Info("overlaybd image mounted for its snapshots")
 	}
-	s.log.Info("reconciled overlaybd image mounts", "images", len(plans), "snapshots", len(users), "errors", len(errs))
+	s.log.Info("reconciled overlaybd image mounts", "images", len(plans), "snapshots", len(users), "writable", writable, "errors", len(errs))
 	return errors.Join(errs...)
 }
