@@ -61,6 +61,9 @@ func TestValidate(t *testing.T) {
 		{func(c *Config) { c.Cache.BlockSizeKB, c.Cache.FetchKB = 64, 96 }, "cache.fetch_kb"},
 		{func(c *Config) { c.Cache.FetchKB = -1 }, "cache.fetch_kb"},
 		{func(c *Config) { c.Registry.RetryBudget = "soon" }, "registry.retry_budget"},
+		{func(c *Config) { c.Snapshotter.RWMode = "rw" }, "snapshotter.rw_mode"},
+		{func(c *Config) { c.Snapshotter.RWMode = "" }, "snapshotter.rw_mode"},
+		{func(c *Config) { c.Snapshotter.RootfsQuota = "lots" }, "snapshotter.rootfs_quota"},
 	} {
 		c := Default()
 		tc.mod(&c)
@@ -75,6 +78,11 @@ func TestValidate(t *testing.T) {
 	c.Metrics.Address, c.Audit.SlowReadMS = "", 0
 	if err := c.Validate(); err != nil {
 		t.Errorf("metrics and audit off: %v", err)
+	}
+	c = Default()
+	c.Snapshotter.RWMode, c.Snapshotter.RootfsQuota = "dir", "20g"
+	if q, err := c.Snapshotter.Quota(); err != nil || q != 20<<30 || c.Validate() != nil {
+		t.Errorf("rw_mode dir with a 20g quota: %d, %v, %v", q, err, c.Validate())
 	}
 }
 
@@ -96,7 +104,7 @@ size = "10GiB"
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Snapshotter{Root: "/srv/obd", Address: DefaultAddress, LogLevel: "debug", KeepDevices: true, ReadAheadKB: DefaultReadAheadKB}
+	want := Snapshotter{Root: "/srv/obd", Address: DefaultAddress, LogLevel: "debug", KeepDevices: true, ReadAheadKB: DefaultReadAheadKB, RWMode: "overlayfs"}
 	if cfg.Snapshotter != want {
 		t.Errorf("config %+v, want %+v", cfg.Snapshotter, want)
 	}

@@ -3,8 +3,8 @@ package mounter
 import (
 	"fmt"
 	"io"
-	"path/filepath"
 	"maps"
+	"path/filepath"
 	"slices"
 	"sort"
 	"strings"

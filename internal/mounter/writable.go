@@ -309,9 +309,9 @@ func parseSuperblock(b []byte) (superblock, error) {
 		return superblock{}, fmt.Errorf("ext4 superblock: block size 2^%d KiB", logBS)
 	}
 	sb := superblock{
-		blockSize:  1024 << logBS,
-		blocks:     int64(le.Uint32(b[0x4:])),
-		freeBlocks: int64(le.Uint32(b[0xC:])),
+		blockSize:      1024 << logBS,
+		blocks:         int64(le.Uint32(b[0x4:])),
+		freeBlocks:     int64(le.Uint32(b[0xC:])),
 		reservedBlocks: int64(le.Uint32(b[0x8:])),
 		hasJournal:     le.Uint32(b[0x5C:])&0x4 != 0,
 	}
