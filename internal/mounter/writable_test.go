@@ -414,3 +414,24 @@ func crashServer(t *testing.T, root string) {
 	}
 	time.Sleep(5 * time.Minute)
 }
+
+// FuzzParseSuperblock: any 1,024 bytes give a superblock whose counts are consistent, or an error.
+func FuzzParseSuperblock(f *testing.F) {
+	sb := make([]byte, 1024)
+	sb[0x38], sb[0x39] = 0x53, 0xEF
+	sb[0x4], sb[0xC], sb[0x18] = 100, 50, 2
+	f.Add(sb)
+	f.Add(make([]byte, 1024))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		s, err := parseSuperblock(b)
+		if err != nil {
+			return
+		}
+		if s.blocks <= 0 || s.freeBlocks < 0 || s.freeBlocks > s.blocks || s.blockSize < 1024 || s.blockSize > 64<<10 {
+			t.Fatalf("inconsistent superblock %+v", s)
+		}
+		if j := journalSize(s); j < 4 || j > 64 {
+			t.Fatalf("journal of %d MiB", j)
+		}
+	})
+}
