@@ -288,7 +288,7 @@ func (c Config) Validate() error {
 	if r := c.Snapshotter.ReadAheadKB; r < 0 || r > 16384 {
 		return fmt.Errorf("snapshotter.read_ahead_kb = %d: want 0 (the device's own) to 16384 KiB", r)
 	}
-	if m := c.Snapshotter.RWMode; m != "overlayfs" && m != "dir" && m != "dev" {
+	if m := c.Snapshotter.RWMode; m != "" && m != "overlayfs" && m != "dir" && m != "dev" {
 		return fmt.Errorf("snapshotter.rw_mode = %q: want \"overlayfs\", \"dir\" or \"dev\"", m)
 	}
 	if _, err := c.Snapshotter.Quota(); err != nil {

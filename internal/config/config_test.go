@@ -62,7 +62,6 @@ func TestValidate(t *testing.T) {
 		{func(c *Config) { c.Cache.FetchKB = -1 }, "cache.fetch_kb"},
 		{func(c *Config) { c.Registry.RetryBudget = "soon" }, "registry.retry_budget"},
 		{func(c *Config) { c.Snapshotter.RWMode = "rw" }, "snapshotter.rw_mode"},
-		{func(c *Config) { c.Snapshotter.RWMode = "" }, "snapshotter.rw_mode"},
 		{func(c *Config) { c.Snapshotter.RootfsQuota = "lots" }, "snapshotter.rootfs_quota"},
 	} {
 		c := Default()
