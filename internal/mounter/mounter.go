@@ -143,20 +143,26 @@ func (m *Mounter) MountTrace(ctx context.Context, id string, layers []snapshotte
 		}
 	}
 	if err != nil {
-		if len(img.targets) == 0 {
-			// Mounted nowhere: do not keep the device attached for an Unmount that may never come.
-			m.setImage(id, nil)
-			if derr := m.opts.Frontend.Detach(context.WithoutCancel(ctx), id); derr != nil {
-				m.opts.Logger.Warn("detaching an image after its mount failed", "image", id, "err", derr)
-			}
-			img.close()
-			m.track.failed(id, err)
-		}
+		m.mountFailed(ctx, id, img, err)
 		return err
 	}
 	img.targets[target] = true
 	m.track.attached(id, img)
 	return nil
+}
+
+// mountFailed records the failed mount of image id and, when the image is mounted nowhere, detaches its device: it
+// is not kept attached for an Unmount that may never come.
+func (m *Mounter) mountFailed(ctx context.Context, id string, img *mounted, err error) {
+	if len(img.targets) > 0 {
+		return
+	}
+	m.setImage(id, nil)
+	if derr := m.opts.Frontend.Detach(context.WithoutCancel(ctx), id); derr != nil {
+		m.opts.Logger.Warn("detaching an image after its mount failed", "image", id, "err", derr)
+	}
+	img.close()
+	m.track.failed(id, err)
 }
 
 // attach opens the layers and attaches their stack as a device, read-only, or writable with wl on top; with a trace

@@ -46,16 +46,8 @@ func (m *Mounter) MountWritable(ctx context.Context, id string, layers []snapsho
 		m.setImage(id, img)
 	}
 	if target != "" || w.Quota > 0 {
-		err := m.mountQuota(ctx, img, w, target)
-		if err != nil {
-			if len(img.targets) == 0 {
-				m.setImage(id, nil)
-				if derr := m.opts.Frontend.Detach(context.WithoutCancel(ctx), id); derr != nil {
-					m.opts.Logger.Warn("detaching a container layer after its mount failed", "id", id, "err", derr)
-				}
-				img.close()
-				m.track.failed(id, err)
-			}
+		if err := m.mountQuota(ctx, img, w, target); err != nil {
+			m.mountFailed(ctx, id, img, err)
 			return "", err
 		}
 	}

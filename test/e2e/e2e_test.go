@@ -84,6 +84,19 @@ func obd(t *testing.T, sb *sandbox.Sandbox, args ...string) string {
 	return run(t, exec.Command(bins.obd, args...))
 }
 
+// ctrAfterRestart runs ctr with args after a restart of the snapshotter. containerd redials the proxy plugin with
+// its gRPC backoff: the first calls after a restart may fail with Unavailable ("connection refused" or "connection
+// closed"), so they are tried again for up to 30 seconds.
+func ctrAfterRestart(ctx context.Context, sb *sandbox.Sandbox, args ...string) (out []byte, err error) {
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
+		out, err = sb.Ctr(ctx, args...).CombinedOutput()
+		if err == nil || !strings.Contains(string(out), "unavailable") {
+			break
+		}
+	}
+	return out, err
+}
+
 const appOutput = "motd from layer 1\ndata from layer 2\nscript from layer 3\n"
 
 func TestLazyPullAndRun(t *testing.T) {
@@ -172,16 +185,7 @@ func TestLazyPullAndRun(t *testing.T) {
 		if err := sb.StartSnapshotter(ctx); err != nil {
 			t.Fatal(err)
 		}
-		// containerd redials the proxy plugin with its gRPC backoff: the first calls after a restart may fail with
-		// Unavailable ("connection refused" or "connection closed").
-		var out []byte
-		var err error
-		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
-			out, err = sb.Ctr(ctx, "run", "--rm", "--snapshotter", "overlaybd", lazy, "lazy2", "/bin/sh", "/app/run.sh").CombinedOutput()
-			if err == nil || !strings.Contains(string(out), "unavailable") {
-				break
-			}
-		}
+		out, err := ctrAfterRestart(ctx, sb, "run", "--rm", "--snapshotter", "overlaybd", lazy, "lazy2", "/bin/sh", "/app/run.sh")
 		if err != nil || string(out) != appOutput {
 			t.Fatalf("after restart the container printed %q (%v), want %q", out, err, appOutput)
 		}

@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/mount"
@@ -59,13 +58,7 @@ func TestWritableContainer(t *testing.T) {
 	if err := sb.StartSnapshotter(ctx); err != nil {
 		t.Fatal(err)
 	}
-	var restarted []byte
-	var err error
-	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
-		if restarted, err = sb.Ctr(ctx, "task", "start", "w1").CombinedOutput(); err == nil || !strings.Contains(string(restarted), "unavailable") {
-			break
-		}
-	}
+	restarted, err := ctrAfterRestart(ctx, sb, "task", "start", "w1")
 	if err != nil || string(restarted) != kept {
 		t.Errorf("task after a snapshotter restart printed %q (%v), want %q", restarted, err, kept)
 	}
