@@ -33,7 +33,7 @@ read lazily from the registry so a container starts before its image is download
 		SilenceErrors: true,
 	}
 	root.AddCommand(newInspectCmd(), newExportRawCmd(), newLayerCmd(), newPullCmd(), newConvertCmd(), newVerifyCmd(), newDemoCmd(),
-		newInstallCmd(), newLoginCmd(), newCredentialsCmd(), newStatusCmd(), newHealthCmd(), newProfileCmd(), newCacheCmd())
+		newCommitCmd(), newInstallCmd(), newLoginCmd(), newCredentialsCmd(), newStatusCmd(), newHealthCmd(), newProfileCmd(), newCacheCmd())
 	return root
 }
 

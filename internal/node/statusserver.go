@@ -173,6 +173,20 @@ func (o *ops) status(ctx context.Context, sn *snapshotter.Snapshotter) status.St
 			}
 			fillReads(&img, perImage[img.ID])
 		}
+		for _, w := range is.Writable {
+			sw := status.Writable{Snapshot: w.Key, Mode: w.Mode, State: status.StateNotAttached, DataBytes: w.Bytes, Quota: w.Quota}
+			if mi, ok := byID[w.MountID]; ok {
+				sw.State, sw.Device = mi.State, mi.Device
+				if len(mi.Targets) > 0 {
+					sw.Mountpoint = mi.Targets[0]
+				}
+				if mi.Writable != nil {
+					sw.DataBytes = mi.Writable.DataBytes
+				}
+				seen[mi.ID] = true
+			}
+			img.Writable = append(img.Writable, sw)
+		}
 		st.Images = append(st.Images, img)
 	}
 	for _, mi := range attached {

@@ -39,6 +39,19 @@ type ImageStatus struct {
 	Layers []Layer
 	// Snapshots are the keys of the active and view snapshots over the image.
 	Snapshots []string
+	// Writable are the containers' writable layers (RWDir, RWDev) among Snapshots.
+	Writable []WritableStatus
+}
+
+// WritableStatus is a container's writable layer over an image.
+type WritableStatus struct {
+	Key string
+	// MountID is the ImageMounter id of the layer's device (the snapshot's id).
+	MountID string
+	Mode    string
+	Quota   int64
+	// Bytes is the space the layer's files take on disk: what the container wrote and kept.
+	Bytes int64
 }
 
 // Status describes every image that active or view snapshots are made over, sorted by mount id and parent.
@@ -64,12 +77,17 @@ func (s *Snapshotter) Status(ctx context.Context) ([]ImageStatus, error) {
 			key = "mount:" + st.MountID
 		}
 		if prev := byKey[key]; prev != nil {
-			prev.Snapshots = append(prev.Snapshots, u.Name)
-			continue
+			st = prev
+		} else {
+			byKey[key] = st
+			out = append(out, st)
 		}
-		st.Snapshots = []string{u.Name}
-		byKey[key] = st
-		out = append(out, st)
+		st.Snapshots = append(st.Snapshots, u.Name)
+		if mode, quota, ok := writableInfo(u); ok {
+			if id, _, err := s.snapshotID(ctx, u.Name); err == nil {
+				st.Writable = append(st.Writable, WritableStatus{Key: u.Name, MountID: id, Mode: mode, Quota: quota, Bytes: s.writableUsage(id).Size})
+			}
+		}
 	}
 	sort.Slice(out, func(i, j int) bool {
 		if out[i].MountID != out[j].MountID {
@@ -80,6 +98,7 @@ func (s *Snapshotter) Status(ctx context.Context) ([]ImageStatus, error) {
 	res := make([]ImageStatus, len(out))
 	for i, st := range out {
 		sort.Strings(st.Snapshots)
+		sort.Slice(st.Writable, func(a, b int) bool { return st.Writable[a].Key < st.Writable[b].Key })
 		res[i] = *st
 	}
 	return res, nil

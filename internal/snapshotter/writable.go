@@ -35,6 +35,9 @@ const (
 	// LabelDiskQuota bounds what a container in RWDir or RWDev may write ("20g", "512MiB"), over the node's
 	// rootfs_quota.
 	LabelDiskQuota = "containerd.io/snapshot/disk_quota"
+	// LabelLocalCommitPath is set by the snapshotter on a snapshot committed from a writable layer: the path of
+	// its sealed overlaybd layer file, which 'obd commit' (or upstream's buildkit integration) packs into an image.
+	LabelLocalCommitPath = "containerd.io/snapshot/overlaybd.localcommitpath"
 )
 
 // WithWritable sets the node's default writable mode for containers over overlaybd images (RWOverlayfs if
@@ -85,6 +88,17 @@ func writableLabels(mode string, quota int64) snapshots.Opt {
 		} else {
 			delete(info.Labels, LabelDiskQuota)
 		}
+		return nil
+	}
+}
+
+// withLabel sets one label of a snapshot, keeping the others.
+func withLabel(k, v string) snapshots.Opt {
+	return func(info *snapshots.Info) error {
+		if info.Labels == nil {
+			info.Labels = map[string]string{}
+		}
+		info.Labels[k] = v
 		return nil
 	}
 }
@@ -209,7 +223,7 @@ func (s *Snapshotter) commitWritable(ctx context.Context, id string, info snapsh
 	if err := wm.SealWritable(ctx, id, plan.layers, s.writableLayer(id, quota), dst); err != nil {
 		return fmt.Errorf("commit snapshot %q as %q: %w", key, name, err)
 	}
-	if err := s.inner.Commit(ctx, name, key, opts...); err != nil {
+	if err := s.inner.Commit(ctx, name, key, append(opts, withLabel(LabelLocalCommitPath, dst))...); err != nil {
 		return err
 	}
 	s.log.Info("committed writable layer as an overlaybd layer", "key", key, "name", name, "file", dst)

@@ -115,6 +115,15 @@ func TestWritableModes(t *testing.T) {
 	if u, err := sn.Usage(ctx, "c-dir"); err != nil || u.Size < 8192 {
 		t.Errorf("usage %+v, %v", u, err)
 	}
+	// Status lists both writable layers under their image, with their modes and what they hold.
+	sts, err := sn.Status(ctx)
+	if err != nil || len(sts) != 1 || len(sts[0].Writable) != 2 {
+		t.Fatalf("status %+v, %v", sts, err)
+	}
+	if w := sts[0].Writable; w[0].Key != "c-dev" || w[0].Mode != RWDev || w[1].Key != "c-dir" || w[1].Mode != RWDir ||
+		w[1].Bytes < 8192 || w[1].Quota != 1<<30 || w[1].MountID == "" {
+		t.Errorf("writable layers in status: %+v", w)
+	}
 
 	// Commit seals the layer into an overlaybd layer that containers stack on.
 	if err := sn.Commit(ctx, "committed", "c-dir"); err != nil {
@@ -129,6 +138,9 @@ func TestWritableModes(t *testing.T) {
 	plan, err := sn.planChain(ctx, "committed")
 	if err != nil || plan == nil || len(plan.layers) != 2 || plan.layers[1].LocalPath != sealed[0] {
 		t.Fatalf("chain over the committed layer: %+v, %v", plan, err)
+	}
+	if info, err := sn.Stat(ctx, "committed"); err != nil || info.Labels[LabelLocalCommitPath] != sealed[0] {
+		t.Errorf("committed snapshot's labels %v, %v: want %s=%s", info.Labels, err, LabelLocalCommitPath, sealed[0])
 	}
 
 	// Remove detaches the dev layer.

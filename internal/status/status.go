@@ -138,6 +138,21 @@ type Image struct {
 	Prefetch *Prefetch `json:"prefetch,omitempty"`
 	// Recording is the trace file the image's reads are recorded into, when they are.
 	Recording string `json:"recording,omitempty"`
+	// Writable are the containers' writable layers (rw_mode dir or dev) over the image.
+	Writable []Writable `json:"writable,omitempty"`
+}
+
+// Writable is a container's writable block layer over an image.
+type Writable struct {
+	Snapshot string `json:"snapshot"`
+	Mode     string `json:"mode"` // dir or dev
+	State    string `json:"state"`
+	Device   string `json:"device,omitempty"`
+	// Mountpoint is where its filesystem is mounted for the container (dir mode).
+	Mountpoint string `json:"mountpoint,omitempty"`
+	// DataBytes is the space the layer takes on disk: what the container wrote and kept.
+	DataBytes int64 `json:"data_bytes"`
+	Quota     int64 `json:"quota,omitempty"`
 }
 
 // Prefetch is the progress of a prefetch of a recorded start.

@@ -72,6 +72,19 @@ func WriteText(w io.Writer, st *Status) {
 		if img.Recording != "" {
 			fmt.Fprintf(w, "%s: recording its reads into %s\n", img.ID, img.Recording)
 		}
+		for _, wl := range img.Writable {
+			fmt.Fprintf(w, "%s: writable layer of %s (%s), %s: %s written", img.ID, wl.Snapshot, wl.Mode, wl.State, units.Bytes(wl.DataBytes))
+			if wl.Quota > 0 {
+				fmt.Fprintf(w, " of a %s quota", units.Bytes(wl.Quota))
+			}
+			if wl.Device != "" {
+				fmt.Fprintf(w, ", device %s", wl.Device)
+			}
+			if wl.Mountpoint != "" {
+				fmt.Fprintf(w, " mounted at %s", wl.Mountpoint)
+			}
+			fmt.Fprintln(w)
+		}
 	}
 }
 

@@ -16,7 +16,11 @@ func TestWriteText(t *testing.T) {
 			{ID: "5", ImageRef: "r/app:obd", Mode: ModeMixed, State: StateAttached, Reason: "why", CacheHitRatio: &hit, Reads: 3, HungReads: 1,
 				Layers:    []Layer{{Source: "local"}, {Source: "remote"}},
 				Prefetch:  &Prefetch{Ranges: 4, DoneRanges: 2, Bytes: 2 << 20, DoneBytes: 1 << 20, Running: true, Seconds: 1.25},
-				Recording: "/tmp/trace"},
+				Recording: "/tmp/trace",
+				Writable: []Writable{
+					{Snapshot: "c1", Mode: "dir", State: StateAttached, Device: "/dev/loop7", Mountpoint: "/m/7", DataBytes: 3 << 20, Quota: 1 << 30},
+					{Snapshot: "vm", Mode: "dev", State: StateNotAttached, DataBytes: 0},
+				}},
 			{ID: "n", Mode: ModeOverlayfs, Reason: "plain", Error: "boom"},
 		},
 		Warnings: []string{"metadata unreadable"},
@@ -34,6 +38,8 @@ func TestWriteText(t *testing.T) {
 		"5: why\n", "n: plain\n", "n: error: boom\n",
 		"5: prefetch of its recorded start running: 2 of 4 ranges, 1.0 MiB of 2.0 MiB in 1.2 s",
 		"5: recording its reads into /tmp/trace\n",
+		"5: writable layer of c1 (dir), attached: 3.0 MiB written of a 1.0 GiB quota, device /dev/loop7 mounted at /m/7\n",
+		"5: writable layer of vm (dev), not attached: 0 B written\n",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("WriteText wrote\n%s\nwithout %q", out, want)

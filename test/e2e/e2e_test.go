@@ -78,7 +78,7 @@ func run(t *testing.T, cmd *exec.Cmd) string {
 
 func obd(t *testing.T, sb *sandbox.Sandbox, args ...string) string {
 	t.Helper()
-	if args[0] == "pull" {
+	if args[0] == "pull" || args[0] == "commit" {
 		args = append(args, "--address", sb.Containerd, "--namespace", sb.Namespace)
 	}
 	return run(t, exec.Command(bins.obd, args...))

@@ -3,9 +3,13 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -13,6 +17,8 @@ import (
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/opencontainers/go-digest"
+	"github.com/opencontainers/image-spec/identity"
 	"golang.org/x/sys/unix"
 
 	"github.com/obdproject/obd/internal/snapshotter"
@@ -20,8 +26,9 @@ import (
 
 // TestWritableContainer runs containers with a writable block layer (rw_mode dir, by label) through containerd and
 // runc: the container writes, renames, hard-links, deletes and syncs; a new task of the same container sees it all;
-// the committed snapshot is an overlaybd layer whose view shows exactly those changes; a dev-mode snapshot is a block
-// device that a process outside any container mounts and reads.
+// 'obd commit' pushes them as an overlaybd layer (and squashed, as a single-layer image) while the container keeps
+// them; a fresh node pulls the committed images lazily and sees exactly the committed filesystem (tree compare); a
+// dev-mode snapshot is a block device that a process outside any container mounts and reads.
 func TestWritableContainer(t *testing.T) {
 	sb := startSandbox(t)
 	ctx := context.Background()
@@ -51,6 +58,10 @@ func TestWritableContainer(t *testing.T) {
 	if out := run(t, sb.Ctr(ctx, "task", "start", "w1")); out != kept {
 		t.Errorf("second task of the container printed %q, want %q", out, kept)
 	}
+	// obd status shows the container's writable layer.
+	if st := obd(t, sb, "status", "--socket", sb.StatusSocket); !strings.Contains(st, "/w1 (dir), attached: ") {
+		t.Errorf("obd status does not show w1's writable layer:\n%s", st)
+	}
 	// After a restart of the snapshotter, the layer is attached again with everything in it.
 	if err := sb.KillSnapshotter(); err != nil {
 		t.Fatal(err)
@@ -67,14 +78,24 @@ func TestWritableContainer(t *testing.T) {
 		t.Errorf("a new container sees another's writes: %q", out)
 	}
 
-	// Commit the stopped container's snapshot: an overlaybd layer on top of the image's.
+	// obd commit: the stopped container's writable layer becomes an overlaybd layer on top of the image's, pushed;
+	// the container keeps its files (a new writable layer over the committed one).
 	info := run(t, sb.Ctr(ctx, "snapshots", "--snapshotter", "overlaybd", "info", "w1"))
 	var si struct{ Parent string }
 	if err := json.Unmarshal([]byte(info), &si); err != nil || si.Parent == "" {
 		t.Fatalf("snapshot info %s: %v", info, err)
 	}
-	run(t, sb.Ctr(ctx, "snapshots", "--snapshotter", "overlaybd", "commit", "w1-committed", "w1"))
-	run(t, sb.Ctr(ctx, "snapshots", "--snapshotter", "overlaybd", "view", "w1-view", "w1-committed"))
+	committed, squashed := sb.Registry+"/app:committed", sb.Registry+"/app:squashed"
+	t.Log(obd(t, sb, "commit", "w1", committed, "--push"))
+	if out := run(t, sb.Ctr(ctx, "task", "start", "w1")); out != kept {
+		t.Errorf("task of the committed container printed %q, want %q", out, kept)
+	}
+	info = run(t, sb.Ctr(ctx, "snapshots", "--snapshotter", "overlaybd", "info", "w1"))
+	var after struct{ Parent string }
+	if err := json.Unmarshal([]byte(info), &after); err != nil || after.Parent == "" || after.Parent == si.Parent {
+		t.Fatalf("snapshot info after commit %s: %v", info, err)
+	}
+	run(t, sb.Ctr(ctx, "snapshots", "--snapshotter", "overlaybd", "view", "w1-view", after.Parent))
 	viewDir := t.TempDir()
 	mountSnapshot(t, sb.Ctr(ctx, "snapshots", "--snapshotter", "overlaybd", "mounts", viewDir, "w1-view"))
 	defer unix.Unmount(viewDir, unix.MNT_DETACH)
@@ -86,8 +107,41 @@ func TestWritableContainer(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(viewDir, "app", "big.bin")); !os.IsNotExist(err) {
 		t.Errorf("committed layer: deleted app/big.bin: %v", err)
 	}
+	want := treeOf(t, viewDir)
 	if err := unix.Unmount(viewDir, 0); err != nil {
 		t.Fatal(err)
+	}
+	// Committed again, squashed: one layer holding the base image and both commits (the second adds nothing).
+	t.Log(obd(t, sb, "commit", "w1", squashed, "--push", "--squash"))
+
+	// A fresh node pulls the committed images lazily: its containers see exactly the committed filesystem.
+	sb2 := startSandbox(t)
+	c2, err := client.New(sb2.Containerd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	ctx2 := namespaces.WithNamespace(ctx, sb2.Namespace)
+	for i, ref := range []string{committed, squashed} {
+		obd(t, sb2, "pull", ref)
+		if out := run(t, sb2.Ctr(ctx, "run", "--rm", "--snapshotter", "overlaybd", ref, "fresh"+strconv.Itoa(i), "/bin/sh", "-c", script)); out != kept {
+			t.Errorf("%s on a fresh node printed %q, want %q", ref, out, kept)
+		}
+		img, err := c2.GetImage(ctx2, ref)
+		if err != nil {
+			t.Fatal(err)
+		}
+		diffIDs, err := img.RootFS(ctx2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n := map[string]int{committed: 4, squashed: 1}[ref]; len(diffIDs) != n {
+			t.Errorf("%s has %d layers, want %d", ref, len(diffIDs), n)
+		}
+		got := viewTree(t, ctx2, c2.SnapshotService(snapshotter.Name), "tree"+strconv.Itoa(i), identity.ChainID(diffIDs).String())
+		if d := diffTrees(want, got); d != "" {
+			t.Errorf("%s on a fresh node differs from the committed container's filesystem:\n%s", ref, d)
+		}
 	}
 
 	// Dev mode: the snapshot's mount is the block device itself, which a process outside any container (a VM
@@ -131,4 +185,77 @@ func mountSnapshot(t *testing.T, cmd *exec.Cmd) {
 		t.Fatalf("mount command %q", line)
 	}
 	run(t, exec.Command(args[0], args[1:]...))
+}
+
+// treeOf describes every file under root: type and mode, owner, size, link count, mtime, content digest or link
+// target.
+func treeOf(t *testing.T, root string) map[string]string {
+	t.Helper()
+	tree := map[string]string{}
+	err := filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		var st unix.Stat_t
+		if err := unix.Lstat(path, &st); err != nil {
+			return err
+		}
+		desc := fmt.Sprintf("mode %o uid %d gid %d nlink %d mtime %d.%09d", st.Mode, st.Uid, st.Gid, st.Nlink, st.Mtim.Sec, st.Mtim.Nsec)
+		switch {
+		case d.Type().IsRegular():
+			b, err := os.ReadFile(path)
+			if err != nil {
+				return err
+			}
+			desc += fmt.Sprintf(" size %d %s", len(b), digest.FromBytes(b))
+		case d.Type()&fs.ModeSymlink != 0:
+			target, err := os.Readlink(path)
+			if err != nil {
+				return err
+			}
+			desc += " -> " + target
+		}
+		rel, _ := filepath.Rel(root, path)
+		tree[rel] = desc
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tree
+}
+
+// viewTree mounts a view of the committed snapshot parent and describes its files (treeOf).
+func viewTree(t *testing.T, ctx context.Context, sns snapshots.Snapshotter, key, parent string) map[string]string {
+	t.Helper()
+	ms, err := sns.View(ctx, key, parent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sns.Remove(ctx, key)
+	dir := t.TempDir()
+	if err := mount.All(ms, dir); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Unmount(dir, unix.MNT_DETACH)
+	return treeOf(t, dir)
+}
+
+// diffTrees lists the differences of two trees, "" when there are none.
+func diffTrees(want, got map[string]string) string {
+	var out []string
+	for p, w := range want {
+		if g, ok := got[p]; !ok {
+			out = append(out, "missing "+p)
+		} else if g != w {
+			out = append(out, fmt.Sprintf("%s: %s, want %s", p, g, w))
+		}
+	}
+	for p := range got {
+		if _, ok := want[p]; !ok {
+			out = append(out, "extra "+p)
+		}
+	}
+	sort.Strings(out)
+	return strings.Join(out, "\n")
 }
