@@ -3,7 +3,10 @@ package lsmt
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"math/rand"
+	"os"
+	"path/filepath"
 	"testing"
 )
 
@@ -393,4 +396,84 @@ func TestStackConcurrent(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+}
+
+// TestSparseConcurrent writes a sparse layer from several goroutines (each its own blocks, some discarded) while
+// another reads, then seals it: every write is mapped and sealed, and a reopened layer reads the same (run with
+// -race).
+func TestSparseConcurrent(t *testing.T) {
+	const vsize, writers, blocks = 8 << 20, 4, 256
+	data, err := os.Create(filepath.Join(t.TempDir(), "data"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer data.Close()
+	w, err := CreateRW(data, nil, vsize, CreateOptions{Sparse: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	block := func(g, i int) (int64, []byte) {
+		b := bytes.Repeat([]byte{byte(g*blocks+i) | 1}, 4096)
+		return int64(i*writers+g) * 4096, b
+	}
+	done := make(chan error, writers+1)
+	stop := make(chan struct{})
+	for g := range writers {
+		go func() {
+			for i := range blocks {
+				off, b := block(g, i)
+				if _, err := w.WriteAt(b, off); err != nil {
+					done <- err
+					return
+				}
+			}
+			done <- nil
+		}()
+	}
+	go func() {
+		buf := make([]byte, 64<<10)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				done <- nil
+				return
+			default:
+			}
+			if _, err := w.ReadAt(buf, int64(i%64)*(64<<10)); err != nil {
+				done <- err
+				return
+			}
+		}
+	}()
+	for range writers {
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	close(stop)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	check := func(name string, r io.ReaderAt) {
+		t.Helper()
+		got := make([]byte, 4096)
+		for g := range writers {
+			for i := range blocks {
+				off, want := block(g, i)
+				if _, err := r.ReadAt(got, off); err != nil || !bytes.Equal(got, want) {
+					t.Fatalf("%s: block %d of writer %d: %v", name, i, g, err)
+				}
+			}
+		}
+	}
+	check("written", w)
+	size, err := w.Seal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := Open(data, size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	check("sealed", f)
 }

@@ -60,6 +60,10 @@ var ErrClosed = errors.New("lsmt: RW layer is closed")
 // latest entries may be missing, leaving their data as unreferenced garbage in the data file,
 // never a dangling entry. It is safe for concurrent use.
 type RW struct {
+	// ioMu is held shared by sparse writes, which write their data outside mu (concurrent writes and reads go on
+	// meanwhile), and exclusively by what ends the layer or changes its size (Close, Freeze, Seal, SetVirtualSize):
+	// they see every write either done or not started. Taken before mu.
+	ioMu    sync.RWMutex
 	mu      sync.RWMutex
 	data    WriteAtFile
 	index   WriteAtFile // nil for a sparse layer without an index file
@@ -322,6 +326,9 @@ func (w *RW) checkIO(op string, off, n int64) error {
 // WriteAt writes p at off (both multiples of 512). In an append layer the data is appended to the
 // data file, in pieces of at most 4 MiB, and one index entry per piece to the index file.
 func (w *RW) WriteAt(p []byte, off int64) (int, error) {
+	if w.holes != nil {
+		return w.writeSparse(p, off)
+	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if err := w.checkIO("write", off, int64(len(p))); err != nil {
@@ -331,25 +338,41 @@ func (w *RW) WriteAt(p []byte, off int64) (int, error) {
 	for done < len(p) {
 		chunk := p[done:min(len(p), done+maxIOSize)]
 		lba := uint64(off+int64(done)) / SectorSize
-		if w.holes != nil {
-			if _, err := w.data.WriteAt(chunk, HeaderSize+off+int64(done)); err != nil {
-				return done, fmt.Errorf("lsmt: writing sparse data: %w", err)
-			}
-			w.insert(pack(lba, uint32(len(chunk)/SectorSize), lba+HeaderSize/SectorSize, false, 0))
-		} else {
-			if _, err := w.data.WriteAt(chunk, w.dataEnd); err != nil {
-				return done, fmt.Errorf("lsmt: appending data: %w", err)
-			}
-			m := pack(lba, uint32(len(chunk)/SectorSize), uint64(w.dataEnd)/SectorSize, false, 0)
-			w.dataEnd += int64(len(chunk))
-			w.insert(m)
-			if err := w.appendIndex(m); err != nil {
-				return done, err
-			}
+		if _, err := w.data.WriteAt(chunk, w.dataEnd); err != nil {
+			return done, fmt.Errorf("lsmt: appending data: %w", err)
+		}
+		m := pack(lba, uint32(len(chunk)/SectorSize), uint64(w.dataEnd)/SectorSize, false, 0)
+		w.dataEnd += int64(len(chunk))
+		w.insert(m)
+		if err := w.appendIndex(m); err != nil {
+			return done, err
 		}
 		done += len(chunk)
 	}
 	return done, nil
+}
+
+// writeSparse writes p at its place in a sparse layer's data file, then maps it. The data is written without
+// holding mu, so writes to different places (a device's queue) proceed in parallel, and reads of other places
+// are not held up; until it is mapped, a read of the range sees what was there before.
+func (w *RW) writeSparse(p []byte, off int64) (int, error) {
+	w.ioMu.RLock()
+	defer w.ioMu.RUnlock()
+	if err := w.checkIO("write", off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	if _, err := w.data.WriteAt(p, HeaderSize+off); err != nil {
+		return 0, fmt.Errorf("lsmt: writing sparse data: %w", err)
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for done := 0; done < len(p); {
+		n := min(len(p)-done, maxIOSize)
+		lba := uint64(off+int64(done)) / SectorSize
+		w.insert(pack(lba, uint32(n/SectorSize), lba+HeaderSize/SectorSize, false, 0))
+		done += n
+	}
+	return len(p), nil
 }
 
 // Discard records n bytes at off (multiples of 512) as zeroed, masking lower layers. In a sparse
@@ -514,6 +537,8 @@ func (w *RW) VirtualSize() int64 {
 // SetVirtualSize changes the virtual size recorded in the layer's headers (and, for a sparse
 // layer, the data file's size), as upstream does when stacking a layer created with size 0.
 func (w *RW) SetVirtualSize(vsize int64) error {
+	w.ioMu.Lock()
+	defer w.ioMu.Unlock()
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.closed {
@@ -546,10 +571,12 @@ func (w *RW) SetVirtualSize(vsize int64) error {
 // Sync appends buffered index entries and syncs both files when they support it.
 func (w *RW) Sync() error {
 	w.mu.Lock()
-	defer w.mu.Unlock()
-	if err := w.flushIndex(); err != nil {
+	err := w.flushIndex()
+	w.mu.Unlock()
+	if err != nil {
 		return err
 	}
+	// Not under mu: the files' syncs cover every write done so far and hold up no other.
 	for _, f := range []WriteAtFile{w.data, w.index} {
 		if s, ok := f.(interface{ Sync() error }); ok {
 			if err := s.Sync(); err != nil {
@@ -562,6 +589,8 @@ func (w *RW) Sync() error {
 
 // Close appends buffered index entries. It does not close the underlying files.
 func (w *RW) Close() error {
+	w.ioMu.Lock()
+	defer w.ioMu.Unlock()
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.closed {
@@ -575,6 +604,8 @@ func (w *RW) Close() error {
 // reading the data file in place: no copy is made, so the layer can be committed (from w) while
 // layers above it are written. The files must stay open while the returned File is used.
 func (w *RW) Freeze() (*File, error) {
+	w.ioMu.Lock()
+	defer w.ioMu.Unlock()
 	w.mu.Lock()
 	if w.closed {
 		w.mu.Unlock()
@@ -604,6 +635,8 @@ func (w *RW) Freeze() (*File, error) {
 // a sealed trailer carrying the header's UUIDs and virtual size. It returns the new size of the
 // data file, which Open then accepts. The index file is no longer needed.
 func (w *RW) Seal() (int64, error) {
+	w.ioMu.Lock()
+	defer w.ioMu.Unlock()
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.closed {
