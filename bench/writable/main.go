@@ -49,16 +49,14 @@ import (
 )
 
 type config struct {
-	runs                 int
-	randTime             time.Duration
-	depth                int
-	fileMiB, rewriteMiB  int
-	rewrites             int
-	vsizeGiB             int
-	workDir, out         string
-	verbose, skipFio     bool
-	sides                []string
-	randSize, seqSizeMiB int
+	runs                int
+	randTime            time.Duration
+	depth               int
+	fileMiB, rewriteMiB int
+	rewrites            int
+	vsizeGiB            int
+	workDir, out        string
+	verbose, skipFio    bool
 }
 
 func main() {
@@ -527,4 +525,3 @@ func met(ok bool) string {
 	}
 	return "NOT met"
 }
-
