@@ -102,6 +102,23 @@ func main() {
 	}
 }
 
+// command is how the run was started, without -out (the results are compared wherever they are written).
+func command() string {
+	args := []string{"go run ./bench/writable"}
+	for i := 1; i < len(os.Args); i++ {
+		a := os.Args[i]
+		if a == "-out" || a == "--out" {
+			i++
+			continue
+		}
+		if strings.HasPrefix(a, "-out=") || strings.HasPrefix(a, "--out=") {
+			continue
+		}
+		args = append(args, a)
+	}
+	return strings.Join(args, " ")
+}
+
 func fatal(err error) {
 	fmt.Fprintln(os.Stderr, "writable:", err)
 	os.Exit(1)
@@ -158,7 +175,7 @@ const (
 
 func run(ctx context.Context, cfg config) (*report, error) {
 	r := &report{
-		Command: strings.Join(os.Args, " "), Date: time.Now().UTC().Format(time.RFC3339), CPUs: runtime.NumCPU(), Go: runtime.Version(),
+		Command: command(), Date: time.Now().UTC().Format(time.RFC3339), CPUs: runtime.NumCPU(), Go: runtime.Version(),
 		Fio: map[string]fioSide{}, Versions: map[string]string{},
 		Method: "obd-dir: mounter.MountWritable over an image converted by internal/convert (sparse LSMT writable layer, " +
 			"device.FuseLoop, ext4 rw with discard); overlayfs: lower = an empty directory, upper and work in the same " +
