@@ -172,6 +172,18 @@ func TestBuild(t *testing.T) {
 	if len(cfg.RootFS.DiffIDs) != 2 || cfg.RootFS.DiffIDs[1] != newLayer.Digest || cfg.History[len(cfg.History)-1].CreatedBy != "obd commit" {
 		t.Errorf("config %+v", cfg)
 	}
+	nf, err := os.Open(res.Image.Layers[1].Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nf.Close()
+	nl, err := image.OpenLayerBlob(nf, newLayer.Size, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if nl.VirtualSize() != baseImg.Stack.VirtualSize() || nl.Header().UUID == "" {
+		t.Errorf("new layer: virtual size %d (image's %d), uuid %q", nl.VirtualSize(), baseImg.Stack.VirtualSize(), nl.Header().UUID)
+	}
 	got := stackOf(t, res)
 	if len(got.Layers) != 2 {
 		t.Fatalf("%d layers", len(got.Layers))
