@@ -31,6 +31,7 @@ func newPullCmd() *cobra.Command {
 		cf              containerdFlags
 		rf              registryFlags
 		download        bool
+		noReferrers     bool
 		snapshotterName string
 	)
 	cmd := &cobra.Command{
@@ -38,7 +39,11 @@ func newPullCmd() *cobra.Command {
 		Short: "Pull an image into containerd; overlaybd layers are not downloaded but read lazily when containers run",
 		Long: `Pull an image into containerd through the overlaybd snapshotter (upstream's 'ctr rpull'). Only the manifest and
 config of an overlaybd image are fetched; containers read its blocks from the registry on demand. Normal images are
-pulled and unpacked as usual. Run containers with 'ctr run --snapshotter overlaybd'.`,
+pulled and unpacked as usual. Run containers with 'ctr run --snapshotter overlaybd'.
+
+When the image has an overlaybd image attached as an OCI referrer ('obd convert --referrer', found through the
+registry's referrers API or the referrers tag schema), that one is pulled instead, lazily, and stored under REF:
+users keep pulling the original tag and get the lazy image. --no-referrers pulls REF itself.`,
 		Example: "  obd pull 127.0.0.1:5000/app:obd\n  ctr run --rm --snapshotter overlaybd 127.0.0.1:5000/app:obd app1",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -47,7 +52,7 @@ pulled and unpacked as usual. Run containers with 'ctr run --snapshotter overlay
 				return err
 			}
 			opts := pull.Options{Snapshotter: snapshotterName, PlainHTTP: rf.plainHTTP, Download: download, Credentials: creds}
-			if download {
+			if download || !noReferrers {
 				ref, err := image.ParseRef(args[0])
 				if err != nil {
 					return err
@@ -57,8 +62,13 @@ pulled and unpacked as usual. Run containers with 'ctr run --snapshotter overlay
 					return err
 				}
 				defer rc.Close()
-				opts.Registry = rc
-				opts.Progress = progress.Bar(progress.Terminal(cmd.ErrOrStderr()))
+				if download {
+					opts.Registry = rc
+					opts.Progress = progress.Bar(progress.Terminal(cmd.ErrOrStderr()))
+				}
+				if !noReferrers {
+					opts.Referrers = rc
+				}
 			}
 			c, err := cf.connect()
 			if err != nil {
@@ -77,6 +87,7 @@ pulled and unpacked as usual. Run containers with 'ctr run --snapshotter overlay
 	}
 	cf.register(cmd)
 	cmd.Flags().BoolVar(&download, "download", false, "download overlaybd layers at pull time (parallel range requests, digests checked) instead of lazily")
+	cmd.Flags().BoolVar(&noReferrers, "no-referrers", false, "pull REF itself, not an overlaybd image attached to it as a referrer")
 	rf.register(cmd)
 	cmd.Flags().StringVar(&snapshotterName, "snapshotter", snapshotter.Name, "containerd snapshotter to unpack into")
 	return cmd

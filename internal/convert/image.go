@@ -69,7 +69,7 @@ type ImageOptions struct {
 }
 
 // ArtifactTypeOverlaybd is the artifactType of overlaybd images pushed as referrers of their source image.
-const ArtifactTypeOverlaybd = "application/vnd.containerd.overlaybd.native.v1+json"
+const ArtifactTypeOverlaybd = image.ArtifactTypeOverlaybd
 
 // RemoteBlobs gives access to layer blobs in the registry a conversion is pushed to.
 type RemoteBlobs struct {

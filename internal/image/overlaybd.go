@@ -25,6 +25,8 @@ const (
 	AnnotationAccelerationLayer = "containerd.io/snapshot/overlaybd/acceleration-layer"
 	// FormatVersion is the overlaybd version annotation obd writes.
 	FormatVersion = "0.1.0"
+	// ArtifactTypeOverlaybd is the artifactType of overlaybd images pushed as referrers of their source image.
+	ArtifactTypeOverlaybd = "application/vnd.containerd.overlaybd.native.v1+json"
 )
 
 // BlockLayer is one overlaybd layer of a manifest.

@@ -18,6 +18,7 @@ import (
 	"github.com/containerd/containerd/v2/core/remotes/docker"
 	dockerconfig "github.com/containerd/containerd/v2/core/remotes/docker/config"
 	"github.com/containerd/errdefs"
+	digest "github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/obdproject/obd/internal/image"
@@ -44,6 +45,10 @@ type Options struct {
 	// Progress, when set, is called as overlaybd blobs are downloaded with the bytes done and the total size of
 	// the overlaybd blobs to download.
 	Progress func(done, total int64)
+	// Referrers, when set, is used to look for an overlaybd image attached to the image as an OCI referrer
+	// ('obd convert --referrer', see Referrer) before pulling it: when there is one, that image is pulled instead
+	// (lazily) and stored under the reference asked for.
+	Referrers *registry.Client
 }
 
 // Result tells what a pull did.
@@ -55,7 +60,9 @@ type Result struct {
 	Lazy int
 	// Layers counts all layers.
 	Layers int
-	mu     sync.Mutex
+	// Referrer is the digest of the overlaybd referrer pulled in place of the image asked for, "" when none was.
+	Referrer digest.Digest
+	mu       sync.Mutex
 }
 
 // Unpacked returns the image ref when containerd has it unpacked with snapshotter, else nil.
@@ -82,8 +89,12 @@ func (r *Result) Summary(elapsed time.Duration) string {
 	for _, n := range r.Fetched {
 		fetched += n
 	}
-	return fmt.Sprintf("pulled %s in %s: %d layers, %d lazy (not downloaded); fetched %d blobs, %s",
-		r.Image.Name(), elapsed.Round(time.Millisecond), r.Layers, r.Lazy, len(r.Fetched), units.Bytes(fetched))
+	via := ""
+	if r.Referrer != "" {
+		via = " (its overlaybd referrer " + r.Referrer.String() + ")"
+	}
+	return fmt.Sprintf("pulled %s%s in %s: %d layers, %d lazy (not downloaded); fetched %d blobs, %s",
+		r.Image.Name(), via, elapsed.Round(time.Millisecond), r.Layers, r.Lazy, len(r.Fetched), units.Bytes(fetched))
 }
 
 // Pull pulls ref (host[:port]/repo:tag) into containerd and unpacks it with the overlaybd snapshotter.
@@ -105,17 +116,51 @@ func Pull(ctx context.Context, c *client.Client, ref string, opts Options) (*Res
 		}
 	}
 	res := &Result{Fetched: map[string]int64{}}
+	pullRef := r.String()
+	if opts.Referrers != nil {
+		d, err := Referrer(ctx, opts.Referrers, r, image.DefaultPlatform())
+		if err != nil {
+			return nil, fmt.Errorf("pull %s: look for an overlaybd image attached to it: %w", ref, err)
+		}
+		if d != nil {
+			res.Referrer, pullRef = d.Digest, r.Name+"@"+d.Digest.String()
+		}
+	}
 	rec := &recorder{Resolver: resolver, res: res, host: r.Host(), repo: r.Repository()}
 	if opts.Download {
 		rec.ranged, rec.progress = opts.Registry, opts.Progress
 	}
-	img, err := c.Pull(ctx, r.String(), client.WithResolver(rec), client.WithPullUnpack,
-		client.WithPullSnapshotter(opts.Snapshotter), client.WithImageHandlerWrapper(LabelLayers(r.String(), opts.Download, res)))
+	img, err := c.Pull(ctx, pullRef, client.WithResolver(rec), client.WithPullUnpack,
+		client.WithPullSnapshotter(opts.Snapshotter), client.WithImageHandlerWrapper(LabelLayers(pullRef, opts.Download, res)))
 	if err != nil {
-		return nil, fmt.Errorf("pull %s: %w", ref, err)
+		return nil, fmt.Errorf("pull %s: %w", pullRef, err)
+	}
+	if pullRef != r.String() {
+		if img, err = rename(ctx, c, img, r.String()); err != nil {
+			return nil, fmt.Errorf("pull %s: name the pulled referrer %s: %w", ref, res.Referrer, err)
+		}
 	}
 	res.Image = img
 	return res, nil
+}
+
+// rename stores img under name instead of its own name.
+func rename(ctx context.Context, c *client.Client, img client.Image, name string) (client.Image, error) {
+	is := c.ImageService()
+	meta := img.Metadata()
+	old := meta.Name
+	meta.Name = name
+	_, err := is.Create(ctx, meta)
+	if errdefs.IsAlreadyExists(err) {
+		_, err = is.Update(ctx, meta)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := is.Delete(ctx, old); err != nil && !errdefs.IsNotFound(err) {
+		return nil, err
+	}
+	return client.NewImage(c, meta), nil
 }
 
 func newResolver(ctx context.Context, host string, opts Options) (remotes.Resolver, error) {

@@ -244,3 +244,23 @@ func (c *Client) pushError(op, host string, err error) error {
 	}
 	return &Error{Op: op, Err: err, Kind: kind, Hint: v.hint}
 }
+
+// Referrers lists the manifests of host/repo whose subject is desc, of artifactType ("" for any): through the
+// registry's referrers API, or the referrers tag schema (an index tagged sha256-<hex> of desc's digest) that
+// clients push to registries without the API. None is an empty list, not an error.
+func (c *Client) Referrers(ctx context.Context, host, repo string, desc ocispec.Descriptor, artifactType string) ([]ocispec.Descriptor, error) {
+	op := fmt.Sprintf("registry %s repo %s referrers of %s", host, repo, desc.Digest)
+	rep, err := c.repository(host, repo)
+	if err != nil {
+		return nil, &Error{Op: op, Err: err}
+	}
+	var out []ocispec.Descriptor
+	err = rep.Referrers(ctx, desc, artifactType, func(refs []ocispec.Descriptor) error {
+		out = append(out, refs...)
+		return nil
+	})
+	if err != nil {
+		return nil, &Error{Op: op, Err: err}
+	}
+	return out, nil
+}

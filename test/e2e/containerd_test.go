@@ -540,3 +540,38 @@ func deleteImage(t *testing.T, ctx context.Context, c *client.Client, name strin
 		t.Errorf("delete image %s: %v", name, err)
 	}
 }
+
+// TestPullReferrer pulls an original tag that has an overlaybd image attached as an OCI referrer ('obd convert
+// --referrer'; docker-registry 2.8 has no referrers API, so through the referrers tag schema): obd pull gets the
+// overlaybd image lazily under the original name, and containers run from it. An image without a referrer, or
+// --no-referrers, is pulled as it is.
+func TestPullReferrer(t *testing.T) {
+	sb := startSandbox(t)
+	ctx := context.Background()
+	src := filepath.Join(t.TempDir(), "src")
+	appImage(t, src)
+	withRef, without := sb.Registry+"/app:v1", sb.Registry+"/other:v1"
+	pushLayout(t, src, "v1", withRef)
+	pushLayout(t, src, "v1", without)
+	obd(t, sb, "convert", "--vsize", "8", "--referrer", withRef, sb.Registry+"/app")
+
+	out := obd(t, sb, "pull", withRef)
+	if !strings.Contains(out, "pulled "+withRef+" (its overlaybd referrer sha256:") || !strings.Contains(out, "3 layers, 3 lazy") {
+		t.Fatalf("pull of a tag with an overlaybd referrer: %s", out)
+	}
+	if got := run(t, sb.Ctr(ctx, "images", "ls", "-q")); strings.Contains(got, "@sha256:") || !strings.Contains(got, withRef) {
+		t.Errorf("images after the pull: %s", got)
+	}
+	if got := run(t, sb.Ctr(ctx, "run", "--rm", "--snapshotter", "overlaybd", withRef, "ref1", "/bin/sh", "/app/run.sh")); got != appOutput {
+		t.Errorf("container from the referrer printed %q, want %q", got, appOutput)
+	}
+	for _, args := range [][]string{{"pull", without}, {"pull", "--no-referrers", withRef}} {
+		out := obd(t, sb, args...)
+		if strings.Contains(out, "referrer") || !strings.Contains(out, "3 layers, 0 lazy") {
+			t.Errorf("obd %s: %s", strings.Join(args, " "), out)
+		}
+	}
+	if got := run(t, sb.Ctr(ctx, "run", "--rm", "--snapshotter", "overlaybd", withRef, "plain1", "/bin/sh", "/app/run.sh")); got != appOutput {
+		t.Errorf("container from the original image printed %q, want %q", got, appOutput)
+	}
+}

@@ -1,0 +1,46 @@
+package pull
+
+import (
+	"context"
+
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/registry"
+)
+
+// Referrer finds the overlaybd image attached to the image r names as an OCI referrer ('obd convert --referrer'):
+// one whose subject is r's index or manifest, else one whose subject is the manifest for platform in r's index.
+// It returns nil when there is none. Of several, the last listed is taken: the referrers tag schema lists them in
+// the order they were pushed.
+func Referrer(ctx context.Context, rc *registry.Client, r image.Ref, platform image.Platform) (*ocispec.Descriptor, error) {
+	sel := r.Tag
+	if r.Digest != "" {
+		sel = r.Digest.String()
+	}
+	desc, b, err := rc.Resolve(ctx, r.Host(), r.Repository(), sel)
+	if err != nil {
+		return nil, err
+	}
+	subjects := []ocispec.Descriptor{desc}
+	if image.IsIndex(desc.MediaType) {
+		idx, err := image.ParseIndex(b)
+		if err != nil {
+			return nil, err
+		}
+		if m, err := image.SelectPlatform(idx, platform); err == nil {
+			subjects = append(subjects, m)
+		}
+	}
+	for _, s := range subjects {
+		refs, err := rc.Referrers(ctx, r.Host(), r.Repository(), s, image.ArtifactTypeOverlaybd)
+		if err != nil {
+			return nil, err
+		}
+		if len(refs) > 0 {
+			d := refs[len(refs)-1]
+			return &d, nil
+		}
+	}
+	return nil, nil
+}
