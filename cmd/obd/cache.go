@@ -4,11 +4,13 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/containerd/containerd/v2/client"
 	"github.com/spf13/cobra"
 
 	"github.com/obdproject/obd/internal/cacheclient"
 	obdconfig "github.com/obdproject/obd/internal/config"
 	"github.com/obdproject/obd/internal/progress"
+	"github.com/obdproject/obd/internal/pull"
 	"github.com/obdproject/obd/internal/status"
 	"github.com/obdproject/obd/internal/units"
 )
@@ -31,7 +33,7 @@ func (f *cacheFlags) client(cmd *cobra.Command) (*cacheclient.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &cacheclient.Client{Status: status.NewClient(sock, f.df.timeout), Containerd: f.cf.connect, Namespace: f.cf.namespace}, nil
+	return &cacheclient.Client{Status: status.NewClient(sock, f.df.timeout), Containerd: func() (*client.Client, error) { return pull.Connect(f.cf.address) }, Namespace: f.cf.namespace}, nil
 }
 
 func newCacheCmd() *cobra.Command {

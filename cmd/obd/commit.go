@@ -6,7 +6,6 @@ import (
 	"io"
 	"time"
 
-	"github.com/containerd/containerd/v2/pkg/namespaces"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/spf13/cobra"
 
@@ -63,12 +62,11 @@ stop and delete it first. The same changes over the same image give the same dig
 			if err != nil {
 				return err
 			}
-			c, err := cf.connect()
+			c, ctx, err := cf.connect(cmd.Context())
 			if err != nil {
 				return err
 			}
 			defer c.Close()
-			ctx := namespaces.WithNamespace(cmd.Context(), cf.namespace)
 			start := time.Now()
 			sealed, err := commit.Seal(ctx, c, args[0], snapshotterName)
 			if err != nil {

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/spf13/cobra"
 
 	obdconfig "github.com/obdproject/obd/internal/config"
@@ -76,12 +75,12 @@ cached, so that the profile's timings and bytes are those of a cold start.`,
 			stderr := cmd.ErrOrStderr()
 			job.Output = stderr
 			job.Logf = func(format string, a ...any) { fmt.Fprintf(stderr, "obd profile: "+format+"\n", a...) }
-			c, err := cf.connect()
+			c, ctx, err := cf.connect(cmd.Context())
 			if err != nil {
 				return err
 			}
 			defer c.Close()
-			return job.Run(namespaces.WithNamespace(cmd.Context(), cf.namespace), c, cmd.OutOrStdout())
+			return job.Run(ctx, c, cmd.OutOrStdout())
 		},
 	}
 	f := cmd.Flags()

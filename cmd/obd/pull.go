@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"time"
 
@@ -24,7 +25,14 @@ func (f *containerdFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVarP(&f.namespace, "namespace", "n", "default", "containerd namespace")
 }
 
-func (f *containerdFlags) connect() (*client.Client, error) { return pull.Connect(f.address) }
+// connect connects to containerd and returns the client and ctx in the namespace to work in.
+func (f *containerdFlags) connect(ctx context.Context) (*client.Client, context.Context, error) {
+	c, err := pull.Connect(f.address)
+	if err != nil {
+		return nil, nil, err
+	}
+	return c, namespaces.WithNamespace(ctx, f.namespace), nil
+}
 
 func newPullCmd() *cobra.Command {
 	var (
@@ -70,12 +78,11 @@ users keep pulling the original tag and get the lazy image. --no-referrers pulls
 					opts.Referrers = rc
 				}
 			}
-			c, err := cf.connect()
+			c, ctx, err := cf.connect(cmd.Context())
 			if err != nil {
 				return err
 			}
 			defer c.Close()
-			ctx := namespaces.WithNamespace(cmd.Context(), cf.namespace)
 			start := time.Now()
 			res, err := pull.Pull(ctx, c, args[0], opts)
 			if err != nil {
