@@ -88,6 +88,9 @@ users keep pulling the original tag and get the lazy image. --no-referrers pulls
 			if err != nil {
 				return err
 			}
+			for _, w := range res.Warnings {
+				fmt.Fprintln(cmd.ErrOrStderr(), "obd: warning:", w)
+			}
 			fmt.Fprintln(cmd.OutOrStdout(), res.Summary(time.Since(start)))
 			return nil
 		},

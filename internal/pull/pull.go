@@ -5,6 +5,7 @@ package pull
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -62,6 +63,8 @@ type Result struct {
 	Layers int
 	// Referrer is the digest of the overlaybd referrer pulled in place of the image asked for, "" when none was.
 	Referrer digest.Digest
+	// Warnings say what went wrong without failing the pull.
+	Warnings []string
 	mu       sync.Mutex
 }
 
@@ -118,11 +121,18 @@ func Pull(ctx context.Context, c *client.Client, ref string, opts Options) (*Res
 	res := &Result{Fetched: map[string]int64{}}
 	pullRef := r.String()
 	if opts.Referrers != nil {
-		d, err := Referrer(ctx, opts.Referrers, r, image.DefaultPlatform())
-		if err != nil {
-			return nil, fmt.Errorf("pull %s: look for an overlaybd image attached to it: %w", ref, err)
+		// containerd first: a pull that cannot reach it fails at once, before any registry retries.
+		if _, err := c.Version(ctx); err != nil {
+			return nil, fmt.Errorf("pull %s: containerd: %w", ref, err)
 		}
-		if d != nil {
+		d, err := Referrer(ctx, opts.Referrers, r, image.DefaultPlatform())
+		var le *ListError
+		switch {
+		case errors.As(err, &le):
+			res.Warnings = append(res.Warnings, fmt.Sprintf("no overlaybd referrer looked for (pulling %s as it is): %v", ref, err))
+		case err != nil:
+			return nil, fmt.Errorf("pull %s: look for an overlaybd image attached to it: %w", ref, err)
+		case d != nil:
 			res.Referrer, pullRef = d.Digest, r.Name+"@"+d.Digest.String()
 		}
 	}

@@ -11,7 +11,8 @@ import (
 
 // Referrer finds the overlaybd image attached to the image r names as an OCI referrer ('obd convert --referrer'):
 // one whose subject is r's index or manifest, else one whose subject is the manifest for platform in r's index.
-// It returns nil when there is none. Of several, the last listed is taken: the referrers tag schema lists them in
+// It returns nil when there is none; a registry that fails to list referrers (while it serves the image) is a
+// *ListError. Of several, the last listed is taken: the referrers tag schema lists them in
 // the order they were pushed.
 func Referrer(ctx context.Context, rc *registry.Client, r image.Ref, platform image.Platform) (*ocispec.Descriptor, error) {
 	sel := r.Tag
@@ -35,7 +36,7 @@ func Referrer(ctx context.Context, rc *registry.Client, r image.Ref, platform im
 	for _, s := range subjects {
 		refs, err := rc.Referrers(ctx, r.Host(), r.Repository(), s, image.ArtifactTypeOverlaybd)
 		if err != nil {
-			return nil, err
+			return nil, &ListError{err}
 		}
 		if len(refs) > 0 {
 			d := refs[len(refs)-1]
@@ -44,3 +45,9 @@ func Referrer(ctx context.Context, rc *registry.Client, r image.Ref, platform im
 	}
 	return nil, nil
 }
+
+// ListError is a failure to list an image's referrers: the image itself can still be pulled.
+type ListError struct{ Err error }
+
+func (e *ListError) Error() string { return "list referrers: " + e.Err.Error() }
+func (e *ListError) Unwrap() error { return e.Err }
