@@ -6,6 +6,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"os"
+	"runtime"
 	"sync"
 	"testing"
 )
@@ -100,3 +101,25 @@ func benchCompress(b *testing.B, algo Algorithm) {
 
 func BenchmarkCompressLZ4(b *testing.B)  { benchCompress(b, AlgoLZ4) }
 func BenchmarkCompressZSTD(b *testing.B) { benchCompress(b, AlgoZSTD) }
+
+// BenchmarkReadZSTD128K reads 128 KiB (a device's read-ahead) at 4 KiB-aligned offsets of a file of 64 KiB zstd
+// blocks, so that each read spans two or three blocks, decoded one after another (decoders=1) or at once.
+func BenchmarkReadZSTD128K(b *testing.B) {
+	data := benchData()
+	z := openBytes(b, compressBytes(b, data, Options{Algorithm: AlgoZSTD, BlockSize: 64 << 10, Workers: 2}, false), true)
+	p := make([]byte, 128<<10)
+	for _, workers := range []int{1, runtime.GOMAXPROCS(0)} {
+		b.Run(fmt.Sprintf("decoders=%d", workers), func(b *testing.B) {
+			defer func(w int) { decodeWorkers = w }(decodeWorkers)
+			decodeWorkers = workers
+			b.SetBytes(int64(len(p)))
+			r := rand.New(rand.NewPCG(1, 2))
+			for b.Loop() {
+				off := r.Int64N(int64(len(data)-len(p))/4096) * 4096
+				if _, err := z.ReadAt(p, off); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"sync"
 	"sync/atomic"
 )
@@ -363,9 +364,7 @@ func (z *Reader) readAt(p []byte, off int64, verify bool) (int, error) {
 	if end == off {
 		return 0, nil
 	}
-	bs := int64(1) << z.bsShift
 	first, last := off>>z.bsShift, (end-1)>>z.bsShift
-	var scratch *[]byte
 	for b := first; b <= last; {
 		start := z.offset(b)
 		e := b + 1
@@ -377,45 +376,93 @@ func (z *Reader) readAt(p []byte, off int64, verify bool) (int, error) {
 		comp := (*cbuf)[:clen]
 		if err := readFull(z.r, comp, start, "blocks"); err != nil {
 			z.putBuf(cbuf)
-			return z.done(scratch, 0, fmt.Errorf("%w (blocks %d..%d)", err, b, e-1))
+			return 0, fmt.Errorf("%w (blocks %d..%d)", err, b, e-1)
 		}
-		for i := b; i < e; i++ {
+		block := func(i int64) error {
 			rs, re := z.offset(i)-start, z.offset(i+1)-start
-			rec := comp[rs:re]
-			data := rec[:len(rec)-z.crcLen]
-			if verify && z.crcLen != 0 {
-				stored := binary.LittleEndian.Uint32(rec[len(data):])
-				if c := crc32c(blockCRCSeed, data); c != stored {
-					z.putBuf(cbuf)
-					return z.done(scratch, 0, blockErr(i, start+rs, ErrChecksum,
-						"CRC mismatch (stored %08x, computed %08x)", stored, c))
-				}
+			return z.decodeInto(i, comp[rs:re], start+rs, p, off, end, verify)
+		}
+		var err error
+		if e-b == 1 || decodeWorkers < 2 {
+			for i := b; i < e && err == nil; i++ {
+				err = block(i)
 			}
-			bStart := i << z.bsShift
-			bLen := min(bs, size-bStart)
-			from, to := max(off, bStart), min(end, bStart+bLen)
-			var err error
-			if from == bStart && to == bStart+bLen {
-				err = decodeBlock(z.info.Algorithm, data, p[from-off:to-off])
-			} else if !decoded.get(z.id, i, p[from-off:to-off], from-bStart) {
-				if scratch == nil {
-					scratch = z.getBlock()
-				}
-				blk := (*scratch)[:bLen]
-				if err = decodeBlock(z.info.Algorithm, data, blk); err == nil {
-					copy(p[from-off:to-off], blk[from-bStart:to-bStart])
-					decoded.put(z.id, i, blk)
-				}
-			}
-			if err != nil {
-				z.putBuf(cbuf)
-				return z.done(scratch, 0, &BlockError{Block: i, Offset: start + rs, Err: err})
-			}
+		} else {
+			err = decodeParallel(b, e, block)
 		}
 		z.putBuf(cbuf)
+		if err != nil {
+			return 0, err
+		}
 		b = e
 	}
-	return z.done(scratch, int(end-off), eof)
+	return int(end - off), eof
+}
+
+// decodeWorkers is how many blocks of one read are decoded at once: a read of several blocks (a device's
+// read-ahead, a page fault's cluster) uses every core instead of one, which shortens the wait of the reader that
+// faulted.
+var decodeWorkers = runtime.GOMAXPROCS(0)
+
+// decodeParallel runs block for blocks [b, e) on up to decodeWorkers goroutines and returns the error of the lowest
+// block that failed.
+func decodeParallel(b, e int64, block func(i int64) error) error {
+	errs := make([]error, e-b)
+	var next atomic.Int64
+	next.Store(b)
+	work := func() {
+		for i := next.Add(1) - 1; i < e; i = next.Add(1) - 1 {
+			errs[i-b] = block(i)
+		}
+	}
+	var wg sync.WaitGroup
+	for range min(int64(decodeWorkers), e-b) - 1 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			work()
+		}()
+	}
+	work()
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// decodeInto checks the record rec of block i (at recOff in the file) if verify, and decodes the block's bytes in
+// [off, end) into p, which holds [off, off+len(p)). A block p holds only in part is decoded aside and kept in the
+// decoded-block cache.
+func (z *Reader) decodeInto(i int64, rec []byte, recOff int64, p []byte, off, end int64, verify bool) error {
+	data := rec[:len(rec)-z.crcLen]
+	if verify && z.crcLen != 0 {
+		stored := binary.LittleEndian.Uint32(rec[len(data):])
+		if c := crc32c(blockCRCSeed, data); c != stored {
+			return blockErr(i, recOff, ErrChecksum, "CRC mismatch (stored %08x, computed %08x)", stored, c)
+		}
+	}
+	bStart := i << z.bsShift
+	bLen := min(int64(1)<<z.bsShift, z.info.OriginalSize-bStart)
+	from, to := max(off, bStart), min(end, bStart+bLen)
+	var err error
+	if from == bStart && to == bStart+bLen {
+		err = decodeBlock(z.info.Algorithm, data, p[from-off:to-off])
+	} else if !decoded.get(z.id, i, p[from-off:to-off], from-bStart) {
+		scratch := z.getBlock()
+		blk := (*scratch)[:bLen]
+		if err = decodeBlock(z.info.Algorithm, data, blk); err == nil {
+			copy(p[from-off:to-off], blk[from-bStart:to-bStart])
+			decoded.put(z.id, i, blk)
+		}
+		z.blockPool.Put(scratch)
+	}
+	if err != nil {
+		return &BlockError{Block: i, Offset: recOff, Err: err}
+	}
+	return nil
 }
 
 // readerIDs numbers the Readers for the decoded-block cache.
@@ -472,12 +519,4 @@ func (z *Reader) getBlock() *[]byte {
 	}
 	b := make([]byte, z.info.BlockSize)
 	return &b
-}
-
-// done releases the scratch block buffer and returns n, err.
-func (z *Reader) done(scratch *[]byte, n int, err error) (int, error) {
-	if scratch != nil {
-		z.blockPool.Put(scratch)
-	}
-	return n, err
 }
