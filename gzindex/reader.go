@@ -1,0 +1,173 @@
+package gzindex
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+
+	"github.com/klauspost/compress/flate"
+)
+
+// idleCursors is how many decompressors a Reader keeps where earlier reads ended, so that sequential readers (one
+// file each) continue instead of restarting from a checkpoint.
+const idleCursors = 4
+
+// Reader reads the uncompressed stream of a gzip blob at any offset: from the checkpoint at or before the offset, it
+// reads the compressed bytes from the blob (an io.ReaderAt, e.g. a lazily fetched remote blob) and inflates.
+type Reader struct {
+	ix     *Index
+	gz     io.ReaderAt
+	mu     sync.Mutex
+	cursor []*cursor
+}
+
+// cursor is an inflater positioned at uncompressed offset pos.
+type cursor struct {
+	fr  io.ReadCloser
+	pos int64
+}
+
+func (c *cursor) Read(p []byte) (int, error) {
+	n, err := c.fr.Read(p)
+	c.pos += int64(n)
+	return n, err
+}
+
+// NewReader returns a Reader of the blob gz, indexed by ix.
+func NewReader(ix *Index, gz io.ReaderAt) *Reader { return &Reader{ix: ix, gz: gz} }
+
+// Size returns the size of the uncompressed stream.
+func (r *Reader) Size() int64 { return r.ix.UncompressedSize }
+
+// ReadAt reads the uncompressed stream at off.
+func (r *Reader) ReadAt(p []byte, off int64) (int, error) {
+	size := r.ix.UncompressedSize
+	if off < 0 {
+		return 0, fmt.Errorf("gzip index: read at negative offset %d", off)
+	}
+	if off >= size {
+		return 0, io.EOF
+	}
+	want := p
+	if int64(len(p)) > size-off {
+		p = p[:size-off]
+	}
+	i := r.ix.find(off)
+	c := r.take(off, r.ix.Entries[i].Out)
+	if c == nil {
+		var err error
+		if c, err = r.open(i); err != nil {
+			return 0, err
+		}
+	}
+	if _, err := io.CopyN(io.Discard, c, off-c.pos); err != nil {
+		c.fr.Close()
+		return 0, r.streamErr(err, c.pos)
+	}
+	n, err := io.ReadFull(c, p)
+	if err != nil {
+		c.fr.Close()
+		return n, r.streamErr(err, c.pos)
+	}
+	r.put(c)
+	if len(p) < len(want) {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+func (r *Reader) streamErr(err error, pos int64) error {
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return fmt.Errorf("gzip index: the deflate stream ends at %d, the index says %d: %w", pos, r.ix.UncompressedSize, io.ErrUnexpectedEOF)
+	}
+	return fmt.Errorf("gzip index: inflating at %d: %w", pos, err)
+}
+
+// take returns an idle cursor at or before off with no checkpoint between it and off (cp is the checkpoint's
+// offset), the nearest one; nil if none.
+func (r *Reader) take(off, cp int64) *cursor {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	best := -1
+	for i, c := range r.cursor {
+		if c.pos <= off && c.pos >= cp && (best < 0 || c.pos > r.cursor[best].pos) {
+			best = i
+		}
+	}
+	if best < 0 {
+		return nil
+	}
+	c := r.cursor[best]
+	r.cursor = append(r.cursor[:best], r.cursor[best+1:]...)
+	return c
+}
+
+func (r *Reader) put(c *cursor) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.cursor) == idleCursors {
+		r.cursor[0].fr.Close()
+		r.cursor = r.cursor[1:]
+	}
+	r.cursor = append(r.cursor, c)
+}
+
+// open starts an inflater at checkpoint i.
+func (r *Reader) open(i int) (*cursor, error) {
+	e := r.ix.Entries[i]
+	dict, err := r.ix.window(i)
+	if err != nil {
+		return nil, err
+	}
+	start := e.In
+	if e.Bits > 0 {
+		start--
+	}
+	br := bufio.NewReaderSize(io.NewSectionReader(r.gz, start, r.ix.GzipFileSize-start), 64<<10)
+	var src flate.Reader = br
+	if e.Bits > 0 {
+		first, err := br.ReadByte()
+		if err != nil {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, fmt.Errorf("gzip index: reading the blob at %d: %w", start, err)
+		}
+		src = &shifted{r: br, carry: first >> (8 - e.Bits), bits: e.Bits}
+	}
+	return &cursor{fr: flate.NewReaderDict(src, dict), pos: e.Out}, nil
+}
+
+// shifted is a byte stream that starts bits bits into a byte: the deflate stream of a checkpoint that is not at a
+// byte boundary, re-aligned (deflate reads bits from the least significant end).
+type shifted struct {
+	r     *bufio.Reader
+	carry byte // the next byte's low bits
+	bits  uint8
+}
+
+func (s *shifted) ReadByte() (byte, error) {
+	b, err := s.r.ReadByte()
+	if err != nil {
+		return 0, err
+	}
+	out := s.carry | b<<s.bits
+	s.carry = b >> (8 - s.bits)
+	return out, nil
+}
+
+func (s *shifted) Read(p []byte) (int, error) {
+	for i := range p {
+		b, err := s.ReadByte()
+		if err != nil {
+			if i > 0 {
+				return i, nil
+			}
+			return 0, err
+		}
+		p[i] = b
+	}
+	return len(p), nil
+}
