@@ -22,11 +22,14 @@ type CommitOptions struct {
 	UUID       string // "" writes the null UUID
 	ParentUUID string // "" inherits the source header's parent (null when it has none)
 	UserTag    string // commit message, at most 256 bytes
+	// Warp commits a TurboOCI warp layer as upstream's LSMTWarpFile does: fs-meta data (tag 0) compacted as usual,
+	// remote entries (tag 1, see RW.MapTarget) kept as they are, the index not padded. Only an RW source has them.
+	Warp bool
 }
 
 func (f *File) commitView() ([]mapping, []io.ReaderAt) { return f.idx.ents, f.readers }
 
-func (w *RW) commitView() ([]mapping, []io.ReaderAt) { return w.dump(), []io.ReaderAt{w.data} }
+func (w *RW) commitView() ([]mapping, []io.ReaderAt) { return w.dump(), w.readers() }
 
 // Commit writes src as a compacted read-only layer to dst, byte for byte as upstream's
 // compaction (overlaybd-commit) does: a header (flags 7), the live data in index order starting
@@ -71,6 +74,13 @@ func NewCommitReader(src Source, opts CommitOptions) (*CommitReader, error) {
 	index := make([]mapping, 0, len(ents))
 	moff := uint64(HeaderSize / SectorSize)
 	for _, m := range ents {
+		if opts.Warp && m.tag() == TagTarget {
+			index = append(index, m)
+			continue
+		}
+		if m.tag() != 0 && opts.Warp {
+			return nil, fmt.Errorf("lsmt: warp commit of an entry with tag %d", m.tag())
+		}
 		if m.zeroed() {
 			index = append(index, m.withMOff(moff))
 			continue
@@ -84,7 +94,7 @@ func NewCommitReader(src Source, opts CommitOptions) (*CommitReader, error) {
 	}
 	hdr.IndexOffset = moff * SectorSize
 	index = compressIndex(index)
-	if r := len(index) % (HeaderSize / EntrySize); r != 0 {
+	if r := len(index) % (HeaderSize / EntrySize); r != 0 && !opts.Warp {
 		for range HeaderSize/EntrySize - r {
 			index = append(index, invalidMapping)
 		}

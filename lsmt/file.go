@@ -29,7 +29,7 @@ type File struct {
 	header  Header
 	trailer Header
 	idx     *segIndex
-	readers []io.ReaderAt // {r}, for the filler
+	readers []io.ReaderAt // by entry tag: {r}, or {r, target} for a warp layer
 }
 
 // Open opens a committed or sealed layer of the given size. It validates the header, the sealed
@@ -51,6 +51,77 @@ func Open(r io.ReaderAt, size int64) (*File, error) {
 		return nil, err
 	}
 	return &File{r: r, size: size, header: hdr, trailer: trl.Header, idx: newSegIndex(ents), readers: []io.ReaderAt{r}}, nil
+}
+
+// Tags of a warp layer's entries (upstream's SegmentType): fs-meta data stored in the layer file, and data in the
+// layer's target, the uncompressed tar of the original OCI layer, at moffset.
+const (
+	TagMeta   = 0
+	TagTarget = 1
+)
+
+// OpenWarp opens a committed TurboOCI warp layer (upstream's fs-meta file) of the given size whose remote entries
+// read from target, a stream of targetSize bytes (the uncompressed tar of the original layer). Entries are
+// validated as by Open, remote ones against the target's size instead of the data area; tags are normalised as
+// upstream does (the smallest becomes 0).
+func OpenWarp(r io.ReaderAt, size int64, target io.ReaderAt, targetSize int64) (*File, error) {
+	hdr, trl, err := readHeaderTrailer(r, size)
+	if err != nil {
+		return nil, err
+	}
+	if !hdr.IsDataFile() || !trl.ok {
+		return nil, errors.New("lsmt: not a committed warp layer (no data header or sealed trailer)")
+	}
+	t := trl.Header
+	if t.IndexSize > MaxROIndexEntries {
+		return nil, fmt.Errorf("lsmt: index has %d entries, more than the read-only limit %d", t.IndexSize, MaxROIndexEntries)
+	}
+	trailerOff := uint64(size - HeaderSize)
+	if t.IndexOffset < HeaderSize || t.IndexOffset > trailerOff || t.IndexSize*EntrySize > trailerOff-t.IndexOffset {
+		return nil, fmt.Errorf("lsmt: index (offset %d, %d entries) does not fit between header and trailer (at %d)",
+			t.IndexOffset, t.IndexSize, trailerOff)
+	}
+	raw := make([]byte, t.IndexSize*EntrySize)
+	if err := readFull(r, raw, int64(t.IndexOffset)); err != nil {
+		return nil, fmt.Errorf("lsmt: reading index: %w", err)
+	}
+	ents := makeIndexSlice[mapping](countValid(raw))[:0]
+	minTag := uint8(255)
+	for i := 0; i < len(raw); i += EntrySize {
+		m := unpack(binary.LittleEndian.Uint64(raw[i:]), binary.LittleEndian.Uint64(raw[i+8:]))
+		if !m.invalid() {
+			minTag = min(minTag, m.tag())
+			ents = append(ents, m)
+		}
+	}
+	meta := newValidator(HeaderSize/SectorSize, t.IndexOffset/SectorSize)
+	remote := newValidator(0, uint64(targetSize)/SectorSize)
+	order := newValidator(0, maxOffset)
+	out := ents[:0]
+	for i, m := range ents {
+		m = m.withTag(m.tag() - minTag)
+		v := meta
+		switch m.tag() {
+		case TagMeta:
+		case TagTarget:
+			v = remote
+			if m.zeroed() {
+				return nil, fmt.Errorf("lsmt: warp index entry %d: a zeroed remote entry", i)
+			}
+		default:
+			return nil, fmt.Errorf("lsmt: warp index entry %d has tag %d (0: fs-meta, 1: remote data)", i, m.tag()+minTag)
+		}
+		if err := v.checkRange(i, m); err != nil {
+			return nil, err
+		}
+		if err := order.check(i, m.withMOff(0)); err != nil {
+			return nil, err
+		}
+		if m.length() > 0 {
+			out = append(out, m)
+		}
+	}
+	return &File{r: r, size: size, header: hdr, trailer: t, idx: newSegIndex(out), readers: []io.ReaderAt{r, target}}, nil
 }
 
 // trailerInfo is a parsed trailer slot and whether it is a valid sealed data trailer.
@@ -211,7 +282,7 @@ func (f *File) Header() Header { return f.header }
 // location, the virtual size and the UUID.
 func (f *File) Trailer() Header { return f.trailer }
 
-// Index returns the valid index entries, sorted by offset (tags are 0).
+// Index returns the valid index entries, sorted by offset (tags are 0, or TagTarget for a warp layer's remote data).
 func (f *File) Index() []Segment { return segments(f.idx.ents) }
 
 // RawIndexEntries returns the number of entries stored in the file, padding included.

@@ -200,3 +200,45 @@ func FuzzOpenRW(f *testing.F) {
 		}
 	})
 }
+
+// FuzzOpenWarp opens fuzzed warp layers over a 64 KiB target: what opens has a valid index, and reads agree with it.
+func FuzzOpenWarp(f *testing.F) {
+	layers, _ := smallLayers(f)
+	for _, b := range layers {
+		f.Add(b)
+	}
+	target := pattern(3, 64<<10)
+	f.Fuzz(func(t *testing.T, in []byte) {
+		b := expandLayer(in)
+		lf, err := OpenWarp(bytes.NewReader(b), int64(len(b)), bytes.NewReader(target), int64(len(target)))
+		if err != nil {
+			return
+		}
+		idx := lf.Index()
+		dataEnd := lf.Trailer().IndexOffset / SectorSize
+		for i, s := range idx {
+			bad := s.Length == 0 || s.Tag > TagTarget || (i > 0 && idx[i-1].End() > s.Offset)
+			if s.Tag == TagMeta {
+				bad = bad || s.MOffset < 8 || (!s.Zeroed && s.MOffset+uint64(s.Length) > dataEnd)
+			} else {
+				bad = bad || s.Zeroed || s.MOffset+uint64(s.Length) > uint64(len(target))/SectorSize
+			}
+			if bad {
+				t.Fatalf("accepted bad entry %d: %v", i, s)
+			}
+		}
+		p := make([]byte, fuzzWindow)
+		if _, err := lf.ReadAt(p, 0); err != nil && err.Error() != "EOF" {
+			return
+		}
+		for _, s := range idx {
+			if s.Tag != TagTarget || s.End()*SectorSize > fuzzWindow || int64(s.End()*SectorSize) > lf.VirtualSize() {
+				continue
+			}
+			got := p[s.Offset*SectorSize : s.End()*SectorSize]
+			if !bytes.Equal(got, target[s.MOffset*SectorSize:(s.MOffset+uint64(s.Length))*SectorSize]) {
+				t.Fatalf("remote entry %v reads other bytes than the target's", s)
+			}
+		}
+	})
+}

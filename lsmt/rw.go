@@ -47,6 +47,9 @@ type CreateOptions struct {
 	// an index file, if given, records only discarded ranges (zeroed entries), so that they still read as zeros
 	// after the layer is opened again instead of showing the lower layers' data through the punched hole.
 	Sparse bool
+	// Warp makes a TurboOCI warp layer (upstream's create_warpfile), whose file data can be mapped to a target
+	// (MapTarget) instead of stored.
+	Warp bool
 }
 
 // ErrClosed is returned by operations on a closed or sealed RW layer.
@@ -76,6 +79,60 @@ type RW struct {
 	pending []byte // index entries not yet appended
 	closed  bool
 	scratch []mapping
+	warp    bool
+	target  io.ReaderAt // what TagTarget entries (MapTarget) read; nil: reading them fails
+}
+
+// upperReaders is how many readers an RW layer contributes to a stack: its data file and its target.
+const upperReaders = 2
+
+// errNoTarget reads fail: a warp layer being built has no target to read remote data from.
+type errNoTarget struct{}
+
+func (errNoTarget) ReadAt([]byte, int64) (int, error) {
+	return 0, errors.New("lsmt: read of remote (target) data in a layer opened without its target")
+}
+
+// readers returns the files the layer's entries read, by tag.
+func (w *RW) readers() []io.ReaderAt {
+	if w.target == nil {
+		return []io.ReaderAt{w.data, errNoTarget{}}
+	}
+	return []io.ReaderAt{w.data, w.target}
+}
+
+// SetTarget sets what the layer's remote entries (MapTarget) read.
+func (w *RW) SetTarget(r io.ReaderAt) {
+	w.mu.Lock()
+	w.target = r
+	w.mu.Unlock()
+}
+
+// MapTarget maps n bytes at off of the virtual disk to the bytes at toff of the layer's target (all multiples of
+// 512) instead of storing data: a TurboOCI warp layer's file data, which stays in the original layer's tar. Like a
+// write, it hides what was mapped there before. Committed with CommitOptions.Warp, the entries are kept as they are.
+func (w *RW) MapTarget(off, n, toff int64) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err := w.checkIO("map", off, n); err != nil {
+		return err
+	}
+	if !w.warp {
+		return errors.New("lsmt: only a layer created with CreateOptions.Warp maps target data")
+	}
+	if toff < 0 || toff%SectorSize != 0 || uint64(toff+n)/SectorSize > maxMOffset {
+		return fmt.Errorf("lsmt: target offset %d is not a multiple of %d within the format's range", toff, SectorSize)
+	}
+	for lba, moff, left := uint64(off)/SectorSize, uint64(toff)/SectorSize, uint64(n)/SectorSize; left > 0; {
+		k := min(left, MaxSegmentLength)
+		m := pack(lba, uint32(k), moff, false, TagTarget)
+		w.insert(m)
+		if err := w.appendIndex(m); err != nil {
+			return err
+		}
+		lba, moff, left = lba+k, moff+k, left-k
+	}
+	return nil
 }
 
 // newTree returns an empty index tree. Entries are ordered by their end sector: they never
@@ -95,7 +152,10 @@ func CreateRW(data, index WriteAtFile, vsize int64, opts CreateOptions) (*RW, er
 	if vsize < 0 || vsize%SectorSize != 0 {
 		return nil, fmt.Errorf("lsmt: virtual size %d is not a non-negative multiple of %d", vsize, SectorSize)
 	}
-	w := &RW{data: data, vsize: uint64(vsize), tree: newTree(), dataEnd: HeaderSize}
+	if opts.Warp && opts.Sparse {
+		return nil, errors.New("lsmt: a warp layer cannot be sparse")
+	}
+	w := &RW{data: data, vsize: uint64(vsize), tree: newTree(), dataEnd: HeaderSize, warp: opts.Warp}
 	flags := uint32(FlagHeader | FlagDataFile)
 	if opts.Sparse {
 		flags |= FlagSparseRW
@@ -456,7 +516,7 @@ func (w *RW) ReadAt(p []byte, off int64) (int, error) {
 	if len(q) == 0 {
 		return 0, eof
 	}
-	fl := newFiller(q, off, []io.ReaderAt{w.data})
+	fl := newFiller(q, off, w.readers())
 	if err := w.fillTree(fl, 0, fl.end(), nil); err != nil {
 		return 0, err
 	}
@@ -466,8 +526,8 @@ func (w *RW) ReadAt(p []byte, off int64) (int, error) {
 	return len(q), eof
 }
 
-// fillTree fills fl up to stop from the tree, reading mapped pieces as reader rd; gaps are filled
-// by gap (zeros when nil). The caller holds w.mu.
+// fillTree fills fl up to stop from the tree, reading mapped pieces as reader rd (its data file; rd+1 is its
+// target); gaps are filled by gap (zeros when nil). The caller holds w.mu.
 func (w *RW) fillTree(fl *filler, rd int, stop uint64, gap func(stop uint64) error) error {
 	if gap == nil {
 		gap = func(stop uint64) error { fl.zeroTo(stop); return nil }
@@ -484,7 +544,7 @@ func (w *RW) fillTree(fl *filler, rd int, stop uint64, gap func(stop uint64) err
 				return false
 			}
 		}
-		err = fl.mapped(rd, m, min(m.end()*SectorSize, stop))
+		err = fl.mapped(rd+int(m.tag()), m, min(m.end()*SectorSize, stop))
 		return err == nil && fl.pos < stop
 	})
 	if err != nil {
@@ -626,7 +686,7 @@ func (w *RW) Freeze() (*File, error) {
 	}
 	ents := w.dump()
 	t.IndexSize = uint64(len(ents))
-	return &File{r: w.data, size: size, header: h, trailer: t, idx: newSegIndex(ents), readers: []io.ReaderAt{w.data}}, nil
+	return &File{r: w.data, size: size, header: h, trailer: t, idx: newSegIndex(ents), readers: w.readers()}, nil
 }
 
 // Seal closes the layer and turns its data file into a read-only layer (upstream

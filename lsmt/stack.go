@@ -19,7 +19,7 @@ var ErrReadOnly = errors.New("lsmt: stack has no writable layer")
 type Stack struct {
 	lowers  []*File // bottom → top
 	upper   *RW
-	idx     *segIndex     // merged lowers; tag = position from the top (0 = top lower)
+	idx     *segIndex     // merged lowers; tags select readers
 	readers []io.ReaderAt // by tag; the upper's data file last
 	vsize   uint64
 }
@@ -37,15 +37,25 @@ func NewStack(lowers []*File, upper *RW) (*Stack, error) {
 	s := &Stack{lowers: lowers, upper: upper}
 	n := len(lowers)
 	layers := make([][]mapping, n) // top first
-	s.readers = make([]io.ReaderAt, n, n+1)
-	for i, f := range lowers {
+	bases := make([]int, n)        // the tag of each layer's first reader
+	for i := n - 1; i >= 0; i-- {
+		f := lowers[i]
 		layers[n-1-i] = f.idx.ents
-		s.readers[n-1-i] = f.r
-		if f.trailer.VirtualSize > 0 {
+		bases[n-1-i] = len(s.readers)
+		s.readers = append(s.readers, f.readers...)
+		if f.trailer.VirtualSize > 0 && s.vsize == 0 {
 			s.vsize = f.trailer.VirtualSize
 		}
 	}
-	merged, err := mergeLayers(layers)
+	// Tags are 8 bits: the lowers' files, then the upper's data file and, for a warp upper, its target.
+	limit := MaxLayers
+	if upper != nil && upper.warp {
+		limit--
+	}
+	if len(s.readers) > limit {
+		return nil, fmt.Errorf("lsmt: %d layers read %d files, at most %d can be stacked", n, len(s.readers), limit)
+	}
+	merged, err := mergeLayers(layers, bases)
 	if err != nil {
 		return nil, err
 	}
@@ -57,21 +67,21 @@ func NewStack(lowers []*File, upper *RW) (*Stack, error) {
 			}
 		}
 		s.vsize = uint64(upper.VirtualSize())
-		s.readers = append(s.readers, upper.data)
+		s.readers = append(s.readers, upper.readers()...)
 	}
 	return s, nil
 }
 
-// mergeLayers merges layer indexes given top first into one index whose tags are the layers'
-// positions. Overlaying is associative, so halves are merged recursively: each entry is copied
+// mergeLayers merges layer indexes given top first into one index whose tags select the stack's readers: an entry
+// of layer i with tag t gets bases[i]+t. Overlaying is associative, so halves are merged recursively: each entry is copied
 // O(log layers) times by linear sweeps.
-func mergeLayers(layers [][]mapping) ([]mapping, error) {
+func mergeLayers(layers [][]mapping, bases []int) ([]mapping, error) {
 	var rec func(lo, hi int, final bool) ([]mapping, error)
 	rec = func(lo, hi int, final bool) ([]mapping, error) {
 		if hi-lo == 1 {
 			out := alloc(len(layers[lo]), final)
 			for _, m := range layers[lo] {
-				out = append(out, m.withTag(uint8(lo)))
+				out = append(out, m.withTag(uint8(bases[lo])+m.tag()))
 			}
 			return out, nil
 		}
@@ -160,7 +170,7 @@ func (s *Stack) ReadAt(p []byte, off int64) (int, error) {
 	} else {
 		// Hold the upper's lock until its pieces are read: its index may change meanwhile.
 		s.upper.mu.RLock()
-		err = s.upper.fillTree(fl, len(s.readers)-1, fl.end(), func(stop uint64) error {
+		err = s.upper.fillTree(fl, len(s.readers)-upperReaders, fl.end(), func(stop uint64) error {
 			return fl.fromIndex(s.idx, stop)
 		})
 		if err == nil {
@@ -220,9 +230,9 @@ func (s *Stack) commitView() ([]mapping, []io.ReaderAt) {
 		return s.idx.ents, s.readers
 	}
 	up := s.upper.dump()
-	tag := uint8(len(s.readers) - 1)
+	base := uint8(len(s.readers) - upperReaders)
 	for i := range up {
-		up[i] = up[i].withTag(tag)
+		up[i] = up[i].withTag(base + up[i].tag())
 	}
 	var out []mapping
 	overlay(up, s.idx.ents, func(m mapping) { out = append(out, m) })
