@@ -7,6 +7,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/obdproject/obd/internal/convert"
+	"github.com/obdproject/obd/internal/image"
 )
 
 func newConvertCmd() *cobra.Command {
@@ -15,6 +16,7 @@ func newConvertCmd() *cobra.Command {
 		baseLayer string
 		oci       bool
 		referrer  bool
+		turbo     bool
 		platform  string
 		workDir   string
 		asJSON    bool
@@ -43,12 +45,19 @@ writes an index of the converted images: a Docker manifest list for a Docker man
 
 --referrer writes OCI media types and makes the converted manifest (and index) a referrer of the source: its
 subject is the source's manifest (index), its artifactType
-` + convert.ArtifactTypeOverlaybd + `. Without a tag in DST it is stored by digest only.`,
+` + convert.ArtifactTypeOverlaybd + ` (` + image.ArtifactTypeTurboOCI + ` with --turbo). Without a tag
+in DST it is stored by digest only.
+
+--turbo writes upstream's TurboOCI layout instead: no file data is converted or stored again. Each layer keeps its
+original blob (gzip or uncompressed tar; pushed to DST with the image, mounted from the source repository when the
+registry allows it) and gets a small layer of filesystem metadata whose file blocks point into the original's tar,
+plus a gzip index to read the original at any offset.`,
 		Example: `  obd convert oci:testdata/upstream/hello-world-oci:amd64 oci:out:hello-obd
   obd convert docker-archive:app.tar oci:out:app-obd --oci
   obd convert 127.0.0.1:5000/app:v1 127.0.0.1:5000/app:v1-obd
   obd convert --platform all oci:testdata/upstream/hello-world-oci:docker-list oci:out:hello-all
-  obd convert --referrer 127.0.0.1:5000/app:v1 127.0.0.1:5000/app`,
+  obd convert --referrer 127.0.0.1:5000/app:v1 127.0.0.1:5000/app
+  obd convert --turbo 127.0.0.1:5000/app:v1 127.0.0.1:5000/app:v1-turbo`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			job, err := convert.NewJob(args[0], args[1], platform, referrer)
@@ -63,12 +72,17 @@ subject is the source's manifest (index), its artifactType
 			if vsizeGB <= 0 || vsizeGB > 1<<14 {
 				return fmt.Errorf("--vsize %d: want 1..16384 GiB", vsizeGB)
 			}
-			job.Options = convert.ImageOptions{VirtualSize: vsizeGB << 30, BaseLayer: baseLayer, ZFile: zopts, OCI: oci || referrer, WorkDir: workDir, Referrer: referrer}
+			job.Options = convert.ImageOptions{VirtualSize: vsizeGB << 30, BaseLayer: baseLayer, ZFile: zopts, OCI: oci || referrer, WorkDir: workDir, Referrer: referrer, Turbo: turbo}
+			if turbo && baseLayer != "" {
+				return fmt.Errorf("--turbo formats its own filesystem: it takes no --base-layer")
+			}
 			if !asJSON {
 				job.Log = cmd.ErrOrStderr()
 			}
-			if job.Options.DB, err = convert.OpenDBFor(dbf.path, dbf.off, dbf.maxSize, cmd.ErrOrStderr()); err != nil {
-				return err
+			if !turbo { // TurboOCI layers are not kept in the database
+				if job.Options.DB, err = convert.OpenDBFor(dbf.path, dbf.off, dbf.maxSize, cmd.ErrOrStderr()); err != nil {
+					return err
+				}
 			}
 			start := time.Now()
 			res, err := job.Run(cmd.Context())
@@ -86,6 +100,7 @@ subject is the source's manifest (index), its artifactType
 	cmd.Flags().StringVar(&baseLayer, "base-layer", "", "stack on this base layer file (e.g. upstream's ext4_64) instead of formatting a new filesystem")
 	cmd.Flags().BoolVar(&oci, "oci", false, "OCI media types (default: Docker schema 2, like upstream)")
 	cmd.Flags().BoolVar(&referrer, "referrer", false, "push the result as an OCI referrer of the source (subject, artifactType; implies --oci)")
+	cmd.Flags().BoolVar(&turbo, "turbo", false, "TurboOCI: keep the original layers and add filesystem metadata and gzip indexes (no data converted)")
 	cmd.Flags().StringVar(&platform, "platform", "", "os/arch[/variant] to convert from a multi-platform image (default: this machine's), or all")
 	cmd.Flags().StringVar(&workDir, "work-dir", "", "directory for scratch files (default: the system temp dir)")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the result as JSON, no progress")

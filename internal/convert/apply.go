@@ -29,6 +29,11 @@ type ApplyOptions struct {
 	// refuses (unknown namespace, too large) instead of failing; they are
 	// counted in ApplyStats.SkippedXattrs.
 	IgnoreXattrErrors bool
+	// MapData, if set, leaves the data of regular files in the tar (TurboOCI): their blocks are allocated and
+	// MapData is told, for each run of them, that n bytes at device offset devOff are the bytes at tarOff of the
+	// uncompressed tar (all multiples of 512; the last run ends at the file's end rounded up to 512). GNU sparse
+	// files are written as usual.
+	MapData func(devOff, n, tarOff int64) error
 }
 
 // ApplyStats counts what Apply did.
@@ -97,6 +102,7 @@ func Apply(ctx context.Context, fsys *ext4.FS, r io.Reader, opts ApplyOptions) (
 		}
 		last = hdr.Name
 		a.stats.Entries++
+		a.dataOff = src.total
 		var content io.Reader = tr
 		sf, err := sparseOf(hdr, src)
 		if err != nil {
@@ -146,9 +152,10 @@ func (a *applier) explain(err error) error {
 }
 
 type applier struct {
-	fs    *ext4.FS
-	opts  ApplyOptions
-	stats ApplyStats
+	fs      *ext4.FS
+	dataOff int64 // offset in the tar of the current entry's data
+	opts    ApplyOptions
+	stats   ApplyStats
 	// touched holds the paths this layer wrote and their ancestors: what
 	// an opaque directory or a whiteout in the same layer must keep.
 	touched map[string]struct{}
@@ -220,6 +227,15 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 		if sf, ok := r.(*sparseFile); ok {
 			err = a.fs.CreateSparseFile(p, m, sf, hdr.Size, sf.data)
 			a.stats.DataBytes += sf.size
+		} else if a.opts.MapData != nil && a.dataOff%blockSize == 0 {
+			end := (hdr.Size + blockSize - 1) / blockSize * blockSize
+			err = a.fs.CreateMappedFile(p, m, hdr.Size, func(devOff, fileOff, n int64) error {
+				if n = min(n, end-fileOff); n <= 0 {
+					return nil
+				}
+				return a.opts.MapData(devOff, n, a.dataOff+fileOff)
+			})
+			a.stats.DataBytes += hdr.Size
 		} else {
 			err = a.fs.CreateFile(p, m, r, hdr.Size)
 			a.stats.DataBytes += hdr.Size
@@ -431,6 +447,7 @@ func (c ctxReader) Read(p []byte) (int, error) {
 // sparse entries are in there.
 type tarSource struct {
 	r         io.Reader
+	total     int64 // bytes read
 	recording bool
 	rec       []byte
 	n         int64 // bytes read while recording, rec may hold fewer
@@ -442,6 +459,7 @@ const maxRecord = 8 << 20
 
 func (s *tarSource) Read(p []byte) (int, error) {
 	n, err := s.r.Read(p)
+	s.total += int64(n)
 	if s.recording {
 		if s.n += int64(n); s.n <= maxRecord {
 			s.rec = append(s.rec, p[:n]...)

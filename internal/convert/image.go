@@ -66,10 +66,23 @@ type ImageOptions struct {
 	// Referrer makes the manifest an OCI referrer of the source manifest: OCI media types, subject = the source
 	// manifest's descriptor, artifactType = ArtifactTypeOverlaybd (as upstream's converter does with --referrer).
 	Referrer bool
+	// Turbo converts to upstream's TurboOCI v1 layout: each layer keeps its original blob (gzip or uncompressed tar),
+	// which the image references, and gets a small layer holding its filesystem metadata, whose file blocks map
+	// into the original's tar, and a gzip index to read the original at any offset. No file data is written. It
+	// formats a new filesystem (no BaseLayer) and does not use DB.
+	Turbo bool
 }
 
 // ArtifactTypeOverlaybd is the artifactType of overlaybd images pushed as referrers of their source image.
 const ArtifactTypeOverlaybd = image.ArtifactTypeOverlaybd
+
+// artifactType is the artifactType of a referrer converted with opts.
+func (opts ImageOptions) artifactType() string {
+	if opts.Turbo {
+		return image.ArtifactTypeTurboOCI
+	}
+	return ArtifactTypeOverlaybd
+}
 
 // RemoteBlobs gives access to layer blobs in the registry a conversion is pushed to.
 type RemoteBlobs struct {
@@ -116,6 +129,9 @@ type Result struct {
 	ConfigDesc   ocispec.Descriptor
 	// Blobs are the layer blobs in manifest order.
 	Blobs []Blob
+	// Targets are the original layer blobs a TurboOCI image references (not in the manifest's layers, but pushed
+	// with it).
+	Targets []Blob
 	// Timings sums the time spent per stage over all layers.
 	Timings map[string]time.Duration
 	dir     string
@@ -135,12 +151,15 @@ type Blob struct {
 	// Repos are repositories of ImageOptions.Remote.Host known to hold the blob (reused layers only): a push can
 	// mount it from them.
 	Repos []string
+	// DiffID is the digest of the blob's uncompressed content when it is compressed (TurboOCI layers); "" means
+	// the blob's own digest.
+	DiffID digest.Digest
 }
 
 // Image describes the result for an image.Sink, which takes the blob files away from the work directory.
 func (r *Result) Image() *image.Image {
 	img := &image.Image{Manifest: r.Manifest, ManifestDesc: r.ManifestDesc, Config: r.Config, ConfigDesc: r.ConfigDesc}
-	for _, b := range r.Blobs {
+	for _, b := range append(r.Targets[:len(r.Targets):len(r.Targets)], r.Blobs...) {
 		img.Layers = append(img.Layers, image.Blob{Desc: b.Desc, Path: b.Path, Repos: b.Repos})
 	}
 	return img
@@ -179,6 +198,12 @@ func ConvertImage(ctx context.Context, src image.Source, opts ImageOptions) (*Re
 	}
 	if opts.Referrer {
 		opts.OCI = true
+	}
+	if opts.Turbo {
+		if opts.BaseLayer != "" {
+			return nil, errors.New("a TurboOCI conversion formats its own filesystem: it takes no base layer")
+		}
+		opts.DB, opts.Remote = nil, nil
 	}
 	m, _ := src.Manifest()
 	if err := CheckLayers(m); err != nil {
@@ -307,6 +332,9 @@ func (c *converter) run(ctx context.Context) (*Result, error) {
 		}
 		parentUUID = uuid
 		rec := layerRecord{UUID: uuid, Chain: chains[i]}
+		if layer.turbo != nil {
+			res.Targets = append(res.Targets, layer.turbo.blob)
+		}
 		packing.Go(func() error {
 			b, err := c.pack(layer)
 			if err != nil {
@@ -555,6 +583,7 @@ type frozen struct {
 	name             string
 	rw               *lsmt.RW
 	uuid, parentUUID string
+	turbo            *turboTarget // a TurboOCI layer's original
 }
 
 // applyLayer applies layer i over the layers below it and freezes it: it becomes the next lower as it is, read from
@@ -579,7 +608,7 @@ func (c *converter) applyLayer(ctx context.Context, i, n int, diffID digest.Dige
 		return frozen{}, err
 	}
 	defer wb.Close() // on errors; a second Close does nothing
-	rw, err := lsmt.CreateRW(wb, index, vsize, lsmt.CreateOptions{UUID: uuid, ParentUUID: parentUUID})
+	rw, err := lsmt.CreateRW(wb, index, vsize, lsmt.CreateOptions{UUID: uuid, ParentUUID: parentUUID, Warp: c.opts.Turbo})
 	if err != nil {
 		return frozen{}, err
 	}
@@ -601,7 +630,13 @@ func (c *converter) applyLayer(ctx context.Context, i, n int, diffID digest.Dige
 	if err != nil {
 		return frozen{}, err
 	}
-	applied, err := c.apply(ctx, fsys, i, diffID)
+	var applied int64
+	var turbo *turboTarget
+	if c.opts.Turbo {
+		applied, turbo, err = c.applyTurbo(ctx, fsys, rw, i, diffID)
+	} else {
+		applied, err = c.apply(ctx, fsys, i, diffID)
+	}
 	if cerr := fsys.Close(); err == nil && cerr != nil {
 		err = fmt.Errorf("flush filesystem: %w", cerr)
 	}
@@ -617,12 +652,15 @@ func (c *converter) applyLayer(ctx context.Context, i, n int, diffID digest.Dige
 	}
 	c.lowers = append(c.lowers, lower)
 	c.stage(Progress{Layer: i, Layers: n, Stage: "apply", Bytes: applied}, start)
-	return frozen{i: i, n: n, name: name, rw: rw, uuid: uuid, parentUUID: parentUUID}, nil
+	return frozen{i: i, n: n, name: name, rw: rw, uuid: uuid, parentUUID: parentUUID, turbo: turbo}, nil
 }
 
 // pack commits a frozen layer straight into a ZFile compressor writing into the layer's blob file, wrapped in tar
 // in place (WriteLayer), and hashes the blob.
 func (c *converter) pack(l frozen) (Blob, error) {
+	if l.turbo != nil {
+		return c.packTurbo(l)
+	}
 	start := time.Now()
 	out, err := c.openFile(l.name + ".blob")
 	if err != nil {
@@ -778,7 +816,11 @@ func (c *converter) writeMetadata(res *Result, cfg map[string]json.RawMessage, s
 	json.Unmarshal(cfg["rootfs"], &rootfs)
 	rootfs.DiffIDs = nil
 	for _, b := range res.Blobs {
-		rootfs.DiffIDs = append(rootfs.DiffIDs, b.Desc.Digest)
+		d := b.Desc.Digest
+		if b.DiffID != "" {
+			d = b.DiffID
+		}
+		rootfs.DiffIDs = append(rootfs.DiffIDs, d)
 	}
 	rb, err := json.Marshal(rootfs)
 	if err != nil {
@@ -796,7 +838,7 @@ func (c *converter) writeMetadata(res *Result, cfg map[string]json.RawMessage, s
 	man := ocispec.Manifest{MediaType: manType, Config: res.ConfigDesc, Annotations: src.Annotations}
 	man.SchemaVersion = 2
 	if c.opts.Referrer {
-		man.ArtifactType = ArtifactTypeOverlaybd
+		man.ArtifactType = c.opts.artifactType()
 		man.Subject = &ocispec.Descriptor{MediaType: srcDesc.MediaType, Digest: srcDesc.Digest, Size: srcDesc.Size}
 	}
 	for _, b := range res.Blobs {

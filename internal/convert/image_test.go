@@ -87,7 +87,7 @@ func storeResult(t testing.TB, res *Result, dir, tag string) image.Ref {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, b := range res.Blobs {
+	for _, b := range append(res.Targets, res.Blobs...) {
 		if err := lay.PutBlobFile(b.Path, b.Desc.Digest, b.Desc.Size); err != nil {
 			t.Fatal(err)
 		}

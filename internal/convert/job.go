@@ -292,7 +292,7 @@ func (j *Job) convertAll(ctx context.Context) error {
 	}
 	j.res.Top = ocispec.Descriptor{MediaType: out.MediaType, Digest: digest.FromBytes(ib), Size: int64(len(ib))}
 	if j.Options.Referrer {
-		j.res.Top.ArtifactType = ArtifactTypeOverlaybd
+		j.res.Top.ArtifactType = j.Options.artifactType()
 	}
 	if err := j.sink.PutIndex(ctx, j.res.Top, ib, j.Tag); err != nil {
 		return fmt.Errorf("write %s: %w", j.Dst, err)
@@ -308,7 +308,7 @@ func convertedIndex(src ocispec.Index, srcDesc ocispec.Descriptor, opts ImageOpt
 		out.MediaType = ocispec.MediaTypeImageIndex
 	}
 	if opts.Referrer {
-		out.ArtifactType = ArtifactTypeOverlaybd
+		out.ArtifactType = opts.artifactType()
 		out.Subject = &srcDesc
 	}
 	return out

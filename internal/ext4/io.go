@@ -127,6 +127,19 @@ func (st *ioState) writeAt(p []byte, off int64) error {
 	return nil
 }
 
+// forget drops the cached blocks in [off, off+n): their place on the device now holds data written by others.
+func (st *ioState) forget(off, n int64) {
+	if len(st.dirty) == 0 || st.bs == 0 {
+		return
+	}
+	for b := off / st.bs * st.bs; b < off+n; b += st.bs {
+		if blk, ok := st.dirty[b]; ok {
+			st.spare = append(st.spare, blk)
+			delete(st.dirty, b)
+		}
+	}
+}
+
 // cacheWrite takes a metadata write from libext2fs: whole blocks are kept
 // in the cache, anything else goes to the device.
 func (st *ioState) cacheWrite(p []byte, off int64) error {

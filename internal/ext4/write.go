@@ -335,6 +335,60 @@ func (f *FS) createFile(p string, m Meta, r io.Reader, size int64, data []Extent
 	return f.link(pino, d, name, uint32(ino), ModeRegular)
 }
 
+// CreateMappedFile creates regular file path of the given size whose blocks are allocated but not written: for each
+// run of them, mapData is told that n bytes at device offset devOff hold the file's bytes from fileOff on, and
+// supplies them itself (a TurboOCI layer maps them to the original tar). The last run ends at the block after the
+// file's end.
+func (f *FS) CreateMappedFile(p string, m Meta, size int64, mapData func(devOff, fileOff, n int64) error) error {
+	if err := f.lock(true); err != nil {
+		return err
+	}
+	defer f.mu.Unlock()
+	return pathErr("create", p, f.createMapped(p, m, size, mapData))
+}
+
+func (f *FS) createMapped(p string, m Meta, size int64, mapData func(devOff, fileOff, n int64) error) error {
+	if size < 0 || size > f.maxFileSize() {
+		return fmt.Errorf("size %d: ext4 with %d-byte blocks holds files of at most %d bytes: %w", size, f.bs, f.maxFileSize(), syscall.EFBIG)
+	}
+	pino, d, name, err := f.create(p)
+	if err != nil {
+		return err
+	}
+	cm := m.c()
+	var wf *C.obd_wfile
+	var ino C.ext2_ino_t
+	if code := C.obd_wfile_new(f.fs, C.ext2_ino_t(pino), &cm, &wf, &ino); code != 0 {
+		return f.err(code)
+	}
+	const maxSegs = 16
+	var segs [3 * maxSegs]C.uint64_t
+	for lblk, left := int64(0), (size+f.bs-1)/f.bs; left > 0; {
+		var n C.int
+		if code := C.obd_wfile_alloc(wf, C.uint64_t(lblk), C.uint64_t(left), &segs[0], maxSegs, &n); code != 0 {
+			C.obd_wfile_abort(wf)
+			f.st.takeErr()
+			return f.err(code)
+		}
+		for i := 0; i < int(n); i++ {
+			pblk, blocks := int64(segs[3*i+1]), int64(segs[3*i+2])
+			// A cached metadata block freed earlier must not be written back over the data.
+			f.st.forget(pblk*f.bs, blocks*f.bs)
+			if err := mapData(pblk*f.bs, lblk*f.bs, blocks*f.bs); err != nil {
+				C.obd_wfile_abort(wf)
+				f.st.takeErr()
+				return err
+			}
+			lblk += blocks
+			left -= blocks
+		}
+	}
+	if code := C.obd_wfile_finish(wf, C.uint64_t(size)); code != 0 {
+		return f.err(code)
+	}
+	return f.link(pino, d, name, uint32(ino), ModeRegular)
+}
+
 // writeData copies the data extents from r into the file being written,
 // allocating blocks only for the non-zero ones. f.buf gathers the blocks
 // that data touch, and is all zeros between calls.

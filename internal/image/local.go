@@ -50,7 +50,11 @@ func OpenLocal(ref Ref, platform Platform) (*Local, error) {
 			return nil, fmt.Errorf("%s: layer %d: %w", ref, i, err)
 		}
 		img.files = append(img.files, f)
-		files[i], err = OpenLayerBlob(f, l.BlobSize, false)
+		if l.Target != "" {
+			files[i], err = img.openTurbo(lay, f, l)
+		} else {
+			files[i], err = OpenLayerBlob(f, l.BlobSize, false)
+		}
 		if err != nil {
 			img.Close()
 			return nil, fmt.Errorf("%s: layer %d (%s): %w", ref, i, l.BlobDigest, err)
@@ -62,6 +66,24 @@ func OpenLocal(ref Ref, platform Platform) (*Local, error) {
 		return nil, fmt.Errorf("%s: %w", ref, err)
 	}
 	return img, nil
+}
+
+// openTurbo opens TurboOCI layer l, whose blob is f, over its original blob in the layout.
+func (img *Local) openTurbo(lay *Layout, f *os.File, l BlockLayer) (*lsmt.File, error) {
+	tm, err := ReadTurboMeta(f)
+	if err != nil {
+		return nil, err
+	}
+	t, err := os.Open(lay.BlobPath(l.Target))
+	if err != nil {
+		return nil, fmt.Errorf("TurboOCI target: %w", err)
+	}
+	img.files = append(img.files, t)
+	st, err := t.Stat()
+	if err != nil {
+		return nil, err
+	}
+	return OpenTurbo(tm, t, st.Size())
 }
 
 // Close releases the image's blob files.

@@ -25,8 +25,16 @@ const (
 	AnnotationAccelerationLayer = "containerd.io/snapshot/overlaybd/acceleration-layer"
 	// FormatVersion is the overlaybd version annotation obd writes.
 	FormatVersion = "0.1.0"
+	// TurboVersion is the version annotation of TurboOCI layers.
+	TurboVersion = "0.1.0-turbo.ociv1"
+	// AnnotationTurboTarget and AnnotationTurboTargetMedia name a TurboOCI layer's original layer blob, whose
+	// uncompressed tar holds the files' data, and its media type.
+	AnnotationTurboTarget      = "containerd.io/snapshot/overlaybd/turbo-oci/target-digest"
+	AnnotationTurboTargetMedia = "containerd.io/snapshot/overlaybd/turbo-oci/target-media-type"
 	// ArtifactTypeOverlaybd is the artifactType of overlaybd images pushed as referrers of their source image.
 	ArtifactTypeOverlaybd = "application/vnd.containerd.overlaybd.native.v1+json"
+	// ArtifactTypeTurboOCI is the artifactType of TurboOCI images pushed as referrers of their source image.
+	ArtifactTypeTurboOCI = "application/vnd.containerd.overlaybd.turbo.v1+json"
 )
 
 // BlockLayer is one overlaybd layer of a manifest.
@@ -34,6 +42,9 @@ type BlockLayer struct {
 	Descriptor ocispec.Descriptor
 	BlobDigest digest.Digest
 	BlobSize   int64
+	// Target is the original layer blob of a TurboOCI layer (whose blob holds only filesystem metadata); "" for a
+	// native overlaybd layer.
+	Target digest.Digest
 }
 
 // ErrNotOverlaybd means a manifest's layers are not overlaybd block layers.
@@ -65,7 +76,13 @@ func BlockLayers(m ocispec.Manifest) ([]BlockLayer, error) {
 		if dg != l.Digest || size != l.Size {
 			return nil, fmt.Errorf("layer %d: annotations name blob %s (%d bytes) but the descriptor is %s (%d bytes)", i, dg, size, l.Digest, l.Size)
 		}
-		out = append(out, BlockLayer{Descriptor: l, BlobDigest: dg, BlobSize: size})
+		bl := BlockLayer{Descriptor: l, BlobDigest: dg, BlobSize: size}
+		if IsTurbo(l.Annotations) {
+			if bl.Target, err = turboTarget(l.Annotations); err != nil {
+				return nil, fmt.Errorf("layer %d (%s): %w", i, l.Digest, err)
+			}
+		}
+		out = append(out, bl)
 	}
 	if len(out) == 0 {
 		return nil, fmt.Errorf("manifest has no layers: %w", ErrNotOverlaybd)
