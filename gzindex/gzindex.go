@@ -122,41 +122,52 @@ func marshalEntries(es []Entry) []byte {
 	return b
 }
 
-// Open parses the index file r of size bytes and checks it against the gzip blob it indexes, of gzipSize bytes:
-// header CRC, sizes, and every entry (in order, inside the blob, the uncompressed stream and the file).
-func Open(r io.ReaderAt, size, gzipSize int64) (*Index, error) {
+// ReadHeader reads and checks the header of the index file r of size bytes (see Open): for the size of the gzip
+// blob it indexes before the blob is opened.
+func ReadHeader(r io.ReaderAt, size int64) (Header, error) {
 	if size < HeaderSize {
-		return nil, fmt.Errorf("gzip index: %d bytes, shorter than its %d-byte header", size, HeaderSize)
+		return Header{}, fmt.Errorf("gzip index: %d bytes, shorter than its %d-byte header", size, HeaderSize)
 	}
 	b := make([]byte, HeaderSize)
 	if _, err := r.ReadAt(b, 0); err != nil {
-		return nil, fmt.Errorf("gzip index: reading the header: %w", err)
+		return Header{}, fmt.Errorf("gzip index: reading the header: %w", err)
 	}
 	if string(b[:len(Magic)]) != Magic || b[7] != 0 {
-		return nil, fmt.Errorf("gzip index: bad magic %q", b[:8])
+		return Header{}, fmt.Errorf("gzip index: bad magic %q", b[:8])
 	}
 	h := parseHeader(b)
 	switch {
 	case crc32c(b[:crcOffset]) != h.CRC:
-		return nil, errors.New("gzip index: header CRC mismatch")
+		return h, errors.New("gzip index: header CRC mismatch")
 	case h.Major != 1:
-		return nil, fmt.Errorf("gzip index: version %d.%d, only 1.x is known", h.Major, h.Minor)
+		return h, fmt.Errorf("gzip index: version %d.%d, only 1.x is known", h.Major, h.Minor)
 	case h.IndexSize != EntrySize:
-		return nil, fmt.Errorf("gzip index: entries of %d bytes, want %d", h.IndexSize, EntrySize)
+		return h, fmt.Errorf("gzip index: entries of %d bytes, want %d", h.IndexSize, EntrySize)
 	case h.Window != WindowSize:
-		return nil, fmt.Errorf("gzip index: window of %d bytes, want %d", h.Window, WindowSize)
+		return h, fmt.Errorf("gzip index: window of %d bytes, want %d", h.Window, WindowSize)
 	case h.DictAlgo != algoNone && h.DictAlgo != algoZlib:
-		return nil, fmt.Errorf("gzip index: unknown window compression %d", h.DictAlgo)
+		return h, fmt.Errorf("gzip index: unknown window compression %d", h.DictAlgo)
 	case h.IndexFileSize != size:
-		return nil, fmt.Errorf("gzip index: header says %d bytes, the file has %d", h.IndexFileSize, size)
+		return h, fmt.Errorf("gzip index: header says %d bytes, the file has %d", h.IndexFileSize, size)
 	case h.IndexStart < HeaderSize || h.IndexAreaLen < 0 || h.IndexStart > size || h.IndexAreaLen != size-h.IndexStart:
-		return nil, fmt.Errorf("gzip index: entry area %d+%d does not end the %d-byte file", h.IndexStart, h.IndexAreaLen, size)
-	case h.GzipFileSize != gzipSize:
-		return nil, fmt.Errorf("gzip index: indexes a %d-byte gzip blob, this one has %d bytes", h.GzipFileSize, gzipSize)
+		return h, fmt.Errorf("gzip index: entry area %d+%d does not end the %d-byte file", h.IndexStart, h.IndexAreaLen, size)
 	case h.IndexNum < 1 || h.IndexNum > maxEntries:
-		return nil, fmt.Errorf("gzip index: %d entries", h.IndexNum)
-	case h.UncompressedSize < 0:
-		return nil, fmt.Errorf("gzip index: uncompressed size %d", h.UncompressedSize)
+		return h, fmt.Errorf("gzip index: %d entries", h.IndexNum)
+	case h.UncompressedSize < 0 || h.GzipFileSize < 0:
+		return h, fmt.Errorf("gzip index: sizes %d (uncompressed), %d (gzip)", h.UncompressedSize, h.GzipFileSize)
+	}
+	return h, nil
+}
+
+// Open parses the index file r of size bytes and checks it against the gzip blob it indexes, of gzipSize bytes:
+// header CRC, sizes, and every entry (in order, inside the blob, the uncompressed stream and the file).
+func Open(r io.ReaderAt, size, gzipSize int64) (*Index, error) {
+	h, err := ReadHeader(r, size)
+	if err != nil {
+		return nil, err
+	}
+	if h.GzipFileSize != gzipSize {
+		return nil, fmt.Errorf("gzip index: indexes a %d-byte gzip blob, this one has %d bytes", h.GzipFileSize, gzipSize)
 	}
 	area := make([]byte, h.IndexAreaLen)
 	if _, err := r.ReadAt(area, h.IndexStart); err != nil {

@@ -117,6 +117,28 @@ func ReadTurboMeta(r io.Reader) (*TurboMeta, error) {
 	return tm, nil
 }
 
+// TargetSize returns the size of the original blob as its gzip index records it; false without an index.
+func (tm *TurboMeta) TargetSize() (int64, bool, error) {
+	if tm.GzipIndex == nil {
+		return 0, false, nil
+	}
+	h, err := gzindex.ReadHeader(bytes.NewReader(tm.GzipIndex), int64(len(tm.GzipIndex)))
+	if err != nil {
+		return 0, false, err
+	}
+	return h.GzipFileSize, true, nil
+}
+
+// OpenTurboLayer is OpenTurbo for the device path: a Layer whose BlobRange is empty (its reads of the original go
+// through the gzip index, not in ranges a trace can name).
+func OpenTurboLayer(tm *TurboMeta, target io.ReaderAt, targetSize int64) (*Layer, error) {
+	f, err := OpenTurbo(tm, target, targetSize)
+	if err != nil {
+		return nil, err
+	}
+	return &Layer{File: f, turbo: true}, nil
+}
+
 // OpenTurbo opens the filesystem metadata of a TurboOCI layer over its original blob target (targetSize bytes):
 // remote entries read the original's uncompressed tar, through the gzip index when there is one. Data read through
 // the index is checked only by the deflate stream's structure: the caller checks the original blob's digest when

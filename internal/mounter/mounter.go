@@ -4,6 +4,7 @@
 package mounter
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -361,6 +362,9 @@ func (m *Mounter) openLayer(ctx context.Context, img *mounted, i int, l snapshot
 	if err != nil {
 		return nil, err
 	}
+	if l.Target != "" {
+		return m.openTurbo(ctx, img, i, l, client, ref)
+	}
 	blob := img.reuse[l.Digest]
 	if blob == nil {
 		if blob, err = client.Blob(ctx, ref.Host(), ref.Repository(), l.Digest, l.Size); err != nil {
@@ -382,6 +386,64 @@ func (m *Mounter) openLayer(ctx context.Context, img *mounted, i int, l snapshot
 	}
 	img.layers[i] = src
 	return image.OpenLayer(annotate(r, l), blob.Size(), image.LayerOptions{Verify: true, Observe: observe})
+}
+
+// maxTurboMeta bounds the metadata blob of a TurboOCI layer, which is read whole.
+const maxTurboMeta = 1 << 30
+
+// openTurbo opens TurboOCI layer i of img: its metadata blob is fetched whole (it is small: no file data) and
+// checked against its digest; its original blob is read lazily through the cache, which is also what a background
+// download fills and verifies.
+func (m *Mounter) openTurbo(ctx context.Context, img *mounted, i int, l snapshotter.Layer, client *registry.Client, ref image.Ref) (*image.Layer, error) {
+	if l.Size > maxTurboMeta {
+		return nil, fmt.Errorf("TurboOCI metadata blob of %d bytes, more than %d", l.Size, maxTurboMeta)
+	}
+	mb, err := client.Blob(ctx, ref.Host(), ref.Repository(), l.Digest, l.Size)
+	if err != nil {
+		return nil, err
+	}
+	var mr io.ReaderAt = refetcher{mb}
+	if m.opts.Cache != nil {
+		mr = m.opts.Cache.Reader(l.Digest, mb.Size(), mb)
+	}
+	meta := make([]byte, mb.Size())
+	if _, err := mr.ReadAt(meta, 0); err != nil {
+		return nil, fmt.Errorf("TurboOCI metadata blob: %w", err)
+	}
+	if got := digest.FromBytes(meta); got != l.Digest {
+		if ev, ok := mr.(interface{ Evict(off, n int64) error }); ok {
+			ev.Evict(0, int64(len(meta)))
+		}
+		return nil, fmt.Errorf("TurboOCI metadata blob has digest %s, want %s", got, l.Digest)
+	}
+	tm, err := image.ReadTurboMeta(bytes.NewReader(meta))
+	if err != nil {
+		return nil, err
+	}
+	size, known, err := tm.TargetSize()
+	if err != nil {
+		return nil, err
+	}
+	if !known {
+		size = -1 // an uncompressed original: asked from the registry
+	}
+	tb := img.reuse[l.Target]
+	if tb == nil {
+		if tb, err = client.Blob(ctx, ref.Host(), ref.Repository(), l.Target, size); err != nil {
+			return nil, fmt.Errorf("TurboOCI original blob: %w", err)
+		}
+	}
+	img.openMu.Lock()
+	img.blobs = append(img.blobs, mb, tb)
+	img.openMu.Unlock()
+	var r io.ReaderAt = refetcher{tb}
+	src := layerSource{layer: l, blob: tb}
+	if m.opts.Cache != nil {
+		src.cache = m.opts.Cache.Reader(l.Target, tb.Size(), tb)
+		r = src.cache
+	}
+	img.layers[i] = src
+	return image.OpenTurboLayer(tm, r, tb.Size())
 }
 
 // Unmount unmounts target and, when the image has no mount left, detaches its device.

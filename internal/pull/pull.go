@@ -214,12 +214,14 @@ func LabelLayers(ref string, download bool, res *Result) func(images.Handler) im
 				}
 				a[snapshotter.LabelImageRef] = ref
 				_, overlaybd := a[image.AnnotationBlobDigest]
-				if download && overlaybd {
+				// A TurboOCI layer's blob is filesystem metadata only: it stays lazy, its original is downloaded in
+				// the background.
+				if download && overlaybd && !image.IsTurbo(a) {
 					a[snapshotter.LabelDownloadBlob] = "download"
 				}
 				children[i].Annotations = a
 				if res != nil {
-					res.count(overlaybd && !download)
+					res.count(overlaybd && (!download || image.IsTurbo(a)))
 				}
 			}
 			return children, nil

@@ -9,11 +9,11 @@ import (
 	"github.com/obdproject/obd/internal/registry"
 )
 
-// Referrer finds the overlaybd image attached to the image r names as an OCI referrer ('obd convert --referrer'):
-// one whose subject is r's index or manifest, else one whose subject is the manifest for platform in r's index.
-// It returns nil when there is none; a registry that fails to list referrers (while it serves the image) is a
-// *ListError. Of several, the last listed is taken: the referrers tag schema lists them in
-// the order they were pushed.
+// Referrer finds the overlaybd image attached to the image r names as an OCI referrer ('obd convert --referrer',
+// with or without --turbo): one whose subject is r's index or manifest, else one whose subject is the manifest for
+// platform in r's index. It returns nil when there is none; a registry that fails to list referrers (while it serves
+// the image) is a *ListError. A native overlaybd image is taken before a TurboOCI one (it reads faster); of several,
+// the last listed: the referrers tag schema lists them in the order they were pushed.
 func Referrer(ctx context.Context, rc *registry.Client, r image.Ref, platform image.Platform) (*ocispec.Descriptor, error) {
 	sel := r.Tag
 	if r.Digest != "" {
@@ -34,13 +34,16 @@ func Referrer(ctx context.Context, rc *registry.Client, r image.Ref, platform im
 		}
 	}
 	for _, s := range subjects {
-		refs, err := rc.Referrers(ctx, r.Host(), r.Repository(), s, image.ArtifactTypeOverlaybd)
+		refs, err := rc.Referrers(ctx, r.Host(), r.Repository(), s, "")
 		if err != nil {
 			return nil, &ListError{err}
 		}
-		if len(refs) > 0 {
-			d := refs[len(refs)-1]
-			return &d, nil
+		for _, at := range []string{image.ArtifactTypeOverlaybd, image.ArtifactTypeTurboOCI} {
+			for i := len(refs) - 1; i >= 0; i-- {
+				if refs[i].ArtifactType == at {
+					return &refs[i], nil
+				}
+			}
 		}
 	}
 	return nil, nil

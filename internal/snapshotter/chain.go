@@ -212,6 +212,11 @@ func (s *Snapshotter) classify(id string, info snapshots.Info) (chainLayer, erro
 		}
 		cl.kind = kindBlock
 		cl.layer = Layer{Digest: dg, Size: size, ImageRef: imageRef(l)}
+		if t := l[image.AnnotationTurboTarget]; t != "" {
+			if cl.layer.Target, err = digest.Parse(t); err != nil {
+				return cl, fmt.Errorf("remote snapshot %q: label %s: %w", info.Name, image.AnnotationTurboTarget, err)
+			}
+		}
 		return cl, nil
 	}
 	path := filepath.Join(cl.dir, commitFile)

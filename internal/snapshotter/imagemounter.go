@@ -17,6 +17,9 @@ type Layer struct {
 	ImageRef string
 	// LocalPath is set when the blob was downloaded and unpacked locally: the path of its overlaybd.commit file.
 	LocalPath string
+	// Target is the original layer blob of a TurboOCI layer (label …/turbo-oci/target-digest), fetched lazily from
+	// ImageRef's repository: the layer's own blob holds only filesystem metadata. "" for an overlaybd layer.
+	Target digest.Digest
 }
 
 // ImageMounter attaches the virtual disk of an overlaybd layer stack and mounts its filesystem. The snapshotter

@@ -1,0 +1,101 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/registry"
+)
+
+// TestTurboOCI converts an image to TurboOCI ('obd convert --turbo') into its own repository and into another, pulls
+// it lazily and runs a container: the files' data come from the original gzip layers by range, through the gzip
+// index, and most of the original bytes are never fetched. As a referrer of the original tag, 'obd pull' finds it.
+func TestTurboOCI(t *testing.T) {
+	sb := startSandbox(t)
+	ctx := context.Background()
+	src := filepath.Join(t.TempDir(), "src")
+	appImage(t, src)
+	plain := sb.Registry + "/app:v1"
+	pushLayout(t, src, "v1", plain)
+	c, err := registry.New(registry.Options{PlainHTTP: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	manifest := func(r string) ocispec.Manifest {
+		t.Helper()
+		ref, _ := image.ParseRef(r)
+		_, mb, err := c.Resolve(ctx, ref.Host(), ref.Repository(), ref.Tag)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var m ocispec.Manifest
+		if err := json.Unmarshal(mb, &m); err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	orig := manifest(plain)
+	var origBytes int64
+	for _, l := range orig.Layers {
+		origBytes += l.Size
+	}
+
+	turbo := sb.Registry + "/app:turbo"
+	out := obd(t, sb, "convert", "--turbo", "--vsize", "8", plain, turbo)
+	t.Logf("convert: %s", out)
+	m := manifest(turbo)
+	var added int64
+	for i, l := range m.Layers {
+		added += l.Size
+		if l.Annotations[image.AnnotationTurboTarget] != orig.Layers[i].Digest.String() || l.Annotations[image.AnnotationVersion] != image.TurboVersion {
+			t.Errorf("layer %d annotations %v", i, l.Annotations)
+		}
+	}
+	t.Logf("TurboOCI layers: %d bytes beside %d bytes of original layers", added, origBytes)
+	if out := obd(t, sb, "pull", turbo); !strings.Contains(out, "3 layers, 3 lazy") {
+		t.Fatalf("pull: %s", out)
+	}
+	sb.ResetCounters()
+	if got := run(t, sb.Ctr(ctx, "run", "--rm", "--snapshotter", "overlaybd", turbo, "turbo1", "/bin/sh", "/app/run.sh")); got != appOutput {
+		t.Fatalf("container printed %q, want %q", got, appOutput)
+	}
+	var fetched int64
+	for _, l := range orig.Layers {
+		fetched += sb.BlobBytes()[l.Digest.String()]
+	}
+	t.Logf("container fetched %d of %d original layer bytes", fetched, origBytes)
+	// Layer 2's 32 MiB of random data are never read.
+	if fetched == 0 || fetched > origBytes/2 {
+		t.Errorf("fetched %d of %d original bytes: want a fraction", fetched, origBytes)
+	}
+
+	t.Run("other repository", func(t *testing.T) {
+		// The originals are pushed (mounted) with the image: the repository serves them.
+		dst := sb.Registry + "/elsewhere:turbo"
+		obd(t, sb, "convert", "--turbo", "--vsize", "8", plain, dst)
+		for _, l := range orig.Layers {
+			if _, err := c.Blob(ctx, sb.Registry, "elsewhere", l.Digest, -1); err != nil {
+				t.Errorf("original layer %s: %v", l.Digest, err)
+			}
+		}
+	})
+
+	t.Run("referrer", func(t *testing.T) {
+		withRef := sb.Registry + "/reffed:v1"
+		pushLayout(t, src, "v1", withRef)
+		obd(t, sb, "convert", "--turbo", "--vsize", "8", "--referrer", withRef, sb.Registry+"/reffed")
+		out := obd(t, sb, "pull", withRef)
+		if !strings.Contains(out, "its overlaybd referrer sha256:") || !strings.Contains(out, "3 layers, 3 lazy") {
+			t.Fatalf("pull of a tag with a TurboOCI referrer: %s", out)
+		}
+		if got := run(t, sb.Ctr(ctx, "run", "--rm", "--snapshotter", "overlaybd", withRef, "turbo-ref", "/bin/sh", "/app/run.sh")); got != appOutput {
+			t.Errorf("container printed %q, want %q", got, appOutput)
+		}
+	})
+}
