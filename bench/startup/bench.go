@@ -47,6 +47,7 @@ const (
 	caseOBDMeta     = "obd-metadata-pull"
 	caseOBDImported = "obd-imported-cache"
 	caseOBDPullDL   = "obd-pull-download"
+	caseOBDTurbo    = "obd-turbo-cold"
 )
 
 // benchCase is one measured case. Once the images are pushed and the link is calibrated, setup (optional) runs
@@ -75,6 +76,7 @@ const downloadConfig = "[download]\nenable = true\ndelay = 0\nmax_mbps = 0\n"
 var cases = []benchCase{
 	{key: caseOverlayCold, title: "overlayfs: pull + unpack + run", cold: true, run: (*bench).overlayCold},
 	{key: caseOBDCold, title: "obd lazy: obd pull + run", cold: true, obd: true, run: (*bench).obdCold},
+	{key: caseOBDTurbo, title: "obd TurboOCI lazy: obd pull + run (original gzip layers, no conversion)", cold: true, obd: true, run: func(b *bench) (sample, error) { return b.obdStart(b.turboRef) }},
 	{key: caseOBDAccel, title: "obd lazy + acceleration layer (recorded start)", cold: true, obd: true, setup: (*bench).recordStart, run: (*bench).obdAccel},
 	{key: caseOBDDownload, title: "obd lazy + background download", cold: true, obd: true, obdConfig: downloadConfig, run: (*bench).obdDownload},
 	{key: caseOBDPullDL, title: "obd pull --download + run (every blob fetched first)", cold: true, obd: true, run: (*bench).obdPullDownload},
@@ -143,6 +145,7 @@ type bench struct {
 	im   *builtImage
 	// image references: through the shaped link, and the obd image on loopback
 	plainRef, obdRef, obdLoopRef string
+	turboRef                     string
 	accelRef                     string // the obd image with the acceleration layer recordStart made, through the link
 	results                      map[string][]sample
 	calib                        calibration
@@ -211,7 +214,8 @@ func runBench(ctx context.Context, cfg *config) (err error) {
 	}
 	defer c.Close()
 	b := &bench{cfg: cfg, sb: sb, c: c, ctx: namespaces.WithNamespace(ctx, sb.Namespace), link: link, im: im, results: map[string][]sample{},
-		plainRef: link.Addr + "/bench/app:" + tagPlain, obdRef: link.Addr + "/bench/app:" + tagOBD, obdLoopRef: sb.Registry + "/bench/app:" + tagOBD}
+		plainRef: link.Addr + "/bench/app:" + tagPlain, obdRef: link.Addr + "/bench/app:" + tagOBD, obdLoopRef: sb.Registry + "/bench/app:" + tagOBD,
+		turboRef: link.Addr + "/bench/app:" + tagTurbo}
 	if err := b.push(ctx); err != nil {
 		return err
 	}
@@ -266,7 +270,7 @@ func (b *bench) push(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	for _, tag := range []string{tagPlain, tagOBD} {
+	for _, tag := range []string{tagPlain, tagOBD, tagTurbo} {
 		ref, err := image.ParseRef(b.sb.Registry + "/bench/app:" + tag)
 		if err != nil {
 			return err

@@ -42,6 +42,7 @@ var layerRoots = [][]string{
 const (
 	tagPlain = "plain"
 	tagOBD   = "obd"
+	tagTurbo = "turbo"
 	tagAccel = "obd-accel"
 )
 
@@ -53,18 +54,22 @@ type builtImage struct {
 }
 
 type imageInfo struct {
-	Packages          [][]string        `json:"packages"` // per package layer
-	Versions          map[string]string `json:"versions"`
-	PlainLayers       []layerInfo       `json:"plainLayers"`
-	OBDLayers         []layerInfo       `json:"obdLayers"`
-	TarBytes          int64             `json:"tarBytes"`
-	GzipBytes         int64             `json:"gzipBytes"`
-	OBDBytes          int64             `json:"obdBytes"`
-	ConvertSeconds    float64           `json:"convertSeconds"`
-	BuildSeconds      float64           `json:"buildSeconds"`
-	LDLibraryPath     string            `json:"ldLibraryPath"`
-	ZFile             string            `json:"zfileAlgorithm"`
-	ConvertedThisTime bool              `json:"convertedThisRun"`
+	Packages       [][]string        `json:"packages"` // per package layer
+	Versions       map[string]string `json:"versions"`
+	PlainLayers    []layerInfo       `json:"plainLayers"`
+	OBDLayers      []layerInfo       `json:"obdLayers"`
+	TarBytes       int64             `json:"tarBytes"`
+	GzipBytes      int64             `json:"gzipBytes"`
+	OBDBytes       int64             `json:"obdBytes"`
+	ConvertSeconds float64           `json:"convertSeconds"`
+	// TurboBytes is the size of the TurboOCI image's own layer blobs (metadata and gzip indexes), beside the
+	// original layers it references; TurboSeconds the time its conversion took.
+	TurboBytes        int64   `json:"turboBytes"`
+	TurboSeconds      float64 `json:"turboConvertSeconds"`
+	BuildSeconds      float64 `json:"buildSeconds"`
+	LDLibraryPath     string  `json:"ldLibraryPath"`
+	ZFile             string  `json:"zfileAlgorithm"`
+	ConvertedThisTime bool    `json:"convertedThisRun"`
 }
 
 type layerInfo struct {
@@ -147,6 +152,15 @@ func loadImage(dir string) (*builtImage, error) {
 		}
 	}
 	im.Info.ConvertedThisTime = false
+	if _, err := lay.Resolve(image.Ref{Tag: tagTurbo}); err != nil {
+		// An image cached before the TurboOCI case: add its conversion.
+		if err := convertTurbo(context.Background(), im, lay, func(string, ...any) {}); err != nil {
+			return nil, err
+		}
+		if err := saveInfo(im); err != nil {
+			return nil, err
+		}
+	}
 	return im, nil
 }
 
@@ -218,11 +232,54 @@ func buildImage(ctx context.Context, dir string, layers [][]string, zopts zfile.
 	}
 	im.Info.ConvertSeconds = time.Since(start).Seconds()
 	logf("converted to overlaybd in %s: %s of layer blobs", time.Since(start).Round(time.Second), units.Bytes(im.Info.OBDBytes))
-	b, err := json.MarshalIndent(im.Info, "", "  ")
-	if err != nil {
+	if err := convertTurbo(ctx, im, lay, logf); err != nil {
 		return nil, err
 	}
-	return im, os.WriteFile(filepath.Join(dir, "info.json"), b, 0o644)
+	return im, saveInfo(im)
+}
+
+func saveInfo(im *builtImage) error {
+	b, err := json.MarshalIndent(im.Info, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(im.Dir, "info.json"), b, 0o644)
+}
+
+// convertTurbo converts the plain image to TurboOCI, tagged tagTurbo in the same layout (its originals are there).
+func convertTurbo(ctx context.Context, im *builtImage, lay *image.Layout, logf func(string, ...any)) error {
+	start := time.Now()
+	src, err := image.OpenLocalSource(image.Ref{Transport: image.TransportOCI, Path: im.Dir, Tag: tagPlain}, image.DefaultPlatform())
+	if err != nil {
+		return err
+	}
+	defer src.Close()
+	res, err := convert.ConvertImage(ctx, src, convert.ImageOptions{WorkDir: filepath.Dir(im.Dir), Turbo: true})
+	if err != nil {
+		return fmt.Errorf("convert --turbo: %w", err)
+	}
+	defer res.Cleanup()
+	im.Info.TurboBytes = 0
+	for _, b := range append(res.Targets, res.Blobs...) {
+		if err := lay.PutBlobFile(b.Path, b.Desc.Digest, b.Desc.Size); err != nil {
+			return err
+		}
+	}
+	for _, b := range res.Blobs {
+		im.Info.TurboBytes += b.Desc.Size
+	}
+	if _, err := lay.PutBlobBytes(res.ConfigDesc.MediaType, res.Config); err != nil {
+		return err
+	}
+	if _, err := lay.PutBlobBytes(res.ManifestDesc.MediaType, res.Manifest); err != nil {
+		return err
+	}
+	if err := lay.Tag(tagTurbo, res.ManifestDesc); err != nil {
+		return err
+	}
+	im.Info.TurboSeconds = time.Since(start).Seconds()
+	logf("converted to TurboOCI in %s: %s of layer blobs beside the originals", time.Since(start).Round(time.Millisecond), units.Bytes(im.Info.TurboBytes))
+	return nil
 }
 
 // setAppConfig rewrites the config of the image tagged from so that the app runs with no arguments (Cmd) and finds
