@@ -48,3 +48,51 @@ int obd_gzi_compress(const unsigned char *src, unsigned long n, unsigned char *d
 {
 	return compress2(dst, dlen, src, n, level);
 }
+
+obd_gzr *obd_gzr_new(const unsigned char *dict, unsigned dict_len, int bits, int value, int *err)
+{
+	obd_gzr *s = calloc(1, sizeof(*s));
+	if (!s) {
+		*err = Z_MEM_ERROR;
+		return NULL;
+	}
+	*err = inflateInit2(&s->strm, -15);
+	if (*err != Z_OK) {
+		free(s);
+		return NULL;
+	}
+	s->inited = 1;
+	if (bits)
+		*err = inflatePrime(&s->strm, bits, value);
+	if (*err == Z_OK)
+		*err = inflateSetDictionary(&s->strm, dict, dict_len);
+	if (*err != Z_OK) {
+		obd_gzr_free(s);
+		return NULL;
+	}
+	return s;
+}
+
+void obd_gzr_free(obd_gzr *s)
+{
+	if (!s)
+		return;
+	if (s->inited)
+		inflateEnd(&s->strm);
+	free(s);
+}
+
+void obd_gzr_feed(obd_gzr *s, unsigned n)
+{
+	s->strm.next_in = s->in;
+	s->strm.avail_in = n;
+}
+
+int obd_gzr_step(obd_gzr *s, unsigned *produced)
+{
+	s->strm.next_out = s->out;
+	s->strm.avail_out = OBD_GZI_IN;
+	int ret = inflate(&s->strm, Z_NO_FLUSH);
+	*produced = OBD_GZI_IN - s->strm.avail_out;
+	return ret;
+}

@@ -6,8 +6,10 @@
 // places one checkpoint at the last block boundary at or before each multiple of the span (1 MiB), so a read
 // decompresses at most about one span plus a block. See docs/format.md ("gzip index") for the byte layout.
 //
-// Build (cgo, zlib) writes an index while it decompresses a blob once; Open parses one and checks every field against
-// the blob it indexes; Reader reads the blob at random offsets in pure Go.
+// Builder writes an index while it decompresses a blob once; Open parses one and checks every field against the blob
+// it indexes; Reader reads the blob at random offsets. Both inflate with zlib (cgo): a checkpoint may start inside a
+// byte, and resuming there while keeping the stream's byte alignment (which stored blocks depend on) takes zlib's
+// inflatePrime; Go's flate cannot.
 package gzindex
 
 import (

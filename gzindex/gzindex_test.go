@@ -378,3 +378,41 @@ func BenchmarkReadAt4K(b *testing.B) {
 		}
 	}
 }
+
+// TestStoredBlocks indexes gzip(1) output of data that alternates between compressible and random stretches: zlib
+// stores the random ones, and a stored block after a checkpoint that starts inside a byte must be read with the
+// blob's byte alignment, not the checkpoint's.
+func TestStoredBlocks(t *testing.T) {
+	path, err := exec.LookPath("gzip")
+	if err != nil {
+		t.Skip("no gzip command")
+	}
+	rng := rand.New(rand.NewPCG(11, 11))
+	var data []byte
+	for i := 0; len(data) < 12<<20; i++ {
+		chunk := make([]byte, 16<<10+rng.IntN(200<<10))
+		if i%2 == 0 {
+			for j := range chunk {
+				chunk[j] = byte(rng.Uint32())
+			}
+		} else {
+			copy(chunk, sample(uint64(i), len(chunk)))
+		}
+		data = append(data, chunk...)
+	}
+	cmd := exec.Command(path, "-c", "-6")
+	cmd.Stdin = bytes.NewReader(data)
+	blob, err := cmd.Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ix := checkIndex(t, blob, data, minSpan)
+	r := NewReader(ix, bytes.NewReader(blob))
+	for i, e := range ix.Entries {
+		p := make([]byte, 256<<10)
+		n, err := r.ReadAt(p, e.Out)
+		if (err != nil && err != io.EOF) || !bytes.Equal(p[:n], data[e.Out:e.Out+int64(n)]) {
+			t.Fatalf("checkpoint %d (%+v): %v", i, e, err)
+		}
+	}
+}

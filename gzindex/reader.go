@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"io"
 	"sync"
-
-	"github.com/klauspost/compress/flate"
 )
 
 // idleCursors is how many decompressors a Reader keeps where earlier reads ended, so that sequential readers (one
@@ -126,48 +124,18 @@ func (r *Reader) open(i int) (*cursor, error) {
 		start--
 	}
 	br := bufio.NewReaderSize(io.NewSectionReader(r.gz, start, r.ix.GzipFileSize-start), 64<<10)
-	var src flate.Reader = br
+	var first byte
 	if e.Bits > 0 {
-		first, err := br.ReadByte()
-		if err != nil {
+		if first, err = br.ReadByte(); err != nil {
 			if err == io.EOF {
 				err = io.ErrUnexpectedEOF
 			}
 			return nil, fmt.Errorf("gzip index: reading the blob at %d: %w", start, err)
 		}
-		src = &shifted{r: br, carry: first >> (8 - e.Bits), bits: e.Bits}
 	}
-	return &cursor{fr: flate.NewReaderDict(src, dict), pos: e.Out}, nil
-}
-
-// shifted is a byte stream that starts bits bits into a byte: the deflate stream of a checkpoint that is not at a
-// byte boundary, re-aligned (deflate reads bits from the least significant end).
-type shifted struct {
-	r     *bufio.Reader
-	carry byte // the next byte's low bits
-	bits  uint8
-}
-
-func (s *shifted) ReadByte() (byte, error) {
-	b, err := s.r.ReadByte()
+	fr, err := newInflater(br, dict, e.Bits, first)
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
-	out := s.carry | b<<s.bits
-	s.carry = b >> (8 - s.bits)
-	return out, nil
-}
-
-func (s *shifted) Read(p []byte) (int, error) {
-	for i := range p {
-		b, err := s.ReadByte()
-		if err != nil {
-			if i > 0 {
-				return i, nil
-			}
-			return 0, err
-		}
-		p[i] = b
-	}
-	return len(p), nil
+	return &cursor{fr: fr, pos: e.Out}, nil
 }
