@@ -215,6 +215,28 @@ func (ix *Index) find(off int64) int {
 	return max(i-1, 0)
 }
 
+// CompressedRange returns the range of the gzip blob (offset, length) a Reader reads to return the uncompressed
+// bytes [off, off+n): from the checkpoint at or before off (its partial byte included) to the first checkpoint at
+// or after off+n, plus the input a Reader reads ahead, or to the blob's end. It is empty when the range is empty or
+// outside the stream.
+func (ix *Index) CompressedRange(off, n int64) (int64, int64) {
+	end := min(off+n, ix.UncompressedSize)
+	off = max(off, 0)
+	if end <= off {
+		return 0, 0
+	}
+	e := ix.Entries[ix.find(off)]
+	start := e.In
+	if e.Bits > 0 {
+		start--
+	}
+	stop := ix.GzipFileSize
+	if j := sort.Search(len(ix.Entries), func(j int) bool { return ix.Entries[j].Out >= end }); j < len(ix.Entries) {
+		stop = min(ix.Entries[j].In+2*inChunk, stop)
+	}
+	return start, stop - start
+}
+
 // window returns the 32 KiB dictionary of entry i.
 func (ix *Index) window(i int) ([]byte, error) {
 	e := ix.Entries[i]

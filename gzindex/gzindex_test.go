@@ -137,6 +137,19 @@ func checkIndex(t *testing.T, blob, data []byte, span int) *Index {
 			t.Fatalf("ReadAt(%d bytes at %d): wrong data", len(p), off)
 		}
 	}
+	// A read fetches only the compressed range CompressedRange names.
+	for range 50 {
+		off := rng.Int64N(int64(len(data)))
+		n := 1 + rng.Int64N(200<<10)
+		start, length := ix.CompressedRange(off, n)
+		only := make([]byte, len(blob))
+		copy(only[start:start+length], blob[start:start+length])
+		p := make([]byte, n)
+		k, err := NewReader(ix, bytes.NewReader(only)).ReadAt(p, off)
+		if (err != nil && err != io.EOF) || !bytes.Equal(p[:k], data[off:off+int64(k)]) {
+			t.Fatalf("read of %d bytes at %d from compressed range %d+%d alone: %v", n, off, start, length, err)
+		}
+	}
 	// Sequential reads continue one inflater.
 	var seq bytes.Buffer
 	for off := int64(0); off < int64(len(data)); off += 100 << 10 {

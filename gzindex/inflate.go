@@ -14,6 +14,10 @@ import (
 	"unsafe"
 )
 
+// inChunk is how much compressed input an inflater reads at a time: little beyond what a read needs is fetched
+// (CompressedRange allows for it).
+const inChunk = 16 << 10
+
 // inflater inflates the raw deflate stream of a gzip blob from a checkpoint, with zlib: Go's flate cannot start
 // inside a byte and keep the stream's byte alignment, which stored blocks after the checkpoint depend on.
 type inflater struct {
@@ -34,7 +38,7 @@ func newInflater(src io.Reader, dict []byte, bits uint8, first byte) (*inflater,
 	if s == nil {
 		return nil, fmt.Errorf("gzip index: zlib cannot resume at the checkpoint (error %d)", int(code))
 	}
-	in := &inflater{s: s, src: src, buf: make([]byte, C.OBD_GZI_IN)}
+	in := &inflater{s: s, src: src, buf: make([]byte, inChunk)}
 	in.cleanup = runtime.AddCleanup(in, func(s *C.obd_gzr) { C.obd_gzr_free(s) }, s)
 	return in, nil
 }

@@ -123,7 +123,7 @@ func (r *Reader) open(i int) (*cursor, error) {
 	if e.Bits > 0 {
 		start--
 	}
-	br := bufio.NewReaderSize(io.NewSectionReader(r.gz, start, r.ix.GzipFileSize-start), 64<<10)
+	br := bufio.NewReaderSize(io.NewSectionReader(r.gz, start, r.ix.GzipFileSize-start), inChunk)
 	var first byte
 	if e.Bits > 0 {
 		if first, err = br.ReadByte(); err != nil {

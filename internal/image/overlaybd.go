@@ -119,16 +119,15 @@ type Layer struct {
 	File *lsmt.File
 	base int64         // offset in the blob of the layer file (ZFile or LSMT)
 	z    *zfile.Reader // nil when the layer file is not compressed
-	// turbo marks a TurboOCI layer: its layer file is the metadata held in memory, nothing of it is in the blob
-	// its reads fetch from.
-	turbo bool
+	// turbo is set for a TurboOCI layer, whose ranges are those of its original's tar (see OpenTurboLayer).
+	turbo *turboRanges
 }
 
 // BlobRange returns the range of the blob (offset, length) that holds the bytes [off, off+n) of the layer file:
 // what to fetch ahead of reads of those bytes. It is empty when the layer file has none of them.
 func (l *Layer) BlobRange(off, n int64) (int64, int64) {
-	if l.turbo {
-		return 0, 0
+	if l.turbo != nil {
+		return l.turbo.blobRange(off, n)
 	}
 	if l.z != nil {
 		off, n = l.z.CompressedRange(off, n)

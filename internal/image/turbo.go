@@ -129,14 +129,43 @@ func (tm *TurboMeta) TargetSize() (int64, bool, error) {
 	return h.GzipFileSize, true, nil
 }
 
-// OpenTurboLayer is OpenTurbo for the device path: a Layer whose BlobRange is empty (its reads of the original go
-// through the gzip index, not in ranges a trace can name).
-func OpenTurboLayer(tm *TurboMeta, target io.ReaderAt, targetSize int64) (*Layer, error) {
-	f, err := OpenTurbo(tm, target, targetSize)
+// OpenTurboLayer is OpenTurbo for the device path. The layer's "layer file", the space of its trace records
+// (observe, if set, sees its reads) and of BlobRange, is the original's uncompressed tar: BlobRange maps a range of
+// it to the part of the original blob that holds it (through the gzip index).
+func OpenTurboLayer(tm *TurboMeta, target io.ReaderAt, targetSize int64, observe func(off, n int64)) (*Layer, error) {
+	l := &Layer{turbo: &turboRanges{size: targetSize}}
+	var obs *observed
+	f, err := openTurbo(tm, target, targetSize, func(tar io.ReaderAt, ix *gzindex.Index) io.ReaderAt {
+		l.turbo.ix = ix
+		if observe == nil {
+			return tar
+		}
+		obs = &observed{r: tar, fn: observe}
+		return obs
+	})
 	if err != nil {
 		return nil, err
 	}
-	return &Layer{File: f, turbo: true}, nil
+	if obs != nil {
+		obs.open.Store(true)
+	}
+	l.File = f
+	return l, nil
+}
+
+// turboRanges maps ranges of a TurboOCI layer's original tar to ranges of its blob.
+type turboRanges struct {
+	ix   *gzindex.Index // nil: the original is the tar itself
+	size int64
+}
+
+func (t *turboRanges) blobRange(off, n int64) (int64, int64) {
+	if t.ix != nil {
+		return t.ix.CompressedRange(off, n)
+	}
+	end := min(off+n, t.size)
+	off = max(off, 0)
+	return off, max(end-off, 0)
 }
 
 // OpenTurbo opens the filesystem metadata of a TurboOCI layer over its original blob target (targetSize bytes):
@@ -144,6 +173,11 @@ func OpenTurboLayer(tm *TurboMeta, target io.ReaderAt, targetSize int64) (*Layer
 // the index is checked only by the deflate stream's structure: the caller checks the original blob's digest when
 // it has all of it.
 func OpenTurbo(tm *TurboMeta, target io.ReaderAt, targetSize int64) (*lsmt.File, error) {
+	return openTurbo(tm, target, targetSize, nil)
+}
+
+// openTurbo is OpenTurbo; wrap, if set, wraps the reader of the original's tar (and learns its gzip index).
+func openTurbo(tm *TurboMeta, target io.ReaderAt, targetSize int64, wrap func(io.ReaderAt, *gzindex.Index) io.ReaderAt) (*lsmt.File, error) {
 	if tm.FSType != "ext4" {
 		return nil, fmt.Errorf("TurboOCI layer of filesystem %q: obd mounts ext4 ones", tm.FSType)
 	}
@@ -161,12 +195,15 @@ func OpenTurbo(tm *TurboMeta, target io.ReaderAt, targetSize int64) (*lsmt.File,
 		meta, size = z, z.Size()
 	}
 	tsize := targetSize
+	var ix *gzindex.Index
 	if tm.GzipIndex != nil {
-		ix, err := gzindex.Open(bytes.NewReader(tm.GzipIndex), int64(len(tm.GzipIndex)), targetSize)
-		if err != nil {
+		if ix, err = gzindex.Open(bytes.NewReader(tm.GzipIndex), int64(len(tm.GzipIndex)), targetSize); err != nil {
 			return nil, err
 		}
 		target, tsize = gzindex.NewReader(ix, target), ix.UncompressedSize
+	}
+	if wrap != nil {
+		target = wrap(target, ix)
 	}
 	f, err := lsmt.OpenWarp(meta, size, target, tsize)
 	if err != nil {

@@ -363,7 +363,7 @@ func (m *Mounter) openLayer(ctx context.Context, img *mounted, i int, l snapshot
 		return nil, err
 	}
 	if l.Target != "" {
-		return m.openTurbo(ctx, img, i, l, client, ref)
+		return m.openTurbo(ctx, img, i, l, client, ref, observe)
 	}
 	blob := img.reuse[l.Digest]
 	if blob == nil {
@@ -393,8 +393,9 @@ const maxTurboMeta = 1 << 30
 
 // openTurbo opens TurboOCI layer i of img: its metadata blob is fetched whole (it is small: no file data) and
 // checked against its digest; its original blob is read lazily through the cache, which is also what a background
-// download fills and verifies.
-func (m *Mounter) openTurbo(ctx context.Context, img *mounted, i int, l snapshotter.Layer, client *registry.Client, ref image.Ref) (*image.Layer, error) {
+// download fills and verifies, and a trace's prefetch fetches ahead. Its trace records (observe) are ranges of the
+// original's uncompressed tar.
+func (m *Mounter) openTurbo(ctx context.Context, img *mounted, i int, l snapshotter.Layer, client *registry.Client, ref image.Ref, observe func(off, n int64)) (*image.Layer, error) {
 	if l.Size > maxTurboMeta {
 		return nil, fmt.Errorf("TurboOCI metadata blob of %d bytes, more than %d", l.Size, maxTurboMeta)
 	}
@@ -443,7 +444,7 @@ func (m *Mounter) openTurbo(ctx context.Context, img *mounted, i int, l snapshot
 		r = src.cache
 	}
 	img.layers[i] = src
-	return image.OpenTurboLayer(tm, r, tb.Size())
+	return image.OpenTurboLayer(tm, r, tb.Size(), observe)
 }
 
 // Unmount unmounts target and, when the image has no mount left, detaches its device.

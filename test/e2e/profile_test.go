@@ -60,49 +60,15 @@ func TestProfileRecordAndReplay(t *testing.T) {
 		t.Fatalf("obd profile did not push %s", accel)
 	}
 
-	// A cold node: the daemon restarted with an empty cache, containerd without the images.
-	cold := func(t *testing.T) {
-		t.Helper()
-		// containerd removes a deleted container's snapshot in its garbage collection, shortly after the delete:
-		// wait for it, or the restarted daemon would attach the image again for that snapshot (and start its
-		// prefetch before the test looks).
-		waitStatus(t, sb, "no snapshot in use", func(st *status.Status) bool {
-			for _, im := range st.Images {
-				if len(im.Snapshots) > 0 {
-					return false
-				}
-			}
-			return true
-		})
-		if err := sb.KillSnapshotter(); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.RemoveAll(sb.CacheDir()); err != nil {
-			t.Fatal(err)
-		}
-		if err := sb.StartSnapshotter(ctx); err != nil {
-			t.Fatal(err)
-		}
-		// containerd redials the proxy plugin with its gRPC backoff.
-		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(200 * time.Millisecond) {
-			out, err := sb.Ctr(ctx, "snapshots", "--snapshotter", snapshotter.Name, "ls").CombinedOutput()
-			if err == nil {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("containerd does not reach the restarted snapshotter: %v\n%s", err, out)
-			}
-		}
-	}
 	t.Run("acceleration layer", func(t *testing.T) {
-		cold(t)
+		coldNode(t, sb)
 		obd(t, sb, "pull", accel)
 		replay(t, sb, accel, "replay-accel")
 	})
 	// A node's cache warmed with only the recorded start, exported, and imported on a cold node: the app reads
 	// nothing from the registry, and the snapshot holds only the start's blocks.
 	t.Run("profile-warm cache snapshot", func(t *testing.T) {
-		cold(t)
+		coldNode(t, sb)
 		t.Log(mustCache(t, sb, "warm", lazy, "--profile", profFile))
 		snap := filepath.Join(t.TempDir(), "start.tar")
 		t.Log(mustCache(t, sb, "export", lazy, "--to", snap))
@@ -117,7 +83,7 @@ func TestProfileRecordAndReplay(t *testing.T) {
 		if cached == 0 || cached >= size {
 			t.Errorf("a profile warm cached %d of %d bytes", cached, size)
 		}
-		cold(t)
+		coldNode(t, sb)
 		t.Log(mustCache(t, sb, "import", snap))
 		sb.ResetCounters()
 		if out := run(t, sb.Ctr(ctx, "run", "--rm", "--snapshotter", snapshotter.Name, lazy, "profile-warm", "/bin/sh", "/app/run.sh")); out != appOutput {
@@ -128,15 +94,51 @@ func TestProfileRecordAndReplay(t *testing.T) {
 		}
 	})
 	t.Run("installed profile", func(t *testing.T) {
-		cold(t)
+		coldNode(t, sb)
 		out := obd(t, sb, "profile", lazy, "--address", sb.Containerd, "--namespace", sb.Namespace, "--config", sb.ConfigFile(),
 			"--ready-line", "script from layer 3", "--install", "--no-push", "--", "/bin/sh", "/app/run.sh")
 		if !strings.Contains(out, "installed on this node") {
 			t.Fatalf("obd profile --install printed %q", out)
 		}
-		cold(t)
+		coldNode(t, sb)
 		replay(t, sb, lazy, "replay-installed")
 	})
+}
+
+// coldNode makes sb a cold node: the daemon restarted with an empty cache once no snapshot uses an image.
+func coldNode(t *testing.T, sb *sandbox.Sandbox) {
+	t.Helper()
+	ctx := context.Background()
+	// containerd removes a deleted container's snapshot in its garbage collection, shortly after the delete:
+	// wait for it, or the restarted daemon would attach the image again for that snapshot (and start its
+	// prefetch before the test looks).
+	waitStatus(t, sb, "no snapshot in use", func(st *status.Status) bool {
+		for _, im := range st.Images {
+			if len(im.Snapshots) > 0 {
+				return false
+			}
+		}
+		return true
+	})
+	if err := sb.KillSnapshotter(); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(sb.CacheDir()); err != nil {
+		t.Fatal(err)
+	}
+	if err := sb.StartSnapshotter(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// containerd redials the proxy plugin with its gRPC backoff.
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		out, err := sb.Ctr(ctx, "snapshots", "--snapshotter", snapshotter.Name, "ls").CombinedOutput()
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("containerd does not reach the restarted snapshotter: %v\n%s", err, out)
+		}
+	}
 }
 
 // replay prepares a container of ref, waits until the image's recorded start is prefetched, then runs the app and

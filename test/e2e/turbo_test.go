@@ -75,6 +75,21 @@ func TestTurboOCI(t *testing.T) {
 		t.Errorf("fetched %d of %d original bytes: want a fraction", fetched, origBytes)
 	}
 
+	// A recorded start of the TurboOCI image is replayed on a cold node: its trace's ranges of the original tars map
+	// to ranges of the gzip blobs, prefetched before the app runs, which then fetches nothing.
+	t.Run("profile and replay", func(t *testing.T) {
+		coldNode(t, sb) // the image's device, attached for the run above, is detached
+		out := obd(t, sb, "profile", turbo, "--address", sb.Containerd, "--namespace", sb.Namespace, "--config", sb.ConfigFile(),
+			"--ready-line", "script from layer 3", "--", "/bin/sh", "/app/run.sh")
+		accel := sb.Registry + "/app:turbo-accel"
+		if !strings.Contains(out, "pushed "+accel) {
+			t.Fatalf("obd profile: %s", out)
+		}
+		coldNode(t, sb)
+		obd(t, sb, "pull", accel)
+		replay(t, sb, accel, "turbo-replay")
+	})
+
 	t.Run("other repository", func(t *testing.T) {
 		// The originals are pushed (mounted) with the image: the repository serves them.
 		dst := sb.Registry + "/elsewhere:turbo"
