@@ -48,6 +48,7 @@ const (
 	caseOBDImported = "obd-imported-cache"
 	caseOBDPullDL   = "obd-pull-download"
 	caseOBDTurbo    = "obd-turbo-cold"
+	caseTurboAccel  = "obd-turbo-accel-cold"
 )
 
 // benchCase is one measured case. Once the images are pushed and the link is calibrated, setup (optional) runs
@@ -77,6 +78,8 @@ var cases = []benchCase{
 	{key: caseOverlayCold, title: "overlayfs: pull + unpack + run", cold: true, run: (*bench).overlayCold},
 	{key: caseOBDCold, title: "obd lazy: obd pull + run", cold: true, obd: true, run: (*bench).obdCold},
 	{key: caseOBDTurbo, title: "obd TurboOCI lazy: obd pull + run (original gzip layers, no conversion)", cold: true, obd: true, run: func(b *bench) (sample, error) { return b.obdStart(b.turboRef) }},
+	{key: caseTurboAccel, title: "obd TurboOCI lazy + acceleration layer", cold: true, obd: true, setup: (*bench).recordTurboStart,
+		run: func(b *bench) (sample, error) { return b.obdStart(b.turboAccelRef) }},
 	{key: caseOBDAccel, title: "obd lazy + acceleration layer (recorded start)", cold: true, obd: true, setup: (*bench).recordStart, run: (*bench).obdAccel},
 	{key: caseOBDDownload, title: "obd lazy + background download", cold: true, obd: true, obdConfig: downloadConfig, run: (*bench).obdDownload},
 	{key: caseOBDPullDL, title: "obd pull --download + run (every blob fetched first)", cold: true, obd: true, run: (*bench).obdPullDownload},
@@ -147,6 +150,7 @@ type bench struct {
 	plainRef, obdRef, obdLoopRef string
 	turboRef                     string
 	accelRef                     string // the obd image with the acceleration layer recordStart made, through the link
+	turboAccelRef                string // the TurboOCI image with its acceleration layer
 	results                      map[string][]sample
 	calib                        calibration
 	snapshot                     string    // the cache snapshot exportSnapshot wrote
@@ -393,37 +397,52 @@ func (b *bench) obdStart(ref string) (sample, error) {
 // recordStart records the workload's start with obd profile's code, over loopback, and pushes the image with the
 // acceleration layer; obdAccel then pulls that image through the link.
 func (b *bench) recordStart() error {
+	ref, err := b.record(tagOBD, tagAccel)
+	b.accelRef = ref
+	return err
+}
+
+// recordTurboStart is recordStart for the TurboOCI image.
+func (b *bench) recordTurboStart() error {
+	ref, err := b.record(tagTurbo, tagTurboAccel)
+	b.turboAccelRef = ref
+	return err
+}
+
+// record records the workload's start from the image tagged from, over loopback, pushes it with the acceleration
+// layer as tag to and returns that image's reference through the link.
+func (b *bench) record(from, to string) (string, error) {
 	if err := b.reset(true); err != nil {
-		return err
+		return "", err
 	}
-	res, err := pull.Pull(b.ctx, b.c, b.obdLoopRef, pull.Options{PlainHTTP: true, Credentials: noCredentials})
+	loopRef := b.sb.Registry + "/bench/app:" + from
+	res, err := pull.Pull(b.ctx, b.c, loopRef, pull.Options{PlainHTTP: true, Credentials: noCredentials})
 	if err != nil {
-		return err
+		return "", err
 	}
 	p, tf, err := profile.Record(b.ctx, b.c, res.Image, profile.Options{Args: b.cfg.workload.cmd, ReadyLine: "ready", Timeout: 5 * time.Minute})
 	if err != nil {
-		return err
+		return "", err
 	}
 	if p.End != profile.EndReady {
-		return fmt.Errorf("the recorded start ended by %s, not by its ready line", p.End)
+		return "", fmt.Errorf("the recorded start ended by %s, not by its ready line", p.End)
 	}
 	rc, err := registry.New(registry.Options{PlainHTTP: true, UserAgent: "obd-bench", Credentials: noCredentials})
 	if err != nil {
-		return err
+		return "", err
 	}
 	defer rc.Close()
-	src, err := image.ParseRef(b.obdLoopRef)
+	src, err := image.ParseRef(loopRef)
 	if err != nil {
-		return err
+		return "", err
 	}
 	dst := src
-	dst.Tag = tagAccel
+	dst.Tag = to
 	if _, err := profile.Push(b.ctx, rc, src, dst, image.DefaultPlatform(), p.Layers, tf); err != nil {
-		return err
+		return "", err
 	}
-	b.accelRef = b.link.Addr + "/bench/app:" + tagAccel
-	logf("recorded the start: %d reads, %s of %d layers", len(p.Reads), units.Bytes(p.ReadBytes), len(p.Layers))
-	return nil
+	logf("recorded the start of %s: %d reads, %s of %d layers", from, len(p.Reads), units.Bytes(p.ReadBytes), len(p.Layers))
+	return b.link.Addr + "/bench/app:" + to, nil
 }
 
 // obdAccel is obdCold of the image with the acceleration layer.

@@ -44,6 +44,8 @@ const (
 	tagOBD   = "obd"
 	tagTurbo = "turbo"
 	tagAccel = "obd-accel"
+	// tagTurboAccel is the TurboOCI image with the acceleration layer of its recorded start.
+	tagTurboAccel = "turbo-accel"
 )
 
 // builtImage is the benchmark image, plain and converted, in an OCI layout; info.json beside it keeps what was
