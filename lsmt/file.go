@@ -73,17 +73,9 @@ func OpenWarp(r io.ReaderAt, size int64, target io.ReaderAt, targetSize int64) (
 		return nil, errors.New("lsmt: not a committed warp layer (no data header or sealed trailer)")
 	}
 	t := trl.Header
-	if t.IndexSize > MaxROIndexEntries {
-		return nil, fmt.Errorf("lsmt: index has %d entries, more than the read-only limit %d", t.IndexSize, MaxROIndexEntries)
-	}
-	trailerOff := uint64(size - HeaderSize)
-	if t.IndexOffset < HeaderSize || t.IndexOffset > trailerOff || t.IndexSize*EntrySize > trailerOff-t.IndexOffset {
-		return nil, fmt.Errorf("lsmt: index (offset %d, %d entries) does not fit between header and trailer (at %d)",
-			t.IndexOffset, t.IndexSize, trailerOff)
-	}
-	raw := make([]byte, t.IndexSize*EntrySize)
-	if err := readFull(r, raw, int64(t.IndexOffset)); err != nil {
-		return nil, fmt.Errorf("lsmt: reading index: %w", err)
+	raw, err := readRawIndex(r, size, t)
+	if err != nil {
+		return nil, err
 	}
 	ents := makeIndexSlice[mapping](countValid(raw))[:0]
 	minTag := uint8(255)
@@ -168,8 +160,8 @@ func readSlot(r io.ReaderAt, off int64) (Header, error) {
 	return h, err
 }
 
-// loadROIndex reads and validates the index described by trailer t.
-func loadROIndex(r io.ReaderAt, size int64, t Header) ([]mapping, error) {
+// readRawIndex reads the index entries trailer t describes, once their place is checked.
+func readRawIndex(r io.ReaderAt, size int64, t Header) ([]byte, error) {
 	if t.IndexSize > MaxROIndexEntries {
 		return nil, fmt.Errorf("lsmt: index has %d entries, more than the read-only limit %d", t.IndexSize, MaxROIndexEntries)
 	}
@@ -181,6 +173,15 @@ func loadROIndex(r io.ReaderAt, size int64, t Header) ([]mapping, error) {
 	raw := make([]byte, t.IndexSize*EntrySize)
 	if err := readFull(r, raw, int64(t.IndexOffset)); err != nil {
 		return nil, fmt.Errorf("lsmt: reading index: %w", err)
+	}
+	return raw, nil
+}
+
+// loadROIndex reads and validates the index described by trailer t.
+func loadROIndex(r io.ReaderAt, size int64, t Header) ([]mapping, error) {
+	raw, err := readRawIndex(r, size, t)
+	if err != nil {
+		return nil, err
 	}
 	v := newValidator(HeaderSize/SectorSize, t.IndexOffset/SectorSize)
 	ents := makeIndexSlice[mapping](countValid(raw))[:0]

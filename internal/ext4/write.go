@@ -304,9 +304,6 @@ func (f *FS) CreateSparseFile(p string, m Meta, r io.Reader, size int64, data []
 }
 
 func (f *FS) createFile(p string, m Meta, r io.Reader, size int64, data []Extent) error {
-	if size < 0 || size > f.maxFileSize() {
-		return fmt.Errorf("size %d: ext4 with %d-byte blocks holds files of at most %d bytes: %w", size, f.bs, f.maxFileSize(), syscall.EFBIG)
-	}
 	end := int64(0)
 	for _, e := range data {
 		if e.Offset < end || e.Length < 0 || e.Length > size-e.Offset {
@@ -314,25 +311,50 @@ func (f *FS) createFile(p string, m Meta, r io.Reader, size int64, data []Extent
 		}
 		end = e.Offset + e.Length
 	}
-	pino, d, name, err := f.create(p)
+	nf, err := f.newFile(p, m, size)
 	if err != nil {
 		return err
 	}
-	cm := m.c()
-	var wf *C.obd_wfile
-	var ino C.ext2_ino_t
-	if code := C.obd_wfile_new(f.fs, C.ext2_ino_t(pino), &cm, &wf, &ino); code != 0 {
-		return f.err(code)
-	}
-	if err := f.writeData(wf, r, data); err != nil {
-		C.obd_wfile_abort(wf)
+	if err := f.writeData(nf.wf, r, data); err != nil {
+		C.obd_wfile_abort(nf.wf)
 		f.st.takeErr()
 		return err
 	}
-	if code := C.obd_wfile_finish(wf, C.uint64_t(size)); code != 0 {
-		return f.err(code)
+	return nf.finish(size)
+}
+
+// newFile is a regular file being created: its inode is written by finish, which links it at its path.
+type newFile struct {
+	f    *FS
+	wf   *C.obd_wfile
+	ino  C.ext2_ino_t
+	pino uint32
+	d    *dirCache
+	name string
+}
+
+// newFile starts creating regular file p of the given size.
+func (f *FS) newFile(p string, m Meta, size int64) (*newFile, error) {
+	if size < 0 || size > f.maxFileSize() {
+		return nil, fmt.Errorf("size %d: ext4 with %d-byte blocks holds files of at most %d bytes: %w", size, f.bs, f.maxFileSize(), syscall.EFBIG)
 	}
-	return f.link(pino, d, name, uint32(ino), ModeRegular)
+	pino, d, name, err := f.create(p)
+	if err != nil {
+		return nil, err
+	}
+	nf := &newFile{f: f, pino: pino, d: d, name: name}
+	cm := m.c()
+	if code := C.obd_wfile_new(f.fs, C.ext2_ino_t(pino), &cm, &nf.wf, &nf.ino); code != 0 {
+		return nil, f.err(code)
+	}
+	return nf, nil
+}
+
+func (nf *newFile) finish(size int64) error {
+	if code := C.obd_wfile_finish(nf.wf, C.uint64_t(size)); code != 0 {
+		return nf.f.err(code)
+	}
+	return nf.f.link(nf.pino, nf.d, nf.name, uint32(nf.ino), ModeRegular)
 }
 
 // CreateMappedFile creates regular file path of the given size whose blocks are allocated but not written: for each
@@ -348,19 +370,11 @@ func (f *FS) CreateMappedFile(p string, m Meta, size int64, mapData func(devOff,
 }
 
 func (f *FS) createMapped(p string, m Meta, size int64, mapData func(devOff, fileOff, n int64) error) error {
-	if size < 0 || size > f.maxFileSize() {
-		return fmt.Errorf("size %d: ext4 with %d-byte blocks holds files of at most %d bytes: %w", size, f.bs, f.maxFileSize(), syscall.EFBIG)
-	}
-	pino, d, name, err := f.create(p)
+	nf, err := f.newFile(p, m, size)
 	if err != nil {
 		return err
 	}
-	cm := m.c()
-	var wf *C.obd_wfile
-	var ino C.ext2_ino_t
-	if code := C.obd_wfile_new(f.fs, C.ext2_ino_t(pino), &cm, &wf, &ino); code != 0 {
-		return f.err(code)
-	}
+	wf := nf.wf
 	const maxSegs = 16
 	var segs [3 * maxSegs]C.uint64_t
 	for lblk, left := int64(0), (size+f.bs-1)/f.bs; left > 0; {
@@ -383,10 +397,7 @@ func (f *FS) createMapped(p string, m Meta, size int64, mapData func(devOff, fil
 			left -= blocks
 		}
 	}
-	if code := C.obd_wfile_finish(wf, C.uint64_t(size)); code != 0 {
-		return f.err(code)
-	}
-	return f.link(pino, d, name, uint32(ino), ModeRegular)
+	return nf.finish(size)
 }
 
 // writeData copies the data extents from r into the file being written,

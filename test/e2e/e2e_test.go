@@ -112,19 +112,11 @@ func TestLazyPullAndRun(t *testing.T) {
 	out := obd(t, sb, "convert", "--vsize", "8", plain, lazy)
 	t.Logf("convert: %s(%s)", out, time.Since(start).Round(time.Millisecond))
 
-	ref, _ := image.ParseRef(lazy)
 	c, err := registry.New(registry.Options{PlainHTTP: true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, mb, err := c.Resolve(ctx, ref.Host(), ref.Repository(), ref.Tag)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var m ocispec.Manifest
-	if err := json.Unmarshal(mb, &m); err != nil {
-		t.Fatal(err)
-	}
+	m := registryManifest(t, c, lazy)
 	var total int64
 	for _, l := range m.Layers {
 		total += l.Size
@@ -190,6 +182,24 @@ func TestLazyPullAndRun(t *testing.T) {
 			t.Fatalf("after restart the container printed %q (%v), want %q", out, err, appOutput)
 		}
 	})
+}
+
+// registryManifest fetches the manifest of the registry reference r.
+func registryManifest(t *testing.T, c *registry.Client, r string) ocispec.Manifest {
+	t.Helper()
+	ref, err := image.ParseRef(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, mb, err := c.Resolve(context.Background(), ref.Host(), ref.Repository(), ref.Tag)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m ocispec.Manifest
+	if err := json.Unmarshal(mb, &m); err != nil {
+		t.Fatal(err)
+	}
+	return m
 }
 
 func TestUpstreamConvertedImage(t *testing.T) {

@@ -2,12 +2,9 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
 	"path/filepath"
 	"strings"
 	"testing"
-
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/registry"
@@ -27,20 +24,7 @@ func TestTurboOCI(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	manifest := func(r string) ocispec.Manifest {
-		t.Helper()
-		ref, _ := image.ParseRef(r)
-		_, mb, err := c.Resolve(ctx, ref.Host(), ref.Repository(), ref.Tag)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var m ocispec.Manifest
-		if err := json.Unmarshal(mb, &m); err != nil {
-			t.Fatal(err)
-		}
-		return m
-	}
-	orig := manifest(plain)
+	orig := registryManifest(t, c, plain)
 	var origBytes int64
 	for _, l := range orig.Layers {
 		origBytes += l.Size
@@ -49,7 +33,7 @@ func TestTurboOCI(t *testing.T) {
 	turbo := sb.Registry + "/app:turbo"
 	out := obd(t, sb, "convert", "--turbo", "--vsize", "8", plain, turbo)
 	t.Logf("convert: %s", out)
-	m := manifest(turbo)
+	m := registryManifest(t, c, turbo)
 	var added int64
 	for i, l := range m.Layers {
 		added += l.Size
