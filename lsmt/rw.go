@@ -83,9 +83,6 @@ type RW struct {
 	target  io.ReaderAt // what TagTarget entries (MapTarget) read; nil: reading them fails
 }
 
-// upperReaders is how many readers an RW layer contributes to a stack: its data file and its target.
-const upperReaders = 2
-
 // errNoTarget reads fail: a warp layer being built has no target to read remote data from.
 type errNoTarget struct{}
 
@@ -93,9 +90,12 @@ func (errNoTarget) ReadAt([]byte, int64) (int, error) {
 	return 0, errors.New("lsmt: read of remote (target) data in a layer opened without its target")
 }
 
-// readers returns the files the layer's entries read, by tag.
+// readers returns the files the layer's entries read, by tag: its data file, and a warp layer's target.
 func (w *RW) readers() []io.ReaderAt {
-	if w.target == nil {
+	switch {
+	case !w.warp:
+		return []io.ReaderAt{w.data}
+	case w.target == nil:
 		return []io.ReaderAt{w.data, errNoTarget{}}
 	}
 	return []io.ReaderAt{w.data, w.target}

@@ -20,7 +20,8 @@ type Stack struct {
 	lowers  []*File // bottom → top
 	upper   *RW
 	idx     *segIndex     // merged lowers; tags select readers
-	readers []io.ReaderAt // by tag; the upper's data file last
+	readers []io.ReaderAt // by tag; the upper's files last
+	upper0  int           // tag of the upper's data file
 	vsize   uint64
 }
 
@@ -52,6 +53,7 @@ func NewStack(lowers []*File, upper *RW) (*Stack, error) {
 	if upper != nil && upper.warp {
 		limit--
 	}
+	s.upper0 = len(s.readers)
 	if len(s.readers) > limit {
 		return nil, fmt.Errorf("lsmt: %d layers read %d files, at most %d can be stacked", n, len(s.readers), limit)
 	}
@@ -170,7 +172,7 @@ func (s *Stack) ReadAt(p []byte, off int64) (int, error) {
 	} else {
 		// Hold the upper's lock until its pieces are read: its index may change meanwhile.
 		s.upper.mu.RLock()
-		err = s.upper.fillTree(fl, len(s.readers)-upperReaders, fl.end(), func(stop uint64) error {
+		err = s.upper.fillTree(fl, s.upper0, fl.end(), func(stop uint64) error {
 			return fl.fromIndex(s.idx, stop)
 		})
 		if err == nil {
@@ -230,7 +232,7 @@ func (s *Stack) commitView() ([]mapping, []io.ReaderAt) {
 		return s.idx.ents, s.readers
 	}
 	up := s.upper.dump()
-	base := uint8(len(s.readers) - upperReaders)
+	base := uint8(s.upper0)
 	for i := range up {
 		up[i] = up[i].withTag(base + up[i].tag())
 	}

@@ -156,3 +156,35 @@ func TestWarpErrors(t *testing.T) {
 		t.Fatal("remote data read without a target")
 	}
 }
+
+// TestStackFrozenLayers stacks MaxLayers frozen writable layers (the converter's lowers): only a warp layer reads a
+// second file, so they fit the stack's 8-bit tags, and a warp upper takes one slot more.
+func TestStackFrozenLayers(t *testing.T) {
+	lowers := make([]*File, MaxLayers)
+	for i := range lowers {
+		w, err := CreateRW(&memFile{}, &memFile{}, 1<<20, CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		w.WriteAt(pattern(i, 512), int64(i)*512)
+		if lowers[i], err = w.Freeze(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	up, _ := CreateRW(&memFile{}, &memFile{}, 0, CreateOptions{})
+	st, err := NewStack(lowers, up)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := make([]byte, 512)
+	if _, err := st.ReadAt(p, 254*512); err != nil || !bytes.Equal(p, pattern(254, 512)) {
+		t.Fatal("top frozen layer reads wrong", err)
+	}
+	warp, _ := CreateRW(&memFile{}, &memFile{}, 0, CreateOptions{Warp: true})
+	if _, err := NewStack(lowers, warp); err == nil {
+		t.Fatal("a warp upper over 255 files stacked: its target has no tag left")
+	}
+	if _, err := NewStack(lowers[1:], warp); err != nil {
+		t.Fatal(err)
+	}
+}
