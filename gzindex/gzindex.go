@@ -6,10 +6,10 @@
 // places one checkpoint at the last block boundary at or before each multiple of the span (1 MiB), so a read
 // decompresses at most about one span plus a block. See docs/format.md ("gzip index") for the byte layout.
 //
-// Builder writes an index while it decompresses a blob once; Open parses one and checks every field against the blob
-// it indexes; Reader reads the blob at random offsets. Both inflate with zlib (cgo): a checkpoint may start inside a
-// byte, and resuming there while keeping the stream's byte alignment (which stored blocks depend on) takes zlib's
-// inflatePrime; Go's flate cannot.
+// Open parses an index and checks every field against the blob it indexes; Reader reads the blob at random offsets
+// with this package's own inflater (pure Go: the node daemon links no cgo), which can resume inside a byte while
+// keeping the blob's byte alignment, as stored blocks need; Go's compress/flate cannot. Package gzindex/build writes
+// indexes (with zlib, like upstream, so the bytes are the same).
 package gzindex
 
 import (
@@ -30,11 +30,12 @@ const (
 	EntrySize   = 29      // packed IndexEntry
 	WindowSize  = 32768   // deflate's window: the dictionary stored with each checkpoint
 	DefaultSpan = 1 << 20 // upstream's span between checkpoints
-	minSpan     = 65536   // upstream refuses smaller spans
+	MinSpan     = 65536   // upstream refuses smaller spans
 	crcOffset   = HeaderSize - 4
 
 	algoNone = 0
-	algoZlib = 1
+	// AlgoZlib is the window and entry compression upstream writes: each one zlib stream.
+	AlgoZlib = 1
 	// maxEntries bounds an index read from outside: a checkpoint per 64 KiB of a 1 TiB stream.
 	maxEntries = 1 << 24
 )
@@ -78,7 +79,8 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 // crc32c is photon's crc32c: CRC-32C without the initial and final inversion.
 func crc32c(p []byte) uint32 { return ^crc32.Update(^uint32(0), castagnoli, p) }
 
-func (h *Header) marshal() []byte {
+// Marshal returns the header's bytes, with its CRC (which it sets).
+func (h *Header) Marshal() []byte {
 	b := make([]byte, HeaderSize)
 	copy(b, Magic)
 	b[8], b[9], b[10], b[11], b[12] = h.Major, h.Minor, h.DictAlgo, byte(h.DictLevel), h.Flag
@@ -110,7 +112,8 @@ func parseHeader(b []byte) Header {
 	}
 }
 
-func marshalEntries(es []Entry) []byte {
+// MarshalEntries returns the entries' bytes, uncompressed.
+func MarshalEntries(es []Entry) []byte {
 	b := make([]byte, len(es)*EntrySize)
 	le := binary.LittleEndian
 	for i, e := range es {
@@ -147,7 +150,7 @@ func ReadHeader(r io.ReaderAt, size int64) (Header, error) {
 		return h, fmt.Errorf("gzip index: entries of %d bytes, want %d", h.IndexSize, EntrySize)
 	case h.Window != WindowSize:
 		return h, fmt.Errorf("gzip index: window of %d bytes, want %d", h.Window, WindowSize)
-	case h.DictAlgo != algoNone && h.DictAlgo != algoZlib:
+	case h.DictAlgo != algoNone && h.DictAlgo != AlgoZlib:
 		return h, fmt.Errorf("gzip index: unknown window compression %d", h.DictAlgo)
 	case h.IndexFileSize != size:
 		return h, fmt.Errorf("gzip index: header says %d bytes, the file has %d", h.IndexFileSize, size)
@@ -177,7 +180,7 @@ func Open(r io.ReaderAt, size, gzipSize int64) (*Index, error) {
 	}
 	raw := area
 	want := h.IndexNum * EntrySize
-	if h.DictAlgo == algoZlib {
+	if h.DictAlgo == AlgoZlib {
 		var err error
 		if raw, err = inflateZlib(area, want); err != nil {
 			return nil, fmt.Errorf("gzip index: entries: %w", err)

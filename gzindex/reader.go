@@ -1,12 +1,15 @@
 package gzindex
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"io"
 	"sync"
 )
+
+// inChunk is how much compressed input a Reader reads ahead: little beyond what a read needs is fetched
+// (CompressedRange allows for it).
+const inChunk = 16 << 10
 
 // idleCursors is how many decompressors a Reader keeps where earlier reads ended, so that sequential readers (one
 // file each) continue instead of restarting from a checkpoint.
@@ -23,7 +26,7 @@ type Reader struct {
 
 // cursor is an inflater positioned at uncompressed offset pos.
 type cursor struct {
-	fr  io.ReadCloser
+	fr  *inflater
 	pos int64
 }
 
@@ -61,12 +64,10 @@ func (r *Reader) ReadAt(p []byte, off int64) (int, error) {
 		}
 	}
 	if _, err := io.CopyN(io.Discard, c, off-c.pos); err != nil {
-		c.fr.Close()
 		return 0, r.streamErr(err, c.pos)
 	}
 	n, err := io.ReadFull(c, p)
 	if err != nil {
-		c.fr.Close()
 		return n, r.streamErr(err, c.pos)
 	}
 	r.put(c)
@@ -106,7 +107,6 @@ func (r *Reader) put(c *cursor) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if len(r.cursor) == idleCursors {
-		r.cursor[0].fr.Close()
 		r.cursor = r.cursor[1:]
 	}
 	r.cursor = append(r.cursor, c)
@@ -123,19 +123,17 @@ func (r *Reader) open(i int) (*cursor, error) {
 	if e.Bits > 0 {
 		start--
 	}
-	br := bufio.NewReaderSize(io.NewSectionReader(r.gz, start, r.ix.GzipFileSize-start), inChunk)
+	src := io.NewSectionReader(r.gz, start, r.ix.GzipFileSize-start)
 	var first byte
 	if e.Bits > 0 {
-		if first, err = br.ReadByte(); err != nil {
+		var b [1]byte
+		if _, err := io.ReadFull(src, b[:]); err != nil {
 			if err == io.EOF {
 				err = io.ErrUnexpectedEOF
 			}
 			return nil, fmt.Errorf("gzip index: reading the blob at %d: %w", start, err)
 		}
+		first = b[0]
 	}
-	fr, err := newInflater(br, dict, e.Bits, first)
-	if err != nil {
-		return nil, err
-	}
-	return &cursor{fr: fr, pos: e.Out}, nil
+	return &cursor{fr: newInflater(src, dict, e.Bits, first), pos: e.Out}, nil
 }

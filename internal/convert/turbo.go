@@ -17,7 +17,7 @@ import (
 	digest "github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
-	"github.com/obdproject/obd/gzindex"
+	gzbuild "github.com/obdproject/obd/gzindex/build"
 	"github.com/obdproject/obd/internal/ext4"
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/iocount"
@@ -53,10 +53,10 @@ func (c *converter) applyTurbo(ctx context.Context, fsys *ext4.FS, rw *lsmt.RW, 
 		return 0, nil, fmt.Errorf("read layer: %w", err)
 	}
 	var stream io.Reader = br
-	var builder *gzindex.Builder
+	var builder *gzbuild.Builder
 	switch {
 	case bytes.HasPrefix(magic, []byte{0x1f, 0x8b}):
-		if builder, err = gzindex.NewBuilder(br, 0); err != nil {
+		if builder, err = gzbuild.New(br, 0); err != nil {
 			return 0, nil, err
 		}
 		defer builder.Close()

@@ -1,7 +1,9 @@
-package gzindex
+package build
 
 import (
 	"bytes"
+	"compress/zlib"
+	"hash/crc32"
 	"compress/gzip"
 	"encoding/binary"
 	"errors"
@@ -10,6 +12,8 @@ import (
 	"os/exec"
 	"strings"
 	"testing"
+
+	"github.com/obdproject/obd/gzindex"
 )
 
 // sample returns n bytes that compress somewhat, like a tar of files.
@@ -43,7 +47,7 @@ func gz(t testing.TB, data []byte, level int) []byte {
 // build indexes blob and checks that the builder returned the uncompressed stream data.
 func build(t testing.TB, blob, data []byte, span int) []byte {
 	t.Helper()
-	b, err := NewBuilder(bytes.NewReader(blob), span)
+	b, err := New(bytes.NewReader(blob), span)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,7 +77,7 @@ func TestRoundTrip(t *testing.T) {
 		{"go-stored", gz(t, data, gzip.NoCompression)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			checkIndex(t, tc.blob, data, minSpan*4)
+			checkIndex(t, tc.blob, data, gzindex.MinSpan*4)
 		})
 	}
 }
@@ -91,7 +95,7 @@ func TestGzipTool(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ix := checkIndex(t, blob, data, DefaultSpan)
+	ix := checkIndex(t, blob, data, gzindex.DefaultSpan)
 	withBits := 0
 	for _, e := range ix.Entries {
 		if e.Bits != 0 {
@@ -103,10 +107,10 @@ func TestGzipTool(t *testing.T) {
 	}
 }
 
-func checkIndex(t *testing.T, blob, data []byte, span int) *Index {
+func checkIndex(t *testing.T, blob, data []byte, span int) *gzindex.Index {
 	t.Helper()
 	file := build(t, blob, data, span)
-	ix, err := Open(bytes.NewReader(file), int64(len(file)), int64(len(blob)))
+	ix, err :=gzindex.Open(bytes.NewReader(file), int64(len(file)), int64(len(blob)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,7 +127,7 @@ func checkIndex(t *testing.T, blob, data []byte, span int) *Index {
 	if n := int64(len(data))/int64(span) + 1; int64(len(ix.Entries)) > n {
 		t.Errorf("%d checkpoints for %d spans", len(ix.Entries), n)
 	}
-	r := NewReader(ix, bytes.NewReader(blob))
+	r := gzindex.NewReader(ix, bytes.NewReader(blob))
 	rng := rand.New(rand.NewPCG(3, 3))
 	for range 200 {
 		off := rng.Int64N(int64(len(data)))
@@ -145,7 +149,7 @@ func checkIndex(t *testing.T, blob, data []byte, span int) *Index {
 		only := make([]byte, len(blob))
 		copy(only[start:start+length], blob[start:start+length])
 		p := make([]byte, n)
-		k, err := NewReader(ix, bytes.NewReader(only)).ReadAt(p, off)
+		k, err := gzindex.NewReader(ix, bytes.NewReader(only)).ReadAt(p, off)
 		if (err != nil && err != io.EOF) || !bytes.Equal(p[:k], data[off:off+int64(k)]) {
 			t.Fatalf("read of %d bytes at %d from compressed range %d+%d alone: %v", n, off, start, length, err)
 		}
@@ -190,8 +194,8 @@ type cEntry struct {
 func TestLayout(t *testing.T) {
 	data := sample(4, 3<<20)
 	blob := gz(t, data, 6)
-	file := build(t, blob, data, DefaultSpan)
-	if binary.Size(cHeader{}) != HeaderSize || binary.Size(cEntry{}) != EntrySize {
+	file := build(t, blob, data, gzindex.DefaultSpan)
+	if binary.Size(cHeader{}) != gzindex.HeaderSize || binary.Size(cEntry{}) != gzindex.EntrySize {
 		t.Fatalf("packed sizes %d, %d", binary.Size(cHeader{}), binary.Size(cEntry{}))
 	}
 	var h cHeader
@@ -199,17 +203,17 @@ func TestLayout(t *testing.T) {
 		t.Fatal(err)
 	}
 	if string(h.Magic[:]) != "ddgzidx\x00" || h.Major != 1 || h.Minor != 0 || h.Algo != 1 || h.Level != 6 || h.Flag != 0 ||
-		h.Span != DefaultSpan || h.Window != 32768 || h.IndexSize != 29 || h.GzipSize != int64(len(blob)) ||
+		h.Span != gzindex.DefaultSpan || h.Window != 32768 || h.IndexSize != 29 || h.GzipSize != int64(len(blob)) ||
 		h.FileSize != int64(len(file)) || h.Uncompressed != int64(len(data)) || h.IndexStart+h.IndexAreaLen != int64(len(file)) {
 		t.Fatalf("header %+v", h)
 	}
 	if h.Reserved != [256]byte{} {
 		t.Fatal("reserved bytes are not zero")
 	}
-	if crc32c(file[:HeaderSize-4]) != h.CRC {
+	if crc32c(file[:gzindex.HeaderSize-4]) != h.CRC {
 		t.Fatal("header CRC")
 	}
-	raw, err := inflateZlib(file[h.IndexStart:], h.IndexNum*EntrySize)
+	raw, err := inflateZlib(file[h.IndexStart:], h.IndexNum*gzindex.EntrySize)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -217,19 +221,19 @@ func TestLayout(t *testing.T) {
 	if err := binary.Read(bytes.NewReader(raw), binary.LittleEndian, ents); err != nil {
 		t.Fatal(err)
 	}
-	pos := int64(HeaderSize)
+	pos := int64(gzindex.HeaderSize)
 	for i, e := range ents {
 		if e.WinPos != pos {
 			t.Fatalf("window %d at %d, want %d (windows follow one another from the header on)", i, e.WinPos, pos)
 		}
 		pos += int64(e.WinLen)
-		w, err := inflateZlib(file[e.WinPos:e.WinPos+int64(e.WinLen)], WindowSize)
-		if err != nil || len(w) != WindowSize {
+		w, err := inflateZlib(file[e.WinPos:e.WinPos+int64(e.WinLen)], gzindex.WindowSize)
+		if err != nil || len(w) != gzindex.WindowSize {
 			t.Fatalf("window %d: %d bytes, %v", i, len(w), err)
 		}
 		// The window is the 32 KiB before the checkpoint (zeros before the stream's start).
-		lo := max(e.DePos-WindowSize, 0)
-		if !bytes.Equal(w[WindowSize-(e.DePos-lo):], data[lo:e.DePos]) {
+		lo := max(e.DePos-gzindex.WindowSize, 0)
+		if !bytes.Equal(w[gzindex.WindowSize-(e.DePos-lo):], data[lo:e.DePos]) {
 			t.Fatalf("window %d is not the output before offset %d", i, e.DePos)
 		}
 	}
@@ -260,7 +264,7 @@ func TestBadStreams(t *testing.T) {
 		{"not-gzip", "gzip", []byte("this is not gzip at all, not at all")},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			b, err := NewBuilder(bytes.NewReader(tc.blob), 0)
+			b, err := New(bytes.NewReader(tc.blob), 0)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -279,26 +283,26 @@ func TestBadStreams(t *testing.T) {
 func TestBadIndex(t *testing.T) {
 	data := sample(6, 3<<20)
 	blob := gz(t, data, 6)
-	file := build(t, blob, data, DefaultSpan)
-	if _, err := Open(bytes.NewReader(file), int64(len(file)), int64(len(blob))+1); err == nil {
+	file := build(t, blob, data, gzindex.DefaultSpan)
+	if _, err :=gzindex.Open(bytes.NewReader(file), int64(len(file)), int64(len(blob))+1); err == nil {
 		t.Fatal("an index of another blob size opened")
 	}
-	for _, off := range []int{0, 9, 30, 200, HeaderSize - 1, HeaderSize + 10, len(file) - 3} {
+	for _, off := range []int{0, 9, 30, 200, gzindex.HeaderSize - 1, gzindex.HeaderSize + 10, len(file) - 3} {
 		b := append([]byte(nil), file...)
 		b[off] ^= 0x40
-		ix, err := Open(bytes.NewReader(b), int64(len(b)), int64(len(blob)))
+		ix, err :=gzindex.Open(bytes.NewReader(b), int64(len(b)), int64(len(blob)))
 		if err != nil {
 			continue
 		}
 		// A window damaged past the header parses; reading through it fails or detects it.
-		r := NewReader(ix, bytes.NewReader(blob))
+		r := gzindex.NewReader(ix, bytes.NewReader(blob))
 		p := make([]byte, len(data))
 		n, err := r.ReadAt(p, 0)
-		if err == nil && !bytes.Equal(p[:n], data) && off < HeaderSize {
+		if err == nil && !bytes.Equal(p[:n], data) && off < gzindex.HeaderSize {
 			t.Fatalf("flip at %d: wrong data read without an error", off)
 		}
 	}
-	if _, err := Open(bytes.NewReader(file[:HeaderSize-1]), HeaderSize-1, int64(len(blob))); err == nil {
+	if _, err :=gzindex.Open(bytes.NewReader(file[:gzindex.HeaderSize-1]), gzindex.HeaderSize-1, int64(len(blob))); err == nil {
 		t.Fatal("a truncated index opened")
 	}
 }
@@ -306,13 +310,13 @@ func TestBadIndex(t *testing.T) {
 func TestReaderShortBlob(t *testing.T) {
 	data := sample(7, 2<<20)
 	blob := gz(t, data, 6)
-	file := build(t, blob, data, minSpan)
-	ix, err := Open(bytes.NewReader(file), int64(len(file)), int64(len(blob)))
+	file := build(t, blob, data, gzindex.MinSpan)
+	ix, err :=gzindex.Open(bytes.NewReader(file), int64(len(file)), int64(len(blob)))
 	if err != nil {
 		t.Fatal(err)
 	}
 	// The blob behind the index lost its tail: reads past it fail, they never return made-up data.
-	r := NewReader(ix, bytes.NewReader(blob[:len(blob)/2]))
+	r := gzindex.NewReader(ix, bytes.NewReader(blob[:len(blob)/2]))
 	p := make([]byte, 64<<10)
 	if _, err := r.ReadAt(p, int64(len(data))-int64(len(p))); !errors.Is(err, io.ErrUnexpectedEOF) {
 		t.Fatalf("err = %v", err)
@@ -322,15 +326,15 @@ func TestReaderShortBlob(t *testing.T) {
 func FuzzOpen(f *testing.F) {
 	data := sample(8, 400<<10)
 	blob := gz(f, data, 6)
-	file := build(f, blob, data, minSpan)
+	file := build(f, blob, data, gzindex.MinSpan)
 	f.Add(file)
-	f.Add(file[:HeaderSize])
+	f.Add(file[:gzindex.HeaderSize])
 	f.Fuzz(func(t *testing.T, b []byte) {
-		ix, err := Open(bytes.NewReader(b), int64(len(b)), int64(len(blob)))
+		ix, err :=gzindex.Open(bytes.NewReader(b), int64(len(b)), int64(len(blob)))
 		if err != nil {
 			return
 		}
-		r := NewReader(ix, bytes.NewReader(blob))
+		r := gzindex.NewReader(ix, bytes.NewReader(blob))
 		p := make([]byte, 4096)
 		for _, e := range ix.Entries[:min(len(ix.Entries), 8)] {
 			r.ReadAt(p, e.Out)
@@ -345,7 +349,7 @@ func BenchmarkBuild(b *testing.B) {
 	b.Run("index", func(b *testing.B) {
 		b.SetBytes(int64(len(data)))
 		for b.Loop() {
-			bd, err := NewBuilder(bytes.NewReader(blob), 0)
+			bd, err := New(bytes.NewReader(blob), 0)
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -376,12 +380,12 @@ func BenchmarkBuild(b *testing.B) {
 func BenchmarkReadAt4K(b *testing.B) {
 	data := sample(10, 16<<20)
 	blob := gz(b, data, 6)
-	file := build(b, blob, data, DefaultSpan)
-	ix, err := Open(bytes.NewReader(file), int64(len(file)), int64(len(blob)))
+	file := build(b, blob, data, gzindex.DefaultSpan)
+	ix, err :=gzindex.Open(bytes.NewReader(file), int64(len(file)), int64(len(blob)))
 	if err != nil {
 		b.Fatal(err)
 	}
-	r := NewReader(ix, bytes.NewReader(blob))
+	r := gzindex.NewReader(ix, bytes.NewReader(blob))
 	rng := rand.New(rand.NewPCG(1, 1))
 	p := make([]byte, 4096)
 	b.SetBytes(4096)
@@ -419,8 +423,8 @@ func TestStoredBlocks(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ix := checkIndex(t, blob, data, minSpan)
-	r := NewReader(ix, bytes.NewReader(blob))
+	ix := checkIndex(t, blob, data, gzindex.MinSpan)
+	r := gzindex.NewReader(ix, bytes.NewReader(blob))
 	for i, e := range ix.Entries {
 		p := make([]byte, 256<<10)
 		n, err := r.ReadAt(p, e.Out)
@@ -428,4 +432,23 @@ func TestStoredBlocks(t *testing.T) {
 			t.Fatalf("checkpoint %d (%+v): %v", i, e, err)
 		}
 	}
+}
+
+func crc32c(p []byte) uint32 {
+	return ^crc32.Update(^uint32(0), crc32.MakeTable(crc32.Castagnoli), p)
+}
+
+func inflateZlib(b []byte, limit int64) ([]byte, error) {
+	zr, err := zlib.NewReader(bytes.NewReader(b))
+	if err != nil {
+		return nil, err
+	}
+	out, err := io.ReadAll(io.LimitReader(zr, limit+1))
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(out)) > limit {
+		return nil, errors.New("zlib stream too long")
+	}
+	return out, nil
 }

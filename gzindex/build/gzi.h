@@ -1,4 +1,4 @@
-// The zlib side of gzindex's builder: an inflate that stops at deflate block boundaries (as zlib's zran example),
+// The zlib side of the gzip index builder: an inflate that stops at deflate block boundaries (as zlib's zran example),
 // with its input and output buffers in C memory so that no Go pointer outlives a call.
 #ifndef OBD_GZINDEX_GZI_H
 #define OBD_GZINDEX_GZI_H
@@ -24,20 +24,5 @@ void obd_gzi_feed(obd_gzi *s, unsigned n);
 int obd_gzi_step(obd_gzi *s, unsigned *out_off, unsigned *out_len);
 // obd_gzi_compress zlib-compresses n bytes at src into dst (cap *dlen) at level, as deflateInit + deflate(Z_FINISH).
 int obd_gzi_compress(const unsigned char *src, unsigned long n, unsigned char *dst, unsigned long *dlen, int level);
-
-// An inflater resumed at a checkpoint: raw deflate primed with the bits of the byte before the checkpoint and the
-// window as dictionary (zlib's inflatePrime + inflateSetDictionary), which keeps the stream's byte alignment.
-typedef struct obd_gzr {
-	z_stream strm;
-	int inited;
-	unsigned char in[OBD_GZI_IN];
-	unsigned char out[OBD_GZI_IN];
-} obd_gzr;
-
-obd_gzr *obd_gzr_new(const unsigned char *dict, unsigned dict_len, int bits, int value, int *err);
-void obd_gzr_free(obd_gzr *s);
-void obd_gzr_feed(obd_gzr *s, unsigned n);
-// obd_gzr_step inflates into s->out; *produced says how much.
-int obd_gzr_step(obd_gzr *s, unsigned *produced);
 
 #endif

@@ -1,4 +1,6 @@
-package gzindex
+// Package build writes gzip indexes (gzindex) while it decompresses a gzip blob, with zlib as upstream does: the same
+// checkpoints, and windows and entries compressed by the same zlib calls, so the index has upstream's bytes.
+package build
 
 /*
 #cgo LDFLAGS: -lz
@@ -14,6 +16,8 @@ import (
 	"fmt"
 	"io"
 	"unsafe"
+
+	"github.com/obdproject/obd/gzindex"
 )
 
 // DefaultLevel is the zlib level upstream compresses windows and entries with.
@@ -40,28 +44,28 @@ type Builder struct {
 		bits    uint8
 		in, out int64
 		left    int
-		window  [WindowSize]byte
+		window  [gzindex.WindowSize]byte
 	}
-	entries []Entry
+	entries []gzindex.Entry
 	windows bytes.Buffer
 	cbuf    []byte
 }
 
-// NewBuilder returns a Builder reading the gzip stream src, with a checkpoint every span uncompressed bytes
-// (DefaultSpan if 0; at least 64 KiB).
-func NewBuilder(src io.Reader, span int) (*Builder, error) {
+// New returns a Builder reading the gzip stream src, with a checkpoint every span uncompressed bytes
+// (gzindex.DefaultSpan if 0; at least 64 KiB).
+func New(src io.Reader, span int) (*Builder, error) {
 	if span == 0 {
-		span = DefaultSpan
+		span = gzindex.DefaultSpan
 	}
-	if span < minSpan {
-		return nil, fmt.Errorf("gzip index: span %d is below %d", span, minSpan)
+	if span < gzindex.MinSpan {
+		return nil, fmt.Errorf("gzip index: span %d is below %d", span, gzindex.MinSpan)
 	}
 	s := C.obd_gzi_new()
 	if s == nil {
 		return nil, errors.New("gzip index: zlib inflateInit2 failed")
 	}
 	return &Builder{src: src, s: s, span: int64(span), level: DefaultLevel, buf: make([]byte, C.OBD_GZI_IN),
-		cbuf: make([]byte, 2*WindowSize)}, nil
+		cbuf: make([]byte, 2*gzindex.WindowSize)}, nil
 }
 
 // Close frees the decompressor.
@@ -164,7 +168,7 @@ func (b *Builder) record(bits uint8, in, out int64, left int) error {
 	keep := func() {
 		l := &b.last
 		l.valid, l.bits, l.in, l.out, l.left = true, bits, in, out, left
-		C.memcpy(unsafe.Pointer(&l.window[0]), unsafe.Pointer(&b.s.win[0]), WindowSize)
+		C.memcpy(unsafe.Pointer(&l.window[0]), unsafe.Pointer(&b.s.win[0]), gzindex.WindowSize)
 	}
 	if out < b.expected {
 		keep()
@@ -185,7 +189,7 @@ func (b *Builder) record(bits uint8, in, out int64, left int) error {
 	}
 	if out == b.expected {
 		b.last.valid = false
-		if err := b.add(bits, in, out, left, unsafe.Slice((*byte)(unsafe.Pointer(&b.s.win[0])), WindowSize)); err != nil {
+		if err := b.add(bits, in, out, left, unsafe.Slice((*byte)(unsafe.Pointer(&b.s.win[0])), gzindex.WindowSize)); err != nil {
 			return err
 		}
 		b.expected += b.span
@@ -193,16 +197,16 @@ func (b *Builder) record(bits uint8, in, out int64, left int) error {
 	return nil
 }
 
-// add stores a checkpoint; window is the circular output buffer whose next write position is WindowSize-left.
+// add stores a checkpoint; window is the circular output buffer whose next write position is gzindex.WindowSize-left.
 func (b *Builder) add(bits uint8, in, out int64, left int, window []byte) error {
-	var dict [WindowSize]byte
-	n := copy(dict[:], window[WindowSize-left:])
-	copy(dict[n:], window[:WindowSize-left])
+	var dict [gzindex.WindowSize]byte
+	n := copy(dict[:], window[gzindex.WindowSize-left:])
+	copy(dict[n:], window[:gzindex.WindowSize-left])
 	c, err := b.compress(dict[:])
 	if err != nil {
 		return err
 	}
-	b.entries = append(b.entries, Entry{Out: out, In: in, WinPos: HeaderSize + int64(b.windows.Len()), Bits: bits, WinLen: uint32(len(c))})
+	b.entries = append(b.entries, gzindex.Entry{Out: out, In: in, WinPos: gzindex.HeaderSize + int64(b.windows.Len()), Bits: bits, WinLen: uint32(len(c))})
 	b.windows.Write(c)
 	return nil
 }
@@ -231,16 +235,16 @@ func (b *Builder) Index() ([]byte, error) {
 	if !b.done || len(b.pending) > 0 {
 		return nil, errors.New("gzip index: the stream has not been read to its end")
 	}
-	area, err := b.compress(marshalEntries(b.entries))
+	area, err := b.compress(gzindex.MarshalEntries(b.entries))
 	if err != nil {
 		return nil, err
 	}
-	h := Header{Major: 1, DictAlgo: algoZlib, DictLevel: int8(b.level), Span: int32(b.span), Window: WindowSize,
-		IndexSize: EntrySize, IndexNum: int64(len(b.entries)), GzipFileSize: b.in, UncompressedSize: b.out,
-		IndexStart: HeaderSize + int64(b.windows.Len()), IndexAreaLen: int64(len(area))}
+	h := gzindex.Header{Major: 1, DictAlgo: gzindex.AlgoZlib, DictLevel: int8(b.level), Span: int32(b.span), Window: gzindex.WindowSize,
+		IndexSize: gzindex.EntrySize, IndexNum: int64(len(b.entries)), GzipFileSize: b.in, UncompressedSize: b.out,
+		IndexStart: gzindex.HeaderSize + int64(b.windows.Len()), IndexAreaLen: int64(len(area))}
 	h.IndexFileSize = h.IndexStart + h.IndexAreaLen
 	out := make([]byte, 0, h.IndexFileSize)
-	out = append(out, h.marshal()...)
+	out = append(out, h.Marshal()...)
 	out = append(out, b.windows.Bytes()...)
 	return append(out, area...), nil
 }
