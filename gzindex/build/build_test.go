@@ -154,7 +154,7 @@ func checkIndex(t *testing.T, blob, data []byte, span int) *gzindex.Index {
 			t.Fatalf("read of %d bytes at %d from compressed range %d+%d alone: %v", n, off, start, length, err)
 		}
 	}
-	// Sequential reads continue one inflater.
+	// Sequential reads, which go through the spans one after another.
 	var seq bytes.Buffer
 	for off := int64(0); off < int64(len(data)); off += 100 << 10 {
 		p := make([]byte, 100<<10)
