@@ -2,11 +2,11 @@ package build
 
 import (
 	"bytes"
-	"compress/zlib"
-	"hash/crc32"
 	"compress/gzip"
+	"compress/zlib"
 	"encoding/binary"
 	"errors"
+	"hash/crc32"
 	"io"
 	"math/rand/v2"
 	"os/exec"
@@ -110,7 +110,7 @@ func TestGzipTool(t *testing.T) {
 func checkIndex(t *testing.T, blob, data []byte, span int) *gzindex.Index {
 	t.Helper()
 	file := build(t, blob, data, span)
-	ix, err :=gzindex.Open(bytes.NewReader(file), int64(len(file)), int64(len(blob)))
+	ix, err := gzindex.Open(bytes.NewReader(file), int64(len(file)), int64(len(blob)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -284,13 +284,13 @@ func TestBadIndex(t *testing.T) {
 	data := sample(6, 3<<20)
 	blob := gz(t, data, 6)
 	file := build(t, blob, data, gzindex.DefaultSpan)
-	if _, err :=gzindex.Open(bytes.NewReader(file), int64(len(file)), int64(len(blob))+1); err == nil {
+	if _, err := gzindex.Open(bytes.NewReader(file), int64(len(file)), int64(len(blob))+1); err == nil {
 		t.Fatal("an index of another blob size opened")
 	}
 	for _, off := range []int{0, 9, 30, 200, gzindex.HeaderSize - 1, gzindex.HeaderSize + 10, len(file) - 3} {
 		b := append([]byte(nil), file...)
 		b[off] ^= 0x40
-		ix, err :=gzindex.Open(bytes.NewReader(b), int64(len(b)), int64(len(blob)))
+		ix, err := gzindex.Open(bytes.NewReader(b), int64(len(b)), int64(len(blob)))
 		if err != nil {
 			continue
 		}
@@ -302,7 +302,7 @@ func TestBadIndex(t *testing.T) {
 			t.Fatalf("flip at %d: wrong data read without an error", off)
 		}
 	}
-	if _, err :=gzindex.Open(bytes.NewReader(file[:gzindex.HeaderSize-1]), gzindex.HeaderSize-1, int64(len(blob))); err == nil {
+	if _, err := gzindex.Open(bytes.NewReader(file[:gzindex.HeaderSize-1]), gzindex.HeaderSize-1, int64(len(blob))); err == nil {
 		t.Fatal("a truncated index opened")
 	}
 }
@@ -311,7 +311,7 @@ func TestReaderShortBlob(t *testing.T) {
 	data := sample(7, 2<<20)
 	blob := gz(t, data, 6)
 	file := build(t, blob, data, gzindex.MinSpan)
-	ix, err :=gzindex.Open(bytes.NewReader(file), int64(len(file)), int64(len(blob)))
+	ix, err := gzindex.Open(bytes.NewReader(file), int64(len(file)), int64(len(blob)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -330,7 +330,7 @@ func FuzzOpen(f *testing.F) {
 	f.Add(file)
 	f.Add(file[:gzindex.HeaderSize])
 	f.Fuzz(func(t *testing.T, b []byte) {
-		ix, err :=gzindex.Open(bytes.NewReader(b), int64(len(b)), int64(len(blob)))
+		ix, err := gzindex.Open(bytes.NewReader(b), int64(len(b)), int64(len(blob)))
 		if err != nil {
 			return
 		}
@@ -381,7 +381,7 @@ func BenchmarkReadAt4K(b *testing.B) {
 	data := sample(10, 16<<20)
 	blob := gz(b, data, 6)
 	file := build(b, blob, data, gzindex.DefaultSpan)
-	ix, err :=gzindex.Open(bytes.NewReader(file), int64(len(file)), int64(len(blob)))
+	ix, err := gzindex.Open(bytes.NewReader(file), int64(len(file)), int64(len(blob)))
 	if err != nil {
 		b.Fatal(err)
 	}
