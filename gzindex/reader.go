@@ -47,12 +47,13 @@ func (r *Reader) ReadAt(p []byte, off int64) (int, error) {
 	for n < len(p) {
 		at := off + int64(n)
 		i := r.ix.find(at)
-		data, err := spans.get(spanKey{r, i}, func() ([]byte, error) { return r.inflate(i) })
+		s := spans.get(spanKey{r, i})
+		k, err := s.read(r, i, p[n:], at-r.ix.Entries[i].Out)
+		spans.settle(s)
+		n += k
 		if err != nil {
 			return n, err
 		}
-		k := copy(p[n:], data[at-r.ix.Entries[i].Out:])
-		n += k
 	}
 	if n < want {
 		return n, io.EOF
@@ -60,8 +61,42 @@ func (r *Reader) ReadAt(p []byte, off int64) (int, error) {
 	return n, nil
 }
 
-// inflate returns span i: the stream from checkpoint i to the next (or the end).
-func (r *Reader) inflate(i int) ([]byte, error) {
+// spanStep is how far past a read a span is inflated: a little ahead for the next read of a file, not so far that
+// a random read waits for (and fetches) the span's whole compressed bytes.
+const spanStep = 64 << 10
+
+// read copies the bytes of span i (of r) at rel into p, inflating the span as far as they need.
+func (s *span) read(r *Reader, i int, p []byte, rel int64) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.data == nil {
+		if err := s.start(r, i); err != nil {
+			return 0, err
+		}
+	}
+	need := min(rel+int64(len(p)), int64(cap(s.data)))
+	if need > int64(len(s.data)) {
+		upto := min(max(need, int64(len(s.data))+spanStep), int64(cap(s.data)))
+		have := len(s.data)
+		k, err := io.ReadFull(s.inf, s.data[have:upto])
+		s.data = s.data[:have+k]
+		if err != nil {
+			s.inf = nil
+			s.data = nil
+			return 0, r.streamErr(err, r.ix.Entries[i].Out+int64(have+k))
+		}
+		if len(s.data) == cap(s.data) {
+			s.inf = nil // complete: the inflater's memory goes
+		}
+	}
+	if rel >= int64(len(s.data)) {
+		return 0, fmt.Errorf("gzip index: span %d ends at %d bytes, a read wants byte %d", i, len(s.data), rel)
+	}
+	return copy(p, s.data[rel:]), nil
+}
+
+// start opens span i: the stream from checkpoint i to the next (or the end), inflated as reads need it.
+func (s *span) start(r *Reader, i int) error {
 	e := r.ix.Entries[i]
 	end := r.ix.UncompressedSize
 	if i+1 < len(r.ix.Entries) {
@@ -69,7 +104,7 @@ func (r *Reader) inflate(i int) ([]byte, error) {
 	}
 	dict, err := r.ix.window(i)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	start := e.In
 	if e.Bits > 0 {
@@ -83,15 +118,13 @@ func (r *Reader) inflate(i int) ([]byte, error) {
 			if err == io.EOF {
 				err = io.ErrUnexpectedEOF
 			}
-			return nil, fmt.Errorf("gzip index: reading the blob at %d: %w", start, err)
+			return fmt.Errorf("gzip index: reading the blob at %d: %w", start, err)
 		}
 		first = b[0]
 	}
-	data := make([]byte, end-e.Out)
-	if n, err := io.ReadFull(newInflater(src, dict, e.Bits, first), data); err != nil {
-		return nil, r.streamErr(err, e.Out+int64(n))
-	}
-	return data, nil
+	s.inf = newInflater(src, dict, e.Bits, first)
+	s.data = make([]byte, 0, end-e.Out)
+	return nil
 }
 
 func (r *Reader) streamErr(err error, pos int64) error {
@@ -101,8 +134,8 @@ func (r *Reader) streamErr(err error, pos int64) error {
 	return fmt.Errorf("gzip index: inflating at %d: %w", pos, err)
 }
 
-// spanCache holds inflated spans of every Reader within SpanCacheBytes, least recently used out first. Readers of
-// a span that is being inflated wait for it instead of inflating it again.
+// spanCache holds the spans of every Reader within SpanCacheBytes (a span counts its whole length, and an inflater
+// while it has one), least recently used out first.
 type spanCache struct {
 	mu    sync.Mutex
 	max   int64
@@ -116,54 +149,56 @@ type spanKey struct {
 	i int
 }
 
+// span is the stream between two checkpoints, inflated from its start as far as reads have needed.
 type span struct {
-	key     spanKey
-	ready   chan struct{}
-	data    []byte
-	err     error
-	counted bool // its bytes are in the cache's total
+	key  spanKey
+	mu   sync.Mutex
+	data []byte    // inflated so far; its capacity is the span's length
+	inf  *inflater // continues data; nil once the span is whole (or before it starts)
+	cost int64     // what the cache counts for it
 }
+
+// inflaterCost is what a span's live inflater counts for in the cache: its window, input and Huffman tables.
+const inflaterCost = 320 << 10
 
 var spans = &spanCache{max: SpanCacheBytes, lru: list.New(), m: map[spanKey]*list.Element{}}
 
-func (c *spanCache) get(k spanKey, load func() ([]byte, error)) ([]byte, error) {
-	c.mu.Lock()
-	if e, ok := c.m[k]; ok {
-		c.lru.MoveToFront(e)
-		s := e.Value.(*span)
-		c.mu.Unlock()
-		<-s.ready
-		return s.data, s.err
-	}
-	s := &span{key: k, ready: make(chan struct{})}
-	c.m[k] = c.lru.PushFront(s)
-	c.mu.Unlock()
-
-	s.data, s.err = load()
-	close(s.ready)
-
+// get returns the span of k, new and empty if the cache does not hold it.
+func (c *spanCache) get(k spanKey) *span {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	e, ok := c.m[k]
-	switch {
-	case !ok || e.Value.(*span) != s:
-		// Evicted while it was inflated: not kept.
-	case s.err != nil:
-		c.remove(e) // a failed read is tried again next time
-	default:
-		s.counted = true
-		c.bytes += int64(len(s.data))
-		for c.bytes > c.max && c.lru.Len() > 1 {
-			c.remove(c.lru.Back())
-		}
+	if e, ok := c.m[k]; ok {
+		c.lru.MoveToFront(e)
+		return e.Value.(*span)
 	}
-	return s.data, s.err
+	s := &span{key: k}
+	c.m[k] = c.lru.PushFront(s)
+	return s
 }
 
-func (c *spanCache) remove(e *list.Element) {
-	s := c.lru.Remove(e).(*span)
-	delete(c.m, s.key)
-	if s.counted {
-		c.bytes -= int64(len(s.data))
+// settle recounts s after a read and evicts the least recently used spans beyond the bound.
+func (c *spanCache) settle(s *span) {
+	s.mu.Lock()
+	cost := int64(cap(s.data))
+	if s.inf != nil {
+		cost += inflaterCost
+	}
+	s.mu.Unlock()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.m[s.key]
+	if !ok || e.Value.(*span) != s {
+		return // evicted meanwhile
+	}
+	c.bytes += cost - s.cost
+	s.cost = cost
+	for c.bytes > c.max && c.lru.Len() > 1 {
+		back := c.lru.Back()
+		if back == e {
+			break
+		}
+		old := c.lru.Remove(back).(*span)
+		delete(c.m, old.key)
+		c.bytes -= old.cost
 	}
 }
