@@ -5,9 +5,11 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/registry"
+	"github.com/obdproject/obd/internal/status"
 )
 
 // TestTurboOCI converts an image to TurboOCI ('obd convert --turbo') into its own repository and into another, pulls
@@ -72,6 +74,48 @@ func TestTurboOCI(t *testing.T) {
 		coldNode(t, sb)
 		obd(t, sb, "pull", accel)
 		replay(t, sb, accel, "turbo-replay")
+	})
+
+	// With the background download, the original blobs come whole into the cache and are verified against their
+	// digests; the registry can then go away and every file still reads.
+	t.Run("background download", func(t *testing.T) {
+		sb.SetSnapshotterConfig("[download]\nenable = true\ndelay = 0\nmax_mbps = 0\n")
+		defer sb.SetSnapshotterConfig("")
+		coldNode(t, sb)
+		// A container that keeps the image attached while its blobs download.
+		if out, err := sb.Ctr(ctx, "run", "-d", "--snapshotter", "overlaybd", turbo, "turbo-hold", "/bin/busybox", "sleep", "600").CombinedOutput(); err != nil {
+			t.Fatalf("ctr run -d: %v\n%s", err, out)
+		}
+		defer func() {
+			sb.Ctr(ctx, "task", "kill", "-s", "KILL", "turbo-hold").Run()
+			for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+				if sb.Ctr(ctx, "task", "delete", "turbo-hold").Run() == nil {
+					break
+				}
+			}
+			sb.Ctr(ctx, "container", "delete", "turbo-hold").Run()
+		}()
+		waitStatus(t, sb, "the originals downloaded and verified", func(st *status.Status) bool {
+			n := 0
+			for _, im := range st.Images {
+				for _, l := range im.Layers {
+					if l.Download != "verified" {
+						return false
+					}
+					n++
+				}
+			}
+			return n == len(orig.Layers)
+		})
+		sb.SetRegistryDown(true)
+		got := run(t, sb.Ctr(ctx, "run", "--rm", "--snapshotter", "overlaybd", turbo, "turbo-offline", "/bin/sh", "-c",
+			"cat /app/big.bin /bin/busybox >/dev/null && /bin/sh /app/run.sh"))
+		if refused := sb.SetRegistryDown(false); refused != 0 {
+			t.Errorf("%d requests went to the registry after the download", refused)
+		}
+		if got != appOutput {
+			t.Fatalf("container with the registry down printed %q, want %q", got, appOutput)
+		}
 	})
 
 	t.Run("other repository", func(t *testing.T) {
