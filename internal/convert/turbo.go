@@ -66,10 +66,13 @@ func (c *converter) applyTurbo(ctx context.Context, fsys *ext4.FS, rw *lsmt.RW, 
 	}
 	h := sha256.New()
 	counted := &iocount.Writer{W: h}
-	ahead := newReadAhead(io.TeeReader(stream, counted), 1<<20, 4)
-	_, err = Apply(ctx, fsys, ahead, ApplyOptions{MapData: rw.MapTarget})
+	// Inflating and indexing run ahead in their own goroutine; the tar's digest is taken on this side, which only
+	// reads headers and writes metadata.
+	ahead := newReadAhead(stream, 1<<20, 4)
+	hashed := io.TeeReader(ahead, counted)
+	_, err = Apply(ctx, fsys, hashed, ApplyOptions{MapData: rw.MapTarget})
 	if err == nil {
-		_, err = io.Copy(io.Discard, ahead)
+		_, err = io.Copy(io.Discard, hashed)
 	}
 	ahead.Close()
 	if err == nil {
