@@ -3,6 +3,7 @@ package convert
 import (
 	"archive/tar"
 	"encoding/json"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -142,4 +143,47 @@ func TestConvertTurboUncompressed(t *testing.T) {
 	}
 	defer img.Close()
 	compareWithSource(t, src, img.Stack)
+}
+
+// TestExtractTurboMeta extracts a TurboOCI layer blob into files, opens the layer through them, and removes them on
+// Close.
+func TestExtractTurboMeta(t *testing.T) {
+	testenv.Tools(t, "mke2fs")
+	dir := t.TempDir()
+	src := writeSourceLayout(t, filepath.Join(dir, "src"), everyCase(t)[:1])
+	res := convertLayout(t, src, ImageOptions{VirtualSize: 1 << 30, Turbo: true})
+	blob, err := os.Open(res.Blobs[0].Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer blob.Close()
+	ex := filepath.Join(dir, "meta")
+	tm, err := image.ExtractTurboMeta(blob, ex)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tm.FSType != "ext4" || tm.GzipIndex == nil {
+		t.Fatalf("extracted %+v", tm)
+	}
+	target, err := os.Open(res.Targets[0].Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer target.Close()
+	if _, err := image.OpenTurbo(tm, target, res.Targets[0].Desc.Size); err != nil {
+		t.Fatal(err)
+	}
+	if err := tm.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(ex); !os.IsNotExist(err) {
+		t.Fatalf("the extraction is left after Close: %v", err)
+	}
+	// A blob that is no TurboOCI layer is refused and leaves nothing.
+	if _, err := image.ExtractTurboMeta(strings.NewReader("not a layer"), ex); err == nil {
+		t.Fatal("a bad blob extracted")
+	}
+	if _, err := os.Stat(ex); !os.IsNotExist(err) {
+		t.Fatalf("a failed extraction is left: %v", err)
+	}
 }

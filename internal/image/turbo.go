@@ -7,7 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"path"
+	"path/filepath"
 	"strings"
 
 	"github.com/klauspost/compress/gzip"
@@ -24,15 +26,35 @@ const (
 	turboMetaSuffix = ".fs.meta"
 	turboMarker     = ".turbo.ociv1"
 	turboGzipIndex  = "gzip.meta"
-	// maxTurboMember bounds what is read of one file of a TurboOCI layer blob into memory.
-	maxTurboMember = 1 << 30
+	// maxTurboMember bounds one file of a TurboOCI layer blob, maxTurboInMemory one that ReadTurboMeta holds.
+	maxTurboMember   = 16 << 30
+	maxTurboInMemory = 1 << 30
 )
 
-// TurboMeta is the content of a TurboOCI layer blob.
+// TurboMeta is the content of a TurboOCI layer blob: its files, in memory (ReadTurboMeta) or in a directory
+// (ExtractTurboMeta).
 type TurboMeta struct {
-	FSType    string // filesystem of the metadata: "ext4" or "erofs"
-	FSMeta    []byte // the warp layer file (ZFile or LSMT)
-	GzipIndex []byte // nil when the original layer is an uncompressed tar
+	FSType        string      // filesystem of the metadata: "ext4" or "erofs"
+	FSMeta        io.ReaderAt // the warp layer file (ZFile or LSMT)
+	FSMetaSize    int64
+	GzipIndex     io.ReaderAt // nil when the original layer is an uncompressed tar
+	GzipIndexSize int64
+	files         []*os.File
+	dir           string // of an extraction
+}
+
+// Close releases the files of an extracted TurboMeta and removes them.
+func (tm *TurboMeta) Close() error {
+	var errs []error
+	for _, f := range tm.files {
+		errs = append(errs, f.Close())
+	}
+	tm.files = nil
+	if tm.dir != "" {
+		errs = append(errs, os.RemoveAll(tm.dir))
+		tm.dir = ""
+	}
+	return errors.Join(errs...)
 }
 
 // IsTurbo tells a TurboOCI layer from its annotations.
@@ -56,19 +78,58 @@ func turboTarget(annotations map[string]string) (digest.Digest, error) {
 	return d, nil
 }
 
-// ReadTurboMeta reads a TurboOCI layer blob (tar.gz, or tar).
+// ReadTurboMeta reads a TurboOCI layer blob (tar.gz, or tar) into memory.
 func ReadTurboMeta(r io.Reader) (*TurboMeta, error) {
+	tm := &TurboMeta{}
+	err := readTurboMeta(r, func(name string, size int64, body io.Reader) (io.ReaderAt, error) {
+		if size > maxTurboInMemory {
+			return nil, fmt.Errorf("%d bytes, more than %d to hold in memory", size, maxTurboInMemory)
+		}
+		b := make([]byte, size)
+		if _, err := io.ReadFull(body, b); err != nil {
+			return nil, err
+		}
+		return bytes.NewReader(b), nil
+	}, tm)
+	return tm, err
+}
+
+// ExtractTurboMeta reads a TurboOCI layer blob (tar.gz, or tar) into files in dir, which it creates and which Close
+// removes: the returned TurboMeta reads them, so the daemon keeps large metadata (a big layer's gzip index is tens of
+// megabytes) out of memory.
+func ExtractTurboMeta(r io.Reader, dir string) (*TurboMeta, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	tm := &TurboMeta{dir: dir}
+	err := readTurboMeta(r, func(name string, size int64, body io.Reader) (io.ReaderAt, error) {
+		f, err := os.OpenFile(filepath.Join(dir, name), os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+		if err != nil {
+			return nil, err
+		}
+		tm.files = append(tm.files, f)
+		_, err = io.Copy(f, io.LimitReader(body, size))
+		return f, err
+	}, tm)
+	if err != nil {
+		tm.Close()
+		return nil, err
+	}
+	return tm, nil
+}
+
+// readTurboMeta reads the members of a TurboOCI layer blob into tm, each stored by keep.
+func readTurboMeta(r io.Reader, keep func(name string, size int64, body io.Reader) (io.ReaderAt, error), tm *TurboMeta) error {
 	br := bufio.NewReader(r)
 	var src io.Reader = br
 	if magic, _ := br.Peek(2); bytes.Equal(magic, []byte{0x1f, 0x8b}) {
 		zr, err := gzip.NewReader(br)
 		if err != nil {
-			return nil, fmt.Errorf("TurboOCI layer: %w", err)
+			return fmt.Errorf("TurboOCI layer: %w", err)
 		}
 		src = zr
 	}
 	tr := tar.NewReader(src)
-	tm := &TurboMeta{}
 	marker := false
 	for {
 		hdr, err := tr.Next()
@@ -76,45 +137,46 @@ func ReadTurboMeta(r io.Reader) (*TurboMeta, error) {
 			break
 		}
 		if err != nil {
-			return nil, fmt.Errorf("TurboOCI layer: %w", err)
+			return fmt.Errorf("TurboOCI layer: %w", err)
 		}
 		name := path.Clean(strings.TrimPrefix(hdr.Name, "/"))
 		if hdr.Typeflag != tar.TypeReg {
 			continue
 		}
-		var dst *[]byte
+		if hdr.Size > maxTurboMember {
+			return fmt.Errorf("TurboOCI layer: %s is %d bytes, more than %d", name, hdr.Size, maxTurboMember)
+		}
 		switch {
 		case name == turboMarker:
 			marker = true
-			continue
 		case name == turboGzipIndex:
-			dst = &tm.GzipIndex
+			if tm.GzipIndex, err = keep(name, hdr.Size, tr); err != nil {
+				return fmt.Errorf("TurboOCI layer: %s: %w", name, err)
+			}
+			tm.GzipIndexSize = hdr.Size
 		case strings.HasSuffix(name, turboMetaSuffix) && !strings.Contains(name, "/"):
-			fs := strings.TrimSuffix(name, turboMetaSuffix)
+			fsType := strings.TrimSuffix(name, turboMetaSuffix)
 			// Several filesystems' metadata: ext4 is what obd mounts.
-			if tm.FSMeta != nil && fs != "ext4" {
+			if tm.FSMeta != nil && fsType != "ext4" {
 				continue
 			}
-			tm.FSType, dst = fs, &tm.FSMeta
-		default:
-			continue
+			if tm.FSMeta, err = keep(name, hdr.Size, tr); err != nil {
+				return fmt.Errorf("TurboOCI layer: %s: %w", name, err)
+			}
+			tm.FSType, tm.FSMetaSize = fsType, hdr.Size
 		}
-		if hdr.Size > maxTurboMember {
-			return nil, fmt.Errorf("TurboOCI layer: %s is %d bytes, more than %d", name, hdr.Size, maxTurboMember)
-		}
-		b := make([]byte, hdr.Size)
-		if _, err := io.ReadFull(tr, b); err != nil {
-			return nil, fmt.Errorf("TurboOCI layer: %s: %w", name, err)
-		}
-		*dst = b
+	}
+	// Read to the end: a reader that checks the blob's digest does it there.
+	if _, err := io.Copy(io.Discard, br); err != nil {
+		return fmt.Errorf("TurboOCI layer: %w", err)
 	}
 	switch {
 	case tm.FSMeta == nil:
-		return nil, errors.New("TurboOCI layer: no *.fs.meta file")
+		return errors.New("TurboOCI layer: no *.fs.meta file")
 	case !marker:
-		return nil, fmt.Errorf("TurboOCI layer: no %s marker", turboMarker)
+		return fmt.Errorf("TurboOCI layer: no %s marker", turboMarker)
 	}
-	return tm, nil
+	return nil
 }
 
 // TargetSize returns the size of the original blob as its gzip index records it; false without an index.
@@ -122,7 +184,7 @@ func (tm *TurboMeta) TargetSize() (int64, bool, error) {
 	if tm.GzipIndex == nil {
 		return 0, false, nil
 	}
-	h, err := gzindex.ReadHeader(bytes.NewReader(tm.GzipIndex), int64(len(tm.GzipIndex)))
+	h, err := gzindex.ReadHeader(tm.GzipIndex, tm.GzipIndexSize)
 	if err != nil {
 		return 0, false, err
 	}
@@ -181,8 +243,7 @@ func openTurbo(tm *TurboMeta, target io.ReaderAt, targetSize int64, wrap func(io
 	if tm.FSType != "ext4" {
 		return nil, fmt.Errorf("TurboOCI layer of filesystem %q: obd mounts ext4 ones", tm.FSType)
 	}
-	var meta io.ReaderAt = bytes.NewReader(tm.FSMeta)
-	size := int64(len(tm.FSMeta))
+	meta, size := tm.FSMeta, tm.FSMetaSize
 	isZ, err := zfile.IsZFile(meta)
 	if err != nil {
 		return nil, err
@@ -197,7 +258,7 @@ func openTurbo(tm *TurboMeta, target io.ReaderAt, targetSize int64, wrap func(io
 	tsize := targetSize
 	var ix *gzindex.Index
 	if tm.GzipIndex != nil {
-		if ix, err = gzindex.Open(bytes.NewReader(tm.GzipIndex), int64(len(tm.GzipIndex)), targetSize); err != nil {
+		if ix, err = gzindex.Open(tm.GzipIndex, tm.GzipIndexSize, targetSize); err != nil {
 			return nil, err
 		}
 		target, tsize = gzindex.NewReader(ix, target), ix.UncompressedSize

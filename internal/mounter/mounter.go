@@ -4,14 +4,15 @@
 package mounter
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/obdproject/obd/internal/cache"
@@ -32,6 +33,9 @@ type Options struct {
 	Frontend device.Frontend
 	// StateDir is where the frontend keeps per-device files; keep it stable across restarts.
 	StateDir string
+	// TurboDir, if set, holds the metadata of the attached images' TurboOCI layers (else they are held in memory);
+	// New empties it.
+	TurboDir string
 	// Cache holds fetched blob ranges; nil reads straight from the registry.
 	Cache *cache.Cache
 	// Registry returns the client to use for a registry host.
@@ -68,7 +72,8 @@ type Mounter struct {
 	images map[string]*mounted // by image id
 	// preloads are the preloads of images not attached yet, by image id; guarded by mu.
 	preloads map[string]*preload
-	track    tracker // what Images reports; never waits for mu
+	track    tracker      // what Images reports; never waits for mu
+	turboSeq atomic.Int64 // names the TurboDir extractions
 }
 
 func (m *Mounter) image(id string) *mounted {
@@ -109,6 +114,12 @@ func New(opts Options) *Mounter {
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
+	}
+	if opts.TurboDir != "" {
+		// What a previous process extracted: its images are attached again from the cache.
+		if err := os.RemoveAll(opts.TurboDir); err != nil {
+			opts.Logger.Warn("cannot empty the TurboOCI metadata directory", "dir", opts.TurboDir, "err", err)
+		}
 	}
 	return &Mounter{opts: opts, images: map[string]*mounted{}, preloads: map[string]*preload{}}
 }
@@ -388,17 +399,11 @@ func (m *Mounter) openLayer(ctx context.Context, img *mounted, i int, l snapshot
 	return image.OpenLayer(annotate(r, l), blob.Size(), image.LayerOptions{Verify: true, Observe: observe})
 }
 
-// maxTurboMeta bounds the metadata blob of a TurboOCI layer, which is read whole.
-const maxTurboMeta = 1 << 30
-
 // openTurbo opens TurboOCI layer i of img: its metadata blob is fetched whole (it is small: no file data) and
 // checked against its digest; its original blob is read lazily through the cache, which is also what a background
 // download fills and verifies, and a trace's prefetch fetches ahead. Its trace records (observe) are ranges of the
 // original's uncompressed tar.
 func (m *Mounter) openTurbo(ctx context.Context, img *mounted, i int, l snapshotter.Layer, client *registry.Client, ref image.Ref, observe func(off, n int64)) (*image.Layer, error) {
-	if l.Size > maxTurboMeta {
-		return nil, fmt.Errorf("TurboOCI metadata blob of %d bytes, more than %d", l.Size, maxTurboMeta)
-	}
 	mb, err := client.Blob(ctx, ref.Host(), ref.Repository(), l.Digest, l.Size)
 	if err != nil {
 		return nil, err
@@ -407,20 +412,26 @@ func (m *Mounter) openTurbo(ctx context.Context, img *mounted, i int, l snapshot
 	if m.opts.Cache != nil {
 		mr = m.opts.Cache.Reader(l.Digest, mb.Size(), mb)
 	}
-	meta := make([]byte, mb.Size())
-	if _, err := mr.ReadAt(meta, 0); err != nil {
-		return nil, fmt.Errorf("TurboOCI metadata blob: %w", err)
-	}
-	if got := digest.FromBytes(meta); got != l.Digest {
+	// The blob is read whole and checked against its digest at its end; bad bytes are evicted from the cache.
+	blob := &digestReader{r: io.NewSectionReader(mr, 0, mb.Size()), v: l.Digest.Verifier(), want: l.Digest, evict: func() {
 		if ev, ok := mr.(interface{ Evict(off, n int64) error }); ok {
-			ev.Evict(0, int64(len(meta)))
+			ev.Evict(0, mb.Size())
 		}
-		return nil, fmt.Errorf("TurboOCI metadata blob has digest %s, want %s", got, l.Digest)
+	}}
+	var tm *image.TurboMeta
+	if m.opts.TurboDir != "" {
+		// On disk, not in memory: a large layer's gzip index is tens of megabytes. Removed when the image is detached.
+		dir := filepath.Join(m.opts.TurboDir, fmt.Sprintf("%d-%s", m.turboSeq.Add(1), l.Digest.Encoded()))
+		tm, err = image.ExtractTurboMeta(blob, dir)
+	} else {
+		tm, err = image.ReadTurboMeta(blob)
 	}
-	tm, err := image.ReadTurboMeta(bytes.NewReader(meta))
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("TurboOCI metadata blob %s: %w", l.Digest, err)
 	}
+	img.openMu.Lock()
+	img.files = append(img.files, tm)
+	img.openMu.Unlock()
 	size, known, err := tm.TargetSize()
 	if err != nil {
 		return nil, err
@@ -445,6 +456,24 @@ func (m *Mounter) openTurbo(ctx context.Context, img *mounted, i int, l snapshot
 	}
 	img.layers[i] = src
 	return image.OpenTurboLayer(tm, r, tb.Size(), observe)
+}
+
+// digestReader reads a blob and fails at its end when the bytes do not match its digest (evicting them).
+type digestReader struct {
+	r     io.Reader
+	v     digest.Verifier
+	want  digest.Digest
+	evict func()
+}
+
+func (d *digestReader) Read(p []byte) (int, error) {
+	n, err := d.r.Read(p)
+	d.v.Write(p[:n])
+	if err == io.EOF && !d.v.Verified() {
+		d.evict()
+		return n, fmt.Errorf("blob does not match its digest %s", d.want)
+	}
+	return n, err
 }
 
 // Unmount unmounts target and, when the image has no mount left, detaches its device.

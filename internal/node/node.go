@@ -116,6 +116,7 @@ func (s *Service) openDevices() error {
 	m := mounter.New(mounter.Options{
 		Frontend:            s.fuse,
 		StateDir:            s.stateDir(),
+		TurboDir:            filepath.Join(s.cfg.Snapshotter.Root, "turbo"),
 		Cache:               c,
 		Registry:            cp.get,
 		Logger:              s.log,
