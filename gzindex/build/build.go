@@ -32,7 +32,7 @@ type Builder struct {
 	span    int64
 	level   int
 	buf     []byte // input staging
-	pending []byte // output not yet returned
+	pending []byte // output not yet returned (in the C window)
 	in, out int64  // bytes consumed and produced so far
 	srcEOF  bool
 	done    bool
@@ -123,8 +123,8 @@ func (b *Builder) step() error {
 	ret := C.obd_gzi_step(s, &off, &n)
 	b.in += availIn - int64(s.strm.avail_in)
 	b.out += int64(n)
+	// The new output, read straight from the C window: Read returns it all before the next step overwrites it.
 	b.pending = unsafe.Slice((*byte)(unsafe.Pointer(&s.win[off])), int(n))
-	b.pending = append([]byte(nil), b.pending...)
 	switch ret {
 	case C.Z_STREAM_END:
 		b.done = true
