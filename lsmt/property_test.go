@@ -307,6 +307,7 @@ func TestStackProperty(t *testing.T) {
 			}
 			flat := openBytes(t, commitBytes(t, s, CommitOptions{}))
 			compareReads(t, rng, "merged commit", flat, want)
+			checkLocate(t, rng, s, files, want)
 
 			// With a writable upper of size 0: it inherits the lowers' size.
 			um := newModel(vsize)
@@ -330,6 +331,33 @@ func TestStackProperty(t *testing.T) {
 				t.Fatal("write beyond the virtual size accepted")
 			}
 		})
+	}
+}
+
+// checkLocate checks that the pieces Locate gives, read from the layers' files, make up random reads of want
+// (the stack's contents), with zeros between them.
+func checkLocate(t *testing.T, rng *rand.Rand, s *Stack, files []*File, want []byte) {
+	t.Helper()
+	for k := 0; k < 50; k++ {
+		off := int64(rng.Intn(len(want)))
+		n := 1 + int64(rng.Intn(min(len(want)-int(off), 300000)))
+		if k == 0 {
+			off, n = 0, int64(len(want))+4096 // past the end: cut at the virtual size
+		}
+		got := make([]byte, min(n, int64(len(want))-off))
+		next := off
+		s.Locate(off, n, func(p Piece) {
+			if p.At < next || p.Length <= 0 || p.At+p.Length > off+int64(len(got)) {
+				t.Fatalf("Locate(%d, %d): piece %+v out of order or range (next byte %d)", off, n, p, next)
+			}
+			next = p.At + p.Length
+			if _, err := files[p.Layer].readers[p.Reader].ReadAt(got[p.At-off:next-off], p.Offset); err != nil {
+				t.Fatal(err)
+			}
+		})
+		if i := firstDiff(got, want[off:off+int64(len(got))]); i >= 0 {
+			t.Fatalf("Locate(%d, %d): the pieces differ from the disk at byte %d", off, n, off+int64(i))
+		}
 	}
 }
 

@@ -21,6 +21,7 @@ type Stack struct {
 	upper   *RW
 	idx     *segIndex     // merged lowers; tags select readers
 	readers []io.ReaderAt // by tag; the upper's files last
+	owners  []Piece       // by tag of a lower layer's file: its Layer and Reader
 	upper0  int           // tag of the upper's data file
 	vsize   uint64
 }
@@ -43,6 +44,9 @@ func NewStack(lowers []*File, upper *RW) (*Stack, error) {
 		f := lowers[i]
 		layers[n-1-i] = f.idx.ents
 		bases[n-1-i] = len(s.readers)
+		for r := range f.readers {
+			s.owners = append(s.owners, Piece{Layer: i, Reader: r})
+		}
 		s.readers = append(s.readers, f.readers...)
 		if f.trailer.VirtualSize > 0 && s.vsize == 0 {
 			s.vsize = f.trailer.VirtualSize
@@ -184,6 +188,35 @@ func (s *Stack) ReadAt(p []byte, off int64) (int, error) {
 		return 0, err
 	}
 	return len(q), eof
+}
+
+// Piece is a part of a lower layer's file that the virtual disk shows at byte At: Length bytes at Offset of file
+// Reader of layer Layer (bottom first), where Reader is 0 for the layer's own data and 1 for a warp layer's target.
+type Piece struct {
+	Layer, Reader      int
+	At, Offset, Length int64
+}
+
+// Locate calls fn, in order, for the pieces of the lower layers' files that a read of the n bytes at off of the
+// virtual disk reads (holes and zeroed extents are left out; so is the upper layer, which may cover some of them).
+func (s *Stack) Locate(off, n int64, fn func(Piece)) {
+	if off < 0 || n <= 0 || off >= int64(s.vsize) {
+		return
+	}
+	pos, stop := uint64(off), uint64(min(off+n, int64(s.vsize)))
+	for i := s.idx.find(pos / SectorSize); i < len(s.idx.ents) && pos < stop; i++ {
+		m := s.idx.ents[i]
+		start, end := max(pos, m.off()*SectorSize), min(m.end()*SectorSize, stop)
+		if start >= stop {
+			break
+		}
+		if end > start && !m.zeroed() {
+			p := s.owners[m.tag()]
+			p.At, p.Offset, p.Length = int64(start), int64(m.moff()*SectorSize+start-m.off()*SectorSize), int64(end-start)
+			fn(p)
+		}
+		pos = max(pos, end)
+	}
 }
 
 // WriteAt writes to the upper layer.

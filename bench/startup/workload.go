@@ -47,6 +47,11 @@ var workloads = []workload{
 		cmd: append([]string{"/bin/busybox", "sh", "-c",
 			`printf '%s\n' "$@" > /tmp/w.cc && g++ -O2 -c /tmp/w.cc -o /tmp/w.o && echo ready`, "sh"}, gccSource...),
 	},
+	{
+		name: "walk",
+		desc: "busybox du sums the sizes of everything under /usr: nearly every directory and inode of the image (25,700 paths) and no file data, the access pattern of a package manager's or a build tool's scan of a tree",
+		cmd:  []string{"/bin/busybox", "sh", "-c", "/bin/busybox du -s /usr > /dev/null && echo ready"},
+	},
 }
 
 func findWorkload(name string) (*workload, error) {

@@ -41,6 +41,8 @@ const (
 	DefaultReadAheadKB = 128
 	// DefaultPrefetchConcurrency is the number of range requests in flight while a trace is prefetched.
 	DefaultPrefetchConcurrency = 8
+	// DefaultMetadataMB bounds the metadata prefetch of an image without a recorded start.
+	DefaultMetadataMB = 16
 	// DefaultDownloadDelay and DefaultDownloadMBps are upstream's background download defaults (off by default).
 	DefaultDownloadDelay = 300
 	DefaultDownloadMBps  = 100
@@ -116,6 +118,9 @@ type Prefetch struct {
 	// OnPull starts an image's prefetch (and opens its layers) when a pull has committed its layers, instead of
 	// when its first container is created.
 	OnPull bool `toml:"on_pull"`
+	// MetadataMB bounds the blob ranges fetched for the filesystem metadata of an image without a recorded start
+	// when its device is attached (0: no metadata prefetch).
+	MetadataMB int `toml:"metadata_mb"`
 }
 
 // ProfilesDir returns the directory of registered startup profiles.
@@ -252,7 +257,7 @@ func Default() Config {
 		Registry:    Registry{RetryBudget: DefaultRetryBudget, CredentialHelpers: DefaultCredentialHelpers},
 		Metrics:     Metrics{Address: DefaultMetricsAddress},
 		Audit:       Audit{SlowReadMS: DefaultSlowReadMS, HungReadMS: DefaultHungReadMS},
-		Prefetch:    Prefetch{Concurrency: DefaultPrefetchConcurrency, OnPull: true},
+		Prefetch:    Prefetch{Concurrency: DefaultPrefetchConcurrency, OnPull: true, MetadataMB: DefaultMetadataMB},
 		Download:    Download{DelaySeconds: DefaultDownloadDelay, MaxMBps: DefaultDownloadMBps, Concurrency: DefaultDownloadConcurrency},
 		CRI:         CRI{Address: DefaultCRIAddress, ContainerdAddress: DefaultContainerdAddress, CredentialTTL: DefaultCRICredentialTTL},
 	}
@@ -319,6 +324,9 @@ func (c Config) Validate() error {
 	}
 	if c.Prefetch.Concurrency < 1 || c.Prefetch.Concurrency > 256 {
 		return fmt.Errorf("prefetch.concurrency = %d: want 1 to 256 requests", c.Prefetch.Concurrency)
+	}
+	if c.Prefetch.MetadataMB < 0 || c.Prefetch.MetadataMB > 4096 {
+		return fmt.Errorf("prefetch.metadata_mb = %d: want 0 (off) to 4096", c.Prefetch.MetadataMB)
 	}
 	if d := c.Prefetch.ProfilesDir; d != "" && !filepath.IsAbs(d) {
 		return fmt.Errorf("prefetch.profiles_dir = %q: want an absolute path", d)

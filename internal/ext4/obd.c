@@ -211,6 +211,34 @@ const char *obd_strerror(errcode_t err)
 
 /* ---------- filesystem ---------- */
 
+// meta_goal is where directory, long symlink, extent tree and extended
+// attribute blocks are allocated from: the first block of the last flex
+// group, away from file data, which is allocated near its inode from the
+// start of the disk. A committed layer holds its blocks in disk order, so a
+// layer's metadata then lies together in its file and compresses together:
+// a node fetches all of it in a few ranges (a 25,700-file image: 2 MiB
+// instead of 23 MiB of ZFile blocks shared with file data). It falls back to
+// the next free block when the zone is full.
+static blk64_t meta_goal(ext2_filsys fs)
+{
+	dgrp_t flex = 1, g = 0;
+
+	if (ext2fs_has_feature_flex_bg(fs->super) &&
+	    fs->super->s_log_groups_per_flex < 31)
+		flex = (dgrp_t)1 << fs->super->s_log_groups_per_flex;
+	if (fs->group_desc_count > flex)
+		g = (fs->group_desc_count - 1) / flex * flex;
+	return ext2fs_group_first_block2(fs, g);
+}
+
+// alloc_meta is libext2fs's block allocator for the blocks it allocates
+// itself (directory growth, extent tree nodes, xattr blocks).
+static errcode_t alloc_meta(ext2_filsys fs, blk64_t goal, blk64_t *ret)
+{
+	(void)goal;
+	return ext2fs_new_block2(fs, meta_goal(fs), NULL, ret);
+}
+
 errcode_t obd_fs_open(uintptr_t handle, int writable, ext2_filsys *ret)
 {
 	char name[32];
@@ -240,6 +268,7 @@ errcode_t obd_fs_open(uintptr_t handle, int writable, ext2_filsys *ret)
 			ext2fs_free(fs);
 			return err;
 		}
+		ext2fs_set_alloc_block_callback(fs, alloc_meta, NULL);
 	}
 	// Every time libext2fs stamps on its own (superblock write time,
 	// deletion times) is the time of the last write, so that the same
@@ -559,11 +588,7 @@ errcode_t obd_mkdir(ext2_filsys fs, ext2_ino_t parent, const obd_meta *m,
 	err = new_inode(fs, parent, LINUX_S_IFDIR, m, &in, &ino);
 	if (err)
 		return err;
-	err = ext2fs_new_block2(fs,
-				ext2fs_find_inode_goal(fs, ino,
-						       (struct ext2_inode *)&in,
-						       0),
-				NULL, &blk);
+	err = ext2fs_new_block2(fs, meta_goal(fs), NULL, &blk);
 	if (err)
 		goto undo;
 	err = ext2fs_new_dir_block(fs, ino, parent, &block);
@@ -639,11 +664,7 @@ errcode_t obd_symlink(ext2_filsys fs, ext2_ino_t parent, const obd_meta *m,
 		*ret = ino;
 		return 0;
 	}
-	err = ext2fs_new_block2(fs,
-				ext2fs_find_inode_goal(fs, ino,
-						       (struct ext2_inode *)&in,
-						       0),
-				NULL, &blk);
+	err = ext2fs_new_block2(fs, meta_goal(fs), NULL, &blk);
 	if (err)
 		goto undo;
 	block = calloc(1, fs->blocksize);

@@ -232,6 +232,7 @@ type mounterOptions struct {
 	cache          *cache.Cache // nil: read straight from the registry
 	download       bool         // background download, at once and unbounded
 	preload        bool         // Options.Preload
+	metadata       int64        // Options.MetadataBytes
 }
 
 // newMounter returns a Mounter with its own FuseLoop and a registry client for reg.
@@ -264,11 +265,12 @@ func (s *setup) newMounter(o mounterOptions) *Mounter {
 		t.Cleanup(func() { client.Close() })
 	}
 	return New(Options{
-		Frontend: device.NewFuseLoop(s.log),
-		StateDir: s.stateDir,
-		Cache:    o.cache,
-		Download: DownloadOptions{Enable: o.download},
-		Preload:  o.preload,
+		Frontend:      device.NewFuseLoop(s.log),
+		StateDir:      s.stateDir,
+		Cache:         o.cache,
+		Download:      DownloadOptions{Enable: o.download},
+		Preload:       o.preload,
+		MetadataBytes: o.metadata,
 		Registry: func(host string) (*registry.Client, error) {
 			if client == nil || host != o.host {
 				t.Errorf("Mounter asked for a client of registry %q", host)

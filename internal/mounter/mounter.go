@@ -45,6 +45,9 @@ type Options struct {
 	// PrefetchConcurrency is the number of range requests in flight while a recorded start is prefetched
 	// (default prefetch.DefaultConcurrency).
 	PrefetchConcurrency int
+	// MetadataBytes, if positive, makes the attach of an image without a recorded start prefetch its filesystem
+	// metadata (inode tables, directories), up to that many bytes of blob ranges (see startMetadataPrefetch).
+	MetadataBytes int64
 	// Preload, when set, makes Preload open a pulled image's layers and prefetch its recorded start before a
 	// container asks for the image (see snapshotter.Preloader).
 	Preload bool
@@ -250,8 +253,11 @@ func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.La
 	}
 	m.opts.Logger.Info("attached overlaybd image", "image", id, "device", img.dev.Path, "layers", len(layers), "virtual_size", stack.VirtualSize(),
 		"attach_ms", time.Since(start).Milliseconds())
-	if len(replay) > 0 && img.prefetch == nil {
+	switch {
+	case len(replay) > 0 && img.prefetch == nil:
 		img.prefetch = m.startPrefetch(context.Background(), id, img, opened, replay)
+	case img.prefetch == nil && img.rec == nil && m.opts.MetadataBytes > 0 && m.opts.Cache != nil:
+		img.prefetch = m.startMetadataPrefetch(id, img, layers, opened, stack)
 	}
 	// Upstream does not download while it records a trace: the trace would miss what the download brought.
 	if m.opts.Download.Enable && img.rec == nil && m.opts.Cache != nil {
@@ -285,6 +291,17 @@ func (m *Mounter) readTraceFile(id, path string) (replay []trace.Record, record 
 // startPrefetch starts prefetching recs into the cache for the layers of img (remote layers only: local ones have
 // nothing to fetch).
 func (m *Mounter) startPrefetch(ctx context.Context, id string, img *mounted, opened []*image.Layer, recs []trace.Record) *prefetch.Job {
+	layers := m.prefetchLayers(img, opened)
+	opts := prefetch.Options{Concurrency: m.opts.PrefetchConcurrency, Logger: m.opts.Logger.With("image", id)}
+	if m.opts.Cache != nil {
+		opts.Demand = m.opts.Cache.DemandFetches
+	}
+	m.opts.Logger.Info("prefetching the image's recorded start", "image", id, "records", len(recs))
+	return prefetch.Start(ctx, layers, recs, opts)
+}
+
+// prefetchLayers returns the layers of img as a prefetch sees them.
+func (m *Mounter) prefetchLayers(img *mounted, opened []*image.Layer) []prefetch.Layer {
 	layers := make([]prefetch.Layer, len(opened))
 	for i, ol := range opened {
 		layers[i] = prefetch.Layer{BlobRange: ol.BlobRange, Cache: noPrefetch{}}
@@ -292,12 +309,7 @@ func (m *Mounter) startPrefetch(ctx context.Context, id string, img *mounted, op
 			layers[i].Cache = c
 		}
 	}
-	opts := prefetch.Options{Concurrency: m.opts.PrefetchConcurrency, Logger: m.opts.Logger.With("image", id)}
-	if m.opts.Cache != nil {
-		opts.Demand = m.opts.Cache.DemandFetches
-	}
-	m.opts.Logger.Info("prefetching the image's recorded start", "image", id, "records", len(recs))
-	return prefetch.Start(ctx, layers, recs, opts)
+	return layers
 }
 
 // noPrefetch is the prefetch target of a layer without a cache (local, or no cache configured): nothing to do.

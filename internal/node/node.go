@@ -122,6 +122,7 @@ func (s *Service) openDevices() error {
 		Logger:              s.log,
 		PrefetchConcurrency: cfg.Prefetch.Concurrency,
 		Preload:             cfg.Prefetch.OnPull,
+		MetadataBytes:       int64(cfg.Prefetch.MetadataMB) << 20,
 		Download: mounter.DownloadOptions{
 			Enable:            cfg.Download.Enable,
 			Delay:             time.Duration(cfg.Download.DelaySeconds) * time.Second,

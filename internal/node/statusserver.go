@@ -240,7 +240,7 @@ func fillFromMounter(img *status.Image, mi mounter.ImageInfo) {
 		if p.Running {
 			end = time.Now()
 		}
-		img.Prefetch = &status.Prefetch{Ranges: p.Ranges, DoneRanges: p.DoneRanges, Bytes: p.Bytes, DoneBytes: p.DoneBytes,
+		img.Prefetch = &status.Prefetch{What: p.What, Ranges: p.Ranges, DoneRanges: p.DoneRanges, Bytes: p.Bytes, DoneBytes: p.DoneBytes,
 			Running: p.Running, Seconds: end.Sub(p.Started).Seconds(), Error: p.Err}
 	}
 }

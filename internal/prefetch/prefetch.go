@@ -34,8 +34,16 @@ type Options struct {
 	// prefetch requests run (a worker waits at most MaxYield before it starts a range anyway), so that demand reads
 	// get most of a narrow link while the prefetch goes on.
 	Demand func() int64
+	// What is what the prefetch fetches, for its Progress (default WhatTrace).
+	What   string
 	Logger *slog.Logger
 }
+
+// What a prefetch fetches.
+const (
+	WhatTrace    = "recorded start"
+	WhatMetadata = "filesystem metadata"
+)
 
 const (
 	// DefaultConcurrency is the default number of range requests in flight.
@@ -95,6 +103,7 @@ func Plan(layers []Layer, recs []trace.Record) []Range {
 
 // Progress is the state of a prefetch.
 type Progress struct {
+	What               string // WhatTrace or WhatMetadata
 	Ranges, DoneRanges int
 	Bytes, DoneBytes   int64
 	Running            bool
@@ -107,9 +116,10 @@ type Progress struct {
 type Job struct {
 	cancel context.CancelFunc
 	done   chan struct{}
+	what   string
 
-	ranges     int
-	bytes      int64
+	ranges     atomic.Int64
+	bytes      atomic.Int64
 	doneRanges atomic.Int64
 	doneBytes  atomic.Int64
 	started    time.Time
@@ -123,50 +133,51 @@ type Job struct {
 // Plan gives, with Options.Concurrency requests in flight. It stops when every range is fetched, when ctx ends or
 // Stop is called, when the cache is full (cache.ErrFull: the prefetch never evicts) or at the first fetch error.
 func Start(ctx context.Context, layers []Layer, recs []trace.Record, opts Options) *Job {
+	done := false
+	return StartPhases(ctx, layers, func(context.Context) ([]trace.Record, error) {
+		if done {
+			return nil, nil
+		}
+		done = true
+		return recs, nil
+	}, opts)
+}
+
+// StartPhases is Start for records known only as the prefetch goes: next is called for each phase once the ranges
+// of the previous one are fetched, and returns the phase's records; none end the prefetch, and so does an error
+// (reported as the prefetch's).
+func StartPhases(ctx context.Context, layers []Layer, next func(context.Context) ([]trace.Record, error), opts Options) *Job {
 	if opts.Concurrency <= 0 {
 		opts.Concurrency = DefaultConcurrency
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	plan := Plan(layers, recs)
+	if opts.What == "" {
+		opts.What = WhatTrace
+	}
 	ctx, cancel := context.WithCancel(ctx)
-	j := &Job{cancel: cancel, done: make(chan struct{}), ranges: len(plan), started: time.Now()}
-	for _, r := range plan {
-		j.bytes += r.Size
-	}
-	next := make(chan Range)
-	var wg sync.WaitGroup
+	j := &Job{cancel: cancel, done: make(chan struct{}), what: opts.What, started: time.Now()}
 	var inflight atomic.Int64
-	for range min(opts.Concurrency, len(plan)) {
-		wg.Go(func() {
-			for r := range next {
-				admit(ctx, opts.Demand, &inflight)
-				err := layers[r.Layer].Cache.Prefetch(r.Off, r.Size)
-				inflight.Add(-1)
-				if err != nil {
-					j.fail(err)
-					cancel()
-					continue
-				}
-				j.doneRanges.Add(1)
-				j.doneBytes.Add(r.Size)
-			}
-		})
-	}
 	go func() {
 		defer close(j.done)
-	feed:
-		for _, r := range plan {
-			select {
-			case next <- r:
-			case <-ctx.Done():
-				break feed
+		for ctx.Err() == nil {
+			recs, err := next(ctx)
+			if err != nil {
+				j.fail(err)
+				break
 			}
+			if len(recs) == 0 {
+				break
+			}
+			plan := Plan(layers, recs)
+			j.ranges.Add(int64(len(plan)))
+			for _, r := range plan {
+				j.bytes.Add(r.Size)
+			}
+			j.fetch(ctx, layers, plan, opts, &inflight)
 		}
-		close(next)
-		wg.Wait()
-		if ctx.Err() != nil && j.doneRanges.Load() < int64(j.ranges) {
+		if ctx.Err() != nil && j.doneRanges.Load() < j.ranges.Load() {
 			j.fail(context.Canceled)
 		}
 		cancel()
@@ -174,7 +185,7 @@ func Start(ctx context.Context, layers []Layer, recs []trace.Record, opts Option
 		j.finished = time.Now()
 		j.mu.Unlock()
 		p := j.Progress()
-		l := opts.Logger.With("ranges", p.DoneRanges, "of", p.Ranges, "bytes", p.DoneBytes, "took", p.Finished.Sub(p.Started).Round(time.Millisecond))
+		l := opts.Logger.With("what", opts.What, "ranges", p.DoneRanges, "of", p.Ranges, "bytes", p.DoneBytes, "took", p.Finished.Sub(p.Started).Round(time.Millisecond))
 		if p.Err != "" {
 			l.Warn("prefetch stopped early", "why", p.Err)
 		} else {
@@ -182,6 +193,38 @@ func Start(ctx context.Context, layers []Layer, recs []trace.Record, opts Option
 		}
 	}()
 	return j
+}
+
+// fetch fetches plan with opts.Concurrency requests in flight; the first error cancels the job.
+func (j *Job) fetch(ctx context.Context, layers []Layer, plan []Range, opts Options, inflight *atomic.Int64) {
+	next := make(chan Range)
+	var wg sync.WaitGroup
+	for range min(opts.Concurrency, len(plan)) {
+		wg.Go(func() {
+			for r := range next {
+				admit(ctx, opts.Demand, inflight)
+				err := layers[r.Layer].Cache.Prefetch(r.Off, r.Size)
+				inflight.Add(-1)
+				if err != nil {
+					j.fail(err)
+					j.cancel()
+					continue
+				}
+				j.doneRanges.Add(1)
+				j.doneBytes.Add(r.Size)
+			}
+		})
+	}
+feed:
+	for _, r := range plan {
+		select {
+		case next <- r:
+		case <-ctx.Done():
+			break feed
+		}
+	}
+	close(next)
+	wg.Wait()
 }
 
 // admit waits until a worker may start a request and counts it in inflight: at once when no demand fetch is in
@@ -222,7 +265,8 @@ func (j *Job) Progress() Progress {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	p := Progress{
-		Ranges: j.ranges, DoneRanges: int(j.doneRanges.Load()), Bytes: j.bytes, DoneBytes: j.doneBytes.Load(),
+		What:   j.what,
+		Ranges: int(j.ranges.Load()), DoneRanges: int(j.doneRanges.Load()), Bytes: j.bytes.Load(), DoneBytes: j.doneBytes.Load(),
 		Started: j.started, Finished: j.finished, Running: j.finished.IsZero(),
 	}
 	switch {

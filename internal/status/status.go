@@ -155,8 +155,9 @@ type Writable struct {
 	Quota     int64 `json:"quota,omitempty"`
 }
 
-// Prefetch is the progress of a prefetch of a recorded start.
+// Prefetch is the progress of a prefetch: of a recorded start, or of the filesystem metadata of an image without one.
 type Prefetch struct {
+	What       string  `json:"what"` // "recorded start" or "filesystem metadata"
 	Ranges     int     `json:"ranges"`
 	DoneRanges int     `json:"done_ranges"`
 	Bytes      int64   `json:"bytes"`

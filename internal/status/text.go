@@ -66,7 +66,11 @@ func WriteText(w io.Writer, st *Status) {
 			case p.Error != "":
 				state = "stopped: " + p.Error
 			}
-			fmt.Fprintf(w, "%s: prefetch of its recorded start %s: %d of %d ranges, %s of %s in %.1f s\n", img.ID, state,
+			what := p.What
+			if what == "" {
+				what = "recorded start"
+			}
+			fmt.Fprintf(w, "%s: prefetch of its %s %s: %d of %d ranges, %s of %s in %.1f s\n", img.ID, what, state,
 				p.DoneRanges, p.Ranges, units.Bytes(p.DoneBytes), units.Bytes(p.Bytes), p.Seconds)
 		}
 		if img.Recording != "" {
