@@ -169,6 +169,10 @@ type Snapshotter struct {
 	// RootfsQuota bounds what a container in "dir" or "dev" mode may write, such as "20GiB" (empty: the image
 	// disk's free space). The label containerd.io/snapshot/disk_quota chooses per container.
 	RootfsQuota string `toml:"rootfs_quota"`
+	// Referrers makes a pull of a normal image through the CRI plugin look for an overlaybd image attached to it as
+	// an OCI referrer ('obd convert --referrer', native or TurboOCI) and read that lazily instead of downloading and
+	// unpacking the image's layers.
+	Referrers bool `toml:"referrers"`
 }
 
 // Quota returns RootfsQuota in bytes (0: none).
@@ -252,7 +256,7 @@ func (a Audit) HungRead() time.Duration { return time.Duration(a.HungReadMS) * t
 // Default returns the configuration used when obd.toml is missing.
 func Default() Config {
 	return Config{
-		Snapshotter: Snapshotter{Root: DefaultRoot, Address: DefaultAddress, LogLevel: DefaultLogLevel, KeepDevices: true, ReadAheadKB: DefaultReadAheadKB, RWMode: "overlayfs"},
+		Snapshotter: Snapshotter{Root: DefaultRoot, Address: DefaultAddress, LogLevel: DefaultLogLevel, KeepDevices: true, ReadAheadKB: DefaultReadAheadKB, RWMode: "overlayfs", Referrers: true},
 		Cache:       Cache{Dir: DefaultCacheDir, SizeGB: DefaultCacheGB, BlockSizeKB: DefaultBlockKB, FetchKB: DefaultFetchKB},
 		Registry:    Registry{RetryBudget: DefaultRetryBudget, CredentialHelpers: DefaultCredentialHelpers},
 		Metrics:     Metrics{Address: DefaultMetricsAddress},

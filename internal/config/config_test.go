@@ -103,7 +103,7 @@ size = "10GiB"
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Snapshotter{Root: "/srv/obd", Address: DefaultAddress, LogLevel: "debug", KeepDevices: true, ReadAheadKB: DefaultReadAheadKB, RWMode: "overlayfs"}
+	want := Snapshotter{Root: "/srv/obd", Address: DefaultAddress, LogLevel: "debug", KeepDevices: true, ReadAheadKB: DefaultReadAheadKB, RWMode: "overlayfs", Referrers: true}
 	if cfg.Snapshotter != want {
 		t.Errorf("config %+v, want %+v", cfg.Snapshotter, want)
 	}

@@ -29,8 +29,11 @@ func (s *Service) Serve(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	sn, err := snapshotter.New(sc.Root, s.mounter, snapshotter.WithLogger(s.log), snapshotter.WithProfiles(s.cfg.ProfilesDir()),
-		snapshotter.WithWritable(sc.RWMode, quota))
+	opts := []snapshotter.Option{snapshotter.WithLogger(s.log), snapshotter.WithProfiles(s.cfg.ProfilesDir()), snapshotter.WithWritable(sc.RWMode, quota)}
+	if sc.Referrers && s.clients != nil {
+		opts = append(opts, snapshotter.WithRedirect(newStandins(s.clients.get, s.log)))
+	}
+	sn, err := snapshotter.New(sc.Root, s.mounter, opts...)
 	if err != nil {
 		return err
 	}

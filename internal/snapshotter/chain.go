@@ -28,6 +28,9 @@ const (
 	LabelImageRef = "containerd.io/snapshot/image-ref"
 	// LabelCRIImageRef is LabelImageRef as the CRI plugin sets it.
 	LabelCRIImageRef = "containerd.io/snapshot/cri.image-ref"
+	// LabelCRIManifestDigest is the digest of the manifest of the image the CRI plugin pulls (for the node's
+	// platform).
+	LabelCRIManifestDigest = "containerd.io/snapshot/cri.manifest-digest"
 	// LabelDownloadBlob = "download" asks for a full download of an overlaybd layer instead of a lazy one.
 	LabelDownloadBlob = "containerd.io/snapshot/overlaybd/download-remote-blob"
 	// LabelRemote marks a committed snapshot whose content is read lazily from the registry.

@@ -24,6 +24,7 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -34,6 +35,7 @@ import (
 	"github.com/containerd/continuity/fs"
 	"github.com/containerd/errdefs"
 	"github.com/moby/sys/mountinfo"
+	digest "github.com/opencontainers/go-digest"
 
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/keylock"
@@ -56,6 +58,33 @@ type Snapshotter struct {
 	// rwMode and quota are the node's writable mode and quota for containers; see WithWritable.
 	rwMode string
 	quota  int64
+	// redirect finds the overlaybd images that stand in for normal images being pulled, or is nil; see WithRedirect.
+	redirect Redirector
+}
+
+// Redirector finds the overlaybd image that stands in for a normal image when the CRI plugin pulls it: an OCI
+// referrer of the image ('obd convert --referrer'), whose layers are then read lazily instead of the normal layers
+// being downloaded and unpacked.
+type Redirector interface {
+	// Redirect returns the overlaybd layer standing in for the normal layer whose snapshot is chainID, of the
+	// image ref whose manifest for this node is manifest; nil when the image has no stand-in. It is called for
+	// each layer of a pull: answers are expected to be remembered.
+	Redirect(ctx context.Context, ref string, manifest digest.Digest, chainID string) (*StandinLayer, error)
+}
+
+// StandinLayer is an overlaybd layer standing in for a normal layer being pulled.
+type StandinLayer struct {
+	// Labels make the pull a lazy pull of the layer: its annotations and LabelImageRef naming its image.
+	Labels map[string]string
+	// Lowers are the blobs of the overlaybd layers below it in its image, bottom first: a block layer is a diff
+	// of exactly those, so it stands in only over a chain of them.
+	Lowers []digest.Digest
+}
+
+// WithRedirect makes pulls of normal images through the CRI plugin (which labels them with the image's manifest
+// digest) read the overlaybd image r finds for them instead, when there is one.
+func WithRedirect(r Redirector) Option {
+	return func(s *Snapshotter) { s.redirect = r }
 }
 
 var _ snapshots.Snapshotter = (*Snapshotter)(nil)
@@ -222,7 +251,56 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 	if isRemoteLayer(labels) {
 		return nil, s.commitRemote(ctx, key, parent, labels, opts)
 	}
+	if redirected := s.redirected(ctx, parent, labels); redirected != nil {
+		return nil, s.commitRemote(ctx, key, parent, redirected, opts)
+	}
 	return s.create(ctx, snapshots.KindActive, key, parent, labels, opts)
+}
+
+// redirected returns the labels of a lazy pull of the overlaybd layer that stands in for the normal layer a
+// Prepare over parent with labels unpacks (see Redirector), or nil: no stand-in, not a CRI pull, a parent chain that
+// is not the stand-in's own layers below it (a layer shared with an image pulled before, unpacked or standing in
+// from another conversion), or a failure to look (logged). The layer is then pulled as it is.
+func (s *Snapshotter) redirected(ctx context.Context, parent string, labels map[string]string) map[string]string {
+	target, ref, md := labels[LabelTargetRef], imageRef(labels), labels[LabelCRIManifestDigest]
+	if s.redirect == nil || target == "" || ref == "" || md == "" || isLayerUnpack(labels) {
+		return nil
+	}
+	manifest, err := digest.Parse(md)
+	if err != nil {
+		return nil
+	}
+	st, err := s.redirect.Redirect(ctx, ref, manifest, target)
+	if err != nil {
+		s.log.Warn("cannot look for an overlaybd image standing in for the image: its layers are pulled as they are", "image", ref, "manifest", manifest, "err", err)
+		return nil
+	}
+	if st == nil {
+		return nil
+	}
+	below := []digest.Digest{}
+	if parent != "" {
+		plan, err := s.planChain(ctx, parent)
+		if err != nil || plan == nil || len(plan.uppers) > 0 {
+			below = nil // unpacked layers below: no block layer stands on them
+		} else {
+			for _, l := range plan.layers {
+				below = append(below, l.Digest)
+			}
+		}
+	}
+	if below == nil || !slices.Equal(below, st.Lowers) {
+		s.log.Info("the layers below are not the overlaybd image's: the layer is pulled as it is", "image", ref, "target", target, "parent", parent)
+		return nil
+	}
+	out := maps.Clone(labels)
+	maps.Copy(out, st.Labels)
+	if !isRemoteLayer(out) {
+		return nil
+	}
+	s.log.Info("pulling the overlaybd image that stands in for the image", "image", ref, "standin", imageRef(out), "target", target,
+		"blob", out[image.AnnotationBlobDigest])
+	return out
 }
 
 // View creates a read-only snapshot key of parent.

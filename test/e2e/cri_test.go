@@ -123,6 +123,29 @@ func TestCRIPullSecret(t *testing.T) {
 		t.Fatal(err)
 	}
 	run(t, exec.Command(bins.obd, "convert", "--creds", user+":"+password, "--vsize", "8", plain, lazy))
+	// Another image (no layer in common with app:v1), with an overlaybd image attached to it as an OCI referrer.
+	withRef := host + "/withref:v1"
+	refSrc := filepath.Join(t.TempDir(), "withref")
+	bb, err := os.ReadFile(testenv.Tools(t, "busybox")[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	const refOutput = "motd of the image with a referrer\ndata of the image with a referrer\n"
+	writeLayout(t, refSrc, "v1", [][]byte{
+		tarOf(t, []tarEntry{{name: "bin/", mode: 0o755}, {name: "bin/busybox", body: bb, mode: 0o755}, {name: "bin/sh", link: "busybox"},
+			{name: "bin/cat", link: "busybox"}, {name: "etc/motd", body: []byte("motd of the image with a referrer\n")}}),
+		tarOf(t, []tarEntry{{name: "app/", mode: 0o755}, {name: "app/data.txt", body: []byte("data of the image with a referrer\n")},
+			{name: "app/run.sh", body: []byte("cat /etc/motd /app/data.txt\n"), mode: 0o755}}),
+	})
+	refLay, err := image.OpenLayout(refSrc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wr, _ := image.ParseRef(withRef)
+	if err := image.PushLayout(context.Background(), pushc, refLay, "v1", wr); err != nil {
+		t.Fatal(err)
+	}
+	run(t, exec.Command(bins.obd, "convert", "--creds", user+":"+password, "--vsize", "8", "--referrer", withRef, host+"/withref"))
 	layers := func(ref string) []ocispec.Descriptor {
 		r, _ := image.ParseRef(ref)
 		_, mb, err := pushc.Resolve(context.Background(), r.Host(), r.Repository(), r.Tag)
@@ -305,6 +328,39 @@ func TestCRIPullSecret(t *testing.T) {
 		t.Logf("the container read %d ranges, %d of %d layer bytes", ranges, fetched, total)
 		if ranges == 0 || fetched == 0 || fetched > total/2 {
 			t.Errorf("%d range reads fetched %d of %d layer bytes: want authorized range reads of a fraction", ranges, fetched, total)
+		}
+	})
+
+	// kubelet pulls the original tag; the snapshotter finds the overlaybd image attached to it and reads that
+	// lazily: no layer of the original is downloaded. (Before the original itself is pulled: containerd would find
+	// its layers unpacked under the same chain IDs.)
+	t.Run("normal tag with an overlaybd referrer, lazily", func(t *testing.T) {
+		rec.take()
+		if err := pull(withRef, secret); err != nil {
+			t.Fatal(err)
+		}
+		if out := runApp(t, "withref", withRef); out != refOutput {
+			t.Fatalf("container printed %q, want %q", out, refOutput)
+		}
+		reqs := rec.take()
+		for _, l := range layers(withRef) {
+			for _, r := range reqs {
+				if r.digest == l.Digest.String() && r.bytes > 0 {
+					t.Errorf("layer %s of the original image was fetched: %+v", l.Digest, r)
+				}
+			}
+		}
+		ranges := 0
+		for _, r := range reqs {
+			if r.status == http.StatusPartialContent {
+				ranges++
+			}
+		}
+		if ranges == 0 {
+			t.Error("no range read of the overlaybd layers: the image was not read lazily")
+		}
+		if log := sb.Log("snapshotter"); !strings.Contains(log, "pulling the overlaybd image that stands in for the image") {
+			t.Errorf("the snapshotter's log does not show the stand-in:\n%s", log)
 		}
 	})
 

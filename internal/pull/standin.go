@@ -1,0 +1,134 @@
+package pull
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"slices"
+
+	"github.com/opencontainers/go-digest"
+	"github.com/opencontainers/image-spec/identity"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/registry"
+)
+
+// Standin is an overlaybd image that stands in for a normal image being pulled: an OCI referrer of it ('obd
+// convert --referrer', native or TurboOCI), read lazily in its place.
+type Standin struct {
+	// Ref names the overlaybd image: the normal image's repository at the referrer's digest.
+	Ref image.Ref
+	// Layers are its overlaybd layers, bottom first, one per layer of the normal image.
+	Layers []image.BlockLayer
+	// Chain are the chain IDs of the normal image's layers — the names containerd gives their snapshots.
+	Chain []digest.Digest
+}
+
+// maxConfig bounds the image config FindStandin reads.
+const maxConfig = 4 << 20
+
+// FindStandin looks for the overlaybd image attached to the normal image whose manifest (for this node's platform)
+// is manifest, in ref's repository: a referrer of that manifest, or of the index ref names when the index lists
+// it. It returns nil when there is none. A referrer is taken only when its subject is that manifest (or such an
+// index) and its layers match the manifest's one to one: same number, and a TurboOCI layer's target is the layer
+// it stands in for.
+func FindStandin(ctx context.Context, rc *registry.Client, ref image.Ref, manifest digest.Digest, platform image.Platform) (*Standin, error) {
+	host, repo := ref.Host(), ref.Repository()
+	_, mb, err := rc.Resolve(ctx, host, repo, manifest.String())
+	if err != nil {
+		return nil, err
+	}
+	m, err := image.ParseManifest(mb)
+	if err != nil {
+		return nil, fmt.Errorf("manifest %s: %w", manifest, err)
+	}
+	if _, err := image.BlockLayers(m); err == nil {
+		return nil, nil // an overlaybd image itself
+	}
+	byDigest := ref
+	byDigest.Tag, byDigest.Digest = "", manifest
+	d, err := Referrer(ctx, rc, byDigest, platform)
+	if err == nil && d == nil && (ref.Tag != "" || (ref.Digest != "" && ref.Digest != manifest)) {
+		d, err = Referrer(ctx, rc, ref, platform) // attached to the index the reference names
+	}
+	if err != nil || d == nil {
+		return nil, err
+	}
+	_, rb, err := rc.Resolve(ctx, host, repo, d.Digest.String())
+	if err != nil {
+		return nil, fmt.Errorf("referrer %s: %w", d.Digest, err)
+	}
+	rm, err := image.ParseManifest(rb)
+	if err != nil {
+		return nil, fmt.Errorf("referrer %s: %w", d.Digest, err)
+	}
+	if ok, err := subjectOf(ctx, rc, host, repo, rm.Subject, manifest); err != nil || !ok {
+		return nil, err
+	}
+	bls, err := image.BlockLayers(rm)
+	if err != nil {
+		return nil, fmt.Errorf("referrer %s: %w", d.Digest, err)
+	}
+	if len(bls) != len(m.Layers) {
+		return nil, nil // not a conversion of this manifest's layers
+	}
+	diffIDs, err := diffIDsOf(ctx, rc, host, repo, m)
+	if err != nil {
+		return nil, err
+	}
+	for i, bl := range bls {
+		if bl.Target != "" && bl.Target != m.Layers[i].Digest {
+			return nil, nil
+		}
+	}
+	s := &Standin{Ref: byDigest, Layers: bls, Chain: identity.ChainIDs(diffIDs)}
+	s.Ref.Digest = d.Digest
+	return s, nil
+}
+
+// subjectOf reports whether subject is the manifest, or an index that lists it.
+func subjectOf(ctx context.Context, rc *registry.Client, host, repo string, subject *ocispec.Descriptor, manifest digest.Digest) (bool, error) {
+	switch {
+	case subject == nil:
+		return false, nil
+	case subject.Digest == manifest:
+		return true, nil
+	case !image.IsIndex(subject.MediaType):
+		return false, nil
+	}
+	_, b, err := rc.Resolve(ctx, host, repo, subject.Digest.String())
+	if err != nil {
+		return false, err
+	}
+	idx, err := image.ParseIndex(b)
+	if err != nil {
+		return false, fmt.Errorf("index %s: %w", subject.Digest, err)
+	}
+	return slices.ContainsFunc(idx.Manifests, func(d ocispec.Descriptor) bool { return d.Digest == manifest }), nil
+}
+
+// diffIDsOf reads the diff IDs of m's layers from its config.
+func diffIDsOf(ctx context.Context, rc *registry.Client, host, repo string, m ocispec.Manifest) ([]digest.Digest, error) {
+	if m.Config.Size > maxConfig {
+		return nil, fmt.Errorf("config %s: %d bytes, more than %d", m.Config.Digest, m.Config.Size, maxConfig)
+	}
+	rd, err := rc.FetchBlob(ctx, host, repo, m.Config)
+	if err != nil {
+		return nil, err
+	}
+	defer rd.Close()
+	b, err := io.ReadAll(io.LimitReader(rd, maxConfig))
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", m.Config.Digest, err)
+	}
+	var cfg ocispec.Image
+	if err := json.Unmarshal(b, &cfg); err != nil {
+		return nil, fmt.Errorf("config %s: %w", m.Config.Digest, err)
+	}
+	if len(cfg.RootFS.DiffIDs) != len(m.Layers) {
+		return nil, fmt.Errorf("config %s: %d diff IDs for %d layers", m.Config.Digest, len(cfg.RootFS.DiffIDs), len(m.Layers))
+	}
+	return cfg.RootFS.DiffIDs, nil
+}
