@@ -31,7 +31,7 @@ func (s *Service) Serve(ctx context.Context) error {
 	}
 	opts := []snapshotter.Option{snapshotter.WithLogger(s.log), snapshotter.WithProfiles(s.cfg.ProfilesDir()), snapshotter.WithWritable(sc.RWMode, quota)}
 	if sc.Referrers && s.clients != nil {
-		opts = append(opts, snapshotter.WithRedirect(newStandins(s.clients.get, s.log)))
+		opts = append(opts, snapshotter.WithRedirect(newStandins(s.clients.get, s.cfg.ProfilesDir(), s.log)))
 	}
 	sn, err := snapshotter.New(sc.Root, s.mounter, opts...)
 	if err != nil {

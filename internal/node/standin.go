@@ -2,6 +2,8 @@ package node
 
 import (
 	"context"
+	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"slices"
@@ -11,6 +13,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/profile"
 	"github.com/obdproject/obd/internal/pull"
 	"github.com/obdproject/obd/internal/registry"
 	"github.com/obdproject/obd/internal/snapshotter"
@@ -21,6 +24,9 @@ import (
 type standins struct {
 	clients  func(host string) (*registry.Client, error)
 	platform image.Platform
+	// profiles is the snapshotter's directory of registered profiles: a stand-in's acceleration layer is registered
+	// there for the normal image's chain ("": not at all).
+	profiles string
 	log      *slog.Logger
 
 	mu    sync.Mutex
@@ -46,8 +52,8 @@ const (
 
 var _ snapshotter.Redirector = (*standins)(nil)
 
-func newStandins(clients func(string) (*registry.Client, error), log *slog.Logger) *standins {
-	return &standins{clients: clients, platform: image.DefaultPlatform(), log: log, found: map[digest.Digest]*standin{}}
+func newStandins(clients func(string) (*registry.Client, error), profiles string, log *slog.Logger) *standins {
+	return &standins{clients: clients, platform: image.DefaultPlatform(), profiles: profiles, log: log, found: map[digest.Digest]*standin{}}
 }
 
 // Redirect implements snapshotter.Redirector.
@@ -129,4 +135,38 @@ func (s *standins) lookup(e *standin, ref string, manifest digest.Digest) {
 		e.layers[chain.String()] = l
 	}
 	s.log.Info("found an overlaybd image standing in for the image being pulled", "image", ref, "manifest", manifest, "standin", st.Ref.String())
+	if st.Accel != nil && s.profiles != "" && len(st.Chain) > 0 {
+		// The containers of the normal image prefetch the stand-in's recorded start: a profile registered for the
+		// chain the pull commits (read when its device is attached, or when the pull preloads it).
+		if err := s.installTrace(ctx, rc, r, st); err != nil {
+			s.log.Warn("cannot register the recorded start of the stand-in: no prefetch", "standin", st.Ref.String(), "err", err)
+		}
+	}
+}
+
+// maxAccelLayer bounds the acceleration layer of a stand-in fetched to register its trace.
+const maxAccelLayer = 64 << 20
+
+func (s *standins) installTrace(ctx context.Context, rc *registry.Client, r image.Ref, st *pull.Standin) error {
+	if st.Accel.Size > maxAccelLayer {
+		return fmt.Errorf("acceleration layer of %d bytes", st.Accel.Size)
+	}
+	rd, err := rc.FetchBlob(ctx, r.Host(), r.Repository(), *st.Accel)
+	if err != nil {
+		return err
+	}
+	defer rd.Close()
+	b, err := io.ReadAll(io.LimitReader(rd, maxAccelLayer))
+	if err != nil {
+		return err
+	}
+	tf, err := profile.TraceOfLayer(b)
+	if err != nil {
+		return err
+	}
+	path, err := profile.Install(s.profiles, st.Chain[len(st.Chain)-1], tf)
+	if err == nil {
+		s.log.Info("registered the recorded start of the stand-in", "standin", st.Ref.String(), "profile", path)
+	}
+	return err
 }

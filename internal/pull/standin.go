@@ -24,6 +24,8 @@ type Standin struct {
 	Layers []image.BlockLayer
 	// Chain are the chain IDs of the normal image's layers — the names containerd gives their snapshots.
 	Chain []digest.Digest
+	// Accel is its acceleration layer (a recorded start), if it has one.
+	Accel *ocispec.Descriptor
 }
 
 // maxConfig bounds the image config FindStandin reads.
@@ -85,6 +87,11 @@ func FindStandin(ctx context.Context, rc *registry.Client, ref image.Ref, manife
 	}
 	s := &Standin{Ref: byDigest, Layers: bls, Chain: identity.ChainIDs(diffIDs)}
 	s.Ref.Digest = d.Digest
+	for _, l := range rm.Layers {
+		if l.Annotations[image.AnnotationAccelerationLayer] == "yes" {
+			s.Accel = &l
+		}
+	}
 	return s, nil
 }
 
