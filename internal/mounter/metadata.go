@@ -67,6 +67,7 @@ func (m *Mounter) startMetadataPrefetch(id string, img *mounted, layers []snapsh
 				log.Info("filesystem metadata not prefetched", "err", err)
 				return nil, nil
 			}
+			// No records end the prefetch: without the tables in the cache, the scan would read them on demand.
 			return records("inode tables", layout.Tables()), nil
 		case 2:
 			es, err := layout.Scan(stack, maxMetadataScan)
