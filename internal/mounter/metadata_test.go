@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
@@ -16,53 +17,48 @@ import (
 	"github.com/obdproject/obd/internal/ext4"
 	"github.com/obdproject/obd/internal/prefetch"
 	"github.com/obdproject/obd/internal/snapshotter"
+	"github.com/obdproject/obd/internal/testenv"
 	"github.com/obdproject/obd/lsmt"
 	"github.com/obdproject/obd/zfile"
 )
 
-// treeLayer returns an overlaybd layer blob (ZFile) made by obd's converter from a tar of dirs directories of
-// files files each, with incompressible data.
-func treeLayer(t *testing.T, dirs, files int) []byte {
-	t.Helper()
-	var tb bytes.Buffer
-	tw := tar.NewWriter(&tb)
+// treeFiles calls add for a tree of dirs directories of files files each, with incompressible data.
+func treeFiles(dirs, files int, add func(name string, data []byte, dir bool)) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	for d := range dirs {
 		dir := fmt.Sprintf("pkg/module-%03d", d)
-		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: dir + "/", Mode: 0o755}); err != nil {
-			t.Fatal(err)
-		}
+		add(dir, nil, true)
 		for f := range files {
 			data := make([]byte, 256+rng.IntN(2048))
 			for i := range data {
 				data[i] = byte(rng.Uint32())
 			}
-			if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: fmt.Sprintf("%s/file-%02d.py", dir, f), Mode: 0o644, Size: int64(len(data))}); err != nil {
-				t.Fatal(err)
-			}
-			if _, err := tw.Write(data); err != nil {
-				t.Fatal(err)
-			}
+			add(fmt.Sprintf("%s/file-%02d.py", dir, f), data, false)
 		}
 	}
+}
+
+// treeLayer returns an overlaybd layer blob (ZFile) made by obd's converter from a tar of treeFiles.
+func treeLayer(t *testing.T, dirs, files int) []byte {
+	t.Helper()
+	var tb bytes.Buffer
+	tw := tar.NewWriter(&tb)
+	treeFiles(dirs, files, func(name string, data []byte, dir bool) {
+		h := &tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: 0o644, Size: int64(len(data))}
+		if dir {
+			h.Typeflag, h.Name, h.Mode = tar.TypeDir, name+"/", 0o755
+		}
+		if err := tw.WriteHeader(h); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tw.Write(data); err != nil {
+			t.Fatal(err)
+		}
+	})
 	if err := tw.Close(); err != nil {
 		t.Fatal(err)
 	}
-	dir := t.TempDir()
-	data, err := os.Create(filepath.Join(dir, "data"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer data.Close()
-	index, err := os.Create(filepath.Join(dir, "index"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer index.Close()
-	w, err := lsmt.CreateRW(data, index, 64<<30, lsmt.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	w := newLayerRW(t, 64<<30)
 	dev := rwDisk{w}
 	if err := ext4.Mkfs(t.Context(), dev, ext4.MkfsOptions{}); err != nil {
 		t.Fatal(err)
@@ -77,11 +73,73 @@ func treeLayer(t *testing.T, dirs, files int) []byte {
 	if err := fsys.Close(); err != nil {
 		t.Fatal(err)
 	}
+	return zfileBlob(t, w)
+}
+
+// scatteredLayer returns an overlaybd layer blob (ZFile) of the ext4 image mke2fs makes of treeFiles: its
+// directory blocks lie among the files' data, as in images converted by upstream or an older obd.
+func scatteredLayer(t *testing.T, dirs, files int) []byte {
+	t.Helper()
+	src := t.TempDir()
+	treeFiles(dirs, files, func(name string, data []byte, dir bool) {
+		p := filepath.Join(src, name)
+		var err error
+		if dir {
+			err = os.MkdirAll(p, 0o755)
+		} else {
+			err = os.WriteFile(p, data, 0o644)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	})
+	img := filepath.Join(t.TempDir(), "fs.img")
+	if out, err := exec.Command(testenv.Tools(t, "mke2fs")[0], "-q", "-F", "-t", "ext4", "-b", "4096", "-O", "^has_journal", "-d", src, img, "256M").CombinedOutput(); err != nil {
+		t.Fatalf("mke2fs: %v\n%s", err, out)
+	}
+	b, err := os.ReadFile(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := newLayerRW(t, int64(len(b)))
+	for off := 0; off < len(b); off += 4096 {
+		if blk := b[off : off+4096]; !bytes.Equal(blk, make([]byte, 4096)) {
+			if _, err := w.WriteAt(blk, int64(off)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	return zfileBlob(t, w)
+}
+
+func newLayerRW(t *testing.T, vsize int64) *lsmt.RW {
+	t.Helper()
+	dir := t.TempDir()
+	data, err := os.Create(filepath.Join(dir, "data"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { data.Close() })
+	index, err := os.Create(filepath.Join(dir, "index"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { index.Close() })
+	w, err := lsmt.CreateRW(data, index, vsize, lsmt.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return w
+}
+
+// zfileBlob commits w and compresses it into a ZFile blob.
+func zfileBlob(t *testing.T, w *lsmt.RW) []byte {
+	t.Helper()
 	var commit bytes.Buffer
 	if _, err := lsmt.Commit(&commit, w, lsmt.CommitOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	out, err := os.Create(filepath.Join(dir, "blob"))
+	out, err := os.Create(filepath.Join(t.TempDir(), "blob"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,5 +223,41 @@ func TestMetadataPrefetch(t *testing.T) {
 				t.Fatal(err)
 			}
 		})
+	}
+}
+
+// An image whose directories lie among file data (converted by upstream, or before obd's metadata zone) has only its
+// inode tables prefetched: fetching its directories would fetch most of the file data with them.
+func TestMetadataPrefetchScattered(t *testing.T) {
+	needSystem(t)
+	blob := scatteredLayer(t, 400, 8)
+	s := newSetup(t)
+	reg := newFakeRegistry(t, blob)
+	m := s.newMounter(mounterOptions{registry: reg, cache: s.openCacheReadahead(16<<10, -1), metadata: 16 << 20})
+	target := filepath.Join(s.root, "mnt")
+	if err := m.Mount(context.Background(), "img", []snapshotter.Layer{reg.layer()}, target); err != nil {
+		t.Fatal(err)
+	}
+	m.mu.Lock()
+	job := m.images["img"].prefetch
+	m.mu.Unlock()
+	if job == nil {
+		t.Fatal("no metadata prefetch")
+	}
+	job.Wait()
+	p := m.Images()[0].Prefetch
+	t.Logf("metadata prefetch: %d ranges, %d bytes of a %d-byte blob", p.Ranges, p.Bytes, len(blob))
+	if p.Err != "" || p.Ranges == 0 || p.Bytes > int64(len(blob))/8 {
+		t.Fatalf("prefetch progress %+v: want the inode tables only", p)
+	}
+	before := reg.requests.Load()
+	if _, err := os.ReadDir(filepath.Join(target, "pkg/module-200")); err != nil {
+		t.Fatal(err)
+	}
+	if reg.requests.Load() == before {
+		t.Fatal("listing a directory made no registry request: the scattered directories were prefetched")
+	}
+	if err := m.Unmount(context.Background(), "img", target); err != nil {
+		t.Fatal(err)
 	}
 }
