@@ -78,6 +78,25 @@ func blocks(t *testing.T, img, path string) []int64 {
 	return out
 }
 
+// openLayout opens the filesystem image img (closed when the test ends) and reads its layout.
+func openLayout(t *testing.T, img string) (*os.File, *Layout) {
+	t.Helper()
+	f, err := os.Open(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	st, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := ReadLayout(f, st.Size())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f, l
+}
+
 func covered(es []Extent, off int64) bool {
 	for _, e := range es {
 		if off >= e.Off && off < e.End() {
@@ -99,16 +118,8 @@ func TestAgainstDebugfs(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			img := mkfs(t, src, c.opts...)
-			f, err := os.Open(img)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer f.Close()
-			st, _ := f.Stat()
-			l, err := ReadLayout(f, st.Size())
-			if err != nil {
-				t.Fatal(err)
-			}
+			f, l := openLayout(t, img)
+			size := int64(64 << 20)
 			tables := l.Tables()
 			scan, err := l.Scan(f, 1<<30)
 			if err != nil {
@@ -117,7 +128,7 @@ func TestAgainstDebugfs(t *testing.T) {
 			bs := l.BlockSize
 			for _, es := range [][]Extent{tables, scan} {
 				for _, e := range es {
-					if e.Off < 0 || e.End() > st.Size() || e.Off%bs != 0 || e.Len%bs != 0 {
+					if e.Off < 0 || e.End() > size || e.Off%bs != 0 || e.Len%bs != 0 {
 						t.Fatalf("extent %+v outside the device or not whole blocks", e)
 					}
 				}
@@ -177,16 +188,7 @@ func TestXattrBlock(t *testing.T) {
 	if m == nil || m[1] == "0" {
 		t.Fatal("the attribute is not in a block")
 	}
-	f, err := os.Open(img)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	st, _ := f.Stat()
-	l, err := ReadLayout(f, st.Size())
-	if err != nil {
-		t.Fatal(err)
-	}
+	f, l := openLayout(t, img)
 	scan, err := l.Scan(f, 1<<30)
 	if err != nil {
 		t.Fatal(err)
@@ -199,16 +201,7 @@ func TestXattrBlock(t *testing.T) {
 func TestBudget(t *testing.T) {
 	testenv.Tools(t, "mke2fs")
 	img := mkfs(t, tree(t), "-b", "1024", "-N", "2048", "-O", "^metadata_csum,^has_journal,^uninit_bg")
-	f, err := os.Open(img)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	st, _ := f.Stat()
-	l, err := ReadLayout(f, st.Size())
-	if err != nil {
-		t.Fatal(err)
-	}
+	f, l := openLayout(t, img)
 	all, err := l.Scan(f, 1<<30)
 	if err != nil {
 		t.Fatal(err)

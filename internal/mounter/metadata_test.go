@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"io/fs"
 	"math/rand/v2"
 	"os"
@@ -58,7 +59,14 @@ func treeLayer(t *testing.T, dirs, files int) []byte {
 	if err := tw.Close(); err != nil {
 		t.Fatal(err)
 	}
-	w := newLayerRW(t, 64<<30)
+	return zfileBlob(t, appliedLayer(t, 64<<30, &tb))
+}
+
+// appliedLayer returns a writable layer of a fresh ext4 of vsize bytes (obd's mkfs) with the tar r applied by obd's
+// converter, not committed.
+func appliedLayer(t *testing.T, vsize int64, r io.Reader) *lsmt.RW {
+	t.Helper()
+	w := newLayerRW(t, vsize)
 	dev := rwDisk{w}
 	if err := ext4.Mkfs(t.Context(), dev, ext4.MkfsOptions{}); err != nil {
 		t.Fatal(err)
@@ -67,13 +75,13 @@ func treeLayer(t *testing.T, dirs, files int) []byte {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := convert.Apply(t.Context(), fsys, &tb, convert.ApplyOptions{}); err != nil {
+	if _, err := convert.Apply(t.Context(), fsys, r, convert.ApplyOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	if err := fsys.Close(); err != nil {
 		t.Fatal(err)
 	}
-	return zfileBlob(t, w)
+	return w
 }
 
 // scatteredLayer returns an overlaybd layer blob (ZFile) of the ext4 image mke2fs makes of treeFiles: its
@@ -154,6 +162,24 @@ func zfileBlob(t *testing.T, w *lsmt.RW) []byte {
 	return b
 }
 
+// mountMetadata serves blob from a registry and mounts it as image "img" with a metadata prefetch bound of budget
+// bytes, a cache without readahead and 16 KiB fetches (every request after the prefetch is a miss); it returns the
+// image's prefetch job (nil for none).
+func mountMetadata(t *testing.T, blob []byte, budget int64) (*Mounter, *fakeRegistry, string, *prefetch.Job) {
+	t.Helper()
+	s := newSetup(t)
+	reg := newFakeRegistry(t, blob)
+	m := s.newMounter(mounterOptions{registry: reg, cache: s.openCacheReadahead(16<<10, -1), metadata: budget})
+	target := filepath.Join(s.root, "mnt")
+	if err := m.Mount(context.Background(), "img", []snapshotter.Layer{reg.layer()}, target); err != nil {
+		t.Fatal(err)
+	}
+	m.mu.Lock()
+	job := m.images["img"].prefetch
+	m.mu.Unlock()
+	return m, reg, target, job
+}
+
 // An image without a recorded start has its filesystem metadata prefetched when it is attached: walking its whole
 // tree (every directory and inode) then reads nothing from the registry, where without the prefetch it does.
 func TestMetadataPrefetch(t *testing.T) {
@@ -161,21 +187,11 @@ func TestMetadataPrefetch(t *testing.T) {
 	blob := treeLayer(t, 400, 8)
 	for _, on := range []bool{true, false} {
 		t.Run(fmt.Sprint("metadata=", on), func(t *testing.T) {
-			s := newSetup(t)
-			reg := newFakeRegistry(t, blob)
 			var budget int64
 			if on {
 				budget = 16 << 20
 			}
-			// No readahead, and a fetch is one 16 KiB block: every request after the prefetch is a miss.
-			m := s.newMounter(mounterOptions{registry: reg, cache: s.openCacheReadahead(16<<10, -1), metadata: budget})
-			target := filepath.Join(s.root, "mnt")
-			if err := m.Mount(context.Background(), "img", []snapshotter.Layer{reg.layer()}, target); err != nil {
-				t.Fatal(err)
-			}
-			m.mu.Lock()
-			job := m.images["img"].prefetch
-			m.mu.Unlock()
+			m, reg, target, job := mountMetadata(t, blob, budget)
 			if on != (job != nil) {
 				t.Fatalf("metadata prefetch started: %v, want %v", job != nil, on)
 			}
@@ -231,16 +247,7 @@ func TestMetadataPrefetch(t *testing.T) {
 func TestMetadataPrefetchScattered(t *testing.T) {
 	needSystem(t)
 	blob := scatteredLayer(t, 400, 8)
-	s := newSetup(t)
-	reg := newFakeRegistry(t, blob)
-	m := s.newMounter(mounterOptions{registry: reg, cache: s.openCacheReadahead(16<<10, -1), metadata: 16 << 20})
-	target := filepath.Join(s.root, "mnt")
-	if err := m.Mount(context.Background(), "img", []snapshotter.Layer{reg.layer()}, target); err != nil {
-		t.Fatal(err)
-	}
-	m.mu.Lock()
-	job := m.images["img"].prefetch
-	m.mu.Unlock()
+	m, reg, target, job := mountMetadata(t, blob, 16<<20)
 	if job == nil {
 		t.Fatal("no metadata prefetch")
 	}

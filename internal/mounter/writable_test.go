@@ -16,9 +16,6 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/obdproject/obd/internal/convert"
-	"github.com/obdproject/obd/internal/ext4"
-
 	"github.com/obdproject/obd/internal/device"
 	"github.com/obdproject/obd/internal/snapshotter"
 	"github.com/obdproject/obd/lsmt"
@@ -28,29 +25,6 @@ import (
 // upstream-converted fixture's filesystem fails e2fsck on its own, which the checks here need clean).
 func helloLocal(t *testing.T) []snapshotter.Layer {
 	t.Helper()
-	dir := t.TempDir()
-	data, err := os.Create(filepath.Join(dir, "data"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer data.Close()
-	index, err := os.Create(filepath.Join(dir, "index"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer index.Close()
-	w, err := lsmt.CreateRW(data, index, 1<<30, lsmt.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	dev := rwDisk{w}
-	if err := ext4.Mkfs(t.Context(), dev, ext4.MkfsOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	fsys, err := ext4.Open(dev, true)
-	if err != nil {
-		t.Fatal(err)
-	}
 	gz, err := os.Open(helloLayerBlob)
 	if err != nil {
 		t.Fatal(err)
@@ -60,13 +34,8 @@ func helloLocal(t *testing.T) []snapshotter.Layer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := convert.Apply(t.Context(), fsys, zr, convert.ApplyOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	if err := fsys.Close(); err != nil {
-		t.Fatal(err)
-	}
-	out := filepath.Join(dir, "layer.commit")
+	w := appliedLayer(t, 1<<30, zr)
+	out := filepath.Join(t.TempDir(), "layer.commit")
 	f, err := os.Create(out)
 	if err != nil {
 		t.Fatal(err)
