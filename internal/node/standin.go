@@ -22,8 +22,7 @@ import (
 // standins is the snapshotter's Redirector: it finds the overlaybd image attached as an OCI referrer to a normal
 // image the CRI plugin pulls, once per image (a pull asks for each layer), and remembers the answer for a while.
 type standins struct {
-	clients  func(host string) (*registry.Client, error)
-	platform image.Platform
+	clients func(host string) (*registry.Client, error)
 	// profiles is the snapshotter's directory of registered profiles: a stand-in's acceleration layer is registered
 	// there for the normal image's chain ("": not at all).
 	profiles string
@@ -53,7 +52,7 @@ const (
 var _ snapshotter.Redirector = (*standins)(nil)
 
 func newStandins(clients func(string) (*registry.Client, error), profiles string, log *slog.Logger) *standins {
-	return &standins{clients: clients, platform: image.DefaultPlatform(), profiles: profiles, log: log, found: map[digest.Digest]*standin{}}
+	return &standins{clients: clients, profiles: profiles, log: log, found: map[digest.Digest]*standin{}}
 }
 
 // Redirect implements snapshotter.Redirector.
@@ -119,7 +118,7 @@ func (s *standins) lookup(e *standin, ref string, manifest digest.Digest) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), standinTimeout)
 	defer cancel()
-	st, err := pull.FindStandin(ctx, rc, r, manifest, s.platform)
+	st, err := pull.FindStandin(ctx, rc, r, manifest)
 	if err != nil || st == nil {
 		e.err = err
 		return

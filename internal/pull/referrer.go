@@ -33,8 +33,13 @@ func Referrer(ctx context.Context, rc *registry.Client, r image.Ref, platform im
 			subjects = append(subjects, m)
 		}
 	}
+	return referrerOf(ctx, rc, r.Host(), r.Repository(), subjects)
+}
+
+// referrerOf returns the overlaybd referrer of the first of subjects that has one (see Referrer), or nil.
+func referrerOf(ctx context.Context, rc *registry.Client, host, repo string, subjects []ocispec.Descriptor) (*ocispec.Descriptor, error) {
 	for _, s := range subjects {
-		refs, err := rc.Referrers(ctx, r.Host(), r.Repository(), s, "")
+		refs, err := rc.Referrers(ctx, host, repo, s, "")
 		if err != nil {
 			return nil, &ListError{err}
 		}

@@ -31,13 +31,31 @@ type Standin struct {
 // maxConfig bounds the image config FindStandin reads.
 const maxConfig = 4 << 20
 
-// FindStandin looks for the overlaybd image attached to the normal image whose manifest (for this node's platform)
-// is manifest, in ref's repository: a referrer of that manifest, or of the index ref names when the index lists
-// it. It returns nil when there is none. A referrer is taken only when its subject is that manifest (or such an
+// FindStandin looks for the overlaybd image attached to the normal image whose manifest (the one for this node's
+// platform) is manifest, in ref's repository: a referrer of that manifest, or of the index ref names when the index
+// lists it. It returns nil when there is none. A referrer is taken only when its subject is that manifest (or such an
 // index) and its layers match the manifest's one to one: same number, and a TurboOCI layer's target is the layer
 // it stands in for.
-func FindStandin(ctx context.Context, rc *registry.Client, ref image.Ref, manifest digest.Digest, platform image.Platform) (*Standin, error) {
+func FindStandin(ctx context.Context, rc *registry.Client, ref image.Ref, manifest digest.Digest) (*Standin, error) {
 	host, repo := ref.Host(), ref.Repository()
+	// Referrers first, manifests only when there is one: a normal image without a stand-in costs a listing (two
+	// requests on a registry without the referrers API) and, for a tag, its resolution.
+	mdesc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageManifest, Digest: manifest}
+	d, err := referrerOf(ctx, rc, host, repo, []ocispec.Descriptor{mdesc})
+	sel := ref.Tag
+	if sel == "" && ref.Digest != manifest {
+		sel = ref.Digest.String()
+	}
+	if err == nil && d == nil && sel != "" {
+		var idesc ocispec.Descriptor
+		var ib []byte
+		if idesc, ib, err = rc.Resolve(ctx, host, repo, sel); err == nil && image.IsIndex(idesc.MediaType) && indexLists(ib, manifest) {
+			d, err = referrerOf(ctx, rc, host, repo, []ocispec.Descriptor{idesc})
+		}
+	}
+	if err != nil || d == nil {
+		return nil, err
+	}
 	_, mb, err := rc.Resolve(ctx, host, repo, manifest.String())
 	if err != nil {
 		return nil, err
@@ -46,18 +64,8 @@ func FindStandin(ctx context.Context, rc *registry.Client, ref image.Ref, manife
 	if err != nil {
 		return nil, fmt.Errorf("manifest %s: %w", manifest, err)
 	}
-	if _, err := image.BlockLayers(m); err == nil {
-		return nil, nil // an overlaybd image itself
-	}
 	byDigest := ref
 	byDigest.Tag, byDigest.Digest = "", manifest
-	d, err := Referrer(ctx, rc, byDigest, platform)
-	if err == nil && d == nil && (ref.Tag != "" || (ref.Digest != "" && ref.Digest != manifest)) {
-		d, err = Referrer(ctx, rc, ref, platform) // attached to the index the reference names
-	}
-	if err != nil || d == nil {
-		return nil, err
-	}
 	_, rb, err := rc.Resolve(ctx, host, repo, d.Digest.String())
 	if err != nil {
 		return nil, fmt.Errorf("referrer %s: %w", d.Digest, err)
@@ -109,11 +117,13 @@ func subjectOf(ctx context.Context, rc *registry.Client, host, repo string, subj
 	if err != nil {
 		return false, err
 	}
+	return indexLists(b, manifest), nil
+}
+
+// indexLists reports whether the index b lists the manifest.
+func indexLists(b []byte, manifest digest.Digest) bool {
 	idx, err := image.ParseIndex(b)
-	if err != nil {
-		return false, fmt.Errorf("index %s: %w", subject.Digest, err)
-	}
-	return slices.ContainsFunc(idx.Manifests, func(d ocispec.Descriptor) bool { return d.Digest == manifest }), nil
+	return err == nil && slices.ContainsFunc(idx.Manifests, func(d ocispec.Descriptor) bool { return d.Digest == manifest })
 }
 
 // diffIDsOf reads the diff IDs of m's layers from its config.

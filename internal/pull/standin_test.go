@@ -98,12 +98,12 @@ func TestFindStandin(t *testing.T) {
 		}
 		return r
 	}
-	platform := image.DefaultPlatform()
+	platform := image.DefaultPlatform() // of the index
 
 	// A native conversion attached to the manifest.
 	m, _, diffIDs := f.plain("native", 3)
 	want, rdesc := f.referrer(m, 3, nil)
-	st, err := FindStandin(ctx, rc, ref("native"), m.Digest, platform)
+	st, err := FindStandin(ctx, rc, ref("native"), m.Digest)
 	if err != nil || st == nil {
 		t.Fatalf("FindStandin: %+v, %v", st, err)
 	}
@@ -120,7 +120,7 @@ func TestFindStandin(t *testing.T) {
 	// A TurboOCI conversion: each layer's target is the layer it stands in for.
 	m, layers, _ := f.plain("turbo", 2)
 	f.referrer(m, 2, []digest.Digest{layers[0].Digest, layers[1].Digest})
-	if st, err := FindStandin(ctx, rc, ref("turbo"), m.Digest, platform); err != nil || st == nil || st.Layers[1].Target != layers[1].Digest {
+	if st, err := FindStandin(ctx, rc, ref("turbo"), m.Digest); err != nil || st == nil || st.Layers[1].Target != layers[1].Digest {
 		t.Fatalf("TurboOCI stand-in: %+v, %v", st, err)
 	}
 
@@ -130,28 +130,28 @@ func TestFindStandin(t *testing.T) {
 		Manifests: []ocispec.Descriptor{{MediaType: m.MediaType, Digest: m.Digest, Size: m.Size, Platform: &ocispec.Platform{OS: platform.OS, Architecture: platform.Architecture}}}}
 	idesc := f.manifest("multi", idx, ocispec.MediaTypeImageIndex)
 	f.referrer(idesc, 2, nil)
-	if st, err := FindStandin(ctx, rc, ref("multi"), m.Digest, platform); err != nil || st == nil || len(st.Layers) != 2 {
+	if st, err := FindStandin(ctx, rc, ref("multi"), m.Digest); err != nil || st == nil || len(st.Layers) != 2 {
 		t.Fatalf("stand-in attached to the index: %+v, %v", st, err)
 	}
 
 	// None: no referrer; a referrer of another number of layers; a TurboOCI one whose targets are other layers; an
 	// index's referrer when the index does not list the manifest being pulled.
 	m, _, _ = f.plain("none", 2)
-	if st, err := FindStandin(ctx, rc, ref("none"), m.Digest, platform); err != nil || st != nil {
+	if st, err := FindStandin(ctx, rc, ref("none"), m.Digest); err != nil || st != nil {
 		t.Errorf("image without a referrer: %+v, %v", st, err)
 	}
 	m, _, _ = f.plain("count", 2)
 	f.referrer(m, 3, nil)
-	if st, err := FindStandin(ctx, rc, ref("count"), m.Digest, platform); err != nil || st != nil {
+	if st, err := FindStandin(ctx, rc, ref("count"), m.Digest); err != nil || st != nil {
 		t.Errorf("referrer with another number of layers: %+v, %v", st, err)
 	}
 	m, layers, _ = f.plain("wrongtarget", 2)
 	f.referrer(m, 2, []digest.Digest{layers[0].Digest, digest.FromString("another layer")})
-	if st, err := FindStandin(ctx, rc, ref("wrongtarget"), m.Digest, platform); err != nil || st != nil {
+	if st, err := FindStandin(ctx, rc, ref("wrongtarget"), m.Digest); err != nil || st != nil {
 		t.Errorf("TurboOCI referrer of other layers: %+v, %v", st, err)
 	}
 	other, _, _ := f.plain("other", 2)
-	if st, err := FindStandin(ctx, rc, ref("multi"), other.Digest, platform); err != nil || st != nil {
+	if st, err := FindStandin(ctx, rc, ref("multi"), other.Digest); err != nil || st != nil {
 		t.Errorf("referrer of an index that does not list the manifest: %+v, %v", st, err)
 	}
 }
