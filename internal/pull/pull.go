@@ -272,6 +272,6 @@ func (r *recorder) Fetcher(ctx context.Context, ref string) (remotes.Fetcher, er
 			r.progress(r.done.Load(), total)
 			progress = func(n int64) { r.progress(r.done.Add(n), r.total.Load()) }
 		}
-		return newRangedReader(ctx, b, DownloadChunk, DownloadConcurrency, progress), nil
+		return newRangedReader(ctx, b, DownloadChunk, DownloadConcurrency, DownloadAhead, progress), nil
 	}), nil
 }

@@ -9,10 +9,12 @@ import (
 
 // Sizes of a ranged download (see rangedReader): with 20 ms of round trip, 8 requests of 4 MiB in flight keep a
 // 1 Gbit/s link busy (its bandwidth-delay product is 2.5 MB) while each request is long enough for its TCP window
-// to stay open; memory stays below 40 MiB per blob.
+// to stay open. DownloadAhead chunks may wait for the reader beyond those in flight, so that a slow request does
+// not stop the others from being replaced as they finish; memory stays below 64 MiB per blob.
 const (
 	DownloadChunk       = 4 << 20
 	DownloadConcurrency = 8
+	DownloadAhead       = 8
 )
 
 // rangedReader streams a registry blob in order while it fetches it with several range requests in flight. Each
@@ -33,10 +35,12 @@ type chunk struct {
 }
 
 // newRangedReader returns the blob's bytes in order, fetched chunkSize bytes a request with concurrency requests
-// in flight; progress (optional) is called with the bytes of each chunk fetched.
-func newRangedReader(ctx context.Context, b *registry.Blob, chunkSize int64, concurrency int, progress func(n int64)) io.ReadCloser {
+// in flight: a request starts as soon as one finishes, while at most ahead finished chunks wait for the reader.
+// progress (optional) is called with the bytes of each chunk fetched.
+func newRangedReader(ctx context.Context, b *registry.Blob, chunkSize int64, concurrency, ahead int, progress func(n int64)) io.ReadCloser {
 	ctx, cancel := context.WithCancel(ctx)
-	r := &rangedReader{ctx: ctx, cancel: cancel, futures: make(chan *chunk, concurrency-1)}
+	r := &rangedReader{ctx: ctx, cancel: cancel, futures: make(chan *chunk, concurrency+ahead-1)}
+	inflight := make(chan struct{}, concurrency)
 	go func() {
 		defer close(r.futures)
 		for off := int64(0); off < b.Size(); off += chunkSize {
@@ -46,9 +50,17 @@ func newRangedReader(ctx context.Context, b *registry.Blob, chunkSize int64, con
 			case <-ctx.Done():
 				return
 			}
+			select {
+			case inflight <- struct{}{}:
+			case <-ctx.Done():
+				c.err = ctx.Err()
+				close(c.done)
+				return
+			}
 			go func(off int64) {
 				defer close(c.done)
 				_, c.err = b.ReadAtContext(ctx, c.buf, off)
+				<-inflight
 				if c.err == nil && progress != nil {
 					progress(int64(len(c.buf)))
 				}
