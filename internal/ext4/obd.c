@@ -216,9 +216,9 @@ const char *obd_strerror(errcode_t err)
 // group, away from file data, which is allocated near its inode from the
 // start of the disk. A committed layer holds its blocks in disk order, so a
 // layer's metadata then lies together in its file and compresses together:
-// a node fetches all of it in a few ranges (a 25,700-file image: 2 MiB
-// instead of 23 MiB of ZFile blocks shared with file data). It falls back to
-// the next free block when the zone is full.
+// a node fetches all of it in a few ranges (a 25,700-file image: 0.7 MiB
+// in 7 ranges instead of 23.8 MiB of ZFile blocks shared with file data). It
+// falls back to the next free block when the zone is full.
 static blk64_t meta_goal(ext2_filsys fs)
 {
 	dgrp_t flex = 1, g = 0;
