@@ -282,7 +282,12 @@ func TestWritableCrash(t *testing.T) {
 	wl := filepath.Join(s.root, "rw")
 	ready := filepath.Join(s.root, "ready")
 	cmd := exec.Command(os.Args[0], "-test.run=^TestWritableCrash$")
-	cmd.Env = append(os.Environ(), crashChildEnv+"="+s.root)
+	// The child is killed before its test ends, so it cannot remove its temporary directories: they go under root.
+	childTmp := filepath.Join(s.root, "tmp")
+	if err := os.Mkdir(childTmp, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	cmd.Env = append(os.Environ(), crashChildEnv+"="+s.root, "TMPDIR="+childTmp)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
