@@ -2,7 +2,7 @@
 GO          ?= go
 BIN         := bin
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
-DEPS        := make gcc pkg-config e2fsprogs libext2fs-dev zlib1g-dev libisal-dev liblz4-1 fuse3 containerd runc docker-registry busybox-static
+DEPS        := make gcc pkg-config e2fsprogs erofs-utils libext2fs-dev zlib1g-dev libisal-dev liblz4-1 fuse3 containerd runc docker-registry busybox-static
 
 .PHONY: help build test lint check deps demo bench clean
 

@@ -105,11 +105,19 @@ func scatteredLayer(t *testing.T, dirs, files int) []byte {
 	if out, err := exec.Command(testenv.Tools(t, "mke2fs")[0], "-q", "-F", "-t", "ext4", "-b", "4096", "-O", "^has_journal", "-d", src, img, "256M").CombinedOutput(); err != nil {
 		t.Fatalf("mke2fs: %v\n%s", err, out)
 	}
+	return imageLayer(t, img)
+}
+
+// imageLayer returns an overlaybd layer blob (ZFile) holding the disk image img: its non-zero 4 KiB blocks.
+func imageLayer(t *testing.T, img string) []byte {
+	t.Helper()
 	b, err := os.ReadFile(img)
 	if err != nil {
 		t.Fatal(err)
 	}
-	w := newLayerRW(t, int64(len(b)))
+	size := (int64(len(b)) + 4095) / 4096 * 4096
+	b = append(b, make([]byte, size-int64(len(b)))...)
+	w := newLayerRW(t, size)
 	for off := 0; off < len(b); off += 4096 {
 		if blk := b[off : off+4096]; !bytes.Equal(blk, make([]byte, 4096)) {
 			if _, err := w.WriteAt(blk, int64(off)); err != nil {

@@ -11,6 +11,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -40,7 +42,7 @@ type Options struct {
 	Cache *cache.Cache
 	// Registry returns the client to use for a registry host.
 	Registry func(host string) (*registry.Client, error)
-	// FSType is the filesystem on the image's disk (default ext4).
+	// FSType is the filesystem on an image's disk when its layers do not say (blob-fs-type); default ext4.
 	FSType string
 	// PrefetchConcurrency is the number of range requests in flight while a recorded start is prefetched
 	// (default prefetch.DefaultConcurrency).
@@ -97,6 +99,7 @@ func (m *Mounter) setImage(id string, img *mounted) {
 
 type mounted struct {
 	dev     *device.Device
+	fs      fsType // the filesystem on its disk
 	targets map[string]bool
 	openMu  sync.Mutex                       // guards files and blobs while the layers are opened
 	reuse   map[digest.Digest]*registry.Blob // registry blobs to open the layers with (a preload's), by digest
@@ -153,8 +156,8 @@ func (m *Mounter) MountTrace(ctx context.Context, id string, layers []snapshotte
 	}
 	err := os.MkdirAll(target, 0o755)
 	if err == nil {
-		if err = img.dev.Mount(ctx, target, m.opts.FSType, []string{"ro"}); err != nil {
-			err = fmt.Errorf("image %s: mount %s (%s) at %s: %w", id, img.dev.Path, m.opts.FSType, target, err)
+		if err = img.dev.Mount(ctx, target, img.fs.name, append([]string{"ro"}, img.fs.opts...)); err != nil {
+			err = fmt.Errorf("image %s: mount %s (%s) at %s: %w", id, img.dev.Path, img.fs.name, target, err)
 		}
 	}
 	if err != nil {
@@ -184,7 +187,14 @@ func (m *Mounter) mountFailed(ctx context.Context, id string, img *mounted, err 
 // file it starts recording into it or prefetching it (see MountTrace).
 func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.Layer, traceFile string, wl *snapshotter.WritableLayer) (*mounted, error) {
 	start := time.Now()
-	img := &mounted{targets: map[string]bool{}}
+	fs, err := m.fsOf(layers)
+	if err != nil {
+		return nil, fmt.Errorf("image %s: %w", id, err)
+	}
+	if wl != nil && fs.name != "ext4" {
+		return nil, fmt.Errorf("container layer %s: a writable layer needs an ext4 image, this one is %s (use rw_mode overlayfs)", id, fs.name)
+	}
+	img := &mounted{fs: fs, targets: map[string]bool{}}
 	replay, record := m.readTraceFile(id, traceFile)
 	pre := m.takePreload(id)
 	if pre != nil {
@@ -256,7 +266,7 @@ func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.La
 	switch {
 	case len(replay) > 0 && img.prefetch == nil:
 		img.prefetch = m.startPrefetch(context.Background(), id, img, opened, replay)
-	case img.prefetch == nil && img.rec == nil && m.opts.MetadataBytes > 0 && m.opts.Cache != nil:
+	case img.prefetch == nil && img.rec == nil && m.opts.MetadataBytes > 0 && m.opts.Cache != nil && fs.name == "ext4":
 		img.prefetch = m.startMetadataPrefetch(id, img, layers, opened, stack)
 	}
 	// Upstream does not download while it records a trace: the trace would miss what the download brought.
@@ -299,6 +309,47 @@ func (m *Mounter) startPrefetch(ctx context.Context, id string, img *mounted, op
 	m.opts.Logger.Info("prefetching the image's recorded start", "image", id, "records", len(recs))
 	return prefetch.Start(ctx, layers, recs, opts)
 }
+
+// fsType is the filesystem on an image's disk and its mount options.
+type fsType struct {
+	name string
+	opts []string
+}
+
+// fsOf returns the filesystem of the image of layers: the blob-fs-type label of its top layer that has one,
+// "fstype[;mountopts[;mkfsopts]]" (upstream's annotation), else Options.FSType. ext4 and erofs are mounted.
+func (m *Mounter) fsOf(layers []snapshotter.Layer) (fsType, error) {
+	fs := fsType{name: m.opts.FSType}
+	for i := len(layers) - 1; i >= 0; i-- {
+		v := layers[i].FsType
+		if v == "" {
+			continue
+		}
+		parts := strings.Split(v, ";")
+		fs.name = parts[0]
+		if len(parts) > 1 && parts[1] != "" {
+			fs.opts = strings.Split(parts[1], ",")
+		}
+		break
+	}
+	switch fs.name {
+	case "ext4", "erofs":
+	default:
+		return fs, fmt.Errorf("filesystem %q (blob-fs-type): obd mounts ext4 and erofs images", fs.name)
+	}
+	for _, o := range fs.opts {
+		// The image chooses them, the host mounts them: only options that change how its own bytes read (not, for
+		// erofs, device= or fsid=, which would bring host devices or shared caches into the container's view).
+		if !slices.Contains(safeMountOpts, o) && !strings.HasPrefix(o, "cache_strategy=") {
+			return fs, fmt.Errorf("mount option %q of the image's blob-fs-type is not allowed", o)
+		}
+	}
+	return fs, nil
+}
+
+// safeMountOpts are the mount options an image may ask for (with cache_strategy= for erofs): extended attributes
+// and ACLs, and restrictions.
+var safeMountOpts = []string{"user_xattr", "nouser_xattr", "acl", "noacl", "nodev", "nosuid", "noexec", "noatime", "relatime"}
 
 // prefetchLayers returns the layers of img as a prefetch sees them.
 func (m *Mounter) prefetchLayers(img *mounted, opened []*image.Layer) []prefetch.Layer {

@@ -214,7 +214,7 @@ func (s *Snapshotter) classify(id string, info snapshots.Info) (chainLayer, erro
 			return cl, fmt.Errorf("remote snapshot %q: %w", info.Name, err)
 		}
 		cl.kind = kindBlock
-		cl.layer = Layer{Digest: dg, Size: size, ImageRef: imageRef(l)}
+		cl.layer = Layer{Digest: dg, Size: size, ImageRef: imageRef(l), FsType: l[image.AnnotationFsType]}
 		if t := l[image.AnnotationTurboTarget]; t != "" {
 			if cl.layer.Target, err = digest.Parse(t); err != nil {
 				return cl, fmt.Errorf("remote snapshot %q: label %s: %w", info.Name, image.AnnotationTurboTarget, err)
@@ -225,7 +225,7 @@ func (s *Snapshotter) classify(id string, info snapshots.Info) (chainLayer, erro
 	path := filepath.Join(cl.dir, commitFile)
 	if isOverlaybdFile(path) {
 		cl.kind = kindBlock
-		cl.layer = Layer{ImageRef: imageRef(l), LocalPath: path}
+		cl.layer = Layer{ImageRef: imageRef(l), LocalPath: path, FsType: l[image.AnnotationFsType]}
 		if dg, size, err := blobLabels(l); err == nil {
 			cl.layer.Digest, cl.layer.Size = dg, size
 		}

@@ -20,6 +20,8 @@ type Layer struct {
 	// Target is the original layer blob of a TurboOCI layer (label …/turbo-oci/target-digest), fetched lazily from
 	// ImageRef's repository: the layer's own blob holds only filesystem metadata. "" for an overlaybd layer.
 	Target digest.Digest
+	// FsType is the layer's …/overlaybd/blob-fs-type label, "fstype[;mountopts[;mkfsopts]]" ("" for ext4).
+	FsType string
 }
 
 // ImageMounter attaches the virtual disk of an overlaybd layer stack and mounts its filesystem. The snapshotter

@@ -118,3 +118,17 @@ func TestRedirect(t *testing.T) {
 		t.Errorf("the redirector was asked %d times, want once", r.calls-calls)
 	}
 }
+
+// The blob-fs-type label of a pulled layer reaches the mounter with the layer.
+func TestFsTypeLabel(t *testing.T) {
+	ctx, sn, _, _ := newTestSnapshotter(t)
+	l := remoteLabels("E0", digest.FromString("E0"), 4096, "registry.test/app:erofs")
+	l[image.AnnotationFsType] = "erofs;user_xattr"
+	if _, err := sn.Prepare(ctx, "extract-E0", "", snapshots.WithLabels(l)); !errdefs.IsAlreadyExists(err) {
+		t.Fatalf("Prepare of a remote layer: %v", err)
+	}
+	plan, err := sn.planChain(ctx, "E0")
+	if err != nil || plan == nil || len(plan.layers) != 1 || plan.layers[0].FsType != "erofs;user_xattr" {
+		t.Fatalf("chain %+v, %v: want the layer's blob-fs-type", plan, err)
+	}
+}
