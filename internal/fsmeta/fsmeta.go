@@ -35,11 +35,8 @@ const (
 	maxDirExts = 1 << 16 // extents of one directory followed
 	maxTreeBlk = 1 << 12 // tree blocks of one directory read
 
-	incompatFiletype = 0x2
 	incompatMetaBG   = 0x10
-	incompatExtents  = 0x40
 	incompat64Bit    = 0x80
-	incompatInline   = 0x8000
 	roCompatGDTCsum  = 0x10
 	roCompatMetaCsum = 0x400
 	bgInodeUninit    = 0x1
