@@ -59,7 +59,6 @@ type Layout struct {
 	inodeSize int64
 	perGroup  uint32 // inodes per group
 	inodes    uint32
-	incompat  uint32
 	// tables are the used parts of the groups' inode tables, by group: first inode number and byte range.
 	tables []table
 	// static are the superblock and group descriptor blocks.
@@ -86,9 +85,10 @@ func ReadLayout(r io.ReaderAt, size int64) (*Layout, error) {
 	if logBlock > 6 {
 		return nil, fmt.Errorf("fsmeta: block size 2^%d KiB", logBlock)
 	}
-	l := &Layout{BlockSize: 1024 << logBlock, inodes: le.Uint32(sb[0x0:]), perGroup: le.Uint32(sb[0x28:]), incompat: le.Uint32(sb[0x60:])}
+	incompat := le.Uint32(sb[0x60:])
+	l := &Layout{BlockSize: 1024 << logBlock, inodes: le.Uint32(sb[0x0:]), perGroup: le.Uint32(sb[0x28:])}
 	l.blocks = uint64(le.Uint32(sb[0x4:]))
-	if l.incompat&incompat64Bit != 0 {
+	if incompat&incompat64Bit != 0 {
 		l.blocks |= uint64(le.Uint32(sb[0x150:])) << 32
 	}
 	firstData := uint64(le.Uint32(sb[0x14:]))
@@ -108,7 +108,7 @@ func ReadLayout(r io.ReaderAt, size int64) (*Layout, error) {
 		return nil, fmt.Errorf("fsmeta: inode size %d", l.inodeSize)
 	case l.perGroup == 0 || int64(l.perGroup) > 8*l.BlockSize:
 		return nil, fmt.Errorf("fsmeta: %d inodes per group", l.perGroup)
-	case l.incompat&incompatMetaBG != 0:
+	case incompat&incompatMetaBG != 0:
 		return nil, errors.New("fsmeta: meta_bg group descriptors are not supported")
 	}
 	groups := (l.blocks - firstData + perGroupBlocks - 1) / perGroupBlocks
@@ -116,7 +116,7 @@ func ReadLayout(r io.ReaderAt, size int64) (*Layout, error) {
 		return nil, fmt.Errorf("fsmeta: %d groups with %d inodes", groups, l.inodes)
 	}
 	descSize := int64(32)
-	if l.incompat&incompat64Bit != 0 {
+	if incompat&incompat64Bit != 0 {
 		descSize = int64(le.Uint16(sb[0xFE:]))
 		if descSize < 64 || descSize > 1024 || descSize&(descSize-1) != 0 {
 			return nil, fmt.Errorf("fsmeta: group descriptor size %d", descSize)

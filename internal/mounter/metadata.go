@@ -27,9 +27,9 @@ func (m *Mounter) startMetadataPrefetch(id string, img *mounted, layers []snapsh
 	budget := m.opts.MetadataBytes
 	var layout *fsmeta.Layout
 	phase := 0
-	// records maps extents of the disk to trace records of the layers holding them, and keeps them if they fit the
+	// ranges maps extents of the disk to the blob ranges of the layers holding them, and keeps them if they fit the
 	// budget and are dense enough.
-	records := func(what string, es []fsmeta.Extent) []trace.Record {
+	ranges := func(what string, es []fsmeta.Extent) []prefetch.Range {
 		var recs []trace.Record
 		var raw int64
 		for _, e := range es {
@@ -41,8 +41,9 @@ func (m *Mounter) startMetadataPrefetch(id string, img *mounted, layers []snapsh
 				}
 			})
 		}
+		plan := prefetch.Plan(pl, recs)
 		var fetch int64
-		for _, r := range prefetch.Plan(pl, recs) {
+		for _, r := range plan {
 			fetch += r.Size
 		}
 		l := log.With("what", what, "metadata_bytes", raw, "fetch_bytes", fetch)
@@ -56,9 +57,9 @@ func (m *Mounter) startMetadataPrefetch(id string, img *mounted, layers []snapsh
 		}
 		budget -= fetch
 		l.Debug("prefetching filesystem metadata")
-		return recs
+		return plan
 	}
-	next := func(ctx context.Context) ([]trace.Record, error) {
+	next := func(ctx context.Context) ([]prefetch.Range, error) {
 		phase++
 		switch phase {
 		case 1:
@@ -67,14 +68,14 @@ func (m *Mounter) startMetadataPrefetch(id string, img *mounted, layers []snapsh
 				log.Info("filesystem metadata not prefetched", "err", err)
 				return nil, nil
 			}
-			// No records end the prefetch: without the tables in the cache, the scan would read them on demand.
-			return records("inode tables", layout.Tables()), nil
+			// No ranges end the prefetch: without the tables in the cache, the scan would read them on demand.
+			return ranges("inode tables", layout.Tables()), nil
 		case 2:
 			es, err := layout.Scan(stack, maxMetadataScan)
 			if err != nil {
 				return nil, fmt.Errorf("find directories: %w", err)
 			}
-			return records("directories", es), nil
+			return ranges("directories", es), nil
 		}
 		return nil, nil
 	}

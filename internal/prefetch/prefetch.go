@@ -133,20 +133,18 @@ type Job struct {
 // Plan gives, with Options.Concurrency requests in flight. It stops when every range is fetched, when ctx ends or
 // Stop is called, when the cache is full (cache.ErrFull: the prefetch never evicts) or at the first fetch error.
 func Start(ctx context.Context, layers []Layer, recs []trace.Record, opts Options) *Job {
-	done := false
-	return StartPhases(ctx, layers, func(context.Context) ([]trace.Record, error) {
-		if done {
-			return nil, nil
-		}
-		done = true
-		return recs, nil
+	plan := Plan(layers, recs)
+	return StartPhases(ctx, layers, func(context.Context) ([]Range, error) {
+		p := plan
+		plan = nil
+		return p, nil
 	}, opts)
 }
 
-// StartPhases is Start for records known only as the prefetch goes: next is called for each phase once the ranges
-// of the previous one are fetched, and returns the phase's records; none end the prefetch, and so does an error
-// (reported as the prefetch's).
-func StartPhases(ctx context.Context, layers []Layer, next func(context.Context) ([]trace.Record, error), opts Options) *Job {
+// StartPhases is Start for ranges known only as the prefetch goes: next is called for each phase once the ranges
+// of the previous one are fetched, and returns the phase's ranges (see Plan); none end the prefetch, and so does an
+// error (reported as the prefetch's).
+func StartPhases(ctx context.Context, layers []Layer, next func(context.Context) ([]Range, error), opts Options) *Job {
 	if opts.Concurrency <= 0 {
 		opts.Concurrency = DefaultConcurrency
 	}
@@ -162,15 +160,14 @@ func StartPhases(ctx context.Context, layers []Layer, next func(context.Context)
 	go func() {
 		defer close(j.done)
 		for ctx.Err() == nil {
-			recs, err := next(ctx)
+			plan, err := next(ctx)
 			if err != nil {
 				j.fail(err)
 				break
 			}
-			if len(recs) == 0 {
+			if len(plan) == 0 {
 				break
 			}
-			plan := Plan(layers, recs)
 			j.ranges.Add(int64(len(plan)))
 			for _, r := range plan {
 				j.bytes.Add(r.Size)

@@ -42,6 +42,7 @@ func FindStandin(ctx context.Context, rc *registry.Client, ref image.Ref, manife
 	// requests on a registry without the referrers API) and, for a tag, its resolution.
 	mdesc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageManifest, Digest: manifest}
 	d, err := referrerOf(ctx, rc, host, repo, []ocispec.Descriptor{mdesc})
+	var index []byte // the index the referrer was found on, if it was
 	sel := ref.Tag
 	if sel == "" && ref.Digest != manifest {
 		sel = ref.Digest.String()
@@ -51,6 +52,7 @@ func FindStandin(ctx context.Context, rc *registry.Client, ref image.Ref, manife
 		var ib []byte
 		if idesc, ib, err = rc.Resolve(ctx, host, repo, sel); err == nil && image.IsIndex(idesc.MediaType) && indexLists(ib, manifest) {
 			d, err = referrerOf(ctx, rc, host, repo, []ocispec.Descriptor{idesc})
+			index = ib
 		}
 	}
 	if err != nil || d == nil {
@@ -74,7 +76,7 @@ func FindStandin(ctx context.Context, rc *registry.Client, ref image.Ref, manife
 	if err != nil {
 		return nil, fmt.Errorf("referrer %s: %w", d.Digest, err)
 	}
-	if ok, err := subjectOf(ctx, rc, host, repo, rm.Subject, manifest); err != nil || !ok {
+	if ok, err := subjectOf(ctx, rc, host, repo, rm.Subject, manifest, index); err != nil || !ok {
 		return nil, err
 	}
 	bls, err := image.BlockLayers(rm)
@@ -103,8 +105,9 @@ func FindStandin(ctx context.Context, rc *registry.Client, ref image.Ref, manife
 	return s, nil
 }
 
-// subjectOf reports whether subject is the manifest, or an index that lists it.
-func subjectOf(ctx context.Context, rc *registry.Client, host, repo string, subject *ocispec.Descriptor, manifest digest.Digest) (bool, error) {
+// subjectOf reports whether subject is the manifest, or an index that lists it; index, if set, is the bytes of an
+// index already read (not read again when it is the subject).
+func subjectOf(ctx context.Context, rc *registry.Client, host, repo string, subject *ocispec.Descriptor, manifest digest.Digest, index []byte) (bool, error) {
 	switch {
 	case subject == nil:
 		return false, nil
@@ -112,6 +115,9 @@ func subjectOf(ctx context.Context, rc *registry.Client, host, repo string, subj
 		return true, nil
 	case !image.IsIndex(subject.MediaType):
 		return false, nil
+	}
+	if index != nil && digest.FromBytes(index) == subject.Digest {
+		return indexLists(index, manifest), nil
 	}
 	_, b, err := rc.Resolve(ctx, host, repo, subject.Digest.String())
 	if err != nil {
