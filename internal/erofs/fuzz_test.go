@@ -1,0 +1,111 @@
+package erofs
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"path"
+	"strings"
+	"testing"
+)
+
+// memDev is a disk in memory.
+type memDev struct{ b []byte }
+
+func (d *memDev) Size() int64 { return int64(len(d.b)) }
+
+func (d *memDev) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 || off >= int64(len(d.b)) {
+		return 0, errors.New("read outside the disk")
+	}
+	n := copy(p, d.b[off:])
+	if n < len(p) {
+		return n, errors.New("short read")
+	}
+	return n, nil
+}
+
+func (d *memDev) WriteAt(p []byte, off int64) (int, error) {
+	if off < 0 || off+int64(len(p)) > int64(len(d.b)) {
+		return 0, errors.New("write outside the disk")
+	}
+	return copy(d.b[off:], p), nil
+}
+
+// seedImage builds a small two-layer image.
+func seedImage(t testing.TB) []byte {
+	dev := &memDev{make([]byte, 256<<10)}
+	b, err := Create(dev, [16]byte{9})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := Meta{Mode: 0o755, Mtime: epoch}
+	for _, err := range []error{
+		b.Mkdir("/d", m), b.CreateFile("/d/f", m, strings.NewReader("data"), 4), b.Symlink("/l", "d/f", m),
+		b.Mkdir("/d/e", m), b.SetXattr("/d/f", "user.x", []byte("1")), b.Mknod("/c", ModeChar, 1, 3, m),
+		b.Close(),
+	} {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if b, err = Open(dev); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.SetXattr("/d", "trusted.y", bytes.Repeat([]byte("z"), 50)); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	used, _ := b.Blocks()
+	return dev.b[:used*blockSize]
+}
+
+// Any image, however damaged, opens and walks with an error or with entries, never a panic, and takes a new
+// layer without a panic.
+func FuzzOpen(f *testing.F) {
+	img := seedImage(f)
+	f.Add(img)
+	f.Add(img[:len(img)-100])
+	f.Fuzz(func(t *testing.T, img []byte) {
+		if len(img) > 1<<20 {
+			return
+		}
+		dev := &memDev{append(img, make([]byte, 64<<10)...)}
+		b, err := Open(dev)
+		if err != nil {
+			if !errors.Is(err, ErrCorrupt) && !strings.Contains(err.Error(), "erofs:") {
+				t.Fatalf("error without context: %v", err)
+			}
+			return
+		}
+		budget := 200
+		var walk func(p string, depth int)
+		walk = func(p string, depth int) {
+			ents, err := b.ReadDir(p)
+			if err != nil || depth > 8 {
+				return
+			}
+			for _, e := range ents {
+				if budget--; budget < 0 {
+					return
+				}
+				q := path.Join(p, e.Name)
+				if _, err := b.Lstat(q); err != nil {
+					continue
+				}
+				_, _ = b.Realpath(q)
+				if e.Mode == ModeDir {
+					walk(q, depth+1)
+				}
+			}
+		}
+		walk("/", 0)
+		for i := range 3 {
+			_ = b.CreateFile(fmt.Sprintf("/d/new%d", i), Meta{Mode: 0o644}, strings.NewReader("x"), 1)
+		}
+		_ = b.Remove("/l")
+		_ = b.Close()
+	})
+}
