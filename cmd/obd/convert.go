@@ -17,6 +17,7 @@ func newConvertCmd() *cobra.Command {
 		oci       bool
 		referrer  bool
 		turbo     bool
+		fsType    string
 		platform  string
 		workDir   string
 		asJSON    bool
@@ -51,7 +52,11 @@ in DST it is stored by digest only.
 --turbo writes upstream's TurboOCI layout instead: no file data is converted or stored again. Each layer keeps its
 original blob (gzip or uncompressed tar; pushed to DST with the image, mounted from the source repository when the
 registry allows it) and gets a small layer of filesystem metadata whose file blocks point into the original's tar,
-plus a gzip index to read the original at any offset.`,
+plus a gzip index to read the original at any offset.
+
+--fstype erofs writes each layer as an EROFS image (read-only; upstream's --fstype erofs): the layer's new blocks
+appended to the image of the layers below, labelled blob-fs-type erofs, so the snapshotter mounts it as erofs.
+Containers over it write to an overlayfs upper directory (no rw_mode dir/dev).`,
 		Example: `  obd convert oci:testdata/upstream/hello-world-oci:amd64 oci:out:hello-obd
   obd convert docker-archive:app.tar oci:out:app-obd --oci
   obd convert 127.0.0.1:5000/app:v1 127.0.0.1:5000/app:v1-obd
@@ -72,7 +77,7 @@ plus a gzip index to read the original at any offset.`,
 			if vsizeGB <= 0 || vsizeGB > 1<<14 {
 				return fmt.Errorf("--vsize %d: want 1..16384 GiB", vsizeGB)
 			}
-			job.Options = convert.ImageOptions{VirtualSize: vsizeGB << 30, BaseLayer: baseLayer, ZFile: zopts, OCI: oci || referrer, WorkDir: workDir, Referrer: referrer, Turbo: turbo}
+			job.Options = convert.ImageOptions{VirtualSize: vsizeGB << 30, BaseLayer: baseLayer, ZFile: zopts, OCI: oci || referrer, WorkDir: workDir, Referrer: referrer, Turbo: turbo, FsType: fsType}
 			if turbo && baseLayer != "" {
 				return fmt.Errorf("--turbo formats its own filesystem: it takes no --base-layer")
 			}
@@ -101,6 +106,7 @@ plus a gzip index to read the original at any offset.`,
 	cmd.Flags().BoolVar(&oci, "oci", false, "OCI media types (default: Docker schema 2, like upstream)")
 	cmd.Flags().BoolVar(&referrer, "referrer", false, "push the result as an OCI referrer of the source (subject, artifactType; implies --oci)")
 	cmd.Flags().BoolVar(&turbo, "turbo", false, "TurboOCI: keep the original layers and add filesystem metadata and gzip indexes (no data converted)")
+	cmd.Flags().StringVar(&fsType, "fstype", convert.FsExt4, "filesystem of the image: ext4, or erofs (read-only, as upstream's --fstype erofs)")
 	cmd.Flags().StringVar(&platform, "platform", "", "os/arch[/variant] to convert from a multi-platform image (default: this machine's), or all")
 	cmd.Flags().StringVar(&workDir, "work-dir", "", "directory for scratch files (default: the system temp dir)")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the result as JSON, no progress")

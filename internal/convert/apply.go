@@ -19,6 +19,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/obdproject/obd/internal/erofs"
 	"github.com/obdproject/obd/internal/ext4"
 	"github.com/obdproject/obd/internal/units"
 )
@@ -69,6 +70,38 @@ var errEscape = errors.New("path escapes the root")
 // nor written, whatever their size. Errors name the tar entry they come
 // from; a layer too big for the filesystem gives ErrDiskFull.
 func Apply(ctx context.Context, fsys *ext4.FS, r io.Reader, opts ApplyOptions) (ApplyStats, error) {
+	return applyTo(ctx, fsys, r, opts)
+}
+
+// ApplyErofs unpacks the uncompressed layer tar r into an erofs image being built, as Apply does into ext4.
+// EROFS keeps one time per inode (the mtime); opts.MapData is not supported.
+func ApplyErofs(ctx context.Context, b *erofs.Builder, r io.Reader, opts ApplyOptions) (ApplyStats, error) {
+	if opts.MapData != nil {
+		return ApplyStats{}, errors.New("erofs images map no file data into the layer tar")
+	}
+	return applyTo(ctx, erofsFS{b}, r, opts)
+}
+
+// filesystem is what a layer is unpacked into: an ext4 filesystem, or an erofs image being built (erofsFS).
+type filesystem interface {
+	Lstat(p string) (*ext4.Stat, error)
+	Stat(p string) (*ext4.Stat, error)
+	Realpath(p string) (string, error)
+	ReadDir(p string) ([]ext4.DirEntry, error)
+	Remove(p string) error
+	Mkdir(p string, m ext4.Meta) error
+	Symlink(p, target string, m ext4.Meta) error
+	Mknod(p string, typ, major, minor uint32, m ext4.Meta) error
+	Link(p, existing string) error
+	SetMeta(p string, m ext4.Meta) error
+	SetXattr(p, name string, value []byte) error
+	CreateFile(p string, m ext4.Meta, r io.Reader, size int64) error
+	CreateSparseFile(p string, m ext4.Meta, r io.Reader, size int64, data []ext4.Extent) error
+	CreateMappedFile(p string, m ext4.Meta, size int64, mapData func(devOff, fileOff, n int64) error) error
+	Usage() (ext4.Usage, error)
+}
+
+func applyTo(ctx context.Context, fsys filesystem, r io.Reader, opts ApplyOptions) (ApplyStats, error) {
 	a := &applier{
 		fs:      fsys,
 		opts:    opts,
@@ -136,7 +169,10 @@ var ErrDiskFull = errors.New("the virtual disk is full")
 // read as a full disk on the host.
 func (a *applier) explain(err error) error {
 	var what string
+	fsName := "ext4 filesystem"
 	switch {
+	case errors.Is(err, erofs.ErrNoSpace):
+		what, fsName = "no free block", "erofs image"
 	case errors.Is(err, ext4.ErrNoFreeBlocks):
 		what = "no free block"
 	case errors.Is(err, ext4.ErrNoFreeInodes):
@@ -148,11 +184,11 @@ func (a *applier) explain(err error) error {
 	if u, uerr := a.fs.Usage(); uerr == nil {
 		size = " of " + units.Bytes(u.Blocks*u.BlockSize)
 	}
-	return fmt.Errorf("%w: its ext4 filesystem%s has %s left (%w); convert with a larger --vsize (GiB)", ErrDiskFull, size, what, err)
+	return fmt.Errorf("%w: its %s%s has %s left (%w); convert with a larger --vsize (GiB)", ErrDiskFull, fsName, size, what, err)
 }
 
 type applier struct {
-	fs      *ext4.FS
+	fs      filesystem
 	dataOff int64 // offset in the tar of the current entry's data
 	opts    ApplyOptions
 	stats   ApplyStats

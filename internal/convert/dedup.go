@@ -18,6 +18,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 	bolterrors "go.etcd.io/bbolt/errors"
 
+	"github.com/obdproject/obd/internal/erofs"
 	"github.com/obdproject/obd/internal/ext4"
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/zfile"
@@ -171,8 +172,11 @@ func putJSON(b *bolt.Bucket, key []byte, v any) error {
 
 // keyPrefix is the part of a layer key shared by all layers of one conversion: everything but the chain ID that
 // shapes a converted layer's bytes. baseBlob is the digest of the base layer's blob, or "" to mkfs.
-func keyPrefix(vsize int64, baseBlob digest.Digest, z zfile.Options) string {
+func keyPrefix(vsize int64, baseBlob digest.Digest, z zfile.Options, fsType string) string {
 	fsys := fmt.Sprintf("mkfs vsize=%d", vsize)
+	if fsType == FsErofs {
+		fsys = fmt.Sprintf("erofs %d vsize=%d", erofs.Revision, vsize)
+	}
 	if baseBlob != "" {
 		fsys = "base " + baseBlob.String()
 	}

@@ -21,6 +21,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/obdproject/obd/internal/decompress"
+	"github.com/obdproject/obd/internal/erofs"
 	"github.com/obdproject/obd/internal/ext4"
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/iocount"
@@ -71,7 +72,16 @@ type ImageOptions struct {
 	// into the original's tar, and a gzip index to read the original at any offset. No file data is written. It
 	// formats a new filesystem (no BaseLayer) and does not use DB.
 	Turbo bool
+	// FsType is the filesystem of the image's disk: FsExt4 (the default) or FsErofs, which upstream's converter
+	// writes with --fstype erofs. An erofs image is read-only: containers write to an overlayfs upper directory.
+	FsType string
 }
+
+// Filesystems an image can be converted to.
+const (
+	FsExt4  = "ext4"
+	FsErofs = "erofs"
+)
 
 // ArtifactTypeOverlaybd is the artifactType of overlaybd images pushed as referrers of their source image.
 const ArtifactTypeOverlaybd = image.ArtifactTypeOverlaybd
@@ -205,6 +215,16 @@ func ConvertImage(ctx context.Context, src image.Source, opts ImageOptions) (*Re
 		}
 		opts.DB, opts.Remote = nil, nil
 	}
+	switch opts.FsType {
+	case "", FsExt4:
+		opts.FsType = FsExt4
+	case FsErofs:
+		if opts.Turbo || opts.BaseLayer != "" {
+			return nil, errors.New("an erofs conversion formats its own filesystem and writes file data: no --turbo, no base layer")
+		}
+	default:
+		return nil, fmt.Errorf("filesystem %q: obd converts to ext4 or erofs", opts.FsType)
+	}
 	m, _ := src.Manifest()
 	if err := CheckLayers(m); err != nil {
 		return nil, err
@@ -301,7 +321,7 @@ func (c *converter) run(ctx context.Context) (*Result, error) {
 	chains := make([]digest.Digest, n)
 	keys := make([][]byte, n)
 	if c.opts.DB != nil {
-		c.keyBase = keyPrefix(c.opts.VirtualSize, baseBlob, c.opts.ZFile)
+		c.keyBase = keyPrefix(c.opts.VirtualSize, baseBlob, c.opts.ZFile, c.opts.FsType)
 	}
 	for i := range chains {
 		chains[i] = identity.ChainID(rootfs.DiffIDs[:i+1])
@@ -538,11 +558,15 @@ func (c *converter) layerDesc(d digest.Digest, size int64) ocispec.Descriptor {
 	if c.opts.OCI {
 		mt = ocispec.MediaTypeImageLayer
 	}
-	return ocispec.Descriptor{MediaType: mt, Digest: d, Size: size, Annotations: map[string]string{
+	desc := ocispec.Descriptor{MediaType: mt, Digest: d, Size: size, Annotations: map[string]string{
 		image.AnnotationBlobDigest: d.String(),
 		image.AnnotationBlobSize:   strconv.FormatInt(size, 10),
 		image.AnnotationVersion:    image.FormatVersion,
 	}}
+	if c.opts.FsType == FsErofs {
+		desc.Annotations[image.AnnotationFsType] = FsErofs
+	}
+	return desc
 }
 
 func (c *converter) stage(p Progress, start time.Time) {
@@ -619,26 +643,12 @@ func (c *converter) applyLayer(ctx context.Context, i, n int, diffID digest.Dige
 	dev := stackDevice{stack}
 
 	start := time.Now()
-	if len(c.lowers) == 0 {
-		// Everything mkfs writes is derived from the first layer, so equal inputs give equal filesystems.
-		fsUUID := chainUUID(digest.FromString("obd mkfs " + diffID.String()))
-		if err := ext4.Mkfs(ctx, dev, ext4.MkfsOptions{UUID: fsUUID, TempDir: c.dir}); err != nil {
-			return frozen{}, err
-		}
-	}
-	fsys, err := ext4.Open(dev, true)
-	if err != nil {
-		return frozen{}, err
-	}
 	var applied int64
 	var turbo *turboTarget
-	if c.opts.Turbo {
-		applied, turbo, err = c.applyTurbo(ctx, fsys, rw, i, diffID)
+	if c.opts.FsType == FsErofs {
+		applied, err = c.applyErofs(ctx, dev, i, diffID)
 	} else {
-		applied, err = c.apply(ctx, fsys, i, diffID)
-	}
-	if cerr := fsys.Close(); err == nil && cerr != nil {
-		err = fmt.Errorf("flush filesystem: %w", cerr)
+		applied, turbo, err = c.applyExt4(ctx, dev, rw, i, diffID)
 	}
 	if cerr := wb.Close(); err == nil && cerr != nil {
 		err = fmt.Errorf("write layer data: %w", cerr)
@@ -653,6 +663,60 @@ func (c *converter) applyLayer(ctx context.Context, i, n int, diffID digest.Dige
 	c.lowers = append(c.lowers, lower)
 	c.stage(Progress{Layer: i, Layers: n, Stage: "apply", Bytes: applied}, start)
 	return frozen{i: i, n: n, name: name, rw: rw, uuid: uuid, parentUUID: parentUUID, turbo: turbo}, nil
+}
+
+// applyExt4 applies layer i to the ext4 filesystem on dev, formatting it first for the first layer.
+func (c *converter) applyExt4(ctx context.Context, dev stackDevice, rw *lsmt.RW, i int, diffID digest.Digest) (int64, *turboTarget, error) {
+	if len(c.lowers) == 0 {
+		// Everything mkfs writes is derived from the first layer, so equal inputs give equal filesystems.
+		fsUUID := chainUUID(digest.FromString("obd mkfs " + diffID.String()))
+		if err := ext4.Mkfs(ctx, dev, ext4.MkfsOptions{UUID: fsUUID, TempDir: c.dir}); err != nil {
+			return 0, nil, err
+		}
+	}
+	fsys, err := ext4.Open(dev, true)
+	if err != nil {
+		return 0, nil, err
+	}
+	var applied int64
+	var turbo *turboTarget
+	if c.opts.Turbo {
+		applied, turbo, err = c.applyTurbo(ctx, fsys, rw, i, diffID)
+	} else {
+		applied, err = c.apply(ctx, fsys, i, diffID)
+	}
+	if cerr := fsys.Close(); err == nil && cerr != nil {
+		err = fmt.Errorf("flush filesystem: %w", cerr)
+	}
+	return applied, turbo, err
+}
+
+// applyErofs applies layer i to the erofs image on dev: a new image for the first layer, else the image of the
+// layers below with this layer's blocks appended.
+func (c *converter) applyErofs(ctx context.Context, dev stackDevice, i int, diffID digest.Digest) (int64, error) {
+	var b *erofs.Builder
+	var err error
+	if len(c.lowers) == 0 {
+		// Derived from the first layer, so equal inputs give equal images.
+		sum := sha256.Sum256([]byte("obd mkfs.erofs " + diffID.String()))
+		b, err = erofs.Create(dev, [16]byte(sum[:16]))
+	} else {
+		b, err = erofs.Open(dev)
+	}
+	if err != nil {
+		return 0, err
+	}
+	applied, err := c.applyStream(ctx, i, diffID, func(r io.Reader) error {
+		_, err := ApplyErofs(ctx, b, r, ApplyOptions{})
+		return err
+	})
+	if err != nil {
+		return applied, err
+	}
+	if err := b.Close(); err != nil {
+		return applied, fmt.Errorf("write erofs metadata: %w", err)
+	}
+	return applied, nil
 }
 
 // pack commits a frozen layer straight into a ZFile compressor writing into the layer's blob file, wrapped in tar
@@ -687,8 +751,17 @@ func (c *converter) pack(l frozen) (Blob, error) {
 	return blob, nil
 }
 
-// apply streams layer i into fsys and checks that the uncompressed bytes match the config's diff_id.
+// apply streams layer i into fsys (ext4).
 func (c *converter) apply(ctx context.Context, fsys *ext4.FS, i int, diffID digest.Digest) (int64, error) {
+	return c.applyStream(ctx, i, diffID, func(r io.Reader) error {
+		_, err := Apply(ctx, fsys, r, ApplyOptions{})
+		return err
+	})
+}
+
+// applyStream streams the uncompressed tar of layer i into apply and checks that its bytes match the config's
+// diff_id.
+func (c *converter) applyStream(ctx context.Context, i int, diffID digest.Digest, apply func(io.Reader) error) (int64, error) {
 	rc, err := c.src.OpenLayer(ctx, i)
 	if err != nil {
 		return 0, err
@@ -701,9 +774,9 @@ func (c *converter) apply(ctx context.Context, fsys *ext4.FS, i int, diffID dige
 	defer tarStream.Close()
 	h := sha256.New()
 	counted := &iocount.Writer{W: h}
-	// Decompression and hashing run ahead in their own goroutine, overlapping with the tar → ext4 work.
+	// Decompression and hashing run ahead in their own goroutine, overlapping with the tar → filesystem work.
 	ahead := newReadAhead(io.TeeReader(blobReader{tarStream, comp}, counted), 1<<20, 4)
-	_, err = Apply(ctx, fsys, ahead, ApplyOptions{})
+	err = apply(ahead)
 	if err == nil {
 		// Read to the end: trailing tar padding counts for the diff_id, and the blob's digest is checked at EOF.
 		_, err = io.Copy(io.Discard, ahead)

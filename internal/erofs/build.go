@@ -14,6 +14,10 @@ import (
 	"time"
 )
 
+// Revision changes whenever the images a Builder writes for the same changes do: converted layers kept by
+// revision are not reused across it.
+const Revision = 1
+
 // Device is the disk an image is built on.
 type Device interface {
 	io.ReaderAt
