@@ -35,7 +35,6 @@ const (
 	incompat48Bit   = 0x80
 	incompatMetabox = 0x100
 	compatSBChksum  = 0x1
-	compatMtime     = 0x2
 
 	// File types of directory entries.
 	ftUnknown = 0
@@ -154,15 +153,14 @@ type inode struct {
 	uid, gid   uint32
 	size       uint64
 	mtime      time.Time
-	nlink      uint32
 	rdev       uint32
 	ino        uint32
 	layout     int
 	startBlk   uint32
-	isize      int    // inode core size: 32 or 64
-	xattrSize  int    // inline xattr body size
+	isize      int     // inode core size: 32 or 64
+	xattrSize  int     // inline xattr body size
 	xattrs     []xattr // inline and shared, in the order stored
-	inlineData []byte // FLAT_INLINE tail
+	inlineData []byte  // FLAT_INLINE tail
 }
 
 // slot is the bytes an inode occupies at its nid: what a rewrite in place may use.

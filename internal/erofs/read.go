@@ -74,10 +74,6 @@ func (im *image) readInode(nid uint64) (*inode, error) {
 	}
 	if format&1 == 0 {
 		in.isize = compactSize
-		in.nlink = uint32(le.Uint16(b[6:]))
-		if format&(1<<4) != 0 && in.mode&ModeTypeMask != ModeDir {
-			in.nlink = 1
-		}
 		in.size = uint64(le.Uint32(b[8:]))
 		in.mtime = time.Unix(int64(im.sb.epoch)+int64(le.Uint32(b[12:])), int64(im.sb.fixedNsec)%1e9)
 		in.startBlk = le.Uint32(b[16:])
@@ -97,7 +93,6 @@ func (im *image) readInode(nid uint64) (*inode, error) {
 			return nil, corrupt("inode %d: mtime %d.%09d", nid, sec, nsec)
 		}
 		in.mtime = time.Unix(int64(sec), int64(nsec))
-		in.nlink = le.Uint32(b[44:])
 	}
 	in.rdev = in.startBlk
 	if icount := le.Uint16(b[2:]); icount > 0 {
