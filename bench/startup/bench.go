@@ -178,7 +178,7 @@ func runBench(ctx context.Context, cfg *config) (err error) {
 			return fmt.Errorf("--pigz: %w", err)
 		}
 	}
-	im, err := prepareImage(ctx, cfg.work, cfg.rebuild, cfg.zfile, logf)
+	im, err := prepareImage(ctx, cfg.work, cfg.rebuild, cfg.zfile, cfg.fsType, logf)
 	if err != nil {
 		return fmt.Errorf("image: %w", err)
 	}

@@ -71,6 +71,7 @@ type imageInfo struct {
 	BuildSeconds      float64 `json:"buildSeconds"`
 	LDLibraryPath     string  `json:"ldLibraryPath"`
 	ZFile             string  `json:"zfileAlgorithm"`
+	FsType            string  `json:"fsType,omitempty"` // of the overlaybd image
 	ConvertedThisTime bool    `json:"convertedThisRun"`
 }
 
@@ -83,7 +84,7 @@ type layerInfo struct {
 
 // prepareImage returns the benchmark image from the cache under root, building and converting it when the
 // cache has no image of the current package set (or rebuild is set).
-func prepareImage(ctx context.Context, root string, rebuild bool, zopts zfile.Options, logf func(string, ...any)) (*builtImage, error) {
+func prepareImage(ctx context.Context, root string, rebuild bool, zopts zfile.Options, fsType string, logf func(string, ...any)) (*builtImage, error) {
 	var layers [][]string
 	have := map[string]bool{}
 	for i, roots := range layerRoots {
@@ -105,6 +106,9 @@ func prepareImage(ctx context.Context, root string, rebuild bool, zopts zfile.Op
 	if zopts.BlockSize != 4096 {
 		fmt.Fprintf(h, "zfile block %d\n", zopts.BlockSize)
 	}
+	if fsType != convert.FsExt4 {
+		fmt.Fprintf(h, "fstype %s\n", fsType)
+	}
 	for _, l := range layers {
 		fmt.Fprintf(h, "%s\n", strings.Join(l, " "))
 	}
@@ -123,7 +127,7 @@ func prepareImage(ctx context.Context, root string, rebuild bool, zopts zfile.Op
 		return nil, err
 	}
 	defer os.RemoveAll(tmp)
-	im, err := buildImage(ctx, tmp, layers, zopts, logf)
+	im, err := buildImage(ctx, tmp, layers, zopts, fsType, logf)
 	if err != nil {
 		return nil, err
 	}
@@ -166,7 +170,7 @@ func loadImage(dir string) (*builtImage, error) {
 	return im, nil
 }
 
-func buildImage(ctx context.Context, dir string, layers [][]string, zopts zfile.Options, logf func(string, ...any)) (*builtImage, error) {
+func buildImage(ctx context.Context, dir string, layers [][]string, zopts zfile.Options, fsType string, logf func(string, ...any)) (*builtImage, error) {
 	start := time.Now()
 	spec := testimage.Spec{Name: "startup", Layers: layers}
 	n := 0
@@ -178,7 +182,7 @@ func buildImage(ctx context.Context, dir string, layers [][]string, zopts zfile.
 	if err != nil {
 		return nil, err
 	}
-	im := &builtImage{Dir: dir, Info: imageInfo{Packages: layers, Versions: ti.Versions, ConvertedThisTime: true, ZFile: zfileName(zopts)}}
+	im := &builtImage{Dir: dir, Info: imageInfo{Packages: layers, Versions: ti.Versions, ConvertedThisTime: true, ZFile: zfileName(zopts), FsType: fsType}}
 	lay, err := image.OpenLayout(dir)
 	if err != nil {
 		return nil, err
@@ -207,7 +211,7 @@ func buildImage(ctx context.Context, dir string, layers [][]string, zopts zfile.
 	}
 	defer src.Close()
 	zopts.Workers = runtime.NumCPU()
-	res, err := convert.ConvertImage(ctx, src, convert.ImageOptions{WorkDir: filepath.Dir(dir), ZFile: zopts, Progress: func(p convert.Progress) {
+	res, err := convert.ConvertImage(ctx, src, convert.ImageOptions{WorkDir: filepath.Dir(dir), ZFile: zopts, FsType: fsType, Progress: func(p convert.Progress) {
 		if p.Stage == "done" {
 			logf("converted layer %d/%d: %s", p.Layer+1, p.Layers, units.Bytes(p.Bytes))
 		}

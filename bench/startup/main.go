@@ -34,6 +34,7 @@ type config struct {
 	cc               string
 	runs             int
 	fetchKB, blockKB int
+	fsType           string // of the overlaybd image
 	obdTOML          string // more obd.toml for every case
 	out              string
 	work             string
@@ -69,6 +70,7 @@ func main() {
 	flag.StringVar(&c.name, "name", "", "base name of the result files in --out (NAME.json, NAME.svg; default startup, with .WORKLOAD for a workload other than python and .BANDWIDTH for a bandwidth other than 100mbit)")
 	flag.BoolVar(&c.pigz, "pigz", false, "give the sandbox's containerd pigz (from the Debian package, on its PATH only) to unpack gzip layers with unpigz")
 	flag.StringVar(&c.logs, "logs", "", "copy the registry's, containerd's and obd-snapshotter's logs into this directory at the end")
+	flag.StringVar(&c.fsType, "fstype", "ext4", "filesystem of the overlaybd image: ext4 (obd convert's default) or erofs")
 	algo := flag.String("zfile", "zstd", "compression of the overlaybd layer blobs: zstd (obd convert's default) or lz4 (upstream's)")
 	zfileBlockKB := flag.Int("zfile-block-kb", 64, "ZFile block size of the overlaybd layer blobs in KiB: 4 (upstream's default), 8, 16, 32 or 64 (obd convert's)")
 	casesFlag := flag.String("cases", strings.Join(caseKeys(), ","), "cases to measure, comma-separated (a warm case needs its cold case)")
