@@ -10,8 +10,9 @@ import (
 	"github.com/obdproject/obd/internal/verify"
 )
 
-// An erofs conversion keeps every attribute of the tar layers (as the kernel's erofs mount presents them), is
-// fsck.erofs clean, labels its layers blob-fs-type erofs, and gives the same digests each time.
+// An erofs conversion keeps every attribute of the tar layers (as the kernel's erofs mount presents them, and as
+// obd verify reads them), is fsck.erofs clean, labels its layers blob-fs-type erofs, and gives the same digests
+// each time.
 func TestConvertErofs(t *testing.T) {
 	testenv.Root(t)
 	tools := testenv.Tools(t, "fsck.erofs", "mount", "umount")
@@ -61,6 +62,14 @@ func TestConvertErofs(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, d := range verify.Compare(want, got, verify.Options{}) {
-		t.Error(d)
+		t.Error("kernel:", d)
+	}
+	// obd verify reads the image in userspace.
+	got, err = verify.FromStack(img.Stack)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range verify.Compare(want, got, verify.Options{}) {
+		t.Error("verify.FromStack:", d)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"path"
 	"strings"
 	"testing"
@@ -62,8 +63,8 @@ func seedImage(t testing.TB) []byte {
 	return dev.b[:used*blockSize]
 }
 
-// Any image, however damaged, opens and walks with an error or with entries, never a panic, and takes a new
-// layer without a panic.
+// Any image, however damaged, opens and walks (Reader, Builder) with an error or with entries, never a panic, and
+// takes a new layer without a panic.
 func FuzzOpen(f *testing.F) {
 	img := seedImage(f)
 	f.Add(img)
@@ -73,6 +74,20 @@ func FuzzOpen(f *testing.F) {
 			return
 		}
 		dev := &memDev{append(img, make([]byte, 64<<10)...)}
+		if r, err := NewReader(dev, dev.Size()); err == nil {
+			budget := 500
+			_ = r.Walk(func(p string, f *File) error {
+				if budget--; budget < 0 {
+					return errors.New("enough")
+				}
+				if f.Mode&ModeTypeMask == ModeRegular {
+					if data, err := f.Open(); err == nil {
+						_, _ = io.Copy(io.Discard, data)
+					}
+				}
+				return nil
+			})
+		}
 		b, err := Open(dev)
 		if err != nil {
 			if !errors.Is(err, ErrCorrupt) && !strings.Contains(err.Error(), "erofs:") {

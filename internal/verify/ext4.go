@@ -9,6 +9,7 @@ import (
 	"path"
 
 	"github.com/obdproject/obd/internal/decompress"
+	"github.com/obdproject/obd/internal/erofs"
 	"github.com/obdproject/obd/internal/ext4"
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/lsmt"
@@ -99,8 +100,11 @@ type stackDevice struct{ *lsmt.Stack }
 
 func (d stackDevice) Size() int64 { return d.VirtualSize() }
 
-// FromStack reads the file tree of the ext4 filesystem on an overlaybd layer stack.
+// FromStack reads the file tree of the filesystem on an overlaybd layer stack: ext4, or erofs.
 func FromStack(s *lsmt.Stack) (Tree, error) {
+	if erofs.IsImage(s) {
+		return FromErofs(s, s.VirtualSize())
+	}
 	fsys, err := ext4.Open(stackDevice{s}, false)
 	if err != nil {
 		return nil, fmt.Errorf("open ext4 on the image's disk: %w", err)
