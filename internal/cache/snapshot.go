@@ -173,15 +173,13 @@ func (c *Cache) ExportBlob(key digest.Digest, w io.Writer, limit int, begin func
 	}
 	r := &Reader{c: c, b: b, key: key, size: e.Size}
 	// Runs of consecutive blocks, up to importRun bytes, are read with one system call each. On another goroutine,
-	// the blocks' CRCs are computed and w takes the run while a third hashes it; meanwhile the next run is read.
+	// the blocks' CRCs are computed and w takes the run, and a third hashes the runs w took; meanwhile the next runs
+	// are read.
 	e.CRCs = make([]uint32, 0, len(e.Blocks))
 	h := sha256.New()
 	var werr error
 	var failed atomic.Bool
 	p := newBufPipe(max(bs, importRun/bs*bs), func(_ int64, run []byte) {
-		var hashing sync.WaitGroup
-		hashing.Go(func() { h.Write(run) })
-		defer hashing.Wait()
 		for o := 0; o < len(run); o += int(bs) {
 			e.CRCs = append(e.CRCs, crc32.Checksum(run[o:min(len(run), o+int(bs))], crcTable))
 		}
@@ -190,7 +188,7 @@ func (c *Cache) ExportBlob(key digest.Digest, w io.Writer, limit int, begin func
 				failed.Store(true)
 			}
 		}
-	})
+	}, func(_ int64, run []byte) { h.Write(run) })
 	defer p.close()
 	for k := 0; k < len(e.Blocks) && !failed.Load(); {
 		first := e.Blocks[k]
@@ -211,9 +209,10 @@ func (c *Cache) ExportBlob(key digest.Digest, w io.Writer, limit int, begin func
 	return e, digest.NewDigest(digest.SHA256, h), nil
 }
 
-// bufPipe works on buffers on a goroutine of its own, in order, while the caller goes on: the caller takes a
-// buffer, fills it and sends it (with an offset) to the work function, and may go on reading it until it takes the
-// next buffer. The buffer is taken back once the work on it is done.
+// bufPipe passes buffers through stages of work, each on a goroutine of its own, while the caller goes on: the
+// caller takes a buffer, fills it and sends it (with an offset); each stage works on the buffers in the order sent,
+// the first stage first; a buffer is taken back once the last stage is done with it. A slow stage (hashing) thus
+// overlaps with the stages before it on other buffers, up to bufPipeDepth buffers in all.
 type bufPipe struct {
 	free chan []byte
 	in   chan pipeJob
@@ -225,21 +224,37 @@ type pipeJob struct {
 	buf []byte
 }
 
-// bufPipeDepth is the number of buffers: the work may be this many minus one behind.
-const bufPipeDepth = 3
+// bufPipeDepth is the number of buffers.
+const bufPipeDepth = 6
 
-func newBufPipe(size int64, work func(off int64, buf []byte)) *bufPipe {
+func newBufPipe(size int64, stages ...func(off int64, buf []byte)) *bufPipe {
 	p := &bufPipe{free: make(chan []byte, bufPipeDepth), in: make(chan pipeJob, bufPipeDepth), done: make(chan struct{})}
 	for range bufPipeDepth {
 		p.free <- make([]byte, size)
 	}
-	go func() {
-		defer close(p.done)
-		for j := range p.in {
-			work(j.off, j.buf)
-			p.free <- j.buf[:cap(j.buf)]
+	in := p.in
+	for k, work := range stages {
+		var out chan pipeJob
+		if k < len(stages)-1 {
+			out = make(chan pipeJob, bufPipeDepth)
 		}
-	}()
+		go func(in <-chan pipeJob) {
+			if out == nil {
+				defer close(p.done)
+			} else {
+				defer close(out)
+			}
+			for j := range in {
+				work(j.off, j.buf)
+				if out != nil {
+					out <- j
+				} else {
+					p.free <- j.buf[:cap(j.buf)]
+				}
+			}
+		}(in)
+		in = out
+	}
 	return p
 }
 
@@ -273,12 +288,23 @@ type ImportResult struct {
 // fails is dropped, never stored), none evicts cached blocks (the import stops at the cache's bound), and a blob
 // that is then complete is checked against its digest.
 func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) (ImportResult, error) {
-	var res ImportResult
-	if err := e.Validate(); err != nil {
+	finish, res, err := c.StartImport(ctx, e, data)
+	if err != nil {
 		return res, err
 	}
+	return finish()
+}
+
+// StartImport is ImportBlob in two steps: it returns once data is read, and finish waits for the rest (the last
+// blocks stored, the digest of a complete blob checked) and returns the result. The caller may read the next
+// blob's data meanwhile: the hashing of one blob then overlaps with the storing of the next. finish must be
+// called; when StartImport fails, res says what was done.
+func (c *Cache) StartImport(ctx context.Context, e ExportedBlob, data io.Reader) (finish func() (ImportResult, error), res ImportResult, err error) {
+	if err := e.Validate(); err != nil {
+		return nil, res, err
+	}
 	if e.BlockSize%c.opts.BlockSize != 0 {
-		return res, fmt.Errorf("cache snapshot: blob %s: blocks of %d bytes, which this cache's blocks of %d do not divide", e.Digest,
+		return nil, res, fmt.Errorf("cache snapshot: blob %s: blocks of %d bytes, which this cache's blocks of %d do not divide", e.Digest,
 			e.BlockSize, c.opts.BlockSize)
 	}
 	c.mu.Lock()
@@ -288,14 +314,14 @@ func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) 
 		b.mu.Unlock()
 		if size != e.Size {
 			c.mu.Unlock()
-			return res, fmt.Errorf("cache snapshot: blob %s has %d bytes, the cache knows it with %d", e.Digest, e.Size, size)
+			return nil, res, fmt.Errorf("cache snapshot: blob %s has %d bytes, the cache knows it with %d", e.Digest, e.Size, size)
 		}
 	}
 	c.mu.Unlock()
 	src := &importSource{}
 	r := c.Reader(e.Digest, e.Size, src)
 	if r.b == nil {
-		return res, fmt.Errorf("cache: blob %s cannot be cached (closed cache)", e.Digest)
+		return nil, res, fmt.Errorf("cache: blob %s cannot be cached (closed cache)", e.Digest)
 	}
 	// Blocks are stored in runs of consecutive blocks, up to importRun bytes each, on another goroutine while the
 	// next run is read and its blocks checked. A snapshot of the whole blob is hashed there too, run by run: when
@@ -308,14 +334,7 @@ func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) 
 		wholeHash = e.Digest.Algorithm().Hash()
 	}
 	var st importState
-	p := newBufPipe(runCap, func(off int64, run []byte) {
-		// The run is hashed on a goroutine of its own while it is stored: on two cores, hashing and storing in turn
-		// made this goroutine the import's bottleneck.
-		var hashing sync.WaitGroup
-		if wholeHash != nil {
-			hashing.Go(func() { wholeHash.Write(run) })
-		}
-		defer hashing.Wait()
+	store := func(off int64, run []byte) {
 		if full, err := st.get(); full || err != nil {
 			return
 		}
@@ -339,8 +358,20 @@ func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) 
 			err = fmt.Errorf("cache: blob %s: blocks at %d: %w", e.Digest, off, err)
 		}
 		st.add(stored, err)
-	})
-	defer p.close()
+	}
+	// The runs are hashed on a goroutine of their own, behind the one storing them: on two cores, hashing and
+	// storing in turn made one goroutine the import's bottleneck.
+	stages := []func(int64, []byte){store}
+	if wholeHash != nil {
+		stages = append(stages, func(_ int64, run []byte) { wholeHash.Write(run) })
+	}
+	p := newBufPipe(runCap, stages...)
+	closed := false // the pipe is handed to finishImport
+	defer func() {
+		if !closed {
+			p.close()
+		}
+	}()
 	run, runOff := p.buffer()[:0], int64(0)
 	// flush hands the run over to be stored, and fails when the import cannot go on.
 	flush := func() error {
@@ -354,17 +385,17 @@ func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) 
 	skip := make([]byte, e.BlockSize)
 	for k, i := range e.Blocks {
 		if err := ctx.Err(); err != nil {
-			return res, err
+			return nil, res, err
 		}
 		off, n := i*e.BlockSize, min(e.BlockSize, e.Size-i*e.BlockSize)
 		if len(run) > 0 && (runOff+int64(len(run)) != off || int64(len(run))+n > runCap) {
 			if err := flush(); err != nil {
-				return res, err
+				return nil, res, err
 			}
 		}
 		if full, _ := st.get(); full {
 			if _, err := io.ReadFull(data, skip[:n]); err != nil { // read past the rest
-				return res, fmt.Errorf("cache snapshot: blob %s: block %d: %w", e.Digest, i, err)
+				return nil, res, fmt.Errorf("cache snapshot: blob %s: block %d: %w", e.Digest, i, err)
 			}
 			continue
 		}
@@ -373,13 +404,13 @@ func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) 
 		}
 		blk := run[len(run) : len(run)+int(n)]
 		if _, err := io.ReadFull(data, blk); err != nil {
-			return res, fmt.Errorf("cache snapshot: blob %s: block %d: %w", e.Digest, i, err)
+			return nil, res, fmt.Errorf("cache snapshot: blob %s: block %d: %w", e.Digest, i, err)
 		}
 		if !e.blockOK(k, blk) {
 			res.Dropped++
 			all = false
 			if err := flush(); err != nil {
-				return res, err
+				return nil, res, err
 			}
 			continue
 		}
@@ -388,7 +419,7 @@ func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) 
 			res.Present++
 			all = false
 			if err := flush(); err != nil {
-				return res, err
+				return nil, res, err
 			}
 			continue
 		case missing < n:
@@ -397,8 +428,25 @@ func (c *Cache) ImportBlob(ctx context.Context, e ExportedBlob, data io.Reader) 
 		run = run[:len(run)+int(n)]
 	}
 	if err := flush(); err != nil {
-		return res, err
+		return nil, res, err
 	}
+	closed = true
+	done := make(chan struct{})
+	var fres ImportResult
+	var ferr error
+	go func() {
+		defer close(done)
+		fres, ferr = c.finishImport(ctx, p, r, &st, e, res, all, nb, wholeHash)
+	}()
+	return func() (ImportResult, error) {
+		<-done
+		return fres, ferr
+	}, res, nil
+}
+
+// finishImport waits for the runs of an import to be stored and hashed, and checks the blob once complete.
+func (c *Cache) finishImport(ctx context.Context, p *bufPipe, r *Reader, st *importState, e ExportedBlob, res ImportResult,
+	all bool, nb int64, wholeHash hash.Hash) (ImportResult, error) {
 	p.close()
 	full, err := st.get()
 	st.mu.Lock()

@@ -1,7 +1,6 @@
 package node
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -335,35 +334,62 @@ func (a cacheAPI) importSnapshot(w http.ResponseWriter, r *http.Request) {
 	}
 	if f != nil {
 		defer f.Close()
-		body = bufio.NewReaderSize(f, 1<<20)
+		body = f // read straight into the import's buffers
 	}
 	var out []status.ImportedBlob
+	// Each blob's import is finished (its last runs stored, its digest checked) while the next blob's data is read.
+	var pending func() error
+	finishPending := func() error {
+		if pending == nil {
+			return nil
+		}
+		err := pending()
+		pending = nil
+		return err
+	}
 	_, err := cachesnap.ReadTar(body, func(e cachesnap.Entry, data io.Reader) error {
 		vr, check := cachesnap.Verified(e, data)
 		if e.Whole() && e.Data.Digest == e.Digest {
-			// The data is the blob itself: ImportBlob checks it against the blob's digest as it streams.
+			// The data is the blob itself: the import checks it against the blob's digest as it streams.
 			vr, check = io.LimitReader(data, e.Data.Size), func() error { return nil }
 		}
-		res, err := c.ImportBlob(r.Context(), e.ExportedBlob, vr)
-		if err == nil || errors.Is(err, cache.ErrDigestMismatch) {
-			// Damaged blocks failed their sums and were dropped; the data digest tells the same of the whole.
-			if derr := check(); derr != nil && !errors.Is(derr, cachesnap.ErrDataDigest) {
-				return derr
-			} else if err == nil && derr != nil && res.Dropped == 0 {
-				err = derr // damage the sums did not catch: impossible unless the sums are forged too
+		finish, res, err := c.StartImport(r.Context(), e.ExportedBlob, vr)
+		if perr := finishPending(); perr != nil {
+			if finish != nil {
+				_, _ = finish()
 			}
+			return perr
 		}
-		ib := status.ImportedBlob{Digest: e.Digest.String(), Imported: res.Imported, Present: res.Present,
-			Dropped: res.Dropped, Full: res.Full, Verified: res.Verified}
 		if err != nil {
-			ib.Error = err.Error()
-			if !errors.Is(err, cache.ErrDigestMismatch) && !errors.Is(err, cachesnap.ErrDataDigest) {
-				return err
-			}
+			return err
 		}
-		out = append(out, ib)
+		derr := check() // the data was read whole
+		pending = func() error {
+			res, err = finish()
+			if err == nil || errors.Is(err, cache.ErrDigestMismatch) {
+				// Damaged blocks failed their sums and were dropped; the data digest tells the same of the whole.
+				if derr != nil && !errors.Is(derr, cachesnap.ErrDataDigest) {
+					return derr
+				} else if err == nil && derr != nil && res.Dropped == 0 {
+					err = derr // damage the sums did not catch: impossible unless the sums are forged too
+				}
+			}
+			ib := status.ImportedBlob{Digest: e.Digest.String(), Imported: res.Imported, Present: res.Present,
+				Dropped: res.Dropped, Full: res.Full, Verified: res.Verified}
+			if err != nil {
+				ib.Error = err.Error()
+				if !errors.Is(err, cache.ErrDigestMismatch) && !errors.Is(err, cachesnap.ErrDataDigest) {
+					return err
+				}
+			}
+			out = append(out, ib)
+			return nil
+		}
 		return nil
 	})
+	if perr := finishPending(); err == nil {
+		err = perr
+	}
 	if err != nil {
 		a.o.log.Warn("cache import failed", "err", err)
 		http.Error(w, err.Error(), http.StatusBadRequest)
