@@ -123,8 +123,11 @@ type sample struct {
 	PrefetchBytes   int64   `json:"prefetchBytes,omitempty"`
 	// ImportSeconds (imported-cache case): obd cache import of the snapshot, before the pull.
 	ImportSeconds float64 `json:"importSeconds,omitempty"`
-	Bytes         int64   `json:"bytes"`    // blob bytes the registry served during the case
-	Requests      int64   `json:"requests"` // blob GET requests the registry answered
+	// UntarSeconds (imported-cache case): tar -x of the tar of the cache directory, the import's baseline, timed
+	// before the import under the same conditions.
+	UntarSeconds float64 `json:"untarSeconds,omitempty"`
+	Bytes        int64   `json:"bytes"`    // blob bytes the registry served during the case
+	Requests     int64   `json:"requests"` // blob GET requests the registry answered
 	// ReadyBytes and ReadyRequests (background download case): what the registry had served when the container
 	// exited after printing ready.
 	ReadyBytes    int64 `json:"readyBytes,omitempty"`
@@ -154,6 +157,7 @@ type bench struct {
 	results                      map[string][]sample
 	calib                        calibration
 	snapshot                     string    // the cache snapshot exportSnapshot wrote
+	cacheTar                     string    // and the tar of the cache directory
 	move                         cacheMove // how fast the cache moves
 	seq                          int
 }

@@ -222,6 +222,7 @@ func (b *bench) report(ctx context.Context) *report {
 	if im := med[caseOBDImported]; im.ImportSeconds > 0 && b.move.SnapshotBytes > 0 {
 		mv := b.move
 		mv.ImportMBps = float64(mv.SnapshotBytes) / 1e6 / im.ImportSeconds
+		mv.UntarMBps = float64(mv.CacheDirBytes) / 1e6 / im.UntarSeconds
 		r.CacheMove = &mv
 		r.Targets = append(r.Targets,
 			target{Name: "cache export throughput", Goal: "obd cache export MB/s ≥ tar of the cache directory",
@@ -335,6 +336,7 @@ func medianSample(ss []sample) sample {
 		RunSeconds:       m(func(s sample) float64 { return s.RunSeconds }),
 		LocalSeconds:     m(func(s sample) float64 { return s.LocalSeconds }),
 		ImportSeconds:    m(func(s sample) float64 { return s.ImportSeconds }),
+		UntarSeconds:     m(func(s sample) float64 { return s.UntarSeconds }),
 		PrefetchSeconds:  m(func(s sample) float64 { return s.PrefetchSeconds }),
 		PrefetchBytes:    int64(m(func(s sample) float64 { return float64(s.PrefetchBytes) })),
 		Bytes:            int64(m(func(s sample) float64 { return float64(s.Bytes) })),
