@@ -361,6 +361,9 @@ func (b *Builder) parent(op, p string) (*node, string, error) {
 	if len(name) > maxNameLen {
 		return nil, "", pathErr(op, p, syscall.ENAMETOOLONG)
 	}
+	if strings.IndexByte(name, 0) >= 0 {
+		return nil, "", pathErr(op, p, syscall.EINVAL)
+	}
 	d, _, err := b.walk(dir, true)
 	if err == nil && !d.isDir() {
 		err = syscall.ENOTDIR
@@ -424,6 +427,9 @@ func (b *Builder) Mkdir(p string, m Meta) error {
 func (b *Builder) Symlink(p, target string, m Meta) error {
 	if target == "" || len(target) > maxSymlinkSize {
 		return pathErr("symlink", p, syscall.ENAMETOOLONG)
+	}
+	if strings.IndexByte(target, 0) >= 0 {
+		return pathErr("symlink", p, syscall.EINVAL)
 	}
 	n := newNode(ModeSymlink, m)
 	n.target, n.size = target, int64(len(target))

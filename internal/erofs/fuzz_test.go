@@ -124,3 +124,50 @@ func FuzzOpen(f *testing.F) {
 		_ = b.Close()
 	})
 }
+
+// Names, targets and data an image cannot hold are refused with an error naming the path, and the image stays
+// whole.
+func TestRefused(t *testing.T) {
+	dev := &memDev{make([]byte, 1<<20)}
+	b, err := Create(dev, [16]byte{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := Meta{Mode: 0o644}
+	if err := b.CreateFile("/f", m, strings.NewReader("x"), 1); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name string
+		err  error
+	}{
+		{"nul in a name", b.CreateFile("/a\x00b", m, strings.NewReader(""), 0)},
+		{"long name", b.Mkdir("/"+strings.Repeat("n", 256), m)},
+		{"nul in a target", b.Symlink("/l", "x\x00y", m)},
+		{"long target", b.Symlink("/l", strings.Repeat("t", 4096), m)},
+		{"xattr namespace", b.SetXattr("/f", "system.foo", nil)},
+		{"missing parent", b.Mkdir("/no/such", m)},
+		{"existing", b.Mkdir("/f", m)},
+		{"below a file", b.Mkdir("/f/d", m)},
+		{"short data", b.CreateFile("/short", m, strings.NewReader("x"), 2)},
+		{"past the disk", b.CreateFile("/big", m, strings.NewReader(strings.Repeat("x", 2<<20)), 2<<20)},
+	} {
+		if c.err == nil || !strings.Contains(c.err.Error(), "/") {
+			t.Errorf("%s: %v, want an error naming the path", c.name, c.err)
+		}
+	}
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	r, err := NewReader(dev, dev.Size())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var paths []string
+	if err := r.Walk(func(p string, _ *File) error { paths = append(paths, p); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(paths) != "[/ /f]" {
+		t.Errorf("image holds %v, want / and /f", paths)
+	}
+}
