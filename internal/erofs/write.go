@@ -1,10 +1,12 @@
 package erofs
 
 import (
+	"cmp"
 	"encoding/binary"
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 )
 
 // dirJob is a directory whose entries are written, with its parent (for "..").
@@ -229,15 +231,7 @@ func dirData(j dirJob) ([][]byte, int64) {
 		}
 	}
 	j.dir.nlink = 2 + subdirs
-	slices.SortFunc(ents, func(a, b ent) int {
-		switch {
-		case a.name < b.name:
-			return -1
-		case a.name > b.name:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(ents, func(a, b ent) int { return strings.Compare(a.name, b.name) })
 	var blocks [][]byte
 	last := 0
 	for len(ents) > 0 {
@@ -320,16 +314,7 @@ func encodeXattrs(x map[string][]byte) ([]byte, error) {
 		ents = append(ents, entry{idx, suffix, string(v)})
 	}
 	slices.SortFunc(ents, func(a, b entry) int {
-		if a.idx != b.idx {
-			return int(a.idx) - int(b.idx)
-		}
-		switch {
-		case a.suffix < b.suffix:
-			return -1
-		case a.suffix > b.suffix:
-			return 1
-		}
-		return 0
+		return cmp.Or(cmp.Compare(a.idx, b.idx), strings.Compare(a.suffix, b.suffix))
 	})
 	buf := make([]byte, xattrHeader)
 	for _, e := range ents {

@@ -3,18 +3,11 @@ package verify
 import (
 	"archive/tar"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
-	"io"
-	"io/fs"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
-	"time"
 
 	"github.com/containerd/containerd/v2/pkg/archive"
-	"golang.org/x/sys/unix"
 
 	"github.com/obdproject/obd/internal/convert"
 	"github.com/obdproject/obd/internal/ext4"
@@ -152,7 +145,7 @@ func TestTreeMatchesContainerd(t *testing.T) {
 				}
 			}
 			want := modelOf(t, c)
-			got, err := fromDir(root)
+			got, err := FromDir(root)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -170,91 +163,6 @@ func TestTreeMatchesContainerd(t *testing.T) {
 			}
 		})
 	}
-}
-
-// fromDir reads the file tree below root the way FromExt4 reads a filesystem.
-func fromDir(root string) (Tree, error) {
-	tree := Tree{}
-	byIno := map[uint64]*Inode{}
-	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, err := filepath.Rel(root, p)
-		if err != nil {
-			return err
-		}
-		name := filepath.Join("/", rel)
-		var st unix.Stat_t
-		if err := unix.Lstat(p, &st); err != nil {
-			return &fs.PathError{Op: "lstat", Path: p, Err: err}
-		}
-		if ino, ok := byIno[st.Ino]; ok && !d.IsDir() {
-			tree[name] = ino
-			return nil
-		}
-		ino := &Inode{Mode: st.Mode & 0o7777, UID: st.Uid, GID: st.Gid, Mtime: time.Unix(st.Mtim.Unix())}
-		byIno[st.Ino] = ino
-		tree[name] = ino
-		switch st.Mode & unix.S_IFMT {
-		case unix.S_IFREG:
-			ino.Kind, ino.Size = Regular, st.Size
-			f, err := os.Open(p)
-			if err != nil {
-				return err
-			}
-			h := sha256.New()
-			_, err = io.Copy(h, f)
-			f.Close()
-			if err != nil {
-				return err
-			}
-			ino.Digest = hex.EncodeToString(h.Sum(nil))
-		case unix.S_IFDIR:
-			ino.Kind = Dir
-		case unix.S_IFLNK:
-			ino.Kind, ino.Size = Symlink, st.Size
-			if ino.Link, err = os.Readlink(p); err != nil {
-				return err
-			}
-		case unix.S_IFCHR:
-			ino.Kind, ino.Major, ino.Minor = CharDev, unix.Major(st.Rdev), unix.Minor(st.Rdev)
-		case unix.S_IFBLK:
-			ino.Kind, ino.Major, ino.Minor = BlockDev, unix.Major(st.Rdev), unix.Minor(st.Rdev)
-		case unix.S_IFIFO:
-			ino.Kind = FIFO
-		case unix.S_IFSOCK:
-			ino.Kind = Socket
-		}
-		ino.Xattrs, err = xattrsOf(p)
-		return err
-	})
-	return tree, err
-}
-
-// xattrsOf returns the extended attributes of p, not following a final symlink.
-func xattrsOf(p string) (map[string]string, error) {
-	buf := make([]byte, 64<<10)
-	n, err := unix.Llistxattr(p, buf)
-	if err != nil {
-		return nil, &fs.PathError{Op: "llistxattr", Path: p, Err: err}
-	}
-	var xs map[string]string
-	for _, name := range strings.Split(string(buf[:n]), "\x00") {
-		if name == "" {
-			continue
-		}
-		val := make([]byte, 64<<10)
-		m, err := unix.Lgetxattr(p, name, val)
-		if err != nil {
-			return nil, &fs.PathError{Op: "lgetxattr " + name, Path: p, Err: err}
-		}
-		if xs == nil {
-			xs = map[string]string{}
-		}
-		xs[name] = string(val[:m])
-	}
-	return xs, nil
 }
 
 // fileDev is an ext4.Device backed by a sparse file of devSize bytes.
