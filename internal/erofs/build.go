@@ -63,7 +63,7 @@ const rootNid = blockSize >> slotBits
 
 const maxSymlinks = 40
 
-// node is an inode of the image being built: a new one, or one of the lower image (lowerNid set), whose
+// node is an inode of the image being built: a new one, or one of the lower image (lowered set), whose
 // metadata and entries are read when needed.
 type node struct {
 	mode     uint32 // type | permission bits; for a lower node not loaded yet, the type only
@@ -76,10 +76,11 @@ type node struct {
 	blk      uint32           // first data block: regular files, and symlinks whose target does not fit inline
 	target   string           // symlink target
 	children map[string]*node // directories whose entries are known
-	lowerNid uint64           // the inode's nid in the lower image; 0 for a new inode
-	lower    *inode           // the lower inode as read, once loaded
-	changed  bool             // a lower directory whose metadata or entries changed
-	moves    bool             // a changed lower directory whose new inode does not fit its old slot
+	lowered  bool             // an inode of the lower image, at lowerNid
+	lowerNid uint64
+	lower    *inode // the lower inode as read, once loaded
+	changed  bool   // a lower directory whose metadata or entries changed
+	moves    bool   // a changed lower directory whose new inode does not fit its old slot
 
 	// Set while the image is written.
 	ibody   []byte
@@ -144,7 +145,7 @@ func Open(dev Device) (*Builder, error) {
 		return nil, err
 	}
 	b := &Builder{dev: dev, img: img, sb: img.sb, next: uint64(img.sb.blocks)}
-	b.root = &node{mode: ModeDir, lowerNid: uint64(img.sb.rootNid)}
+	b.root = &node{mode: ModeDir, lowered: true, lowerNid: uint64(img.sb.rootNid)}
 	if err := b.load(b.root); err != nil {
 		return nil, fmt.Errorf("erofs: root directory: %w", err)
 	}
@@ -167,7 +168,7 @@ func (b *Builder) reserve(n uint64) error {
 
 // load reads the metadata of a lower node.
 func (b *Builder) load(n *node) error {
-	if n.lowerNid == 0 || n.lower != nil {
+	if !n.lowered || n.lower != nil {
 		return nil
 	}
 	in, err := b.img.readInode(n.lowerNid)
@@ -200,6 +201,10 @@ func (b *Builder) entries(n *node) (map[string]*node, error) {
 	if n.children != nil {
 		return n.children, nil
 	}
+	if !n.lowered {
+		n.children = map[string]*node{}
+		return n.children, nil
+	}
 	if err := b.load(n); err != nil {
 		return nil, err
 	}
@@ -209,7 +214,7 @@ func (b *Builder) entries(n *node) (map[string]*node, error) {
 	}
 	n.children = make(map[string]*node, len(ents))
 	for _, e := range ents {
-		n.children[e.name] = &node{mode: modeOfType(e.ft), lowerNid: e.nid}
+		n.children[e.name] = &node{mode: modeOfType(e.ft), lowered: true, lowerNid: e.nid}
 	}
 	return n.children, nil
 }
@@ -379,7 +384,7 @@ func (b *Builder) parent(op, p string) (*node, string, error) {
 
 // touch marks a lower directory as changed.
 func touch(d *node) {
-	if d.lowerNid != 0 {
+	if d.lowered {
 		d.changed = true
 	}
 }
@@ -479,7 +484,7 @@ func (b *Builder) modifiable(op, p string) (*node, error) {
 	if err != nil {
 		return nil, err
 	}
-	if n.lowerNid != 0 && !n.isDir() {
+	if n.lowered && !n.isDir() {
 		return nil, pathErr(op, p, fmt.Errorf("a file of a lower layer is never changed in place: %w", syscall.EROFS))
 	}
 	touch(n)

@@ -69,6 +69,9 @@ func FuzzOpen(f *testing.F) {
 	img := seedImage(f)
 	f.Add(img)
 	f.Add(img[:len(img)-100])
+	rootless := bytes.Clone(img)
+	rootless[superOffset+14], rootless[superOffset+15] = 0, 0 // the root at nid 0: the boot block
+	f.Add(rootless)
 	f.Fuzz(func(t *testing.T, img []byte) {
 		if len(img) > 1<<20 {
 			return

@@ -116,7 +116,7 @@ func (b *Builder) Close() error {
 func (b *Builder) collect(l *layout, n, parent *node, parentMoved bool) error {
 	var moved bool
 	switch {
-	case n.lowerNid == 0:
+	case !n.lowered:
 		if l.seen[n] {
 			return nil // another name of a hardlinked inode
 		}
@@ -179,7 +179,7 @@ func (b *Builder) collect(l *layout, n, parent *node, parentMoved bool) error {
 // markMoves finds the changed lower directories below n (n included) whose new inode does not fit where the old
 // one was: they move to a new nid, so their parents are rewritten too. It reports whether n moves.
 func (b *Builder) markMoves(n *node) (bool, error) {
-	if n.lowerNid == 0 || !n.isDir() || (n.children == nil && !n.changed) {
+	if !n.lowered || !n.isDir() || (n.children == nil && !n.changed) {
 		return false, nil
 	}
 	for _, c := range n.children {
@@ -226,7 +226,7 @@ func dirData(j dirJob) ([][]byte, int64) {
 		ents = append(ents, ent{name, c})
 		if c.isDir() {
 			subdirs++
-		} else if c.lowerNid == 0 {
+		} else if !c.lowered {
 			c.nlink++
 		}
 	}
