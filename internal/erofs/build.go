@@ -440,7 +440,7 @@ func (b *Builder) Symlink(p, target string, m Meta) error {
 	n.target, n.size = target, int64(len(target))
 	if extendedSize+len(target) > blockSize/2 {
 		// A long target goes in a block of its own, so that xattrs set later still fit beside the inode.
-		blk, err := b.writeData(strings.NewReader(target), int64(len(target)), nil)
+		blk, err := b.writeData(strings.NewReader(target), int64(len(target)), []Extent{{0, int64(len(target))}})
 		if err != nil {
 			return pathErr("symlink", p, err)
 		}
@@ -556,15 +556,12 @@ func (b *Builder) CreateSparseFile(p string, m Meta, r io.Reader, size int64, da
 	return b.add("create", p, n)
 }
 
-// writeData writes a file of size bytes at the next free blocks: the extents listed (all of it if data is nil),
-// read in order from r.
+// writeData writes a file of size bytes at the next free blocks: the extents listed, read in order from r; the
+// rest is left unwritten (zeros).
 func (b *Builder) writeData(r io.Reader, size int64, data []Extent) (uint32, error) {
 	nblk := uint64(size+blockSize-1) / blockSize
 	if err := b.reserve(nblk); err != nil {
 		return 0, err
-	}
-	if data == nil {
-		data = []Extent{{0, size}}
 	}
 	const chunk = 1 << 20
 	if b.buf == nil {

@@ -290,6 +290,37 @@ func TestLayers(t *testing.T) {
 				}
 				return hostMeta(d+"/fifo", meta(0o600))
 			})
+		// Sparse: data at 5000 and at 3 MiB + 10 in a file of 4 MiB, and a file that is one hole.
+		w.do("sparse /sparse", func(b *Builder) error {
+			return b.CreateSparseFile("/sparse", meta(0o644), strings.NewReader("helloworld"), 4<<20, []Extent{{5000, 5}, {3<<20 + 10, 5}})
+		}, func(d string) error {
+			f, err := os.Create(d + "/sparse")
+			if err != nil {
+				return err
+			}
+			defer f.Close()
+			if _, err := f.WriteAt([]byte("hello"), 5000); err != nil {
+				return err
+			}
+			if _, err := f.WriteAt([]byte("world"), 3<<20+10); err != nil {
+				return err
+			}
+			if err := f.Truncate(4 << 20); err != nil {
+				return err
+			}
+			return hostMeta(d+"/sparse", meta(0o644))
+		})
+		w.do("sparse /hole", func(b *Builder) error {
+			return b.CreateSparseFile("/hole", meta(0o644), strings.NewReader(""), 1<<20, nil)
+		}, func(d string) error {
+			if err := os.WriteFile(d+"/hole", nil, 0o600); err != nil {
+				return err
+			}
+			if err := os.Truncate(d+"/hole", 1<<20); err != nil {
+				return err
+			}
+			return hostMeta(d+"/hole", meta(0o644))
+		})
 		w.file("/ping", []byte("\x7fELF"))
 		w.xattr("/ping", "security.capability", "\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00")
 		w.xattr("/ping", "user.note", "hello")

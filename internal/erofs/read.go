@@ -28,6 +28,9 @@ func openImage(r io.ReaderAt, size int64) (*image, error) {
 	if int64(sb.blocks)*blockSize > size {
 		return nil, corrupt("%d blocks on a disk of %d bytes", sb.blocks, size)
 	}
+	if sb.metaBlkaddr > sb.blocks || sb.xattrBlkaddr > sb.blocks {
+		return nil, corrupt("metadata at block %d, shared xattrs at block %d, in an image of %d blocks", sb.metaBlkaddr, sb.xattrBlkaddr, sb.blocks)
+	}
 	return &image{r: r, sb: sb}, nil
 }
 

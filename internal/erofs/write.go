@@ -49,7 +49,7 @@ func (b *Builder) Close() error {
 			slot = n.lower.slot()
 		}
 		if n.inodeSize() > slot {
-			return fmt.Errorf("erofs: the root inode with its xattrs (%d bytes) does not fit its slot of %d", n.inodeSize(), slot)
+			return fmt.Errorf("erofs: inode %d with its xattrs (%d bytes) does not fit its slot of %d bytes", n.nid, n.inodeSize(), slot)
 		}
 	}
 
