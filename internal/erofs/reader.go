@@ -9,6 +9,9 @@ import (
 	"strings"
 )
 
+// maxDepth bounds the nesting of directories Walk follows: a path of PATH_MAX (4096) bytes names at most 2048.
+const maxDepth = 2048
+
 // Reader reads the file tree of an EROFS image: what obd's Builder writes (uncompressed flat files), for checking
 // a conversion.
 type Reader struct{ im *image }
@@ -72,11 +75,14 @@ func (f *File) Open() (io.Reader, error) {
 }
 
 // Walk calls fn for every path of the image, "/" first, each directory before its entries, entries in name order.
-// A directory reached twice is an error.
+// A directory reached twice, or nested deeper than a path can name (maxDepth), is an error.
 func (r *Reader) Walk(fn func(p string, f *File) error) error {
 	seen := map[uint64]bool{}
-	var walk func(p string, nid uint64) error
-	walk = func(p string, nid uint64) error {
+	var walk func(p string, nid uint64, depth int) error
+	walk = func(p string, nid uint64, depth int) error {
+		if depth > maxDepth {
+			return corrupt("%s: directories nested more than %d deep", p, maxDepth)
+		}
 		in, err := r.im.readInode(nid)
 		if err != nil {
 			return fmt.Errorf("%s: %w", p, err)
@@ -114,11 +120,11 @@ func (r *Reader) Walk(fn func(p string, f *File) error) error {
 		}
 		slices.SortFunc(ents, func(a, b dirent) int { return strings.Compare(a.name, b.name) })
 		for _, e := range ents {
-			if err := walk(path.Join(p, e.name), e.nid); err != nil {
+			if err := walk(path.Join(p, e.name), e.nid, depth+1); err != nil {
 				return err
 			}
 		}
 		return nil
 	}
-	return walk("/", uint64(r.im.sb.rootNid))
+	return walk("/", uint64(r.im.sb.rootNid), 0)
 }
