@@ -74,11 +74,8 @@ func Apply(ctx context.Context, fsys *ext4.FS, r io.Reader, opts ApplyOptions) (
 }
 
 // ApplyErofs unpacks the uncompressed layer tar r into an erofs image being built, as Apply does into ext4.
-// EROFS keeps one time per inode (the mtime); opts.MapData is not supported.
+// EROFS keeps one time per inode (the mtime); with opts.MapData every regular file with data is an error.
 func ApplyErofs(ctx context.Context, b *erofs.Builder, r io.Reader, opts ApplyOptions) (ApplyStats, error) {
-	if opts.MapData != nil {
-		return ApplyStats{}, errors.New("erofs images map no file data into the layer tar")
-	}
 	return applyTo(ctx, erofsFS{b}, r, opts)
 }
 
