@@ -12,7 +12,7 @@ import (
 
 // TestErofs converts an image to erofs layers ('obd convert --fstype erofs'), pulls it lazily and runs a
 // container: the snapshotter mounts the image as erofs (its layers say blob-fs-type erofs; as ext4 it would not
-// mount), and the 32 MiB of random data the app does not read are never fetched.
+// mount), and the 32 MiB of random data the app does not read are never fetched. A recorded start of it replays.
 func TestErofs(t *testing.T) {
 	sb := startSandbox(t)
 	ctx := context.Background()
@@ -49,4 +49,19 @@ func TestErofs(t *testing.T) {
 	if fetched == 0 || fetched > total/2 {
 		t.Errorf("fetched %d of %d bytes: want a fraction", fetched, total)
 	}
+
+	// A start recorded on the erofs image is replayed on a cold node: traces are of the disk's blocks, whatever its
+	// filesystem.
+	t.Run("profile and replay", func(t *testing.T) {
+		coldNode(t, sb)
+		out := obd(t, sb, "profile", dst, "--address", sb.Containerd, "--namespace", sb.Namespace, "--config", sb.ConfigFile(),
+			"--ready-line", "script from layer 3", "--", "/bin/sh", "/app/run.sh")
+		accel := sb.Registry + "/app:erofs-accel"
+		if !strings.Contains(out, "pushed "+accel) {
+			t.Fatalf("obd profile: %s", out)
+		}
+		coldNode(t, sb)
+		obd(t, sb, "pull", accel)
+		replay(t, sb, accel, "erofs-replay")
+	})
 }
