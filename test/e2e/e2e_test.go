@@ -76,6 +76,25 @@ func run(t *testing.T, cmd *exec.Cmd) string {
 	return string(out)
 }
 
+// runAppLazily runs the app of ref (pulled lazily) in container id and checks that it printed its output having
+// fetched some, and at most half, of the bytes of layers (the blobs its reads come from).
+func runAppLazily(t *testing.T, sb *sandbox.Sandbox, ref, id string, layers []ocispec.Descriptor) {
+	t.Helper()
+	sb.ResetCounters()
+	if got := run(t, sb.Ctr(context.Background(), "run", "--rm", "--snapshotter", "overlaybd", ref, id, "/bin/sh", "/app/run.sh")); got != appOutput {
+		t.Fatalf("container printed %q, want %q", got, appOutput)
+	}
+	var fetched, total int64
+	for _, l := range layers {
+		fetched += sb.BlobBytes()[l.Digest.String()]
+		total += l.Size
+	}
+	t.Logf("container fetched %d of %d layer bytes", fetched, total)
+	if fetched == 0 || fetched > total/2 {
+		t.Errorf("fetched %d of %d bytes: want a fraction", fetched, total)
+	}
+}
+
 func obd(t *testing.T, sb *sandbox.Sandbox, args ...string) string {
 	t.Helper()
 	if args[0] == "pull" || args[0] == "commit" {

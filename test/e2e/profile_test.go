@@ -105,6 +105,22 @@ func TestProfileRecordAndReplay(t *testing.T) {
 	})
 }
 
+// profileAppAndReplay records the app's start on ref with obd profile, which pushes the acceleration layer as ref's
+// repository's tag, then on a cold node pulls that tag and replays the start (replay).
+func profileAppAndReplay(t *testing.T, sb *sandbox.Sandbox, ref, tag, id string) {
+	t.Helper()
+	coldNode(t, sb) // the image's device, attached for an earlier run, is detached
+	out := obd(t, sb, "profile", ref, "--address", sb.Containerd, "--namespace", sb.Namespace, "--config", sb.ConfigFile(),
+		"--ready-line", "script from layer 3", "--", "/bin/sh", "/app/run.sh")
+	accel := sb.Registry + "/app:" + tag
+	if !strings.Contains(out, "pushed "+accel) {
+		t.Fatalf("obd profile: %s", out)
+	}
+	coldNode(t, sb)
+	obd(t, sb, "pull", accel)
+	replay(t, sb, accel, id)
+}
+
 // coldNode makes sb a cold node: the daemon restarted with an empty cache once no snapshot uses an image.
 func coldNode(t *testing.T, sb *sandbox.Sandbox) {
 	t.Helper()
