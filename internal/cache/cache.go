@@ -81,6 +81,7 @@ type Cache struct {
 	hits, misses, evictions, evictedBytes, bytesFetched, storeFailures atomic.Int64
 	prefetched, readAhead, prefetchHits                                atomic.Int64
 	demand                                                             atomic.Int64 // source reads of demand misses in progress
+	background                                                         atomic.Int64 // fills of demand misses and readahead in progress (tests wait for them)
 
 	punchWarned  atomic.Bool   // the failure to punch holes was logged
 	flushFailing atomic.Bool   // a failed state write was logged and none succeeded since

@@ -74,11 +74,19 @@ func openTest(t testing.TB, dir string, capacity int64, logs io.Writer) *Cache {
 	return c
 }
 
+// settle waits until the source reads that no read waits for (the rest of a fetch unit, readahead) are over.
+func settle(c *Cache) {
+	for c.background.Load() > 0 {
+		time.Sleep(time.Millisecond)
+	}
+}
+
 // checkRead reads [off, off+n) through r and compares it with src.
 func checkRead(t testing.TB, r *Reader, src *memSrc, off int64, n int) {
 	t.Helper()
 	p := make([]byte, n)
 	got, err := r.ReadAt(p, off)
+	settle(r.c)
 	want := max(0, min(n, len(src.data)-int(off)))
 	if got != want {
 		t.Fatalf("ReadAt(%d, %d) = %d, %v; want %d bytes", n, off, got, err, want)

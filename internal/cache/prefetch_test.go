@@ -6,6 +6,8 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"slices"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -126,7 +128,8 @@ func TestReadaheadSkipsPrefetched(t *testing.T) {
 	}
 }
 
-// A demand miss fetches the missing blocks of its fetch unit in the same request; Prefetch fetches single blocks.
+// A demand miss fetches the missing blocks of its fetch unit after it in the same request, those before it in
+// another; Prefetch fetches single blocks.
 func TestFetchUnit(t *testing.T) {
 	c, err := Open(Options{Dir: t.TempDir(), CapacityBytes: 1 << 30, BlockSize: testBS, FetchBytes: 4 * testBS, ReadaheadBytes: -1,
 		Logger: slog.New(slog.DiscardHandler), flushInterval: time.Hour})
@@ -146,10 +149,10 @@ func TestFetchUnit(t *testing.T) {
 	if n := src.calls.Load(); n != 2 {
 		t.Fatalf("%d source reads, want 2 (the prefetch of block 4, the miss with blocks 5-7)", n)
 	}
-	checkRead(t, r, src, 9*testBS, testBS) // the last unit is short: blocks 8-9
+	checkRead(t, r, src, 9*testBS, testBS) // the last unit is short: blocks 8-9, block 8 in a request of its own
 	checkRead(t, r, src, 8*testBS, testBS)
-	if n := src.calls.Load(); n != 3 {
-		t.Fatalf("%d source reads after the last unit, want 3", n)
+	if n := src.calls.Load(); n != 4 {
+		t.Fatalf("%d source reads after the last unit, want 4", n)
 	}
 	if _, err := Open(Options{Dir: t.TempDir(), CapacityBytes: 1 << 30, BlockSize: testBS, FetchBytes: testBS + 1}); err == nil {
 		t.Error("a fetch unit that is no multiple of the block size was accepted")
@@ -359,4 +362,74 @@ func TestFetchServesBlocksAsTheyArrive(t *testing.T) {
 		checkRead(t, r, src.memSrc, 0, 64*testBS)
 		c.Close()
 	}
+}
+
+// A demand miss waits for its own blocks, not for the rest of its fetch unit: the blocks after it come in its
+// request (held here after the first block), those before it in a request of their own (held before any block),
+// and both are stored once they end.
+func TestMissWaitsForItsBlocksOnly(t *testing.T) {
+	c, err := Open(Options{Dir: t.TempDir(), CapacityBytes: 1 << 30, BlockSize: testBS, FetchBytes: 4 * testBS, ReadaheadBytes: -1,
+		Logger: slog.New(slog.DiscardHandler), flushInterval: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	src := &heldSrc{streamSrc: streamSrc{memSrc: newSrc(16*testBS, 5), release: make(chan struct{})}}
+	r := c.Reader(src.key(), int64(len(src.data)), src)
+	read := make(chan error, 1)
+	go func() {
+		p := make([]byte, 100)
+		_, err := r.ReadAt(p, 6*testBS+10) // block 6 of the unit 4-7
+		if err == nil && !bytes.Equal(p, src.data[6*testBS+10:6*testBS+110]) {
+			err = errors.New("wrong bytes")
+		}
+		read <- err
+	}()
+	select {
+	case err := <-read:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a miss waited for the rest of its fetch unit")
+	}
+	if got := src.offsets(); !slices.Equal(got, []int64{4 * testBS, 6 * testBS}) {
+		t.Fatalf("source reads at %v, want blocks 6-7 and 4-5 in two requests", got)
+	}
+	close(src.release)
+	settle(c)
+	n := src.calls.Load()
+	checkRead(t, r, src.memSrc, 4*testBS, 4*testBS)
+	if src.calls.Load() != n {
+		t.Fatal("the fetch unit's blocks were not stored")
+	}
+}
+
+// heldSrc is a streamSrc whose reads starting at a multiple of 4 blocks deliver nothing until release is closed;
+// it records where the reads start.
+type heldSrc struct {
+	streamSrc
+	mu   sync.Mutex
+	offs []int64
+}
+
+func (s *heldSrc) ReadAtProgress(p []byte, off int64, progress func(n int)) (int, error) {
+	s.mu.Lock()
+	s.offs = append(s.offs, off)
+	s.mu.Unlock()
+	s.calls.Add(1)
+	if off/testBS%4 == 0 {
+		<-s.release
+		n := copy(p, s.data[off:])
+		progress(n)
+		return n, nil
+	}
+	return s.streamSrc.ReadAtProgress(p, off, progress)
+}
+
+// offsets returns the offsets of the reads so far, sorted.
+func (s *heldSrc) offsets() []int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Sorted(slices.Values(s.offs))
 }

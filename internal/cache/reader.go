@@ -210,14 +210,20 @@ func (r *Reader) readCached(p []byte, off int64) error {
 			segs = append(segs, segment{i, i, f})
 		}
 	}
-	// A miss fetches the missing blocks of its fetch unit with it.
+	// A miss fetches the missing blocks of its fetch unit with it: those after it in its own request, so that the
+	// read's blocks come first, those before it in a request of their own, sent with it.
 	if u := r.c.opts.FetchBytes / bs; u > 1 {
 		for _, f := range own {
 			lo, hi := f.first/u*u, min((f.last/u+1)*u-1, b.nblocks-1)
-			for f.first > lo && !bitSet(b.present, f.first-1) && b.inflight[f.first-1] == nil {
-				f.first--
-				b.inflight[f.first] = f
-				b.setAhead(f.first, true)
+			var before *fetch
+			for i := f.first - 1; i >= lo && !bitSet(b.present, i) && b.inflight[i] == nil; i-- {
+				if before == nil {
+					before = newFetch(i, i, fetchDemand)
+					own = append(own, before)
+				}
+				before.first = i
+				b.inflight[i] = before
+				b.setAhead(i, true)
 			}
 			for f.last < hi && !bitSet(b.present, f.last+1) && b.inflight[f.last+1] == nil {
 				f.last++
@@ -240,14 +246,22 @@ func (r *Reader) readCached(p []byte, off int64) error {
 	r.misses.Add(misses)
 
 	if len(ahead) > 0 {
-		go r.fillAll(ahead)
+		r.c.background.Add(1)
+		go func() {
+			r.fillAll(ahead)
+			r.c.background.Add(-1)
+		}()
 	}
-	if len(own) > 0 {
-		r.c.demand.Add(1)
-		for _, f := range own {
+	// The read waits for its own blocks only, not for the rest of its fetch unit: each fetch is filled in the
+	// background and the read takes its blocks as they arrive, like a reader waiting for another's fetch.
+	r.c.demand.Add(int64(len(own)))
+	r.c.background.Add(int64(len(own)))
+	for _, f := range own {
+		go func() {
 			r.fill(f)
-		}
-		r.c.demand.Add(-1)
+			r.c.demand.Add(-1)
+			r.c.background.Add(-1)
+		}()
 	}
 	end := off + int64(len(p))
 	for _, s := range segs {
