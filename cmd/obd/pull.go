@@ -9,10 +9,12 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/spf13/cobra"
 
+	"github.com/obdproject/obd/internal/cacheclient"
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/progress"
 	"github.com/obdproject/obd/internal/pull"
 	"github.com/obdproject/obd/internal/snapshotter"
+	"github.com/obdproject/obd/internal/status"
 )
 
 // containerdFlags are the flags that say which containerd to talk to.
@@ -37,6 +39,7 @@ func (f *containerdFlags) connect(ctx context.Context) (*client.Client, context.
 func newPullCmd() *cobra.Command {
 	var (
 		cf              containerdFlags
+		df              daemonFlags
 		rf              registryFlags
 		download        bool
 		noReferrers     bool
@@ -51,7 +54,11 @@ pulled and unpacked as usual. Run containers with 'ctr run --snapshotter overlay
 
 When the image has an overlaybd image attached as an OCI referrer ('obd convert --referrer', found through the
 registry's referrers API or the referrers tag schema), that one is pulled instead, lazily, and stored under REF:
-users keep pulling the original tag and get the lazy image. --no-referrers pulls REF itself.`,
+users keep pulling the original tag and get the lazy image. --no-referrers pulls REF itself.
+
+--download then fetches the image's overlaybd blobs whole into obd-snapshotter's block cache, several range
+requests in flight, and checks each against its digest ('obd cache warm --all'): containers read nothing from the
+registry. The blobs are not unpacked anywhere, and the cache's bound holds: an image that does not fit is an error.`,
 		Example: "  obd pull 127.0.0.1:5000/app:obd\n  ctr run --rm --snapshotter overlaybd 127.0.0.1:5000/app:obd app1",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -59,8 +66,8 @@ users keep pulling the original tag and get the lazy image. --no-referrers pulls
 			if err != nil {
 				return err
 			}
-			opts := pull.Options{Snapshotter: snapshotterName, PlainHTTP: rf.plainHTTP, Download: download, Credentials: creds}
-			if download || !noReferrers {
+			opts := pull.Options{Snapshotter: snapshotterName, PlainHTTP: rf.plainHTTP, Credentials: creds}
+			if !noReferrers {
 				ref, err := image.ParseRef(args[0])
 				if err != nil {
 					return err
@@ -70,13 +77,7 @@ users keep pulling the original tag and get the lazy image. --no-referrers pulls
 					return err
 				}
 				defer rc.Close()
-				if download {
-					opts.Registry = rc
-					opts.Progress = progress.Bar(progress.Terminal(cmd.ErrOrStderr()))
-				}
-				if !noReferrers {
-					opts.Referrers = rc
-				}
+				opts.Referrers = rc
 			}
 			c, ctx, err := cf.connect(cmd.Context())
 			if err != nil {
@@ -92,11 +93,26 @@ users keep pulling the original tag and get the lazy image. --no-referrers pulls
 				fmt.Fprintln(cmd.ErrOrStderr(), "obd: warning:", w)
 			}
 			fmt.Fprintln(cmd.OutOrStdout(), res.Summary(time.Since(start)))
+			if !download || res.Lazy == 0 {
+				return nil
+			}
+			// The download is a warm of the whole image: the daemon fetches every blob into its block cache in
+			// parallel range requests and checks it against its digest; nothing is unpacked.
+			sock, err := df.statusSocket(cmd)
+			if err != nil {
+				return err
+			}
+			cc := &cacheclient.Client{Status: status.NewClient(sock, df.timeout), Containerd: func() (*client.Client, error) { return pull.Connect(cf.address) }, Namespace: cf.namespace}
+			bar := progress.Bar(progress.Terminal(cmd.ErrOrStderr()))
+			if err := df.notRunningHint(cc.Warm(ctx, cmd.OutOrStdout(), res.Image.Name(), true, "", nil, bar)); err != nil {
+				return fmt.Errorf("download %s: %w", res.Image.Name(), err)
+			}
 			return nil
 		},
 	}
 	cf.register(cmd)
-	cmd.Flags().BoolVar(&download, "download", false, "download overlaybd layers at pull time (parallel range requests, digests checked) instead of lazily")
+	df.register(cmd)
+	cmd.Flags().BoolVar(&download, "download", false, "then download the overlaybd layers into the daemon's block cache (parallel range requests, digests checked; as 'obd cache warm --all')")
 	cmd.Flags().BoolVar(&noReferrers, "no-referrers", false, "pull REF itself, not an overlaybd image attached to it as a referrer")
 	rf.register(cmd)
 	cmd.Flags().StringVar(&snapshotterName, "snapshotter", snapshotter.Name, "containerd snapshotter to unpack into")

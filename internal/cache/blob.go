@@ -27,6 +27,7 @@ type blob struct {
 	nblocks      int64
 	present      []uint64 // bitmap of blocks whose bytes are in the data file
 	presentBytes int64
+	drops        int64            // times blocks were dropped (evicted, or the blob reset): a digest taken as blocks arrived still holds if unchanged
 	dirty        bool             // present has blocks the state file does not list yet
 	inflight     map[int64]*fetch // block → the fetch bringing it
 	pins         []pinRange       // block ranges of ongoing reads: never evicted
@@ -218,6 +219,7 @@ func (b *blob) evict(first, last, need int64, whole, force bool) (int64, error) 
 	if blocks == 0 {
 		return 0, nil
 	}
+	b.drops++
 	b.c.evictions.Add(blocks)
 	b.c.evictedBytes.Add(freed)
 	if err := b.writeStateLocked(); err != nil {
@@ -355,6 +357,7 @@ func (b *blob) resetLocked(size int64) {
 		b.file.Close()
 		b.file = nil
 	}
+	b.drops++
 	b.size, b.nblocks = size, numBlocks(size, b.c.opts.BlockSize)
 	b.present = make([]uint64, (b.nblocks+63)/64)
 	b.ahead, b.aheadRA, b.streams = nil, nil, [4]stream{}

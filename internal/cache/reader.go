@@ -559,6 +559,33 @@ func (r *Reader) Download(ctx context.Context, opts DownloadOptions) error {
 		fetched    atomic.Int64
 		progressMu sync.Mutex
 	)
+	// The digest is taken as the chunks arrive, in order, from the data file (in the page cache: just written), so
+	// that only the last chunk's is left when the download ends; if blocks were dropped meanwhile, or a chunk was
+	// not all present when its turn came (another read was fetching it), the blob is read back whole instead.
+	r.b.mu.Lock()
+	drops := r.b.drops
+	r.b.mu.Unlock()
+	nchunks := (r.size + opts.Chunk - 1) / opts.Chunk
+	chunkDone := make([]chan struct{}, nchunks)
+	for i := range chunkDone {
+		chunkDone[i] = make(chan struct{})
+	}
+	vr := r.key.Algorithm().Digester()
+	hashed := make(chan bool, 1) // whether vr holds the digest of every chunk
+	go func() {
+		buf := make([]byte, opts.Chunk)
+		for i := range nchunks {
+			<-chunkDone[i]
+			off := i * opts.Chunk
+			n := min(opts.Chunk, r.size-off)
+			if ctx.Err() != nil || r.missingBytes(off, n) > 0 || r.readDisk(buf[:n], off) != nil {
+				hashed <- false
+				return
+			}
+			vr.Hash().Write(buf[:n])
+		}
+		hashed <- true
+	}()
 	offs := make(chan int64)
 	g, gctx := errgroup.WithContext(ctx)
 	for range max(1, opts.Concurrency) {
@@ -587,6 +614,7 @@ func (r *Reader) Download(ctx context.Context, opts DownloadOptions) error {
 					}
 					fetched.Add(missing)
 				}
+				close(chunkDone[off/opts.Chunk])
 				if opts.Progress != nil {
 					progressMu.Lock()
 					opts.Progress(r.presentBytes())
@@ -607,10 +635,18 @@ func (r *Reader) Download(ctx context.Context, opts DownloadOptions) error {
 		}
 		return nil
 	})
-	if err := g.Wait(); err != nil {
-		return err
+	err := g.Wait()
+	if err == nil {
+		err = ctx.Err()
 	}
-	if err := ctx.Err(); err != nil {
+	if err != nil {
+		for _, c := range chunkDone { // let the digest's goroutine end
+			select {
+			case <-c:
+			default:
+				close(c)
+			}
+		}
 		return err
 	}
 	// Blocks that other reads were fetching when the chunk was claimed: wait for them, fetch what they failed.
@@ -626,15 +662,20 @@ func (r *Reader) Download(ctx context.Context, opts DownloadOptions) error {
 	if opts.Progress != nil {
 		opts.Progress(r.presentBytes())
 	}
-	vr := r.key.Algorithm().Digester()
-	h := vr.Hash()
-	buf := make([]byte, 1<<20)
-	for off := int64(0); off < r.size; off += int64(len(buf)) {
-		m := min(int64(len(buf)), r.size-off)
-		if err := r.readDisk(buf[:m], off); err != nil {
-			return fmt.Errorf("cache: blob %s: read back for its digest: %w", r.key, err)
+	r.b.mu.Lock()
+	dropped := r.b.drops != drops
+	r.b.mu.Unlock()
+	if !<-hashed || dropped {
+		vr = r.key.Algorithm().Digester()
+		h := vr.Hash()
+		buf := make([]byte, 1<<20)
+		for off := int64(0); off < r.size; off += int64(len(buf)) {
+			m := min(int64(len(buf)), r.size-off)
+			if err := r.readDisk(buf[:m], off); err != nil {
+				return fmt.Errorf("cache: blob %s: read back for its digest: %w", r.key, err)
+			}
+			h.Write(buf[:m])
 		}
-		h.Write(buf[:m])
 	}
 	if got := vr.Digest(); got != r.key {
 		_ = r.Evict(0, r.size)

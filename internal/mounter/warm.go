@@ -30,6 +30,9 @@ type WarmResult struct {
 	Verified int   // blobs complete and checked against their digests (All)
 }
 
+// warmLayers is how many layers Warm downloads at once (as containerd's pull, three).
+const warmLayers = 3
+
 // ErrNoCache means the node runs without a block cache: there is nothing to warm.
 var ErrNoCache = errors.New("this node has no block cache")
 
@@ -106,20 +109,34 @@ func (m *Mounter) Warm(ctx context.Context, layers []snapshotter.Layer, opts War
 	if conc <= 0 {
 		conc = 8
 	}
-	var errs []error
+	// Up to warmLayers layers at once: a layer's last requests and its digest do not leave the link idle.
+	errs := make([]error, len(img.layers))
+	var verified atomic.Int64
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, warmLayers)
 	for i, s := range img.layers {
-		err := s.cache.Download(ctx, cache.DownloadOptions{Concurrency: conc, Demand: m.opts.Cache.DemandFetches,
-			Progress: func(p int64) { present[i].Store(p); report() }})
-		if err != nil {
-			errs = append(errs, fmt.Errorf("layer %d (%s): %w", i, layerName(s.layer), err))
-			if ctx.Err() != nil {
-				break
-			}
-			continue
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
 		}
-		present[i].Store(s.layer.Size)
-		res.Verified++
+		if ctx.Err() != nil {
+			errs[i] = fmt.Errorf("layer %d (%s): %w", i, layerName(s.layer), ctx.Err())
+			break
+		}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			err := s.cache.Download(ctx, cache.DownloadOptions{Concurrency: conc, Demand: m.opts.Cache.DemandFetches,
+				Progress: func(p int64) { present[i].Store(p); report() }})
+			if err != nil {
+				errs[i] = fmt.Errorf("layer %d (%s): %w", i, layerName(s.layer), err)
+				return
+			}
+			present[i].Store(s.layer.Size)
+			verified.Add(1)
+		})
 	}
+	wg.Wait()
+	res.Verified = int(verified.Load())
 	for i := range present {
 		res.Done += present[i].Load()
 	}

@@ -10,7 +10,6 @@ import (
 	"io"
 	"maps"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/containerd/containerd/v2/client"
@@ -36,16 +35,8 @@ type Options struct {
 	PlainHTTP bool
 	// Credentials for the registry; nil reads the docker config file.
 	Credentials registry.CredentialFunc
-	// Download fetches overlaybd blobs at pull time instead of lazily.
-	Download bool
 	// Resolver overrides the registry resolver (tests).
 	Resolver remotes.Resolver
-	// Registry, with Download, fetches overlaybd blobs with DownloadConcurrency range requests in flight each,
-	// instead of one stream; containerd checks each blob against its digest as it stores it.
-	Registry *registry.Client
-	// Progress, when set, is called as overlaybd blobs are downloaded with the bytes done and the total size of
-	// the overlaybd blobs to download.
-	Progress func(done, total int64)
 	// Referrers, when set, is used to look for an overlaybd image attached to the image as an OCI referrer
 	// ('obd convert --referrer', see Referrer) before pulling it: when there is one, that image is pulled instead
 	// (lazily) and stored under the reference asked for.
@@ -136,12 +127,9 @@ func Pull(ctx context.Context, c *client.Client, ref string, opts Options) (*Res
 			res.Referrer, pullRef = d.Digest, r.Name+"@"+d.Digest.String()
 		}
 	}
-	rec := &recorder{Resolver: resolver, res: res, host: r.Host(), repo: r.Repository()}
-	if opts.Download {
-		rec.ranged, rec.progress = opts.Registry, opts.Progress
-	}
+	rec := &recorder{Resolver: resolver, res: res}
 	img, err := c.Pull(ctx, pullRef, client.WithResolver(rec), client.WithPullUnpack,
-		client.WithPullSnapshotter(opts.Snapshotter), client.WithImageHandlerWrapper(LabelLayers(pullRef, opts.Download, res)))
+		client.WithPullSnapshotter(opts.Snapshotter), client.WithImageHandlerWrapper(LabelLayers(pullRef, res)))
 	if err != nil {
 		return nil, fmt.Errorf("pull %s: %w", pullRef, err)
 	}
@@ -195,9 +183,9 @@ func newResolver(ctx context.Context, host string, opts Options) (remotes.Resolv
 }
 
 // LabelLayers adds to the layers of every manifest the annotations the snapshotter needs as labels (containerd's
-// unpacker passes `containerd.io/snapshot/` annotations on): the image reference to fetch blobs from lazily, and
-// with download set, the request to download overlaybd blobs instead. It counts layers into res when res is set.
-func LabelLayers(ref string, download bool, res *Result) func(images.Handler) images.Handler {
+// unpacker passes `containerd.io/snapshot/` annotations on): the image reference to fetch blobs from lazily. It
+// counts layers into res when res is set.
+func LabelLayers(ref string, res *Result) func(images.Handler) images.Handler {
 	return func(h images.Handler) images.Handler {
 		return images.HandlerFunc(func(ctx context.Context, desc ocispec.Descriptor) ([]ocispec.Descriptor, error) {
 			children, err := h.Handle(ctx, desc)
@@ -214,14 +202,9 @@ func LabelLayers(ref string, download bool, res *Result) func(images.Handler) im
 				}
 				a[snapshotter.LabelImageRef] = ref
 				_, overlaybd := a[image.AnnotationBlobDigest]
-				// A TurboOCI layer's blob is filesystem metadata only: it stays lazy, its original is downloaded in
-				// the background.
-				if download && overlaybd && !image.IsTurbo(a) {
-					a[snapshotter.LabelDownloadBlob] = "download"
-				}
 				children[i].Annotations = a
 				if res != nil {
-					res.count(overlaybd && (!download || image.IsTurbo(a)))
+					res.count(overlaybd)
 				}
 			}
 			return children, nil
@@ -238,16 +221,10 @@ func (r *Result) count(lazy bool) {
 	}
 }
 
-// recorder notes every blob fetched from the registry during the pull; with ranged set, it fetches overlaybd blobs
-// with parallel range requests.
+// recorder notes every blob fetched from the registry during the pull.
 type recorder struct {
 	remotes.Resolver
-	res        *Result
-	host, repo string
-	ranged     *registry.Client
-	progress   func(done, total int64)
-	done       atomic.Int64
-	total      atomic.Int64
+	res *Result
 }
 
 func (r *recorder) Fetcher(ctx context.Context, ref string) (remotes.Fetcher, error) {
@@ -259,19 +236,6 @@ func (r *recorder) Fetcher(ctx context.Context, ref string) (remotes.Fetcher, er
 		r.res.mu.Lock()
 		r.res.Fetched[desc.Digest.String()] = desc.Size
 		r.res.mu.Unlock()
-		if _, overlaybd := desc.Annotations[image.AnnotationBlobDigest]; !overlaybd || r.ranged == nil {
-			return f.Fetch(ctx, desc)
-		}
-		b, err := r.ranged.Blob(ctx, r.host, r.repo, desc.Digest, desc.Size)
-		if err != nil {
-			return nil, err
-		}
-		total := r.total.Add(desc.Size)
-		var progress func(int64)
-		if r.progress != nil {
-			r.progress(r.done.Load(), total)
-			progress = func(n int64) { r.progress(r.done.Add(n), r.total.Load()) }
-		}
-		return newRangedReader(ctx, b, DownloadChunk, DownloadConcurrency, DownloadAhead, progress), nil
+		return f.Fetch(ctx, desc)
 	}), nil
 }

@@ -143,7 +143,7 @@ func TestContainerd(t *testing.T) {
 		ref := "obd.test/hello:amd64-converted"
 		res := &layoutResolver{dir: helloLayout}
 		img, err := c.Pull(ctx, ref, client.WithResolver(res), client.WithPullUnpack,
-			client.WithPullSnapshotter(snapshotter.Name), client.WithImageHandlerWrapper(pull.LabelLayers(ref, false, nil)))
+			client.WithPullSnapshotter(snapshotter.Name), client.WithImageHandlerWrapper(pull.LabelLayers(ref, nil)))
 		if err != nil {
 			t.Fatal(err)
 		}
