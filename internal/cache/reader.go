@@ -218,7 +218,7 @@ func (r *Reader) readCached(p []byte, off int64) error {
 			var before *fetch
 			for i := f.first - 1; i >= lo && !bitSet(b.present, i) && b.inflight[i] == nil; i-- {
 				if before == nil {
-					before = newFetch(i, i, fetchDemand)
+					before = newFetch(i, i, fetchReadahead)
 					own = append(own, before)
 				}
 				before.first = i
@@ -254,12 +254,17 @@ func (r *Reader) readCached(p []byte, off int64) error {
 	}
 	// The read waits for its own blocks only, not for the rest of its fetch unit: each fetch is filled in the
 	// background and the read takes its blocks as they arrive, like a reader waiting for another's fetch.
-	r.c.demand.Add(int64(len(own)))
 	r.c.background.Add(int64(len(own)))
 	for _, f := range own {
+		demand := f.kind == fetchDemand // not the blocks before the miss
+		if demand {
+			r.c.demand.Add(1)
+		}
 		go func() {
 			r.fill(f)
-			r.c.demand.Add(-1)
+			if demand {
+				r.c.demand.Add(-1)
+			}
 			r.c.background.Add(-1)
 		}()
 	}

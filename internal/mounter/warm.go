@@ -93,7 +93,7 @@ func (m *Mounter) Warm(ctx context.Context, layers []snapshotter.Layer, opts War
 
 	present := make([]atomic.Int64, len(img.layers))
 	for _, s := range img.layers {
-		res.Bytes += s.layer.Size
+		res.Bytes += s.cache.Size() // a TurboOCI layer's is its original blob's
 	}
 	var mu sync.Mutex
 	report := func() {
@@ -131,7 +131,7 @@ func (m *Mounter) Warm(ctx context.Context, layers []snapshotter.Layer, opts War
 				errs[i] = fmt.Errorf("layer %d (%s): %w", i, layerName(s.layer), err)
 				return
 			}
-			present[i].Store(s.layer.Size)
+			present[i].Store(s.cache.Size())
 			verified.Add(1)
 		})
 	}
