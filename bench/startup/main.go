@@ -74,7 +74,7 @@ func main() {
 	algo := flag.String("zfile", "zstd", "compression of the overlaybd layer blobs: zstd (obd convert's default) or lz4 (upstream's)")
 	zfileBlockKB := flag.Int("zfile-block-kb", 64, "ZFile block size of the overlaybd layer blobs in KiB: 4 (upstream's default), 8, 16, 32 or 64 (obd convert's)")
 	casesFlag := flag.String("cases", strings.Join(caseKeys(), ","), "cases to measure, comma-separated (a warm case needs its cold case)")
-	workloadFlag := flag.String("workload", "python", "what the container runs until it prints ready: python (import numpy, scipy), gcc (g++ -O2 -c of a C++ file) or walk (du -s /usr: a metadata walk)")
+	workloadFlag := flag.String("workload", "python", "what the container runs until it prints ready: python (import numpy, scipy), scipy (numpy and eight scipy subpackages), gcc (g++ -O2 -c of a C++ file) or walk (du -s /usr: a metadata walk)")
 	replotFile := flag.String("replot", "", "only recompute the derived figures of a result file (e.g. bench/results/startup.json), rewrite it and its SVG chart, and exit")
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), "usage: go run ./bench/startup [flags]   (as root)\n\n")

@@ -48,6 +48,11 @@ var workloads = []workload{
 			`printf '%s\n' "$@" > /tmp/w.cc && g++ -O2 -c /tmp/w.cc -o /tmp/w.o && echo ready`, "sh"}, gccSource...),
 	},
 	{
+		name: "scipy",
+		desc: "python3 imports numpy and eight scipy subpackages (optimize, stats, signal, sparse.linalg, integrate, interpolate, spatial, ndimage): most of the scipy layer's shared objects, paged in piece by piece, and hundreds of .py files",
+		cmd: []string{"python3", "-c", "import numpy, scipy, scipy.optimize, scipy.stats, scipy.signal, scipy.sparse.linalg, scipy.integrate, scipy.interpolate, scipy.spatial, scipy.ndimage; print('ready')"},
+	},
+	{
 		name: "walk",
 		desc: "busybox du sums the sizes of everything under /usr: nearly every directory and inode of the image (25,700 paths) and no file data, the access pattern of a package manager's or a build tool's scan of a tree",
 		cmd:  []string{"/bin/busybox", "sh", "-c", "/bin/busybox du -s /usr > /dev/null && echo ready"},
