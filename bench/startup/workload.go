@@ -50,7 +50,7 @@ var workloads = []workload{
 	{
 		name: "scipy",
 		desc: "python3 imports numpy and eight scipy subpackages (optimize, stats, signal, sparse.linalg, integrate, interpolate, spatial, ndimage): most of the scipy layer's shared objects, paged in piece by piece, and hundreds of .py files",
-		cmd: []string{"python3", "-c", "import numpy, scipy, scipy.optimize, scipy.stats, scipy.signal, scipy.sparse.linalg, scipy.integrate, scipy.interpolate, scipy.spatial, scipy.ndimage; print('ready')"},
+		cmd:  []string{"python3", "-c", "import numpy, scipy, scipy.optimize, scipy.stats, scipy.signal, scipy.sparse.linalg, scipy.integrate, scipy.interpolate, scipy.spatial, scipy.ndimage; print('ready')"},
 	},
 	{
 		name: "walk",
