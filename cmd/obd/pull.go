@@ -66,6 +66,12 @@ registry. The blobs are not unpacked anywhere, and the cache's bound holds: an i
 			if err != nil {
 				return err
 			}
+			var sock string // the daemon's status socket, for --download: a bad configuration fails before the pull
+			if download {
+				if sock, err = df.statusSocket(cmd); err != nil {
+					return err
+				}
+			}
 			opts := pull.Options{Snapshotter: snapshotterName, PlainHTTP: rf.plainHTTP, Credentials: creds}
 			if !noReferrers {
 				ref, err := image.ParseRef(args[0])
@@ -98,10 +104,6 @@ registry. The blobs are not unpacked anywhere, and the cache's bound holds: an i
 			}
 			// The download is a warm of the whole image: the daemon fetches every blob into its block cache in
 			// parallel range requests and checks it against its digest; nothing is unpacked.
-			sock, err := df.statusSocket(cmd)
-			if err != nil {
-				return err
-			}
 			cc := &cacheclient.Client{Status: status.NewClient(sock, df.timeout), Containerd: func() (*client.Client, error) { return pull.Connect(cf.address) }, Namespace: cf.namespace}
 			bar := progress.Bar(progress.Terminal(cmd.ErrOrStderr()))
 			if err := df.notRunningHint(cc.Warm(ctx, cmd.OutOrStdout(), res.Image.Name(), true, "", nil, bar)); err != nil {
