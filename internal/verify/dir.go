@@ -1,11 +1,8 @@
 package verify
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -42,37 +39,29 @@ func FromDir(root string) (Tree, error) {
 			return fmt.Errorf("%s: %w", rel, err)
 		}
 		ino.Xattrs = xattrs
-		switch typ {
-		case unix.S_IFREG:
-			ino.Kind, ino.Size = Regular, st.Size
+		var ok bool
+		if ino.Kind, ok = kindOfMode(st.Mode); !ok {
+			return fmt.Errorf("%s: unknown file type %#o", rel, st.Mode)
+		}
+		switch ino.Kind {
+		case Regular:
+			ino.Size = st.Size
 			f, err := os.Open(p)
 			if err != nil {
 				return err
 			}
-			h := sha256.New()
-			_, err = io.Copy(h, f)
+			ino.Digest, _, err = contentDigest(f)
 			f.Close()
 			if err != nil {
 				return fmt.Errorf("%s: read: %w", rel, err)
 			}
-			ino.Digest = hex.EncodeToString(h.Sum(nil))
-		case unix.S_IFLNK:
-			ino.Kind, ino.Size = Symlink, st.Size
+		case Symlink:
+			ino.Size = st.Size
 			if ino.Link, err = os.Readlink(p); err != nil {
 				return err
 			}
-		case unix.S_IFCHR:
-			ino.Kind, ino.Major, ino.Minor = CharDev, unix.Major(st.Rdev), unix.Minor(st.Rdev)
-		case unix.S_IFBLK:
-			ino.Kind, ino.Major, ino.Minor = BlockDev, unix.Major(st.Rdev), unix.Minor(st.Rdev)
-		case unix.S_IFIFO:
-			ino.Kind = FIFO
-		case unix.S_IFSOCK:
-			ino.Kind = Socket
-		case unix.S_IFDIR:
-			ino.Kind = Dir
-		default:
-			return fmt.Errorf("%s: unknown file type %#o", rel, st.Mode)
+		case CharDev, BlockDev:
+			ino.Major, ino.Minor = unix.Major(st.Rdev), unix.Minor(st.Rdev)
 		}
 		return nil
 	})

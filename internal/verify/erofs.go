@@ -1,8 +1,6 @@
 package verify
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
 	"io"
 
@@ -25,30 +23,23 @@ func FromErofs(r io.ReaderAt, size int64) (Tree, error) {
 		ino := &Inode{Mode: f.Mode & 0o7777, UID: f.UID, GID: f.GID, Mtime: f.Mtime, Xattrs: f.Xattrs}
 		byNid[f.Nid] = ino
 		t[p] = ino
-		switch f.Mode & erofs.ModeTypeMask {
-		case erofs.ModeRegular:
-			ino.Kind, ino.Size = Regular, f.Size
+		ino.Kind, _ = kindOfMode(f.Mode)
+		switch ino.Kind {
+		case Regular:
+			ino.Size = f.Size
 			data, err := f.Open()
 			if err != nil {
 				return fmt.Errorf("%s: %w", p, err)
 			}
-			h := sha256.New()
-			if n, err := io.Copy(h, data); err != nil || n != f.Size {
+			var n int64
+			if ino.Digest, n, err = contentDigest(data); err != nil || n != f.Size {
 				return fmt.Errorf("%s: read %d of %d bytes: %v", p, n, f.Size, err)
 			}
-			ino.Digest = hex.EncodeToString(h.Sum(nil))
-		case erofs.ModeSymlink:
-			ino.Kind, ino.Size, ino.Link = Symlink, f.Size, f.Target
-		case erofs.ModeChar:
-			ino.Kind, ino.Major, ino.Minor = CharDev, f.Major, f.Minor
-		case erofs.ModeBlock:
-			ino.Kind, ino.Major, ino.Minor = BlockDev, f.Major, f.Minor
-		case erofs.ModeFIFO:
-			ino.Kind = FIFO
-		case erofs.ModeSocket:
-			ino.Kind = Socket
-		case erofs.ModeDir:
-			ino.Kind = Dir
+		case Symlink:
+			ino.Size, ino.Link = f.Size, f.Target
+		case CharDev, BlockDev:
+			ino.Major, ino.Minor = f.Major, f.Minor
+		case Dir:
 			delete(byNid, f.Nid) // directories are not hardlinked; "." and ".." are not listed
 		}
 		return nil

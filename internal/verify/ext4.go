@@ -2,8 +2,6 @@ package verify
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
 	"io"
 	"path"
@@ -46,35 +44,30 @@ func FromExt4(fsys *ext4.FS) (Tree, error) {
 			}
 			ino.Xattrs[n] = string(v)
 		}
-		switch st.Mode & ext4.ModeTypeMask {
-		case ext4.ModeRegular:
-			ino.Kind, ino.Size = Regular, st.Size
+		var ok bool
+		if ino.Kind, ok = kindOfMode(st.Mode); !ok {
+			return fmt.Errorf("%s: unknown file type %#o", p, st.Mode)
+		}
+		switch ino.Kind {
+		case Regular:
+			ino.Size = st.Size
 			f, err := fsys.OpenFile(p)
 			if err != nil {
 				return fmt.Errorf("%s: %w", p, err)
 			}
-			h := sha256.New()
-			_, err = io.Copy(h, io.NewSectionReader(f, 0, f.Size()))
+			ino.Digest, _, err = contentDigest(io.NewSectionReader(f, 0, f.Size()))
 			f.Close()
 			if err != nil {
 				return fmt.Errorf("%s: read: %w", p, err)
 			}
-			ino.Digest = hex.EncodeToString(h.Sum(nil))
-		case ext4.ModeSymlink:
-			ino.Kind, ino.Size = Symlink, st.Size
+		case Symlink:
+			ino.Size = st.Size
 			if ino.Link, err = fsys.Readlink(p); err != nil {
 				return fmt.Errorf("%s: %w", p, err)
 			}
-		case ext4.ModeChar:
-			ino.Kind, ino.Major, ino.Minor = CharDev, st.Major, st.Minor
-		case ext4.ModeBlock:
-			ino.Kind, ino.Major, ino.Minor = BlockDev, st.Major, st.Minor
-		case ext4.ModeFIFO:
-			ino.Kind = FIFO
-		case ext4.ModeSocket:
-			ino.Kind = Socket
-		case ext4.ModeDir:
-			ino.Kind = Dir
+		case CharDev, BlockDev:
+			ino.Major, ino.Minor = st.Major, st.Minor
+		case Dir:
 			ents, err := fsys.ReadDir(p)
 			if err != nil {
 				return fmt.Errorf("%s: %w", p, err)
@@ -87,8 +80,6 @@ func FromExt4(fsys *ext4.FS) (Tree, error) {
 					return err
 				}
 			}
-		default:
-			return fmt.Errorf("%s: unknown file type %#o", p, st.Mode)
 		}
 		return nil
 	}

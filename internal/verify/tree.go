@@ -33,6 +33,34 @@ const (
 	opaque        = ".wh..wh..opq"
 )
 
+// kindOfMode returns the Kind of a Linux mode's file type bits (S_IFMT); false for none of them.
+func kindOfMode(mode uint32) (Kind, bool) {
+	switch mode & syscall.S_IFMT {
+	case syscall.S_IFREG:
+		return Regular, true
+	case syscall.S_IFDIR:
+		return Dir, true
+	case syscall.S_IFLNK:
+		return Symlink, true
+	case syscall.S_IFCHR:
+		return CharDev, true
+	case syscall.S_IFBLK:
+		return BlockDev, true
+	case syscall.S_IFIFO:
+		return FIFO, true
+	case syscall.S_IFSOCK:
+		return Socket, true
+	}
+	return 0, false
+}
+
+// contentDigest returns the hex sha256 of r's bytes and how many there were.
+func contentDigest(r io.Reader) (string, int64, error) {
+	h := sha256.New()
+	n, err := io.Copy(h, r)
+	return hex.EncodeToString(h.Sum(nil)), n, err
+}
+
 // Inode is what a path points at; hardlinked paths share one Inode.
 type Inode struct {
 	Kind         Kind
@@ -162,12 +190,10 @@ func inodeFromHeader(h *tar.Header, r io.Reader) (*Inode, error) {
 	switch h.Typeflag {
 	case tar.TypeReg, tar.TypeGNUSparse:
 		ino.Kind = Regular
-		hash := sha256.New()
-		n, err := io.Copy(hash, r)
-		if err != nil {
+		var err error
+		if ino.Digest, ino.Size, err = contentDigest(r); err != nil {
 			return nil, err
 		}
-		ino.Size, ino.Digest = n, hex.EncodeToString(hash.Sum(nil))
 	case tar.TypeDir:
 		ino.Kind = Dir
 	case tar.TypeSymlink:
