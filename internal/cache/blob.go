@@ -21,6 +21,9 @@ type blob struct {
 
 	stateMu     sync.Mutex // serializes state file writes and data file removal
 	savedAccess int64      // lastAccess recorded in the state file; guarded by stateMu
+	// writeMu is held (shared) by each store of fetched bytes; Reader.Evict takes it alone to wait for the stores
+	// under way, so that no store of a fetch it dropped lands afterwards.
+	writeMu sync.RWMutex
 
 	mu           sync.Mutex
 	size         int64
@@ -52,6 +55,9 @@ type pinRange struct{ first, last int64 }
 type fetch struct {
 	first, last int64 // fixed once another reader can see the fetch
 	kind        fetchKind
+	// dropped is set (under the blob's mu) when Reader.Evict drops the fetch's blocks while it runs: its bytes are
+	// suspect and never stored.
+	dropped bool
 
 	mu    sync.Mutex
 	buf   []byte        // the bytes of the blocks, from first*BlockSize; set before the first block is ready
@@ -169,9 +175,12 @@ func (b *blob) openFileLocked(create bool) (*os.File, error) {
 }
 
 // markPresent records blocks [first, last] as stored.
-func (b *blob) markPresent(first, last int64) {
+func (b *blob) markPresent(f *fetch, first, last int64) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	if f != nil && f.dropped {
+		return false
+	}
 	for i := first; i <= last; i++ {
 		if !bitSet(b.present, i) {
 			b.present[i/64] |= 1 << (i % 64)
@@ -179,6 +188,7 @@ func (b *blob) markPresent(first, last int64) {
 		}
 	}
 	b.dirty = true
+	return true
 }
 
 // evict drops up to need bytes of present blocks in [first, last] (need < 0: all of them) and returns the bytes

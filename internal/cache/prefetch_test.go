@@ -433,3 +433,44 @@ func (s *heldSrc) offsets() []int64 {
 	defer s.mu.Unlock()
 	return slices.Sorted(slices.Values(s.offs))
 }
+
+// Evicting blocks that a fetch in flight is bringing drops that fetch: its bytes (here, those of a source that
+// served the wrong range once) are never stored, and the next read fetches again instead of joining it.
+func TestEvictDropsFetchInFlight(t *testing.T) {
+	c := openTest(t, t.TempDir(), 1<<30, nil)
+	defer c.Close()
+	src := &wrongOnceSrc{streamSrc: streamSrc{memSrc: newSrc(16*testBS, 11), release: make(chan struct{})}}
+	r := c.Reader(src.key(), int64(len(src.data)), src)
+	p := make([]byte, 100)
+	if _, err := r.ReadAt(p, 10); err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Equal(p, src.data[10:110]) {
+		t.Fatal("the source's first read was not spoiled: the test tests nothing")
+	}
+	if err := r.Evict(0, testBS); err != nil { // the reader found the bytes bad
+		t.Fatal(err)
+	}
+	// Fetched again, while the spoiled fetch still runs.
+	if _, err := r.ReadAt(p, 10); err != nil || !bytes.Equal(p, src.data[10:110]) {
+		t.Fatalf("the read after the eviction: %v, or the spoiled bytes again", err)
+	}
+	close(src.release)
+	settle(c)
+	checkRead(t, r, src.memSrc, 0, 16*testBS)
+}
+
+// wrongOnceSrc is a streamSrc whose first read delivers the bytes of another offset.
+type wrongOnceSrc struct {
+	streamSrc
+	spoiled atomic.Bool
+}
+
+func (s *wrongOnceSrc) ReadAtProgress(p []byte, off int64, progress func(n int)) (int, error) {
+	if s.spoiled.CompareAndSwap(false, true) {
+		n, err := s.streamSrc.ReadAtProgress(p, off+testBS, progress)
+		return n, err
+	}
+	s.calls.Add(1)
+	return copy(p, s.data[off:]), nil
+}

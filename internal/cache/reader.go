@@ -453,11 +453,14 @@ func (r *Reader) fill(f *fetch) error {
 	}
 	b.mu.Lock()
 	for i := f.first; i <= f.last; i++ {
-		delete(b.inflight, i)
+		if b.inflight[i] == f {
+			delete(b.inflight, i)
+		}
 	}
+	dropped := f.dropped
 	b.mu.Unlock()
 	f.end(err)
-	if err == nil && !stored && f.kind == fetchPrefetch {
+	if err == nil && !stored && !dropped && f.kind == fetchPrefetch {
 		return ErrFull
 	}
 	return err
@@ -475,9 +478,11 @@ func (r *Reader) store(f *fetch, buf []byte, start int64) bool {
 		}
 		return false
 	}
+	b.writeMu.RLock()
 	b.mu.Lock()
-	if c.closed.Load() { // Close is closing the data files: do not reopen them
+	if c.closed.Load() || f.dropped { // Close is closing the data files: do not reopen them
 		b.mu.Unlock()
+		b.writeMu.RUnlock()
 		c.release(n)
 		return false
 	}
@@ -485,6 +490,11 @@ func (r *Reader) store(f *fetch, buf []byte, start int64) bool {
 	b.mu.Unlock()
 	if err == nil {
 		_, err = file.WriteAt(buf, start)
+	}
+	b.writeMu.RUnlock()
+	if err == nil && !b.markPresent(f, f.first, f.last) {
+		c.release(n)
+		return false
 	}
 	if err != nil {
 		c.release(n)
@@ -494,7 +504,6 @@ func (r *Reader) store(f *fetch, buf []byte, start int64) bool {
 		}
 		return false
 	}
-	b.markPresent(f.first, f.last)
 	c.noteStore(nil)
 	return true
 }
@@ -513,14 +522,34 @@ func (r *Reader) Evict(off, n int64) error {
 	first, last := off/bs, (min(off+n, r.size)-1)/bs
 	c := r.c
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	if b.size != r.size {
+		c.mu.Unlock()
 		return nil
 	}
 	freed, err := b.evict(first, last, -1, false, true)
 	c.used -= freed
+	c.mu.Unlock()
 	if err != nil {
 		return fmt.Errorf("cache: blob %s: evicted blocks are forgotten but not yet recorded: %w", r.key, err)
+	}
+	// Fetches bringing blocks of the range are dropped too: what they bring may be what was just found bad (a
+	// source serving wrong bytes), and a read after this one must fetch again, not join them.
+	b.mu.Lock()
+	dropped := false
+	for i := first; i <= last; i++ {
+		if f := b.inflight[i]; f != nil {
+			f.dropped, dropped = true, true
+			for j := f.first; j <= f.last; j++ {
+				if b.inflight[j] == f {
+					delete(b.inflight, j)
+				}
+			}
+		}
+	}
+	b.mu.Unlock()
+	if dropped {
+		b.writeMu.Lock() // wait for their stores under way, if any
+		b.writeMu.Unlock()
 	}
 	return nil
 }
@@ -718,4 +747,13 @@ func (r *Reader) fetchEvicting(off, n int64) error {
 	own := r.claimLocked(off/bs, (off+n-1)/bs, fetchDownload)
 	b.mu.Unlock()
 	return r.fillAll(own)
+}
+
+// Cached reports whether every byte of [off, off+n) of the blob is in the cache.
+func (r *Reader) Cached(off, n int64) bool {
+	if r.b == nil {
+		return false
+	}
+	off, end := max(off, 0), min(off+n, r.size)
+	return end <= off || r.missingBytes(off, end-off) == 0
 }
