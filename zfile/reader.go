@@ -35,6 +35,7 @@ type Reader struct {
 	largePool sync.Pool
 	blockPool sync.Pool
 	id        uint64 // names the Reader in the decoded-block cache
+	pre       atomic.Pointer[Predecoded]
 }
 
 // Open opens the ZFile of the given compressed size held by r. It validates the header, trailer
@@ -365,10 +366,19 @@ func (z *Reader) readAt(p []byte, off int64, verify bool) (int, error) {
 		return 0, nil
 	}
 	first, last := off>>z.bsShift, (end-1)>>z.bsShift
+	pre := z.pre.Load()
 	for b := first; b <= last; {
+		if pre != nil {
+			bStart := b << z.bsShift
+			from, to := max(off, bStart), min(end, bStart+int64(1)<<z.bsShift)
+			if pre.get(predecodedKey{z.id, b}, p[from-off:to-off], from-bStart) {
+				b++
+				continue
+			}
+		}
 		start := z.offset(b)
 		e := b + 1
-		for e <= last && z.offset(e+1)-start <= chunkSize {
+		for e <= last && z.offset(e+1)-start <= chunkSize && (pre == nil || !pre.has(predecodedKey{z.id, e})) {
 			e++
 		}
 		clen := int(z.offset(e) - start)

@@ -43,6 +43,8 @@ const (
 	DefaultPrefetchConcurrency = 8
 	// DefaultMetadataMB bounds the metadata prefetch of an image without a recorded start.
 	DefaultMetadataMB = 16
+	// DefaultPredecodeMB bounds the blocks of a start decoded ahead of its reads.
+	DefaultPredecodeMB = 64
 	// DefaultDownloadDelay and DefaultDownloadMBps are upstream's background download defaults (off by default).
 	DefaultDownloadDelay = 300
 	DefaultDownloadMBps  = 100
@@ -121,6 +123,10 @@ type Prefetch struct {
 	// MetadataMB bounds the blob ranges fetched for the filesystem metadata of an image without a recorded start
 	// when its device is attached (0: no metadata prefetch).
 	MetadataMB int `toml:"metadata_mb"`
+	// PredecodeMB bounds the decoded blocks of an image's start kept ahead of its reads when it is attached on a
+	// node that holds them: those of its recorded start, else of its last start on the node (0: off, and starts
+	// are not learned).
+	PredecodeMB int `toml:"predecode_mb"`
 }
 
 // ProfilesDir returns the directory of registered startup profiles.
@@ -261,7 +267,7 @@ func Default() Config {
 		Registry:    Registry{RetryBudget: DefaultRetryBudget, CredentialHelpers: DefaultCredentialHelpers},
 		Metrics:     Metrics{Address: DefaultMetricsAddress},
 		Audit:       Audit{SlowReadMS: DefaultSlowReadMS, HungReadMS: DefaultHungReadMS},
-		Prefetch:    Prefetch{Concurrency: DefaultPrefetchConcurrency, OnPull: true, MetadataMB: DefaultMetadataMB},
+		Prefetch:    Prefetch{Concurrency: DefaultPrefetchConcurrency, OnPull: true, MetadataMB: DefaultMetadataMB, PredecodeMB: DefaultPredecodeMB},
 		Download:    Download{DelaySeconds: DefaultDownloadDelay, MaxMBps: DefaultDownloadMBps, Concurrency: DefaultDownloadConcurrency},
 		CRI:         CRI{Address: DefaultCRIAddress, ContainerdAddress: DefaultContainerdAddress, CredentialTTL: DefaultCRICredentialTTL},
 	}
@@ -331,6 +337,9 @@ func (c Config) Validate() error {
 	}
 	if c.Prefetch.MetadataMB < 0 || c.Prefetch.MetadataMB > 4096 {
 		return fmt.Errorf("prefetch.metadata_mb = %d: want 0 (off) to 4096", c.Prefetch.MetadataMB)
+	}
+	if c.Prefetch.PredecodeMB < 0 || c.Prefetch.PredecodeMB > 4096 {
+		return fmt.Errorf("prefetch.predecode_mb = %d: want 0 (off) to 4096", c.Prefetch.PredecodeMB)
 	}
 	if d := c.Prefetch.ProfilesDir; d != "" && !filepath.IsAbs(d) {
 		return fmt.Errorf("prefetch.profiles_dir = %q: want an absolute path", d)

@@ -1,6 +1,7 @@
 package image
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -282,3 +283,19 @@ type evictSection struct {
 }
 
 func (s evictSection) Evict(off, n int64) error { return s.ev.Evict(s.base+off, n) }
+
+// Predecode decodes the ZFile blocks that hold the bytes [off, off+n) of the layer file into p (see
+// zfile.Reader.Predecode); a layer file that is not compressed has nothing to decode.
+func (l *Layer) Predecode(ctx context.Context, p *zfile.Predecoded, off, n int64) error {
+	if l.z == nil {
+		return nil
+	}
+	return l.z.Predecode(ctx, p, off, n)
+}
+
+// UsePredecoded makes the layer's reads take their ZFile blocks from p when it holds them (nil: no longer).
+func (l *Layer) UsePredecoded(p *zfile.Predecoded) {
+	if l.z != nil {
+		l.z.UsePredecoded(p)
+	}
+}

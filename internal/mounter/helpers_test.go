@@ -233,6 +233,8 @@ type mounterOptions struct {
 	download       bool         // background download, at once and unbounded
 	preload        bool         // Options.Preload
 	metadata       int64        // Options.MetadataBytes
+	starts         string       // Options.StartsDir
+	predecode      int64        // Options.PredecodeBytes
 }
 
 // newMounter returns a Mounter with its own FuseLoop and a registry client for reg.
@@ -265,12 +267,14 @@ func (s *setup) newMounter(o mounterOptions) *Mounter {
 		t.Cleanup(func() { client.Close() })
 	}
 	return New(Options{
-		Frontend:      device.NewFuseLoop(s.log),
-		StateDir:      s.stateDir,
-		Cache:         o.cache,
-		Download:      DownloadOptions{Enable: o.download},
-		Preload:       o.preload,
-		MetadataBytes: o.metadata,
+		Frontend:       device.NewFuseLoop(s.log),
+		StateDir:       s.stateDir,
+		Cache:          o.cache,
+		Download:       DownloadOptions{Enable: o.download},
+		Preload:        o.preload,
+		MetadataBytes:  o.metadata,
+		StartsDir:      o.starts,
+		PredecodeBytes: o.predecode,
 		Registry: func(host string) (*registry.Client, error) {
 			if client == nil || host != o.host {
 				t.Errorf("Mounter asked for a client of registry %q", host)

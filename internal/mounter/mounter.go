@@ -53,6 +53,11 @@ type Options struct {
 	// Preload, when set, makes Preload open a pulled image's layers and prefetch its recorded start before a
 	// container asks for the image (see snapshotter.Preloader).
 	Preload bool
+	// StartsDir holds what each image's last start on this node read (see LearnWindow); PredecodeBytes bounds the
+	// blocks of an image's start decoded ahead of its reads. Starts are learned and decoded ahead only when both
+	// are set; a recorded start is decoded ahead when PredecodeBytes is.
+	StartsDir      string
+	PredecodeBytes int64
 	// Download, when Enable is set, downloads the blobs of each attached image into the cache in the background
 	// (after the prefetch of its recorded start, if any, and Delay), each checked against its digest.
 	Download DownloadOptions
@@ -111,6 +116,15 @@ type mounted struct {
 	prefetch *prefetch.Job // the prefetch of its recorded start, or nil
 	rec      *recording    // the recording of its layer reads, or nil
 	download *download     // the background download of its blobs, or nil
+	opened   []*image.Layer
+
+	// What a container's start over the image follows and learns (see beginStart): the recorded start it was
+	// attached with, or the file of its learned start (""); the learning of the current start, which the reads
+	// see (nil when none), and the decoding ahead of the current start (nil when none).
+	replay    []trace.Record
+	learnPath string
+	learn     atomic.Pointer[learning]
+	predecode *predecoding
 }
 
 // New returns a Mounter.
@@ -213,9 +227,24 @@ func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.La
 	if record {
 		img.rec = newRecording(traceFile, m.opts.Logger.With("image", id))
 	}
+	if !record {
+		img.replay = replay
+		if len(replay) == 0 {
+			img.learnPath = m.learnedPath(layers)
+		}
+	}
 	var observe func(i int) func(off, n int64)
-	if img.rec != nil {
+	switch {
+	case img.rec != nil:
 		observe = func(i int) func(off, n int64) { return func(off, n int64) { img.rec.r.Read(i, off, n) } }
+	case img.learnPath != "":
+		observe = func(i int) func(off, n int64) {
+			return func(off, n int64) {
+				if l := img.learn.Load(); l != nil {
+					l.observe(i, off, n)
+				}
+			}
+		}
 	}
 	opened, i, err := m.openLayers(ctx, img, layers, observe)
 	if err != nil {
@@ -268,6 +297,10 @@ func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.La
 		img.prefetch = m.startPrefetch(context.Background(), id, img, opened, replay)
 	case img.prefetch == nil && img.rec == nil && m.opts.MetadataBytes > 0 && m.opts.Cache != nil && fs.name == "ext4":
 		img.prefetch = m.startMetadataPrefetch(id, img, layers, opened, stack)
+	}
+	img.opened = opened
+	if wl != nil {
+		m.beginStart(id, img) // a container's own device: attached for its start
 	}
 	// Upstream does not download while it records a trace: the trace would miss what the download brought.
 	if m.opts.Download.Enable && img.rec == nil && m.opts.Cache != nil {
@@ -602,6 +635,12 @@ func (img *mounted) close() error {
 	}
 	if img.rec != nil {
 		img.rec.finish()
+	}
+	if img.predecode != nil {
+		img.predecode.stop()
+	}
+	if l := img.learn.Load(); l != nil {
+		l.finish()
 	}
 	var err error
 	if img.upper != nil {

@@ -123,6 +123,8 @@ func (s *Service) openDevices() error {
 		PrefetchConcurrency: cfg.Prefetch.Concurrency,
 		Preload:             cfg.Prefetch.OnPull,
 		MetadataBytes:       int64(cfg.Prefetch.MetadataMB) << 20,
+		StartsDir:           filepath.Join(s.cfg.Snapshotter.Root, "starts"),
+		PredecodeBytes:      int64(cfg.Prefetch.PredecodeMB) << 20,
 		Download: mounter.DownloadOptions{
 			Enable:            cfg.Download.Enable,
 			Delay:             time.Duration(cfg.Download.DelaySeconds) * time.Second,

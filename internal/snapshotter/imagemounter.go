@@ -45,6 +45,14 @@ type TraceMounter interface {
 	MountTrace(ctx context.Context, id string, layers []Layer, target, traceFile string) error
 }
 
+// Starter is an ImageMounter told when a container is about to start over an image it mounted: the snapshotter
+// calls Starting after it prepared an active snapshot over the image's mountpoint (the image attached and mounted
+// first, if it was not). It must return at once.
+type Starter interface {
+	ImageMounter
+	Starting(id string)
+}
+
 // Preloader is an ImageMounter that can start what attaching an image will need as soon as a pull has committed
 // its layers, before any container asks for it: the layers opened (their headers and indexes fetched into the
 // cache) and, with a trace file, the recorded start prefetched. The snapshotter calls Preload after each commit of

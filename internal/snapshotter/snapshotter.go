@@ -377,6 +377,9 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		}
 		return nil, fmt.Errorf("%s snapshot %q: %w", kindVerb(kind), key, err)
 	}
+	if st, ok := s.mounter.(Starter); ok && kind == snapshots.KindActive {
+		st.Starting(plan.id)
+	}
 	s.log.Info("snapshot over overlaybd image", "key", key, "image", plan.imageRef, "mount-id", plan.id)
 	return ms, nil
 }

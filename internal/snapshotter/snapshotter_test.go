@@ -30,7 +30,14 @@ type fakeMounter struct {
 	mu       sync.Mutex
 	mounts   []mountCall
 	unmounts []mountCall
+	starts   []string // ids given to Starting
 	fail     error
+}
+
+func (f *fakeMounter) Starting(id string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.starts = append(f.starts, id)
 }
 
 type mountCall struct {
@@ -296,6 +303,12 @@ func TestRootfsOverRemoteImage(t *testing.T) {
 		if m.id != mc.id || m.target != mc.target {
 			t.Errorf("mounter call %+v differs from the first %+v", m, mc)
 		}
+	}
+	f.mu.Lock()
+	starts := slices.Clone(f.starts)
+	f.mu.Unlock()
+	if !slices.Equal(starts, []string{mc.id, mc.id}) { // the two containers, not the view
+		t.Errorf("Starting calls %q, want %q twice", starts, mc.id)
 	}
 
 	// The device went away (reboot, crash): Mounts attaches it again.

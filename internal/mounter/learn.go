@@ -1,0 +1,223 @@
+package mounter
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/obdproject/obd/internal/atomicfile"
+	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/snapshotter"
+	"github.com/obdproject/obd/trace"
+	"github.com/obdproject/obd/zfile"
+)
+
+// A start of an image on a node whose cache holds it is bound by decoding: the container's reads wait for the
+// ZFile blocks they touch to be decompressed. So the node learns what each image's start reads: a start begins
+// when a container's snapshot is prepared over the image (Starting) or a container's writable layer is attached,
+// and its layer reads until the next start, LearnWindow at most, are kept in Options.StartsDir (one trace file per
+// image, named after its layers). When the next start begins, the blocks of that start, or of the image's
+// recorded start (acceleration layer, registered profile) when it has one, are decoded in the order they were
+// first read, on another core, into a pool of at most Options.PredecodeBytes, while the container is being
+// created; the container's reads then copy them. Only blocks whose bytes are local are decoded: fetching is the
+// prefetch's and the demand reads' business. The pool is dropped LearnWindow after the start began.
+
+// LearnWindow is how long after an attach reads count as the image's start, and how long its pool of decoded
+// blocks is kept.
+const LearnWindow = 30 * time.Second
+
+// predecodeStall bounds how long the decoding of a start waits for the container to read what it decoded: past
+// it, this start does not follow the learned one, and the rest is left to the reads.
+const predecodeStall = 5 * time.Second
+
+// learnedPath returns the file of the learned start of the image of layers, or "" when starts are not learned.
+func (m *Mounter) learnedPath(layers []snapshotter.Layer) string {
+	if m.opts.StartsDir == "" || m.opts.PredecodeBytes <= 0 {
+		return ""
+	}
+	h := sha256.New()
+	for _, l := range layers {
+		h.Write([]byte(l.Digest))
+		h.Write([]byte{0})
+		h.Write([]byte(l.Target))
+		h.Write([]byte{0})
+	}
+	return filepath.Join(m.opts.StartsDir, hex.EncodeToString(h.Sum(nil)[:16])+".trace")
+}
+
+// learnedStart reads the learned start at path; a missing or unreadable one is no start.
+func (m *Mounter) learnedStart(id, path string) []trace.Record {
+	if path == "" {
+		return nil
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			m.opts.Logger.Warn("cannot read the image's learned start", "image", id, "path", path, "err", err)
+		}
+		return nil
+	}
+	recs, err := trace.Decode(b)
+	if err != nil {
+		m.opts.Logger.Warn("the image's learned start is not a trace: ignored", "image", id, "path", path, "err", err)
+		return nil
+	}
+	return recs
+}
+
+// learning records the layer reads of an image's first LearnWindow after its attach.
+type learning struct {
+	path  string
+	r     *trace.Recorder
+	log   *slog.Logger
+	over  atomic.Bool
+	timer *time.Timer
+	once  sync.Once
+}
+
+func newLearning(path string, log *slog.Logger) *learning {
+	l := &learning{path: path, r: trace.NewRecorder(), log: log}
+	l.timer = time.AfterFunc(LearnWindow, l.finish)
+	return l
+}
+
+// observe records a read of layer i.
+func (l *learning) observe(i int, off, n int64) {
+	if !l.over.Load() {
+		l.r.Read(i, off, n)
+	}
+}
+
+// finish ends the recording and writes what it saw (nothing when the image read nothing).
+func (l *learning) finish() {
+	l.once.Do(func() {
+		l.over.Store(true)
+		l.timer.Stop()
+		recs, _, _ := l.r.Records()
+		if len(recs) == 0 {
+			return
+		}
+		var buf bytes.Buffer
+		err := trace.Encode(&buf, recs)
+		if err == nil {
+			if err = os.MkdirAll(filepath.Dir(l.path), 0o755); err == nil {
+				err = atomicfile.Write(l.path, buf.Bytes(), 0o644)
+			}
+		}
+		if err != nil {
+			l.log.Warn("cannot keep the image's start for its next attach", "path", l.path, "err", err)
+			return
+		}
+		l.log.Debug("learned the image's start", "path", l.path, "records", len(recs))
+	})
+}
+
+// predecoding decodes the blocks of an image's start ahead of its reads.
+type predecoding struct {
+	pool     *zfile.Predecoded
+	cancel   context.CancelFunc
+	finished chan struct{} // closed when the blocks are decoded (or the decoding stopped)
+	done     chan struct{} // closed when the pool is dropped
+}
+
+var _ snapshotter.Starter = (*Mounter)(nil)
+
+// Starting tells the Mounter that a container is about to start over image id (see snapshotter.Starter).
+func (m *Mounter) Starting(id string) {
+	defer m.locks.Lock(id)()
+	if img := m.image(id); img != nil {
+		m.beginStart(id, img)
+	}
+}
+
+// beginStart begins a start of img: the start before it ends (its reads are kept as the image's learned start),
+// the blocks of the recorded start, else of the learned one, are decoded ahead, and this start's reads are
+// learned. The caller holds the image's lock.
+func (m *Mounter) beginStart(id string, img *mounted) {
+	if img.rec != nil || (img.learnPath == "" && len(img.replay) == 0) {
+		return
+	}
+	if img.predecode != nil {
+		img.predecode.stop()
+		img.predecode = nil
+	}
+	ahead := img.replay
+	if img.learnPath != "" {
+		if l := img.learn.Load(); l != nil {
+			l.finish()
+		}
+		ahead = m.learnedStart(id, img.learnPath)
+		img.learn.Store(newLearning(img.learnPath, m.opts.Logger.With("image", id)))
+	}
+	if len(ahead) > 0 && m.opts.PredecodeBytes > 0 {
+		img.predecode = m.startPredecode(id, img, img.opened, ahead)
+	}
+}
+
+// startPredecode decodes the blocks of recs whose bytes are local into a new pool that the layers of img read
+// from, and drops the pool LearnWindow later.
+func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer, recs []trace.Record) *predecoding {
+	pool := zfile.NewPredecoded(m.opts.PredecodeBytes)
+	for _, l := range opened {
+		l.UsePredecoded(pool)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), LearnWindow)
+	p := &predecoding{pool: pool, cancel: cancel, finished: make(chan struct{}), done: make(chan struct{})}
+	log := m.opts.Logger.With("image", id)
+	go func() {
+		defer close(p.done)
+		defer func() {
+			for _, l := range opened {
+				l.UsePredecoded(nil)
+			}
+			decoded, hits := pool.Stats()
+			log.Debug("decoded blocks of the image's start dropped", "decoded", decoded, "reads_served", hits)
+		}()
+		start := time.Now()
+		var err error
+		for _, rec := range recs {
+			if rec.Op != trace.Read || int(rec.Layer) >= len(opened) || rec.Count == 0 {
+				continue
+			}
+			l := opened[rec.Layer]
+			if c := img.layers[rec.Layer].cache; c != nil {
+				if off, n := l.BlobRange(rec.Offset, int64(rec.Count)); n == 0 || !c.Cached(off, n) {
+					continue
+				}
+			}
+			cctx, ccancel := context.WithTimeout(ctx, predecodeStall)
+			err = l.Predecode(cctx, pool, rec.Offset, int64(rec.Count))
+			ccancel()
+			if err != nil {
+				break
+			}
+		}
+		decoded, hits := pool.Stats()
+		switch {
+		case err == nil || ctx.Err() != nil:
+			log.Info("decoded the blocks of the image's start ahead of its reads", "blocks", decoded, "reads_served", hits,
+				"took", time.Since(start).Round(time.Millisecond))
+		case errors.Is(err, context.DeadlineExceeded):
+			log.Info("stopped decoding ahead: this start does not read what the last one did", "blocks", decoded, "reads_served", hits)
+		default:
+			log.Warn("stopped decoding ahead", "blocks", decoded, "err", err)
+		}
+		close(p.finished)
+		<-ctx.Done()
+	}()
+	return p
+}
+
+// stop ends the decoding and drops its pool.
+func (p *predecoding) stop() {
+	p.cancel()
+	<-p.done
+}

@@ -1,0 +1,99 @@
+package mounter
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/obdproject/obd/internal/snapshotter"
+	"github.com/obdproject/obd/trace"
+)
+
+// TestLearnedStart: the reads of a container's start over an image are kept when the next start begins; that
+// start has the ZFile blocks of the first decoded ahead, and its reads take them from the pool (with the right
+// bytes, nothing fetched). The learned start outlives the Mounter: on a new one with the cache emptied, only what
+// is cached is decoded ahead, and the reads fetch the rest as on any cold start.
+func TestLearnedStart(t *testing.T) {
+	needSystem(t)
+	blob, err := os.ReadFile(blobPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := helloBinary(t)
+	reg := newFakeRegistry(t, blob)
+	s := newSetup(t)
+	c := s.openCache(4096)
+	opts := mounterOptions{registry: reg, cache: c, starts: filepath.Join(s.root, "starts"), predecode: 1 << 20}
+	layers := []snapshotter.Layer{reg.layer()}
+	target := filepath.Join(s.root, "mnt")
+	// start begins a container's start and reads the file, from the device (the page cache dropped first).
+	start := func(m *Mounter) *predecoding {
+		t.Helper()
+		m.Starting("img")
+		p := m.image("img").predecode
+		if p != nil {
+			<-p.finished
+		}
+		name := filepath.Join(target, "hello")
+		if f, err := os.Open(name); err == nil {
+			_ = unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED)
+			f.Close()
+		}
+		if b, err := readWithin(t, name, time.Minute); err != nil || !bytes.Equal(b, want) {
+			t.Fatalf("read %d bytes, %v (equal %v)", len(b), err, bytes.Equal(b, want))
+		}
+		return p
+	}
+
+	m := s.newMounter(opts)
+	if err := s.mount(m, "img", layers, target); err != nil {
+		t.Fatal(err)
+	}
+	if start(m) != nil {
+		t.Fatal("the first start of an image decodes ahead: it has no start to follow")
+	}
+	fetched := reg.requests.Load()
+	p := start(m)
+	if p == nil {
+		t.Fatal("the second start does not decode ahead")
+	}
+	b, err := os.ReadFile(m.learnedPath(layers))
+	if err != nil {
+		t.Fatalf("the first start was not kept: %v", err)
+	}
+	if recs, err := trace.Decode(b); err != nil || len(recs) == 0 {
+		t.Fatalf("the kept start: %d records, %v", len(recs), err)
+	}
+	decoded, hits := p.pool.Stats()
+	if decoded == 0 || hits == 0 {
+		t.Fatalf("second start: %d blocks decoded ahead, %d reads served from them", decoded, hits)
+	}
+	if n := reg.requests.Load() - fetched; n != 0 {
+		t.Fatalf("the second start made %d registry requests", n)
+	}
+	if err := m.Unmount(context.Background(), "img", target); err != nil {
+		t.Fatal(err)
+	}
+
+	if _, err := c.EvictBlob(reg.dg); err != nil {
+		t.Fatal(err)
+	}
+	m = s.newMounter(opts)
+	if err := s.mount(m, "img", layers, target); err != nil {
+		t.Fatal(err)
+	}
+	// Opening the layer fetches the end of its blob (index and some blocks): only those are decoded ahead.
+	if p := start(m); p == nil {
+		t.Fatal("the learned start was lost with the Mounter")
+	} else if cold, _ := p.pool.Stats(); cold >= decoded {
+		t.Fatalf("with an empty cache, %d blocks were decoded ahead (%d with the cache full)", cold, decoded)
+	}
+	if err := m.Unmount(context.Background(), "img", target); err != nil {
+		t.Fatal(err)
+	}
+}
