@@ -20,6 +20,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/obdproject/obd/internal/cache"
+	"github.com/obdproject/obd/trace"
 )
 
 // Media types and names of a snapshot.
@@ -37,6 +38,9 @@ const (
 type Index struct {
 	MediaType string  `json:"mediaType"`
 	Blobs     []Entry `json:"blobs"`
+	// Starts are the starts the exporting node learned of images whose layers the snapshot holds: a node that
+	// imports it decodes their blocks ahead of its first start as it would of its own.
+	Starts []trace.Start `json:"starts,omitempty"`
 }
 
 // Blocks counts the blocks of every blob of the snapshot.
@@ -78,6 +82,11 @@ func ParseIndex(b []byte) (Index, error) {
 		if err := e.Data.Digest.Validate(); err != nil || e.Data.Size != e.DataSize() || e.Data.MediaType != MediaTypeBlocks {
 			return idx, fmt.Errorf("cache snapshot: blob %s: data %s of %d bytes (%s), want %d bytes of %s", e.Digest, e.Data.Digest,
 				e.Data.Size, e.Data.MediaType, e.DataSize(), MediaTypeBlocks)
+		}
+	}
+	for i, st := range idx.Starts {
+		if _, err := st.Records(); err != nil {
+			return idx, fmt.Errorf("cache snapshot: start %d: %w", i, err)
 		}
 	}
 	return idx, nil

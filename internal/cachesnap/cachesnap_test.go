@@ -16,6 +16,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/obdproject/obd/internal/cache"
+	"github.com/obdproject/obd/trace"
 )
 
 // testEntry returns an entry of a blob of 3 blocks of 8 bytes (the last one 5) with blocks 0 and 2 and their data.
@@ -193,8 +194,13 @@ func TestWriteSeekable(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	idx, n, err := WriteSeekable(f, []int{2, 0, 2}, export(false))
-	if err != nil || n != int64(len(d1)+len(d2)) || len(idx.Blobs) != 2 {
+	var tb bytes.Buffer
+	if err := trace.Encode(&tb, []trace.Record{{Op: trace.Read, Layer: 1, Count: 4096, Offset: 65536}}); err != nil {
+		t.Fatal(err)
+	}
+	start := trace.Start{Layers: []trace.StartLayer{{Digest: e1.Digest}, {Digest: e2.Digest}}, Trace: tb.Bytes()}
+	idx, n, err := WriteSeekable(f, []int{2, 0, 2}, []trace.Start{start}, export(false))
+	if err != nil || n != int64(len(d1)+len(d2)) || len(idx.Blobs) != 2 || len(idx.Starts) != 1 {
 		t.Fatalf("WriteSeekable: %+v, %d bytes, %v", idx, n, err)
 	}
 	f.Seek(0, io.SeekStart)
@@ -214,16 +220,23 @@ func TestWriteSeekable(t *testing.T) {
 	if rest, _ := io.ReadAll(f); len(rest) == 0 || bytes.ContainsFunc(rest, func(r rune) bool { return r != 0 }) {
 		t.Fatalf("the tar's end: %d bytes, not all zero", len(rest))
 	}
+	// A start whose trace is damaged makes the index bad.
+	idx.Starts[0].Trace = idx.Starts[0].Trace[:10]
+	if ib, err := idx.Marshal(); err != nil {
+		t.Fatal(err)
+	} else if _, err := ParseIndex(ib); err == nil || !strings.Contains(err.Error(), "start 0") {
+		t.Fatalf("an index with a damaged start: %v", err)
+	}
 
 	g, err := os.Create(filepath.Join(t.TempDir(), "short.tar"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer g.Close()
-	if _, _, err := WriteSeekable(g, []int{2, 0, 2}, export(true)); err == nil || !strings.Contains(err.Error(), "written for") {
+	if _, _, err := WriteSeekable(g, []int{2, 0, 2}, nil, export(true)); err == nil || !strings.Contains(err.Error(), "written for") {
 		t.Fatalf("an export short of what it announced: %v", err)
 	}
-	if _, _, err := WriteSeekable(g, []int{0, 0, 0}, func(int) ExportFunc {
+	if _, _, err := WriteSeekable(g, []int{0, 0, 0}, nil, func(int) ExportFunc {
 		return func(func(int64) (io.Writer, error)) (cache.ExportedBlob, digest.Digest, error) {
 			return cache.ExportedBlob{}, "", nil
 		}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/obdproject/obd/internal/cache"
 	"github.com/obdproject/obd/internal/iocount"
+	"github.com/obdproject/obd/trace"
 )
 
 // ExportFunc exports the data of one blob of a snapshot: it calls begin with the data's size before it writes the
@@ -31,9 +32,9 @@ type FileWriter interface {
 // first, each data member is written as export(k) gives it (its header named once its digest is known), and the
 // index goes into its room at the end, padded with spaces (which JSON allows). It returns the index and the data
 // bytes; ErrEmpty when no block was exported.
-func WriteSeekable(f FileWriter, maxBlocks []int, export func(k int) ExportFunc) (Index, int64, error) {
-	idx := Index{MediaType: MediaTypeIndex}
-	room, err := indexRoom(maxBlocks)
+func WriteSeekable(f FileWriter, maxBlocks []int, starts []trace.Start, export func(k int) ExportFunc) (Index, int64, error) {
+	idx := Index{MediaType: MediaTypeIndex, Starts: starts}
+	room, err := indexRoom(maxBlocks, starts)
 	if err != nil {
 		return idx, 0, err
 	}
@@ -111,14 +112,14 @@ func WriteSeekable(f FileWriter, maxBlocks []int, export func(k int) ExportFunc)
 	return idx, dataBytes, nil
 }
 
-// indexRoom bounds the size of an index with maxBlocks[k] blocks of blob k: an entry's JSON with one block of the
-// largest numbers, and for each further block its index and CRC with their commas.
-func indexRoom(maxBlocks []int) (int64, error) {
+// indexRoom bounds the size of an index with maxBlocks[k] blocks of blob k and the starts: an entry's JSON with one
+// block of the largest numbers, and for each further block its index and CRC with their commas.
+func indexRoom(maxBlocks []int, starts []trace.Start) (int64, error) {
 	d := digest.NewDigestFromEncoded(digest.SHA256, strings.Repeat("f", 64))
 	worst := Entry{ExportedBlob: cache.ExportedBlob{Digest: d, Size: math.MaxInt64, BlockSize: math.MaxInt64,
 		Blocks: []int64{math.MaxInt64}, CRCs: []uint32{math.MaxUint32}},
 		Data: ocispec.Descriptor{MediaType: MediaTypeBlocks, Digest: d, Size: math.MaxInt64}}
-	idx := Index{Blobs: make([]Entry, len(maxBlocks))}
+	idx := Index{Blobs: make([]Entry, len(maxBlocks)), Starts: starts}
 	var more int64
 	for k, n := range maxBlocks {
 		idx.Blobs[k] = worst

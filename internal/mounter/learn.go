@@ -5,10 +5,15 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
+	"fmt"
+	"io"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -24,7 +29,7 @@ import (
 // ZFile blocks they touch to be decompressed. So the node learns what each image's start reads: a start begins
 // when a container's snapshot is prepared over the image (Starting) or a container's writable layer is attached,
 // and its layer reads until the next start, LearnWindow at most, are kept in Options.StartsDir (one trace file per
-// image, named after its layers). When the next start begins, the blocks of that start, or of the image's
+// image, named after its layers: trace.Start). When the next start begins, the blocks of that start, or of the image's
 // recorded start (acceleration layer, registered profile) when it has one, are decoded in the order they were
 // first read, on another core, into a pool of at most Options.PredecodeBytes, while the container is being
 // created; the container's reads then copy them. Only blocks whose bytes are local are decoded: fetching is the
@@ -43,6 +48,11 @@ func (m *Mounter) learnedPath(layers []snapshotter.Layer) string {
 	if m.opts.StartsDir == "" || m.opts.PredecodeBytes <= 0 {
 		return ""
 	}
+	return m.startFile(startLayers(layers))
+}
+
+// startFile names the learned start of the image of layers in StartsDir.
+func (m *Mounter) startFile(layers []trace.StartLayer) string {
 	h := sha256.New()
 	for _, l := range layers {
 		h.Write([]byte(l.Digest))
@@ -50,7 +60,35 @@ func (m *Mounter) learnedPath(layers []snapshotter.Layer) string {
 		h.Write([]byte(l.Target))
 		h.Write([]byte{0})
 	}
-	return filepath.Join(m.opts.StartsDir, hex.EncodeToString(h.Sum(nil)[:16])+".trace")
+	return filepath.Join(m.opts.StartsDir, hex.EncodeToString(h.Sum(nil)[:16])+".json")
+}
+
+func startLayers(layers []snapshotter.Layer) []trace.StartLayer {
+	sl := make([]trace.StartLayer, len(layers))
+	for i, l := range layers {
+		sl[i] = trace.StartLayer{Digest: l.Digest, Target: string(l.Target)}
+	}
+	return sl
+}
+
+// maxStartFile bounds a learned start's file (a trace of MaxRecords, in base64, and its layers).
+const maxStartFile = 40 << 20
+
+// readStart reads and checks a learned start's file.
+func readStart(path string) (trace.Start, []trace.Record, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return trace.Start{}, nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxStartFile+1))
+	if err != nil {
+		return trace.Start{}, nil, err
+	}
+	if len(b) > maxStartFile {
+		return trace.Start{}, nil, fmt.Errorf("learned start: more than %d bytes", maxStartFile)
+	}
+	return trace.ParseStart(b)
 }
 
 // learnedStart reads the learned start at path; a missing or unreadable one is no start.
@@ -58,33 +96,80 @@ func (m *Mounter) learnedStart(id, path string) []trace.Record {
 	if path == "" {
 		return nil
 	}
-	b, err := os.ReadFile(path)
+	_, recs, err := readStart(path)
 	if err != nil {
 		if !errors.Is(err, os.ErrNotExist) {
-			m.opts.Logger.Warn("cannot read the image's learned start", "image", id, "path", path, "err", err)
+			m.opts.Logger.Warn("the image's learned start cannot be read: ignored", "image", id, "path", path, "err", err)
 		}
-		return nil
-	}
-	recs, err := trace.Decode(b)
-	if err != nil {
-		m.opts.Logger.Warn("the image's learned start is not a trace: ignored", "image", id, "path", path, "err", err)
 		return nil
 	}
 	return recs
 }
 
-// learning records the layer reads of an image's first LearnWindow after its attach.
-type learning struct {
-	path  string
-	r     *trace.Recorder
-	log   *slog.Logger
-	over  atomic.Bool
-	timer *time.Timer
-	once  sync.Once
+// LearnedStarts returns the starts this node learned (unreadable ones are logged and left out); for an image whose
+// start is being learned, the reads of that start so far.
+func (m *Mounter) LearnedStarts() []trace.Start {
+	if m.opts.StartsDir == "" {
+		return nil
+	}
+	starts := map[string]trace.Start{}
+	paths, _ := filepath.Glob(filepath.Join(m.opts.StartsDir, "*.json"))
+	for _, p := range paths {
+		s, _, err := readStart(p)
+		if err != nil {
+			m.opts.Logger.Warn("a learned start cannot be read: left out", "path", p, "err", err)
+			continue
+		}
+		starts[p] = s
+	}
+	m.mu.Lock()
+	for _, img := range m.images {
+		if l := img.learn.Load(); l != nil && !l.over.Load() {
+			if s, err := l.start(); err == nil {
+				starts[l.path] = s
+			}
+		}
+	}
+	m.mu.Unlock()
+	out := make([]trace.Start, 0, len(starts))
+	for _, p := range slices.Sorted(maps.Keys(starts)) {
+		out = append(out, starts[p])
+	}
+	return out
 }
 
-func newLearning(path string, log *slog.Logger) *learning {
-	l := &learning{path: path, r: trace.NewRecorder(), log: log}
+// KeepLearnedStart checks s and keeps it as the learned start of its image (a start learned on another node, from
+// a cache snapshot), in place of the one this node learned, if any.
+func (m *Mounter) KeepLearnedStart(s trace.Start) error {
+	if m.opts.StartsDir == "" || m.opts.PredecodeBytes <= 0 {
+		return nil
+	}
+	if _, err := s.Records(); err != nil {
+		return err
+	}
+	b, err := json.Marshal(s)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(m.opts.StartsDir, 0o755); err != nil {
+		return err
+	}
+	return atomicfile.Write(m.startFile(s.Layers), b, 0o644)
+}
+
+// learning records the layer reads of an image's first LearnWindow after its attach.
+type learning struct {
+	path   string
+	layers []trace.StartLayer
+	r      *trace.Recorder
+	log    *slog.Logger
+	over   atomic.Bool
+	timer  *time.Timer
+	once   sync.Once
+}
+
+func newLearning(path string, layers []trace.StartLayer, log *slog.Logger) *learning {
+	l := &learning{path: path, layers: layers, r: trace.NewRecorder(), log: log}
 	l.timer = time.AfterFunc(LearnWindow, l.finish)
 	return l
 }
@@ -101,23 +186,40 @@ func (l *learning) finish() {
 	l.once.Do(func() {
 		l.over.Store(true)
 		l.timer.Stop()
-		recs, _, _ := l.r.Records()
-		if len(recs) == 0 {
+		s, err := l.start()
+		if errors.Is(err, errNoReads) {
 			return
 		}
-		var buf bytes.Buffer
-		err := trace.Encode(&buf, recs)
+		var b []byte
+		if err == nil {
+			b, err = json.Marshal(s)
+		}
 		if err == nil {
 			if err = os.MkdirAll(filepath.Dir(l.path), 0o755); err == nil {
-				err = atomicfile.Write(l.path, buf.Bytes(), 0o644)
+				err = atomicfile.Write(l.path, b, 0o644)
 			}
 		}
 		if err != nil {
 			l.log.Warn("cannot keep the image's start for its next attach", "path", l.path, "err", err)
 			return
 		}
-		l.log.Debug("learned the image's start", "path", l.path, "records", len(recs))
+		l.log.Debug("learned the image's start", "path", l.path, "bytes", len(s.Trace))
 	})
+}
+
+var errNoReads = errors.New("no reads")
+
+// start returns the start recorded so far.
+func (l *learning) start() (trace.Start, error) {
+	recs, _, _ := l.r.Records()
+	if len(recs) == 0 {
+		return trace.Start{}, errNoReads
+	}
+	var buf bytes.Buffer
+	if err := trace.Encode(&buf, recs); err != nil {
+		return trace.Start{}, err
+	}
+	return trace.Start{Layers: l.layers, Trace: buf.Bytes()}, nil
 }
 
 // predecoding decodes the blocks of an image's start ahead of its reads.
@@ -155,7 +257,7 @@ func (m *Mounter) beginStart(id string, img *mounted) {
 			l.finish()
 		}
 		ahead = m.learnedStart(id, img.learnPath)
-		img.learn.Store(newLearning(img.learnPath, m.opts.Logger.With("image", id)))
+		img.learn.Store(newLearning(img.learnPath, img.startLayers, m.opts.Logger.With("image", id)))
 	}
 	if len(ahead) > 0 && m.opts.PredecodeBytes > 0 {
 		img.predecode = m.startPredecode(id, img, img.opened, ahead)

@@ -11,13 +11,12 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/obdproject/obd/internal/snapshotter"
-	"github.com/obdproject/obd/trace"
 )
 
 // TestLearnedStart: the reads of a container's start over an image are kept when the next start begins; that
 // start has the ZFile blocks of the first decoded ahead, and its reads take them from the pool (with the right
-// bytes, nothing fetched). The learned start outlives the Mounter: on a new one with the cache emptied, only what
-// is cached is decoded ahead, and the reads fetch the rest as on any cold start.
+// bytes, nothing fetched). A learned start moves to another node (KeepLearnedStart): there, with the cache emptied,
+// only what is cached is decoded ahead, and the reads fetch the rest as on any cold start.
 func TestLearnedStart(t *testing.T) {
 	needSystem(t)
 	blob, err := os.ReadFile(blobPath())
@@ -57,18 +56,19 @@ func TestLearnedStart(t *testing.T) {
 	if start(m) != nil {
 		t.Fatal("the first start of an image decodes ahead: it has no start to follow")
 	}
+	if got := m.LearnedStarts(); len(got) != 1 || len(got[0].Layers) != 1 {
+		t.Fatalf("LearnedStarts while the first start is learned: %+v", got)
+	}
 	fetched := reg.requests.Load()
 	p := start(m)
 	if p == nil {
 		t.Fatal("the second start does not decode ahead")
 	}
-	b, err := os.ReadFile(m.learnedPath(layers))
-	if err != nil {
-		t.Fatalf("the first start was not kept: %v", err)
+	kept, recs, err := readStart(m.learnedPath(layers))
+	if err != nil || len(recs) == 0 || len(kept.Layers) != 1 || kept.Layers[0].Digest != reg.dg {
+		t.Fatalf("the kept start: layers %+v, %d records, %v", kept.Layers, len(recs), err)
 	}
-	if recs, err := trace.Decode(b); err != nil || len(recs) == 0 {
-		t.Fatalf("the kept start: %d records, %v", len(recs), err)
-	}
+
 	decoded, hits := p.pool.Stats()
 	if decoded == 0 || hits == 0 {
 		t.Fatalf("second start: %d blocks decoded ahead, %d reads served from them", decoded, hits)
@@ -79,11 +79,28 @@ func TestLearnedStart(t *testing.T) {
 	if err := m.Unmount(context.Background(), "img", target); err != nil {
 		t.Fatal(err)
 	}
+	// The second start is kept when the image is detached.
+	if kept, _, err = readStart(m.learnedPath(layers)); err != nil {
+		t.Fatal(err)
+	}
+	if got := m.LearnedStarts(); len(got) != 1 || !bytes.Equal(got[0].Trace, kept.Trace) {
+		t.Fatalf("LearnedStarts = %d starts, want the one kept", len(got))
+	}
 
 	if _, err := c.EvictBlob(reg.dg); err != nil {
 		t.Fatal(err)
 	}
+	// A start learned elsewhere (a cache snapshot's) is kept under the same name; a damaged one is refused.
+	opts.starts = filepath.Join(s.root, "starts-imported")
 	m = s.newMounter(opts)
+	bad := kept
+	bad.Trace = bad.Trace[:len(bad.Trace)-1]
+	if err := m.KeepLearnedStart(bad); err == nil {
+		t.Fatal("a damaged start was kept")
+	}
+	if err := m.KeepLearnedStart(kept); err != nil {
+		t.Fatal(err)
+	}
 	if err := s.mount(m, "img", layers, target); err != nil {
 		t.Fatal(err)
 	}

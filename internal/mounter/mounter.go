@@ -121,10 +121,11 @@ type mounted struct {
 	// What a container's start over the image follows and learns (see beginStart): the recorded start it was
 	// attached with, or the file of its learned start (""); the learning of the current start, which the reads
 	// see (nil when none), and the decoding ahead of the current start (nil when none).
-	replay    []trace.Record
-	learnPath string
-	learn     atomic.Pointer[learning]
-	predecode *predecoding
+	replay      []trace.Record
+	learnPath   string
+	startLayers []trace.StartLayer
+	learn       atomic.Pointer[learning]
+	predecode   *predecoding
 }
 
 // New returns a Mounter.
@@ -230,7 +231,7 @@ func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.La
 	if !record {
 		img.replay = replay
 		if len(replay) == 0 {
-			img.learnPath = m.learnedPath(layers)
+			img.learnPath, img.startLayers = m.learnedPath(layers), startLayers(layers)
 		}
 	}
 	var observe func(i int) func(off, n int64)

@@ -194,7 +194,7 @@ func (a cacheAPI) warm(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a cacheAPI) export(w http.ResponseWriter, r *http.Request) {
-	c, _, ok := a.ready(w)
+	c, m, ok := a.ready(w)
 	if !ok {
 		return
 	}
@@ -222,7 +222,7 @@ func (a cacheAPI) export(w http.ResponseWriter, r *http.Request) {
 		defer os.Remove(f.Name())
 	}
 	defer f.Close()
-	idx, n, err := exportSnapshot(r.Context(), c, keys, f)
+	idx, n, err := exportSnapshot(r.Context(), c, keys, m.LearnedStarts(), f)
 	if err != nil {
 		status := http.StatusInternalServerError
 		if errors.Is(err, cachesnap.ErrEmpty) {
@@ -247,9 +247,10 @@ func (a cacheAPI) export(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// exportSnapshot writes a snapshot file of the cached blocks of keys (of every cached blob when there is none) into f, each blob taken while reads and
-// evictions go on, and returns its index and data bytes.
-func exportSnapshot(ctx context.Context, c *cache.Cache, keys []digest.Digest, f *os.File) (cachesnap.Index, int64, error) {
+// exportSnapshot writes a snapshot file of the cached blocks of keys (of every cached blob when there is none) into
+// f, each blob taken while reads and evictions go on, with the starts of images that have a layer among them, and
+// returns its index and data bytes.
+func exportSnapshot(ctx context.Context, c *cache.Cache, keys []digest.Digest, starts []trace.Start, f *os.File) (cachesnap.Index, int64, error) {
 	if err := f.Truncate(0); err != nil {
 		return cachesnap.Index{}, 0, err
 	}
@@ -265,7 +266,17 @@ func exportSnapshot(ctx context.Context, c *cache.Cache, keys []digest.Digest, f
 	for k, d := range keys {
 		limits[k] = cached[d] // a blob cached since is exported as it was when the export began
 	}
-	return cachesnap.WriteSeekable(f, limits, func(k int) cachesnap.ExportFunc {
+	exported := map[digest.Digest]bool{}
+	for k, d := range keys {
+		exported[d] = limits[k] > 0
+	}
+	var taken []trace.Start
+	for _, st := range starts {
+		if slices.ContainsFunc(st.Layers, func(l trace.StartLayer) bool { return exported[l.Digest] || exported[digest.Digest(l.Target)] }) {
+			taken = append(taken, st)
+		}
+	}
+	return cachesnap.WriteSeekable(f, limits, taken, func(k int) cachesnap.ExportFunc {
 		return func(begin func(int64) (io.Writer, error)) (cache.ExportedBlob, digest.Digest, error) {
 			if err := ctx.Err(); err != nil {
 				return cache.ExportedBlob{}, "", err
@@ -323,7 +334,7 @@ func sharedFile(w http.ResponseWriter, r *http.Request, filePath string, flag in
 }
 
 func (a cacheAPI) importSnapshot(w http.ResponseWriter, r *http.Request) {
-	c, _, ok := a.ready(w)
+	c, m, ok := a.ready(w)
 	if !ok {
 		return
 	}
@@ -347,7 +358,7 @@ func (a cacheAPI) importSnapshot(w http.ResponseWriter, r *http.Request) {
 		pending = nil
 		return err
 	}
-	_, err := cachesnap.ReadTar(body, func(e cachesnap.Entry, data io.Reader) error {
+	idx, err := cachesnap.ReadTar(body, func(e cachesnap.Entry, data io.Reader) error {
 		vr, check := cachesnap.Verified(e, data)
 		if e.Whole() && e.Data.Digest == e.Digest {
 			// The data is the blob itself: the import checks it against the blob's digest as it streams.
@@ -394,6 +405,11 @@ func (a cacheAPI) importSnapshot(w http.ResponseWriter, r *http.Request) {
 		a.o.log.Warn("cache import failed", "err", err)
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
+	}
+	for _, st := range idx.Starts {
+		if err := m.KeepLearnedStart(st); err != nil {
+			a.o.log.Warn("a start in the cache snapshot is not kept", "err", err)
+		}
 	}
 	source := r.URL.Query().Get("source")
 	if source == "" {
