@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -93,6 +94,11 @@ func TestCacheLifecycle(t *testing.T) {
 		}
 	}
 
+	// The app runs once on node A, which learns its start: the snapshot carries it, and node B decodes that start's
+	// blocks ahead of its first container's reads.
+	if out := run(t, a.Ctr(ctx, "run", "--rm", "--snapshotter", "overlaybd", lazy, "learn1", "/bin/sh", "/app/run.sh")); out != appOutput {
+		t.Fatalf("app on node A printed %q, want %q", out, appOutput)
+	}
 	snapRef := a.Registry + "/cache:app"
 	t.Log(mustCache(t, a, "export", lazy, "--to", snapRef))
 	file := filepath.Join(t.TempDir(), "app.tar")
@@ -118,6 +124,9 @@ func TestCacheLifecycle(t *testing.T) {
 	}
 	if refused != 0 {
 		t.Errorf("a container on the node that imported the cache sent %d requests to the registry, which was down", refused)
+	}
+	if !regexp.MustCompile(`decoded the blocks of the image's start ahead of its reads" image=\S+ blocks=[1-9]`).MatchString(b.Log("snapshotter")) {
+		t.Error("node B did not decode the start learned on node A ahead of its container's reads")
 	}
 
 	// Evict on B, then import the file with one byte flipped in its last data blob: that block is dropped (and
