@@ -534,22 +534,20 @@ func (r *Reader) Evict(off, n int64) error {
 	}
 	// Fetches bringing blocks of the range are dropped too: what they bring may be what was just found bad (a
 	// source serving wrong bytes), and a read after this one must fetch again, not join them.
+	// Taking writeMu waits for their stores under way; a store that starts after sees its fetch dropped.
+	b.writeMu.Lock()
+	defer b.writeMu.Unlock()
 	b.mu.Lock()
-	dropped := false
+	defer b.mu.Unlock()
 	for i := first; i <= last; i++ {
 		if f := b.inflight[i]; f != nil {
-			f.dropped, dropped = true, true
+			f.dropped = true
 			for j := f.first; j <= f.last; j++ {
 				if b.inflight[j] == f {
 					delete(b.inflight, j)
 				}
 			}
 		}
-	}
-	b.mu.Unlock()
-	if dropped {
-		b.writeMu.Lock() // wait for their stores under way, if any
-		b.writeMu.Unlock()
 	}
 	return nil
 }
