@@ -28,16 +28,20 @@ import (
 // A start of an image on a node whose cache holds it is bound by decoding: the container's reads wait for the
 // ZFile blocks they touch to be decompressed. So the node learns what each image's start reads: a start begins
 // when a container's snapshot is prepared over the image (Starting) or a container's writable layer is attached,
-// and its layer reads until the next start, LearnWindow at most, are kept in Options.StartsDir (one trace file per
-// image, named after its layers: trace.Start). When the next start begins, the blocks of that start, or of the image's
+// and its layer reads until the next start (LearnWindow and maxLearnedReads at most) are kept in Options.StartsDir
+// (one file per image, named after its layers: trace.Start). When the next start begins, the blocks of that start, or of the image's
 // recorded start (acceleration layer, registered profile) when it has one, are decoded in the order they were
 // first read, on another core, into a pool of at most Options.PredecodeBytes, while the container is being
 // created; the container's reads then copy them. Only blocks whose bytes are local are decoded: fetching is the
 // prefetch's and the demand reads' business. The pool is dropped LearnWindow after the start began.
 
-// LearnWindow is how long after an attach reads count as the image's start, and how long its pool of decoded
-// blocks is kept.
+// LearnWindow is how long after a start begins its reads are learned, and how long its pool of decoded blocks is
+// kept.
 const LearnWindow = 30 * time.Second
+
+// maxLearnedReads bounds the reads a start's learning records (and so its memory): a start is the first seconds of
+// a container, not its bulk reads.
+const maxLearnedReads = 1 << 17
 
 // predecodeStall bounds how long the decoding of a start waits for the container to read what it decoded: past
 // it, this start does not follow the learned one, and the rest is left to the reads.
@@ -164,6 +168,7 @@ type learning struct {
 	r      *trace.Recorder
 	log    *slog.Logger
 	over   atomic.Bool
+	reads  atomic.Int64
 	timer  *time.Timer
 	once   sync.Once
 }
@@ -176,7 +181,7 @@ func newLearning(path string, layers []trace.StartLayer, log *slog.Logger) *lear
 
 // observe records a read of layer i.
 func (l *learning) observe(i int, off, n int64) {
-	if !l.over.Load() {
+	if !l.over.Load() && l.reads.Add(1) <= maxLearnedReads {
 		l.r.Read(i, off, n)
 	}
 }

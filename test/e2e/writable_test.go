@@ -20,6 +20,7 @@ import (
 	"github.com/opencontainers/image-spec/identity"
 	"golang.org/x/sys/unix"
 
+	"github.com/obdproject/obd/internal/sandbox"
 	"github.com/obdproject/obd/internal/snapshotter"
 )
 
@@ -94,18 +95,7 @@ func TestWritableContainer(t *testing.T) {
 	if err := json.Unmarshal([]byte(info), &after); err != nil || after.Parent == "" || after.Parent == si.Parent {
 		t.Fatalf("snapshot info after commit %s: %v", info, err)
 	}
-	// Snapshots made here directly are held by a lease, or containerd's garbage collector may remove them at any
-	// moment.
-	c, err := client.New(sb.Containerd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	nctx, release, err := c.WithLease(namespaces.WithNamespace(ctx, sb.Namespace))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer release(context.WithoutCancel(nctx))
+	c, nctx := leasedClient(t, sb)
 	sns := c.SnapshotService(snapshotter.Name)
 	ms, err := sns.View(nctx, "w1-view", after.Parent)
 	if err != nil {
@@ -133,16 +123,7 @@ func TestWritableContainer(t *testing.T) {
 
 	// A fresh node pulls the committed images lazily: its containers see exactly the committed filesystem.
 	sb2 := startSandbox(t)
-	c2, err := client.New(sb2.Containerd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c2.Close()
-	ctx2, release2, err := c2.WithLease(namespaces.WithNamespace(ctx, sb2.Namespace))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer release2(context.WithoutCancel(ctx2))
+	c2, ctx2 := leasedClient(t, sb2)
 	for i, ref := range []string{committed, squashed} {
 		obd(t, sb2, "pull", ref)
 		if out := run(t, sb2.Ctr(ctx, "run", "--rm", "--snapshotter", "overlaybd", ref, "fresh"+strconv.Itoa(i), "/bin/sh", "-c", script)); out != kept {
@@ -188,6 +169,27 @@ func TestWritableContainer(t *testing.T) {
 	if err := sns.Remove(nctx, "dev1"); err != nil {
 		t.Error(err)
 	}
+}
+
+// leasedClient returns a client of sb's containerd and a context in sb's namespace that holds a lease, both
+// released when the test ends: snapshots a test makes directly are otherwise garbage that containerd's collector may
+// remove at any moment.
+func leasedClient(t *testing.T, sb *sandbox.Sandbox) (*client.Client, context.Context) {
+	t.Helper()
+	c, err := client.New(sb.Containerd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, release, err := c.WithLease(namespaces.WithNamespace(context.Background(), sb.Namespace))
+	if err != nil {
+		c.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = release(context.WithoutCancel(ctx))
+		c.Close()
+	})
+	return c, ctx
 }
 
 // treeOf describes every file under root: type and mode, owner, size, link count, mtime, content digest or link
