@@ -35,6 +35,14 @@ type predecodedBlock struct {
 	read bool
 }
 
+// predecodedTotal counts, over every pool of the process, the blocks decoded ahead and the reads served from them.
+var predecodedTotal struct{ decoded, hits atomic.Int64 }
+
+// PredecodedTotals returns the blocks decoded into every pool of the process and the reads served from them.
+func PredecodedTotals() (decoded, hits int64) {
+	return predecodedTotal.decoded.Load(), predecodedTotal.hits.Load()
+}
+
 // NewPredecoded returns a pool of at most max bytes of decoded blocks.
 func NewPredecoded(max int64) *Predecoded {
 	return &Predecoded{max: max, blocks: map[predecodedKey]*predecodedBlock{}, room: make(chan struct{})}
@@ -53,6 +61,7 @@ func (c *Predecoded) get(k predecodedKey, p []byte, off int64) bool {
 	}
 	copy(p, b.data[off:])
 	c.hits.Add(1)
+	predecodedTotal.hits.Add(1)
 	if !b.read {
 		b.read = true
 		c.read = append(c.read, k)
@@ -95,6 +104,7 @@ func (c *Predecoded) add(ctx context.Context, k predecodedKey, data []byte) erro
 			c.blocks[k] = &predecodedBlock{data: data}
 			c.bytes += n
 			c.decoded.Add(1)
+			predecodedTotal.decoded.Add(1)
 			c.mu.Unlock()
 			return nil
 		}

@@ -39,10 +39,20 @@ type ImageInfo struct {
 	Layers   []LayerInfo
 	// Prefetch is the progress of the prefetch of its recorded start, nil when there is none.
 	Prefetch *prefetch.Progress
+	// Predecode is what the decoding ahead of its last start did, nil when there was none.
+	Predecode *PredecodeInfo
 	// Recording is the trace file its layer reads are recorded into, "" when they are not.
 	Recording string
 	// Writable describes a container's writable layer on top (MountWritable), nil for a read-only image.
 	Writable *WritableInfo
+}
+
+// PredecodeInfo is what the decoding ahead of an image's start did (see Mounter.Starting).
+type PredecodeInfo struct {
+	Blocks      int64 // ZFile blocks decoded ahead
+	ReadsServed int64 // reads that took their bytes from them
+	Running     bool  // the blocks are still being decoded
+	Held        bool  // the decoded blocks are still held for the start's reads
 }
 
 // WritableInfo describes a container's writable layer.
@@ -110,6 +120,7 @@ type tracked struct {
 	dl      *download     // when attached with a background download
 	rec     *recording    // when attached with a recording
 	upper   *upper        // when attached with a writable layer
+	pre     *predecoding  // the decoding ahead of its last start
 }
 
 func (t *tracker) get(id string) *tracked {
@@ -154,7 +165,7 @@ func (t *tracker) attached(id string, img *mounted) {
 	e.info.Device = img.dev.Path
 	e.info.Targets = slices.Sorted(maps.Keys(img.targets))
 	e.sources = slices.Clone(img.layers)
-	e.job, e.dl, e.rec, e.upper = img.prefetch, img.download, img.rec, img.upper
+	e.job, e.dl, e.rec, e.upper, e.pre = img.prefetch, img.download, img.rec, img.upper, img.predecode
 	layers := make([]snapshotter.Layer, len(img.layers))
 	for i, s := range img.layers {
 		layers[i] = s.layer
@@ -168,7 +179,7 @@ func (t *tracker) failed(id string, err error) {
 	defer t.mu.Unlock()
 	e := t.get(id)
 	t.set(e, StateFailed)
-	e.info.Error, e.info.Device, e.info.Targets, e.sources, e.job, e.dl, e.rec, e.upper = err.Error(), "", nil, nil, nil, nil, nil, nil
+	e.info.Error, e.info.Device, e.info.Targets, e.sources, e.job, e.dl, e.rec, e.upper, e.pre = err.Error(), "", nil, nil, nil, nil, nil, nil, nil
 	var failed []*tracked
 	for _, e := range t.images {
 		if e.info.State == StateFailed {
@@ -212,6 +223,9 @@ func (t *tracker) list() []ImageInfo {
 		if e.job != nil {
 			p := e.job.Progress()
 			info.Prefetch = &p
+		}
+		if e.pre != nil {
+			info.Predecode = e.pre.info()
 		}
 		if e.rec != nil && !e.rec.written() {
 			info.Recording = e.rec.path

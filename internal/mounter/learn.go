@@ -242,6 +242,7 @@ func (m *Mounter) Starting(id string) {
 	defer m.locks.Lock(id)()
 	if img := m.image(id); img != nil {
 		m.beginStart(id, img)
+		m.track.attached(id, img)
 	}
 }
 
@@ -321,6 +322,22 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 		<-ctx.Done()
 	}()
 	return p
+}
+
+func (p *predecoding) info() *PredecodeInfo {
+	blocks, hits := p.pool.Stats()
+	info := &PredecodeInfo{Blocks: blocks, ReadsServed: hits, Running: true, Held: true}
+	select {
+	case <-p.finished:
+		info.Running = false
+	default:
+	}
+	select {
+	case <-p.done:
+		info.Held = false
+	default:
+	}
+	return info
 }
 
 // stop ends the decoding and drops its pool.

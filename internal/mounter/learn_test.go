@@ -73,6 +73,15 @@ func TestLearnedStart(t *testing.T) {
 	if decoded == 0 || hits == 0 {
 		t.Fatalf("second start: %d blocks decoded ahead, %d reads served from them", decoded, hits)
 	}
+	var info *PredecodeInfo
+	for _, ii := range m.Images() {
+		if ii.ID == "img" {
+			info = ii.Predecode
+		}
+	}
+	if info == nil || info.Blocks != decoded || info.ReadsServed != hits || info.Running || !info.Held {
+		t.Fatalf("Images: predecode %+v, want %d blocks and %d reads, held", info, decoded, hits)
+	}
 	if n := reg.requests.Load() - fetched; n != 0 {
 		t.Fatalf("the second start made %d registry requests", n)
 	}

@@ -20,6 +20,7 @@ import (
 	"github.com/obdproject/obd/internal/config"
 	"github.com/obdproject/obd/internal/mounter"
 	"github.com/obdproject/obd/internal/status"
+	"github.com/obdproject/obd/zfile"
 )
 
 // ops is the daemon's operability: Prometheus metrics, the tracker of device reads with its audit log, and what
@@ -182,13 +183,15 @@ var (
 	descCacheBlobs     = prometheus.NewDesc("obd_cache_blobs", "Blobs with blocks in the block cache.", nil, nil)
 	descCachePrefetch  = prometheus.NewDesc("obd_cache_prefetched_blocks_total", "Blocks fetched ahead of demand: by the prefetch of a recorded start (kind prefetch) or by readahead (kind readahead).", []string{"kind"}, nil)
 	descCacheAheadHits = prometheus.NewDesc("obd_cache_prefetch_hits_total", "Reads of blocks that prefetch or readahead brought, counted once per block.", nil, nil)
+	descPredecoded     = prometheus.NewDesc("obd_predecoded_blocks_total", "ZFile blocks decoded ahead of a start's reads (the image's recorded or learned start).", nil, nil)
+	descPredecodeHits  = prometheus.NewDesc("obd_predecode_hits_total", "Device reads that took their bytes from blocks decoded ahead.", nil, nil)
 	descImages         = prometheus.NewDesc("obd_images", "Overlaybd images of the device service, by state (attaching, attached, failed) and mode (lazy, local, mixed).", []string{"state", "mode"}, nil)
 	descImageFetched   = prometheus.NewDesc("obd_image_registry_bytes", "Bytes fetched from registries for each attached image (reference and mount id) since it was attached.", []string{"image", "id"}, nil)
 )
 
 func (c nodeCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descCacheHits, descCacheMisses, descCacheEvictions, descCacheEvicted, descCacheFetched,
-		descCacheStoreFail, descCacheUsed, descCacheCapacity, descCacheBlobs, descCachePrefetch, descCacheAheadHits, descImages, descImageFetched} {
+		descCacheStoreFail, descCacheUsed, descCacheCapacity, descCacheBlobs, descCachePrefetch, descCacheAheadHits, descPredecoded, descPredecodeHits, descImages, descImageFetched} {
 		ch <- d
 	}
 }
@@ -219,6 +222,9 @@ func (c nodeCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descCachePrefetch, prometheus.CounterValue, float64(s.ReadAhead), "readahead")
 	}
 	if m := c.o.mounter; m != nil {
+		decoded, hits := zfile.PredecodedTotals()
+		ch <- prometheus.MustNewConstMetric(descPredecoded, prometheus.CounterValue, float64(decoded))
+		ch <- prometheus.MustNewConstMetric(descPredecodeHits, prometheus.CounterValue, float64(hits))
 		type key struct{ state, mode string }
 		counts := map[key]int{}
 		for _, img := range m.Images() {

@@ -136,6 +136,8 @@ type Image struct {
 	HungReads     int64    `json:"hung_reads"`
 	// Prefetch is the progress of the prefetch of the image's recorded start, when it has one.
 	Prefetch *Prefetch `json:"prefetch,omitempty"`
+	// Predecode is what the decoding ahead of the image's last start did, when there was one.
+	Predecode *Predecode `json:"predecode,omitempty"`
 	// Recording is the trace file the image's reads are recorded into, when they are.
 	Recording string `json:"recording,omitempty"`
 	// Writable are the containers' writable layers (rw_mode dir or dev) over the image.
@@ -165,6 +167,14 @@ type Prefetch struct {
 	Running    bool    `json:"running"`
 	Seconds    float64 `json:"seconds"` // since it started, or how long it took
 	Error      string  `json:"error,omitempty"`
+}
+
+// Predecode is what the decoding ahead of an image's start (its recorded start, or the one the node learned) did.
+type Predecode struct {
+	Blocks      int64 `json:"blocks"`       // ZFile blocks decoded ahead
+	ReadsServed int64 `json:"reads_served"` // reads that took their bytes from them
+	Running     bool  `json:"running"`      // blocks are still being decoded
+	Held        bool  `json:"held"`         // the decoded blocks are held for the start's reads (30 s)
 }
 
 // Layer is one overlaybd layer of an Image, bottom first.

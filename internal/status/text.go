@@ -73,6 +73,16 @@ func WriteText(w io.Writer, st *Status) {
 			fmt.Fprintf(w, "%s: prefetch of its %s %s: %d of %d ranges, %s of %s in %.1f s\n", img.ID, what, state,
 				p.DoneRanges, p.Ranges, units.Bytes(p.DoneBytes), units.Bytes(p.Bytes), p.Seconds)
 		}
+		if p := img.Predecode; p != nil {
+			state := "dropped"
+			switch {
+			case p.Running:
+				state = "decoding"
+			case p.Held:
+				state = "held"
+			}
+			fmt.Fprintf(w, "%s: start decoded ahead (%s): %d blocks, %d reads served from them\n", img.ID, state, p.Blocks, p.ReadsServed)
+		}
 		if img.Recording != "" {
 			fmt.Fprintf(w, "%s: recording its reads into %s\n", img.ID, img.Recording)
 		}

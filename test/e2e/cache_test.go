@@ -3,6 +3,8 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -127,6 +129,15 @@ func TestCacheLifecycle(t *testing.T) {
 	}
 	if !regexp.MustCompile(`decoded the blocks of the image's start ahead of its reads" image=\S+ blocks=[1-9]`).MatchString(b.Log("snapshotter")) {
 		t.Error("node B did not decode the start learned on node A ahead of its container's reads")
+	}
+	if resp, err := http.Get("http://" + b.Metrics + "/metrics"); err != nil {
+		t.Error(err)
+	} else {
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if n := parseMetrics(string(body))["obd_predecoded_blocks_total"]; n <= 0 {
+			t.Errorf("node B's obd_predecoded_blocks_total = %v, want > 0", n)
+		}
 	}
 
 	// Evict on B, then import the file with one byte flipped in its last data blob: that block is dropped (and
