@@ -158,7 +158,38 @@ func (m *Mounter) KeepLearnedStart(s trace.Start) error {
 	if err := os.MkdirAll(m.opts.StartsDir, 0o755); err != nil {
 		return err
 	}
-	return atomicfile.Write(m.startFile(s.Layers), b, 0o644)
+	if err := atomicfile.Write(m.startFile(s.Layers), b, 0o644); err != nil {
+		return err
+	}
+	pruneStarts(m.opts.StartsDir, m.opts.Logger)
+	return nil
+}
+
+// maxStarts bounds the learned starts a node keeps: those of the images it started last.
+const maxStarts = 512
+
+// pruneStarts removes the learned starts of dir beyond maxStarts, least recently written first.
+func pruneStarts(dir string, log *slog.Logger) {
+	paths, _ := filepath.Glob(filepath.Join(dir, "*.json"))
+	if len(paths) <= maxStarts {
+		return
+	}
+	type file struct {
+		path string
+		mod  time.Time
+	}
+	files := make([]file, 0, len(paths))
+	for _, p := range paths {
+		if fi, err := os.Stat(p); err == nil {
+			files = append(files, file{p, fi.ModTime()})
+		}
+	}
+	slices.SortFunc(files, func(a, b file) int { return a.mod.Compare(b.mod) })
+	for _, f := range files[:max(0, len(files)-maxStarts)] {
+		if err := os.Remove(f.path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			log.Warn("cannot remove an old learned start", "path", f.path, "err", err)
+		}
+	}
 }
 
 // learning records the layer reads of an image's first LearnWindow after its attach.
@@ -208,6 +239,7 @@ func (l *learning) finish() {
 			l.log.Warn("cannot keep the image's start for its next attach", "path", l.path, "err", err)
 			return
 		}
+		pruneStarts(filepath.Dir(l.path), l.log)
 		l.log.Debug("learned the image's start", "path", l.path, "bytes", len(s.Trace))
 	})
 }

@@ -3,6 +3,9 @@ package mounter
 import (
 	"bytes"
 	"context"
+	"errors"
+	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"testing"
@@ -121,5 +124,30 @@ func TestLearnedStart(t *testing.T) {
 	}
 	if err := m.Unmount(context.Background(), "img", target); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A node keeps the learned starts of the maxStarts images it started last.
+func TestPruneStarts(t *testing.T) {
+	dir := t.TempDir()
+	base := time.Now().Add(-time.Hour)
+	name := func(i int) string { return filepath.Join(dir, fmt.Sprintf("%04d.json", i)) }
+	for i := range maxStarts + 3 {
+		if err := os.WriteFile(name(i), []byte("{}"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chtimes(name(i), base, base.Add(time.Duration(i)*time.Second)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pruneStarts(dir, slog.New(slog.DiscardHandler))
+	left, _ := filepath.Glob(filepath.Join(dir, "*.json"))
+	if len(left) != maxStarts {
+		t.Fatalf("%d starts left, want %d", len(left), maxStarts)
+	}
+	for i := range 3 {
+		if _, err := os.Stat(name(i)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("start %d, among the oldest, was kept: %v", i, err)
+		}
 	}
 }
