@@ -33,7 +33,8 @@ import (
 // recorded start (acceleration layer, registered profile) when it has one, are decoded in the order they were
 // first read, on another core, into a pool of at most Options.PredecodeBytes, while the container is being
 // created; the container's reads then copy them. Only blocks whose bytes are local are decoded: fetching is the
-// prefetch's and the demand reads' business. The pool is dropped LearnWindow after the start began.
+// prefetch's and the demand reads' business. The pool is dropped poolIdle after the start's reads stop taking
+// blocks from it, LearnWindow after the start began at most; maxPredecoding starts are decoded ahead at once.
 
 // LearnWindow is how long after a start begins its reads are learned, and how long its pool of decoded blocks is
 // kept.
@@ -42,6 +43,13 @@ const LearnWindow = 30 * time.Second
 // maxLearnedReads bounds the reads a start's learning records (and so its memory): a start is the first seconds of
 // a container, not its bulk reads.
 const maxLearnedReads = 1 << 17
+
+// maxPredecoding bounds the starts decoded ahead at once on a node (each on a core of its own, each holding up to
+// Options.PredecodeBytes): memory stays within maxPredecoding × PredecodeBytes. A start beyond is not decoded ahead.
+const maxPredecoding = 2
+
+// poolIdle is how long the decoded blocks of a start are kept once it stops reading them.
+const poolIdle = 2 * time.Second
 
 // predecodeStall bounds how long the decoding of a start waits for the container to read what it decoded: past
 // it, this start does not follow the learned one, and the rest is left to the reads.
@@ -305,6 +313,12 @@ func (m *Mounter) beginStart(id string, img *mounted) {
 // startPredecode decodes the blocks of recs whose bytes are local into a new pool that the layers of img read
 // from, and drops the pool LearnWindow later.
 func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer, recs []trace.Record) *predecoding {
+	select {
+	case m.predecodeSlots <- struct{}{}:
+	default:
+		m.opts.Logger.Debug("no decoding ahead: other starts are being decoded ahead", "image", id, "at_once", cap(m.predecodeSlots))
+		return nil
+	}
 	pool := zfile.NewPredecoded(m.opts.PredecodeBytes)
 	for _, l := range opened {
 		l.UsePredecoded(pool)
@@ -318,6 +332,7 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 			for _, l := range opened {
 				l.UsePredecoded(nil)
 			}
+			<-m.predecodeSlots
 			decoded, hits := pool.Stats()
 			log.Debug("decoded blocks of the image's start dropped", "decoded", decoded, "reads_served", hits)
 		}()
@@ -351,7 +366,22 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 			log.Warn("stopped decoding ahead", "blocks", decoded, "err", err)
 		}
 		close(p.finished)
-		<-ctx.Done()
+		// The pool is dropped once the start's reads stop taking blocks from it (or LearnWindow after it began).
+		t := time.NewTicker(poolIdle / 4)
+		defer t.Stop()
+		last, idle := hits, time.Duration(0)
+		for idle < poolIdle {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			if _, h := pool.Stats(); h != last {
+				last, idle = h, 0
+			} else {
+				idle += poolIdle / 4
+			}
+		}
 	}()
 	return p
 }

@@ -62,6 +62,15 @@ func TestLearnedStart(t *testing.T) {
 	if got := m.LearnedStarts(); len(got) != 1 || len(got[0].Layers) != 1 {
 		t.Fatalf("LearnedStarts while the first start is learned: %+v", got)
 	}
+	// The first start's fetches are stored in the background: wait for them, as the seconds between two starts do.
+	for stable, last := 0, int64(-1); stable < 3; time.Sleep(20 * time.Millisecond) {
+		used, _ := c.Usage()
+		if used == last && reg.inflight.Load() == 0 {
+			stable++
+		} else {
+			stable, last = 0, used
+		}
+	}
 	fetched := reg.requests.Load()
 	p := start(m)
 	if p == nil {

@@ -84,6 +84,8 @@ type Mounter struct {
 	preloads map[string]*preload
 	track    tracker      // what Images reports; never waits for mu
 	turboSeq atomic.Int64 // names the TurboDir extractions
+	// predecodeSlots holds a token per start being decoded ahead (see maxPredecoding).
+	predecodeSlots chan struct{}
 }
 
 func (m *Mounter) image(id string) *mounted {
@@ -142,7 +144,8 @@ func New(opts Options) *Mounter {
 			opts.Logger.Warn("cannot empty the TurboOCI metadata directory", "dir", opts.TurboDir, "err", err)
 		}
 	}
-	return &Mounter{opts: opts, images: map[string]*mounted{}, preloads: map[string]*preload{}}
+	return &Mounter{opts: opts, images: map[string]*mounted{}, preloads: map[string]*preload{},
+		predecodeSlots: make(chan struct{}, maxPredecoding)}
 }
 
 var _ snapshotter.ImageMounter = (*Mounter)(nil)
