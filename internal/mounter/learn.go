@@ -299,10 +299,14 @@ func (m *Mounter) beginStart(id string, img *mounted) {
 	}
 	ahead := img.replay
 	if img.learnPath != "" {
+		ahead = nil
 		if l := img.learn.Load(); l != nil {
 			l.finish()
+			ahead, _, _ = l.r.Records() // what finish kept, without reading it back
 		}
-		ahead = m.learnedStart(id, img.learnPath)
+		if len(ahead) == 0 {
+			ahead = m.learnedStart(id, img.learnPath) // the first start since the attach: a file of an earlier one
+		}
 		img.learn.Store(newLearning(img.learnPath, img.startLayers, m.opts.Logger.With("image", id)))
 	}
 	if len(ahead) > 0 && m.opts.PredecodeBytes > 0 {
