@@ -55,6 +55,9 @@ type pinRange struct{ first, last int64 }
 type fetch struct {
 	first, last int64 // fixed once another reader can see the fetch
 	kind        fetchKind
+	// direct is set for a store of bytes the caller holds (an import): they go straight to the data file, and
+	// the readers waiting for them read them there once the fetch ends. Fixed at creation.
+	direct bool
 	// dropped is set (under the blob's mu) when Reader.Evict drops the fetch's blocks while it runs: its bytes are
 	// suspect and never stored.
 	dropped bool
@@ -97,6 +100,7 @@ func (f *fetch) end(err error) {
 }
 
 // wait waits until block i of the fetch has arrived and returns buf, or the error that stopped it from arriving.
+// For a direct fetch it waits until the fetch ends and returns no bytes: the reader reads the data file again.
 func (f *fetch) wait(i int64) ([]byte, error) {
 	for {
 		f.mu.Lock()
@@ -104,6 +108,8 @@ func (f *fetch) wait(i int64) ([]byte, error) {
 		buf := f.buf
 		f.mu.Unlock()
 		switch {
+		case f.direct && ended:
+			return nil, nil
 		case i-f.first < ready:
 			return buf, nil
 		case ended && err != nil:

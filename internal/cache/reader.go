@@ -288,6 +288,12 @@ func (r *Reader) readCached(p []byte, off int64) error {
 		if err != nil {
 			return err
 		}
+		if buf == nil { // a direct store has ended: its blocks are on disk, unless it failed to store them
+			if err := r.readCached(dst, lo); err != nil {
+				return err
+			}
+			continue
+		}
 		copy(dst, buf[lo-s.f.first*bs:])
 	}
 	return nil
@@ -382,13 +388,23 @@ func (r *Reader) Prefetch(off, n int64) error {
 	if r.b == nil || r.c.closed.Load() || end <= off {
 		return nil
 	}
-	b, bs := r.b, r.c.opts.BlockSize
-	first, last := off/bs, (end-1)/bs
-	// Do not fetch what cannot be stored.
+	bs := r.c.opts.BlockSize
+	own, err := r.claimFitting(off/bs, (end-1)/bs, false)
+	if err != nil {
+		return err
+	}
+	return r.fillAll(own)
+}
+
+// claimFitting claims the blocks of [first, last] that are neither present nor being fetched, in fetches of kind
+// fetchPrefetch (direct ones if direct is set) for the caller to fill, when they fit in the free capacity of the
+// cache; it returns ErrFull when they do not. It claims nothing when the blob was reset to another size.
+func (r *Reader) claimFitting(first, last int64, direct bool) ([]*fetch, error) {
+	b := r.b
 	b.mu.Lock()
 	if b.size != r.size {
 		b.mu.Unlock()
-		return nil
+		return nil, nil
 	}
 	var need int64
 	for i := first; i <= last; i++ {
@@ -397,17 +413,19 @@ func (r *Reader) Prefetch(off, n int64) error {
 		}
 	}
 	b.mu.Unlock()
-	if need > 0 && !r.c.fits(need) {
-		return ErrFull
+	if need > 0 && !r.c.fits(need) { // Cache.mu is taken before blob.mu, never inside it
+		return nil, ErrFull
 	}
 	b.mu.Lock()
+	defer b.mu.Unlock()
 	if b.size != r.size {
-		b.mu.Unlock()
-		return nil
+		return nil, nil
 	}
 	own := r.claimLocked(first, last, fetchPrefetch)
-	b.mu.Unlock()
-	return r.fillAll(own)
+	for _, f := range own {
+		f.direct = direct // before a reader can see it
+	}
+	return own, nil
 }
 
 // readDisk fills dst from the data file at off.
@@ -432,7 +450,7 @@ func (r *Reader) readDisk(dst []byte, off int64) error {
 // fill performs the source read of fetch f, stores the bytes and wakes the readers waiting for them. Its error is
 // the source's, or ErrFull when a prefetch could not store the bytes.
 func (r *Reader) fill(f *fetch) error {
-	b, bs := r.b, r.c.opts.BlockSize
+	bs := r.c.opts.BlockSize
 	start := f.first * bs
 	buf := make([]byte, min((f.last+1)*bs, r.size)-start)
 	f.mu.Lock()
@@ -451,17 +469,52 @@ func (r *Reader) fill(f *fetch) error {
 			r.c.readAhead.Add(blocks)
 		}
 	}
+	dropped := r.settle(f, err)
+	if err == nil && !stored && !dropped && f.kind == fetchPrefetch {
+		return ErrFull
+	}
+	return err
+}
+
+// settle ends fetch f with err once its bytes are stored or not: its blocks are no longer in flight, and the
+// readers waiting for them are woken. It reports whether Evict dropped the fetch meanwhile.
+func (r *Reader) settle(f *fetch, err error) (dropped bool) {
+	b := r.b
 	b.mu.Lock()
 	for i := f.first; i <= f.last; i++ {
 		if b.inflight[i] == f {
 			delete(b.inflight, i)
 		}
 	}
-	dropped := f.dropped
+	dropped = f.dropped
 	b.mu.Unlock()
 	f.end(err)
-	if err == nil && !stored && !dropped && f.kind == fetchPrefetch {
-		return ErrFull
+	return dropped
+}
+
+// storeDirect stores buf, the bytes of the blob from off (a multiple of the block size), into the cache: the
+// blocks neither present nor being fetched are written straight to the data file, with no copy, and count as
+// prefetched. Readers that need them meanwhile wait, then read them from disk. Like Prefetch it never evicts: it
+// returns ErrFull, having stored nothing, when the blocks do not fit in the free capacity, and when the capacity
+// is taken while it stores them, having stored some.
+func (r *Reader) storeDirect(off int64, buf []byte) error {
+	bs := r.c.opts.BlockSize
+	end := min(off+int64(len(buf)), r.size)
+	if off < 0 || off%bs != 0 || end <= off {
+		return fmt.Errorf("cache: blob %s: bad range %d+%d to store", r.key, off, len(buf))
+	}
+	if r.b == nil || r.c.closed.Load() {
+		return nil
+	}
+	own, err := r.claimFitting(off/bs, (end-1)/bs, true)
+	for _, f := range own {
+		ok := err == nil && r.store(f, buf[f.first*bs-off:min((f.last+1)*bs, r.size)-off], f.first*bs)
+		if ok {
+			r.c.prefetched.Add(f.last - f.first + 1)
+		}
+		if dropped := r.settle(f, nil); !ok && !dropped && err == nil {
+			err = ErrFull
+		}
 	}
 	return err
 }

@@ -323,14 +323,14 @@ func (c *Cache) StartImport(ctx context.Context, e ExportedBlob, data io.Reader)
 		}
 	}
 	c.mu.Unlock()
-	src := &importSource{}
-	r := c.Reader(e.Digest, e.Size, src)
+	r := c.Reader(e.Digest, e.Size, noSource{})
 	if r.b == nil {
 		return nil, res, fmt.Errorf("cache: blob %s cannot be cached (closed cache)", e.Digest)
 	}
-	// Blocks are stored in runs of consecutive blocks, up to importRun bytes each, on another goroutine while the
-	// next run is read and its blocks checked. A snapshot of the whole blob is hashed there too, run by run: when
-	// every block is stored from the stream, that hash verifies the blob without reading it back.
+	// Blocks are stored in runs of consecutive blocks, up to importRun bytes each, straight from the buffer they
+	// were read into, on another goroutine while the next run is read and its blocks checked. A snapshot of the
+	// whole blob is hashed there too, run by run: when every block is stored from the stream, that hash verifies
+	// the blob without reading it back.
 	nb := numBlocks(e.Size, e.BlockSize)
 	runCap := max(e.BlockSize, importRun/e.BlockSize*e.BlockSize)
 	all := e.Whole() // every block stored from the stream, so far
@@ -343,8 +343,7 @@ func (c *Cache) StartImport(ctx context.Context, e ExportedBlob, data io.Reader)
 		if full, err := st.get(); full || err != nil {
 			return
 		}
-		src.set(off, run)
-		err := r.Prefetch(off, int64(len(run)))
+		err := r.storeDirect(off, run)
 		stored := numBlocks(int64(len(run)), e.BlockSize)
 		if err != nil {
 			stored = 0
@@ -352,13 +351,12 @@ func (c *Cache) StartImport(ctx context.Context, e ExportedBlob, data io.Reader)
 		if errors.Is(err, ErrFull) && len(run) > int(e.BlockSize) {
 			// Near the bound: store what fits, block by block.
 			for o := int64(0); o < int64(len(run)); o += e.BlockSize {
-				if err = r.Prefetch(off+o, min(e.BlockSize, int64(len(run))-o)); err != nil {
+				if err = r.storeDirect(off+o, run[o:min(o+e.BlockSize, int64(len(run)))]); err != nil {
 					break
 				}
 				stored++
 			}
 		}
-		src.set(0, nil)
 		if err != nil && !errors.Is(err, ErrFull) {
 			err = fmt.Errorf("cache: blob %s: blocks at %d: %w", e.Digest, off, err)
 		}
@@ -509,24 +507,9 @@ func (s *importState) add(stored int64, err error) {
 	}
 }
 
-// importSource serves the run of blocks an import is storing; anything else is an error (nothing is fetched).
-type importSource struct {
-	mu  sync.Mutex
-	off int64
-	buf []byte
-}
+// noSource is the source of an import's Reader: the import stores every block it brings, and nothing is fetched.
+type noSource struct{}
 
-func (s *importSource) set(off int64, buf []byte) {
-	s.mu.Lock()
-	s.off, s.buf = off, buf
-	s.mu.Unlock()
-}
-
-func (s *importSource) ReadAt(p []byte, off int64) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if off < s.off || off+int64(len(p)) > s.off+int64(len(s.buf)) {
-		return 0, fmt.Errorf("cache import: bytes %d+%d are not in the snapshot", off, len(p))
-	}
-	return copy(p, s.buf[off-s.off:]), nil
+func (noSource) ReadAt(p []byte, off int64) (int, error) {
+	return 0, fmt.Errorf("cache import: bytes %d+%d are not in the snapshot", off, len(p))
 }

@@ -323,3 +323,56 @@ func TestSmallerBlocks(t *testing.T) {
 		t.Fatalf("import of a whole blob partly present in smaller blocks: %+v, %v", res, err)
 	}
 }
+
+// A read of blocks an import is storing waits for the store, then reads them from disk; if the store failed, it
+// fetches them from its source.
+func TestReadWaitsForDirectStore(t *testing.T) {
+	for _, stored := range []bool{true, false} {
+		t.Run(fmt.Sprintf("stored=%v", stored), func(t *testing.T) {
+			c := openTest(t, t.TempDir(), 1<<20, nil)
+			defer c.Close()
+			src := newSrc(4*testBS, 5)
+			r := c.Reader(src.key(), int64(len(src.data)), src)
+			own, err := r.claimFitting(0, 1, true)
+			if err != nil || len(own) != 1 || !own[0].direct {
+				t.Fatalf("claim: %v %+v", err, own)
+			}
+			p := make([]byte, 2*testBS)
+			read := make(chan error, 1)
+			go func() {
+				_, err := r.ReadAt(p, 0)
+				read <- err
+			}()
+			for { // until the read has pinned its blocks: it found them in flight
+				r.b.mu.Lock()
+				pinned := len(r.b.pins) > 0
+				r.b.mu.Unlock()
+				if pinned {
+					break
+				}
+				time.Sleep(time.Millisecond)
+			}
+			select {
+			case err := <-read:
+				t.Fatalf("the read did not wait for the store: %v", err)
+			case <-time.After(20 * time.Millisecond):
+			}
+			if stored && !r.store(own[0], src.data[:2*testBS], 0) {
+				t.Fatal("store failed")
+			}
+			r.settle(own[0], nil)
+			if err := <-read; err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(p, src.data[:2*testBS]) {
+				t.Fatal("the read returned wrong bytes")
+			}
+			if calls, want := src.calls.Load(), map[bool]int64{true: 0, false: 1}[stored]; calls != want {
+				t.Fatalf("%d source reads, want %d", calls, want)
+			}
+			if !r.Cached(0, 2*testBS) {
+				t.Fatal("the blocks are not cached after the read")
+			}
+		})
+	}
+}

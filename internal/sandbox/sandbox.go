@@ -386,7 +386,8 @@ func MountsUnder(dir string) ([]string, error) {
 }
 
 func (s *Sandbox) run(ctx context.Context, name, bin string, args ...string) error {
-	logf, err := os.Create(filepath.Join(s.Dir, name+".log"))
+	// A restarted process appends to the log of the ones before it.
+	logf, err := os.OpenFile(filepath.Join(s.Dir, name+".log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 	if err != nil {
 		return err
 	}
