@@ -22,7 +22,7 @@ type Predecoded struct {
 	read   []predecodedKey // blocks read since they were decoded, in the order of their first read
 	room   chan struct{}   // closed and replaced when a block is read or evicted
 
-	decoded, hits atomic.Int64
+	decoded, hits, missed atomic.Int64
 }
 
 type predecodedKey struct {
@@ -50,6 +50,9 @@ func NewPredecoded(max int64) *Predecoded {
 
 // Stats returns the number of blocks decoded into the pool and of reads served from it.
 func (c *Predecoded) Stats() (decoded, hits int64) { return c.decoded.Load(), c.hits.Load() }
+
+// Missed returns the number of blocks that readers using the pool did not find there and decoded themselves.
+func (c *Predecoded) Missed() int64 { return c.missed.Load() }
 
 // get copies the bytes of a held block from off into p and reports whether it had them.
 func (c *Predecoded) get(k predecodedKey, p []byte, off int64) bool {

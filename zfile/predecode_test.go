@@ -60,8 +60,8 @@ func TestPredecode(t *testing.T) {
 	if got := cr.reads.Load() - before; got != 1 {
 		t.Fatalf("a read of a held and a missing block read the file %d times, want 1", got)
 	}
-	if _, hits := pool.Stats(); hits != 7 {
-		t.Fatalf("%d hits, want 7", hits)
+	if _, hits := pool.Stats(); hits != 7 || pool.Missed() != 1 {
+		t.Fatalf("%d hits and %d blocks missed, want 7 and 1", hits, pool.Missed())
 	}
 
 	// The pool holds 8 blocks: 5 are held, 5 read. Decoding 10 more evicts read blocks, then waits for reads.

@@ -375,6 +375,7 @@ func (z *Reader) readAt(p []byte, off int64, verify bool) (int, error) {
 				b++
 				continue
 			}
+			pre.missed.Add(1)
 		}
 		start := z.offset(b)
 		e := b + 1

@@ -49,10 +49,11 @@ type ImageInfo struct {
 
 // PredecodeInfo is what the decoding ahead of an image's start did (see Mounter.Starting).
 type PredecodeInfo struct {
-	Blocks      int64 // ZFile blocks decoded ahead
-	ReadsServed int64 // reads that took their bytes from them
-	Running     bool  // the blocks are still being decoded
-	Held        bool  // the decoded blocks are still held for the start's reads
+	Blocks       int64 // ZFile blocks decoded ahead
+	ReadsServed  int64 // reads that took their bytes from them
+	BlocksMissed int64 // blocks the image's reads did not find decoded ahead, and decoded themselves
+	Running      bool  // the blocks are still being decoded
+	Held         bool  // the decoded blocks are still held for the start's reads
 }
 
 // WritableInfo describes a container's writable layer.

@@ -338,7 +338,7 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 			}
 			<-m.predecodeSlots
 			decoded, hits := pool.Stats()
-			log.Debug("decoded blocks of the image's start dropped", "decoded", decoded, "reads_served", hits)
+			log.Debug("decoded blocks of the image's start dropped", "decoded", decoded, "reads_served", hits, "blocks_missed", pool.Missed())
 		}()
 		start := time.Now()
 		var err error
@@ -392,7 +392,7 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 
 func (p *predecoding) info() *PredecodeInfo {
 	blocks, hits := p.pool.Stats()
-	info := &PredecodeInfo{Blocks: blocks, ReadsServed: hits, Running: true, Held: true}
+	info := &PredecodeInfo{Blocks: blocks, ReadsServed: hits, BlocksMissed: p.pool.Missed(), Running: true, Held: true}
 	select {
 	case <-p.finished:
 		info.Running = false

@@ -82,8 +82,8 @@ func TestLearnedStart(t *testing.T) {
 	}
 
 	decoded, hits := p.pool.Stats()
-	if decoded == 0 || hits == 0 {
-		t.Fatalf("second start: %d blocks decoded ahead, %d reads served from them", decoded, hits)
+	if decoded == 0 || hits == 0 || p.pool.Missed() != 0 {
+		t.Fatalf("second start: %d blocks decoded ahead, %d reads served from them, %d blocks decoded by the reads", decoded, hits, p.pool.Missed())
 	}
 	var info *PredecodeInfo
 	for _, ii := range m.Images() {
@@ -91,7 +91,7 @@ func TestLearnedStart(t *testing.T) {
 			info = ii.Predecode
 		}
 	}
-	if info == nil || info.Blocks != decoded || info.ReadsServed != hits || info.Running || !info.Held {
+	if info == nil || info.Blocks != decoded || info.ReadsServed != hits || info.BlocksMissed != 0 || info.Running || !info.Held {
 		t.Fatalf("Images: predecode %+v, want %d blocks and %d reads, held", info, decoded, hits)
 	}
 	if n := reg.requests.Load() - fetched; n != 0 {

@@ -171,10 +171,11 @@ type Prefetch struct {
 
 // Predecode is what the decoding ahead of an image's start (its recorded start, or the one the node learned) did.
 type Predecode struct {
-	Blocks      int64 `json:"blocks"`       // ZFile blocks decoded ahead
-	ReadsServed int64 `json:"reads_served"` // reads that took their bytes from them
-	Running     bool  `json:"running"`      // blocks are still being decoded
-	Held        bool  `json:"held"`         // the decoded blocks are held for the start's reads (30 s)
+	Blocks       int64 `json:"blocks"`        // ZFile blocks decoded ahead
+	ReadsServed  int64 `json:"reads_served"`  // reads that took their bytes from them
+	BlocksMissed int64 `json:"blocks_missed"` // blocks the image's reads did not find decoded ahead, and decoded themselves
+	Running      bool  `json:"running"`       // blocks are still being decoded
+	Held         bool  `json:"held"`          // the decoded blocks are held for the start's reads (30 s)
 }
 
 // Layer is one overlaybd layer of an Image, bottom first.
