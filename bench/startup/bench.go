@@ -141,6 +141,11 @@ type sample struct {
 	// peak resident set (VmHWM, reset at the start of the case) in bytes.
 	DaemonCPUSeconds float64 `json:"daemonCPUSeconds,omitempty"`
 	DaemonPeakRSS    int64   `json:"daemonPeakRSSBytes,omitempty"`
+	// DiskReads and DiskReadBytes are what the disk holding the sandbox (containerd's content and snapshots, obd's
+	// cache) read during the case (imported-cache case: after the import), from a cold page cache.
+	DiskReads     int64 `json:"diskReads,omitempty"`
+	DiskReadBytes int64 `json:"diskReadBytes,omitempty"`
+	diskRead      bool  // the case measured DiskReads itself
 }
 
 type bench struct {
@@ -331,9 +336,13 @@ func (b *bench) measureCase(c *benchCase) error {
 		before = b.daemonStart()
 	}
 	load := measure.LoadAvg()
+	disk, diskErr := b.diskReads()
 	smp, err := c.run(b)
 	if err != nil {
 		return fmt.Errorf("%s: %w", c.key, err)
+	}
+	if after, err := b.diskReads(); err == nil && diskErr == nil && !smp.diskRead {
+		smp.DiskReads, smp.DiskReadBytes = after.Reads-disk.Reads, after.Bytes-disk.Bytes
 	}
 	if c.obd {
 		b.daemonEnd(before, &smp)
@@ -355,9 +364,21 @@ func (b *bench) measureCase(c *benchCase) error {
 	if c.obd {
 		extra += fmt.Sprintf("; daemon CPU %.2f s, peak RSS %s", smp.DaemonCPUSeconds, units.Bytes(smp.DaemonPeakRSS))
 	}
+	if smp.DiskReads > 0 {
+		extra += fmt.Sprintf("; disk read %s in %d reads", units.Bytes(smp.DiskReadBytes), smp.DiskReads)
+	}
 	logf("  %-18s %7.2f s  (pull %.2f s, run %.2f s)  %s in %d requests  (load %.1f)%s", c.key, smp.Seconds, smp.PullSeconds, smp.RunSeconds,
 		units.Bytes(smp.Bytes), smp.Requests, load, extra)
 	return nil
+}
+
+// diskReads reads the statistics of the disk holding the sandbox.
+func (b *bench) diskReads() (measure.DiskReads, error) {
+	f, err := measure.DiskOf(b.sb.Dir)
+	if err != nil {
+		return measure.DiskReads{}, err
+	}
+	return measure.ReadDisk(f)
 }
 
 func (b *bench) overlayCold() (sample, error) {

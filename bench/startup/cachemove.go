@@ -143,9 +143,13 @@ func (b *bench) obdImported() (sample, error) {
 	if err := measure.DropCaches(); err != nil {
 		return sample{}, err
 	}
+	disk, diskErr := b.diskReads()
 	smp, err := b.obdStart(b.obdRef)
 	if err != nil {
 		return smp, err
+	}
+	if after, err := b.diskReads(); err == nil && diskErr == nil {
+		smp.DiskReads, smp.DiskReadBytes, smp.diskRead = after.Reads-disk.Reads, after.Bytes-disk.Bytes, true
 	}
 	smp.Seconds = smp.RunSeconds
 	smp.ImportSeconds, smp.UntarSeconds = d, untar

@@ -36,3 +36,36 @@ func DropCaches() error {
 	unix.Sync()
 	return os.WriteFile("/proc/sys/vm/drop_caches", []byte("3\n"), 0o200)
 }
+
+// DiskReads is what a block device has read since boot: completed reads and bytes.
+type DiskReads struct {
+	Reads, Bytes int64
+}
+
+// DiskOf returns the statistics file of the block device holding path (/sys/dev/block/MAJOR:MINOR/stat, a
+// partition's own when path is on one).
+func DiskOf(path string) (string, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return "", fmt.Errorf("stat %s: %w", path, err)
+	}
+	f := fmt.Sprintf("/sys/dev/block/%d:%d/stat", unix.Major(st.Dev), unix.Minor(st.Dev))
+	if _, err := os.Stat(f); err != nil {
+		return "", fmt.Errorf("%s is not on a block device: %w", path, err)
+	}
+	return f, nil
+}
+
+// ReadDisk reads a block device's statistics file (see DiskOf; Documentation/block/stat.rst: field 1 is the
+// reads completed, field 3 the 512-byte sectors read).
+func ReadDisk(statFile string) (DiskReads, error) {
+	b, err := os.ReadFile(statFile)
+	if err != nil {
+		return DiskReads{}, err
+	}
+	var reads, merged, sectors int64
+	if _, err := fmt.Sscan(string(b), &reads, &merged, &sectors); err != nil {
+		return DiskReads{}, fmt.Errorf("%s: %w", statFile, err)
+	}
+	return DiskReads{Reads: reads, Bytes: sectors * 512}, nil
+}

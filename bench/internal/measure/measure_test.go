@@ -1,6 +1,10 @@
 package measure
 
-import "testing"
+import (
+	"os"
+	"path/filepath"
+	"testing"
+)
 
 func TestMedian(t *testing.T) {
 	for _, c := range []struct {
@@ -19,5 +23,30 @@ func TestMedian(t *testing.T) {
 	}
 	if LoadAvg() < 0 {
 		t.Error("negative load average")
+	}
+}
+
+func TestReadDisk(t *testing.T) {
+	fake := filepath.Join(t.TempDir(), "stat")
+	if err := os.WriteFile(fake, []byte("    1234       56    78900     345        0        0        0        0        0      400      345\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if d, err := ReadDisk(fake); err != nil || d != (DiskReads{Reads: 1234, Bytes: 78900 * 512}) {
+		t.Errorf("ReadDisk(fake) = %+v, %v", d, err)
+	}
+	f, err := DiskOf("/proc/self")
+	if err == nil {
+		t.Fatalf("DiskOf(/proc/self) = %s, want an error (procfs has no block device)", f)
+	}
+	f, err = DiskOf(t.TempDir())
+	if err != nil {
+		t.Skipf("the test directory is not on a block device: %v", err)
+	}
+	d, err := ReadDisk(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Reads < 0 || d.Bytes < 0 {
+		t.Errorf("ReadDisk(%s) = %+v", f, d)
 	}
 }
