@@ -138,14 +138,19 @@ type sample struct {
 	// BlobBytes breaks Bytes down by blob digest.
 	BlobBytes map[string]int64 `json:"blobBytes,omitempty"`
 	// DaemonCPUSeconds is obd-snapshotter's user+system CPU time during the case (obd cases), DaemonPeakRSS its
-	// peak resident set (VmHWM, reset at the start of the case) in bytes.
+	// peak resident set (VmHWM, reset at the start of the case) in bytes. In the imported-cache case, these and the
+	// disk figures leave out the import.
 	DaemonCPUSeconds float64 `json:"daemonCPUSeconds,omitempty"`
 	DaemonPeakRSS    int64   `json:"daemonPeakRSSBytes,omitempty"`
 	// DiskReads and DiskReadBytes are what the disk holding the sandbox (containerd's content and snapshots, obd's
-	// cache) read during the case (imported-cache case: after the import), from a cold page cache.
+	// cache) read during the case, from a cold page cache.
 	DiskReads     int64 `json:"diskReads,omitempty"`
 	DiskReadBytes int64 `json:"diskReadBytes,omitempty"`
-	diskRead      bool  // the case measured DiskReads itself
+	// Predecoded is how many blocks of the start obd-snapshotter decoded ahead of its reads (obd cases with a
+	// learned or recorded start), PredecodeMissed how many the start's reads did not find decoded and decoded
+	// themselves.
+	Predecoded      int64 `json:"predecoded,omitempty"`
+	PredecodeMissed int64 `json:"predecodeMissed,omitempty"`
 }
 
 type bench struct {
@@ -161,6 +166,7 @@ type bench struct {
 	accelRef                     string // the obd image with the acceleration layer recordStart made, through the link
 	turboAccelRef                string // the TurboOCI image with its acceleration layer
 	results                      map[string][]sample
+	usage                        usageMark // the daemon's CPU time and the disk's reads when the case began
 	calib                        calibration
 	snapshot                     string    // the cache snapshot exportSnapshot wrote
 	cacheTar                     string    // and the tar of the cache directory
@@ -331,22 +337,13 @@ func (b *bench) measureCase(c *benchCase) error {
 		return err
 	}
 	b.sb.ResetCounters()
-	var before daemonUsage
-	if c.obd {
-		before = b.daemonStart()
-	}
 	load := measure.LoadAvg()
-	disk, diskErr := b.diskReads()
+	b.markUsage(c.obd)
 	smp, err := c.run(b)
 	if err != nil {
 		return fmt.Errorf("%s: %w", c.key, err)
 	}
-	if after, err := b.diskReads(); err == nil && diskErr == nil && !smp.diskRead {
-		smp.DiskReads, smp.DiskReadBytes = after.Reads-disk.Reads, after.Bytes-disk.Bytes
-	}
-	if c.obd {
-		b.daemonEnd(before, &smp)
-	}
+	b.endUsage(&smp)
 	smp.Load1 = load
 	smp.BlobBytes = b.sb.BlobBytes()
 	smp.Bytes, smp.Requests = sum(smp.BlobBytes), sum(b.sb.BlobRequests())
@@ -367,18 +364,12 @@ func (b *bench) measureCase(c *benchCase) error {
 	if smp.DiskReads > 0 {
 		extra += fmt.Sprintf("; disk read %s in %d reads", units.Bytes(smp.DiskReadBytes), smp.DiskReads)
 	}
+	if smp.Predecoded > 0 {
+		extra += fmt.Sprintf("; %d blocks decoded ahead, %d by the reads", smp.Predecoded, smp.PredecodeMissed)
+	}
 	logf("  %-18s %7.2f s  (pull %.2f s, run %.2f s)  %s in %d requests  (load %.1f)%s", c.key, smp.Seconds, smp.PullSeconds, smp.RunSeconds,
 		units.Bytes(smp.Bytes), smp.Requests, load, extra)
 	return nil
-}
-
-// diskReads reads the statistics of the disk holding the sandbox.
-func (b *bench) diskReads() (measure.DiskReads, error) {
-	f, err := measure.DiskOf(b.sb.Dir)
-	if err != nil {
-		return measure.DiskReads{}, err
-	}
-	return measure.ReadDisk(f)
 }
 
 func (b *bench) overlayCold() (sample, error) {

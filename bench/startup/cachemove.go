@@ -143,13 +143,10 @@ func (b *bench) obdImported() (sample, error) {
 	if err := measure.DropCaches(); err != nil {
 		return sample{}, err
 	}
-	disk, diskErr := b.diskReads()
+	b.markUsage(true)
 	smp, err := b.obdStart(b.obdRef)
 	if err != nil {
 		return smp, err
-	}
-	if after, err := b.diskReads(); err == nil && diskErr == nil {
-		smp.DiskReads, smp.DiskReadBytes, smp.diskRead = after.Reads-disk.Reads, after.Bytes-disk.Bytes, true
 	}
 	smp.Seconds = smp.RunSeconds
 	smp.ImportSeconds, smp.UntarSeconds = d, untar

@@ -5,6 +5,10 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
+
+	"github.com/obdproject/obd/bench/internal/measure"
+	"github.com/obdproject/obd/internal/status"
 )
 
 // clockTicks is the unit of utime and stime in /proc/PID/stat (USER_HZ, 100 on Linux for every architecture Go
@@ -15,6 +19,50 @@ const clockTicks = 100
 type daemonUsage struct {
 	pid int
 	cpu float64 // seconds of user + system time
+}
+
+// usageMark is what endUsage measures from: the daemon's CPU time (obd cases) and the disk's reads.
+type usageMark struct {
+	daemon  *daemonUsage
+	disk    measure.DiskReads
+	diskErr error
+}
+
+// markUsage marks the start of what a case measures: the run, after any setup the case does first.
+func (b *bench) markUsage(obd bool) {
+	b.usage = usageMark{}
+	if obd {
+		d := b.daemonStart()
+		b.usage.daemon = &d
+	}
+	b.usage.disk, b.usage.diskErr = b.diskReads()
+}
+
+// endUsage records into smp the daemon's CPU time and peak RSS and the disk's reads since markUsage.
+func (b *bench) endUsage(smp *sample) {
+	if d := b.usage.daemon; d != nil {
+		b.daemonEnd(*d, smp)
+		if st, err := status.NewClient(b.sb.StatusSocket, 10*time.Second).Status(b.ctx); err == nil {
+			for _, im := range st.Images {
+				if p := im.Predecode; p != nil {
+					smp.Predecoded += p.Blocks
+					smp.PredecodeMissed += p.BlocksMissed
+				}
+			}
+		}
+	}
+	if after, err := b.diskReads(); err == nil && b.usage.diskErr == nil {
+		smp.DiskReads, smp.DiskReadBytes = after.Reads-b.usage.disk.Reads, after.Bytes-b.usage.disk.Bytes
+	}
+}
+
+// diskReads reads the statistics of the disk holding the sandbox.
+func (b *bench) diskReads() (measure.DiskReads, error) {
+	f, err := measure.DiskOf(b.sb.Dir)
+	if err != nil {
+		return measure.DiskReads{}, err
+	}
+	return measure.ReadDisk(f)
 }
 
 // daemonStart reads obd-snapshotter's CPU time and resets its peak RSS (VmHWM), at the start of a case.

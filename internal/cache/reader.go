@@ -808,3 +808,38 @@ func (r *Reader) Cached(off, n int64) bool {
 	off, end := max(off, 0), min(off+n, r.size)
 	return end <= off || r.missingBytes(off, end-off) == 0
 }
+
+// WillNeed starts reading the cached blocks of [off, off+n) from disk into the page cache and returns without
+// waiting for them. A caller that knows what it reads next, as the decoding of a start ahead of its reads does,
+// has those disk reads issued together instead of one at a time as it reaches them. Blocks not cached are left
+// alone.
+func (r *Reader) WillNeed(off, n int64) {
+	off, end := max(off, 0), min(off+n, r.size)
+	if r.b == nil || end <= off {
+		return
+	}
+	b, bs := r.b, r.c.opts.BlockSize
+	b.mu.Lock()
+	f, err := b.openFileLocked(false)
+	// Runs of present blocks: a hole of the data file reads as zeros, for nothing.
+	var runs [][2]int64
+	if err == nil {
+		for i := off / bs; i <= (end-1)/bs; i++ {
+			if !bitSet(b.present, i) {
+				continue
+			}
+			if k := len(runs) - 1; k >= 0 && runs[k][1] == i {
+				runs[k][1] = i + 1
+			} else {
+				runs = append(runs, [2]int64{i, i + 1})
+			}
+		}
+	}
+	b.mu.Unlock()
+	for _, run := range runs {
+		lo, hi := max(run[0]*bs, off), min(run[1]*bs, end)
+		if err := willNeed(f, lo, hi-lo); err != nil {
+			return
+		}
+	}
+}

@@ -342,22 +342,20 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 		}()
 		start := time.Now()
 		var err error
-		for _, rec := range recs {
-			if rec.Op != trace.Read || int(rec.Layer) >= len(opened) || rec.Count == 0 {
+		disk := diskAhead{img: img, opened: opened, recs: recs}
+		for i, rec := range recs {
+			_, n, ok := disk.local(i)
+			if !ok {
 				continue
 			}
-			l := opened[rec.Layer]
-			if c := img.layers[rec.Layer].cache; c != nil {
-				if off, n := l.BlobRange(rec.Offset, int64(rec.Count)); n == 0 || !c.Cached(off, n) {
-					continue
-				}
-			}
+			disk.issue(i)
 			cctx, ccancel := context.WithTimeout(ctx, predecodeStall)
-			err = l.Predecode(cctx, pool, rec.Offset, int64(rec.Count))
+			err = opened[rec.Layer].Predecode(cctx, pool, rec.Offset, int64(rec.Count))
 			ccancel()
 			if err != nil {
 				break
 			}
+			disk.decoded += n
 		}
 		decoded, hits := pool.Stats()
 		switch {
@@ -388,6 +386,50 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 		}
 	}()
 	return p
+}
+
+// diskReadAhead bounds the bytes of a start's blocks whose disk reads are issued ahead of their decoding.
+const diskReadAhead = 16 << 20
+
+// diskAhead issues the disk reads of the cached blocks of a start ahead of their decoding, up to diskReadAhead
+// bytes ahead: the disk serves them together, in parallel, instead of one at a time as the decoding reaches them.
+type diskAhead struct {
+	img     *mounted
+	opened  []*image.Layer
+	recs    []trace.Record
+	next    int   // the first record not issued
+	issued  int64 // bytes issued
+	decoded int64 // bytes of the records decoded
+}
+
+// local returns the range of the blob that record i reads when it is a read whose bytes are all local (cached,
+// or a layer without a cache: a local file).
+func (d *diskAhead) local(i int) (off, n int64, ok bool) {
+	rec := d.recs[i]
+	if rec.Op != trace.Read || int(rec.Layer) >= len(d.opened) || rec.Count == 0 {
+		return 0, 0, false
+	}
+	off, n = d.opened[rec.Layer].BlobRange(rec.Offset, int64(rec.Count))
+	if c := d.img.layers[rec.Layer].cache; c != nil && (n == 0 || !c.Cached(off, n)) {
+		return 0, 0, false
+	}
+	return off, n, true
+}
+
+// issue issues the disk reads of the records from i on, while fewer than diskReadAhead bytes are issued and not
+// decoded.
+func (d *diskAhead) issue(i int) {
+	d.next = max(d.next, i)
+	for ; d.next < len(d.recs) && d.issued-d.decoded < diskReadAhead; d.next++ {
+		off, n, ok := d.local(d.next)
+		if !ok {
+			continue
+		}
+		if c := d.img.layers[d.recs[d.next].Layer].cache; c != nil {
+			c.WillNeed(off, n)
+		}
+		d.issued += n
+	}
 }
 
 func (p *predecoding) info() *PredecodeInfo {
