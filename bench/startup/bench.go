@@ -151,6 +151,12 @@ type sample struct {
 	// themselves.
 	Predecoded      int64 `json:"predecoded,omitempty"`
 	PredecodeMissed int64 `json:"predecodeMissed,omitempty"`
+	// DeviceReads is how many reads the kernel sent to the image's device (obd cases), DeviceReadSeconds the sum
+	// of the times obd-snapshotter took to answer them (reads in parallel each count), and SnapshotsAPISeconds the
+	// sum of the times it took to answer containerd's snapshots API calls.
+	DeviceReads         int64   `json:"deviceReads,omitempty"`
+	DeviceReadSeconds   float64 `json:"deviceReadSeconds,omitempty"`
+	SnapshotsAPISeconds float64 `json:"snapshotsAPISeconds,omitempty"`
 }
 
 type bench struct {
@@ -363,6 +369,12 @@ func (b *bench) measureCase(c *benchCase) error {
 	}
 	if smp.DiskReads > 0 {
 		extra += fmt.Sprintf("; disk read %s in %d reads", units.Bytes(smp.DiskReadBytes), smp.DiskReads)
+	}
+	if smp.DeviceReads > 0 {
+		extra += fmt.Sprintf("; %d device reads served in %.3f s (%.0f µs each)", smp.DeviceReads, smp.DeviceReadSeconds, smp.DeviceReadSeconds/float64(smp.DeviceReads)*1e6)
+	}
+	if smp.SnapshotsAPISeconds > 0 {
+		extra += fmt.Sprintf("; snapshots API %.3f s", smp.SnapshotsAPISeconds)
 	}
 	if smp.Predecoded > 0 {
 		extra += fmt.Sprintf("; %d blocks decoded ahead, %d by the reads", smp.Predecoded, smp.PredecodeMissed)

@@ -1,7 +1,10 @@
 package main
 
 import (
+	"bufio"
+	"context"
 	"fmt"
+	"net/http"
 	"os"
 	"strconv"
 	"strings"
@@ -21,9 +24,10 @@ type daemonUsage struct {
 	cpu float64 // seconds of user + system time
 }
 
-// usageMark is what endUsage measures from: the daemon's CPU time (obd cases) and the disk's reads.
+// usageMark is what endUsage measures from: the daemon's CPU time and metrics (obd cases) and the disk's reads.
 type usageMark struct {
 	daemon  *daemonUsage
+	metrics map[string]float64
 	disk    measure.DiskReads
 	diskErr error
 }
@@ -34,6 +38,7 @@ func (b *bench) markUsage(obd bool) {
 	if obd {
 		d := b.daemonStart()
 		b.usage.daemon = &d
+		b.usage.metrics = b.scrape()
 	}
 	b.usage.disk, b.usage.diskErr = b.diskReads()
 }
@@ -42,6 +47,15 @@ func (b *bench) markUsage(obd bool) {
 func (b *bench) endUsage(smp *sample) {
 	if d := b.usage.daemon; d != nil {
 		b.daemonEnd(*d, smp)
+		if m0, m1 := b.usage.metrics, b.scrape(); m0 != nil && m1 != nil {
+			smp.DeviceReads = int64(m1["obd_device_reads_total"] - m0["obd_device_reads_total"])
+			smp.DeviceReadSeconds = m1["obd_device_read_duration_seconds_sum"] - m0["obd_device_read_duration_seconds_sum"]
+			for k, v := range m1 {
+				if strings.HasPrefix(k, "obd_grpc_request_duration_seconds_sum{") {
+					smp.SnapshotsAPISeconds += v - m0[k]
+				}
+			}
+		}
 		if st, err := status.NewClient(b.sb.StatusSocket, 10*time.Second).Status(b.ctx); err == nil {
 			for _, im := range st.Images {
 				if p := im.Predecode; p != nil {
@@ -54,6 +68,40 @@ func (b *bench) endUsage(smp *sample) {
 	if after, err := b.diskReads(); err == nil && b.usage.diskErr == nil {
 		smp.DiskReads, smp.DiskReadBytes = after.Reads-b.usage.disk.Reads, after.Bytes-b.usage.disk.Bytes
 	}
+}
+
+// scrape returns obd-snapshotter's metrics by series (name and labels as exposed), nil when they cannot be read.
+func (b *bench) scrape() map[string]float64 {
+	ctx, cancel := context.WithTimeout(b.ctx, 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+b.sb.Metrics+"/metrics", nil)
+	if err != nil {
+		return nil
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		logf("obd-snapshotter's metrics: %v", err)
+		return nil
+	}
+	defer resp.Body.Close()
+	m := map[string]float64{}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		i := strings.LastIndexByte(line, ' ')
+		if strings.HasPrefix(line, "#") || i < 0 {
+			continue
+		}
+		if v, err := strconv.ParseFloat(line[i+1:], 64); err == nil {
+			m[line[:i]] = v
+		}
+	}
+	if err := sc.Err(); err != nil || resp.StatusCode != http.StatusOK {
+		logf("obd-snapshotter's metrics: %s, %v", resp.Status, err)
+		return nil
+	}
+	return m
 }
 
 // diskReads reads the statistics of the disk holding the sandbox.
