@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -153,10 +154,11 @@ type sample struct {
 	PredecodeMissed int64 `json:"predecodeMissed,omitempty"`
 	// DeviceReads is how many reads the kernel sent to the image's device (obd cases), DeviceReadSeconds the sum
 	// of the times obd-snapshotter took to answer them (reads in parallel each count), and SnapshotsAPISeconds the
-	// sum of the times it took to answer containerd's snapshots API calls.
-	DeviceReads         int64   `json:"deviceReads,omitempty"`
-	DeviceReadSeconds   float64 `json:"deviceReadSeconds,omitempty"`
-	SnapshotsAPISeconds float64 `json:"snapshotsAPISeconds,omitempty"`
+	// sum of the times it took to answer containerd's snapshots API calls, by method (the container's removal
+	// after it exited included).
+	DeviceReads         int64              `json:"deviceReads,omitempty"`
+	DeviceReadSeconds   float64            `json:"deviceReadSeconds,omitempty"`
+	SnapshotsAPISeconds map[string]float64 `json:"snapshotsAPISeconds,omitempty"`
 }
 
 type bench struct {
@@ -373,8 +375,12 @@ func (b *bench) measureCase(c *benchCase) error {
 	if smp.DeviceReads > 0 {
 		extra += fmt.Sprintf("; %d device reads served in %.3f s (%.0f µs each)", smp.DeviceReads, smp.DeviceReadSeconds, smp.DeviceReadSeconds/float64(smp.DeviceReads)*1e6)
 	}
-	if smp.SnapshotsAPISeconds > 0 {
-		extra += fmt.Sprintf("; snapshots API %.3f s", smp.SnapshotsAPISeconds)
+	if len(smp.SnapshotsAPISeconds) > 0 {
+		var calls []string
+		for _, m := range slices.Sorted(maps.Keys(smp.SnapshotsAPISeconds)) {
+			calls = append(calls, fmt.Sprintf("%s %.3f", m, smp.SnapshotsAPISeconds[m]))
+		}
+		extra += fmt.Sprintf("; snapshots API s: %s", strings.Join(calls, ", "))
 	}
 	if smp.Predecoded > 0 {
 		extra += fmt.Sprintf("; %d blocks decoded ahead, %d by the reads", smp.Predecoded, smp.PredecodeMissed)

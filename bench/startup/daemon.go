@@ -50,9 +50,13 @@ func (b *bench) endUsage(smp *sample) {
 		if m0, m1 := b.usage.metrics, b.scrape(); m0 != nil && m1 != nil {
 			smp.DeviceReads = int64(m1["obd_device_reads_total"] - m0["obd_device_reads_total"])
 			smp.DeviceReadSeconds = m1["obd_device_read_duration_seconds_sum"] - m0["obd_device_read_duration_seconds_sum"]
+			const api = `obd_grpc_request_duration_seconds_sum{method="`
 			for k, v := range m1 {
-				if strings.HasPrefix(k, "obd_grpc_request_duration_seconds_sum{") {
-					smp.SnapshotsAPISeconds += v - m0[k]
+				if method, ok := strings.CutPrefix(k, api); ok && v > m0[k] {
+					if smp.SnapshotsAPISeconds == nil {
+						smp.SnapshotsAPISeconds = map[string]float64{}
+					}
+					smp.SnapshotsAPISeconds[strings.TrimSuffix(method, `"}`)] = v - m0[k]
 				}
 			}
 		}
