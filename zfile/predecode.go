@@ -3,6 +3,7 @@ package zfile
 import (
 	"context"
 	"encoding/binary"
+	"fmt"
 	"sync"
 	"sync/atomic"
 )
@@ -20,9 +21,10 @@ type Predecoded struct {
 	bytes  int64 // held
 	blocks map[predecodedKey]*predecodedBlock
 	read   []predecodedKey // blocks read since they were decoded, in the order of their first read
+	order  []predecodedKey // blocks added, in order (evicted ones included)
 	room   chan struct{}   // closed and replaced when a block is read or evicted
 
-	decoded, hits, missed atomic.Int64
+	decoded, loaded, hits, missed atomic.Int64
 }
 
 type predecodedKey struct {
@@ -50,6 +52,42 @@ func NewPredecoded(max int64) *Predecoded {
 
 // Stats returns the number of blocks decoded into the pool and of reads served from it.
 func (c *Predecoded) Stats() (decoded, hits int64) { return c.decoded.Load(), c.hits.Load() }
+
+// Loaded returns the number of blocks added to the pool already decoded (AddPredecoded), not counted as decoded.
+func (c *Predecoded) Loaded() int64 { return c.loaded.Load() }
+
+// Walk calls fn, in the order they were added, with each block the pool holds of the Readers rs: the index in rs
+// of its Reader, the block's number and its bytes, which fn must not modify. It stops at fn's first error.
+func (c *Predecoded) Walk(rs []*Reader, fn func(reader int, block int64, data []byte) error) error {
+	idx := map[uint64]int{}
+	for i, z := range rs {
+		if z != nil {
+			idx[z.id] = i
+		}
+	}
+	type held struct {
+		reader int
+		block  int64
+		data   []byte
+	}
+	var blocks []held
+	seen := map[predecodedKey]bool{}
+	c.mu.Lock()
+	for _, k := range c.order {
+		b, dup := c.blocks[k], seen[k] // a block evicted and added again is in order twice
+		seen[k] = true
+		if i, ok := idx[k.reader]; ok && b != nil && !dup {
+			blocks = append(blocks, held{i, k.block, b.data})
+		}
+	}
+	c.mu.Unlock()
+	for _, b := range blocks {
+		if err := fn(b.reader, b.block, b.data); err != nil {
+			return err
+		}
+	}
+	return nil
+}
 
 // Missed returns the number of blocks that readers using the pool did not find there and decoded themselves.
 func (c *Predecoded) Missed() int64 { return c.missed.Load() }
@@ -86,14 +124,14 @@ func (c *Predecoded) wake() {
 }
 
 // add keeps data as block k, evicting read blocks to make room, and waits while the pool is full of blocks not read
-// yet. It fails only when ctx is done.
-func (c *Predecoded) add(ctx context.Context, k predecodedKey, data []byte) error {
+// yet. It reports whether it added the block (false: the pool held it already), and fails only when ctx is done.
+func (c *Predecoded) add(ctx context.Context, k predecodedKey, data []byte) (bool, error) {
 	n := int64(len(data))
 	for {
 		c.mu.Lock()
 		if c.blocks[k] != nil {
 			c.mu.Unlock()
-			return nil
+			return false, nil
 		}
 		for c.bytes+n > c.max && len(c.read) > 0 {
 			old := c.read[0]
@@ -105,18 +143,17 @@ func (c *Predecoded) add(ctx context.Context, k predecodedKey, data []byte) erro
 		}
 		if c.bytes+n <= c.max {
 			c.blocks[k] = &predecodedBlock{data: data}
+			c.order = append(c.order, k)
 			c.bytes += n
-			c.decoded.Add(1)
-			predecodedTotal.decoded.Add(1)
 			c.mu.Unlock()
-			return nil
+			return true, nil
 		}
 		room := c.room
 		c.mu.Unlock()
 		select {
 		case <-room:
 		case <-ctx.Done():
-			return ctx.Err()
+			return false, ctx.Err()
 		}
 	}
 }
@@ -162,11 +199,34 @@ func (z *Reader) Predecode(ctx context.Context, p *Predecoded, off, n int64) err
 			if err := decodeBlock(z.info.Algorithm, data, blk); err != nil {
 				return &BlockError{Block: i, Offset: z.offset(i), Err: err}
 			}
-			if err := p.add(ctx, predecodedKey{z.id, i}, blk); err != nil {
+			added, err := p.add(ctx, predecodedKey{z.id, i}, blk)
+			if err != nil {
 				return err
+			}
+			if added {
+				p.decoded.Add(1)
+				predecodedTotal.decoded.Add(1)
 			}
 		}
 		b = e
 	}
 	return nil
+}
+
+// AddPredecoded adds block i, decoded elsewhere (data: its uncompressed bytes, which the pool keeps), to p as
+// Predecode would, waiting for room in p. It checks only the block's number and length: the caller vouches for
+// the bytes.
+func (z *Reader) AddPredecoded(ctx context.Context, p *Predecoded, i int64, data []byte) error {
+	size := z.info.OriginalSize
+	if i < 0 || i<<z.bsShift >= size {
+		return fmt.Errorf("zfile: block %d: out of range (%d blocks)", i, (size+int64(1)<<z.bsShift-1)>>z.bsShift)
+	}
+	if want := min(int64(1)<<z.bsShift, size-i<<z.bsShift); int64(len(data)) != want {
+		return fmt.Errorf("zfile: block %d: %d bytes, want %d", i, len(data), want)
+	}
+	added, err := p.add(ctx, predecodedKey{z.id, i}, data)
+	if added {
+		p.loaded.Add(1)
+	}
+	return err
 }

@@ -293,6 +293,9 @@ func (l *Layer) Predecode(ctx context.Context, p *zfile.Predecoded, off, n int64
 	return l.z.Predecode(ctx, p, off, n)
 }
 
+// ZFile returns the layer file's ZFile reader, nil when the layer file is not compressed (or is TurboOCI's).
+func (l *Layer) ZFile() *zfile.Reader { return l.z }
+
 // UsePredecoded makes the layer's reads take their ZFile blocks from p when it holds them (nil: no longer).
 func (l *Layer) UsePredecoded(p *zfile.Predecoded) {
 	if l.z != nil {

@@ -50,6 +50,7 @@ type ImageInfo struct {
 // PredecodeInfo is what the decoding ahead of an image's start did (see Mounter.Starting).
 type PredecodeInfo struct {
 	Blocks       int64 // ZFile blocks decoded ahead
+	BlocksLoaded int64 // blocks loaded already decoded, from what the image's last start decoded (see decoded.go)
 	ReadsServed  int64 // reads that took their bytes from them
 	BlocksMissed int64 // blocks the image's reads did not find decoded ahead, and decoded themselves
 	Running      bool  // the blocks are still being decoded

@@ -330,6 +330,15 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 	ctx, cancel := context.WithTimeout(context.Background(), LearnWindow)
 	p := &predecoding{pool: pool, cancel: cancel, finished: make(chan struct{}), done: make(chan struct{})}
 	log := m.opts.Logger.With("image", id)
+	// The blocks the image's last start held decoded, kept on disk (see decoded.go).
+	var blocksPath string
+	var digests []string
+	if m.opts.StartsDir != "" && len(img.startLayers) == len(opened) {
+		blocksPath = decodedPath(m.startFile(img.startLayers))
+		for _, l := range img.startLayers {
+			digests = append(digests, string(l.Digest))
+		}
+	}
 	go func() {
 		defer close(p.done)
 		defer func() {
@@ -341,6 +350,10 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 			log.Debug("decoded blocks of the image's start dropped", "decoded", decoded, "reads_served", hits, "blocks_missed", pool.Missed())
 		}()
 		start := time.Now()
+		var badBlocks bool
+		if blocksPath != "" {
+			badBlocks = m.loadDecoded(ctx, blocksPath, digests, opened, pool)
+		}
 		var err error
 		disk := diskAhead{img: img, opened: opened, recs: recs}
 		for i, rec := range recs {
@@ -360,8 +373,8 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 		decoded, hits := pool.Stats()
 		switch {
 		case err == nil || ctx.Err() != nil:
-			log.Info("decoded the blocks of the image's start ahead of its reads", "blocks", decoded, "reads_served", hits,
-				"took", time.Since(start).Round(time.Millisecond))
+			log.Info("decoded the blocks of the image's start ahead of its reads", "blocks", decoded, "loaded", pool.Loaded(),
+				"reads_served", hits, "took", time.Since(start).Round(time.Millisecond))
 		case errors.Is(err, context.DeadlineExceeded):
 			log.Info("stopped decoding ahead: this start does not read what the last one did", "blocks", decoded, "reads_served", hits)
 		default:
@@ -383,6 +396,9 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 			} else {
 				idle += poolIdle / 4
 			}
+		}
+		if blocksPath != "" {
+			m.keepDecoded(blocksPath, badBlocks, digests, opened, pool)
 		}
 	}()
 	return p
@@ -434,7 +450,7 @@ func (d *diskAhead) issue(i int) {
 
 func (p *predecoding) info() *PredecodeInfo {
 	blocks, hits := p.pool.Stats()
-	info := &PredecodeInfo{Blocks: blocks, ReadsServed: hits, BlocksMissed: p.pool.Missed(), Running: true, Held: true}
+	info := &PredecodeInfo{Blocks: blocks, BlocksLoaded: p.pool.Loaded(), ReadsServed: hits, BlocksMissed: p.pool.Missed(), Running: true, Held: true}
 	select {
 	case <-p.finished:
 		info.Running = false

@@ -97,6 +97,50 @@ func TestLearnedStart(t *testing.T) {
 	if n := reg.requests.Load() - fetched; n != 0 {
 		t.Fatalf("the second start made %d registry requests", n)
 	}
+
+	// Once the second start's reads stop taking blocks from its pool, the blocks it decoded are kept on disk; the
+	// third start loads them instead of decoding them.
+	blocksFile := decodedPath(m.learnedPath(layers))
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if _, err := os.Stat(blocksFile); err == nil {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatalf("the second start's decoded blocks were not kept: %v", err)
+		}
+	}
+	p = start(m)
+	if p == nil {
+		t.Fatal("the third start does not decode ahead")
+	}
+	redecoded, hits := p.pool.Stats()
+	if loaded := p.pool.Loaded(); loaded != decoded || redecoded != 0 || hits == 0 || p.pool.Missed() != 0 {
+		t.Fatalf("third start: %d blocks loaded (%d kept), %d decoded, %d reads served, %d decoded by the reads", loaded, decoded, redecoded, hits, p.pool.Missed())
+	}
+	// A damaged file: the blocks before the damage are loaded, the others decoded; the reads get the right bytes.
+	kb, err := os.ReadFile(blocksFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb[len(kb)-100] ^= 1
+	if err := os.WriteFile(blocksFile, kb, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p = start(m)
+	redecoded, _ = p.pool.Stats()
+	if loaded := p.pool.Loaded(); loaded != decoded-1 || redecoded != 1 || p.pool.Missed() != 0 {
+		t.Fatalf("start with a damaged last block kept: %d blocks loaded, %d decoded, %d decoded by the reads; want %d, 1, 0", loaded, redecoded, p.pool.Missed(), decoded-1)
+	}
+	// The damaged file is written again: the next start loads every block.
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if nb, err := os.ReadFile(blocksFile); err == nil && !bytes.Equal(nb, kb) {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatal("the damaged file of decoded blocks was not written again")
+		}
+	}
+	if p = start(m); p.pool.Loaded() != decoded {
+		t.Fatalf("after the rewrite: %d blocks loaded, want %d", p.pool.Loaded(), decoded)
+	}
 	if err := m.Unmount(context.Background(), "img", target); err != nil {
 		t.Fatal(err)
 	}

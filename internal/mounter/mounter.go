@@ -232,9 +232,9 @@ func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.La
 		img.rec = newRecording(traceFile, m.opts.Logger.With("image", id))
 	}
 	if !record {
-		img.replay = replay
+		img.replay, img.startLayers = replay, startLayers(layers)
 		if len(replay) == 0 {
-			img.learnPath, img.startLayers = m.learnedPath(layers), startLayers(layers)
+			img.learnPath = m.learnedPath(layers)
 		}
 	}
 	var observe func(i int) func(off, n int64)

@@ -236,7 +236,7 @@ func fillFromMounter(img *status.Image, mi mounter.ImageInfo) {
 	img.CacheHitRatio = status.HitRatio(img.CacheHits, img.CacheMisses)
 	img.Recording = mi.Recording
 	if p := mi.Predecode; p != nil {
-		img.Predecode = &status.Predecode{Blocks: p.Blocks, ReadsServed: p.ReadsServed, BlocksMissed: p.BlocksMissed, Running: p.Running, Held: p.Held}
+		img.Predecode = &status.Predecode{Blocks: p.Blocks, BlocksLoaded: p.BlocksLoaded, ReadsServed: p.ReadsServed, BlocksMissed: p.BlocksMissed, Running: p.Running, Held: p.Held}
 	}
 	if p := mi.Prefetch; p != nil {
 		end := p.Finished

@@ -172,6 +172,7 @@ type Prefetch struct {
 // Predecode is what the decoding ahead of an image's start (its recorded start, or the one the node learned) did.
 type Predecode struct {
 	Blocks       int64 `json:"blocks"`        // ZFile blocks decoded ahead
+	BlocksLoaded int64 `json:"blocks_loaded"` // blocks loaded already decoded, from what the image's last start decoded
 	ReadsServed  int64 `json:"reads_served"`  // reads that took their bytes from them
 	BlocksMissed int64 `json:"blocks_missed"` // blocks the image's reads did not find decoded ahead, and decoded themselves
 	Running      bool  `json:"running"`       // blocks are still being decoded

@@ -81,8 +81,8 @@ func WriteText(w io.Writer, st *Status) {
 			case p.Held:
 				state = "held"
 			}
-			fmt.Fprintf(w, "%s: start decoded ahead (%s): %d blocks, %d reads served from them, %d blocks decoded by the reads\n", img.ID, state,
-				p.Blocks, p.ReadsServed, p.BlocksMissed)
+			fmt.Fprintf(w, "%s: start decoded ahead (%s): %d blocks (%d decoded, %d kept decoded from the last start), %d reads served from them, %d blocks decoded by the reads\n",
+				img.ID, state, p.Blocks+p.BlocksLoaded, p.Blocks, p.BlocksLoaded, p.ReadsServed, p.BlocksMissed)
 		}
 		if img.Recording != "" {
 			fmt.Fprintf(w, "%s: recording its reads into %s\n", img.ID, img.Recording)

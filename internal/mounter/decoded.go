@@ -1,0 +1,226 @@
+package mounter
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/obdproject/obd/internal/atomicfile"
+	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/zfile"
+)
+
+// A start decoded ahead (see learn.go) costs a core for as long as zstd takes: a warm python start decoded 600
+// ZFile blocks (38 MiB) in 0.15–0.2 s of the daemon's 0.3 s of CPU, while runc and the container's first process
+// wanted both cores. So the blocks a start's pool held when the start was over are kept on disk, beside the
+// image's learned start (<hash>.blocks next to <hash>.json in Options.StartsDir), and the next start of the image
+// loads them into its pool, in the order they were decoded, before it decodes what they lack: reading them is a
+// sequential read of a file. Such a file is written once the start's reads stopped taking blocks from the pool,
+// when the start decoded at least a decodedRewrite share of what it loaded (or there was none), and the
+// maxDecodedStarts files written last are kept, each at most Options.PredecodeBytes of blocks.
+//
+// The file: decodedMagic; the image's layers (a uint32 count, then each layer's digest as a uint16 length and its
+// bytes); then one record per block: the layer's index (uint32), the block's number (uint64), its length
+// (uint32), the CRC32C of its bytes (uint32), its bytes; integers little-endian. A file whose layers are not the
+// image's is not used; loading stops at the first record that does not check (the blocks before it are used).
+
+const decodedMagic = "obd decoded start 1\n"
+
+// maxDecodedStarts bounds the files of decoded blocks a node keeps: those of the images started last.
+const maxDecodedStarts = 16
+
+// decodedRewrite: a start's blocks are written again when it decoded at least this share of the blocks it loaded.
+const decodedRewrite = 0.1
+
+// maxDecodedBlock bounds a record's length (ZFile blocks are at most 1 MiB).
+const maxDecodedBlock = 1 << 20
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// decodedPath names the file of decoded blocks of the start whose learned start is at startPath.
+func decodedPath(startPath string) string {
+	return strings.TrimSuffix(startPath, ".json") + ".blocks"
+}
+
+// writeDecoded writes to w the blocks that walk passes to its function (as zfile.Predecoded.Walk does), of the
+// layers of an image (digests, by index).
+func writeDecoded(w io.Writer, digests []string, walk func(fn func(layer int, block int64, data []byte) error) error) error {
+	bw := bufio.NewWriterSize(w, 1<<20)
+	bw.WriteString(decodedMagic)
+	var hdr [20]byte
+	binary.LittleEndian.PutUint32(hdr[:4], uint32(len(digests)))
+	bw.Write(hdr[:4])
+	for _, d := range digests {
+		binary.LittleEndian.PutUint16(hdr[:2], uint16(len(d)))
+		bw.Write(hdr[:2])
+		bw.WriteString(d)
+	}
+	err := walk(func(layer int, block int64, data []byte) error {
+		binary.LittleEndian.PutUint32(hdr[0:], uint32(layer))
+		binary.LittleEndian.PutUint64(hdr[4:], uint64(block))
+		binary.LittleEndian.PutUint32(hdr[12:], uint32(len(data)))
+		binary.LittleEndian.PutUint32(hdr[16:], crc32.Checksum(data, castagnoli))
+		bw.Write(hdr[:])
+		_, err := bw.Write(data)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	return bw.Flush()
+}
+
+// readDecoded reads a file of decoded blocks from r and calls add with each block, in order, after checking that
+// the file's layers are digests and the block's CRC32C. At most maxBytes of blocks are read. It returns the number
+// of blocks added; an error says what did not check, or is add's.
+func readDecoded(r io.Reader, digests []string, maxBytes int64, add func(layer int, block int64, data []byte) error) (int, error) {
+	br := bufio.NewReaderSize(r, 1<<20)
+	magic := make([]byte, len(decodedMagic))
+	if _, err := io.ReadFull(br, magic); err != nil || string(magic) != decodedMagic {
+		return 0, errors.New("decoded blocks: not a file of decoded blocks")
+	}
+	var hdr [20]byte
+	if _, err := io.ReadFull(br, hdr[:4]); err != nil {
+		return 0, fmt.Errorf("decoded blocks: layers: %w", noEOF(err))
+	}
+	if n := binary.LittleEndian.Uint32(hdr[:4]); n != uint32(len(digests)) {
+		return 0, fmt.Errorf("decoded blocks: %d layers, the image has %d", n, len(digests))
+	}
+	for i, want := range digests {
+		if _, err := io.ReadFull(br, hdr[:2]); err != nil {
+			return 0, fmt.Errorf("decoded blocks: layer %d: %w", i, noEOF(err))
+		}
+		d := make([]byte, binary.LittleEndian.Uint16(hdr[:2]))
+		if _, err := io.ReadFull(br, d); err != nil {
+			return 0, fmt.Errorf("decoded blocks: layer %d: %w", i, noEOF(err))
+		}
+		if string(d) != want {
+			return 0, fmt.Errorf("decoded blocks: layer %d is %.80q, the image's is %s", i, d, want)
+		}
+	}
+	var n int
+	var total int64
+	for {
+		if _, err := io.ReadFull(br, hdr[:]); err == io.EOF {
+			return n, nil
+		} else if err != nil {
+			return n, fmt.Errorf("decoded blocks: record %d: %w", n, noEOF(err))
+		}
+		layer := binary.LittleEndian.Uint32(hdr[0:])
+		block := binary.LittleEndian.Uint64(hdr[4:])
+		size := binary.LittleEndian.Uint32(hdr[12:])
+		sum := binary.LittleEndian.Uint32(hdr[16:])
+		switch {
+		case layer >= uint32(len(digests)):
+			return n, fmt.Errorf("decoded blocks: record %d: layer %d of %d", n, layer, len(digests))
+		case block > 1<<40:
+			return n, fmt.Errorf("decoded blocks: record %d: block %d", n, block)
+		case size == 0 || size > maxDecodedBlock:
+			return n, fmt.Errorf("decoded blocks: record %d: %d bytes", n, size)
+		case total+int64(size) > maxBytes:
+			return n, nil // the pool's bound may have shrunk since the file was written
+		}
+		data := make([]byte, size)
+		if _, err := io.ReadFull(br, data); err != nil {
+			return n, fmt.Errorf("decoded blocks: record %d: %w", n, noEOF(err))
+		}
+		if crc32.Checksum(data, castagnoli) != sum {
+			return n, fmt.Errorf("decoded blocks: record %d (layer %d, block %d): CRC mismatch", n, layer, block)
+		}
+		if err := add(int(layer), int64(block), data); err != nil {
+			return n, err
+		}
+		n++
+		total += int64(size)
+	}
+}
+
+// noEOF turns the end of a file inside a structure into io.ErrUnexpectedEOF.
+func noEOF(err error) error {
+	if err == io.EOF {
+		return io.ErrUnexpectedEOF
+	}
+	return err
+}
+
+// zfileReaders returns the ZFile reader of each layer (nil for a layer that has none).
+func zfileReaders(opened []*image.Layer) []*zfile.Reader {
+	zs := make([]*zfile.Reader, len(opened))
+	for i, l := range opened {
+		zs[i] = l.ZFile()
+	}
+	return zs
+}
+
+// loadDecoded adds the blocks kept at path to pool; a missing file loads nothing, a bad one is logged and what it
+// held before the fault is kept. It reports whether the file needs writing again (it is bad).
+func (m *Mounter) loadDecoded(ctx context.Context, path string, digests []string, opened []*image.Layer, pool *zfile.Predecoded) (bad bool) {
+	f, err := os.Open(path)
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			m.opts.Logger.Warn("the image's decoded start cannot be read: ignored", "path", path, "err", err)
+			return true
+		}
+		return false
+	}
+	defer f.Close()
+	zs := zfileReaders(opened)
+	_, err = readDecoded(f, digests, m.opts.PredecodeBytes, func(layer int, block int64, data []byte) error {
+		if zs[layer] == nil {
+			return fmt.Errorf("decoded blocks: layer %d is not a ZFile", layer)
+		}
+		return zs[layer].AddPredecoded(ctx, pool, block, data)
+	})
+	if err != nil && ctx.Err() == nil {
+		m.opts.Logger.Warn("the image's decoded start is damaged: using the blocks before the damage", "path", path, "err", err)
+		return true
+	}
+	return false
+}
+
+// keepDecoded writes the blocks pool holds to path when the file is bad or the start decoded enough blocks (see
+// decodedRewrite), and prunes the files of other images.
+func (m *Mounter) keepDecoded(path string, bad bool, digests []string, opened []*image.Layer, pool *zfile.Predecoded) {
+	decoded, _ := pool.Stats()
+	if !bad && (decoded == 0 || float64(decoded) < decodedRewrite*float64(pool.Loaded())) {
+		return
+	}
+	err := atomicfile.Replace(path, 0o644, func(f *os.File) error {
+		zs := zfileReaders(opened)
+		return writeDecoded(f, digests, func(fn func(layer int, block int64, data []byte) error) error { return pool.Walk(zs, fn) })
+	})
+	if err != nil {
+		m.opts.Logger.Warn("cannot keep the image's decoded start", "path", path, "err", err)
+		return
+	}
+	pruneDecoded(filepath.Dir(path), m.opts.Logger.Warn)
+}
+
+// pruneDecoded removes the files of decoded blocks of dir beyond maxDecodedStarts, least recently written first.
+func pruneDecoded(dir string, warn func(msg string, args ...any)) {
+	paths, _ := filepath.Glob(filepath.Join(dir, "*.blocks"))
+	if len(paths) <= maxDecodedStarts {
+		return
+	}
+	mod := map[string]time.Time{}
+	for _, p := range paths {
+		if fi, err := os.Stat(p); err == nil {
+			mod[p] = fi.ModTime()
+		}
+	}
+	slices.SortFunc(paths, func(a, b string) int { return mod[a].Compare(mod[b]) })
+	for _, p := range paths[:len(paths)-maxDecodedStarts] {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			warn("cannot remove an old decoded start", "path", p, "err", err)
+		}
+	}
+}
