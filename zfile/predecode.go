@@ -1,6 +1,7 @@
 package zfile
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -24,7 +25,7 @@ type Predecoded struct {
 	order  []predecodedKey // blocks added, in order (evicted ones included)
 	room   chan struct{}   // closed and replaced when a block is read or evicted
 
-	decoded, loaded, hits, missed atomic.Int64
+	decoded, loaded, offered, hits, missed atomic.Int64
 }
 
 type predecodedKey struct {
@@ -55,6 +56,25 @@ func (c *Predecoded) Stats() (decoded, hits int64) { return c.decoded.Load(), c.
 
 // Loaded returns the number of blocks added to the pool already decoded (AddPredecoded), not counted as decoded.
 func (c *Predecoded) Loaded() int64 { return c.loaded.Load() }
+
+// Offered returns the number of blocks that readers using the pool decoded themselves and the pool kept a copy of
+// (while it had room): with them, the pool holds what the start decoded, not only what it decoded ahead (see Walk).
+func (c *Predecoded) Offered() int64 { return c.offered.Load() }
+
+// offer keeps a copy of block k, which a read decoded itself, if the pool has room for it without evicting. The
+// copy counts as read: it is evicted first.
+func (c *Predecoded) offer(k predecodedKey, data []byte) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.blocks[k] != nil || c.bytes+int64(len(data)) > c.max {
+		return
+	}
+	c.blocks[k] = &predecodedBlock{data: bytes.Clone(data), read: true}
+	c.read = append(c.read, k)
+	c.order = append(c.order, k)
+	c.bytes += int64(len(data))
+	c.offered.Add(1)
+}
 
 // Walk calls fn, in the order they were added, with each block the pool holds of the Readers rs: the index in rs
 // of its Reader, the block's number and its bytes, which fn must not modify. It stops at fn's first error.

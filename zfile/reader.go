@@ -459,14 +459,20 @@ func (z *Reader) decodeInto(i int64, rec []byte, recOff int64, p []byte, off, en
 	bLen := min(int64(1)<<z.bsShift, z.info.OriginalSize-bStart)
 	from, to := max(off, bStart), min(end, bStart+bLen)
 	var err error
+	pre := z.pre.Load()
 	if from == bStart && to == bStart+bLen {
-		err = decodeBlock(z.info.Algorithm, data, p[from-off:to-off])
+		if err = decodeBlock(z.info.Algorithm, data, p[from-off:to-off]); err == nil && pre != nil {
+			pre.offer(predecodedKey{z.id, i}, p[from-off:to-off])
+		}
 	} else if !decoded.get(z.id, i, p[from-off:to-off], from-bStart) {
 		scratch := z.getBlock()
 		blk := (*scratch)[:bLen]
 		if err = decodeBlock(z.info.Algorithm, data, blk); err == nil {
 			copy(p[from-off:to-off], blk[from-bStart:to-bStart])
 			decoded.put(z.id, i, blk)
+			if pre != nil {
+				pre.offer(predecodedKey{z.id, i}, blk)
+			}
 		}
 		z.blockPool.Put(scratch)
 	}

@@ -191,6 +191,7 @@ func (m *Mounter) loadDecoded(ctx context.Context, path string, digests []string
 // decodedRewrite), and prunes the files of other images.
 func (m *Mounter) keepDecoded(path string, bad bool, digests []string, opened []*image.Layer, pool *zfile.Predecoded) {
 	decoded, _ := pool.Stats()
+	decoded += pool.Offered()
 	if !bad && (decoded == 0 || float64(decoded) < decodedRewrite*float64(pool.Loaded())) {
 		return
 	}

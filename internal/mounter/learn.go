@@ -309,7 +309,8 @@ func (m *Mounter) beginStart(id string, img *mounted) {
 		}
 		img.learn.Store(newLearning(img.learnPath, img.startLayers, m.opts.Logger.With("image", id)))
 	}
-	if len(ahead) > 0 && m.opts.PredecodeBytes > 0 {
+	if m.opts.PredecodeBytes > 0 && (len(ahead) > 0 || m.opts.StartsDir != "") {
+		// Without a start to follow, the pool only collects the blocks the start's reads decode, to be kept.
 		img.predecode = m.startPredecode(id, img, img.opened, ahead)
 	}
 }
@@ -372,6 +373,7 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 		}
 		decoded, hits := pool.Stats()
 		switch {
+		case len(recs) == 0 && pool.Loaded() == 0:
 		case err == nil || ctx.Err() != nil:
 			log.Info("decoded the blocks of the image's start ahead of its reads", "blocks", decoded, "loaded", pool.Loaded(),
 				"reads_served", hits, "took", time.Since(start).Round(time.Millisecond))
@@ -384,15 +386,15 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 		// The pool is dropped once the start's reads stop taking blocks from it (or LearnWindow after it began).
 		t := time.NewTicker(poolIdle / 4)
 		defer t.Stop()
-		last, idle := hits, time.Duration(0)
+		last, idle := hits+pool.Offered(), time.Duration(0)
 		for idle < poolIdle {
 			select {
 			case <-ctx.Done():
 				return
 			case <-t.C:
 			}
-			if _, h := pool.Stats(); h != last {
-				last, idle = h, 0
+			if _, h := pool.Stats(); h+pool.Offered() != last {
+				last, idle = h+pool.Offered(), 0
 			} else {
 				idle += poolIdle / 4
 			}

@@ -56,8 +56,11 @@ func TestLearnedStart(t *testing.T) {
 	if err := s.mount(m, "img", layers, target); err != nil {
 		t.Fatal(err)
 	}
-	if start(m) != nil {
-		t.Fatal("the first start of an image decodes ahead: it has no start to follow")
+	// The first start has no start to follow: its pool only collects the blocks its reads decode.
+	if p := start(m); p == nil {
+		t.Fatal("the first start has no pool")
+	} else if decoded, _ := p.pool.Stats(); decoded != 0 || p.pool.Loaded() != 0 || p.pool.Offered() == 0 {
+		t.Fatalf("first start: %d blocks decoded ahead, %d loaded, %d kept from its reads", decoded, p.pool.Loaded(), p.pool.Offered())
 	}
 	if got := m.LearnedStarts(); len(got) != 1 || len(got[0].Layers) != 1 {
 		t.Fatalf("LearnedStarts while the first start is learned: %+v", got)
