@@ -54,15 +54,45 @@ func NewPredecoded(max int64) *Predecoded {
 // Stats returns the number of blocks decoded into the pool and of reads served from it.
 func (c *Predecoded) Stats() (decoded, hits int64) { return c.decoded.Load(), c.hits.Load() }
 
-// Loaded returns the number of blocks added to the pool already decoded (AddPredecoded), not counted as decoded.
+// Loaded returns the number of blocks added to the pool already decoded (AddPredecoded, Take), not counted as
+// decoded.
 func (c *Predecoded) Loaded() int64 { return c.loaded.Load() }
 
 // Offered returns the number of blocks that readers using the pool decoded themselves and the pool kept a copy of
-// (while it had room): with them, the pool holds what the start decoded, not only what it decoded ahead (see Walk).
+// (see offer).
 func (c *Predecoded) Offered() int64 { return c.offered.Load() }
 
+// Take adds the blocks old holds to c, in the order old got them, as blocks not read yet (counted as loaded),
+// while c has room. A start takes the blocks of the start before it, which it would otherwise decode again.
+func (c *Predecoded) Take(old *Predecoded) {
+	old.mu.Lock()
+	var blocks []predecodedKey
+	var data [][]byte
+	for _, k := range old.order {
+		if b := old.blocks[k]; b != nil {
+			blocks, data = append(blocks, k), append(data, b.data)
+		}
+	}
+	old.mu.Unlock()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for i, k := range blocks {
+		if c.blocks[k] != nil { // in old's order twice
+			continue
+		}
+		if c.bytes+int64(len(data[i])) > c.max {
+			break
+		}
+		c.blocks[k] = &predecodedBlock{data: data[i]}
+		c.order = append(c.order, k)
+		c.bytes += int64(len(data[i]))
+		c.loaded.Add(1)
+	}
+}
+
 // offer keeps a copy of block k, which a read decoded itself, if the pool has room for it without evicting. The
-// copy counts as read: it is evicted first.
+// copy counts as read: it is evicted first. With these, the pool holds what the start decoded, not only what it
+// decoded ahead (see Held).
 func (c *Predecoded) offer(k predecodedKey, data []byte) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -76,37 +106,43 @@ func (c *Predecoded) offer(k predecodedKey, data []byte) {
 	c.offered.Add(1)
 }
 
-// Walk calls fn, in the order they were added, with each block the pool holds of the Readers rs: the index in rs
-// of its Reader, the block's number and its bytes, which fn must not modify. It stops at fn's first error.
-func (c *Predecoded) Walk(rs []*Reader, fn func(reader int, block int64, data []byte) error) error {
+// HeldBlock is a block a pool holds: the index of its Reader (see Held), its number and its bytes, which must
+// not be modified.
+type HeldBlock struct {
+	Reader int
+	Block  int64
+	Data   []byte
+}
+
+// Held returns, in the order they were added, the blocks the pool holds of the Readers rs (Reader: the index in
+// rs).
+func (c *Predecoded) Held(rs []*Reader) []HeldBlock {
 	idx := map[uint64]int{}
 	for i, z := range rs {
 		if z != nil {
 			idx[z.id] = i
 		}
 	}
-	type held struct {
-		reader int
-		block  int64
-		data   []byte
-	}
-	var blocks []held
+	var out []HeldBlock
 	seen := map[predecodedKey]bool{}
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	for _, k := range c.order {
 		b, dup := c.blocks[k], seen[k] // a block evicted and added again is in order twice
 		seen[k] = true
 		if i, ok := idx[k.reader]; ok && b != nil && !dup {
-			blocks = append(blocks, held{i, k.block, b.data})
+			out = append(out, HeldBlock{i, k.block, b.data})
 		}
 	}
-	c.mu.Unlock()
-	for _, b := range blocks {
-		if err := fn(b.reader, b.block, b.data); err != nil {
-			return err
-		}
-	}
-	return nil
+	return out
+}
+
+// Drop empties the pool (its counts stay): its readers no longer use it.
+func (c *Predecoded) Drop() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.blocks, c.order, c.read, c.bytes = map[predecodedKey]*predecodedBlock{}, nil, nil, 0
+	c.wake()
 }
 
 // Missed returns the number of blocks that readers using the pool did not find there and decoded themselves.

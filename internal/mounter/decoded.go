@@ -21,17 +21,24 @@ import (
 
 // A start decoded ahead (see learn.go) costs a core for as long as zstd takes: a warm python start decoded 600
 // ZFile blocks (38 MiB) in 0.15–0.2 s of the daemon's 0.3 s of CPU, while runc and the container's first process
-// wanted both cores. So the blocks a start's pool held when the start was over are kept on disk, beside the
-// image's learned start (<hash>.blocks next to <hash>.json in Options.StartsDir), and the next start of the image
-// loads them into its pool, in the order they were decoded, before it decodes what they lack: reading them is a
-// sequential read of a file. Such a file is written once the start's reads stopped taking blocks from the pool,
-// when the start decoded at least a decodedRewrite share of what it loaded (or there was none), and the
-// maxDecodedStarts files written last are kept, each at most Options.PredecodeBytes of blocks.
+// wanted both cores. So a start's decoding is not thrown away:
+//
+//   - A start's pool also keeps a copy of each block its reads decoded themselves (a first start, with nothing to
+//     follow, has a pool for that alone), so that it ends up holding what the start decoded.
+//   - A start that begins while the pool of the one before is held (its reads took blocks in the last poolIdle)
+//     takes that pool's blocks.
+//   - Once a start is over (its reads stopped taking blocks from the pool for poolIdle, or LearnWindow passed), the
+//     blocks its pool holds are written beside the image's learned start (<hash>.blocks next to <hash>.json in
+//     Options.StartsDir) when that file is missing or bad or holds less than 1-decodedRewrite of them, and the pool
+//     is dropped. The next start loads that file into its pool, in the order the blocks were decoded, before it
+//     decodes what the file lacks: a sequential read instead of zstd. The maxDecodedStarts files written last are
+//     kept, each at most Options.PredecodeBytes of blocks.
 //
 // The file: decodedMagic; the image's layers (a uint32 count, then each layer's digest as a uint16 length and its
 // bytes); then one record per block: the layer's index (uint32), the block's number (uint64), its length
 // (uint32), the CRC32C of its bytes (uint32), its bytes; integers little-endian. A file whose layers are not the
-// image's is not used; loading stops at the first record that does not check (the blocks before it are used).
+// image's is not used; loading stops at the first record that does not check (the blocks before it are used), and
+// the file is written again when the start is over.
 
 const decodedMagic = "obd decoded start 1\n"
 
@@ -187,23 +194,41 @@ func (m *Mounter) loadDecoded(ctx context.Context, path string, digests []string
 	return false
 }
 
-// keepDecoded writes the blocks pool holds to path when the file is bad or the start decoded enough blocks (see
-// decodedRewrite), and prunes the files of other images.
-func (m *Mounter) keepDecoded(path string, bad bool, digests []string, opened []*image.Layer, pool *zfile.Predecoded) {
-	decoded, _ := pool.Stats()
-	decoded += pool.Offered()
-	if !bad && (decoded == 0 || float64(decoded) < decodedRewrite*float64(pool.Loaded())) {
+// keepDecoded writes the blocks the pool of p holds to path when the file is bad or missing or when the blocks
+// decoded since it was written are at least a decodedRewrite share of them, and prunes the files of other images.
+// It takes the list of blocks at once and writes them in the background (img.keeping counts it): the pool may be
+// dropped meanwhile.
+func (m *Mounter) keepDecoded(img *mounted, p *predecoding, path string, bad bool, digests []string, opened []*image.Layer) {
+	blocks := p.pool.Held(zfileReaders(opened))
+	if len(blocks) == 0 {
 		return
 	}
-	err := atomicfile.Replace(path, 0o644, func(f *os.File) error {
-		zs := zfileReaders(opened)
-		return writeDecoded(f, digests, func(fn func(layer int, block int64, data []byte) error) error { return pool.Walk(zs, fn) })
-	})
-	if err != nil {
-		m.opts.Logger.Warn("cannot keep the image's decoded start", "path", path, "err", err)
+	_, statErr := os.Stat(path)
+	if unsaved := p.unsaved(); !bad && statErr == nil && (unsaved == 0 || float64(unsaved) < decodedRewrite*float64(len(blocks))) {
 		return
 	}
-	pruneDecoded(filepath.Dir(path), m.opts.Logger.Warn)
+	img.keeping.Add(1)
+	go func() {
+		defer img.keeping.Done()
+		err := os.MkdirAll(filepath.Dir(path), 0o755)
+		if err == nil {
+			err = atomicfile.Replace(path, 0o644, func(f *os.File) error {
+				return writeDecoded(f, digests, func(fn func(layer int, block int64, data []byte) error) error {
+					for _, b := range blocks {
+						if err := fn(b.Reader, b.Block, b.Data); err != nil {
+							return err
+						}
+					}
+					return nil
+				})
+			})
+		}
+		if err != nil {
+			m.opts.Logger.Warn("cannot keep the image's decoded start", "path", path, "err", err)
+			return
+		}
+		pruneDecoded(filepath.Dir(path), m.opts.Logger.Warn)
+	}()
 }
 
 // pruneDecoded removes the files of decoded blocks of dir beyond maxDecodedStarts, least recently written first.

@@ -272,7 +272,11 @@ type predecoding struct {
 	pool     *zfile.Predecoded
 	cancel   context.CancelFunc
 	finished chan struct{} // closed when the blocks are decoded (or the decoding stopped)
-	done     chan struct{} // closed when the pool is dropped
+	done     chan struct{} // closed when the pool is no longer used
+	stopping atomic.Bool   // stop was called: the pool's blocks stay, for the next start
+	dropped  atomic.Bool   // the start was over before a next one: its pool is empty, its blocks kept on disk
+	// prevUnsaved counts the blocks taken from the start before that its own start decoded (see unsaved).
+	prevUnsaved int64
 }
 
 var _ snapshotter.Starter = (*Mounter)(nil)
@@ -293,8 +297,9 @@ func (m *Mounter) beginStart(id string, img *mounted) {
 	if img.rec != nil || (img.learnPath == "" && len(img.replay) == 0) {
 		return
 	}
-	if img.predecode != nil {
-		img.predecode.stop()
+	prev := img.predecode // the start before: its pool's blocks, unless it was dropped
+	if prev != nil {
+		prev.stop()
 		img.predecode = nil
 	}
 	ahead := img.replay
@@ -311,13 +316,14 @@ func (m *Mounter) beginStart(id string, img *mounted) {
 	}
 	if m.opts.PredecodeBytes > 0 && (len(ahead) > 0 || m.opts.StartsDir != "") {
 		// Without a start to follow, the pool only collects the blocks the start's reads decode, to be kept.
-		img.predecode = m.startPredecode(id, img, img.opened, ahead)
+		img.predecode = m.startPredecode(id, img, img.opened, ahead, prev)
 	}
 }
 
 // startPredecode decodes the blocks of recs whose bytes are local into a new pool that the layers of img read
-// from, and drops the pool LearnWindow later.
-func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer, recs []trace.Record) *predecoding {
+// from, and drops the pool LearnWindow later. The pool starts with the blocks of prev (the pool of the start
+// before, nil when none), else with those kept on disk.
+func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer, recs []trace.Record, prev *predecoding) *predecoding {
 	select {
 	case m.predecodeSlots <- struct{}{}:
 	default:
@@ -325,11 +331,16 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 		return nil
 	}
 	pool := zfile.NewPredecoded(m.opts.PredecodeBytes)
+	var prevUnsaved int64
+	if prev != nil && !prev.dropped.Load() {
+		pool.Take(prev.pool)
+		prevUnsaved = prev.unsaved()
+	}
 	for _, l := range opened {
 		l.UsePredecoded(pool)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), LearnWindow)
-	p := &predecoding{pool: pool, cancel: cancel, finished: make(chan struct{}), done: make(chan struct{})}
+	p := &predecoding{pool: pool, cancel: cancel, finished: make(chan struct{}), done: make(chan struct{}), prevUnsaved: prevUnsaved}
 	log := m.opts.Logger.With("image", id)
 	// The blocks the image's last start held decoded, kept on disk (see decoded.go).
 	var blocksPath string
@@ -346,13 +357,17 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 			for _, l := range opened {
 				l.UsePredecoded(nil)
 			}
+			if !p.stopping.Load() {
+				pool.Drop() // a next start that stops this one takes its blocks
+				p.dropped.Store(true)
+			}
 			<-m.predecodeSlots
 			decoded, hits := pool.Stats()
 			log.Debug("decoded blocks of the image's start dropped", "decoded", decoded, "reads_served", hits, "blocks_missed", pool.Missed())
 		}()
 		start := time.Now()
 		var badBlocks bool
-		if blocksPath != "" {
+		if blocksPath != "" && pool.Loaded() == 0 {
 			badBlocks = m.loadDecoded(ctx, blocksPath, digests, opened, pool)
 		}
 		var err error
@@ -390,7 +405,11 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 		for idle < poolIdle {
 			select {
 			case <-ctx.Done():
-				return
+				if p.stopping.Load() {
+					return // a next start takes the blocks, or the image is detached
+				}
+				idle = poolIdle // LearnWindow after the start began
+				continue
 			case <-t.C:
 			}
 			if _, h := pool.Stats(); h+pool.Offered() != last {
@@ -400,7 +419,7 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 			}
 		}
 		if blocksPath != "" {
-			m.keepDecoded(blocksPath, badBlocks, digests, opened, pool)
+			m.keepDecoded(img, p, blocksPath, badBlocks, digests, opened)
 		}
 	}()
 	return p
@@ -466,8 +485,16 @@ func (p *predecoding) info() *PredecodeInfo {
 	return info
 }
 
-// stop ends the decoding and drops its pool.
+// unsaved returns the number of blocks of the pool that no file of decoded blocks holds: those this start and the
+// starts whose blocks it took decoded.
+func (p *predecoding) unsaved() int64 {
+	decoded, _ := p.pool.Stats()
+	return p.prevUnsaved + decoded + p.pool.Offered()
+}
+
+// stop ends the decoding and its pool's use; the pool keeps its blocks, for the next start.
 func (p *predecoding) stop() {
+	p.stopping.Store(true)
 	p.cancel()
 	<-p.done
 }

@@ -74,6 +74,23 @@ func TestLearnedStart(t *testing.T) {
 			stable, last = 0, used
 		}
 	}
+	// waitFile waits for the decoded blocks of a start to be kept in a file other than old.
+	blocksFile := decodedPath(m.learnedPath(layers))
+	waitFile := func(old []byte) []byte {
+		t.Helper()
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+			if b, err := os.ReadFile(blocksFile); err == nil && !bytes.Equal(b, old) {
+				return b
+			} else if time.Now().After(deadline) {
+				t.Fatalf("no new file of decoded blocks: %v", err)
+			}
+		}
+	}
+	// Once the first start's reads stop, what they decoded is kept. It is removed here: the second start decodes.
+	waitFile(nil)
+	if err := os.Remove(blocksFile); err != nil {
+		t.Fatal(err)
+	}
 	fetched := reg.requests.Load()
 	p := start(m)
 	if p == nil {
@@ -85,8 +102,8 @@ func TestLearnedStart(t *testing.T) {
 	}
 
 	decoded, hits := p.pool.Stats()
-	if decoded == 0 || hits == 0 || p.pool.Missed() != 0 {
-		t.Fatalf("second start: %d blocks decoded ahead, %d reads served from them, %d blocks decoded by the reads", decoded, hits, p.pool.Missed())
+	if decoded == 0 || hits == 0 || p.pool.Missed() != 0 || p.pool.Loaded() != 0 {
+		t.Fatalf("second start: %d blocks decoded ahead, %d loaded, %d reads served from them, %d blocks decoded by the reads", decoded, p.pool.Loaded(), hits, p.pool.Missed())
 	}
 	var info *PredecodeInfo
 	for _, ii := range m.Images() {
@@ -101,25 +118,21 @@ func TestLearnedStart(t *testing.T) {
 		t.Fatalf("the second start made %d registry requests", n)
 	}
 
-	// Once the second start's reads stop taking blocks from its pool, the blocks it decoded are kept on disk; the
-	// third start loads them instead of decoding them.
-	blocksFile := decodedPath(m.learnedPath(layers))
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		if _, err := os.Stat(blocksFile); err == nil {
-			break
-		} else if time.Now().After(deadline) {
-			t.Fatalf("the second start's decoded blocks were not kept: %v", err)
+	// A start that begins while the pool of the one before is held takes its blocks; once its reads stop, the
+	// blocks are kept on disk, and the next start loads them instead of decoding them.
+	for i, from := range []string{"the start before", "the file"} {
+		if i == 1 {
+			waitFile(nil)
+		}
+		p = start(m)
+		redecoded, hits := p.pool.Stats()
+		if loaded := p.pool.Loaded(); loaded != decoded || redecoded != 0 || hits == 0 || p.pool.Missed() != 0 {
+			t.Fatalf("a start with the blocks of %s: %d blocks loaded (%d decoded by the second start), %d decoded, %d reads served, %d decoded by the reads",
+				from, loaded, decoded, redecoded, hits, p.pool.Missed())
 		}
 	}
-	p = start(m)
-	if p == nil {
-		t.Fatal("the third start does not decode ahead")
-	}
-	redecoded, hits := p.pool.Stats()
-	if loaded := p.pool.Loaded(); loaded != decoded || redecoded != 0 || hits == 0 || p.pool.Missed() != 0 {
-		t.Fatalf("third start: %d blocks loaded (%d kept), %d decoded, %d reads served, %d decoded by the reads", loaded, decoded, redecoded, hits, p.pool.Missed())
-	}
 	// A damaged file: the blocks before the damage are loaded, the others decoded; the reads get the right bytes.
+	<-p.done // the pool dropped: the next start loads the file
 	kb, err := os.ReadFile(blocksFile)
 	if err != nil {
 		t.Fatal(err)
@@ -129,18 +142,13 @@ func TestLearnedStart(t *testing.T) {
 		t.Fatal(err)
 	}
 	p = start(m)
-	redecoded, _ = p.pool.Stats()
+	redecoded, _ := p.pool.Stats()
 	if loaded := p.pool.Loaded(); loaded != decoded-1 || redecoded != 1 || p.pool.Missed() != 0 {
 		t.Fatalf("start with a damaged last block kept: %d blocks loaded, %d decoded, %d decoded by the reads; want %d, 1, 0", loaded, redecoded, p.pool.Missed(), decoded-1)
 	}
 	// The damaged file is written again: the next start loads every block.
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		if nb, err := os.ReadFile(blocksFile); err == nil && !bytes.Equal(nb, kb) {
-			break
-		} else if time.Now().After(deadline) {
-			t.Fatal("the damaged file of decoded blocks was not written again")
-		}
-	}
+	waitFile(kb)
+	<-p.done
 	if p = start(m); p.pool.Loaded() != decoded {
 		t.Fatalf("after the rewrite: %d blocks loaded, want %d", p.pool.Loaded(), decoded)
 	}

@@ -128,6 +128,7 @@ type mounted struct {
 	startLayers []trace.StartLayer
 	learn       atomic.Pointer[learning]
 	predecode   *predecoding
+	keeping     sync.WaitGroup // the writes of its decoded start in flight (see keepDecoded)
 }
 
 // New returns a Mounter.
@@ -643,6 +644,7 @@ func (img *mounted) close() error {
 	if img.predecode != nil {
 		img.predecode.stop()
 	}
+	img.keeping.Wait() // the decoded start being written: it does not outlive the image
 	if l := img.learn.Load(); l != nil {
 		l.finish()
 	}
