@@ -613,7 +613,7 @@ func (b *bench) runContainer(sn, ref string) (time.Duration, error) {
 }
 
 // reset empties containerd's namespace (images, containers, snapshots, content) and, with clearCache, restarts
-// obd-snapshotter with an empty block cache.
+// obd-snapshotter with an empty block cache and no learned starts.
 func (b *bench) reset(clearCache bool) error {
 	ctx := b.ctx
 	ctrs, err := b.c.Containers(ctx)
@@ -673,8 +673,11 @@ func (b *bench) reset(clearCache bool) error {
 	if err := b.sb.KillSnapshotter(); err != nil {
 		return err
 	}
-	if err := os.RemoveAll(b.sb.CacheDir()); err != nil {
-		return err
+	// A fresh node: no cached blocks, and no start learned (or decoded) by an earlier case.
+	for _, dir := range []string{b.sb.CacheDir(), filepath.Join(b.sb.Dir, "snapshotter", "starts")} {
+		if err := os.RemoveAll(dir); err != nil {
+			return err
+		}
 	}
 	if err := b.sb.StartSnapshotter(b.ctx); err != nil {
 		return err

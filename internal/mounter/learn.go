@@ -45,7 +45,8 @@ const LearnWindow = 30 * time.Second
 const maxLearnedReads = 1 << 17
 
 // maxPredecoding bounds the starts decoded ahead at once on a node (each on a core of its own, each holding up to
-// Options.PredecodeBytes): memory stays within maxPredecoding × PredecodeBytes. A start beyond is not decoded ahead.
+// Options.PredecodeBytes), beside one image decoded ahead on its attach (decodeOnAttach): memory stays within
+// (maxPredecoding+1) × PredecodeBytes. A start beyond is not decoded ahead.
 const maxPredecoding = 2
 
 // poolIdle is how long the decoded blocks of a start are kept once it stops reading them.
@@ -316,18 +317,35 @@ func (m *Mounter) beginStart(id string, img *mounted) {
 	}
 	if m.opts.PredecodeBytes > 0 && (len(ahead) > 0 || m.opts.StartsDir != "") {
 		// Without a start to follow, the pool only collects the blocks the start's reads decode, to be kept.
-		img.predecode = m.startPredecode(id, img, img.opened, ahead, prev)
+		img.predecode = m.startPredecode(id, img, img.opened, ahead, prev, m.predecodeSlots)
+	}
+}
+
+// decodeOnAttach decodes the blocks of the image's recorded or learned start as soon as the image is attached (a
+// pull attaches it), before a container starts over it: a start that begins while they are held takes them, and
+// when none does, they are kept on disk for the next one (see decoded.go). One image is decoded so at a time
+// (attachSlots); the image's memory bound is the same as a start's. The caller holds the image's lock.
+func (m *Mounter) decodeOnAttach(id string, img *mounted) {
+	if img.rec != nil || img.predecode != nil || m.opts.PredecodeBytes <= 0 {
+		return
+	}
+	ahead := img.replay
+	if img.learnPath != "" {
+		ahead = m.learnedStart(id, img.learnPath)
+	}
+	if len(ahead) > 0 {
+		img.predecode = m.startPredecode(id, img, img.opened, ahead, nil, m.attachSlots)
 	}
 }
 
 // startPredecode decodes the blocks of recs whose bytes are local into a new pool that the layers of img read
 // from, and drops the pool LearnWindow later. The pool starts with the blocks of prev (the pool of the start
 // before, nil when none), else with those kept on disk.
-func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer, recs []trace.Record, prev *predecoding) *predecoding {
+func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer, recs []trace.Record, prev *predecoding, slots chan struct{}) *predecoding {
 	select {
-	case m.predecodeSlots <- struct{}{}:
+	case slots <- struct{}{}:
 	default:
-		m.opts.Logger.Debug("no decoding ahead: other starts are being decoded ahead", "image", id, "at_once", cap(m.predecodeSlots))
+		m.opts.Logger.Debug("no decoding ahead: other starts are being decoded ahead", "image", id, "at_once", cap(slots))
 		return nil
 	}
 	pool := zfile.NewPredecoded(m.opts.PredecodeBytes)
@@ -361,7 +379,7 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 				pool.Drop() // a next start that stops this one takes its blocks
 				p.dropped.Store(true)
 			}
-			<-m.predecodeSlots
+			<-slots
 			decoded, hits := pool.Stats()
 			log.Debug("decoded blocks of the image's start dropped", "decoded", decoded, "reads_served", hits, "blocks_missed", pool.Missed())
 		}()

@@ -86,6 +86,8 @@ type Mounter struct {
 	turboSeq atomic.Int64 // names the TurboDir extractions
 	// predecodeSlots holds a token per start being decoded ahead (see maxPredecoding).
 	predecodeSlots chan struct{}
+	// attachSlots holds a token per image being decoded ahead on its attach (see decodeOnAttach).
+	attachSlots chan struct{}
 }
 
 func (m *Mounter) image(id string) *mounted {
@@ -146,7 +148,7 @@ func New(opts Options) *Mounter {
 		}
 	}
 	return &Mounter{opts: opts, images: map[string]*mounted{}, preloads: map[string]*preload{},
-		predecodeSlots: make(chan struct{}, maxPredecoding)}
+		predecodeSlots: make(chan struct{}, maxPredecoding), attachSlots: make(chan struct{}, 1)}
 }
 
 var _ snapshotter.ImageMounter = (*Mounter)(nil)
@@ -306,6 +308,8 @@ func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.La
 	img.opened = opened
 	if wl != nil {
 		m.beginStart(id, img) // a container's own device: attached for its start
+	} else {
+		m.decodeOnAttach(id, img)
 	}
 	// Upstream does not download while it records a trace: the trace would miss what the download brought.
 	if m.opts.Download.Enable && img.rec == nil && m.opts.Cache != nil {
