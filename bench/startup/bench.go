@@ -48,6 +48,7 @@ const (
 	caseOverlayWarm = "overlayfs-warm"
 	caseOBDMeta     = "obd-metadata-pull"
 	caseOBDImported = "obd-imported-cache"
+	caseOBDImpWarm  = "obd-imported-warm"
 	caseOBDPullDL   = "obd-pull-download"
 	caseOBDTurbo    = "obd-turbo-cold"
 	caseTurboAccel  = "obd-turbo-accel-cold"
@@ -91,6 +92,8 @@ var cases = []benchCase{
 		run: func(b *bench) (sample, error) { return b.runOnly("overlayfs", b.plainRef) }},
 	{key: caseOBDImported, title: "obd from an imported cache: run (after import + obd pull)", cold: true, obd: true,
 		setup: (*bench).exportSnapshot, run: (*bench).obdImported},
+	{key: caseOBDImpWarm, title: "obd from an imported cache, second start: run", after: caseOBDImported, obd: true,
+		run: func(b *bench) (sample, error) { return b.runOnly(snapshotter.Name, b.obdRef) }},
 	{key: caseOBDMeta, title: "obd pull only, loopback", cold: true, loopback: true, run: (*bench).obdMeta},
 }
 
@@ -148,9 +151,11 @@ type sample struct {
 	DiskReads     int64 `json:"diskReads,omitempty"`
 	DiskReadBytes int64 `json:"diskReadBytes,omitempty"`
 	// Predecoded is how many blocks of the start obd-snapshotter decoded ahead of its reads (obd cases with a
-	// learned or recorded start), PredecodeMissed how many the start's reads did not find decoded and decoded
+	// learned or recorded start), PredecodeLoaded how many it had decoded already (by the start before, on the
+	// image's attach, or kept on disk), PredecodeMissed how many the start's reads did not find decoded and decoded
 	// themselves.
 	Predecoded      int64 `json:"predecoded,omitempty"`
+	PredecodeLoaded int64 `json:"predecodeLoaded,omitempty"`
 	PredecodeMissed int64 `json:"predecodeMissed,omitempty"`
 	// DeviceReads is how many reads the kernel sent to the image's device (obd cases), DeviceReadSeconds the sum
 	// of the times obd-snapshotter took to answer them (reads in parallel each count), and SnapshotsAPISeconds the
@@ -382,8 +387,8 @@ func (b *bench) measureCase(c *benchCase) error {
 		}
 		extra += fmt.Sprintf("; snapshots API s: %s", strings.Join(calls, ", "))
 	}
-	if smp.Predecoded > 0 {
-		extra += fmt.Sprintf("; %d blocks decoded ahead, %d by the reads", smp.Predecoded, smp.PredecodeMissed)
+	if smp.Predecoded+smp.PredecodeLoaded > 0 {
+		extra += fmt.Sprintf("; %d blocks decoded ahead, %d decoded before, %d by the reads", smp.Predecoded, smp.PredecodeLoaded, smp.PredecodeMissed)
 	}
 	logf("  %-18s %7.2f s  (pull %.2f s, run %.2f s)  %s in %d requests  (load %.1f)%s", c.key, smp.Seconds, smp.PullSeconds, smp.RunSeconds,
 		units.Bytes(smp.Bytes), smp.Requests, load, extra)

@@ -64,6 +64,7 @@ func (b *bench) endUsage(smp *sample) {
 			for _, im := range st.Images {
 				if p := im.Predecode; p != nil {
 					smp.Predecoded += p.Blocks
+					smp.PredecodeLoaded += p.BlocksLoaded
 					smp.PredecodeMissed += p.BlocksMissed
 				}
 			}
