@@ -219,7 +219,8 @@ func (z *Reader) UsePredecoded(p *Predecoded) { z.pre.Store(p) }
 
 // Predecode decodes the blocks that hold the uncompressed bytes [off, off+n) into p, except those p holds already,
 // waiting for room in p (see Predecoded). It reads their compressed bytes as ReadAt does and checks their CRCs if
-// the Reader does; a block that fails is not kept, and the error says which.
+// the Reader does; a block that fails is not kept, and the error says which. It stops before the next block once
+// ctx is done.
 func (z *Reader) Predecode(ctx context.Context, p *Predecoded, off, n int64) error {
 	size := z.info.OriginalSize
 	end := min(off+n, size)
@@ -243,6 +244,9 @@ func (z *Reader) Predecode(ctx context.Context, p *Predecoded, off, n int64) err
 			return err
 		}
 		for i := b; i < e; i++ {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
 			rec := comp[z.offset(i)-start : z.offset(i+1)-start]
 			data := rec[:len(rec)-z.crcLen]
 			if z.verify && z.crcLen != 0 {

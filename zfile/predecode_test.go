@@ -88,6 +88,39 @@ func TestPredecode(t *testing.T) {
 	}
 	z.UsePredecoded(nil)
 	check(0, int64(len(src)))
+
+	// A decoding whose context is done stops before its next block, even with room.
+	cctx, ccancel := context.WithCancel(ctx)
+	ccancel()
+	fresh := NewPredecoded(64 * bs)
+	if err := z.Predecode(cctx, fresh, 0, int64(len(src))); !errors.Is(err, context.Canceled) {
+		t.Fatalf("predecoding with a cancelled context: %v", err)
+	}
+	if d, _ := fresh.Stats(); d != 0 {
+		t.Fatalf("%d blocks decoded with a cancelled context", d)
+	}
+	// Take: a pool takes another's blocks, as loaded, not decoded, within its bound; the reads find them.
+	taker := NewPredecoded(3 * bs)
+	if err := z.Predecode(ctx, fresh, 0, 5*bs); err != nil {
+		t.Fatal(err)
+	}
+	taker.Take(fresh)
+	if d, _ := taker.Stats(); d != 0 || taker.Loaded() != 3 || len(taker.Held([]*Reader{z})) != 3 {
+		t.Fatalf("taken: %d decoded, %d loaded, %d held; want 0, 3, 3", d, taker.Loaded(), len(taker.Held([]*Reader{z})))
+	}
+	z.UsePredecoded(taker)
+	before = cr.reads.Load()
+	check(0, 3*bs)
+	if got := cr.reads.Load() - before; got != 0 || taker.Missed() != 0 {
+		t.Fatalf("reads of taken blocks read the file %d times, missed %d", got, taker.Missed())
+	}
+	// The blocks a read decodes itself are offered to the pool while it has room; Drop empties it.
+	taker.Drop()
+	check(5*bs, 2*bs)
+	if taker.Offered() != 2 || len(taker.Held([]*Reader{z})) != 2 {
+		t.Fatalf("after reads of 2 missing blocks: %d offered, %d held", taker.Offered(), len(taker.Held([]*Reader{z})))
+	}
+	z.UsePredecoded(nil)
 }
 
 func TestPredecodeCorrupt(t *testing.T) {

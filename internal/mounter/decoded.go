@@ -185,6 +185,9 @@ func (m *Mounter) loadDecoded(ctx context.Context, path string, digests []string
 		if zs[layer] == nil {
 			return fmt.Errorf("decoded blocks: layer %d is not a ZFile", layer)
 		}
+		if err := ctx.Err(); err != nil {
+			return err // stopped: a next start takes what is loaded
+		}
 		return zs[layer].AddPredecoded(ctx, pool, block, data)
 	})
 	if err != nil && ctx.Err() == nil {

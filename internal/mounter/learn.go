@@ -391,6 +391,9 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 		var err error
 		disk := diskAhead{img: img, opened: opened, recs: recs}
 		for i, rec := range recs {
+			if ctx.Err() != nil {
+				break // stopped: a next start takes what is decoded
+			}
 			_, n, ok := disk.local(i)
 			if !ok {
 				continue
