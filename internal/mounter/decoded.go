@@ -215,7 +215,7 @@ func (m *Mounter) keepDecoded(img *mounted, p *predecoding, path string, bad boo
 		defer img.keeping.Done()
 		err := os.MkdirAll(filepath.Dir(path), 0o755)
 		if err == nil {
-			err = atomicfile.Replace(path, 0o644, func(f *os.File) error {
+			err = atomicfile.Replace(path, 0o600, func(f *os.File) error { // image content, as the cache's data files
 				return writeDecoded(f, digests, func(fn func(layer int, block int64, data []byte) error) error {
 					for _, b := range blocks {
 						if err := fn(b.Reader, b.Block, b.Data); err != nil {

@@ -89,6 +89,11 @@ func TestLearnedStart(t *testing.T) {
 	}
 	// Once the first start's reads stop, what they decoded is kept. It is removed here: the second start decodes.
 	waitFile(nil)
+	if fi, err := os.Stat(blocksFile); err != nil {
+		t.Fatal(err)
+	} else if fi.Mode().Perm() != 0o600 {
+		t.Fatalf("the file of decoded blocks (image content) has mode %v, want 0600", fi.Mode().Perm())
+	}
 	if err := os.Remove(blocksFile); err != nil {
 		t.Fatal(err)
 	}
