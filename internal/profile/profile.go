@@ -277,6 +277,14 @@ func runUntilReady(ctx context.Context, ctr client.Container, dir string, opts O
 		return "", nil, ctx.Err()
 	}
 	p.Phases.Ready = time.Since(start).Seconds()
+	if end == EndExit && opts.ReadyLine != "" && drained(task.IO(), 5*time.Second) {
+		// The app printed the ready line and exited at once: the exit can come before the line has left the pipe.
+		select {
+		case <-ready:
+			end = EndReady
+		default:
+		}
+	}
 	logf("recording ended (%s) after %.2fs", end, p.Phases.Ready)
 	if exit == nil {
 		_ = task.Kill(ctx, syscall.SIGKILL)
@@ -287,6 +295,24 @@ func runUntilReady(ctx context.Context, ctr client.Container, dir string, opts O
 		}
 	}
 	return end, exit, nil
+}
+
+// drained waits until the task's output has been copied out (its process exited), for at most d.
+func drained(io cio.IO, d time.Duration) bool {
+	if io == nil {
+		return false
+	}
+	done := make(chan struct{})
+	go func() {
+		io.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return true
+	case <-time.After(d):
+		return false
+	}
 }
 
 func until(opts Options) string {
