@@ -65,29 +65,41 @@ func (c *Predecoded) Offered() int64 { return c.offered.Load() }
 // Take adds the blocks old holds to c, in the order old got them, as blocks not read yet (counted as loaded),
 // while c has room. A start takes the blocks of the start before it, which it would otherwise decode again.
 func (c *Predecoded) Take(old *Predecoded) {
-	old.mu.Lock()
-	var blocks []predecodedKey
-	var data [][]byte
-	for _, k := range old.order {
-		if b := old.blocks[k]; b != nil {
-			blocks, data = append(blocks, k), append(data, b.data)
-		}
-	}
-	old.mu.Unlock()
+	blocks := old.held()
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	for i, k := range blocks {
-		if c.blocks[k] != nil { // in old's order twice
+	for _, b := range blocks {
+		if c.blocks[b.key] != nil {
 			continue
 		}
-		if c.bytes+int64(len(data[i])) > c.max {
+		if c.bytes+int64(len(b.data)) > c.max {
 			break
 		}
-		c.blocks[k] = &predecodedBlock{data: data[i]}
-		c.order = append(c.order, k)
-		c.bytes += int64(len(data[i]))
+		c.blocks[b.key] = &predecodedBlock{data: b.data}
+		c.order = append(c.order, b.key)
+		c.bytes += int64(len(b.data))
 		c.loaded.Add(1)
 	}
+}
+
+type heldBlock struct {
+	key  predecodedKey
+	data []byte
+}
+
+// held returns the blocks the pool holds, in the order they were added.
+func (c *Predecoded) held() []heldBlock {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]heldBlock, 0, len(c.blocks))
+	seen := make(map[predecodedKey]bool, len(c.blocks))
+	for _, k := range c.order {
+		if b := c.blocks[k]; b != nil && !seen[k] { // a block evicted and added again is in order twice
+			seen[k] = true
+			out = append(out, heldBlock{k, b.data})
+		}
+	}
+	return out
 }
 
 // offer keeps a copy of block k, which a read decoded itself, if the pool has room for it without evicting. The
@@ -124,14 +136,9 @@ func (c *Predecoded) Held(rs []*Reader) []HeldBlock {
 		}
 	}
 	var out []HeldBlock
-	seen := map[predecodedKey]bool{}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for _, k := range c.order {
-		b, dup := c.blocks[k], seen[k] // a block evicted and added again is in order twice
-		seen[k] = true
-		if i, ok := idx[k.reader]; ok && b != nil && !dup {
-			out = append(out, HeldBlock{i, k.block, b.data})
+	for _, b := range c.held() {
+		if i, ok := idx[b.key.reader]; ok {
+			out = append(out, HeldBlock{i, b.key.block, b.data})
 		}
 	}
 	return out

@@ -461,7 +461,8 @@ type diskAhead struct {
 }
 
 // local returns the range of the blob that record i reads when it is a read whose bytes are all local (cached,
-// or a layer without a cache: a local file).
+// or a layer without a cache: a local file). It is asked again when the record is decoded: blocks fetched
+// meanwhile (a recorded start's prefetch) are decoded too.
 func (d *diskAhead) local(i int) (off, n int64, ok bool) {
 	rec := d.recs[i]
 	if rec.Op != trace.Read || int(rec.Layer) >= len(d.opened) || rec.Count == 0 {
