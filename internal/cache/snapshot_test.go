@@ -370,8 +370,11 @@ func TestReadWaitsForDirectStore(t *testing.T) {
 			if calls, want := src.calls.Load(), map[bool]int64{true: 0, false: 1}[stored]; calls != want {
 				t.Fatalf("%d source reads, want %d", calls, want)
 			}
-			if !r.Cached(0, 2*testBS) {
-				t.Fatal("the blocks are not cached after the read")
+			// The read's own fetch (stored=false) is stored after the read has its bytes: wait for the store.
+			for deadline := time.Now().Add(10 * time.Second); !r.Cached(0, 2*testBS); time.Sleep(time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatal("the blocks are not cached 10 s after the read")
+				}
 			}
 		})
 	}
