@@ -58,6 +58,13 @@ func (c *Predecoded) Stats() (decoded, hits int64) { return c.decoded.Load(), c.
 // decoded.
 func (c *Predecoded) Loaded() int64 { return c.loaded.Load() }
 
+// Room returns how many more bytes of blocks the pool holds without evicting any.
+func (c *Predecoded) Room() int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.max - c.bytes
+}
+
 // Offered returns the number of blocks that readers using the pool decoded themselves and the pool kept a copy of
 // (see offer).
 func (c *Predecoded) Offered() int64 { return c.offered.Load() }

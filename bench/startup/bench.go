@@ -164,6 +164,20 @@ type sample struct {
 	DeviceReads         int64              `json:"deviceReads,omitempty"`
 	DeviceReadSeconds   float64            `json:"deviceReadSeconds,omitempty"`
 	SnapshotsAPISeconds map[string]float64 `json:"snapshotsAPISeconds,omitempty"`
+	// The run's phases, from containerd's task events: CreatedSeconds is the time from ctr run to the task's
+	// creation (image checks, the container's snapshot and mounts, runc create), StartedSeconds to its start; the
+	// rest of RunSeconds is the app's own start. CPUBusySeconds is the CPU time the whole host spent from ctr run
+	// to ready (all cores summed), IOWaitSeconds the time idle cores waited for I/O meanwhile.
+	CreatedSeconds float64 `json:"createdSeconds,omitempty"`
+	StartedSeconds float64 `json:"startedSeconds,omitempty"`
+	CPUBusySeconds float64 `json:"cpuBusySeconds,omitempty"`
+	IOWaitSeconds  float64 `json:"ioWaitSeconds,omitempty"`
+}
+
+// runPhases is what runContainer saw of its run besides the time to ready (see sample).
+type runPhases struct {
+	created, started time.Duration
+	cpu              measure.CPUTimes
 }
 
 type bench struct {
@@ -185,6 +199,7 @@ type bench struct {
 	cacheTar                     string    // and the tar of the cache directory
 	move                         cacheMove // how fast the cache moves
 	seq                          int
+	phases                       runPhases // of the last runContainer
 }
 
 func runBench(ctx context.Context, cfg *config) (err error) {
@@ -352,10 +367,13 @@ func (b *bench) measureCase(c *benchCase) error {
 	b.sb.ResetCounters()
 	load := measure.LoadAvg()
 	b.markUsage(c.obd)
+	b.phases = runPhases{}
 	smp, err := c.run(b)
 	if err != nil {
 		return fmt.Errorf("%s: %w", c.key, err)
 	}
+	smp.CreatedSeconds, smp.StartedSeconds = b.phases.created.Seconds(), b.phases.started.Seconds()
+	smp.CPUBusySeconds, smp.IOWaitSeconds = b.phases.cpu.Busy, b.phases.cpu.IOWait
 	b.endUsage(&smp)
 	smp.Load1 = load
 	smp.BlobBytes = b.sb.BlobBytes()
@@ -373,6 +391,9 @@ func (b *bench) measureCase(c *benchCase) error {
 	}
 	if c.obd {
 		extra += fmt.Sprintf("; daemon CPU %.2f s, peak RSS %s", smp.DaemonCPUSeconds, units.Bytes(smp.DaemonPeakRSS))
+	}
+	if smp.StartedSeconds > 0 {
+		extra += fmt.Sprintf("; task created at %.3f s, started at %.3f s; CPU busy %.2f s, I/O wait %.2f s", smp.CreatedSeconds, smp.StartedSeconds, smp.CPUBusySeconds, smp.IOWaitSeconds)
 	}
 	if smp.DiskReads > 0 {
 		extra += fmt.Sprintf("; disk read %s in %d reads", units.Bytes(smp.DiskReadBytes), smp.DiskReads)
@@ -583,12 +604,35 @@ func (b *bench) obdMeta() (sample, error) {
 }
 
 // runContainer runs the app with ctr and returns the time until it printed "ready"; it waits for the container to
-// exit (ctr run --rm also removes it) before returning.
+// exit (ctr run --rm also removes it) before returning. It keeps the run's phases in b.phases.
 func (b *bench) runContainer(sn, ref string) (time.Duration, error) {
 	ctx, cancel := context.WithTimeout(b.ctx, 5*time.Minute)
 	defer cancel()
 	b.seq++
 	id := fmt.Sprintf("bench-%d", b.seq)
+	evctx, evcancel := context.WithCancel(ctx)
+	defer evcancel()
+	events, errs := b.c.EventService().Subscribe(evctx,
+		fmt.Sprintf(`topic=="/tasks/create",event.container_id==%q`, id),
+		fmt.Sprintf(`topic=="/tasks/start",event.container_id==%q`, id))
+	seen := make(chan map[string]time.Time, 1)
+	go func() {
+		at := map[string]time.Time{}
+		defer func() { seen <- at }()
+		for {
+			select {
+			case e := <-events:
+				if _, ok := at[e.Topic]; !ok {
+					at[e.Topic] = e.Timestamp
+				}
+			case <-errs: // the subscription ended (evcancel)
+				return
+			case <-evctx.Done():
+				return
+			}
+		}
+	}()
+	cpu0, cpuErr := measure.ReadCPU()
 	cmd := b.sb.Ctr(ctx, append([]string{"run", "--rm", "--snapshotter", sn, ref, id}, b.cfg.workload.cmd...)...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
@@ -606,13 +650,24 @@ func (b *bench) runContainer(sn, ref string) (time.Duration, error) {
 	for sc.Scan() {
 		if sc.Text() == "ready" && ready == 0 {
 			ready = time.Since(start)
+			if cpu1, err := measure.ReadCPU(); err == nil && cpuErr == nil {
+				b.phases.cpu = measure.CPUTimes{Busy: cpu1.Busy - cpu0.Busy, IOWait: cpu1.IOWait - cpu0.IOWait}
+			}
 		}
 		lines = append(lines, sc.Text())
 	}
 	io.Copy(io.Discard, out)
 	werr := cmd.Wait()
+	evcancel()
+	at := <-seen
 	if ready == 0 || werr != nil {
 		return 0, fmt.Errorf("ctr run --snapshotter %s %s: %v\nstdout: %s\nstderr: %s", sn, ref, werr, strings.Join(lines, "\n"), stderr.String())
+	}
+	if t, ok := at["/tasks/create"]; ok {
+		b.phases.created = t.Sub(start)
+	}
+	if t, ok := at["/tasks/start"]; ok {
+		b.phases.started = t.Sub(start)
 	}
 	return ready, nil
 }

@@ -33,7 +33,8 @@ the image with the recorded trace as its acceleration layer (upstream's format) 
 TAG-accel. Nodes that run the accelerated image prefetch the recorded blocks in parallel before the app asks.
 --install registers the trace on this node instead of (or besides) pushing, for the image as it is.
 
-The image's device must not be attached yet on this node (no container of it running), and its blocks should not be
+No container of the image may run on this node (the recording starts when the image's device is attached; an
+image attached by its pull, or by containers that are gone, is attached again), and its blocks should not be
 cached, so that the profile's timings and bytes are those of a cold start.`,
 		Example: `  obd profile 127.0.0.1:5000/app:v1-obd --ready-line ready -- python3 -c "import numpy; print('ready')"
   obd profile registry.example.com/app:obd --timeout 30s --out app.profile.json --push registry.example.com/app:obd-accel

@@ -120,6 +120,9 @@ type Prefetch struct {
 	// OnPull starts an image's prefetch (and opens its layers) when a pull has committed its layers, instead of
 	// when its first container is created.
 	OnPull bool `toml:"on_pull"`
+	// AttachOnPull attaches an image's device when a pull has committed its top layer, instead of when its first
+	// container is created.
+	AttachOnPull bool `toml:"attach_on_pull"`
 	// MetadataMB bounds the blob ranges fetched for the filesystem metadata of an image without a recorded start
 	// when its device is attached (0: no metadata prefetch).
 	MetadataMB int `toml:"metadata_mb"`
@@ -267,7 +270,7 @@ func Default() Config {
 		Registry:    Registry{RetryBudget: DefaultRetryBudget, CredentialHelpers: DefaultCredentialHelpers},
 		Metrics:     Metrics{Address: DefaultMetricsAddress},
 		Audit:       Audit{SlowReadMS: DefaultSlowReadMS, HungReadMS: DefaultHungReadMS},
-		Prefetch:    Prefetch{Concurrency: DefaultPrefetchConcurrency, OnPull: true, MetadataMB: DefaultMetadataMB, PredecodeMB: DefaultPredecodeMB},
+		Prefetch:    Prefetch{Concurrency: DefaultPrefetchConcurrency, OnPull: true, AttachOnPull: true, MetadataMB: DefaultMetadataMB, PredecodeMB: DefaultPredecodeMB},
 		Download:    Download{DelaySeconds: DefaultDownloadDelay, MaxMBps: DefaultDownloadMBps, Concurrency: DefaultDownloadConcurrency},
 		CRI:         CRI{Address: DefaultCRIAddress, ContainerdAddress: DefaultContainerdAddress, CredentialTTL: DefaultCRICredentialTTL},
 	}

@@ -14,8 +14,13 @@ import (
 	"strings"
 	"time"
 
+	digest "github.com/opencontainers/go-digest"
+
 	"github.com/obdproject/obd/internal/atomicfile"
+	"github.com/obdproject/obd/internal/cache"
 	"github.com/obdproject/obd/internal/image"
+	"github.com/obdproject/obd/internal/snapshotter"
+	"github.com/obdproject/obd/trace"
 	"github.com/obdproject/obd/zfile"
 )
 
@@ -33,6 +38,8 @@ import (
 //     is dropped. The next start loads that file into its pool, in the order the blocks were decoded, before it
 //     decodes what the file lacks: a sequential read instead of zstd. The maxDecodedStarts files written last are
 //     kept, each at most Options.PredecodeBytes of blocks.
+//   - A node that imports a cache snapshot writes the file of each start the snapshot brings, decoding the
+//     imported blocks (DecodeStart): the image's first start on that node loads them too.
 //
 // The file: decodedMagic; the image's layers (a uint32 count, then each layer's digest as a uint16 length and its
 // bytes); then one record per block: the layer's index (uint32), the block's number (uint64), its length
@@ -252,4 +259,89 @@ func pruneDecoded(dir string, warn func(msg string, args ...any)) {
 			warn("cannot remove an old decoded start", "path", p, "err", err)
 		}
 	}
+}
+
+// DecodeStart decodes the blocks of learned start s, whose layer blobs the cache holds, into the image's file of
+// decoded blocks, as its first start on this node would have decoded and kept them: an import of a cache snapshot
+// brings an image's blocks and its learned start, and its first start then loads the decoded blocks instead of
+// running zstd while the container is created. Only ZFile layers in the cache are read (a missing block is never
+// fetched: its records are left out), at most Options.PredecodeBytes of blocks, in the start's order. A start
+// with a TurboOCI layer, or whose file of decoded blocks exists, is left alone.
+func (m *Mounter) DecodeStart(ctx context.Context, s trace.Start) error {
+	if m.opts.StartsDir == "" || m.opts.PredecodeBytes <= 0 || m.opts.Cache == nil {
+		return nil
+	}
+	path := decodedPath(m.startFile(s.Layers))
+	if _, err := os.Stat(path); err == nil {
+		return nil
+	}
+	recs, err := s.Records()
+	if err != nil {
+		return err
+	}
+	sizes := map[digest.Digest]int64{}
+	for _, b := range m.opts.Cache.Blobs() {
+		sizes[b.Digest] = b.Size
+	}
+	opened := make([]*image.Layer, len(s.Layers))
+	caches := make([]*cache.Reader, len(s.Layers))
+	digests := make([]string, len(s.Layers))
+	for i, l := range s.Layers {
+		size, ok := sizes[l.Digest]
+		if l.Target != "" || !ok {
+			return nil // TurboOCI, or not in the cache
+		}
+		caches[i] = m.opts.Cache.Reader(l.Digest, size, notCached{})
+		name := snapshotter.Layer{Digest: l.Digest}
+		if opened[i], err = image.OpenLayer(annotate(caches[i], name), size, image.LayerOptions{Verify: true}); err != nil {
+			return fmt.Errorf("layer %d (%s): %w", i, l.Digest, err)
+		}
+		digests[i] = string(l.Digest)
+	}
+	pool := zfile.NewPredecoded(m.opts.PredecodeBytes)
+	for _, rec := range recs {
+		if rec.Op != trace.Read || int(rec.Layer) >= len(opened) || rec.Count == 0 {
+			continue
+		}
+		z := opened[rec.Layer].ZFile()
+		off, n := opened[rec.Layer].BlobRange(rec.Offset, int64(rec.Count))
+		if z == nil || n == 0 || !caches[rec.Layer].Cached(off, n) {
+			continue
+		}
+		if int64(rec.Count)+2*int64(z.Info().BlockSize) > pool.Room() {
+			break // full: Predecode would wait for reads to make room
+		}
+		if err := opened[rec.Layer].Predecode(ctx, pool, rec.Offset, int64(rec.Count)); err != nil {
+			return err
+		}
+	}
+	blocks := pool.Held(zfileReaders(opened))
+	if len(blocks) == 0 {
+		return nil
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	if err := atomicfile.Replace(path, 0o600, func(f *os.File) error {
+		return writeDecoded(f, digests, func(fn func(layer int, block int64, data []byte) error) error {
+			for _, b := range blocks {
+				if err := fn(b.Reader, b.Block, b.Data); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+	}); err != nil {
+		return err
+	}
+	pruneDecoded(filepath.Dir(path), m.opts.Logger.Warn)
+	m.opts.Logger.Info("decoded the blocks of an imported start", "path", path, "blocks", len(blocks))
+	return nil
+}
+
+// notCached is the source of a cache reader that reads only what the cache holds.
+type notCached struct{}
+
+func (notCached) ReadAt([]byte, int64) (int, error) {
+	return 0, errors.New("not in the cache (decoding an imported start fetches nothing)")
 }

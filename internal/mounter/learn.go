@@ -276,6 +276,7 @@ type predecoding struct {
 	done     chan struct{} // closed when the pool is no longer used
 	stopping atomic.Bool   // stop was called: the pool's blocks stay, for the next start
 	dropped  atomic.Bool   // the start was over before a next one: its pool is empty, its blocks kept on disk
+	complete atomic.Bool   // its file of decoded blocks was loaded and its start decoded, without being stopped
 	// prevUnsaved counts the blocks taken from the start before that its own start decoded (see unsaved).
 	prevUnsaved int64
 }
@@ -322,7 +323,7 @@ func (m *Mounter) beginStart(id string, img *mounted) {
 }
 
 // decodeOnAttach decodes the blocks of the image's recorded or learned start as soon as the image is attached (a
-// pull attaches it), before a container starts over it: a start that begins while they are held takes them, and
+// pull attaches it: see the snapshotter's WithAttachOnPull), before a container starts over it: a start that begins while they are held takes them, and
 // when none does, they are kept on disk for the next one (see decoded.go). One image is decoded so at a time
 // (attachSlots); the image's memory bound is the same as a start's. The caller holds the image's lock.
 func (m *Mounter) decodeOnAttach(id string, img *mounted) {
@@ -350,9 +351,11 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 	}
 	pool := zfile.NewPredecoded(m.opts.PredecodeBytes)
 	var prevUnsaved int64
+	tookAll := false // the blocks of a start before that loaded and decoded all it had to
 	if prev != nil && !prev.dropped.Load() {
 		pool.Take(prev.pool)
 		prevUnsaved = prev.unsaved()
+		tookAll = prev.complete.Load()
 	}
 	for _, l := range opened {
 		l.UsePredecoded(pool)
@@ -385,7 +388,8 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 		}()
 		start := time.Now()
 		var badBlocks bool
-		if blocksPath != "" && pool.Loaded() == 0 {
+		if blocksPath != "" && !tookAll {
+			// The blocks the pool took are skipped: a start stopped while it loaded the file is carried on.
 			badBlocks = m.loadDecoded(ctx, blocksPath, digests, opened, pool)
 		}
 		var err error
@@ -406,6 +410,9 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 				break
 			}
 			disk.decoded += n
+		}
+		if ctx.Err() == nil && err == nil {
+			p.complete.Store(true)
 		}
 		decoded, hits := pool.Stats()
 		switch {

@@ -169,6 +169,43 @@ func TestLearnedStart(t *testing.T) {
 		t.Fatalf("LearnedStarts = %d starts, want the one kept", len(got))
 	}
 
+	// An imported start whose blocks the cache holds is decoded into its file of decoded blocks, from the cache
+	// alone; the image's attach loads them.
+	opts.starts = filepath.Join(s.root, "starts-decoded")
+	m = s.newMounter(opts)
+	if err := m.KeepLearnedStart(kept); err != nil {
+		t.Fatal(err)
+	}
+	fetched = reg.requests.Load()
+	if err := m.DecodeStart(context.Background(), kept); err != nil {
+		t.Fatal(err)
+	}
+	kb, err = os.ReadFile(decodedPath(m.learnedPath(layers)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := readDecoded(bytes.NewReader(kb), []string{string(reg.dg)}, 1<<30, func(int, int64, []byte) error { return nil })
+	if err != nil || n == 0 || reg.requests.Load() != fetched {
+		t.Fatalf("DecodeStart kept %d blocks (%v) with %d registry requests", n, err, reg.requests.Load()-fetched)
+	}
+	if err := s.mount(m, "img", layers, target); err != nil {
+		t.Fatal(err)
+	}
+	if ap := m.image("img").predecode; ap == nil {
+		t.Fatal("the decoded import is not loaded on the attach")
+	} else if <-ap.finished; ap.pool.Loaded() != int64(n) {
+		t.Fatalf("the attach loaded %d blocks, want %d", ap.pool.Loaded(), n)
+	}
+	// The start takes them (with the blocks the attach's own reads decoded) and has nothing left to decode ahead.
+	if p := start(m); p == nil {
+		t.Fatal("the first start after the import has no pool")
+	} else if d, hits := p.pool.Stats(); p.pool.Loaded() < int64(n) || d != 0 || hits == 0 {
+		t.Fatalf("the first start after the import: %d blocks taken, %d decoded ahead, %d by the reads, %d reads served", p.pool.Loaded(), d, p.pool.Missed(), hits)
+	}
+	if err := m.Unmount(context.Background(), "img", target); err != nil {
+		t.Fatal(err)
+	}
+
 	if _, err := c.EvictBlob(reg.dg); err != nil {
 		t.Fatal(err)
 	}

@@ -406,11 +406,22 @@ func (a cacheAPI) importSnapshot(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
+	var kept []trace.Start
 	for _, st := range idx.Starts {
 		if err := m.KeepLearnedStart(st); err != nil {
 			a.o.log.Warn("a start in the cache snapshot is not kept", "err", err)
+			continue
 		}
+		kept = append(kept, st)
 	}
+	// Decoded after the answer, one at a time: the import is over once the blocks are in.
+	go func() {
+		for _, st := range kept {
+			if err := m.DecodeStart(context.Background(), st); err != nil {
+				a.o.log.Warn("an imported start is not decoded ahead: its image's first start decodes it", "err", err)
+			}
+		}
+	}()
 	source := r.URL.Query().Get("source")
 	if source == "" {
 		source = "(unnamed)"

@@ -29,7 +29,8 @@ func (s *Service) Serve(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	opts := []snapshotter.Option{snapshotter.WithLogger(s.log), snapshotter.WithProfiles(s.cfg.ProfilesDir()), snapshotter.WithWritable(sc.RWMode, quota)}
+	opts := []snapshotter.Option{snapshotter.WithLogger(s.log), snapshotter.WithProfiles(s.cfg.ProfilesDir()), snapshotter.WithWritable(sc.RWMode, quota),
+		snapshotter.WithAttachOnPull(s.cfg.Prefetch.AttachOnPull)}
 	if sc.Referrers && s.clients != nil {
 		opts = append(opts, snapshotter.WithRedirect(newStandins(s.clients.get, s.cfg.ProfilesDir(), s.log)))
 	}

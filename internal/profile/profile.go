@@ -127,7 +127,8 @@ type Read struct {
 }
 
 // Record runs a container from img in record mode and returns its profile and the trace file (upstream's format).
-// img must be an overlaybd image whose device is not attached yet: the recording starts with the attach.
+// img must be an overlaybd image that no container on the node uses: the recording starts with the attach (the
+// snapshotter attaches an image that nothing uses again).
 func Record(ctx context.Context, c *client.Client, img client.Image, opts Options) (*Profile, []byte, error) {
 	if opts.Snapshotter == "" {
 		opts.Snapshotter = snapshotter.Name
@@ -203,7 +204,7 @@ func Record(ctx context.Context, c *client.Client, img client.Image, opts Option
 	}()
 	if _, err := os.Stat(tracePath + ".lock"); err != nil {
 		return nil, nil, fmt.Errorf("profile %s: the snapshotter did not start recording (no %s.lock): the image's device "+
-			"was attached already (stop its other containers first), or the snapshotter does not record traces", img.Name(), tracePath)
+			"is in use by other containers (remove them first), or the snapshotter does not record traces", img.Name(), tracePath)
 	}
 
 	end, exit, err := runUntilReady(ctx, ctr, dir, opts, p, logf)

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"strings"
 	"sync"
 	"time"
 
@@ -201,6 +202,8 @@ func LabelLayers(ref string, res *Result) func(images.Handler) images.Handler {
 					a = map[string]string{}
 				}
 				a[snapshotter.LabelImageRef] = ref
+				a[snapshotter.LabelCRILayerDigest] = children[i].Digest.String()
+				a[snapshotter.LabelCRIImageLayers] = layersFrom(children[i:])
 				_, overlaybd := a[image.AnnotationBlobDigest]
 				children[i].Annotations = a
 				if res != nil {
@@ -210,6 +213,29 @@ func LabelLayers(ref string, res *Result) func(images.Handler) images.Handler {
 			return children, nil
 		})
 	}
+}
+
+// maxLabel bounds a label's key and value together (containerd's labels.Validate).
+const maxLabel = 4096
+
+// layersFrom returns the digests of the layers of descs, comma-separated, as many as LabelCRIImageLayers holds (as
+// the CRI plugin writes it).
+func layersFrom(descs []ocispec.Descriptor) string {
+	var b strings.Builder
+	for _, d := range descs {
+		if !images.IsLayerType(d.MediaType) {
+			continue
+		}
+		item := d.Digest.String()
+		if b.Len() > 0 {
+			item = "," + item
+		}
+		if len(snapshotter.LabelCRIImageLayers)+b.Len()+len(item) > maxLabel {
+			break
+		}
+		b.WriteString(item)
+	}
+	return b.String()
 }
 
 func (r *Result) count(lazy bool) {

@@ -31,6 +31,11 @@ const (
 	// LabelCRIManifestDigest is the digest of the manifest of the image the CRI plugin pulls (for the node's
 	// platform).
 	LabelCRIManifestDigest = "containerd.io/snapshot/cri.manifest-digest"
+	// LabelCRILayerDigest is the digest of the layer a pull unpacks, and LabelCRIImageLayers the digests of it and
+	// of the layers above it in its image, comma-separated (as many as a label holds), as the CRI plugin and obd
+	// pull set them: a layer that lists only itself is the image's top layer.
+	LabelCRILayerDigest = "containerd.io/snapshot/cri.layer-digest"
+	LabelCRIImageLayers = "containerd.io/snapshot/cri.image-layers"
 	// LabelDownloadBlob = "download" asks for a full download of an overlaybd layer instead of a lazy one.
 	LabelDownloadBlob = "containerd.io/snapshot/overlaybd/download-remote-blob"
 	// LabelRemote marks a committed snapshot whose content is read lazily from the registry.

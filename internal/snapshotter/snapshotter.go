@@ -27,6 +27,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -60,6 +62,11 @@ type Snapshotter struct {
 	quota  int64
 	// redirect finds the overlaybd images that stand in for normal images being pulled, or is nil; see WithRedirect.
 	redirect Redirector
+	// attachOnPull: see WithAttachOnPull; pulled counts the attaches it started, closing ends them (Close).
+	attachOnPull bool
+	pulled       sync.WaitGroup
+	closing      context.Context
+	close        context.CancelFunc
 }
 
 // Redirector finds the overlaybd image that stands in for a normal image when the CRI plugin pulls it: an OCI
@@ -79,6 +86,16 @@ type StandinLayer struct {
 	// Lowers are the blobs of the overlaybd layers below it in its image, bottom first: a block layer is a diff
 	// of exactly those, so it stands in only over a chain of them.
 	Lowers []digest.Digest
+}
+
+// WithAttachOnPull makes the snapshotter attach an overlaybd image's device (and mount its filesystem) as soon as
+// a pull has committed the image's top layer, in the background, instead of when the first container over it is
+// prepared: the container's start then skips the attach, and the mounter meanwhile decodes the image's start
+// (see the mounter's decodeOnAttach). The top layer is known by the LabelCRIImageLayers label, which the CRI plugin
+// and obd pull set; pulls without it attach when the first container is prepared. An image stays attached until
+// its snapshots are removed, as one does after its first container.
+func WithAttachOnPull(on bool) Option {
+	return func(s *Snapshotter) { s.attachOnPull = on }
 }
 
 // WithRedirect makes pulls of normal images through the CRI plugin (which labels them with the image's manifest
@@ -147,6 +164,7 @@ func New(root string, mounter ImageMounter, opts ...Option) (*Snapshotter, error
 		return nil, errors.New("overlaybd snapshotter: containerd's overlay snapshotter has no Cleanup")
 	}
 	s := &Snapshotter{root: root, ms: ms, inner: inner, mounter: mounter, lock: lock, log: slog.Default()}
+	s.closing, s.close = context.WithCancel(context.Background())
 	for _, opt := range opts {
 		opt(s)
 	}
@@ -200,16 +218,64 @@ func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters .
 // Commit commits the active snapshot key as name. A writable layer (RWDir, RWDev) is sealed into an overlaybd
 // layer file first.
 func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
+	labels, err := optLabels(opts)
+	if err != nil {
+		return err
+	}
 	if id, info, err := s.snapshotID(ctx, key); err == nil {
 		if _, quota, ok := writableInfo(info); ok {
 			return s.commitWritable(ctx, id, info, name, key, quota, opts)
 		}
+		labels = mergeLabels(info.Labels, labels)
 	}
 	if err := s.inner.Commit(ctx, name, key, opts...); err != nil {
 		return err
 	}
-	s.preload(ctx, name)
+	s.committed(ctx, name, labels)
 	return nil
+}
+
+// mergeLabels returns the labels of a and b, b's where both have one.
+func mergeLabels(a, b map[string]string) map[string]string {
+	out := maps.Clone(a)
+	if out == nil {
+		out = map[string]string{}
+	}
+	maps.Copy(out, b)
+	return out
+}
+
+// committed follows the commit of snapshot name by a pull (labels are the layer's): the image whose chain ends
+// there is preloaded, and attached when this is the image's top layer (see WithAttachOnPull).
+func (s *Snapshotter) committed(ctx context.Context, name string, labels map[string]string) {
+	s.preload(ctx, name)
+	if !s.attachOnPull || !isPulledTop(labels) || s.closing.Err() != nil {
+		return
+	}
+	s.pulled.Add(1)
+	go func() {
+		defer s.pulled.Done()
+		ctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+		defer cancel()
+		defer context.AfterFunc(s.closing, cancel)()
+		plan, err := s.planChain(ctx, name)
+		if err != nil || plan == nil {
+			return // not an overlaybd image (or no longer there)
+		}
+		defer s.locks.Lock(plan.id)()
+		start := time.Now()
+		if _, err := s.attach(ctx, plan); err != nil {
+			s.log.Warn("cannot attach the pulled image: its first container attaches it", "image", plan.imageRef, "err", err)
+			return
+		}
+		s.log.Info("attached the pulled image", "image", plan.imageRef, "mount-id", plan.id, "took", time.Since(start).Round(time.Millisecond))
+	}()
+}
+
+// isPulledTop reports whether labels are those of a pull's top layer of its image (see LabelCRIImageLayers).
+func isPulledTop(labels map[string]string) bool {
+	d := labels[LabelCRILayerDigest]
+	return d != "" && labels[LabelCRIImageLayers] == d
 }
 
 // preload lets the mounter start, in the background, what attaching the image whose chain ends at the committed
@@ -234,6 +300,8 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 
 // Close closes the metadata store. Image mounts stay: running containers use them.
 func (s *Snapshotter) Close() error {
+	s.close()
+	s.pulled.Wait()
 	err := s.inner.Close()
 	if lerr := s.lock.Close(); lerr != nil && !errors.Is(lerr, os.ErrClosed) {
 		err = errors.Join(err, lerr)
@@ -362,6 +430,9 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 
 	unlock := s.locks.Lock(plan.id)
 	defer unlock()
+	if labels[LabelRecordTrace] == "yes" && labels[LabelRecordTracePath] != "" {
+		s.releaseUnused(ctx, plan)
+	}
 	inner, err := create(ctx, key, parent, opts...)
 	if err != nil {
 		return nil, err
@@ -432,6 +503,36 @@ func (s *Snapshotter) attach(ctx context.Context, plan *imagePlan) (string, erro
 		return "", fmt.Errorf("mount image %s (layers up to snapshot %q) at %s: %s", plan.imageRef, plan.name, mp, err)
 	}
 	return mp, nil
+}
+
+// releaseUnused unmounts plan's image when it is mounted but no snapshot over it is (a pull attached it, or its
+// containers are gone), so that the attach that follows takes the record-trace labels: they act when the image is
+// attached. The caller holds the plan's lock.
+func (s *Snapshotter) releaseUnused(ctx context.Context, plan *imagePlan) {
+	mp := s.mountpoint(plan.id)
+	if mounted, err := mountinfo.Mounted(mp); err != nil || !mounted {
+		return
+	}
+	var parents []string
+	if err := s.inner.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
+		if info.Kind != snapshots.KindCommitted && info.Parent != "" && !isLayerUnpack(info.Labels) {
+			parents = append(parents, info.Parent)
+		}
+		return nil
+	}); err != nil {
+		s.log.Warn("cannot tell whether the image is in use: its device stays attached and does not record", "image", plan.imageRef, "err", err)
+		return
+	}
+	for _, p := range parents {
+		if other, err := s.planChain(ctx, p); err != nil || (other != nil && other.id == plan.id) {
+			return // in use (or unknown): the labels are not taken, as upstream
+		}
+	}
+	if err := s.mounter.Unmount(ctx, plan.id, mp); err != nil {
+		s.log.Warn("cannot detach the unused image to attach it for recording", "image", plan.imageRef, "err", err)
+		return
+	}
+	s.log.Info("detached the unused image: it is attached again with the record-trace labels", "image", plan.imageRef, "mount-id", plan.id)
 }
 
 // Mounts returns the mounts of the active or view snapshot key. Over an overlaybd chain it first mounts the image
@@ -566,7 +667,7 @@ func (s *Snapshotter) commitRemote(ctx context.Context, key, parent string, labe
 	if !existed {
 		s.log.Info("committed remote overlaybd layer", "target", target, "key", key, "image", imageRef(labels),
 			"blob", labels[image.AnnotationBlobDigest])
-		s.preload(ctx, target)
+		s.committed(ctx, target, labels)
 	}
 	return alreadyExists
 }

@@ -777,3 +777,110 @@ func TestPullPreloads(t *testing.T) {
 		t.Fatalf("the attach took trace %q, the preload another", f.traces[0])
 	}
 }
+
+// A pull whose layers carry the CRI labels attaches the image, with its acceleration layer's trace, once it has
+// committed the top layer, and not before; WithAttachOnPull(false) leaves the attach to the first container.
+func TestPullAttaches(t *testing.T) {
+	testenv.Root(t)
+	const ref = "registry.test/app:v1"
+	l1, l2 := "sha256:00000000000000000000000000000000000000000000000000000000000000b1", "sha256:00000000000000000000000000000000000000000000000000000000000000b2"
+	accel := "sha256:00000000000000000000000000000000000000000000000000000000000000b3"
+	cri := func(labels map[string]string, layer string, above ...string) map[string]string {
+		labels[LabelCRILayerDigest] = layer
+		labels[LabelCRIImageLayers] = strings.Join(append([]string{layer}, above...), ",")
+		return labels
+	}
+	pull := func(t *testing.T, sn *Snapshotter, afterLayer func(i int)) {
+		ctx := context.Background()
+		for i, l := range []string{l1, l2} {
+			parent := ""
+			if i > 0 {
+				parent = l1
+			}
+			above := []string{l2, accel}[i:]
+			labels := cri(remoteLabels(l, digest.FromString(l), 4096, ref), l, above...)
+			if _, err := sn.Prepare(ctx, "extract-"+l, parent, snapshots.WithLabels(labels)); !errdefs.IsAlreadyExists(err) {
+				t.Fatalf("Prepare of remote layer %s: got %v, want AlreadyExists", l, err)
+			}
+			sn.pulled.Wait()
+			afterLayer(i)
+		}
+		labels := snapshots.WithLabels(cri(map[string]string{LabelTargetRef: accel, image.AnnotationAccelerationLayer: "yes"}, accel))
+		ms, err := sn.Prepare(ctx, "extract-accel", l2, labels)
+		if err != nil {
+			t.Fatal(err)
+		}
+		withMounted(t, ms, func(dir string) {
+			if err := os.WriteFile(filepath.Join(dir, traceFile), []byte("a trace"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		})
+		afterLayer(2)
+		if err := sn.Commit(ctx, accel, "extract-accel", labels); err != nil {
+			t.Fatal(err)
+		}
+		sn.pulled.Wait()
+	}
+	t.Run("on", func(t *testing.T) {
+		f := &traceMounter{}
+		sn, _ := openSnapshotter(t, f, WithAttachOnPull(true))
+		pull(t, sn, func(i int) {
+			if mounts, _ := f.calls(); len(mounts) != 0 {
+				t.Fatalf("after layer %d of 3: mounts %+v, want none", i+1, mounts)
+			}
+		})
+		mounts, _ := f.calls()
+		if len(mounts) != 1 || len(mounts[0].layers) != 2 {
+			t.Fatalf("after the pull: mounts %+v, want one of the two layers", mounts)
+		}
+		if got := filepath.Base(f.traces[0]); got != traceFile {
+			t.Fatalf("the pull's attach took trace %q, want the acceleration layer's", f.traces[0])
+		}
+		if mounted, err := mountinfo.Mounted(mounts[0].target); err != nil || !mounted {
+			t.Fatalf("image not mounted at %s after the pull (%v)", mounts[0].target, err)
+		}
+		// The container's prepare finds the image there, at the same mountpoint.
+		if _, err := sn.Prepare(context.Background(), "c1", accel); err != nil {
+			t.Fatal(err)
+		}
+		if mounts, _ := f.calls(); len(mounts) != 2 || mounts[1].target != mounts[0].target || mounts[1].id != mounts[0].id {
+			t.Fatalf("the container's attach %+v is not the pull's", mounts)
+		}
+		// A container that records the start: while c1 uses the image, the labels are not taken (as upstream); once
+		// it is gone, the image is attached again for the recording.
+		rec := func(key string) string {
+			t.Helper()
+			path := filepath.Join(t.TempDir(), key+".trace")
+			labels := map[string]string{LabelRecordTrace: "yes", LabelRecordTracePath: path}
+			if _, err := sn.Prepare(context.Background(), key, accel, snapshots.WithLabels(labels)); err != nil {
+				t.Fatal(err)
+			}
+			return path
+		}
+		rec("rec1")
+		if _, unmounts := f.calls(); len(unmounts) != 0 {
+			t.Fatalf("the image was unmounted while c1 used it: %+v", unmounts)
+		}
+		for _, key := range []string{"rec1", "c1"} {
+			if err := sn.Remove(context.Background(), key); err != nil {
+				t.Fatal(err)
+			}
+		}
+		path := rec("rec2")
+		mounts, unmounts := f.calls()
+		if len(unmounts) != 1 || unmounts[0].target != mounts[0].target {
+			t.Fatalf("unmounts %+v: want the unused image's", unmounts)
+		}
+		if last := f.traces[len(f.traces)-1]; last != path {
+			t.Fatalf("the attach for recording took trace %q, want %q", last, path)
+		}
+	})
+	t.Run("off", func(t *testing.T) {
+		f := &traceMounter{}
+		sn, _ := openSnapshotter(t, f, WithAttachOnPull(false))
+		pull(t, sn, func(int) {})
+		if mounts, _ := f.calls(); len(mounts) != 0 {
+			t.Fatalf("after the pull: mounts %+v, want none", mounts)
+		}
+	})
+}

@@ -69,3 +69,28 @@ func ReadDisk(statFile string) (DiskReads, error) {
 	}
 	return DiskReads{Reads: reads, Bytes: sectors * 512}, nil
 }
+
+// CPUTimes is the time the host's CPUs spent, all of them summed, since boot.
+type CPUTimes struct {
+	// Busy is user, nice, system, irq and softirq time; IOWait the time idle CPUs waited for I/O.
+	Busy, IOWait float64
+}
+
+// ReadCPU reads the host's CPU times from /proc/stat.
+func ReadCPU() (CPUTimes, error) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return CPUTimes{}, err
+	}
+	return parseCPU(b)
+}
+
+// parseCPU parses the first line of /proc/stat ("cpu" and times in USER_HZ, 100 per second on Linux).
+func parseCPU(b []byte) (CPUTimes, error) {
+	var user, nice, system, idle, iowait, irq, softirq int64
+	if _, err := fmt.Sscanf(string(b), "cpu %d %d %d %d %d %d %d", &user, &nice, &system, &idle, &iowait, &irq, &softirq); err != nil {
+		return CPUTimes{}, fmt.Errorf("/proc/stat: %w", err)
+	}
+	const hz = 100
+	return CPUTimes{Busy: float64(user+nice+system+irq+softirq) / hz, IOWait: float64(iowait) / hz}, nil
+}

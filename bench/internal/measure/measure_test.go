@@ -50,3 +50,16 @@ func TestReadDisk(t *testing.T) {
 		t.Errorf("ReadDisk(%s) = %+v", f, d)
 	}
 }
+
+func TestParseCPU(t *testing.T) {
+	got, err := parseCPU([]byte("cpu  1000 20 300 90000 450 6 7 0 0 0\ncpu0 500 10 150 45000 225 3 3 0 0 0\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := (CPUTimes{Busy: 13.33, IOWait: 4.5}); got != want {
+		t.Fatalf("parseCPU = %+v, want %+v", got, want)
+	}
+	if _, err := parseCPU([]byte("intr 1 2 3\n")); err == nil {
+		t.Fatal("parseCPU accepted a file without the cpu line")
+	}
+}
