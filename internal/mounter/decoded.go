@@ -261,6 +261,17 @@ func pruneDecoded(dir string, warn func(msg string, args ...any)) {
 	}
 }
 
+// DecodeStarts decodes the learned starts an import brought (see DecodeStart), one after another, at most as many
+// as the node keeps files of decoded blocks for; a start that cannot be decoded is logged and left to its image's
+// first start.
+func (m *Mounter) DecodeStarts(ctx context.Context, starts []trace.Start) {
+	for _, s := range starts[:min(len(starts), maxDecodedStarts)] {
+		if err := m.DecodeStart(ctx, s); err != nil {
+			m.opts.Logger.Warn("an imported start is not decoded ahead: its image's first start decodes it", "err", err)
+		}
+	}
+}
+
 // DecodeStart decodes the blocks of learned start s, whose layer blobs the cache holds, into the image's file of
 // decoded blocks, as its first start on this node would have decoded and kept them: an import of a cache snapshot
 // brings an image's blocks and its learned start, and its first start then loads the decoded blocks instead of

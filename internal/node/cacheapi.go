@@ -423,14 +423,8 @@ func (a cacheAPI) importSnapshot(w http.ResponseWriter, r *http.Request) {
 	}
 	a.o.log.Info("imported cache snapshot", "source", source, "blobs", len(out), "file", from)
 	writeJSON(w, out)
-	// Decoded after the answer, one at a time: the import is over once the blocks are in.
-	go func() {
-		for _, st := range kept {
-			if err := m.DecodeStart(context.Background(), st); err != nil {
-				a.o.log.Warn("an imported start is not decoded ahead: its image's first start decodes it", "err", err)
-			}
-		}
-	}()
+	// Decoded after the answer: the import is over once the blocks are in.
+	go m.DecodeStarts(context.Background(), kept)
 }
 
 // readJSON decodes a request body of at most 64 MiB into v, answering 400 when it cannot.
