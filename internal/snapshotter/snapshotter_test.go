@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -718,6 +719,32 @@ func TestTraceFiles(t *testing.T) {
 	}
 }
 
+// pullAccel unpacks acceleration layer accel, holding a trace, over parent and commits it, with labels besides the
+// acceleration layer's own on both calls as containerd's unpacker does; beforeCommit, if set, runs before the commit.
+func pullAccel(t *testing.T, ctx context.Context, sn *Snapshotter, accel, parent string, labels map[string]string, beforeCommit func()) {
+	t.Helper()
+	l := maps.Clone(labels)
+	if l == nil {
+		l = map[string]string{}
+	}
+	l[LabelTargetRef], l[image.AnnotationAccelerationLayer] = accel, "yes"
+	ms, err := sn.Prepare(ctx, "extract-accel", parent, snapshots.WithLabels(l))
+	if err != nil {
+		t.Fatal(err)
+	}
+	withMounted(t, ms, func(dir string) {
+		if err := os.WriteFile(filepath.Join(dir, traceFile), []byte("a trace"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if beforeCommit != nil {
+		beforeCommit()
+	}
+	if err := sn.Commit(ctx, accel, "extract-accel", snapshots.WithLabels(l)); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // preloadMounter is a traceMounter that records the Preload calls.
 type preloadMounter struct {
 	traceMounter
@@ -744,19 +771,7 @@ func TestPullPreloads(t *testing.T) {
 	pullRemote(t, ctx, sn, l1, "", ref)
 	pullRemote(t, ctx, sn, l2, l1, ref)
 	accel := "sha256:00000000000000000000000000000000000000000000000000000000000000a3"
-	labels := snapshots.WithLabels(map[string]string{LabelTargetRef: accel, image.AnnotationAccelerationLayer: "yes"})
-	ms, err := sn.Prepare(ctx, "extract-accel", l2, labels)
-	if err != nil {
-		t.Fatal(err)
-	}
-	withMounted(t, ms, func(dir string) {
-		if err := os.WriteFile(filepath.Join(dir, traceFile), []byte("a trace"), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	})
-	if err := sn.Commit(ctx, accel, "extract-accel", labels); err != nil { // as containerd's unpacker does
-		t.Fatal(err)
-	}
+	pullAccel(t, ctx, sn, accel, l2, nil, nil)
 	if _, err := sn.Prepare(ctx, "c1", accel); err != nil {
 		t.Fatal(err)
 	}
@@ -805,20 +820,7 @@ func TestPullAttaches(t *testing.T) {
 			sn.pulled.Wait()
 			afterLayer(i)
 		}
-		labels := snapshots.WithLabels(cri(map[string]string{LabelTargetRef: accel, image.AnnotationAccelerationLayer: "yes"}, accel))
-		ms, err := sn.Prepare(ctx, "extract-accel", l2, labels)
-		if err != nil {
-			t.Fatal(err)
-		}
-		withMounted(t, ms, func(dir string) {
-			if err := os.WriteFile(filepath.Join(dir, traceFile), []byte("a trace"), 0o644); err != nil {
-				t.Fatal(err)
-			}
-		})
-		afterLayer(2)
-		if err := sn.Commit(ctx, accel, "extract-accel", labels); err != nil {
-			t.Fatal(err)
-		}
+		pullAccel(t, ctx, sn, accel, l2, cri(map[string]string{}, accel), func() { afterLayer(2) })
 		sn.pulled.Wait()
 	}
 	t.Run("on", func(t *testing.T) {
