@@ -62,11 +62,14 @@ type Snapshotter struct {
 	quota  int64
 	// redirect finds the overlaybd images that stand in for normal images being pulled, or is nil; see WithRedirect.
 	redirect Redirector
-	// attachOnPull: see WithAttachOnPull; pulled counts the attaches it started, closing ends them (Close).
+	// attachOnPull: see WithAttachOnPull; pulled counts the attaches it started, closing ends them (Close), and
+	// pullAttaches holds the cancel of each running one by mount id (a removal of the image ends it).
 	attachOnPull bool
 	pulled       sync.WaitGroup
 	closing      context.Context
 	close        context.CancelFunc
+	attachMu     sync.Mutex
+	pullAttaches map[string]context.CancelFunc
 }
 
 // Redirector finds the overlaybd image that stands in for a normal image when the CRI plugin pulls it: an OCI
@@ -165,6 +168,7 @@ func New(root string, mounter ImageMounter, opts ...Option) (*Snapshotter, error
 	}
 	s := &Snapshotter{root: root, ms: ms, inner: inner, mounter: mounter, lock: lock, log: slog.Default()}
 	s.closing, s.close = context.WithCancel(context.Background())
+	s.pullAttaches = map[string]context.CancelFunc{}
 	for _, opt := range opts {
 		opt(s)
 	}
@@ -262,9 +266,21 @@ func (s *Snapshotter) committed(ctx context.Context, name string, labels map[str
 		if err != nil || plan == nil {
 			return // not an overlaybd image (or no longer there)
 		}
+		s.attachMu.Lock()
+		s.pullAttaches[plan.id] = cancel
+		s.attachMu.Unlock()
+		defer func() {
+			s.attachMu.Lock()
+			delete(s.pullAttaches, plan.id)
+			s.attachMu.Unlock()
+		}()
 		defer s.locks.Lock(plan.id)()
 		start := time.Now()
 		if _, err := s.attach(ctx, plan); err != nil {
+			if ctx.Err() != nil {
+				s.log.Info("attach of the pulled image stopped: the image is removed, or the snapshotter stops", "image", plan.imageRef)
+				return
+			}
 			s.log.Warn("cannot attach the pulled image: its first container attaches it", "image", plan.imageRef, "err", err)
 			return
 		}
@@ -582,6 +598,12 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	if err != nil || info.Kind != snapshots.KindCommitted {
 		return s.inner.Remove(ctx, key)
 	}
+	// An attach its pull started is of no use now: it stops instead of holding the image's lock.
+	s.attachMu.Lock()
+	if cancel := s.pullAttaches[id]; cancel != nil {
+		cancel()
+	}
+	s.attachMu.Unlock()
 	unlock := s.locks.Lock(id)
 	defer unlock()
 	if _, err := os.Stat(s.blockPath(id)); err != nil {

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -885,4 +886,42 @@ func TestPullAttaches(t *testing.T) {
 			t.Fatalf("after the pull: mounts %+v, want none", mounts)
 		}
 	})
+}
+
+// hangingMounter's Mount waits for its context: an attach from a registry that does not answer.
+type hangingMounter struct {
+	fakeMounter
+	entered chan struct{}
+}
+
+func (f *hangingMounter) Mount(ctx context.Context, id string, layers []Layer, target string) error {
+	close(f.entered)
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+// Removing an image stops the attach its pull started, instead of waiting for it.
+func TestRemoveStopsPullAttach(t *testing.T) {
+	testenv.Root(t)
+	f := &hangingMounter{entered: make(chan struct{})}
+	sn, _ := openSnapshotter(t, f, WithAttachOnPull(true))
+	ctx := context.Background()
+	const top = "sha256:00000000000000000000000000000000000000000000000000000000000000c1"
+	labels := remoteLabels(top, digest.FromString(top), 4096, "registry.test/app:v1")
+	labels[LabelCRILayerDigest], labels[LabelCRIImageLayers] = top, top
+	if _, err := sn.Prepare(ctx, "extract", "", snapshots.WithLabels(labels)); !errdefs.IsAlreadyExists(err) {
+		t.Fatalf("Prepare of the remote layer: %v", err)
+	}
+	<-f.entered
+	done := make(chan error, 1)
+	go func() { done <- sn.Remove(ctx, top) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Remove waited for the attach the pull started")
+	}
+	sn.pulled.Wait()
 }
