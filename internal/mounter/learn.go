@@ -323,9 +323,10 @@ func (m *Mounter) beginStart(id string, img *mounted) {
 }
 
 // decodeOnAttach decodes the blocks of the image's recorded or learned start as soon as the image is attached (a
-// pull attaches it: see the snapshotter's WithAttachOnPull), before a container starts over it: a start that begins while they are held takes them, and
-// when none does, they are kept on disk for the next one (see decoded.go). One image is decoded so at a time
-// (attachSlots); the image's memory bound is the same as a start's. The caller holds the image's lock.
+// pull attaches it: see the snapshotter's WithAttachOnPull), before a container starts over it: a start that
+// begins while they are held takes them, and when none does, they are kept on disk for the next one (see
+// decoded.go). One image is decoded so at a time (attachSlots); the image's memory bound is the same as a start's.
+// The caller holds the image's lock.
 func (m *Mounter) decodeOnAttach(id string, img *mounted) {
 	if img.rec != nil || img.predecode != nil || m.opts.PredecodeBytes <= 0 {
 		return
