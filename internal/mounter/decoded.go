@@ -65,9 +65,8 @@ func decodedPath(startPath string) string {
 	return strings.TrimSuffix(startPath, ".json") + ".blocks"
 }
 
-// writeDecoded writes to w the blocks that walk passes to its function (as zfile.Predecoded.Walk does), of the
-// layers of an image (digests, by index).
-func writeDecoded(w io.Writer, digests []string, walk func(fn func(layer int, block int64, data []byte) error) error) error {
+// writeDecoded writes to w the blocks (zfile.Predecoded.Held's) of the layers of an image (digests, by index).
+func writeDecoded(w io.Writer, digests []string, blocks []zfile.HeldBlock) error {
 	bw := bufio.NewWriterSize(w, 1<<20)
 	bw.WriteString(decodedMagic)
 	var hdr [20]byte
@@ -78,19 +77,30 @@ func writeDecoded(w io.Writer, digests []string, walk func(fn func(layer int, bl
 		bw.Write(hdr[:2])
 		bw.WriteString(d)
 	}
-	err := walk(func(layer int, block int64, data []byte) error {
-		binary.LittleEndian.PutUint32(hdr[0:], uint32(layer))
-		binary.LittleEndian.PutUint64(hdr[4:], uint64(block))
-		binary.LittleEndian.PutUint32(hdr[12:], uint32(len(data)))
-		binary.LittleEndian.PutUint32(hdr[16:], crc32.Checksum(data, castagnoli))
+	for _, b := range blocks {
+		binary.LittleEndian.PutUint32(hdr[0:], uint32(b.Reader))
+		binary.LittleEndian.PutUint64(hdr[4:], uint64(b.Block))
+		binary.LittleEndian.PutUint32(hdr[12:], uint32(len(b.Data)))
+		binary.LittleEndian.PutUint32(hdr[16:], crc32.Checksum(b.Data, castagnoli))
 		bw.Write(hdr[:])
-		_, err := bw.Write(data)
-		return err
-	})
-	if err != nil {
-		return err
+		if _, err := bw.Write(b.Data); err != nil {
+			return err
+		}
 	}
 	return bw.Flush()
+}
+
+// saveDecoded writes blocks to the file of decoded blocks at path (mode 0600: image content, as the cache's data
+// files) and prunes the files of other images.
+func (m *Mounter) saveDecoded(path string, digests []string, blocks []zfile.HeldBlock) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	if err := atomicfile.Replace(path, 0o600, func(f *os.File) error { return writeDecoded(f, digests, blocks) }); err != nil {
+		return err
+	}
+	pruneDecoded(filepath.Dir(path), m.opts.Logger.Warn)
+	return nil
 }
 
 // readDecoded reads a file of decoded blocks from r and calls add with each block, in order, after checking that
@@ -220,24 +230,9 @@ func (m *Mounter) keepDecoded(img *mounted, p *predecoding, path string, bad boo
 	img.keeping.Add(1)
 	go func() {
 		defer img.keeping.Done()
-		err := os.MkdirAll(filepath.Dir(path), 0o755)
-		if err == nil {
-			err = atomicfile.Replace(path, 0o600, func(f *os.File) error { // image content, as the cache's data files
-				return writeDecoded(f, digests, func(fn func(layer int, block int64, data []byte) error) error {
-					for _, b := range blocks {
-						if err := fn(b.Reader, b.Block, b.Data); err != nil {
-							return err
-						}
-					}
-					return nil
-				})
-			})
-		}
-		if err != nil {
+		if err := m.saveDecoded(path, digests, blocks); err != nil {
 			m.opts.Logger.Warn("cannot keep the image's decoded start", "path", path, "err", err)
-			return
 		}
-		pruneDecoded(filepath.Dir(path), m.opts.Logger.Warn)
 	}()
 }
 
@@ -310,13 +305,13 @@ func (m *Mounter) DecodeStart(ctx context.Context, s trace.Start) error {
 		digests[i] = string(l.Digest)
 	}
 	pool := zfile.NewPredecoded(m.opts.PredecodeBytes)
-	for _, rec := range recs {
-		if rec.Op != trace.Read || int(rec.Layer) >= len(opened) || rec.Count == 0 {
+	disk := diskAhead{caches: caches, opened: opened, recs: recs}
+	for i, rec := range recs {
+		if _, _, ok := disk.local(i); !ok {
 			continue
 		}
 		z := opened[rec.Layer].ZFile()
-		off, n := opened[rec.Layer].BlobRange(rec.Offset, int64(rec.Count))
-		if z == nil || n == 0 || !caches[rec.Layer].Cached(off, n) {
+		if z == nil {
 			continue
 		}
 		if int64(rec.Count)+2*int64(z.Info().BlockSize) > pool.Room() {
@@ -330,22 +325,9 @@ func (m *Mounter) DecodeStart(ctx context.Context, s trace.Start) error {
 	if len(blocks) == 0 {
 		return nil
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+	if err := m.saveDecoded(path, digests, blocks); err != nil {
 		return err
 	}
-	if err := atomicfile.Replace(path, 0o600, func(f *os.File) error {
-		return writeDecoded(f, digests, func(fn func(layer int, block int64, data []byte) error) error {
-			for _, b := range blocks {
-				if err := fn(b.Reader, b.Block, b.Data); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-	}); err != nil {
-		return err
-	}
-	pruneDecoded(filepath.Dir(path), m.opts.Logger.Warn)
 	m.opts.Logger.Info("decoded the blocks of an imported start", "path", path, "blocks", len(blocks))
 	return nil
 }

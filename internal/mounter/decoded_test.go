@@ -6,6 +6,8 @@ import (
 	"io"
 	"strings"
 	"testing"
+
+	"github.com/obdproject/obd/zfile"
 )
 
 type decodedBlock struct {
@@ -16,15 +18,11 @@ type decodedBlock struct {
 
 func encodeDecoded(t testing.TB, digests []string, blocks []decodedBlock) []byte {
 	var buf bytes.Buffer
-	err := writeDecoded(&buf, digests, func(fn func(layer int, block int64, data []byte) error) error {
-		for _, b := range blocks {
-			if err := fn(b.layer, b.block, b.data); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
+	held := make([]zfile.HeldBlock, len(blocks))
+	for i, b := range blocks {
+		held[i] = zfile.HeldBlock{Reader: b.layer, Block: b.block, Data: b.data}
+	}
+	if err := writeDecoded(&buf, digests, held); err != nil {
 		t.Fatal(err)
 	}
 	return buf.Bytes()

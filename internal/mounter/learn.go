@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/obdproject/obd/internal/atomicfile"
+	"github.com/obdproject/obd/internal/cache"
 	"github.com/obdproject/obd/internal/image"
 	"github.com/obdproject/obd/internal/snapshotter"
 	"github.com/obdproject/obd/trace"
@@ -394,7 +395,7 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 			badBlocks = m.loadDecoded(ctx, blocksPath, digests, opened, pool)
 		}
 		var err error
-		disk := diskAhead{img: img, opened: opened, recs: recs}
+		disk := diskAhead{caches: img.caches(), opened: opened, recs: recs}
 		for i, rec := range recs {
 			if ctx.Err() != nil {
 				break // stopped: a next start takes what is decoded
@@ -454,13 +455,22 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 	return p
 }
 
+// caches returns the block cache reader of each layer of img (nil for a layer without one).
+func (img *mounted) caches() []*cache.Reader {
+	cs := make([]*cache.Reader, len(img.layers))
+	for i, l := range img.layers {
+		cs[i] = l.cache
+	}
+	return cs
+}
+
 // diskReadAhead bounds the bytes of a start's blocks whose disk reads are issued ahead of their decoding.
 const diskReadAhead = 16 << 20
 
 // diskAhead issues the disk reads of the cached blocks of a start ahead of their decoding, up to diskReadAhead
 // bytes ahead: the disk serves them together, in parallel, instead of one at a time as the decoding reaches them.
 type diskAhead struct {
-	img     *mounted
+	caches  []*cache.Reader // by layer; nil for a layer without a cache
 	opened  []*image.Layer
 	recs    []trace.Record
 	next    int   // the first record not issued
@@ -477,7 +487,7 @@ func (d *diskAhead) local(i int) (off, n int64, ok bool) {
 		return 0, 0, false
 	}
 	off, n = d.opened[rec.Layer].BlobRange(rec.Offset, int64(rec.Count))
-	if c := d.img.layers[rec.Layer].cache; c != nil && (n == 0 || !c.Cached(off, n)) {
+	if c := d.caches[rec.Layer]; c != nil && (n == 0 || !c.Cached(off, n)) {
 		return 0, 0, false
 	}
 	return off, n, true
@@ -492,7 +502,7 @@ func (d *diskAhead) issue(i int) {
 		if !ok {
 			continue
 		}
-		if c := d.img.layers[d.recs[d.next].Layer].cache; c != nil {
+		if c := d.caches[d.recs[d.next].Layer]; c != nil {
 			c.WillNeed(off, n)
 		}
 		d.issued += n
