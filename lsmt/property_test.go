@@ -354,6 +354,23 @@ func checkLocate(t *testing.T, rng *rand.Rand, s *Stack, files []*File, want []b
 			if _, err := files[p.Layer].readers[p.Reader].ReadAt(got[p.At-off:next-off], p.Offset); err != nil {
 				t.Fatal(err)
 			}
+			if p.Reader != 0 {
+				return
+			}
+			// Shows maps the piece's file bytes back to the disk: its ranges, in order of the file, cover them
+			// once each, and one of them is the piece's.
+			var shown int64
+			var found bool
+			s.Shows(p.Layer, p.Offset, p.Length, func(at, length int64) {
+				if length <= 0 || at < 0 || at+length > int64(len(want)) {
+					t.Fatalf("Shows(%d, %d, %d): range %d+%d", p.Layer, p.Offset, p.Length, at, length)
+				}
+				shown += length
+				found = found || at == p.At && length == p.Length
+			})
+			if !found || shown < p.Length {
+				t.Fatalf("Shows(%d, %d, %d) does not show the piece at %d (%d bytes shown)", p.Layer, p.Offset, p.Length, p.At, shown)
+			}
 		})
 		if i := firstDiff(got, want[off:off+int64(len(got))]); i >= 0 {
 			t.Fatalf("Locate(%d, %d): the pieces differ from the disk at byte %d", off, n, off+int64(i))

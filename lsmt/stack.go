@@ -1,10 +1,13 @@
 package lsmt
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
 	"math"
+	"slices"
+	"sync"
 )
 
 // MaxMergedEntries bounds the merged index of a stack.
@@ -24,6 +27,9 @@ type Stack struct {
 	owners  []Piece       // by tag of a lower layer's file: its Layer and Reader
 	upper0  int           // tag of the upper's data file
 	vsize   uint64
+
+	byFile     sync.Once
+	byFileEnts [][]mapping // by tag of a lower layer's file: its entries of the merged index, by offset in the file
 }
 
 // NewStack merges the indexes of lowers (bottom first, at most MaxLayers) and stacks upper (may be
@@ -216,6 +222,44 @@ func (s *Stack) Locate(off, n int64, fn func(Piece)) {
 			fn(p)
 		}
 		pos = max(pos, end)
+	}
+}
+
+// Shows calls fn, in order of the file, for the ranges of the virtual disk that show the n bytes at off of lower
+// layer layer's own data file (Reader 0 of Locate's pieces); the bytes an upper layer hides are still shown. It
+// is Locate's inverse: the bytes a record of a layer's reads (a trace) stand for on the disk. The first call
+// sorts the merged index by file offset (memory: the index's size again).
+func (s *Stack) Shows(layer int, off, n int64, fn func(at, length int64)) {
+	s.byFile.Do(func() {
+		s.byFileEnts = make([][]mapping, len(s.owners))
+		for _, m := range s.idx.ents {
+			if !m.zeroed() {
+				s.byFileEnts[m.tag()] = append(s.byFileEnts[m.tag()], m)
+			}
+		}
+		for _, ents := range s.byFileEnts {
+			slices.SortFunc(ents, func(a, b mapping) int { return cmp.Compare(a.moff(), b.moff()) })
+		}
+	})
+	tag := slices.Index(s.owners, Piece{Layer: layer})
+	if tag < 0 || off < 0 || n <= 0 {
+		return
+	}
+	ents := s.byFileEnts[tag]
+	lo, hi := uint64(off), uint64(off+n)
+	// An entry holds at most MaxSegmentLength sectors: none that starts before lo-max reaches lo.
+	from := uint64(0)
+	if lo > MaxSegmentLength*SectorSize {
+		from = (lo - MaxSegmentLength*SectorSize) / SectorSize
+	}
+	i, _ := slices.BinarySearchFunc(ents, from, func(m mapping, t uint64) int { return cmp.Compare(m.moff(), t) })
+	for ; i < len(ents) && ents[i].moff()*SectorSize < hi; i++ {
+		m := ents[i]
+		fstart, fend := m.moff()*SectorSize, m.mend()*SectorSize
+		a, b := max(lo, fstart), min(hi, fend)
+		if b > a {
+			fn(int64(m.off()*SectorSize+a-fstart), int64(b-a))
+		}
 	}
 }
 

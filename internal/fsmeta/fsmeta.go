@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"slices"
 )
 
@@ -47,6 +48,7 @@ const (
 	modeType    = 0xF000
 	modeDir     = 0x4000
 	modeSymlink = 0xA000
+	modeRegular = 0x8000
 )
 
 // ErrNotExt4 is returned for a device whose superblock is not ext4's.
@@ -212,6 +214,70 @@ func (l *Layout) Scan(r io.ReaderAt, max int64) ([]Extent, error) {
 	return Merge(s.out), nil
 }
 
+// FileExtent is a part of a regular file's data: the device bytes Extent hold the file's bytes from Logical on.
+// Ino and Gen name the file (its inode number and generation), as a file handle of the filesystem does.
+type FileExtent struct {
+	Extent
+	Ino, Gen uint32
+	Logical  int64
+}
+
+// Files returns the parts of regular files' data that lie in want, sorted by device offset. It reads only the
+// parts of the inode tables, and the extent tree blocks, that lie in meta: a file whose inode, or a tree block
+// that maps a part of it, lies outside is not found. want would be what a container's start read, and meta that
+// with the metadata the kernel had cached before: reading no more costs no more than the start did. want and
+// meta are extents sorted by offset, not overlapping (see Merge). Extents not yet written (uninitialised, read
+// as zeros) are left out.
+func (l *Layout) Files(r io.ReaderAt, want, meta []Extent) ([]FileExtent, error) {
+	var out []FileExtent
+	in := func(es []Extent, e Extent) int {
+		i, _ := slices.BinarySearchFunc(es, e.Off, func(w Extent, off int64) int { return cmp.Compare(w.End(), off+1) })
+		return i
+	}
+	s := &scan{l: l, r: r, max: math.MaxInt64}
+	s.files = func(ino, gen uint32, logical, blk, n uint64) {
+		e := Extent{int64(blk) * l.BlockSize, int64(n) * l.BlockSize}
+		for i := in(want, e); i < len(want) && want[i].Off < e.End(); i++ {
+			off, end := max(e.Off, want[i].Off), min(e.End(), want[i].End())
+			if end > off {
+				out = append(out, FileExtent{Extent{off, end - off}, ino, gen, int64(logical)*l.BlockSize + off - e.Off})
+			}
+		}
+	}
+	s.node = func(blk uint64) bool {
+		e := Extent{int64(blk) * l.BlockSize, l.BlockSize}
+		i := in(meta, e)
+		return i < len(meta) && meta[i].Off <= e.Off && meta[i].End() >= e.End()
+	}
+	var buf []byte
+	for _, t := range l.tables {
+		table := Extent{t.off, int64(t.n) * l.inodeSize}
+		for i := in(meta, table); i < len(meta) && meta[i].Off < table.End(); i++ {
+			// The inodes of the table that lie in meta[i], whole.
+			from := (max(meta[i].Off, table.Off) - table.Off + l.inodeSize - 1) / l.inodeSize * l.inodeSize
+			to := (min(meta[i].End(), table.End()) - table.Off) / l.inodeSize * l.inodeSize
+			for from < to {
+				n := min(to-from, readChunk)
+				if int64(len(buf)) < n {
+					buf = make([]byte, readChunk)
+				}
+				b := buf[:n]
+				if _, err := r.ReadAt(b, table.Off+from); err != nil {
+					return nil, fmt.Errorf("fsmeta: read inode table at %d: %w", table.Off+from, err)
+				}
+				for k := int64(0); k < n; k += l.inodeSize {
+					if err := s.inode(t.ino+uint32((from+k)/l.inodeSize), b[k:k+l.inodeSize]); err != nil {
+						return nil, err
+					}
+				}
+				from += n
+			}
+		}
+	}
+	slices.SortFunc(out, func(a, b FileExtent) int { return cmp.Compare(a.Off, b.Off) })
+	return out, nil
+}
+
 type scan struct {
 	l     *Layout
 	r     io.ReaderAt
@@ -220,6 +286,11 @@ type scan struct {
 	out   []Extent
 	xattr map[uint64]bool
 	nodes int // extent tree blocks read for the current inode
+	// files, when set, makes the scan follow the extent trees of regular files only and hand it their leaves
+	// (the file's logical block, the first device block, the length in blocks) instead of recording blocks.
+	files func(ino, gen uint32, logical, blk, n uint64)
+	node  func(blk uint64) bool // with files: whether to read the extent tree block blk
+	gen   uint32                // generation of the current inode
 }
 
 // errEnough stops a scan that found max bytes.
@@ -249,6 +320,13 @@ func (s *scan) inode(ino uint32, b []byte) error {
 		return nil // free
 	}
 	flags := le.Uint32(b[0x20:])
+	if s.files != nil {
+		if mode&modeType != modeRegular || flags&flagInline != 0 || flags&flagExtents == 0 {
+			return nil
+		}
+		s.nodes, s.gen = 0, le.Uint32(b[0x64:])
+		return s.tree(ino, b[0x28:0x28+60], true, 0)
+	}
 	if acl := uint64(le.Uint32(b[0x68:])) | uint64(le.Uint16(b[0x76:]))<<32; acl != 0 {
 		if s.xattr == nil {
 			s.xattr = map[uint64]bool{}
@@ -304,13 +382,27 @@ func (s *scan) tree(ino uint32, b []byte, data bool, level int) error {
 				continue // uninitialised: reads as zeros
 			}
 			start := uint64(le.Uint16(e[6:]))<<32 | uint64(le.Uint32(e[8:]))
+			if s.files != nil {
+				if start >= s.l.blocks || n > s.l.blocks-start {
+					return fmt.Errorf("fsmeta: inode %d: blocks %d+%d outside the filesystem's %d", ino, start, n, s.l.blocks)
+				}
+				s.files(ino, s.gen, uint64(le.Uint32(e[0:])), start, n)
+				continue
+			}
 			if err := s.add(ino, start, n); err != nil {
 				return err
 			}
 			continue
 		}
 		child := uint64(le.Uint32(e[4:])) | uint64(le.Uint16(e[8:]))<<32
-		if err := s.add(ino, child, 1); err != nil {
+		if s.files != nil {
+			if child >= s.l.blocks {
+				return fmt.Errorf("fsmeta: inode %d: extent node at block %d outside the filesystem's %d", ino, child, s.l.blocks)
+			}
+			if !s.node(child) {
+				continue
+			}
+		} else if err := s.add(ino, child, 1); err != nil {
 			return err
 		}
 		if !data {

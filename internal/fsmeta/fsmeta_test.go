@@ -239,3 +239,95 @@ func TestMerge(t *testing.T) {
 		t.Fatalf("Merge = %v, want %v", got, want)
 	}
 }
+
+// TestFiles checks the file extents Files finds against the files' bytes: every byte of a regular file's data is
+// found once, at the file offset it holds, with the inode number and generation debugfs reports; a narrower want
+// clips them.
+func TestFiles(t *testing.T) {
+	testenv.Tools(t, "mke2fs", "debugfs")
+	src := tree(t)
+	for _, opts := range [][]string{
+		{"-b", "4096", "-O", "64bit,metadata_csum,^has_journal"},
+		{"-b", "1024", "-O", "^64bit,^metadata_csum,^has_journal"},
+	} {
+		t.Run(opts[1], func(t *testing.T) {
+			img := mkfs(t, src, opts...)
+			f, l := openLayout(t, img)
+			whole := []Extent{{0, 64 << 20}}
+			all, err := l.Files(f, whole, whole)
+			if err != nil {
+				t.Fatal(err)
+			}
+			byIno := map[uint32][]FileExtent{}
+			for i, e := range all {
+				if i > 0 && e.Off < all[i-1].End() {
+					t.Fatalf("extents %+v and %+v overlap or are out of order", all[i-1], e)
+				}
+				byIno[e.Ino] = append(byIno[e.Ino], e)
+			}
+			for _, p := range []string{"a/b/c/file", "big/a-file-with-a-rather-long-name-0007", "sparse"} {
+				stat := testenv.Debugfs(t, img, "stat /"+p)
+				m := regexp.MustCompile(`Inode: (\d+).*\n.*Generation: (\d+)`).FindStringSubmatch(stat)
+				if m == nil {
+					t.Fatalf("debugfs stat /%s: no inode or generation:\n%s", p, stat)
+				}
+				ino, _ := strconv.ParseUint(m[1], 10, 32)
+				gen, _ := strconv.ParseUint(m[2], 10, 32)
+				want, err := os.ReadFile(filepath.Join(src, p))
+				if err != nil {
+					t.Fatal(err)
+				}
+				got := make([]byte, len(want))
+				var found int64
+				for _, e := range byIno[uint32(ino)] {
+					if e.Gen != uint32(gen) {
+						t.Errorf("%s: generation %d, debugfs says %d", p, e.Gen, gen)
+					}
+					if e.Logical >= int64(len(want)) {
+						continue // the rest of the file's last block
+					}
+					n := min(e.Len, int64(len(want))-e.Logical)
+					if _, err := f.ReadAt(got[e.Logical:e.Logical+n], e.Off); err != nil {
+						t.Fatal(err)
+					}
+					found += n
+				}
+				if !bytes.Equal(got, want) {
+					t.Errorf("%s: the bytes at its extents are not the file's", p)
+				}
+				if p != "sparse" && found != int64(len(want)) {
+					t.Errorf("%s: extents hold %d of its %d bytes", p, found, len(want))
+				}
+			}
+			// A want of the metadata (the inode tables, the sparse file's extent tree block) and one block of the sparse
+			// file's second extent: that block alone.
+			var second FileExtent
+			for _, e := range all {
+				if e.Logical == 1<<20 {
+					second = e
+				}
+			}
+			if second.Len == 0 {
+				t.Fatal("no extent holds the sparse file's second MiB")
+			}
+			one := Extent{second.Off, l.BlockSize}
+			meta, err := l.Scan(f, 1<<30)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := l.Files(f, []Extent{one}, Merge(append(l.Tables(), meta...)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got) != 1 || got[0].Extent != one || got[0].Logical != 1<<20 || got[0].Ino != second.Ino {
+				t.Fatalf("Files of one block = %+v, want that block of inode %d at 1 MiB", got, second.Ino)
+			}
+			// Without the inode tables, or without the sparse file's tree block, it is not found.
+			for _, m := range [][]Extent{{one}, Merge(append(l.Tables(), one))} {
+				if got, err := l.Files(f, []Extent{one}, m); err != nil || len(got) != 0 {
+					t.Fatalf("Files of metadata %v = %+v, %v; want none", m, got, err)
+				}
+			}
+		})
+	}
+}

@@ -85,5 +85,15 @@ func FuzzScan(f *testing.F) {
 		if err == nil {
 			check(es)
 		}
+		whole := []Extent{{0, size}}
+		fs, err := l.Files(dev, whole, whole)
+		if err == nil {
+			for i, e := range fs {
+				check([]Extent{e.Extent})
+				if e.Logical < 0 || i > 0 && e.Off < fs[i-1].Off {
+					t.Fatalf("file extent %+v out of order or before its file's start", e)
+				}
+			}
+		}
 	})
 }

@@ -274,6 +274,10 @@ type predecoding struct {
 	pool     *zfile.Predecoded
 	cancel   context.CancelFunc
 	finished chan struct{} // closed when the blocks are decoded (or the decoding stopped)
+	loaded   chan struct{} // closed when the blocks kept on disk are loaded (or there were none)
+	// progress is the number of records of the start decoded (or skipped); step receives after each.
+	progress atomic.Int64
+	step     chan struct{}
 	done     chan struct{} // closed when the pool is no longer used
 	stopping atomic.Bool   // stop was called: the pool's blocks stay, for the next start
 	dropped  atomic.Bool   // the start was over before a next one: its pool is empty, its blocks kept on disk
@@ -321,6 +325,10 @@ func (m *Mounter) beginStart(id string, img *mounted) {
 		// Without a start to follow, the pool only collects the blocks the start's reads decode, to be kept.
 		img.predecode = m.startPredecode(id, img, img.opened, ahead, prev, m.predecodeSlots)
 	}
+	if img.priming != nil {
+		img.priming.stop()
+	}
+	img.priming = m.startPriming(id, img, ahead, img.predecode)
 }
 
 // decodeOnAttach decodes the blocks of the image's recorded or learned start as soon as the image is attached (a
@@ -363,7 +371,7 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 		l.UsePredecoded(pool)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), LearnWindow)
-	p := &predecoding{pool: pool, cancel: cancel, finished: make(chan struct{}), done: make(chan struct{}), prevUnsaved: prevUnsaved}
+	p := &predecoding{pool: pool, cancel: cancel, finished: make(chan struct{}), loaded: make(chan struct{}), step: make(chan struct{}, 1), done: make(chan struct{}), prevUnsaved: prevUnsaved}
 	log := m.opts.Logger.With("image", id)
 	// The blocks the image's last start held decoded, kept on disk (see decoded.go).
 	var blocksPath string
@@ -394,9 +402,11 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 			// The blocks the pool took are skipped: a start stopped while it loaded the file is carried on.
 			badBlocks = m.loadDecoded(ctx, blocksPath, digests, opened, pool)
 		}
+		close(p.loaded)
 		var err error
 		disk := diskAhead{caches: img.caches(), opened: opened, recs: recs}
 		for i, rec := range recs {
+			p.advance(i)
 			if ctx.Err() != nil {
 				break // stopped: a next start takes what is decoded
 			}
@@ -453,6 +463,29 @@ func (m *Mounter) startPredecode(id string, img *mounted, opened []*image.Layer,
 		}
 	}()
 	return p
+}
+
+// advance records that the first n records of the start are decoded.
+func (p *predecoding) advance(n int) {
+	p.progress.Store(int64(n))
+	select {
+	case p.step <- struct{}{}:
+	default:
+	}
+}
+
+// decoded waits until record i of the start is decoded or the decoding is over; false when ctx ends first.
+func (p *predecoding) decoded(ctx context.Context, i int) bool {
+	for p.progress.Load() <= int64(i) {
+		select {
+		case <-p.step:
+		case <-p.finished:
+			return true
+		case <-ctx.Done():
+			return false
+		}
+	}
+	return true
 }
 
 // caches returns the block cache reader of each layer of img (nil for a layer without one).

@@ -121,6 +121,7 @@ type mounted struct {
 	rec      *recording    // the recording of its layer reads, or nil
 	download *download     // the background download of its blobs, or nil
 	opened   []*image.Layer
+	stack    *lsmt.Stack // the layers' stack the device serves
 
 	// What a container's start over the image follows and learns (see beginStart): the recorded start it was
 	// attached with, or the file of its learned start (""); the learning of the current start, which the reads
@@ -130,6 +131,9 @@ type mounted struct {
 	startLayers []trace.StartLayer
 	learn       atomic.Pointer[learning]
 	predecode   *predecoding
+	priming     *priming // the priming of the page cache with the current start (see prime.go), or nil
+	primeMu     sync.Mutex
+	primed      *primedFiles   // the file extents the image's last priming plan found (guarded by primeMu)
 	keeping     sync.WaitGroup // the writes of its decoded start in flight (see keepDecoded)
 }
 
@@ -278,6 +282,7 @@ func (m *Mounter) attach(ctx context.Context, id string, layers []snapshotter.La
 		img.close()
 		return nil, fmt.Errorf("image %s: %w", id, err)
 	}
+	img.stack = stack
 	var backend device.Backend = stackBackend{Stack: stack, id: id, layers: layers}
 	if img.upper != nil {
 		backend = writableBackend{stackBackend{Stack: stack, id: id, layers: layers}, img.upper}
@@ -587,12 +592,15 @@ func (m *Mounter) Unmount(ctx context.Context, id string, target string) error {
 	if pre := m.takePreload(id); pre != nil {
 		pre.stop()
 	}
+	img := m.image(id)
+	if img != nil && img.priming != nil {
+		img.priming.stop() // it holds files of the filesystem open
+	}
 	if target != "" {
 		if err := device.Unmount(target); err != nil {
 			return fmt.Errorf("image %s: %w", id, err)
 		}
 	}
-	img := m.image(id)
 	if img == nil {
 		// Not attached by this process (e.g. before a restart): detach whatever the frontend still has.
 		m.track.remove(id)
@@ -644,6 +652,9 @@ func (img *mounted) close() error {
 	}
 	if img.rec != nil {
 		img.rec.finish()
+	}
+	if img.priming != nil {
+		img.priming.stop()
 	}
 	if img.predecode != nil {
 		img.predecode.stop()

@@ -1,0 +1,134 @@
+package mounter
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/obdproject/obd/internal/snapshotter"
+)
+
+// resident reports how many of the pages of file name are in the page cache, and how many it has.
+func resident(t *testing.T, name string) (in, pages int) {
+	t.Helper()
+	f, err := os.Open(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := unix.Mmap(int(f.Fd()), 0, int(st.Size()), unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(m)
+	vec := make([]byte, (len(m)+os.Getpagesize()-1)/os.Getpagesize())
+	if _, _, e := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&m[0])), uintptr(len(m)), uintptr(unsafe.Pointer(&vec[0]))); e != 0 {
+		t.Fatal(e)
+	}
+	for _, v := range vec {
+		if v&1 != 0 {
+			in++
+		}
+	}
+	return in, len(vec)
+}
+
+// evict drops the clean pages of file name from the page cache.
+func evict(t *testing.T, name string) {
+	t.Helper()
+	f, err := os.Open(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestPrimeStart: a start that follows a learned one has the files that start read brought into the page cache
+// before the container reads them (and not the files it did not read); the image then unmounts cleanly.
+func TestPrimeStart(t *testing.T) {
+	needSystem(t)
+	reg := newFakeRegistry(t, treeLayer(t, 400, 8))
+	s := newSetup(t)
+	m := s.newMounter(mounterOptions{registry: reg, cache: s.openCache(4096), starts: filepath.Join(s.root, "starts"), predecode: 16 << 20})
+	target := filepath.Join(s.root, "mnt")
+	if err := s.mount(m, "img", []snapshotter.Layer{reg.layer()}, target); err != nil {
+		t.Fatal(err)
+	}
+	var read, other []string
+	// The files of the first directories have their inodes in the blocks the mount read (ext4 reads the inode
+	// table ahead of the root's inode): the start does not read them, so they are left out.
+	for d := 200; d < 400; d++ {
+		for f := range 8 {
+			name := filepath.Join(target, fmt.Sprintf("pkg/module-%03d/file-%02d.py", d, f))
+			if d%4 == 0 {
+				read = append(read, name)
+			} else {
+				other = append(other, name)
+			}
+		}
+	}
+	// The first start reads a quarter of the files, their inodes too: it is learned.
+	m.Starting("img")
+	want := map[string][]byte{}
+	for _, name := range read {
+		b, err := os.ReadFile(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want[name] = b
+	}
+	// Evicted again, the files are not in the page cache until the next start primes it.
+	for _, name := range read {
+		evict(t, name)
+		if in, _ := resident(t, name); in != 0 {
+			t.Fatalf("%s: %d pages still cached after eviction", name, in)
+		}
+	}
+	m.Starting("img")
+	p := m.image("img").priming
+	if p == nil {
+		t.Fatal("a start that follows a learned one is not primed")
+	}
+	<-p.done
+	deadline := time.Now().Add(30 * time.Second)
+	for _, name := range read {
+		for {
+			in, pages := resident(t, name)
+			if in == pages {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: %d of %d pages cached after the priming", name, in, pages)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		if b, err := os.ReadFile(name); err != nil || !bytes.Equal(b, want[name]) {
+			t.Fatalf("%s: read %d bytes, %v (equal %v)", name, len(b), err, bytes.Equal(b, want[name]))
+		}
+	}
+	cached := 0
+	for _, name := range other {
+		if in, _ := resident(t, name); in > 0 {
+			cached++
+		}
+	}
+	if cached > len(other)/10 {
+		t.Errorf("%d of the %d files the start did not read were primed too", cached, len(other))
+	}
+	if err := m.Unmount(t.Context(), "img", target); err != nil {
+		t.Fatal(err)
+	}
+}
