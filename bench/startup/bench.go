@@ -157,6 +157,10 @@ type sample struct {
 	Predecoded      int64 `json:"predecoded,omitempty"`
 	PredecodeLoaded int64 `json:"predecodeLoaded,omitempty"`
 	PredecodeMissed int64 `json:"predecodeMissed,omitempty"`
+	// PrimedFileBytes and PrimedMetadataBytes are what obd-snapshotter read of the start into the page cache
+	// ahead of the container's reads: file data, and filesystem metadata through the block device.
+	PrimedFileBytes     int64 `json:"primedFileBytes,omitempty"`
+	PrimedMetadataBytes int64 `json:"primedMetadataBytes,omitempty"`
 	// DeviceReads is how many reads the kernel sent to the image's device (obd cases), DeviceReadSeconds the sum
 	// of the times obd-snapshotter took to answer them (reads in parallel each count), and SnapshotsAPISeconds the
 	// sum of the times it took to answer containerd's snapshots API calls, by method (the container's removal
@@ -410,6 +414,9 @@ func (b *bench) measureCase(c *benchCase) error {
 	}
 	if smp.Predecoded+smp.PredecodeLoaded > 0 {
 		extra += fmt.Sprintf("; %d blocks decoded ahead, %d decoded before, %d by the reads", smp.Predecoded, smp.PredecodeLoaded, smp.PredecodeMissed)
+	}
+	if smp.PrimedFileBytes+smp.PrimedMetadataBytes > 0 {
+		extra += fmt.Sprintf("; primed %s of files, %s of metadata", units.Bytes(smp.PrimedFileBytes), units.Bytes(smp.PrimedMetadataBytes))
 	}
 	logf("  %-18s %7.2f s  (pull %.2f s, run %.2f s)  %s in %d requests  (load %.1f)%s", c.key, smp.Seconds, smp.PullSeconds, smp.RunSeconds,
 		units.Bytes(smp.Bytes), smp.Requests, load, extra)

@@ -67,6 +67,10 @@ func (b *bench) endUsage(smp *sample) {
 					smp.PredecodeLoaded += p.BlocksLoaded
 					smp.PredecodeMissed += p.BlocksMissed
 				}
+				if p := im.Prime; p != nil {
+					smp.PrimedFileBytes += p.FileBytes
+					smp.PrimedMetadataBytes += p.MetadataBytes
+				}
 			}
 		}
 	}

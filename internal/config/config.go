@@ -130,6 +130,9 @@ type Prefetch struct {
 	// node that holds them: those of its recorded start, else of its last start on the node (0: off, and starts
 	// are not learned).
 	PredecodeMB int `toml:"predecode_mb"`
+	// PrimePageCache reads what a start over an image is known to read into the kernel's page cache while the
+	// container is created (with PredecodeMB, whose bound it shares).
+	PrimePageCache bool `toml:"prime_page_cache"`
 }
 
 // ProfilesDir returns the directory of registered startup profiles.
@@ -270,7 +273,7 @@ func Default() Config {
 		Registry:    Registry{RetryBudget: DefaultRetryBudget, CredentialHelpers: DefaultCredentialHelpers},
 		Metrics:     Metrics{Address: DefaultMetricsAddress},
 		Audit:       Audit{SlowReadMS: DefaultSlowReadMS, HungReadMS: DefaultHungReadMS},
-		Prefetch:    Prefetch{Concurrency: DefaultPrefetchConcurrency, OnPull: true, AttachOnPull: true, MetadataMB: DefaultMetadataMB, PredecodeMB: DefaultPredecodeMB},
+		Prefetch:    Prefetch{Concurrency: DefaultPrefetchConcurrency, OnPull: true, AttachOnPull: true, MetadataMB: DefaultMetadataMB, PredecodeMB: DefaultPredecodeMB, PrimePageCache: true},
 		Download:    Download{DelaySeconds: DefaultDownloadDelay, MaxMBps: DefaultDownloadMBps, Concurrency: DefaultDownloadConcurrency},
 		CRI:         CRI{Address: DefaultCRIAddress, ContainerdAddress: DefaultContainerdAddress, CredentialTTL: DefaultCRICredentialTTL},
 	}

@@ -235,6 +235,7 @@ type mounterOptions struct {
 	metadata       int64        // Options.MetadataBytes
 	starts         string       // Options.StartsDir
 	predecode      int64        // Options.PredecodeBytes
+	prime          bool         // Options.PrimePageCache
 }
 
 // newMounter returns a Mounter with its own FuseLoop and a registry client for reg.
@@ -275,6 +276,7 @@ func (s *setup) newMounter(o mounterOptions) *Mounter {
 		MetadataBytes:  o.metadata,
 		StartsDir:      o.starts,
 		PredecodeBytes: o.predecode,
+		PrimePageCache: o.prime,
 		Registry: func(host string) (*registry.Client, error) {
 			if client == nil || host != o.host {
 				t.Errorf("Mounter asked for a client of registry %q", host)

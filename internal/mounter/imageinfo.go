@@ -41,6 +41,8 @@ type ImageInfo struct {
 	Prefetch *prefetch.Progress
 	// Predecode is what the decoding ahead of its last start did, nil when there was none.
 	Predecode *PredecodeInfo
+	// Prime is what the priming of the page cache with its last start did, nil when there was none.
+	Prime *PrimeInfo
 	// Recording is the trace file its layer reads are recorded into, "" when they are not.
 	Recording string
 	// Writable describes a container's writable layer on top (MountWritable), nil for a read-only image.
@@ -55,6 +57,15 @@ type PredecodeInfo struct {
 	BlocksMissed int64 // blocks the image's reads did not find decoded ahead, and decoded themselves
 	Running      bool  // the blocks are still being decoded
 	Held         bool  // the decoded blocks are still held for the start's reads
+}
+
+// PrimeInfo is what the priming of the page cache with an image's start did (see prime.go).
+type PrimeInfo struct {
+	Files         int64 // files whose data was read
+	FileBytes     int64 // bytes of file data read
+	MetadataBytes int64 // bytes read through the block device: the filesystem's metadata
+	Running       bool
+	Error         string
 }
 
 // WritableInfo describes a container's writable layer.
@@ -123,6 +134,7 @@ type tracked struct {
 	rec     *recording    // when attached with a recording
 	upper   *upper        // when attached with a writable layer
 	pre     *predecoding  // the decoding ahead of its last start
+	prime   *priming      // the priming of the page cache with its last start
 }
 
 func (t *tracker) get(id string) *tracked {
@@ -167,7 +179,7 @@ func (t *tracker) attached(id string, img *mounted) {
 	e.info.Device = img.dev.Path
 	e.info.Targets = slices.Sorted(maps.Keys(img.targets))
 	e.sources = slices.Clone(img.layers)
-	e.job, e.dl, e.rec, e.upper, e.pre = img.prefetch, img.download, img.rec, img.upper, img.predecode
+	e.job, e.dl, e.rec, e.upper, e.pre, e.prime = img.prefetch, img.download, img.rec, img.upper, img.predecode, img.priming
 	layers := make([]snapshotter.Layer, len(img.layers))
 	for i, s := range img.layers {
 		layers[i] = s.layer
@@ -181,7 +193,7 @@ func (t *tracker) failed(id string, err error) {
 	defer t.mu.Unlock()
 	e := t.get(id)
 	t.set(e, StateFailed)
-	e.info.Error, e.info.Device, e.info.Targets, e.sources, e.job, e.dl, e.rec, e.upper, e.pre = err.Error(), "", nil, nil, nil, nil, nil, nil, nil
+	e.info.Error, e.info.Device, e.info.Targets, e.sources, e.job, e.dl, e.rec, e.upper, e.pre, e.prime = err.Error(), "", nil, nil, nil, nil, nil, nil, nil, nil
 	var failed []*tracked
 	for _, e := range t.images {
 		if e.info.State == StateFailed {
@@ -228,6 +240,9 @@ func (t *tracker) list() []ImageInfo {
 		}
 		if e.pre != nil {
 			info.Predecode = e.pre.info()
+		}
+		if e.prime != nil {
+			info.Prime = e.prime.info()
 		}
 		if e.rec != nil && !e.rec.written() {
 			info.Recording = e.rec.path

@@ -58,6 +58,9 @@ type Options struct {
 	// are set; a recorded start is decoded ahead when PredecodeBytes is.
 	StartsDir      string
 	PredecodeBytes int64
+	// PrimePageCache reads a start's file data and filesystem metadata into the page cache as it begins, at most
+	// PredecodeBytes (see prime.go).
+	PrimePageCache bool
 	// Download, when Enable is set, downloads the blobs of each attached image into the cache in the background
 	// (after the prefetch of its recorded start, if any, and Delay), each checked against its digest.
 	Download DownloadOptions

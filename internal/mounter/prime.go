@@ -10,6 +10,7 @@ import (
 	"maps"
 	"os"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -37,6 +38,27 @@ import (
 type priming struct {
 	cancel context.CancelFunc
 	done   chan struct{}
+
+	files, stale, fileBytes, metaBytes atomic.Int64
+	err                                atomic.Pointer[string]
+}
+
+func (p *priming) info() *PrimeInfo {
+	info := &PrimeInfo{Files: p.files.Load(), FileBytes: p.fileBytes.Load(), MetadataBytes: p.metaBytes.Load(), Running: true}
+	select {
+	case <-p.done:
+		info.Running = false
+	default:
+	}
+	if e := p.err.Load(); e != nil {
+		info.Error = *e
+	}
+	return info
+}
+
+func (p *priming) fail(err error) {
+	s := err.Error()
+	p.err.Store(&s)
 }
 
 // stop stops the priming and waits for it: it holds files of the image's filesystem open.
@@ -59,7 +81,7 @@ type primePlan struct {
 // nil when the image cannot be primed: not ext4, writable, or mounted nowhere by the daemon. The caller holds the
 // image's lock.
 func (m *Mounter) startPriming(id string, img *mounted, recs []trace.Record, pre *predecoding) *priming {
-	if img.stack == nil || img.fs.name != "ext4" || img.upper != nil || len(img.targets) == 0 || len(recs) == 0 || m.opts.PredecodeBytes <= 0 {
+	if img.stack == nil || img.fs.name != "ext4" || img.upper != nil || len(img.targets) == 0 || len(recs) == 0 || !m.opts.PrimePageCache || m.opts.PredecodeBytes <= 0 {
 		return nil
 	}
 	target := slices.Sorted(maps.Keys(img.targets))[0]
@@ -77,27 +99,28 @@ func (m *Mounter) startPriming(id string, img *mounted, recs []trace.Record, pre
 		}
 		fs, err := openPrimed(target, img.dev.Path)
 		if err != nil {
+			p.fail(err)
 			log.Warn("cannot prime the page cache with the image's start", "err", err)
 			return
 		}
 		defer fs.close()
 		if plan.files, err = img.planFiles(ctx, pre, fs.bdev, plan.ranges); err != nil {
 			if ctx.Err() == nil {
+				p.fail(err)
 				log.Warn("cannot prime the page cache with the image's start", "err", err)
 			}
 			return
 		}
 		planned := time.Since(start)
 		ready := func(i int) bool { return pre == nil || pre.decoded(ctx, i) }
-		st, err := fs.prime(ctx, plan, ready)
-		switch {
-		case err != nil:
-			log.Warn("priming the page cache with the image's start failed", "err", err, "file_bytes", st.fileBytes, "metadata_bytes", st.metaBytes)
-		case st.fileBytes+st.metaBytes > 0:
-			log.Info("primed the page cache with the image's start", "files", st.files, "file_bytes", st.fileBytes,
-				"metadata_bytes", st.metaBytes, "stale_files", st.stale, "planned", planned.Round(time.Millisecond),
-				"took", time.Since(start).Round(time.Millisecond))
+		if err := fs.prime(ctx, plan, ready, p); err != nil {
+			p.fail(err)
+			log.Warn("priming the page cache with the image's start failed", "err", err, "file_bytes", p.fileBytes.Load(), "metadata_bytes", p.metaBytes.Load())
+			return
 		}
+		log.Info("primed the page cache with the image's start", "files", p.files.Load(), "file_bytes", p.fileBytes.Load(),
+			"metadata_bytes", p.metaBytes.Load(), "stale_files", p.stale.Load(), "planned", planned.Round(time.Millisecond),
+			"took", time.Since(start).Round(time.Millisecond))
 	}()
 	return p
 }
@@ -219,23 +242,17 @@ func (p *primedFS) close() {
 	p.bdev.Close()
 }
 
-type primeStats struct {
-	files, stale         int
-	fileBytes, metaBytes int64
-}
-
 // prime reads the plan's ranges into the page cache, each once ready reports that the record it comes from can be
-// read (false: stop).
-func (p *primedFS) prime(ctx context.Context, plan *primePlan, ready func(rec int) bool) (primeStats, error) {
-	var st primeStats
+// read (false: stop), and counts what it read in st.
+func (fs *primedFS) prime(ctx context.Context, plan *primePlan, ready func(rec int) bool, st *priming) error {
 	meta := func(off, n int64) error {
-		st.metaBytes += n
-		return unix.Fadvise(int(p.bdev.Fd()), off, n, unix.FADV_WILLNEED)
+		st.metaBytes.Add(n)
+		return unix.Fadvise(int(fs.bdev.Fd()), off, n, unix.FADV_WILLNEED)
 	}
 	opened := map[uint32]bool{}
 	for k, r := range plan.ranges {
 		if !ready(plan.recs[k]) || ctx.Err() != nil {
-			return st, nil // the image is being unmounted, or its start is long over
+			return nil // the image is being unmounted, or its start is long over
 		}
 		pos := r.Off
 		i, _ := slices.BinarySearchFunc(plan.files, r.Off, func(e fsmeta.FileExtent, off int64) int { return cmp.Compare(e.End(), off+1) })
@@ -247,30 +264,30 @@ func (p *primedFS) prime(ctx context.Context, plan *primePlan, ready func(rec in
 			}
 			if a > pos {
 				if err := meta(pos, a-pos); err != nil {
-					return st, err
+					return err
 				}
 			}
 			pos = b
-			switch err := primeFile(int(p.root.Fd()), fe, fe.Logical+a-fe.Off, b-a); {
+			switch err := primeFile(int(fs.root.Fd()), fe, fe.Logical+a-fe.Off, b-a); {
 			case errors.Is(err, unix.ESTALE), errors.Is(err, unix.ENOENT):
-				st.stale++ // not the plan's file: the image has changed under it (cannot happen read-only)
+				st.stale.Add(1) // the inode is not the file the tables named: a damaged image
 				continue
 			case err != nil:
-				return st, err
+				return err
 			}
 			if !opened[fe.Ino] {
 				opened[fe.Ino] = true
-				st.files++
+				st.files.Add(1)
 			}
-			st.fileBytes += b - a
+			st.fileBytes.Add(b - a)
 		}
 		if pos < r.End() {
 			if err := meta(pos, r.End()-pos); err != nil {
-				return st, err
+				return err
 			}
 		}
 	}
-	return st, nil
+	return nil
 }
 
 // fileIDIno32Gen is the file handle type of ext4's inodes: a 32-bit inode number and its generation.

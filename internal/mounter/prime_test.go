@@ -57,12 +57,19 @@ func evict(t *testing.T, name string) {
 }
 
 // TestPrimeStart: a start that follows a learned one has the files that start read brought into the page cache
-// before the container reads them (and not the files it did not read); the image then unmounts cleanly.
+// before the container reads them (and not the files it did not read); the image then unmounts cleanly. Turned
+// off, nothing is primed.
 func TestPrimeStart(t *testing.T) {
 	needSystem(t)
-	reg := newFakeRegistry(t, treeLayer(t, 400, 8))
+	blob := treeLayer(t, 400, 8)
+	t.Run("on", func(t *testing.T) { testPrimeStart(t, blob, true) })
+	t.Run("off", func(t *testing.T) { testPrimeStart(t, blob, false) })
+}
+
+func testPrimeStart(t *testing.T, blob []byte, on bool) {
+	reg := newFakeRegistry(t, blob)
 	s := newSetup(t)
-	m := s.newMounter(mounterOptions{registry: reg, cache: s.openCache(4096), starts: filepath.Join(s.root, "starts"), predecode: 16 << 20})
+	m := s.newMounter(mounterOptions{registry: reg, cache: s.openCache(4096), starts: filepath.Join(s.root, "starts"), predecode: 16 << 20, prime: on})
 	target := filepath.Join(s.root, "mnt")
 	if err := s.mount(m, "img", []snapshotter.Layer{reg.layer()}, target); err != nil {
 		t.Fatal(err)
@@ -99,10 +106,25 @@ func TestPrimeStart(t *testing.T) {
 	}
 	m.Starting("img")
 	p := m.image("img").priming
+	if !on {
+		if p != nil {
+			t.Fatal("primed with PrimePageCache off")
+		}
+		return
+	}
 	if p == nil {
 		t.Fatal("a start that follows a learned one is not primed")
 	}
 	<-p.done
+	var info *PrimeInfo
+	for _, ii := range m.Images() {
+		if ii.ID == "img" {
+			info = ii.Prime
+		}
+	}
+	if info == nil || info.Running || info.Error != "" || info.Files != int64(len(read)) || info.FileBytes < int64(len(read))*4096 || info.MetadataBytes == 0 {
+		t.Fatalf("Images: prime %+v, want the %d files read, done", info, len(read))
+	}
 	deadline := time.Now().Add(30 * time.Second)
 	for _, name := range read {
 		for {

@@ -125,6 +125,7 @@ func (s *Service) openDevices() error {
 		MetadataBytes:       int64(cfg.Prefetch.MetadataMB) << 20,
 		StartsDir:           filepath.Join(s.cfg.Snapshotter.Root, "starts"),
 		PredecodeBytes:      int64(cfg.Prefetch.PredecodeMB) << 20,
+		PrimePageCache:      cfg.Prefetch.PrimePageCache,
 		Download: mounter.DownloadOptions{
 			Enable:            cfg.Download.Enable,
 			Delay:             time.Duration(cfg.Download.DelaySeconds) * time.Second,

@@ -238,6 +238,9 @@ func fillFromMounter(img *status.Image, mi mounter.ImageInfo) {
 	if p := mi.Predecode; p != nil {
 		img.Predecode = &status.Predecode{Blocks: p.Blocks, BlocksLoaded: p.BlocksLoaded, ReadsServed: p.ReadsServed, BlocksMissed: p.BlocksMissed, Running: p.Running, Held: p.Held}
 	}
+	if p := mi.Prime; p != nil {
+		img.Prime = &status.Prime{Files: p.Files, FileBytes: p.FileBytes, MetadataBytes: p.MetadataBytes, Running: p.Running, Error: p.Error}
+	}
 	if p := mi.Prefetch; p != nil {
 		end := p.Finished
 		if p.Running {

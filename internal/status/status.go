@@ -138,6 +138,8 @@ type Image struct {
 	Prefetch *Prefetch `json:"prefetch,omitempty"`
 	// Predecode is what the decoding ahead of the image's last start did, when there was one.
 	Predecode *Predecode `json:"predecode,omitempty"`
+	// Prime is what the priming of the page cache with the image's last start did, when there was one.
+	Prime *Prime `json:"prime,omitempty"`
 	// Recording is the trace file the image's reads are recorded into, when they are.
 	Recording string `json:"recording,omitempty"`
 	// Writable are the containers' writable layers (rw_mode dir or dev) over the image.
@@ -177,6 +179,16 @@ type Predecode struct {
 	BlocksMissed int64 `json:"blocks_missed"` // blocks the image's reads did not find decoded ahead, and decoded themselves
 	Running      bool  `json:"running"`       // blocks are still being decoded
 	Held         bool  `json:"held"`          // the decoded blocks are held for the start's reads (30 s)
+}
+
+// Prime is what the priming of the page cache with an image's start did: the start's file data and filesystem
+// metadata read ahead of the container's reads.
+type Prime struct {
+	Files         int64  `json:"files"`
+	FileBytes     int64  `json:"file_bytes"`
+	MetadataBytes int64  `json:"metadata_bytes"`
+	Running       bool   `json:"running"`
+	Error         string `json:"error,omitempty"`
 }
 
 // Layer is one overlaybd layer of an Image, bottom first.

@@ -84,6 +84,17 @@ func WriteText(w io.Writer, st *Status) {
 			fmt.Fprintf(w, "%s: start decoded ahead (%s): %d blocks (%d decoded, %d kept decoded from the last start), %d reads served from them, %d blocks decoded by the reads\n",
 				img.ID, state, p.Blocks+p.BlocksLoaded, p.Blocks, p.BlocksLoaded, p.ReadsServed, p.BlocksMissed)
 		}
+		if p := img.Prime; p != nil {
+			state := "done"
+			switch {
+			case p.Running:
+				state = "running"
+			case p.Error != "":
+				state = "failed: " + p.Error
+			}
+			fmt.Fprintf(w, "%s: page cache primed with its start (%s): %s of %d files, %s of metadata\n",
+				img.ID, state, units.Bytes(p.FileBytes), p.Files, units.Bytes(p.MetadataBytes))
+		}
 		if img.Recording != "" {
 			fmt.Fprintf(w, "%s: recording its reads into %s\n", img.ID, img.Recording)
 		}
