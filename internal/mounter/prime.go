@@ -34,6 +34,12 @@ import (
 // At most Options.PredecodeBytes are read. A start primed so is learned as what it read and what was primed: the
 // page cache hides the container's own reads.
 
+// primedTotal counts the bytes primed by every Mounter of the process.
+var primedTotal struct{ files, meta atomic.Int64 }
+
+// PrimedTotals returns the bytes of file data and of filesystem metadata that the process primed.
+func PrimedTotals() (files, metadata int64) { return primedTotal.files.Load(), primedTotal.meta.Load() }
+
 // priming is the priming of the page cache with a start of an image.
 type priming struct {
 	cancel context.CancelFunc
@@ -104,7 +110,7 @@ func (m *Mounter) startPriming(id string, img *mounted, recs []trace.Record, pre
 			return
 		}
 		defer fs.close()
-		if plan.files, err = img.planFiles(ctx, pre, fs.bdev, plan.ranges); err != nil {
+		if plan.files, err = img.planFiles(ctx, pre, fs.bdev, plan.ranges, m.opts.PredecodeBytes); err != nil {
 			if ctx.Err() == nil {
 				p.fail(err)
 				log.Warn("cannot prime the page cache with the image's start", "err", err)
@@ -155,10 +161,11 @@ func planRanges(stack *lsmt.Stack, disk *diskAhead, max int64) *primePlan {
 }
 
 // planFiles returns the file extents that lie in ranges: those the image's last plan found when it covers
-// ranges, else those the inode tables within ranges name (fsmeta.Layout.Files). The tables are read through the
-// block device bdev, into its page cache, where the filesystem reads them too: once the decoding ahead pre is over,
-// so that the blocks they share with the start are decoded once, there.
-func (img *mounted) planFiles(ctx context.Context, pre *predecoding, bdev *os.File, ranges []fsmeta.Extent) ([]fsmeta.FileExtent, error) {
+// ranges, else those the inode tables within ranges, or local (at most maxTables bytes of them), name
+// (fsmeta.Layout.Files). The tables are read through the block device bdev, into its page cache, where the
+// filesystem reads them too: once the decoding ahead pre is over, so that the blocks they share with the start
+// are decoded once, there.
+func (img *mounted) planFiles(ctx context.Context, pre *predecoding, bdev *os.File, ranges []fsmeta.Extent, maxTables int64) ([]fsmeta.FileExtent, error) {
 	want := fsmeta.Merge(slices.Clone(ranges))
 	img.primeMu.Lock()
 	last := img.primed
@@ -178,7 +185,10 @@ func (img *mounted) planFiles(ctx context.Context, pre *predecoding, bdev *os.Fi
 	if err != nil {
 		return nil, err
 	}
-	files, err := layout.Files(r, want, want)
+	// The inode tables the kernel read at mount, before any start was recorded, are in no record: their local
+	// parts stand in for them.
+	meta := fsmeta.Merge(append(slices.Clone(want), img.localParts(layout.Tables(), maxTables)...))
+	files, err := layout.Files(r, want, meta)
 	if err != nil {
 		return nil, err
 	}
@@ -186,6 +196,29 @@ func (img *mounted) planFiles(ctx context.Context, pre *predecoding, bdev *os.Fi
 	img.primed = &primedFiles{want: want, files: files}
 	img.primeMu.Unlock()
 	return files, nil
+}
+
+// localParts returns the parts of the disk extents es whose bytes are local, at most max bytes, first ones
+// first: cached, or in a layer without a cache. Reading them costs decoding, never a fetch. Holes are left out.
+func (img *mounted) localParts(es []fsmeta.Extent, max int64) []fsmeta.Extent {
+	var out []fsmeta.Extent
+	caches := img.caches()
+	for _, e := range es {
+		img.stack.Locate(e.Off, e.Len, func(p lsmt.Piece) {
+			if max <= 0 || p.Reader != 0 || p.Layer >= len(img.opened) {
+				return
+			}
+			if c := caches[p.Layer]; c != nil {
+				if off, n := img.opened[p.Layer].BlobRange(p.Offset, p.Length); n == 0 || !c.Cached(off, n) {
+					return
+				}
+			}
+			n := min(p.Length, max)
+			out = append(out, fsmeta.Extent{Off: p.At, Len: n})
+			max -= n
+		})
+	}
+	return out
 }
 
 // ctxReader reads r until ctx ends.
@@ -247,6 +280,7 @@ func (p *primedFS) close() {
 func (fs *primedFS) prime(ctx context.Context, plan *primePlan, ready func(rec int) bool, st *priming) error {
 	meta := func(off, n int64) error {
 		st.metaBytes.Add(n)
+		primedTotal.meta.Add(n)
 		return unix.Fadvise(int(fs.bdev.Fd()), off, n, unix.FADV_WILLNEED)
 	}
 	opened := map[uint32]bool{}
@@ -280,6 +314,7 @@ func (fs *primedFS) prime(ctx context.Context, plan *primePlan, ready func(rec i
 				st.files.Add(1)
 			}
 			st.fileBytes.Add(b - a)
+			primedTotal.files.Add(b - a)
 		}
 		if pos < r.End() {
 			if err := meta(pos, r.End()-pos); err != nil {

@@ -185,13 +185,14 @@ var (
 	descCacheAheadHits = prometheus.NewDesc("obd_cache_prefetch_hits_total", "Reads of blocks that prefetch or readahead brought, counted once per block.", nil, nil)
 	descPredecoded     = prometheus.NewDesc("obd_predecoded_blocks_total", "ZFile blocks decoded ahead of a start's reads (the image's recorded or learned start).", nil, nil)
 	descPredecodeHits  = prometheus.NewDesc("obd_predecode_hits_total", "Device reads that took their bytes from blocks decoded ahead.", nil, nil)
+	descPrimed         = prometheus.NewDesc("obd_primed_bytes_total", "Bytes of starts read into the page cache ahead of the containers' reads, by kind (file data, or filesystem metadata through the block device).", []string{"kind"}, nil)
 	descImages         = prometheus.NewDesc("obd_images", "Overlaybd images of the device service, by state (attaching, attached, failed) and mode (lazy, local, mixed).", []string{"state", "mode"}, nil)
 	descImageFetched   = prometheus.NewDesc("obd_image_registry_bytes", "Bytes fetched from registries for each attached image (reference and mount id) since it was attached.", []string{"image", "id"}, nil)
 )
 
 func (c nodeCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descCacheHits, descCacheMisses, descCacheEvictions, descCacheEvicted, descCacheFetched,
-		descCacheStoreFail, descCacheUsed, descCacheCapacity, descCacheBlobs, descCachePrefetch, descCacheAheadHits, descPredecoded, descPredecodeHits, descImages, descImageFetched} {
+		descCacheStoreFail, descCacheUsed, descCacheCapacity, descCacheBlobs, descCachePrefetch, descCacheAheadHits, descPredecoded, descPredecodeHits, descPrimed, descImages, descImageFetched} {
 		ch <- d
 	}
 }
@@ -225,6 +226,9 @@ func (c nodeCollector) Collect(ch chan<- prometheus.Metric) {
 		decoded, hits := zfile.PredecodedTotals()
 		ch <- prometheus.MustNewConstMetric(descPredecoded, prometheus.CounterValue, float64(decoded))
 		ch <- prometheus.MustNewConstMetric(descPredecodeHits, prometheus.CounterValue, float64(hits))
+		files, meta := mounter.PrimedTotals()
+		ch <- prometheus.MustNewConstMetric(descPrimed, prometheus.CounterValue, float64(files), "file")
+		ch <- prometheus.MustNewConstMetric(descPrimed, prometheus.CounterValue, float64(meta), "metadata")
 		type key struct{ state, mode string }
 		counts := map[key]int{}
 		for _, img := range m.Images() {

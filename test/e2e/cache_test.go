@@ -135,13 +135,21 @@ func TestCacheLifecycle(t *testing.T) {
 	if !regexp.MustCompile(`decoded the blocks of the image's start ahead of its reads" image=\S+ blocks=\d+ loaded=[1-9]`).MatchString(b.Log("snapshotter")) {
 		t.Error("node B's container did not find the start learned on node A decoded")
 	}
+	// ... and read that start's files into the page cache while the container was being created.
+	if !regexp.MustCompile(`primed the page cache with the image's start" image=\S+ files=[1-9]`).MatchString(b.Log("snapshotter")) {
+		t.Error("node B did not prime the page cache with the start learned on node A")
+	}
 	if resp, err := http.Get("http://" + b.Metrics + "/metrics"); err != nil {
 		t.Error(err)
 	} else {
 		body, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
-		if n := parseMetrics(string(body))["obd_predecoded_blocks_total"]; n <= 0 {
+		metrics := parseMetrics(string(body))
+		if n := metrics["obd_predecoded_blocks_total"]; n <= 0 {
 			t.Errorf("node B's obd_predecoded_blocks_total = %v, want > 0", n)
+		}
+		if n := metrics[`obd_primed_bytes_total{kind="file"}`]; n <= 0 {
+			t.Errorf(`node B's obd_primed_bytes_total{kind="file"} = %v, want > 0`, n)
 		}
 	}
 
