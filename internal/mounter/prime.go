@@ -334,7 +334,7 @@ func primeFile(mountFD int, fe fsmeta.FileExtent, off, n int64) error {
 	var h [8]byte
 	binary.NativeEndian.PutUint32(h[0:], fe.Ino)
 	binary.NativeEndian.PutUint32(h[4:], fe.Gen)
-	fd, err := unix.OpenByHandleAt(mountFD, unix.NewFileHandle(fileIDIno32Gen, h[:]), unix.O_RDONLY|unix.O_CLOEXEC)
+	fd, err := unix.OpenByHandleAt(mountFD, unix.NewFileHandle(fileIDIno32Gen, h[:]), unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NONBLOCK)
 	if err != nil {
 		return fmt.Errorf("open inode %d: %w", fe.Ino, err)
 	}
