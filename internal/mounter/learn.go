@@ -328,7 +328,7 @@ func (m *Mounter) beginStart(id string, img *mounted) {
 	if img.priming != nil {
 		img.priming.stop()
 	}
-	img.priming = m.startPriming(id, img, ahead, img.predecode)
+	img.priming = m.startPriming(id, img, ahead, img.predecode, false)
 }
 
 // decodeOnAttach decodes the blocks of the image's recorded or learned start as soon as the image is attached (a
@@ -346,6 +346,9 @@ func (m *Mounter) decodeOnAttach(id string, img *mounted) {
 	}
 	if len(ahead) > 0 {
 		img.predecode = m.startPredecode(id, img, img.opened, ahead, nil, m.attachSlots)
+		if img.predecode != nil {
+			img.priming = m.startPriming(id, img, ahead, img.predecode, true)
+		}
 	}
 }
 

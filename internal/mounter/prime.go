@@ -42,14 +42,18 @@ func PrimedTotals() (files, metadata int64) { return primedTotal.files.Load(), p
 
 // priming is the priming of the page cache with a start of an image.
 type priming struct {
-	cancel context.CancelFunc
-	done   chan struct{}
+	cancel   context.CancelFunc
+	done     chan struct{}
+	planOnly bool // an attach's: it plans the start's files, and reads nothing into the page cache
 
 	files, stale, fileBytes, metaBytes atomic.Int64
 	err                                atomic.Pointer[string]
 }
 
 func (p *priming) info() *PrimeInfo {
+	if p.planOnly {
+		return nil
+	}
 	info := &PrimeInfo{Files: p.files.Load(), FileBytes: p.fileBytes.Load(), MetadataBytes: p.metaBytes.Load(), Running: true}
 	select {
 	case <-p.done:
@@ -84,15 +88,16 @@ type primePlan struct {
 // startPriming primes the page cache with the device ranges of recs (see above) in the background. The decoding
 // ahead pre (nil for none) decodes the start's blocks: the plan is made once it is over, and each range is read
 // once the blocks of the record it comes from are decoded, so that every block is decoded once, there. It returns
-// nil when the image cannot be primed: not ext4, writable, or mounted nowhere by the daemon. The caller holds the
-// image's lock.
-func (m *Mounter) startPriming(id string, img *mounted, recs []trace.Record, pre *predecoding) *priming {
-	if img.stack == nil || img.fs.name != "ext4" || img.upper != nil || len(img.targets) == 0 || len(recs) == 0 || !m.opts.PrimePageCache || m.opts.PredecodeBytes <= 0 {
+// nil when the image cannot be primed: not ext4, writable, or mounted nowhere by the daemon. planOnly (an attach,
+// which decodes the start ahead of its first container) only plans: the files the start reads are found then,
+// not while the first container is being created. The caller holds the image's lock.
+func (m *Mounter) startPriming(id string, img *mounted, recs []trace.Record, pre *predecoding, planOnly bool) *priming {
+	if img.stack == nil || img.fs.name != "ext4" || img.upper != nil || (len(img.targets) == 0 && !planOnly) || len(recs) == 0 ||
+		!m.opts.PrimePageCache || m.opts.PredecodeBytes <= 0 {
 		return nil
 	}
-	target := slices.Sorted(maps.Keys(img.targets))[0]
 	ctx, cancel := context.WithTimeout(context.Background(), LearnWindow)
-	p := &priming{cancel: cancel, done: make(chan struct{})}
+	p := &priming{cancel: cancel, done: make(chan struct{}), planOnly: planOnly}
 	log := m.opts.Logger.With("image", id)
 	disk := diskAhead{caches: img.caches(), opened: img.opened, recs: recs}
 	go func() {
@@ -103,6 +108,15 @@ func (m *Mounter) startPriming(id string, img *mounted, recs []trace.Record, pre
 		if len(plan.ranges) == 0 {
 			return
 		}
+		if planOnly {
+			if err := img.planOnly(ctx, pre, plan.ranges, m.opts.PredecodeBytes); err != nil && ctx.Err() == nil {
+				log.Info("cannot plan the priming of the page cache with the image's start", "err", err)
+			} else if err == nil {
+				log.Debug("planned the priming of the page cache with the image's start", "took", time.Since(start).Round(time.Millisecond))
+			}
+			return
+		}
+		target := slices.Sorted(maps.Keys(img.targets))[0]
 		fs, err := openPrimed(target, img.dev.Path)
 		if err != nil {
 			p.fail(err)
@@ -219,6 +233,17 @@ func (img *mounted) localParts(es []fsmeta.Extent, max int64) []fsmeta.Extent {
 		})
 	}
 	return out
+}
+
+// planOnly makes the plan of planFiles for ranges and keeps it, reading through the image's block device.
+func (img *mounted) planOnly(ctx context.Context, pre *predecoding, ranges []fsmeta.Extent, maxTables int64) error {
+	bdev, err := os.Open(img.dev.Path)
+	if err != nil {
+		return err
+	}
+	defer bdev.Close()
+	_, err = img.planFiles(ctx, pre, bdev, ranges, maxTables)
+	return err
 }
 
 // ctxReader reads r until ctx ends.
