@@ -347,7 +347,7 @@ func (m *Mounter) decodeOnAttach(id string, img *mounted) {
 	if len(ahead) > 0 {
 		img.predecode = m.startPredecode(id, img, img.opened, ahead, nil, m.attachSlots)
 		if img.predecode != nil {
-			img.priming = m.startPriming(id, img, ahead, img.predecode, true)
+			img.planning = m.startPriming(id, img, ahead, img.predecode, true)
 		}
 	}
 }

@@ -134,8 +134,9 @@ type mounted struct {
 	startLayers []trace.StartLayer
 	learn       atomic.Pointer[learning]
 	predecode   *predecoding
-	priming     *priming // the priming of the page cache with the current start (see prime.go), or nil
-	primeMu     sync.Mutex
+	priming     *priming       // the priming of the page cache with the current start (see prime.go), or nil
+	planning    *priming       // the planning of that priming by the image's attach, or nil
+	primeMu     sync.Mutex     // held while a priming plan is made: a start waits for its attach's
 	primed      *primedFiles   // the file extents the image's last priming plan found (guarded by primeMu)
 	keeping     sync.WaitGroup // the writes of its decoded start in flight (see keepDecoded)
 }
@@ -656,8 +657,10 @@ func (img *mounted) close() error {
 	if img.rec != nil {
 		img.rec.finish()
 	}
-	if img.priming != nil {
-		img.priming.stop()
+	for _, p := range []*priming{img.priming, img.planning} {
+		if p != nil {
+			p.stop()
+		}
 	}
 	if img.predecode != nil {
 		img.predecode.stop()

@@ -42,18 +42,14 @@ func PrimedTotals() (files, metadata int64) { return primedTotal.files.Load(), p
 
 // priming is the priming of the page cache with a start of an image.
 type priming struct {
-	cancel   context.CancelFunc
-	done     chan struct{}
-	planOnly bool // an attach's: it plans the start's files, and reads nothing into the page cache
+	cancel context.CancelFunc
+	done   chan struct{}
 
 	files, stale, fileBytes, metaBytes atomic.Int64
 	err                                atomic.Pointer[string]
 }
 
 func (p *priming) info() *PrimeInfo {
-	if p.planOnly {
-		return nil
-	}
 	info := &PrimeInfo{Files: p.files.Load(), FileBytes: p.fileBytes.Load(), MetadataBytes: p.metaBytes.Load(), Running: true}
 	select {
 	case <-p.done:
@@ -97,7 +93,7 @@ func (m *Mounter) startPriming(id string, img *mounted, recs []trace.Record, pre
 		return nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), LearnWindow)
-	p := &priming{cancel: cancel, done: make(chan struct{}), planOnly: planOnly}
+	p := &priming{cancel: cancel, done: make(chan struct{})}
 	log := m.opts.Logger.With("image", id)
 	disk := diskAhead{caches: img.caches(), opened: img.opened, recs: recs}
 	go func() {
@@ -174,17 +170,16 @@ func planRanges(stack *lsmt.Stack, disk *diskAhead, max int64) *primePlan {
 	return plan
 }
 
-// planFiles returns the file extents that lie in ranges: those the image's last plan found when it covers
-// ranges, else those the inode tables within ranges, or local (at most maxTables bytes of them), name
+// planFiles returns the file extents that lie in ranges: those the image's last plan found when it covers ranges,
+// else those the inode tables within ranges, or local (at most maxTables bytes of them), name
 // (fsmeta.Layout.Files). The tables are read through the block device bdev, into its page cache, where the
 // filesystem reads them too: once the decoding ahead pre is over, so that the blocks they share with the start
-// are decoded once, there.
+// are decoded once, there. One plan is made at a time: a start waits for the plan its attach is making.
 func (img *mounted) planFiles(ctx context.Context, pre *predecoding, bdev *os.File, ranges []fsmeta.Extent, maxTables int64) ([]fsmeta.FileExtent, error) {
 	want := fsmeta.Merge(slices.Clone(ranges))
 	img.primeMu.Lock()
-	last := img.primed
-	img.primeMu.Unlock()
-	if last != nil && covers(last.want, want) {
+	defer img.primeMu.Unlock()
+	if last := img.primed; last != nil && covers(last.want, want) {
 		return last.files, nil
 	}
 	if pre != nil {
@@ -206,9 +201,7 @@ func (img *mounted) planFiles(ctx context.Context, pre *predecoding, bdev *os.Fi
 	if err != nil {
 		return nil, err
 	}
-	img.primeMu.Lock()
 	img.primed = &primedFiles{want: want, files: files}
-	img.primeMu.Unlock()
 	return files, nil
 }
 

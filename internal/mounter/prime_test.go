@@ -160,10 +160,10 @@ func testPrimeStart(t *testing.T, blob []byte, on bool) {
 		t.Fatal(err)
 	}
 	img := m.image("img")
-	if img.priming == nil || !img.priming.planOnly {
-		t.Fatalf("the attach of an image with a learned start did not plan its priming: %+v", img.priming)
+	if img.planning == nil {
+		t.Fatalf("the attach of an image with a learned start did not plan its priming: %+v", img.planning)
 	}
-	<-img.priming.done
+	<-img.planning.done
 	img.primeMu.Lock()
 	planned := img.primed
 	img.primeMu.Unlock()
