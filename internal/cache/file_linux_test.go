@@ -4,38 +4,11 @@ import (
 	"os"
 	"testing"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
-)
 
-// resident reports, for each page of path, whether it is in the page cache.
-func resident(t *testing.T, path string) []bool {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := unix.Mmap(int(f.Fd()), 0, int(fi.Size()), unix.PROT_READ, unix.MAP_SHARED)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Munmap(m)
-	vec := make([]byte, (len(m)+os.Getpagesize()-1)/os.Getpagesize())
-	if _, _, errno := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&m[0])), uintptr(len(m)), uintptr(unsafe.Pointer(&vec[0]))); errno != 0 {
-		t.Fatalf("mincore: %v", errno)
-	}
-	out := make([]bool, len(vec))
-	for i, v := range vec {
-		out[i] = v&1 != 0
-	}
-	return out
-}
+	"github.com/obdproject/obd/internal/testenv"
+)
 
 // WillNeed reads the cached blocks of a range into the page cache, and leaves the holes of the data file alone.
 func TestWillNeed(t *testing.T) {
@@ -64,7 +37,7 @@ func TestWillNeed(t *testing.T) {
 	if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
 		t.Fatal(err)
 	}
-	for i, in := range resident(t, path) {
+	for i, in := range testenv.Resident(t, path) {
 		if in {
 			t.Skipf("page %d of the data file stays in the page cache after FADV_DONTNEED (a file system in memory?)", i)
 		}
@@ -74,7 +47,7 @@ func TestWillNeed(t *testing.T) {
 	for {
 		// Asked again each time: the machine may drop its page cache meanwhile.
 		r.WillNeed(4*testBS, 40*testBS+100) // blocks 4-44: cached 8-15 and 40-44
-		got := resident(t, path)
+		got := testenv.Resident(t, path)
 		done := true
 		for i, in := range got {
 			if in && !want(i) {

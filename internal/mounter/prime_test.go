@@ -7,40 +7,23 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/obdproject/obd/internal/snapshotter"
+	"github.com/obdproject/obd/internal/testenv"
 )
 
 // resident reports how many of the pages of file name are in the page cache, and how many it has.
 func resident(t *testing.T, name string) (in, pages int) {
 	t.Helper()
-	f, err := os.Open(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := unix.Mmap(int(f.Fd()), 0, int(st.Size()), unix.PROT_READ, unix.MAP_SHARED)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Munmap(m)
-	vec := make([]byte, (len(m)+os.Getpagesize()-1)/os.Getpagesize())
-	if _, _, e := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&m[0])), uintptr(len(m)), uintptr(unsafe.Pointer(&vec[0]))); e != 0 {
-		t.Fatal(e)
-	}
-	for _, v := range vec {
-		if v&1 != 0 {
+	pp := testenv.Resident(t, name)
+	for _, p := range pp {
+		if p {
 			in++
 		}
 	}
-	return in, len(vec)
+	return in, len(pp)
 }
 
 // evict drops the clean pages of file name from the page cache.

@@ -59,13 +59,7 @@ func WriteText(w io.Writer, st *Status) {
 			fmt.Fprintf(w, "%s: error: %s\n", img.ID, img.Error)
 		}
 		if p := img.Prefetch; p != nil {
-			state := "done"
-			switch {
-			case p.Running:
-				state = "running"
-			case p.Error != "":
-				state = "stopped: " + p.Error
-			}
+			state := jobState(p.Running, p.Error, "stopped")
 			what := p.What
 			if what == "" {
 				what = "recorded start"
@@ -85,13 +79,7 @@ func WriteText(w io.Writer, st *Status) {
 				img.ID, state, p.Blocks+p.BlocksLoaded, p.Blocks, p.BlocksLoaded, p.ReadsServed, p.BlocksMissed)
 		}
 		if p := img.Prime; p != nil {
-			state := "done"
-			switch {
-			case p.Running:
-				state = "running"
-			case p.Error != "":
-				state = "failed: " + p.Error
-			}
+			state := jobState(p.Running, p.Error, "failed")
 			fmt.Fprintf(w, "%s: page cache primed with its start (%s): %s of %d files, %s of metadata\n",
 				img.ID, state, units.Bytes(p.FileBytes), p.Files, units.Bytes(p.MetadataBytes))
 		}
@@ -139,4 +127,15 @@ func ratio(r *float64) string {
 		return "-"
 	}
 	return fmt.Sprintf("%.1f%%", 100**r)
+}
+
+// jobState names the state of a background job of an image: running, done, or ended by err (ended: its verb).
+func jobState(running bool, err, ended string) string {
+	switch {
+	case running:
+		return "running"
+	case err != "":
+		return ended + ": " + err
+	}
+	return "done"
 }
