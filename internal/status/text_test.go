@@ -23,7 +23,8 @@ func TestWriteText(t *testing.T) {
 				}},
 			{ID: "n", Mode: ModeOverlayfs, Reason: "plain", Error: "boom"},
 			{ID: "m", Mode: ModeLazy, Reason: "lazy", Prefetch: &Prefetch{What: "filesystem metadata", Ranges: 7, DoneRanges: 7, Bytes: 3 << 19, DoneBytes: 3 << 19, Seconds: 0.08},
-				Predecode: &Predecode{Blocks: 655, BlocksLoaded: 40, ReadsServed: 1200, BlocksMissed: 3, Held: true}},
+				Predecode: &Predecode{Blocks: 655, BlocksLoaded: 40, ReadsServed: 1200, BlocksMissed: 3, Held: true},
+				Prime:     &Prime{Files: 177, FileBytes: 25 << 20, MetadataBytes: 3 << 19, Error: "open inode 12: permission denied"}},
 		},
 		Warnings: []string{"metadata unreadable"},
 	}
@@ -41,6 +42,7 @@ func TestWriteText(t *testing.T) {
 		"5: prefetch of its recorded start running: 2 of 4 ranges, 1.0 MiB of 2.0 MiB in 1.2 s",
 		"5: recording its reads into /tmp/trace\n",
 		"m: start decoded ahead (held): 695 blocks (655 decoded, 40 kept decoded from the last start), 1200 reads served from them, 3 blocks decoded by the reads\n",
+		"m: page cache primed with its start (failed: open inode 12: permission denied): 25.0 MiB of 177 files, 1.5 MiB of metadata\n",
 		"m: prefetch of its filesystem metadata done: 7 of 7 ranges, 1.5 MiB of 1.5 MiB in 0.1 s\n",
 		"5: writable layer of c1 (dir), attached: 3.0 MiB written of a 1.0 GiB quota, device /dev/loop7 mounted at /m/7\n",
 		"5: writable layer of vm (dev), not attached: 0 B written\n",
