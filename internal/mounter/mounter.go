@@ -205,6 +205,7 @@ func (m *Mounter) mountFailed(ctx context.Context, id string, img *mounted, err 
 		return
 	}
 	m.setImage(id, nil)
+	img.stopPriming()
 	if derr := m.opts.Frontend.Detach(context.WithoutCancel(ctx), id); derr != nil {
 		m.opts.Logger.Warn("detaching an image after its mount failed", "image", id, "err", derr)
 	}
@@ -597,8 +598,8 @@ func (m *Mounter) Unmount(ctx context.Context, id string, target string) error {
 		pre.stop()
 	}
 	img := m.image(id)
-	if img != nil && img.priming != nil {
-		img.priming.stop() // it holds files of the filesystem open
+	if img != nil {
+		img.stopPriming() // it holds files of the filesystem open, and its plan reads the device
 	}
 	if target != "" {
 		if err := device.Unmount(target); err != nil {
@@ -647,6 +648,21 @@ func (m *Mounter) Stats() map[string]registry.BlobStats {
 
 // close stops the image's download and prefetch, writes its recorded trace and closes its files; it returns the
 // error of closing a writable layer (whose writes are then not all durable).
+// stopPriming stops the priming of the page cache with the image's start, and its planning; it may be called again.
+func (img *mounted) stopPriming() {
+	ps := []*priming{img.priming, img.planning}
+	for _, p := range ps {
+		if p != nil {
+			p.cancel() // both first: a start's priming may wait for the plan its attach is making
+		}
+	}
+	for _, p := range ps {
+		if p != nil {
+			p.stop()
+		}
+	}
+}
+
 func (img *mounted) close() error {
 	if img.download != nil {
 		img.download.stop()
@@ -657,11 +673,7 @@ func (img *mounted) close() error {
 	if img.rec != nil {
 		img.rec.finish()
 	}
-	for _, p := range []*priming{img.priming, img.planning} {
-		if p != nil {
-			p.stop()
-		}
-	}
+	img.stopPriming()
 	if img.predecode != nil {
 		img.predecode.stop()
 	}
