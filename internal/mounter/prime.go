@@ -347,7 +347,7 @@ func (fs *primedFS) prime(ctx context.Context, plan *primePlan, ready func(rec i
 const fileIDIno32Gen = 1
 
 // primeFile reads n bytes at off of the file of fe into the page cache, opening it by its handle on the
-// filesystem of mountFD.
+// filesystem of mountFD. An inode that is not a regular file there fails with ESTALE, as a stale handle does.
 func primeFile(mountFD int, fe fsmeta.FileExtent, off, n int64) error {
 	var h [8]byte
 	binary.NativeEndian.PutUint32(h[0:], fe.Ino)
@@ -357,6 +357,13 @@ func primeFile(mountFD int, fe fsmeta.FileExtent, off, n int64) error {
 		return fmt.Errorf("open inode %d: %w", fe.Ino, err)
 	}
 	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("stat inode %d: %w", fe.Ino, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return fmt.Errorf("inode %d is not a regular file: %w", fe.Ino, unix.ESTALE)
+	}
 	if err := unix.Fadvise(fd, off, n, unix.FADV_WILLNEED); err != nil {
 		return fmt.Errorf("read ahead inode %d: %w", fe.Ino, err)
 	}
