@@ -347,23 +347,29 @@ func (fs *primedFS) prime(ctx context.Context, plan *primePlan, ready func(rec i
 const fileIDIno32Gen = 1
 
 // primeFile reads n bytes at off of the file of fe into the page cache, opening it by its handle on the
-// filesystem of mountFD. An inode that is not a regular file there fails with ESTALE, as a stale handle does.
+// filesystem of mountFD. The handle is opened as a path first: an inode that is not a regular file there (whose
+// open could reach a device's driver) fails with ESTALE, as a stale handle does, and is never opened for reading.
 func primeFile(mountFD int, fe fsmeta.FileExtent, off, n int64) error {
 	var h [8]byte
 	binary.NativeEndian.PutUint32(h[0:], fe.Ino)
 	binary.NativeEndian.PutUint32(h[4:], fe.Gen)
-	fd, err := unix.OpenByHandleAt(mountFD, unix.NewFileHandle(fileIDIno32Gen, h[:]), unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NONBLOCK)
+	pfd, err := unix.OpenByHandleAt(mountFD, unix.NewFileHandle(fileIDIno32Gen, h[:]), unix.O_PATH|unix.O_CLOEXEC)
 	if err != nil {
 		return fmt.Errorf("open inode %d: %w", fe.Ino, err)
 	}
-	defer unix.Close(fd)
+	defer unix.Close(pfd)
 	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
+	if err := unix.Fstat(pfd, &st); err != nil {
 		return fmt.Errorf("stat inode %d: %w", fe.Ino, err)
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFREG {
 		return fmt.Errorf("inode %d is not a regular file: %w", fe.Ino, unix.ESTALE)
 	}
+	fd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", pfd), unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return fmt.Errorf("open inode %d: %w", fe.Ino, err)
+	}
+	defer unix.Close(fd)
 	if err := unix.Fadvise(fd, off, n, unix.FADV_WILLNEED); err != nil {
 		return fmt.Errorf("read ahead inode %d: %w", fe.Ino, err)
 	}

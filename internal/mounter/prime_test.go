@@ -2,6 +2,8 @@ package mounter
 
 import (
 	"bytes"
+	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -10,6 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/obdproject/obd/internal/fsmeta"
 	"github.com/obdproject/obd/internal/snapshotter"
 	"github.com/obdproject/obd/internal/testenv"
 )
@@ -56,6 +59,9 @@ func testPrimeStart(t *testing.T, blob []byte, on bool) {
 	target := filepath.Join(s.root, "mnt")
 	if err := s.mount(m, "img", []snapshotter.Layer{reg.layer()}, target); err != nil {
 		t.Fatal(err)
+	}
+	if on {
+		checkPrimeFile(t, target)
 	}
 	var read, other []string
 	// The files of the first directories have their inodes in the blocks the mount read (ext4 reads the inode
@@ -170,5 +176,32 @@ func testPrimeStart(t *testing.T, blob []byte, on bool) {
 	}
 	if err := m.Unmount(t.Context(), "img", target); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// checkPrimeFile: primeFile reads a regular file of the mounted image at target by its handle, and refuses an
+// inode that is not one (a directory here) without opening it for reading.
+func checkPrimeFile(t *testing.T, target string) {
+	root, err := os.Open(target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer root.Close()
+	extent := func(name string) fsmeta.FileExtent {
+		h, _, err := unix.NameToHandleAt(unix.AT_FDCWD, filepath.Join(target, name), 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if h.Type() != fileIDIno32Gen || len(h.Bytes()) != 8 {
+			t.Fatalf("%s: handle of type %d, %d bytes: not ext4's", name, h.Type(), len(h.Bytes()))
+		}
+		b := h.Bytes()
+		return fsmeta.FileExtent{Ino: binary.NativeEndian.Uint32(b[0:]), Gen: binary.NativeEndian.Uint32(b[4:])}
+	}
+	if err := primeFile(int(root.Fd()), extent("pkg/module-001/file-00.py"), 0, 4096); err != nil {
+		t.Errorf("prime a regular file: %v", err)
+	}
+	if err := primeFile(int(root.Fd()), extent("pkg/module-001"), 0, 4096); !errors.Is(err, unix.ESTALE) {
+		t.Errorf("prime a directory: %v, want ESTALE", err)
 	}
 }
