@@ -646,8 +646,6 @@ func (m *Mounter) Stats() map[string]registry.BlobStats {
 	return out
 }
 
-// close stops the image's download and prefetch, writes its recorded trace and closes its files; it returns the
-// error of closing a writable layer (whose writes are then not all durable).
 // stopPriming stops the priming of the page cache with the image's start, and its planning; it may be called again.
 func (img *mounted) stopPriming() {
 	ps := []*priming{img.priming, img.planning}
@@ -663,6 +661,8 @@ func (img *mounted) stopPriming() {
 	}
 }
 
+// close stops the image's download and prefetch, writes its recorded trace and closes its files; it returns the
+// error of closing a writable layer (whose writes are then not all durable).
 func (img *mounted) close() error {
 	if img.download != nil {
 		img.download.stop()
