@@ -92,6 +92,11 @@ func (m *Mounter) startPriming(id string, img *mounted, recs []trace.Record, pre
 		!m.opts.PrimePageCache || m.opts.PredecodeBytes <= 0 {
 		return nil
 	}
+	var target string // the goroutine runs without the image's lock
+	if !planOnly {
+		target = slices.Sorted(maps.Keys(img.targets))[0]
+	}
+	dev := img.dev.Path
 	ctx, cancel := context.WithTimeout(context.Background(), LearnWindow)
 	p := &priming{cancel: cancel, done: make(chan struct{})}
 	log := m.opts.Logger.With("image", id)
@@ -105,15 +110,14 @@ func (m *Mounter) startPriming(id string, img *mounted, recs []trace.Record, pre
 			return
 		}
 		if planOnly {
-			if err := img.planOnly(ctx, pre, plan.ranges, m.opts.PredecodeBytes); err != nil && ctx.Err() == nil {
+			if err := img.planOnly(ctx, pre, dev, plan.ranges, m.opts.PredecodeBytes); err != nil && ctx.Err() == nil {
 				log.Info("cannot plan the priming of the page cache with the image's start", "err", err)
 			} else if err == nil {
 				log.Debug("planned the priming of the page cache with the image's start", "took", time.Since(start).Round(time.Millisecond))
 			}
 			return
 		}
-		target := slices.Sorted(maps.Keys(img.targets))[0]
-		fs, err := openPrimed(target, img.dev.Path)
+		fs, err := openPrimed(target, dev)
 		if err != nil {
 			p.fail(err)
 			log.Warn("cannot prime the page cache with the image's start", "err", err)
@@ -228,9 +232,9 @@ func (img *mounted) localParts(es []fsmeta.Extent, max int64) []fsmeta.Extent {
 	return out
 }
 
-// planOnly makes the plan of planFiles for ranges and keeps it, reading through the image's block device.
-func (img *mounted) planOnly(ctx context.Context, pre *predecoding, ranges []fsmeta.Extent, maxTables int64) error {
-	bdev, err := os.Open(img.dev.Path)
+// planOnly makes the plan of planFiles for ranges and keeps it, reading through the image's block device dev.
+func (img *mounted) planOnly(ctx context.Context, pre *predecoding, dev string, ranges []fsmeta.Extent, maxTables int64) error {
+	bdev, err := os.Open(dev)
 	if err != nil {
 		return err
 	}
