@@ -82,11 +82,12 @@ type primePlan struct {
 }
 
 // startPriming primes the page cache with the device ranges of recs (see above) in the background. The decoding
-// ahead pre (nil for none) decodes the start's blocks: the plan is made once it is over, and each range is read
-// once the blocks of the record it comes from are decoded, so that every block is decoded once, there. It returns
-// nil when the image cannot be primed: not ext4, writable, or mounted nowhere by the daemon. planOnly (an attach,
-// which decodes the start ahead of its first container) only plans: the files the start reads are found then,
-// not while the first container is being created. The caller holds the image's lock.
+// ahead pre (nil for none) decodes the start's blocks: the plan is made once it has loaded the blocks kept on
+// disk, and each range is read once the blocks of the record it comes from are decoded, so that every block is
+// decoded once, there. It returns nil when the image cannot be primed: not ext4, writable, or mounted nowhere by
+// the daemon. planOnly (an attach, which decodes the start ahead of its first container) only plans: the files
+// the start reads are found then, not while the first container is being created. The caller holds the image's
+// lock.
 func (m *Mounter) startPriming(id string, img *mounted, recs []trace.Record, pre *predecoding, planOnly bool) *priming {
 	if img.stack == nil || img.fs.name != "ext4" || img.upper != nil || (len(img.targets) == 0 && !planOnly) || len(recs) == 0 ||
 		!m.opts.PrimePageCache || m.opts.PredecodeBytes <= 0 {
@@ -177,8 +178,9 @@ func planRanges(stack *lsmt.Stack, disk *diskAhead, max int64) *primePlan {
 // planFiles returns the file extents that lie in ranges: those the image's last plan found when it covers ranges,
 // else those the inode tables within ranges, or local (at most maxTables bytes of them), name
 // (fsmeta.Layout.Files). The tables are read through the block device bdev, into its page cache, where the
-// filesystem reads them too: once the decoding ahead pre is over, so that the blocks they share with the start
-// are decoded once, there. One plan is made at a time: a start waits for the plan its attach is making.
+// filesystem reads them too: once the decoding ahead pre has loaded the blocks kept on disk, which hold most of
+// them (a start larger than the decoding's pool is decoded for seconds: the plan does not wait for it to end). One
+// plan is made at a time: a start waits for the plan its attach is making.
 func (img *mounted) planFiles(ctx context.Context, pre *predecoding, bdev *os.File, ranges []fsmeta.Extent, maxTables int64) ([]fsmeta.FileExtent, error) {
 	want := fsmeta.Merge(slices.Clone(ranges))
 	img.primeMu.Lock()
@@ -188,7 +190,7 @@ func (img *mounted) planFiles(ctx context.Context, pre *predecoding, bdev *os.Fi
 	}
 	if pre != nil {
 		select {
-		case <-pre.finished:
+		case <-pre.loaded:
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}
