@@ -522,11 +522,17 @@ func (d *diskAhead) local(i int) (off, n int64, ok bool) {
 	if rec.Op != trace.Read || int(rec.Layer) >= len(d.opened) || rec.Count == 0 {
 		return 0, 0, false
 	}
-	off, n = d.opened[rec.Layer].BlobRange(rec.Offset, int64(rec.Count))
-	if c := d.caches[rec.Layer]; c != nil && (n == 0 || !c.Cached(off, n)) {
+	return localRange(d.caches[rec.Layer], d.opened[rec.Layer], rec.Offset, int64(rec.Count))
+}
+
+// localRange returns the range of layer l's blob that holds the n bytes at off of the layer, when those bytes are
+// all local: cached in c, or in a layer without a cache (c nil: a local file).
+func localRange(c *cache.Reader, l *image.Layer, off, n int64) (boff, bn int64, ok bool) {
+	boff, bn = l.BlobRange(off, n)
+	if c != nil && (bn == 0 || !c.Cached(boff, bn)) {
 		return 0, 0, false
 	}
-	return off, n, true
+	return boff, bn, true
 }
 
 // issue issues the disk reads of the records from i on, while fewer than diskReadAhead bytes are issued and not

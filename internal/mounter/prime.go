@@ -221,10 +221,8 @@ func (img *mounted) localParts(es []fsmeta.Extent, max int64) []fsmeta.Extent {
 			if max <= 0 || p.Reader != 0 || p.Layer >= len(img.opened) {
 				return
 			}
-			if c := caches[p.Layer]; c != nil {
-				if off, n := img.opened[p.Layer].BlobRange(p.Offset, p.Length); n == 0 || !c.Cached(off, n) {
-					return
-				}
+			if _, _, ok := localRange(caches[p.Layer], img.opened[p.Layer], p.Offset, p.Length); !ok {
+				return
 			}
 			n := min(p.Length, max)
 			out = append(out, fsmeta.Extent{Off: p.At, Len: n})
